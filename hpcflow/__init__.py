@@ -1,0 +1,55 @@
+"""hpcflow: decentralised, data-locality-aware workflows for HPC clusters.
+
+Public API::
+
+    import hpcflow
+    with hpcflow.connect("127.0.0.1:7101") as c:
+        c.put("DS1", array)
+        c.catalog()
+        arr = c.fetch("DS1")
+"""
+
+from ._version import __version__
+from .catalog.base import CatalogSnapshot, Location, PartLocation
+from .catalog.record import DatasetRecord
+from .config import NodeConfig
+from .errors import (
+    ConfigError,
+    DatasetExists,
+    DatasetNotFound,
+    HpcflowError,
+    IntegrityError,
+    InvalidData,
+    InvalidName,
+    NotOwner,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+    StoreError,
+    TransportError,
+)
+from .rpc.client import Client, connect
+
+__all__ = [
+    "CatalogSnapshot",
+    "Client",
+    "ConfigError",
+    "DatasetExists",
+    "DatasetNotFound",
+    "DatasetRecord",
+    "HpcflowError",
+    "IntegrityError",
+    "InvalidData",
+    "InvalidName",
+    "Location",
+    "NodeConfig",
+    "NotOwner",
+    "PartLocation",
+    "PeerUnavailable",
+    "ProtocolError",
+    "RemoteError",
+    "StoreError",
+    "TransportError",
+    "__version__",
+    "connect",
+]

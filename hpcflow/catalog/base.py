@@ -1,0 +1,159 @@
+"""The catalog interface: the cluster-wide answer to "who holds what".
+
+Everything above the catalog (RPC handlers, the planner, the client) talks
+to this interface only.  :class:`~hpcflow.catalog.replicated.ReplicatedCatalog`
+implements it by full replication over PUB/SUB; a DHT-backed implementation
+can replace it without touching callers.  All queries are answered from
+local state, without network round trips.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import DatasetNotFound
+from .membership import PeerInfo
+from .record import DatasetRecord, validate_name
+
+
+@dataclass(frozen=True)
+class PartLocation:
+    """One row-part of a logical dataset and the live nodes holding a copy of it."""
+
+    part: int | None
+    row_start: int
+    row_stop: int
+    nbytes: int
+    holders: tuple[DatasetRecord, ...]
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(r.owner for r in self.holders)
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the parts of a logical dataset live; ``complete`` when no part is missing."""
+
+    name: str
+    parts: tuple[PartLocation, ...]
+    missing: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+            "nbytes": self.nbytes, "complete": self.complete, "missing": list(self.missing),
+            "parts": [
+                {"part": p.part, "row_start": p.row_start, "row_stop": p.row_stop,
+                 "nbytes": p.nbytes, "holders": [r.to_wire() for r in p.holders]}
+                for p in self.parts
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A member of the cluster as this node sees it."""
+
+    info: PeerInfo
+    alive: bool
+    load: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.info.to_wire(), "alive": self.alive, "load": self.load}
+
+
+@dataclass(frozen=True)
+class CatalogSnapshot:
+    """An immutable picture of the catalog: input for planning, never updated in place."""
+
+    self_name: str
+    records: tuple[DatasetRecord, ...]
+    nodes: tuple[NodeView, ...]
+
+    def locate(self, name: str) -> Location:
+        return locate(name, self.records)
+
+
+def locate(name: str, records: tuple[DatasetRecord, ...] | list[DatasetRecord]) -> Location:
+    """Group live records of ``name`` into parts with row ranges (pure function)."""
+    validate_name(name)
+    mine = [r for r in records if r.name == name]
+    if not mine:
+        raise DatasetNotFound(f"no live node holds a dataset named {name!r}")
+    by_part: dict[int | None, list[DatasetRecord]] = {}
+    for r in mine:
+        by_part.setdefault(r.part, []).append(r)
+    for holders in by_part.values():  # newest version first, then by owner for determinism
+        holders.sort(key=lambda r: (-r.version, r.owner))
+    if None in by_part:
+        whole = by_part[None]
+        rec = whole[0]
+        part = PartLocation(None, 0, rec.rows, rec.nbytes,
+                            tuple(r for r in whole if r.checksum == rec.checksum))
+        return Location(name, (part,), (), rec.shape, rec.dtype)
+    indices = sorted(k for k in by_part if k is not None)
+    declared = max((r.nparts or 0) for r in mine)
+    expected = max(declared, indices[-1] + 1)
+    missing = tuple(i for i in range(expected) if i not in by_part)
+    parts, row = [], 0
+    for i in indices:
+        rec = by_part[i][0]
+        same = tuple(r for r in by_part[i] if r.checksum == rec.checksum)
+        parts.append(PartLocation(i, row, row + rec.rows, rec.nbytes, same))
+        row += rec.rows
+    first = by_part[indices[0]][0]
+    shape = (row, *first.shape[1:]) if first.shape else (row,)
+    return Location(name, tuple(parts), missing, shape, first.dtype)
+
+
+class Catalog(abc.ABC):
+    """Cluster-wide, locally answered view of which node holds which dataset part."""
+
+    @abc.abstractmethod
+    def start(self) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    @abc.abstractmethod
+    def announce(self, rec: DatasetRecord) -> None:
+        """Publish that this node now holds ``rec`` (new or replaced)."""
+
+    @abc.abstractmethod
+    def retract(self, key: str) -> None:
+        """Publish that this node no longer holds ``key``."""
+
+    @abc.abstractmethod
+    def add_peer(self, info: PeerInfo) -> None:
+        """Learn of a peer (from ``--peer``, a hello, or gossip)."""
+
+    @abc.abstractmethod
+    def nodes(self) -> list[NodeView]:
+        """Every known member, self included, with liveness and load."""
+
+    @abc.abstractmethod
+    def records(self, include_dead: bool = False) -> list[DatasetRecord]:
+        """Every record on live nodes (or on all known nodes)."""
+
+    def locate(self, name: str) -> Location:
+        return locate(name, self.records())
+
+    def snapshot(self) -> CatalogSnapshot:
+        return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()))
+
+    @property
+    @abc.abstractmethod
+    def self_name(self) -> str: ...

@@ -1,0 +1,72 @@
+"""KVMsg: the one message type of the catalog stream (the ZeroMQ Guide's Clone pattern).
+
+Each publisher numbers its own messages; ``(sender, epoch, seq)`` orders them.
+``epoch`` is fixed per daemon run (nanosecond start time), so a restarted
+publisher is recognised even though its sequence starts again.
+
+Two kinds on the wire, two frames each (``[kind, msgpack body]``):
+
+* ``KV`` — ``key`` set to ``value`` (a record map) or deleted (``value`` nil).
+* ``HB`` — heartbeat: current ``seq`` (so a subscriber that missed the last
+  update notices the gap), node load, and the gossiped membership.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ..errors import ProtocolError
+
+KV = b"KV"
+HB = b"HB"
+MAX_BODY = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KVMsg:
+    kind: bytes
+    sender: str
+    epoch: int
+    seq: int
+    key: str = ""
+    value: dict[str, Any] | None = None
+    props: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> list[bytes]:
+        body = {"s": self.sender, "e": self.epoch, "q": self.seq, "k": self.key,
+                "v": self.value, "p": self.props}
+        return [self.kind, msgpack.packb(body, use_bin_type=True)]
+
+    @classmethod
+    def decode(cls, frames: list[bytes]) -> KVMsg:
+        """Parse and type-check a message; anything odd is a :class:`ProtocolError`."""
+        if len(frames) != 2:
+            raise ProtocolError(f"catalog message has {len(frames)} frames, expected 2")
+        kind, raw = bytes(frames[0]), frames[1]
+        if kind not in (KV, HB):
+            raise ProtocolError(f"unknown catalog message kind {kind[:16]!r}")
+        if len(raw) > MAX_BODY:
+            raise ProtocolError("catalog message too large")
+        try:
+            b = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise ProtocolError(f"undecodable catalog message: {exc}") from exc
+        if not isinstance(b, dict):
+            raise ProtocolError("catalog message body is not a map")
+        sender, epoch, seq = b.get("s"), b.get("e"), b.get("q")
+        key, value, props = b.get("k", ""), b.get("v"), b.get("p") or {}
+        if not isinstance(sender, str) or not sender or len(sender) > 128:
+            raise ProtocolError("catalog message without a valid sender")
+        for v in (epoch, seq):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProtocolError("catalog message epoch/seq must be non-negative ints")
+        if not isinstance(key, str) or (value is not None and not isinstance(value, dict)):
+            raise ProtocolError("catalog message key/value has the wrong type")
+        if not isinstance(props, dict):
+            raise ProtocolError("catalog message props must be a map")
+        if kind == KV and not key:
+            raise ProtocolError("KV message without a key")
+        return cls(kind, sender, epoch, seq, key, value, props)

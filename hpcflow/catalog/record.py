@@ -1,0 +1,149 @@
+"""Dataset records: what the catalog knows about one stored (part of a) dataset.
+
+A record is an immutable value.  It travels over the wire as a plain dict
+(msgpack-safe), and :meth:`DatasetRecord.from_wire` validates everything a
+peer sends, so garbage from the network never becomes a record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidData, InvalidName, ProtocolError
+
+#: Dataset names: a letter, digit or underscore first, then a small safe set.
+#: No path separators, no "..", no control characters, no whitespace.
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+=\-]{0,127}")
+MAX_NDIM = 32
+_NUMERIC_KINDS = "biufc"
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid dataset name, else raise :class:`InvalidName`."""
+    if not isinstance(name, str):
+        raise InvalidName(f"dataset name must be a string, got {type(name).__name__}")
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise InvalidName(
+            f"invalid dataset name {shown!r}: use 1-128 characters from A-Z a-z 0-9 _ . : + = -, "
+            "starting with a letter, digit or underscore, and no '..'"
+        )
+    return name
+
+
+def validate_part(part: object) -> int | None:
+    """Parts are non-negative ints; ``None`` means an unpartitioned dataset."""
+    if part is None:
+        return None
+    if isinstance(part, bool) or not isinstance(part, int | np.integer) or int(part) < 0:
+        raise InvalidData(f"part must be a non-negative integer or None, got {part!r}")
+    if int(part) > 1_000_000:
+        raise InvalidData(f"part index {part} is unreasonably large")
+    return int(part)
+
+
+def validate_dtype(dtype: object) -> np.dtype[Any]:
+    """Only plain numeric dtypes are stored (no objects, strings or records)."""
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError as exc:
+        raise InvalidData(f"not a numpy dtype: {dtype!r}") from exc
+    if dt.kind not in _NUMERIC_KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise InvalidData(f"dtype {dt} is not supported: only bool, integer, float and complex")
+    return dt
+
+
+def validate_shape(shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, list | tuple) or len(shape) > MAX_NDIM:
+        raise InvalidData(f"shape must be a list of at most {MAX_NDIM} ints, got {shape!r}")
+    out = []
+    for n in shape:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) < 0:
+            raise InvalidData(f"shape entries must be non-negative ints, got {shape!r}")
+        out.append(int(n))
+    return tuple(out)
+
+
+def key_of(name: str, part: int | None) -> str:
+    """The catalog key of a dataset part; '@' cannot occur in names."""
+    return name if part is None else f"{name}@{part}"
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset (or one row-part of a partitioned dataset) held by one node."""
+
+    name: str
+    part: int | None
+    owner: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    checksum: str
+    chunk_bytes: int
+    version: int = 1
+    nparts: int | None = None
+    created: float = 0.0
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return key_of(self.name, self.part)
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def with_owner(self, owner: str) -> DatasetRecord:
+        return replace(self, owner=owner)
+
+    def to_wire(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: object) -> DatasetRecord:
+        """Validate a record dict from a peer; raise :class:`ProtocolError` if malformed."""
+        if not isinstance(d, dict):
+            raise ProtocolError(f"record must be a map, got {type(d).__name__}")
+        try:
+            lineage = d.get("lineage") or {}
+            if not isinstance(lineage, dict):
+                raise InvalidData("lineage must be a map")
+            rec = cls(
+                name=validate_name(d["name"]),
+                part=validate_part(d.get("part")),
+                owner=_str(d["owner"], "owner"),
+                shape=validate_shape(d["shape"]),
+                dtype=validate_dtype(d["dtype"]).str,
+                nbytes=_nonneg(d["nbytes"], "nbytes"),
+                checksum=_str(d["checksum"], "checksum"),
+                chunk_bytes=_nonneg(d["chunk_bytes"], "chunk_bytes"),
+                version=_nonneg(d.get("version", 1), "version"),
+                nparts=None if d.get("nparts") is None else _nonneg(d["nparts"], "nparts"),
+                created=float(d.get("created", 0.0)),
+                lineage=lineage,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed dataset record: {exc}") from exc
+        expected = int(np.prod(rec.shape, dtype=np.int64)) * np.dtype(rec.dtype).itemsize
+        if expected != rec.nbytes:
+            raise ProtocolError(f"record {rec.key}: nbytes {rec.nbytes} != shape*itemsize")
+        return rec
+
+
+def _str(v: object, what: str) -> str:
+    if not isinstance(v, str) or not v or len(v) > 256:
+        raise ProtocolError(f"{what} must be a non-empty string")
+    return v
+
+
+def _nonneg(v: object, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ProtocolError(f"{what} must be a non-negative int, got {v!r}")
+    return v

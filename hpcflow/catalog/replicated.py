@@ -1,0 +1,323 @@
+"""Full catalog replication over PUB/SUB, after the ZeroMQ Guide's Clone pattern.
+
+* Each node publishes only its own inventory changes, numbered per publisher
+  (:class:`~hpcflow.catalog.kvmsg.KVMsg`), on its PUB socket.
+* A subscriber connects its SUB socket first, then takes a snapshot of the
+  publisher's state over RPC, then applies buffered and later updates whose
+  sequence number is newer than the snapshot.  A gap, or a heartbeat that
+  announces a higher sequence than we have, triggers a fresh snapshot.
+* Idle publishers send heartbeats (default every second) carrying load and
+  the gossiped membership.  A peer silent for longer than the TTL is marked
+  dead and its entries are no longer offered; they come back when it does.
+
+Sockets and greenlets: the PUB socket is owned by the publisher greenlet
+(others hand it messages through a queue); the SUB socket by the subscriber
+greenlet (connect/disconnect requests go through a queue too).  Snapshot
+fetches run in short-lived greenlets that only touch plain Python state, so
+no socket is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.queue
+import zmq.green as zmq
+
+from ..errors import HpcflowError, ProtocolError
+from .base import Catalog, NodeView
+from .kvmsg import HB, KV, KVMsg
+from .membership import PeerInfo, PeerState
+from .record import DatasetRecord
+
+log = logging.getLogger("hpcflow.catalog")
+
+SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
+MAX_PENDING = 10_000
+
+
+class ReplicatedCatalog(Catalog):
+    """Every node holds the whole catalog; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        me: PeerInfo,
+        ctx: zmq.Context,
+        fetch_snapshot: SnapshotFetcher,
+        *,
+        heartbeat_s: float = 1.0,
+        ttl_s: float = 3.5,
+        load: Callable[[], dict[str, Any]] = dict,
+        pub_bind: str | None = None,
+    ) -> None:
+        self.me = me
+        self.ctx = ctx
+        self.fetch_snapshot = fetch_snapshot
+        self.heartbeat_s = heartbeat_s
+        self.ttl_s = ttl_s
+        self.load = load
+        self._pub_bind = pub_bind or me.pub
+        self.seq = 0
+        self.own: dict[str, DatasetRecord] = {}
+        self.peers: dict[str, PeerState] = {}
+        self.peer_records: dict[str, dict[str, DatasetRecord]] = {}
+        self._pending: dict[str, list[KVMsg]] = {}
+        self._syncing: set[str] = set()
+        self._outbox: gevent.queue.Queue[KVMsg] = gevent.queue.Queue()
+        self._sub_cmds: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
+        self._greenlets: list[gevent.Greenlet] = []
+        self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0}
+        self.pub_endpoint = ""
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+
+    # -- Catalog interface -----------------------------------------------------
+    @property
+    def self_name(self) -> str:
+        return self.me.name
+
+    def start(self) -> None:
+        self._pub = self.ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 100_000)
+        self._pub.bind(self._pub_bind)
+        self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._greenlets = [
+            gevent.spawn(self._publisher),
+            gevent.spawn(self._subscriber),
+            gevent.spawn(self._monitor),
+        ]
+
+    def set_self(self, me: PeerInfo) -> None:
+        """Update our own descriptor once all endpoints are bound."""
+        self.me = me
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets)
+        for s in (self._pub, self._sub):
+            if s is not None:
+                s.close(linger=0)
+
+    def announce(self, rec: DatasetRecord) -> None:
+        self.own[rec.key] = rec
+        self._emit(rec.key, rec.to_wire())
+
+    def retract(self, key: str) -> None:
+        if self.own.pop(key, None) is not None:
+            self._emit(key, None)
+
+    def _emit(self, key: str, value: dict[str, Any] | None) -> None:
+        self.seq += 1
+        self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
+
+    def add_peer(self, info: PeerInfo) -> None:
+        if info.name == self.me.name:
+            return
+        st = self.peers.get(info.name)
+        if st is None:
+            log.info("learned of peer %s at %s", info.name, info.rpc)
+            self.peers[info.name] = PeerState(info)
+            self.peer_records[info.name] = {}
+            self._sub_cmds.put(("connect", info.pub))
+        elif info.epoch > st.info.epoch:
+            log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
+            if info.pub != st.info.pub:
+                self._sub_cmds.put(("disconnect", st.info.pub))
+                self._sub_cmds.put(("connect", info.pub))
+            st.info = info
+            st.synced = False
+
+    def nodes(self) -> list[NodeView]:
+        views = [NodeView(self.me, True, self.load())]
+        views += [NodeView(st.info, st.alive, st.load) for st in self.peers.values()]
+        return views
+
+    def records(self, include_dead: bool = False) -> list[DatasetRecord]:
+        out = list(self.own.values())
+        for name, recs in self.peer_records.items():
+            st = self.peers[name]
+            if include_dead or (st.alive and st.synced):
+                out.extend(recs.values())
+        return out
+
+    def snapshot_wire(self) -> dict[str, Any]:
+        """Our own state for a subscriber's snapshot request (Clone: ICANHAZ -> KTHXBAI)."""
+        return {"epoch": self.me.epoch, "seq": self.seq, "self": self.me.to_wire(),
+                "records": [r.to_wire() for r in self.own.values()]}
+
+    # -- publisher ----------------------------------------------------------------
+    def _publisher(self) -> None:
+        assert self._pub is not None
+        next_hb = time.monotonic()
+        while True:
+            timeout = max(0.0, next_hb - time.monotonic())
+            try:
+                msg = self._outbox.get(timeout=timeout)
+            except gevent.queue.Empty:
+                msg = self._heartbeat()
+                next_hb = time.monotonic() + self.heartbeat_s
+            self._pub.send_multipart(msg.encode())
+            self.stats["published"] += 1
+
+    def _heartbeat(self) -> KVMsg:
+        members = [self.me.to_wire()] + [
+            st.info.to_wire() for st in self.peers.values() if st.alive
+        ]
+        return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
+                     props={"load": self.load(), "members": members})
+
+    # -- subscriber ---------------------------------------------------------------
+    def _subscriber(self) -> None:
+        assert self._sub is not None
+        sub = self._sub
+        while True:
+            while not self._sub_cmds.empty():
+                cmd, endpoint = self._sub_cmds.get()
+                try:
+                    getattr(sub, cmd)(endpoint)
+                except zmq.ZMQError as exc:
+                    log.warning("catalog: cannot %s %s: %s", cmd, endpoint, exc)
+            if not sub.poll(100):
+                continue
+            frames = sub.recv_multipart()
+            self.stats["received"] += 1
+            try:
+                self._handle(KVMsg.decode(frames))
+            except ProtocolError as exc:
+                self.stats["malformed"] += 1
+                log.warning("catalog: dropped malformed message: %s", exc)
+
+    def _handle(self, msg: KVMsg) -> None:
+        if msg.sender == self.me.name:
+            return
+        st = self.peers.get(msg.sender)
+        if msg.kind == HB:
+            self._gossip(msg)
+            st = self.peers.get(msg.sender)
+        if st is None:
+            return  # not a member we know of; its hello or a gossip will introduce it
+        if msg.epoch != st.info.epoch:
+            if msg.epoch < st.info.epoch:
+                return  # late message from a previous run
+            st.info = PeerInfo(st.info.name, msg.epoch, st.info.rpc, st.info.pub, st.info.bulk)
+            st.synced = False
+        st.last_seen = time.monotonic()
+        if not st.alive:
+            st.alive = True
+            log.info("peer %s is alive", msg.sender)
+            st.dead_since = None
+        if msg.kind == HB:
+            load = msg.props.get("load")
+            st.load = load if isinstance(load, dict) else {}
+        if not st.synced:
+            if msg.kind == KV:
+                pend = self._pending.setdefault(msg.sender, [])
+                if len(pend) < MAX_PENDING:
+                    pend.append(msg)
+            self._resync(st)
+            return
+        if msg.kind == KV:
+            if msg.seq <= st.seq:
+                return  # duplicate
+            if msg.seq != st.seq + 1:
+                log.warning("catalog: gap from %s (have %d, got %d): resync",
+                            msg.sender, st.seq, msg.seq)
+                st.synced = False
+                self._pending[msg.sender] = [msg]
+                self._resync(st)
+                return
+            self._apply(st, msg)
+        elif msg.seq > st.seq:
+            log.warning("catalog: %s is at seq %d, we have %d: resync", msg.sender, msg.seq, st.seq)
+            st.synced = False
+            self._resync(st)
+
+    def _apply(self, st: PeerState, msg: KVMsg) -> None:
+        recs = self.peer_records[st.info.name]
+        st.seq = msg.seq
+        if msg.value is None:
+            recs.pop(msg.key, None)
+            return
+        try:
+            rec = DatasetRecord.from_wire(msg.value)
+        except HpcflowError as exc:
+            log.warning("catalog: bad record from %s: %s", st.info.name, exc)
+            return
+        if rec.owner != st.info.name or rec.key != msg.key:
+            log.warning("catalog: %s announced a record it does not own: %s", st.info.name,
+                        msg.key)
+            return
+        recs[rec.key] = rec
+
+    def _gossip(self, msg: KVMsg) -> None:
+        members = msg.props.get("members")
+        if not isinstance(members, list):
+            return
+        for d in members[:4096]:
+            try:
+                info = PeerInfo.from_wire(d)
+            except ProtocolError:
+                continue
+            self.add_peer(info)
+
+    # -- snapshots ------------------------------------------------------------------
+    def _resync(self, st: PeerState) -> None:
+        name = st.info.name
+        if name in self._syncing:
+            return
+        self._syncing.add(name)
+        self.stats["resyncs"] += 1
+        gevent.spawn(self._sync, name)
+
+    def _sync(self, name: str) -> None:
+        try:
+            st = self.peers[name]
+            snap = self.fetch_snapshot(st.info)
+            epoch, seq = int(snap["epoch"]), int(snap["seq"])
+            recs: dict[str, DatasetRecord] = {}
+            for d in snap["records"]:
+                rec = DatasetRecord.from_wire(d)
+                if rec.owner == name:
+                    recs[rec.key] = rec
+            if epoch > st.info.epoch and isinstance(snap.get("self"), dict):
+                self.add_peer(PeerInfo.from_wire(snap["self"]))
+            if epoch != st.info.epoch:
+                raise ProtocolError(f"snapshot epoch {epoch} != expected {st.info.epoch}")
+            self.peer_records[name] = recs
+            st.seq = seq
+            st.synced = True
+            for msg in sorted(self._pending.pop(name, []), key=lambda m: m.seq):
+                if msg.epoch != epoch or msg.seq <= st.seq:
+                    continue
+                if msg.seq != st.seq + 1:
+                    st.synced = False
+                    break
+                self._apply(st, msg)
+            log.info("catalog: synced %s at seq %d (%d entries)", name, st.seq, len(recs))
+        except (HpcflowError, KeyError, TypeError, ValueError) as exc:
+            log.warning("catalog: snapshot from %s failed: %s", name, exc)
+        finally:
+            self._syncing.discard(name)
+
+    # -- liveness ------------------------------------------------------------------
+    def _monitor(self) -> None:
+        while True:
+            gevent.sleep(self.heartbeat_s / 4)
+            now = time.monotonic()
+            for st in self.peers.values():
+                if st.alive and now - st.last_seen > self.ttl_s:
+                    st.alive = False
+                    st.dead_since = now
+                    log.warning("peer %s silent for %.1f s: marked dead, %d entries withdrawn",
+                                st.info.name, now - st.last_seen,
+                                len(self.peer_records.get(st.info.name, {})))
+                elif st.alive and not st.synced and st.info.name not in self._syncing:
+                    self._resync(st)

@@ -1,0 +1,435 @@
+"""The local HDF5 store: one file per dataset part, written atomically.
+
+Layout under ``<data_dir>/datasets``: ``<name>.h5`` or ``<name>@<part>.h5``.
+Each file holds ``/data`` (contiguous, allocated up front so its byte offset
+is known), ``/chunk_digests`` and the record's fields as attributes, so the
+inventory survives restarts with nothing but the files.
+
+Atomicity: a dataset is written into ``.tmp-*.h5`` in the same directory,
+fsynced and renamed into place; only then is it visible to ``records()`` and
+announced.  Temp files left by a crash are removed on the next start, and a
+file that cannot be read back (truncated, not HDF5) is moved to
+``<data_dir>/quarantine`` with a log line, never deleted.
+
+Data is written with ``pwrite`` and read through a memory map of the data
+region, which lets the bulk path send straight from the page cache.  fsync
+runs in gevent's thread pool so a large commit does not stall heartbeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import h5py
+import numpy as np
+
+from ..errors import DatasetExists, DatasetNotFound, IntegrityError, InvalidData, StoreError
+from .chunking import DEFAULT_CHUNK_BYTES, Chunking, chunk_digest, dataset_checksum
+from .record import DatasetRecord, key_of, validate_dtype, validate_name, validate_part
+
+log = logging.getLogger("hpcflow.store")
+
+FORMAT_VERSION = 1
+_NONE = -1  # HDF5 attributes cannot hold None
+
+
+def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking syscall off the gevent loop when a hub is running."""
+    return gevent.get_hub().threadpool.apply(fn, args)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_contiguous(f: h5py.File, shape: tuple[int, ...], dtype: np.dtype[Any]) -> int | None:
+    """Create ``/data`` allocated now and never filled; return its byte offset."""
+    if int(np.prod(shape, dtype=np.int64)) == 0:
+        f.create_dataset("data", shape=shape, dtype=dtype)
+        return None
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(shape) if shape else h5py.h5s.create(h5py.h5s.SCALAR)
+    dsid = h5py.h5d.create(f.id, b"data", h5py.h5t.py_create(dtype), space, dcpl=dcpl)
+    offset = dsid.get_offset()
+    return None if offset is None else int(offset)
+
+
+class DatasetWriter:
+    """Receives the chunks of one dataset part into a temp file; commit makes it visible."""
+
+    def __init__(self, store: Store, rec: DatasetRecord) -> None:
+        self.store = store
+        self.proto = rec
+        self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        self.digests: list[int | None] = [None] * len(self.chunking)
+        self.tmp = store.dir / f".tmp-{uuid.uuid4().hex}.h5"
+        self._done = False
+        try:
+            with h5py.File(self.tmp, "w") as f:
+                self.offset = _create_contiguous(f, rec.shape, np.dtype(rec.dtype))
+            self.fd = os.open(self.tmp, os.O_RDWR)
+        except OSError as exc:
+            self._unlink()
+            raise StoreError(f"cannot create {self.tmp}: {exc}") from exc
+        self.last_activity = time.monotonic()
+
+    @property
+    def received(self) -> int:
+        return sum(d is not None for d in self.digests)
+
+    def write_chunk(self, i: int, buf: Any, digest: int | None = None) -> None:
+        """Write chunk ``i``; raise :class:`IntegrityError` if ``digest`` does not match."""
+        if self._done:
+            raise StoreError("writer already finished")
+        if not 0 <= i < len(self.chunking):
+            raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
+        off, length = self.chunking.byte_range(i)
+        mv = memoryview(buf).cast("B")
+        if mv.nbytes != length:
+            raise InvalidData(f"chunk {i} has {mv.nbytes} bytes, expected {length}")
+        actual = chunk_digest(mv)
+        if digest is not None and actual != digest:
+            raise IntegrityError(f"chunk {i} of {self.proto.key} failed its checksum")
+        if self.offset is not None:
+            written = os.pwrite(self.fd, mv, self.offset + off)
+            if written != length:
+                raise StoreError(f"short write on {self.tmp}")
+        else:  # only 0-byte datasets have no offset; nothing to write
+            pass
+        self.digests[i] = actual
+        self.last_activity = time.monotonic()
+
+    def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
+        """Verify, fsync, rename into place and register; returns the stored record."""
+        missing = [i for i, d in enumerate(self.digests) if d is None]
+        if missing:
+            raise InvalidData(f"{self.proto.key}: {len(missing)} chunks never arrived")
+        digests = [int(d) for d in self.digests if d is not None]
+        checksum = dataset_checksum(self.proto.shape, self.proto.dtype, self.proto.chunk_bytes,
+                                    digests)
+        if expected_checksum is not None and checksum != expected_checksum:
+            self.abort()
+            raise IntegrityError(
+                f"{self.proto.key}: checksum {checksum} does not match expected {expected_checksum}"
+            )
+        rec = self.store._finish(self, checksum, digests)
+        self._done = True
+        return rec
+
+    def abort(self) -> None:
+        """Drop the temp file; nothing becomes visible."""
+        if not self._done:
+            self._done = True
+            self.store._release(self.proto.key)
+        self._close_fd()
+        self._unlink()
+
+    def _close_fd(self) -> None:
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+class DatasetReader:
+    """Chunk-wise access to one stored part, through a memory map where possible."""
+
+    def __init__(self, path: Path, rec: DatasetRecord) -> None:
+        self.rec = rec
+        self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        self._file: h5py.File | None = None
+        self._mm: np.memmap[Any, Any] | None = None
+        try:
+            f = h5py.File(path, "r")
+            self.digests = np.asarray(f["chunk_digests"][...], dtype=np.uint64)
+            offset = f["data"].id.get_offset()
+            if offset is not None and rec.nbytes:
+                f.close()
+                self._mm = np.memmap(path, dtype=np.uint8, mode="r", offset=int(offset),
+                                     shape=(rec.nbytes,))
+            else:
+                self._file = f
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+        if len(self.digests) != len(self.chunking):
+            raise StoreError(f"{path}: digest table does not match the chunk layout")
+
+    def __len__(self) -> int:
+        return len(self.chunking)
+
+    def chunk(self, i: int) -> tuple[Any, int]:
+        """``(buffer, stored digest)`` of chunk ``i``; the buffer is not copied when mapped."""
+        if self._mm is not None:
+            off, length = self.chunking.byte_range(i)
+            return self._mm[off : off + length], int(self.digests[i])
+        assert self._file is not None
+        arr = np.ascontiguousarray(self._file["data"][self.chunking.slab(i)])
+        return arr, int(self.digests[i])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mm = None
+
+
+class Store:
+    """All dataset parts held by this node."""
+
+    def __init__(self, data_dir: Path, owner: str) -> None:
+        self.root = Path(data_dir)
+        self.dir = self.root / "datasets"
+        self.owner = owner
+        self._records: dict[str, DatasetRecord] = {}
+        self._busy: set[str] = set()
+        self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
+        self.listeners: list[Callable[[str, DatasetRecord | None], None]] = []
+
+    # -- startup -------------------------------------------------------------
+    def open(self) -> list[DatasetRecord]:
+        """Create the layout, clear crash leftovers, load the inventory from the files."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data dir {self.dir}: {exc}") from exc
+        for tmp in self.dir.glob(".tmp-*"):
+            log.info("removing unfinished write %s", tmp.name)
+            tmp.unlink(missing_ok=True)
+        for path in sorted(self.dir.glob("*.h5")):
+            try:
+                rec = self._load(path)
+            except (OSError, KeyError, ValueError, TypeError, StoreError) as exc:
+                self._quarantine(path, str(exc))
+                continue
+            self._records[rec.key] = rec
+        log.info("store %s: %d dataset parts", self.dir, len(self._records))
+        return list(self._records.values())
+
+    def _load(self, path: Path) -> DatasetRecord:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            if int(a["hpcflow_format"]) != FORMAT_VERSION:
+                raise StoreError(f"unknown store format {a['hpcflow_format']}")
+            ds = f["data"]
+            part = int(a["part"])
+            nparts = int(a["nparts"])
+            rec = DatasetRecord(
+                name=validate_name(str(a["name"])),
+                part=None if part == _NONE else part,
+                owner=self.owner,
+                shape=tuple(int(n) for n in ds.shape),
+                dtype=validate_dtype(ds.dtype).str,
+                nbytes=int(ds.size) * ds.dtype.itemsize,
+                checksum=str(a["checksum"]),
+                chunk_bytes=int(a["chunk_bytes"]),
+                version=int(a["version"]),
+                nparts=None if nparts == _NONE else nparts,
+                created=float(a["created"]),
+                lineage=json.loads(str(a["lineage"])),
+            )
+            offset = ds.id.get_offset()
+            if rec.nbytes and (offset is None or offset + rec.nbytes > path.stat().st_size):
+                raise StoreError("file is truncated: data region runs past its end")
+            if len(f["chunk_digests"]) != len(
+                Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+            ):
+                raise StoreError("digest table does not match the chunk layout")
+        if path.name != f"{rec.key}.h5":
+            raise StoreError(f"file name does not match its record {rec.key}")
+        return rec
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        qdir = self.root / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        dest = qdir / f"{path.name}.{int(time.time())}"
+        log.error("store: %s is unreadable (%s); moved to %s", path.name, why, dest)
+        shutil.move(str(path), dest)
+
+    # -- queries -------------------------------------------------------------
+    def records(self) -> list[DatasetRecord]:
+        return list(self._records.values())
+
+    def get(self, name: str, part: int | None = None) -> DatasetRecord:
+        key = key_of(validate_name(name), validate_part(part))
+        try:
+            return self._records[key]
+        except KeyError:
+            raise DatasetNotFound(f"{key} is not stored on {self.owner}") from None
+
+    def path_of(self, key: str) -> Path:
+        return self.dir / f"{key}.h5"
+
+    # -- writing -------------------------------------------------------------
+    def begin(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: Any,
+        *,
+        part: int | None = None,
+        nparts: int | None = None,
+        lineage: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> DatasetWriter:
+        """Start writing a dataset part; it stays invisible until ``commit``."""
+        name, part = validate_name(name), validate_part(part)
+        dt = validate_dtype(dtype)
+        if nparts is not None and (part is None or not 0 <= part < nparts):
+            raise InvalidData(f"part {part} is outside nparts={nparts}")
+        if chunk_bytes < 4096 or chunk_bytes > 256 * 1024 * 1024:
+            raise InvalidData(f"chunk_bytes {chunk_bytes} outside 4 KiB..256 MiB")
+        key = key_of(name, part)
+        if key in self._busy:
+            raise DatasetExists(f"{key} is being written right now")
+        old = self._records.get(key)
+        if old is not None and not overwrite:
+            raise DatasetExists(f"{key} already exists on {self.owner} (use overwrite)")
+        other = key_of(name, None) if part is not None else None
+        if other in self._records or (part is None and any(
+                r.name == name and r.part is not None for r in self._records.values())):
+            raise InvalidData(f"{name} cannot be both a whole dataset and a partitioned one")
+        proto = DatasetRecord(
+            name=name, part=part, owner=self.owner, shape=tuple(shape), dtype=dt.str,
+            nbytes=int(np.prod(shape, dtype=np.int64)) * dt.itemsize, checksum="",
+            chunk_bytes=chunk_bytes, version=(old.version + 1) if old else 1, nparts=nparts,
+            created=time.time(), lineage=dict(lineage or {}),
+        )
+        writer = DatasetWriter(self, proto)
+        self._busy.add(key)
+        return writer
+
+    def _finish(self, w: DatasetWriter, checksum: str, digests: list[int]) -> DatasetRecord:
+        rec = DatasetRecord(**{**w.proto.__dict__, "checksum": checksum})
+        try:
+            w._close_fd()
+            with h5py.File(w.tmp, "r+") as f:
+                f.create_dataset("chunk_digests", data=np.asarray(digests, dtype=np.uint64))
+                a = f.attrs
+                a["hpcflow_format"] = FORMAT_VERSION
+                a["name"] = rec.name
+                a["part"] = _NONE if rec.part is None else rec.part
+                a["nparts"] = _NONE if rec.nparts is None else rec.nparts
+                a["checksum"] = rec.checksum
+                a["chunk_bytes"] = rec.chunk_bytes
+                a["version"] = rec.version
+                a["created"] = rec.created
+                a["lineage"] = json.dumps(rec.lineage)
+            fd = os.open(w.tmp, os.O_RDONLY)
+            try:
+                _blocking(os.fsync, fd)
+            finally:
+                os.close(fd)
+            os.replace(w.tmp, self.path_of(rec.key))
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            w._unlink()
+            self._release(rec.key)
+            raise StoreError(f"cannot store {rec.key}: {exc}") from exc
+        self._drop_readers(rec.key)
+        self._records[rec.key] = rec
+        self._release(rec.key)
+        for cb in self.listeners:
+            cb(rec.key, rec)
+        return rec
+
+    def _release(self, key: str) -> None:
+        self._busy.discard(key)
+
+    def put_array(self, name: str, arr: Any, **kw: Any) -> DatasetRecord:
+        """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks)."""
+        a = np.asarray(arr)
+        writer = self.begin(name, a.shape, a.dtype, **kw)
+        try:
+            for i in range(len(writer.chunking)):
+                writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)]))
+                gevent.sleep(0)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- reading -------------------------------------------------------------
+    def reader(self, key: str, version: int | None = None) -> DatasetReader:
+        """A (cached) chunk reader; ``version`` guards against reading a replaced dataset."""
+        rec = self._records.get(key)
+        if rec is None:
+            raise DatasetNotFound(f"{key} is not stored on {self.owner}")
+        if version is not None and version != rec.version:
+            raise DatasetNotFound(
+                f"{key} version {version} is gone from {self.owner} (now version {rec.version})"
+            )
+        ck = (key, rec.version)
+        r = self._readers.get(ck)
+        if r is None:
+            r = DatasetReader(self.path_of(key), rec)
+            self._readers[ck] = r
+            while len(self._readers) > 32:
+                self._readers.popitem(last=False)[1].close()
+        self._readers.move_to_end(ck)
+        return r
+
+    def read_array(self, name: str, part: int | None = None, verify: bool = True) -> Any:
+        rec = self.get(name, part)
+        r = self.reader(rec.key)
+        out = np.empty(rec.shape, dtype=np.dtype(rec.dtype))
+        flat = out.reshape(-1).view(np.uint8) if rec.nbytes else None
+        digests = []
+        for i in range(len(r)):
+            buf, d = r.chunk(i)
+            off, length = r.chunking.byte_range(i)
+            assert flat is not None
+            flat[off : off + length] = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+            digests.append(chunk_digest(flat[off : off + length]) if verify else d)
+        if verify and dataset_checksum(rec.shape, rec.dtype, rec.chunk_bytes, digests) != (
+                rec.checksum):
+            raise IntegrityError(
+                f"{rec.key} on {self.owner} failed its checksum (disk corruption?)")
+        return out
+
+    def iter_keys(self) -> Iterator[str]:
+        return iter(list(self._records))
+
+    def delete(self, name: str, part: int | None = None) -> DatasetRecord:
+        rec = self.get(name, part)
+        if rec.key in self._busy:
+            raise DatasetExists(f"{rec.key} is being written right now")
+        self._drop_readers(rec.key)
+        try:
+            self.path_of(rec.key).unlink()
+            _fsync_dir(self.dir)
+        except OSError as exc:
+            raise StoreError(f"cannot delete {rec.key}: {exc}") from exc
+        del self._records[rec.key]
+        for cb in self.listeners:
+            cb(rec.key, None)
+        return rec
+
+    def _drop_readers(self, key: str) -> None:
+        for ck in [ck for ck in self._readers if ck[0] == key]:
+            self._readers.pop(ck).close()
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()

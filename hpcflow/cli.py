@@ -1,0 +1,223 @@
+"""The ``hpcflow`` command: run a node daemon, and talk to one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _version
+from .config import NodeConfig
+from .errors import HpcflowError, to_wire
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _progress(label: str, enabled: bool) -> Callable[[int, int], None] | None:
+    if not enabled:
+        return None
+    t0, last = time.monotonic(), [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2 and done < total:
+            return
+        last[0] = now
+        rate = done / max(now - t0, 1e-9)
+        pct = 100.0 * done / total if total else 100.0
+        print(f"\r{label}: {_size(done)} / {_size(total)} ({pct:.0f}%, {_size(rate)}/s)",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+    return show
+
+
+def _record_row(r: dict[str, Any]) -> str:
+    part = "-" if r["part"] is None else str(r["part"])
+    shape = "x".join(str(n) for n in r["shape"]) or "scalar"
+    return (f"{r['name']:<24} {part:>4}  {r['owner']:<12} {shape:<18} {r['dtype']:<6} "
+            f"{_size(r['nbytes']):>10}  v{r['version']}")
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    from .node import run_node
+
+    overrides = {
+        "name": a.name, "data_dir": a.data_dir, "listen": a.listen, "pub": a.pub,
+        "bulk": a.bulk, "advertise": a.advertise, "peers": a.peer, "catalog": a.catalog,
+        "heartbeat_s": a.heartbeat, "ttl_s": a.ttl, "ops": a.ops, "log_level": a.log_level,
+    }
+    config = NodeConfig.load(a.config, overrides)
+    return run_node(config)
+
+
+def _client(a: argparse.Namespace) -> Any:
+    from .rpc.client import connect
+
+    return connect(a.node, timeout_s=a.timeout)
+
+
+def cmd_put(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        rec = c.put(a.name, a.source, dataset=a.dataset, part=a.part, nparts=a.nparts,
+                    overwrite=a.overwrite,
+                    progress=_progress(f"put {a.name}", not a.json and sys.stderr.isatty()))
+    w = rec.to_wire()
+    print(json.dumps(w) if a.json else f"stored {rec.key} on {rec.owner}: "
+          f"{'x'.join(map(str, rec.shape))} {rec.dtype}, {_size(rec.nbytes)}, {rec.checksum}")
+    return 0
+
+
+def cmd_get(a: argparse.Namespace) -> int:
+    out = Path(a.out)
+    show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
+    t0 = time.monotonic()
+    with _client(a) as c:
+        loc = c.locate(a.name)
+        if out.suffix == ".npy":
+            np.save(out, c.fetch(a.name, part=a.part, progress=show))
+        else:
+            c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show)
+        received = sum(c.traffic.bytes_received.values())
+    holders = sorted({h["owner"] for p in loc["parts"] for h in p["holders"][:1]})
+    result = {"name": a.name, "path": str(out), "bytes": received, "from": holders,
+              "seconds": round(time.monotonic() - t0, 3), "checksum_verified": True}
+    print(json.dumps(result) if a.json else
+          f"wrote {out} ({_size(received)} from {', '.join(holders)}, checksum verified)")
+    return 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        recs = [r.to_wire() for r in c.catalog(include_dead=a.all)]
+        nodes = c.nodes()
+    if a.pattern:
+        recs = [r for r in recs if a.pattern in r["name"]]
+    alive = {n["name"]: n["alive"] for n in nodes}
+    for r in recs:
+        r["alive"] = alive.get(r["owner"], False)
+    if a.json:
+        print(json.dumps({"nodes": nodes, "datasets": recs}))
+        return 0
+    print(f"{'NAME':<24} {'PART':>4}  {'NODE':<12} {'SHAPE':<18} {'DTYPE':<6} {'SIZE':>10}  VER")
+    for r in recs:
+        print(_record_row(r) + ("" if r["alive"] else "  (node dead)"))
+    live = sorted(n["name"] for n in nodes if n["alive"])
+    dead = sorted(n["name"] for n in nodes if not n["alive"])
+    print(f"{len(recs)} parts; nodes alive: {', '.join(live)}"
+          + (f"; dead: {', '.join(dead)}" if dead else ""))
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        info = c.info()
+        info["stats"] = c.stats()
+    if a.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_rm(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        rec = c.delete(a.name, a.part)
+    print(json.dumps(rec.to_wire()) if a.json else f"deleted {rec.key} from {rec.owner}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hpcflow", description=__doc__)
+    p.add_argument("--version", action="version", version=f"hpcflow {_version.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    n = sub.add_parser("node", help="run a node daemon (logs to stderr; stop with Ctrl-C)")
+    n.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    n.add_argument("--name", help="node name (default: HOSTNAME-PORT)")
+    n.add_argument("--data-dir", type=Path, help="where this node keeps its HDF5 datasets")
+    n.add_argument("--listen", help="RPC endpoint HOST:PORT (default 127.0.0.1:7101); the "
+                   "catalog publisher and bulk channel default to PORT+1 and PORT+2")
+    n.add_argument("--pub", help="catalog publisher endpoint (default PORT+1)")
+    n.add_argument("--bulk", help="bulk data endpoint (default PORT+2)")
+    n.add_argument("--advertise", help="host name/IP peers should use to reach this node")
+    n.add_argument("--peer", action="append", default=[], help="RPC endpoint of a peer to "
+                   "join through (repeatable; one is enough)")
+    n.add_argument("--catalog", choices=["replicated", "dht"])
+    n.add_argument("--heartbeat", type=float, help="heartbeat interval in s (default 1)")
+    n.add_argument("--ttl", type=float, help="silence after which a peer is dead (default 3.5)")
+    n.add_argument("--ops", action="append", default=[], help="module with user operations")
+    n.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    n.set_defaults(fn=cmd_node)
+
+    def client_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--node", default=os.environ.get("HPCFLOW_NODE", "127.0.0.1:7101"),
+                        help="RPC endpoint of the node to talk to (env HPCFLOW_NODE)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+
+    s = sub.add_parser("put", help="store an array from .npy or HDF5 on a node")
+    client_opts(s)
+    s.add_argument("name")
+    s.add_argument("source", help=".npy file or HDF5 file (H5MD included)")
+    s.add_argument("--dataset", help="path of the array inside the HDF5 file")
+    s.add_argument("--part", type=int, help="row-part index of a partitioned dataset")
+    s.add_argument("--nparts", type=int, help="total number of parts (optional)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    s.set_defaults(fn=cmd_put)
+
+    g = sub.add_parser("get", help="fetch a dataset into an HDF5 (or .npy) file")
+    client_opts(g)
+    g.add_argument("name")
+    g.add_argument("out", help="output file: .npy, or HDF5 for anything else")
+    g.add_argument("--part", type=int)
+    g.add_argument("--h5path", default="/data", help="dataset path in the output HDF5 file")
+    g.set_defaults(fn=cmd_get)
+
+    ls = sub.add_parser("ls", help="list every dataset on every live node")
+    client_opts(ls)
+    ls.add_argument("pattern", nargs="?", help="only names containing this")
+    ls.add_argument("--all", action="store_true", help="include datasets on dead nodes")
+    ls.set_defaults(fn=cmd_ls)
+
+    i = sub.add_parser("info", help="node status, load, peers and traffic counters")
+    client_opts(i)
+    i.set_defaults(fn=cmd_info)
+
+    r = sub.add_parser("rm", help="delete a dataset held by this node")
+    client_opts(r)
+    r.add_argument("name")
+    r.add_argument("--part", type=int)
+    r.set_defaults(fn=cmd_rm)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except HpcflowError as exc:
+        name, msg = to_wire(exc)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"type": name, "message": msg}}))
+        else:
+            print(f"hpcflow: error: {msg} ({name})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Typed configuration: node settings from a TOML file, overridden by CLI options.
+
+Endpoints: ``--listen`` is the RPC endpoint (``HOST:PORT``, ``tcp://HOST:PORT``
+or ``ipc:///path``).  The catalog publisher and the bulk channel default to
+the next two ports (``PORT+1``, ``PORT+2``) or, for ipc, to ``PATH.pub`` and
+``PATH.bulk``.  Port 0 binds every socket to an ephemeral port; the bound
+endpoints are then written to ``<data_dir>/node.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .catalog.chunking import DEFAULT_CHUNK_BYTES
+from .errors import ConfigError
+
+CATALOG_MODES = ("replicated", "dht")
+
+
+def timeout_scale() -> float:
+    """One knob to stretch every timeout on slow or loaded machines (tests use it too)."""
+    try:
+        return max(0.1, float(os.environ.get("HPCFLOW_TIMEOUT_SCALE", "1")))
+    except ValueError:
+        return 1.0
+
+
+def normalize_endpoint(addr: str) -> str:
+    """``HOST:PORT`` -> ``tcp://HOST:PORT``; ``tcp://`` and ``ipc://`` pass through."""
+    addr = addr.strip()
+    if addr.startswith(("tcp://", "ipc://")):
+        return addr
+    if "://" in addr:
+        raise ConfigError(f"unsupported endpoint {addr!r}: use HOST:PORT, tcp:// or ipc://")
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"endpoint {addr!r} is not HOST:PORT")
+    return f"tcp://{host}:{port}"
+
+
+def derive_endpoint(rpc: str, offset: int, suffix: str) -> str:
+    """The endpoint ``offset`` ports above ``rpc`` (or ``rpc`` + ``suffix`` for ipc)."""
+    if rpc.startswith("ipc://"):
+        return rpc + suffix
+    host, _, port = rpc[len("tcp://"):].rpartition(":")
+    p = int(port)
+    return f"tcp://{host}:{0 if p == 0 else p + offset}"
+
+
+def advertised(endpoint: str, advertise_host: str | None) -> str:
+    """Replace a wildcard bind host with one peers can connect to."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if advertise_host:
+        host = advertise_host
+    elif host in ("0.0.0.0", "*", "[::]", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"tcp://{host}:{port}"
+
+
+@dataclass
+class NodeConfig:
+    """Everything a daemon needs; every field can come from TOML or the command line."""
+
+    data_dir: Path
+    name: str = ""
+    listen: str = "127.0.0.1:7101"
+    pub: str | None = None
+    bulk: str | None = None
+    advertise: str | None = None
+    peers: list[str] = field(default_factory=list)
+    catalog: str = "replicated"
+    heartbeat_s: float = 1.0
+    ttl_s: float = 3.5
+    rpc_timeout_s: float = 10.0
+    transfer_timeout_s: float = 30.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    window: int = 8
+    chunk_retries: int = 3
+    ops: list[str] = field(default_factory=list)
+    log_level: str = "INFO"
+    fault_corrupt_chunks: int = 0  # testing aid: corrupt the next N chunks this node sends
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        self.rpc_endpoint = normalize_endpoint(self.listen)
+        self.pub_endpoint = normalize_endpoint(self.pub) if self.pub else derive_endpoint(
+            self.rpc_endpoint, 1, ".pub")
+        self.bulk_endpoint = normalize_endpoint(self.bulk) if self.bulk else derive_endpoint(
+            self.rpc_endpoint, 2, ".bulk")
+        self.peer_endpoints = [normalize_endpoint(p) for p in self.peers]
+        if not self.name:
+            self.name = f"{socket.gethostname()}-{self.rpc_endpoint.rsplit(':', 1)[-1]}"
+        if not 0 < len(self.name) <= 64 or any(c in self.name for c in "/\\ \t\n\r\0"):
+            raise ConfigError(f"node name {self.name!r} must be 1-64 characters, no "
+                              "slashes or whitespace")
+        if self.catalog not in CATALOG_MODES:
+            raise ConfigError(f"catalog must be one of {CATALOG_MODES}, not {self.catalog!r}")
+        if self.heartbeat_s <= 0 or self.ttl_s <= self.heartbeat_s:
+            raise ConfigError("need heartbeat_s > 0 and ttl_s > heartbeat_s")
+        if not 4096 <= self.chunk_bytes <= 256 * 1024 * 1024:
+            raise ConfigError("chunk_bytes must be between 4 KiB and 256 MiB")
+        if self.window < 1 or self.chunk_retries < 0:
+            raise ConfigError("window must be >= 1 and chunk_retries >= 0")
+
+    @classmethod
+    def load(cls, path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
+        """Merge a TOML file (optional) with non-None ``overrides`` (CLI options win)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(read_toml(path, {f.name for f in fields(cls)}))
+        values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+        if "data_dir" not in values:
+            raise ConfigError("data_dir is required (--data-dir or data_dir in the config file)")
+        _check_types(cls, values, path)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["data_dir"] = str(self.data_dir)
+        return d
+
+
+def read_toml(path: Path, known: set[str]) -> dict[str, Any]:
+    """Read a TOML config file; unknown keys and bad syntax name the file and the key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: "
+                          f"{', '.join(sorted(known))}")
+    return data
+
+
+def _check_types(cls: type, values: dict[str, Any], path: Path | None) -> None:
+    """Reject wrongly typed values with a message naming the key (TOML gives us raw types)."""
+    where = f"{path}: " if path else ""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v, t = values[f.name], str(f.type)
+        if f.name == "data_dir":
+            ok = isinstance(v, str | Path)
+        elif t.startswith("list"):
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        elif t.startswith("float"):
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+        elif t.startswith("int"):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, str) or (v is None and "None" in t)
+        if not ok:
+            raise ConfigError(f"{where}{f.name} must be of type {t}, got {v!r}")

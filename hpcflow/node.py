@@ -1,0 +1,340 @@
+"""The node daemon: store + catalog + bulk channel + RPC, composed and supervised.
+
+One process, one gevent loop.  Sockets: zerorpc's ROUTER (RPC), the
+catalog's PUB and SUB, and the bulk ROUTER; each has one owner greenlet.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+import numpy as np
+import zerorpc
+import zmq
+import zmq.green as zmqg
+
+from .catalog.base import Catalog
+from .catalog.membership import PeerInfo
+from .catalog.record import DatasetRecord, key_of, validate_dtype, validate_name, validate_part
+from .catalog.replicated import ReplicatedCatalog
+from .catalog.store import Store
+from .config import NodeConfig, advertised
+from .errors import (
+    ConfigError,
+    DatasetExists,
+    DatasetNotFound,
+    HpcflowError,
+    InvalidData,
+    NotOwner,
+    PeerUnavailable,
+)
+from .rpc.bulk import BulkClient, BulkServer, BulkSettings
+from .rpc.calls import PeerClients
+from .rpc.service import NodeService
+from .rpc.traffic import Traffic
+
+log = logging.getLogger("hpcflow.node")
+
+
+class Node:
+    """A running hpcflow daemon.  ``start()`` binds and joins; ``stop()`` tears down."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.pid = os.getpid()
+        self.epoch = time.time_ns()
+        self.active = 0
+        self.traffic = Traffic()
+        self.ctx = zmqg.Context()
+        self.store = Store(config.data_dir, self.name)
+        self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
+                                     retries=config.chunk_retries,
+                                     corrupt_chunks=config.fault_corrupt_chunks)
+        self.peers = PeerClients(config.rpc_timeout_s)
+        self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings)
+        self.stopped = gevent.event.Event()
+        self._lock_fd = -1
+        self._greenlets: list[gevent.Greenlet] = []
+        self.me = PeerInfo(self.name, self.epoch, "", "", "")
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        self._lock_data_dir()
+        records = self.store.open()
+        self.store.listeners.append(self._store_changed)
+        try:
+            self.rpc = zerorpc.Server(NodeService(self), heartbeat=5)
+            self.rpc.bind(cfg.rpc_endpoint)
+            rpc_ep = self.rpc._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
+                                   self.settings, admit_put=self._admit_put,
+                                   on_commit=lambda rec: None)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind {cfg.rpc_endpoint} / {cfg.bulk_endpoint}: {exc}"
+                              ) from exc
+        self.catalog = self._make_catalog()
+        try:
+            self.catalog.start()
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot bind {cfg.pub_endpoint}: {exc}") from exc
+        adv = cfg.advertise
+        self.me = PeerInfo(self.name, self.epoch, advertised(rpc_ep, adv),
+                           advertised(self.catalog.pub_endpoint, adv),
+                           advertised(self.bulk.endpoint, adv))
+        self.catalog.set_self(self.me)
+        for rec in records:
+            self.catalog.announce(rec)
+        self.bulk.start()
+        self._greenlets.append(gevent.spawn(self.rpc.run))
+        for ep in cfg.peer_endpoints:
+            self._greenlets.append(gevent.spawn(self._join, ep))
+        self._write_node_json()
+        log.info("node %s ready: rpc=%s pub=%s bulk=%s, %d datasets, peers=%s", self.name,
+                 self.me.rpc, self.me.pub, self.me.bulk, len(records), cfg.peers or "none")
+
+    def _make_catalog(self) -> ReplicatedCatalog:
+        if self.config.catalog != "replicated":
+            raise ConfigError(f"catalog mode {self.config.catalog!r} is not available yet")
+        return ReplicatedCatalog(
+            self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
+            heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
+            pub_bind=self.config.pub_endpoint)
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT/SIGTERM."""
+        self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            gevent.signal_handler(sig, self.stopped.set)
+        self.stopped.wait()
+        log.info("node %s stopping", self.name)
+        self.stop()
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets)
+        for part in ("catalog", "bulk"):
+            obj = getattr(self, part, None)
+            if obj is not None:
+                obj.stop()
+        if getattr(self, "rpc", None) is not None:
+            self.rpc.stop()
+            self.rpc.close()
+        self.peers.close()
+        self.store.close()
+        self.ctx.destroy(linger=0)
+        (self.config.data_dir / "node.json").unlink(missing_ok=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        log.info("node %s stopped", self.name)
+
+    def _lock_data_dir(self) -> None:
+        d = self.config.data_dir
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot use data dir {d}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"data dir {d} is in use by another hpcflow node") from None
+        self._lock_fd = fd
+
+    def _write_node_json(self) -> None:
+        path = self.config.data_dir / "node.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**self.me.to_wire(), "pid": self.pid}))
+        os.replace(tmp, path)
+
+    def _join(self, endpoint: str) -> None:
+        """Introduce ourselves to a configured peer; retry until it answers."""
+        delay, warned = 0.2, False
+        while True:
+            try:
+                reply = self.peers.call(endpoint, "hello", self.me.to_wire())
+                for d in [reply["self"], *reply["members"]]:
+                    self.catalog.add_peer(PeerInfo.from_wire(d))
+                log.info("joined the cluster through %s", endpoint)
+                return
+            except (HpcflowError, KeyError, TypeError) as exc:
+                if not warned:
+                    log.warning("peer %s not reachable yet (%s); retrying", endpoint, exc)
+                    warned = True
+            gevent.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    # -- state for the service ---------------------------------------------------
+    def load(self) -> dict[str, Any]:
+        return {"active": self.active + self.bulk_active(), "loadavg": os.getloadavg()[0]}
+
+    def bulk_active(self) -> int:
+        bulk = getattr(self, "bulk", None)
+        return len(bulk.uploads) if bulk is not None else 0
+
+    def catalog_snapshot_wire(self) -> dict[str, Any]:
+        assert isinstance(self.catalog, ReplicatedCatalog)
+        return self.catalog.snapshot_wire()
+
+    def bulk_endpoints(self) -> dict[str, str]:
+        return {v.info.name: v.info.bulk for v in self.catalog.nodes() if v.alive}
+
+    def stats(self) -> dict[str, Any]:
+        cat = self.catalog
+        return {"traffic": self.traffic.to_wire(),
+                "catalog": dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {},
+                "bulk_malformed": self.bulk.malformed,
+                "uploads_in_progress": len(self.bulk.uploads)}
+
+    def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:
+        if rec is None:
+            self.catalog.retract(key)
+        else:
+            self.catalog.announce(rec)
+
+    # -- dataset operations --------------------------------------------------------
+    def _admit_put(self, hdr: dict[str, Any]) -> None:
+        """Cluster-wide rules a new dataset (part) must follow, checked against the catalog."""
+        name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
+        dtype = validate_dtype(hdr.get("dtype")).str
+        shape = hdr.get("shape")
+        check_put(self.catalog, self.name, name, part, shape, dtype)
+
+    def put_array(self, name: str, arr: Any, *, part: int | None = None,
+                  nparts: int | None = None, overwrite: bool = False) -> DatasetRecord:
+        check_put(self.catalog, self.name, name, part, list(arr.shape), arr.dtype.str)
+        return self.store.put_array(name, arr, part=part, nparts=nparts, overwrite=overwrite,
+                                    chunk_bytes=self.config.chunk_bytes)
+
+    def delete(self, name: str, part: int | None) -> DatasetRecord:
+        try:
+            return self.store.delete(name, part)
+        except DatasetNotFound:
+            holders = sorted({r.owner for r in self.catalog.records()
+                              if r.name == name and (part is None or r.part == part)})
+            if holders:
+                raise NotOwner(f"{key_of(name, part)} is held by {', '.join(holders)}, not "
+                               f"{self.name}: delete it there") from None
+            raise
+
+    def pull(self, rec: DatasetRecord, deliver: Any) -> None:
+        """Deliver every chunk of ``rec``: from the local store, or over the bulk path."""
+        if rec.owner == self.name:
+            reader = self.store.reader(rec.key, rec.version)
+            for i in range(len(reader)):
+                buf, d = reader.chunk(i)
+                deliver(i, reader.chunking.byte_range(i)[0], memoryview(buf).cast("B"), d)
+            return
+        endpoint = self.bulk_endpoints().get(rec.owner)
+        if endpoint is None:
+            raise PeerUnavailable(f"{rec.owner} (holder of {rec.key}) is not alive")
+        self.bulk_client.fetch(endpoint, rec.owner, rec, deliver)
+
+    def pull_any(self, holders: tuple[DatasetRecord, ...], deliver: Any) -> DatasetRecord:
+        """Pull from the first holder that works, preferring our own copy."""
+        ordered = sorted(holders, key=lambda r: r.owner != self.name)
+        errors = []
+        for rec in ordered:
+            try:
+                self.pull(rec, deliver)
+                return rec
+            except PeerUnavailable as exc:
+                errors.append(str(exc))
+        raise PeerUnavailable("; ".join(errors) or "no holder")
+
+    def gather(self, name: str, part: int | None = None) -> Any:
+        """The whole dataset (or one part) as one in-memory array."""
+        loc = self.catalog.locate(name)
+        parts = [p for p in loc.parts if part is None or p.part == part]
+        if part is None and not loc.complete:
+            raise DatasetNotFound(f"{name}: parts {list(loc.missing)} are on no live node")
+        if not parts:
+            raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
+        rows = sum(p.row_stop - p.row_start for p in parts)
+        out = np.empty((rows, *loc.shape[1:]) if loc.shape else (), dtype=np.dtype(loc.dtype))
+        flat = out.reshape(-1).view(np.uint8)
+        row_bytes = out.nbytes // max(rows, 1) if loc.shape else out.nbytes
+        base = 0
+        for p in parts:
+            def deliver(i: int, off: int, buf: memoryview, d: int, base: int = base) -> None:
+                flat[base + off : base + off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
+            self.pull_any(p.holders, deliver)
+            base += (p.row_stop - p.row_start) * row_bytes
+        return out
+
+    def replicate(self, name: str, part: int | None) -> list[DatasetRecord]:
+        """Copy a dataset's parts into the local store (copies are catalogued replicas)."""
+        loc = self.catalog.locate(name)
+        out = []
+        for p in loc.parts:
+            if part is not None and p.part != part:
+                continue
+            mine = next((r for r in p.holders if r.owner == self.name), None)
+            if mine is not None:
+                out.append(mine)
+                continue
+            src = p.holders[0]
+            writer = self.store.begin(name, src.shape, src.dtype, part=src.part,
+                                      nparts=src.nparts, lineage=src.lineage,
+                                      chunk_bytes=src.chunk_bytes)
+            try:
+                self.pull_any(p.holders, lambda i, off, buf, d, w=writer: w.write_chunk(i, buf, d))
+                out.append(writer.commit(src.checksum))
+            except BaseException:
+                writer.abort()
+                raise
+        if not out:
+            raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
+        return out
+
+
+def check_put(catalog: Catalog, me: str, name: str, part: int | None, shape: Any,
+              dtype: str) -> None:
+    """A user's put must not shadow another node's dataset or break a partitioned one."""
+    others = [r for r in catalog.records() if r.name == name and r.owner != me]
+    if not others:
+        return
+    if part is None:
+        raise DatasetExists(f"{name} already exists on {others[0].owner}")
+    if any(r.part is None for r in others):
+        raise InvalidData(f"{name} is a whole dataset on {others[0].owner}; it has no parts")
+    clash = [r for r in others if r.part == part]
+    if clash:
+        raise DatasetExists(f"part {part} of {name} already exists on {clash[0].owner}")
+    ref = others[0]
+    if ref.dtype != dtype or list(ref.shape[1:]) != list(shape[1:]):
+        raise InvalidData(
+            f"part {part} of {name} must match its other parts: dtype {ref.dtype} and rows of "
+            f"shape {list(ref.shape[1:])}, got {dtype} and {list(shape[1:])}")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=None,
+    )
+
+
+def run_node(config: NodeConfig) -> int:
+    setup_logging(config.log_level)
+    node = Node(config)
+    try:
+        node.serve_forever()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+__all__ = ["Node", "check_put", "run_node"]

@@ -1,0 +1,439 @@
+"""The bulk data path: dataset bytes in chunks over a dedicated ZeroMQ channel.
+
+zerorpc cannot carry a message over ~100 MiB and is slow for bulk bytes, so
+dataset contents never travel over RPC.  This is the ZeroMQ Guide's
+file-transfer pattern (model 3): the client asks for chunks by index and
+keeps at most ``window`` requests in flight — its credit — so memory stays
+bounded however large the dataset is, and a lost or corrupted chunk is
+simply asked for again.
+
+Wire format: every message is ``[verb, msgpack header, (payload)]``; the
+server's ROUTER adds the peer identity in front.
+
+=========  ================================  ============================
+client     header                            server replies
+=========  ================================  ============================
+``GET``    r, key, v (version), i, by        ``CHUNK`` r, i, d + payload
+``PUT``    r, name, part, nparts, shape,     ``OK`` r, u
+           dtype, chunk_bytes, overwrite,
+           lineage, by
+``DATA``   r, u, i, d + payload              ``ACK`` r, u, i / ``NACK``
+``END``    r, u, checksum                    ``DONE`` r, record
+``ABORT``  r, u                              (none)
+=========  ================================  ============================
+
+Any request can be answered with ``ERR`` r, type, msg: the client raises the
+same hpcflow error type.  ``d`` is the xxh3-64 digest of the payload; the
+client also checks the whole-dataset checksum of the record at the end, so
+corruption in flight (retried) and at rest (reported) are both caught.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import msgpack
+import numpy as np
+import zmq.green as zmq
+
+from ..catalog.chunking import Chunking, chunk_digest, dataset_checksum
+from ..catalog.record import DatasetRecord, key_of, validate_shape
+from ..catalog.store import DatasetWriter, Store
+from ..errors import (
+    HpcflowError,
+    IntegrityError,
+    InvalidData,
+    PeerUnavailable,
+    ProtocolError,
+    from_wire,
+    to_wire,
+)
+from .traffic import Traffic
+
+log = logging.getLogger("hpcflow.bulk")
+
+MAX_HEADER = 64 * 1024
+Deliver = Callable[[int, int, memoryview, int], None]
+"""Called with (chunk index, byte offset in the dataset, payload, digest)."""
+
+
+def _pack(d: dict[str, Any]) -> bytes:
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def _unpack_header(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError("bulk header too large")
+    try:
+        hdr = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable bulk header: {exc}") from exc
+    if not isinstance(hdr, dict):
+        raise ProtocolError("bulk header is not a map")
+    return hdr
+
+
+def _int(hdr: dict[str, Any], k: str) -> int:
+    v = hdr.get(k)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ProtocolError(f"bulk header field {k!r} must be a non-negative int")
+    return v
+
+
+def _str(hdr: dict[str, Any], k: str) -> str:
+    v = hdr.get(k)
+    if not isinstance(v, str) or len(v) > 256:
+        raise ProtocolError(f"bulk header field {k!r} must be a string")
+    return v
+
+
+@dataclass
+class BulkSettings:
+    window: int = 8
+    timeout_s: float = 30.0
+    retries: int = 3
+    corrupt_chunks: int = 0  # fault injection for tests: corrupt the next N chunks sent
+
+
+@dataclass
+class _Upload:
+    writer: DatasetWriter
+    peer: str
+    ident: bytes
+    started: float
+
+
+class BulkServer:
+    """Serves chunk reads from the store and receives uploads into it."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        store: Store,
+        bind: str,
+        traffic: Traffic,
+        settings: BulkSettings,
+        *,
+        admit_put: Callable[[dict[str, Any]], None] = lambda hdr: None,
+        on_commit: Callable[[DatasetRecord], None] = lambda rec: None,
+    ) -> None:
+        self.ctx, self.store, self.traffic, self.settings = ctx, store, traffic, settings
+        self.admit_put, self.on_commit = admit_put, on_commit
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 512 * 1024 * 1024)
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.uploads: dict[str, _Upload] = {}
+        self.active = 0
+        self.malformed = 0
+        self._greenlets: list[gevent.Greenlet] = []
+
+    def start(self) -> None:
+        self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._reaper)]
+
+    def stop(self) -> None:
+        gevent.killall(self._greenlets)
+        for up in list(self.uploads.values()):
+            up.writer.abort()
+        self.uploads.clear()
+        self.sock.close(linger=0)
+
+    def _loop(self) -> None:
+        while True:
+            frames = self.sock.recv_multipart(copy=False)
+            ident = frames[0].bytes
+            if len(frames) < 3 or len(frames) > 4:
+                self.malformed += 1
+                continue
+            hdr: dict[str, Any] = {}
+            try:
+                verb = frames[1].bytes
+                hdr = _unpack_header(frames[2].bytes)
+                self._dispatch(ident, verb, hdr, frames[3] if len(frames) == 4 else None)
+            except ProtocolError as exc:
+                self.malformed += 1
+                log.debug("bulk: malformed request: %s", exc)
+                self._error(ident, hdr, exc)
+            except HpcflowError as exc:
+                self._error(ident, hdr, exc)
+            except Exception as exc:  # never let one bad request kill the server
+                log.exception("bulk: unexpected error")
+                self._error(ident, hdr, exc)
+
+    def _error(self, ident: bytes, hdr: dict[str, Any], exc: BaseException) -> None:
+        r = hdr.get("r") if isinstance(hdr.get("r"), int) else 0
+        name, msg = to_wire(exc)
+        self.sock.send_multipart([ident, b"ERR", _pack({"r": r, "type": name, "msg": msg})])
+
+    def _dispatch(self, ident: bytes, verb: bytes, hdr: dict[str, Any], payload: Any) -> None:
+        if verb == b"GET":
+            self._get(ident, hdr)
+        elif verb == b"PUT":
+            self._put(ident, hdr)
+        elif verb == b"DATA":
+            if payload is None:
+                raise ProtocolError("DATA without payload")
+            self._data(ident, hdr, payload)
+        elif verb == b"END":
+            self._end(ident, hdr)
+        elif verb == b"ABORT":
+            up = self.uploads.pop(_str(hdr, "u"), None)
+            if up is not None and up.ident == ident:
+                up.writer.abort()
+        else:
+            raise ProtocolError(f"unknown bulk verb {verb[:16]!r}")
+
+    def _get(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        r, i, version = _int(hdr, "r"), _int(hdr, "i"), _int(hdr, "v")
+        key, by = _str(hdr, "key"), _str(hdr, "by")
+        reader = self.store.reader(key, version)
+        if i >= len(reader):
+            raise InvalidData(f"chunk {i} out of range for {key}")
+        buf, digest = reader.chunk(i)
+        if self.settings.corrupt_chunks > 0:
+            self.settings.corrupt_chunks -= 1
+            bad = np.array(memoryview(buf).cast("B"), dtype=np.uint8, copy=True)
+            bad[0] ^= 0xFF
+            buf = bad
+            log.warning("bulk: fault injection corrupted chunk %d of %s", i, key)
+        self.sock.send_multipart(
+            [ident, b"CHUNK", _pack({"r": r, "i": i, "d": digest}), buf], copy=False
+        )
+        self.traffic.sent(by, memoryview(buf).nbytes)
+
+    def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        r, by = _int(hdr, "r"), _str(hdr, "by")
+        self.admit_put(hdr)
+        part = hdr.get("part")
+        nparts = hdr.get("nparts")
+        lineage = hdr.get("lineage") or {}
+        if not isinstance(lineage, dict):
+            raise ProtocolError("lineage must be a map")
+        writer = self.store.begin(
+            _str(hdr, "name"), validate_shape(hdr.get("shape")), _str(hdr, "dtype"),
+            part=part, nparts=nparts, lineage=lineage,
+            overwrite=bool(hdr.get("overwrite", False)), chunk_bytes=_int(hdr, "chunk_bytes"),
+        )
+        u = uuid.uuid4().hex
+        self.uploads[u] = _Upload(writer, by, ident, time.monotonic())
+        self.sock.send_multipart([ident, b"OK", _pack({"r": r, "u": u})])
+
+    def _upload(self, ident: bytes, hdr: dict[str, Any]) -> tuple[str, _Upload]:
+        u = _str(hdr, "u")
+        up = self.uploads.get(u)
+        if up is None or up.ident != ident:
+            raise ProtocolError(f"unknown upload {u[:40]!r} (timed out or never started)")
+        return u, up
+
+    def _data(self, ident: bytes, hdr: dict[str, Any], payload: Any) -> None:
+        r, i, d = _int(hdr, "r"), _int(hdr, "i"), _int(hdr, "d")
+        u, up = self._upload(ident, hdr)
+        buf = payload.buffer
+        self.traffic.received(up.peer, buf.nbytes)
+        try:
+            up.writer.write_chunk(i, buf, d)
+        except IntegrityError as exc:
+            self.sock.send_multipart([ident, b"NACK", _pack({"r": r, "u": u, "i": i,
+                                                             "why": str(exc)})])
+            return
+        except HpcflowError:
+            self.uploads.pop(u, None)
+            up.writer.abort()
+            raise
+        self.sock.send_multipart([ident, b"ACK", _pack({"r": r, "u": u, "i": i})])
+
+    def _end(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        r = _int(hdr, "r")
+        u, up = self._upload(ident, hdr)
+        del self.uploads[u]
+        try:
+            rec = up.writer.commit(_str(hdr, "checksum"))
+        except HpcflowError:
+            up.writer.abort()
+            raise
+        self.on_commit(rec)
+        self.sock.send_multipart([ident, b"DONE", _pack({"r": r, "record": rec.to_wire()})])
+
+    def _reaper(self) -> None:
+        """Abandoned uploads (dead or silent client) are dropped, temp file and all."""
+        while True:
+            gevent.sleep(min(1.0, self.settings.timeout_s / 4))
+            now = time.monotonic()
+            for u, up in list(self.uploads.items()):
+                if now - up.writer.last_activity > self.settings.timeout_s:
+                    log.warning("bulk: upload of %s from %s idle for %.0f s: discarded",
+                                up.writer.proto.key, up.peer, now - up.writer.last_activity)
+                    self.uploads.pop(u, None)
+                    up.writer.abort()
+
+
+class BulkClient:
+    """Fetches and uploads datasets over a peer's bulk endpoint.
+
+    Each transfer opens its own DEALER socket, owned by the calling greenlet
+    for the transfer's lifetime.
+    """
+
+    def __init__(self, ctx: zmq.Context, traffic: Traffic, me: str,
+                 settings: BulkSettings | None = None) -> None:
+        self.ctx, self.traffic, self.me = ctx, traffic, me
+        self.settings = settings or BulkSettings()
+
+    def _socket(self, endpoint: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        return s
+
+    def _recv(self, s: zmq.Socket, peer: str, what: str) -> tuple[bytes, dict[str, Any], Any]:
+        timeout = self.settings.timeout_s
+        exc = PeerUnavailable(f"{peer} did not answer within {timeout:g} s during {what}")
+        with gevent.Timeout(timeout, exc):
+            frames = s.recv_multipart(copy=False)
+        if len(frames) < 2:
+            raise ProtocolError(f"short bulk reply from {peer}")
+        hdr = _unpack_header(frames[1].bytes)
+        verb = frames[0].bytes
+        if verb == b"ERR":
+            raise from_wire(hdr.get("type"), hdr.get("msg"))
+        return verb, hdr, frames[2] if len(frames) > 2 else None
+
+    def fetch(self, endpoint: str, peer: str, rec: DatasetRecord, deliver: Deliver) -> int:
+        """Pull every chunk of ``rec`` from ``peer``; returns the bytes received.
+
+        Chunks are verified against their digest on arrival (a bad one is
+        requested again, up to ``retries`` times) and the whole against the
+        record's checksum at the end.
+        """
+        ch = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
+        digests: list[int] = [0] * n
+        attempts: dict[int, int] = {}
+        next_i = done = total = 0
+        s = self._socket(endpoint)
+        try:
+            def ask(i: int) -> None:
+                s.send_multipart([b"GET", _pack({"r": r, "key": rec.key, "v": rec.version,
+                                                 "i": i, "by": self.me})])
+            while done < n:
+                while next_i < n and len(attempts) < window:
+                    attempts[next_i] = 0
+                    ask(next_i)
+                    next_i += 1
+                verb, hdr, payload = self._recv(s, peer, f"fetch of {rec.key}")
+                if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
+                    continue
+                i = _int(hdr, "i")
+                if i not in attempts:
+                    continue  # a late duplicate of a retried chunk
+                buf = payload.buffer
+                off, length = ch.byte_range(i)
+                digest = chunk_digest(buf)
+                if buf.nbytes != length or digest != hdr.get("d"):
+                    self.traffic.chunk_retries += 1
+                    attempts[i] += 1
+                    if attempts[i] > self.settings.retries:
+                        raise IntegrityError(
+                            f"chunk {i} of {rec.key} from {peer} failed verification "
+                            f"{attempts[i]} times: the copy on {peer} may be corrupted")
+                    log.warning("bulk: chunk %d of %s from %s corrupted: retrying", i,
+                                rec.key, peer)
+                    ask(i)
+                    continue
+                deliver(i, off, buf, digest)
+                self.traffic.received(peer, length)
+                total += length
+                digests[i] = digest
+                del attempts[i]
+                done += 1
+        finally:
+            s.close(linger=0)
+        if dataset_checksum(rec.shape, rec.dtype, rec.chunk_bytes, digests) != rec.checksum:
+            raise IntegrityError(
+                f"{rec.key} from {peer} does not match its catalog checksum: the stored copy "
+                "is corrupted")
+        return total
+
+    def upload(
+        self,
+        endpoint: str,
+        peer: str,
+        name: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        read: Callable[[tuple[int | slice, ...]], Any],
+        *,
+        part: int | None = None,
+        nparts: int | None = None,
+        overwrite: bool = False,
+        lineage: dict[str, Any] | None = None,
+        chunk_bytes: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> DatasetRecord:
+        """Push a dataset chunk by chunk; ``read(slab)`` returns the array for one chunk."""
+        ch = Chunking(tuple(shape), dtype.itemsize, chunk_bytes)
+        n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
+        s = self._socket(endpoint)
+        what = f"upload of {key_of(name, part)}"
+        u = ""
+        try:
+            s.send_multipart([b"PUT", _pack({
+                "r": r, "name": name, "part": part, "nparts": nparts, "shape": list(shape),
+                "dtype": dtype.str, "chunk_bytes": chunk_bytes, "overwrite": overwrite,
+                "lineage": lineage or {}, "by": self.me})])
+            _, hdr, _ = self._recv(s, peer, what)
+            u = _str(hdr, "u")
+            inflight: dict[int, tuple[Any, int, int]] = {}
+            digests: list[int] = [0] * n
+            next_i = acked = 0
+
+            def send(i: int) -> None:
+                buf, d, _ = inflight[i]
+                s.send_multipart([b"DATA", _pack({"r": r, "u": u, "i": i, "d": d}), buf],
+                                 copy=False)
+                self.traffic.sent(peer, memoryview(buf).nbytes)
+
+            while acked < n:
+                while next_i < n and len(inflight) < window:
+                    buf = np.ascontiguousarray(read(ch.slab(next_i)), dtype=dtype)
+                    if buf.nbytes != ch.byte_range(next_i)[1]:
+                        raise InvalidData(f"source chunk {next_i} has the wrong size")
+                    digests[next_i] = chunk_digest(buf)
+                    inflight[next_i] = (buf, digests[next_i], 0)
+                    send(next_i)
+                    next_i += 1
+                verb, hdr, _ = self._recv(s, peer, what)
+                i = _int(hdr, "i")
+                if i not in inflight or hdr.get("u") != u:
+                    continue
+                if verb == b"NACK":
+                    buf, d, tries = inflight[i]
+                    if tries >= self.settings.retries:
+                        raise IntegrityError(f"chunk {i} of {what} rejected {tries + 1} times")
+                    self.traffic.chunk_retries += 1
+                    inflight[i] = (buf, d, tries + 1)
+                    send(i)
+                    continue
+                del inflight[i]
+                acked += 1
+                if progress is not None:
+                    progress(acked, n)
+            checksum = dataset_checksum(tuple(shape), dtype.str, chunk_bytes, digests)
+            s.send_multipart([b"END", _pack({"r": r, "u": u, "checksum": checksum})])
+            _, hdr, _ = self._recv(s, peer, what)
+            u = ""
+            return DatasetRecord.from_wire(hdr.get("record"))
+        finally:
+            if u:  # tell the server to drop the temp file now rather than at its timeout
+                with contextlib.suppress(zmq.ZMQError):
+                    s.send_multipart([b"ABORT", _pack({"r": r, "u": u})])
+            s.close(linger=0 if not u else 100)

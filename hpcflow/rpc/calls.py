@@ -1,0 +1,63 @@
+"""zerorpc at the boundary: clients, calls, and error translation.
+
+zerorpc raises its own exception types (``RemoteError`` carrying the remote
+class name, ``LostRemote``, ``TimeoutExpired``); here they become the
+hpcflow error the peer raised, or :class:`~hpcflow.errors.PeerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import zerorpc
+import zerorpc.exceptions
+
+from ..errors import PeerUnavailable, from_wire
+
+# zerorpc logs every exception a handler raises with a traceback, including
+# expected ones like DatasetNotFound; the service logs what matters itself.
+logging.getLogger("zerorpc.core").setLevel(logging.CRITICAL)
+logging.getLogger("zerorpc.channel").setLevel(logging.CRITICAL)
+
+
+def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0) -> Any:
+    client = zerorpc.Client(timeout=timeout_s, heartbeat=heartbeat_s)
+    client.connect(endpoint)
+    return client
+
+
+def call(client: Any, endpoint: str, method: str, *args: Any) -> Any:
+    """Call ``method`` and translate zerorpc's exceptions into hpcflow's."""
+    try:
+        return getattr(client, method)(*args)
+    except zerorpc.exceptions.RemoteError as exc:
+        raise from_wire(exc.name, exc.msg) from None
+    except (zerorpc.exceptions.LostRemote, zerorpc.exceptions.TimeoutExpired) as exc:
+        raise PeerUnavailable(f"no answer from {endpoint} to {method}: {exc}") from None
+
+
+class PeerClients:
+    """One zerorpc client per peer endpoint, reused; dropped after a failure."""
+
+    def __init__(self, timeout_s: float, heartbeat_s: float = 5.0) -> None:
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self._clients: dict[str, Any] = {}
+
+    def call(self, endpoint: str, method: str, *args: Any) -> Any:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = self._clients[endpoint] = new_client(endpoint, self.timeout_s,
+                                                          self.heartbeat_s)
+        try:
+            return call(client, endpoint, method, *args)
+        except PeerUnavailable:
+            self._clients.pop(endpoint, None)
+            client.close()
+            raise
+
+    def close(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()

@@ -1,0 +1,225 @@
+"""The script API: ``hpcflow.connect(address)`` returns a :class:`Client`.
+
+Metadata calls go over zerorpc to the node you connected to, which answers
+from its replicated catalog.  Dataset bytes never go over RPC: ``put``
+uploads to the connected node's bulk channel, ``fetch`` pulls every part
+straight from a live holder's bulk channel, verifying checksums.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import zmq.green as zmq
+
+from ..catalog.chunking import DEFAULT_CHUNK_BYTES
+from ..catalog.record import DatasetRecord, validate_name, validate_part
+from ..config import normalize_endpoint, timeout_scale
+from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
+from ..sources import open_source
+from .bulk import BulkClient, BulkSettings
+from .calls import call, new_client
+from .traffic import Traffic
+
+Progress = Callable[[int, int], None]
+
+
+class Client:
+    """A connection to one hpcflow node.  Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0,
+                 settings: BulkSettings | None = None) -> None:
+        self.endpoint = normalize_endpoint(address)
+        self.timeout_s = timeout_s * timeout_scale()
+        self._rpc = new_client(self.endpoint, self.timeout_s)
+        self.ctx = zmq.Context()
+        self.traffic = Traffic()
+        try:
+            hello = self._call("ping")
+        except PeerUnavailable:
+            self.close()
+            raise PeerUnavailable(f"no hpcflow node answers at {address} "
+                                  "(is `hpcflow node` running there?)") from None
+        self.node = str(hello["name"])
+        self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
+                               settings or BulkSettings(timeout_s=self.timeout_s))
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return call(self._rpc, self.endpoint, method, *args)
+
+    def close(self) -> None:
+        self._rpc.close()
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- metadata -----------------------------------------------------------------
+    def ping(self) -> dict[str, Any]:
+        return dict(self._call("ping"))
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._call("info"))
+
+    def catalog(self, include_dead: bool = False) -> list[DatasetRecord]:
+        """Every dataset part on every live node (or every known node)."""
+        reply = self._call("catalog", include_dead)
+        return sorted((DatasetRecord.from_wire(d) for d in reply["records"]),
+                      key=lambda r: (r.name, -1 if r.part is None else r.part, r.owner))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self._call("catalog", False)["nodes"])
+
+    def locate(self, name: str) -> dict[str, Any]:
+        return dict(self._call("locate", validate_name(name)))
+
+    def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
+        return dict(self._call("describe", validate_name(name), validate_part(part)))
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._call("stats"))
+
+    def delete(self, name: str, part: int | None = None) -> DatasetRecord:
+        return DatasetRecord.from_wire(self._call("delete", validate_name(name),
+                                                  validate_part(part)))
+
+    def replicate(self, name: str, part: int | None = None) -> list[DatasetRecord]:
+        """Ask the connected node to keep its own copy of ``name``."""
+        return [DatasetRecord.from_wire(d)
+                for d in self._call("replicate", validate_name(name), validate_part(part))]
+
+    # -- data -------------------------------------------------------------------------
+    def put(self, name: str, data: Any, *, part: int | None = None, nparts: int | None = None,
+            dataset: str | None = None, overwrite: bool = False,
+            lineage: dict[str, Any] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+            progress: Progress | None = None) -> DatasetRecord:
+        """Store ``data`` on the connected node and announce it to the cluster.
+
+        ``data`` is a numpy array, a ``.npy`` path, or an HDF5 path with
+        ``dataset`` naming the array inside it.  ``part``/``nparts`` make it one
+        row-part of a dataset partitioned across nodes.
+        """
+        validate_name(name)
+        part = validate_part(part)
+        src = open_source(data, dataset)
+        try:
+            info = self._call("info")
+            return self.bulk.upload(
+                info["endpoints"]["bulk"], self.node, name, src.shape, src.dtype, src.read,
+                part=part, nparts=nparts, overwrite=overwrite, lineage=lineage,
+                chunk_bytes=chunk_bytes, progress=progress)
+        finally:
+            src.close()
+
+    def fetch(self, name: str, part: int | None = None,
+              progress: Progress | None = None) -> Any:
+        """The dataset (all parts, in row order, or one part) as a numpy array."""
+        plan = self._parts(name, part)
+        shape, dtype, total = plan[0], np.dtype(plan[1]), plan[2]
+        out = np.empty(shape, dtype=dtype)
+        flat = out.reshape(-1).view(np.uint8)
+
+        def sink(base: int) -> Callable[[int, int, memoryview, int], None]:
+            def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
+                flat[base + off : base + off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
+            return deliver
+
+        self._pull_parts(plan[3], plan[4], sink, total, progress)
+        return out
+
+    def fetch_to(self, name: str, path: str | Path, *, part: int | None = None,
+                 h5path: str = "/data", progress: Progress | None = None) -> Path:
+        """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end."""
+        path = Path(path)
+        shape, dtype_s, total, parts, bulk = self._parts(name, part)
+        dtype = np.dtype(dtype_s)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                if total:
+                    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+                grp = f.require_group(h5path.rsplit("/", 1)[0] or "/")
+                dsid = h5py.h5d.create(grp.id, h5path.rsplit("/", 1)[1].encode(),
+                                       h5py.h5t.py_create(dtype),
+                                       h5py.h5s.create_simple(shape), dcpl=dcpl)
+                offset = dsid.get_offset() if total else 0
+                f[h5path].attrs["hpcflow_name"] = name
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                def sink(base: int) -> Callable[[int, int, memoryview, int], None]:
+                    def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
+                        os.pwrite(fd, buf, offset + base + off)
+                    return deliver
+                self._pull_parts(parts, bulk, sink, total, progress)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    def _parts(self, name: str, part: int | None) -> tuple[Any, ...]:
+        part = validate_part(part)
+        loc = self._call("locate", validate_name(name))
+        parts = [p for p in loc["parts"] if part is None or p["part"] == part]
+        if part is None and loc["missing"]:
+            raise DatasetNotFound(f"{name}: parts {loc['missing']} are on no live node")
+        if not parts:
+            raise DatasetNotFound(f"{name} has no part {part} on any live node")
+        rows = sum(p["row_stop"] - p["row_start"] for p in parts)
+        shape = (rows, *loc["shape"][1:]) if loc["shape"] else ()
+        total = sum(p["nbytes"] for p in parts)
+        return shape, loc["dtype"], total, parts, loc["bulk"]
+
+    def _pull_parts(self, parts: list[dict[str, Any]], bulk: dict[str, str],
+                    sink: Callable[[int], Callable[[int, int, memoryview, int], None]],
+                    total: int, progress: Progress | None) -> None:
+        base, done = 0, [0]
+        for p in parts:
+            holders = [DatasetRecord.from_wire(h) for h in p["holders"]]
+            holders.sort(key=lambda r: r.owner != self.node)  # our node's copy first
+            deliver = sink(base)
+            if progress is not None:
+                deliver = _counting(deliver, done, total, progress)
+            errors = []
+            for rec in holders:
+                endpoint = bulk.get(rec.owner)
+                if endpoint is None:
+                    continue
+                try:
+                    self.bulk.fetch(endpoint, rec.owner, rec, deliver)
+                    break
+                except PeerUnavailable as exc:
+                    errors.append(str(exc))
+            else:
+                raise PeerUnavailable(f"no holder of part {p['part']} answered: "
+                                      + ("; ".join(errors) or "none alive"))
+            base += p["nbytes"]
+
+
+def _counting(deliver: Callable[[int, int, memoryview, int], None], done: list[int],
+              total: int, progress: Progress) -> Callable[[int, int, memoryview, int], None]:
+    def counted(i: int, off: int, buf: memoryview, d: int) -> None:
+        deliver(i, off, buf, d)
+        done[0] += buf.nbytes
+        progress(done[0], total)
+    return counted
+
+
+def connect(address: str = "127.0.0.1:7101", **kw: Any) -> Client:
+    """Connect to the hpcflow node at ``address`` (``HOST:PORT``, ``tcp://`` or ``ipc://``)."""
+    if not isinstance(address, str):
+        raise InvalidData("address must be a string like '127.0.0.1:7101'")
+    return Client(address, **kw)

@@ -1,0 +1,148 @@
+"""The daemon's RPC surface (served by zerorpc).
+
+Every argument arrives from the network and is validated here or below;
+every answer is msgpack-safe (no numpy types).  Errors are raised as hpcflow
+errors and reach the caller under the same class name.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from .._version import __version__
+from ..catalog.membership import PeerInfo
+from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
+from ..errors import HpcflowError, InvalidData
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("hpcflow.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+MAX_RPC_PAYLOAD = 64 * 1024 * 1024
+
+
+def exposed(fn: F) -> F:
+    """Count the call as load, log failures once, and keep unexpected errors typed."""
+
+    @functools.wraps(fn)
+    def wrapper(self: NodeService, *args: Any) -> Any:
+        self.node.active += 1
+        try:
+            return fn(self, *args)
+        except HpcflowError as exc:
+            log.info("rpc %s failed: %s: %s", fn.__name__, type(exc).__name__, exc)
+            raise
+        except TypeError as exc:  # wrong arity or argument types from the caller
+            raise InvalidData(f"bad arguments to {fn.__name__}: {exc}") from exc
+        finally:
+            self.node.active -= 1
+
+    return wrapper  # type: ignore[return-value]
+
+
+class NodeService:
+    """Methods callable over zerorpc.  Thin: the work happens in :class:`~hpcflow.node.Node`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @exposed
+    def ping(self) -> dict[str, Any]:
+        return {"name": self.node.name, "epoch": self.node.epoch}
+
+    @exposed
+    def info(self) -> dict[str, Any]:
+        n = self.node
+        nodes = n.catalog.nodes()
+        return {
+            "name": n.name, "version": __version__, "epoch": n.epoch, "pid": n.pid,
+            "endpoints": n.me.to_wire(), "catalog_mode": n.config.catalog,
+            "load": n.load(), "datasets": len(n.store.records()),
+            "bytes_stored": sum(r.nbytes for r in n.store.records()),
+            "catalog_entries": len(n.catalog.records()),
+            "peers_alive": sorted(v.info.name for v in nodes if v.alive and v.info.name != n.name),
+            "peers_dead": sorted(v.info.name for v in nodes if not v.alive),
+        }
+
+    @exposed
+    def hello(self, descriptor: Any) -> dict[str, Any]:
+        info = PeerInfo.from_wire(descriptor)
+        self.node.catalog.add_peer(info)
+        return {"self": self.node.me.to_wire(),
+                "members": [v.info.to_wire() for v in self.node.catalog.nodes() if v.alive]}
+
+    @exposed
+    def snapshot(self) -> dict[str, Any]:
+        return self.node.catalog_snapshot_wire()
+
+    @exposed
+    def catalog(self, include_dead: bool = False) -> dict[str, Any]:
+        cat = self.node.catalog
+        return {"nodes": [v.to_wire() for v in cat.nodes()],
+                "records": [r.to_wire() for r in cat.records(bool(include_dead))]}
+
+    @exposed
+    def locate(self, name: Any) -> dict[str, Any]:
+        loc = self.node.catalog.locate(validate_name(name))
+        out = loc.to_wire()
+        out["bulk"] = self.node.bulk_endpoints()
+        return out
+
+    @exposed
+    def describe(self, name: Any, part: Any = None) -> dict[str, Any]:
+        loc = self.node.catalog.locate(validate_name(name))
+        part = validate_part(part)
+        parts = [p for p in loc.parts if part is None or p.part == part]
+        if not parts:
+            raise InvalidData(f"{name} has no part {part}")
+        return {**loc.to_wire(), "records": [h.to_wire() for p in parts for h in p.holders]}
+
+    @exposed
+    def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,
+            nparts: Any = None, overwrite: Any = False) -> dict[str, Any]:
+        """Store a small array sent inline (bulk uploads have no size limit; this has 64 MiB)."""
+        if not isinstance(data, bytes):
+            raise InvalidData("data must be bytes")
+        if len(data) > MAX_RPC_PAYLOAD:
+            raise InvalidData("inline put is limited to 64 MiB: use the bulk path "
+                              "(hpcflow.connect(...).put)")
+        dt = validate_dtype(dtype)
+        shp = validate_shape(shape)
+        arr = np.frombuffer(data, dtype=dt)
+        if arr.size != int(np.prod(shp, dtype=np.int64)):
+            raise InvalidData(f"{len(data)} bytes do not make an array of shape {shp} {dt}")
+        rec = self.node.put_array(validate_name(name), arr.reshape(shp), part=validate_part(part),
+                                  nparts=nparts, overwrite=bool(overwrite))
+        return rec.to_wire()
+
+    @exposed
+    def fetch(self, name: Any, part: Any = None) -> dict[str, Any]:
+        """Return a small dataset inline (gathered from its holders if needed)."""
+        name, part = validate_name(name), validate_part(part)
+        loc = self.node.catalog.locate(name)
+        if loc.nbytes > MAX_RPC_PAYLOAD:
+            raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 64 MiB:"
+                              " use the bulk path (hpcflow.connect(...).fetch)")
+        arr = self.node.gather(name, part)
+        return {"shape": list(arr.shape), "dtype": arr.dtype.str, "data": arr.tobytes()}
+
+    @exposed
+    def delete(self, name: Any, part: Any = None) -> dict[str, Any]:
+        return self.node.delete(validate_name(name), validate_part(part)).to_wire()
+
+    @exposed
+    def replicate(self, name: Any, part: Any = None) -> list[dict[str, Any]]:
+        """Pull a copy of ``name`` (or one part) into this node's store."""
+        recs = self.node.replicate(validate_name(name), validate_part(part))
+        return [r.to_wire() for r in recs]
+
+    @exposed
+    def stats(self) -> dict[str, Any]:
+        return self.node.stats()

@@ -1,0 +1,35 @@
+"""Per-peer traffic counters: what the replay harness and benchmarks read."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Traffic:
+    """Bytes and messages this process moved, keyed by the peer on the other side."""
+
+    bytes_sent: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_received: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    messages_sent: int = 0
+    messages_received: int = 0
+    chunk_retries: int = 0
+
+    def sent(self, peer: str, nbytes: int) -> None:
+        self.bytes_sent[peer] += nbytes
+        self.messages_sent += 1
+
+    def received(self, peer: str, nbytes: int) -> None:
+        self.bytes_received[peer] += nbytes
+        self.messages_received += 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "bytes_sent": dict(self.bytes_sent),
+            "bytes_received": dict(self.bytes_received),
+            "messages_sent": self.messages_sent,
+            "messages_received": self.messages_received,
+            "chunk_retries": self.chunk_retries,
+        }

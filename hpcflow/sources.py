@@ -1,0 +1,104 @@
+"""Where a put's data comes from: a numpy array, a ``.npy`` file, or a dataset in HDF5.
+
+A source is read one chunk (hyperslab) at a time, so putting a file larger
+than memory works.  H5MD trajectories are just HDF5: give the dataset path
+(``/particles/all/position/value``); a group path that holds a ``value``
+dataset (an H5MD time-dependent element) is accepted too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .catalog.record import validate_dtype
+from .errors import InvalidData
+
+
+@dataclass
+class Source:
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    read: Callable[[tuple[int | slice, ...]], Any]
+    close: Callable[[], None]
+    origin: str
+
+
+def open_source(data: Any, dataset: str | None = None) -> Source:
+    if isinstance(data, str | Path):
+        path = Path(data)
+        if not path.exists():
+            raise InvalidData(f"{path}: no such file")
+        if path.suffix == ".npy":
+            return _npy(path)
+        return _hdf5(path, dataset)
+    if isinstance(data, np.ndarray) or np.isscalar(data) or isinstance(data, list | tuple):
+        arr = np.asarray(data)
+        validate_dtype(arr.dtype)
+        return Source(arr.shape, arr.dtype, lambda slab: arr[slab], lambda: None, "array")
+    raise InvalidData(f"cannot put a {type(data).__name__}: give a numpy array, a .npy path or "
+                      "an HDF5 path with dataset=")
+
+
+def _npy(path: Path) -> Source:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InvalidData(f"{path}: not a readable .npy file ({exc})") from exc
+    validate_dtype(arr.dtype)
+
+    def read(slab: tuple[int | slice, ...]) -> Any:
+        try:
+            return np.array(arr[slab])
+        except (ValueError, OSError) as exc:
+            raise InvalidData(f"{path}: read failed ({exc}); is the file truncated?") from exc
+
+    return Source(arr.shape, arr.dtype, read, lambda: None, str(path))
+
+
+def _hdf5(path: Path, dataset: str | None) -> Source:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InvalidData(f"{path}: cannot open as HDF5 ({exc}); truncated or not HDF5?") from exc
+    try:
+        ds = _pick(f, path, dataset)
+        dtype = validate_dtype(ds.dtype)
+        shape = tuple(int(n) for n in ds.shape)
+    except BaseException:
+        f.close()
+        raise
+
+    def read(slab: tuple[int | slice, ...]) -> Any:
+        try:
+            return ds[slab] if shape else ds[()]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidData(f"{path}:{ds.name}: read failed ({exc}); truncated file?") from exc
+
+    return Source(shape, dtype, read, f.close, f"{path}:{ds.name}")
+
+
+def _pick(f: h5py.File, path: Path, dataset: str | None) -> h5py.Dataset:
+    found: list[str] = []
+    f.visititems(lambda n, o: found.append("/" + n) if isinstance(o, h5py.Dataset) else None)
+    if dataset is None:
+        if len(found) == 1:
+            return f[found[0]]
+        listing = ", ".join(found[:20]) or "none"
+        raise InvalidData(f"{path} holds {len(found)} datasets; choose one with --dataset "
+                          f"(datasets: {listing})")
+    try:
+        obj = f[dataset]
+    except (KeyError, ValueError):
+        listing = ", ".join(found[:20]) or "none"
+        raise InvalidData(f"{path} has no dataset {dataset!r} (datasets: {listing})") from None
+    if isinstance(obj, h5py.Group) and isinstance(obj.get("value"), h5py.Dataset):
+        return obj["value"]  # an H5MD element: its data is in "value"
+    if not isinstance(obj, h5py.Dataset):
+        raise InvalidData(f"{path}:{dataset} is a group, not a dataset")
+    return obj
