@@ -115,9 +115,9 @@ class NodeService:
                               "(hpcflow.connect(...).put)")
         dt = validate_dtype(dtype)
         shp = validate_shape(shape)
-        arr = np.frombuffer(data, dtype=dt)
-        if arr.size != int(np.prod(shp, dtype=np.int64)):
+        if len(data) != int(np.prod(shp, dtype=np.int64)) * dt.itemsize:
             raise InvalidData(f"{len(data)} bytes do not make an array of shape {shp} {dt}")
+        arr = np.frombuffer(data, dtype=dt)
         rec = self.node.put_array(validate_name(name), arr.reshape(shp), part=validate_part(part),
                                   nparts=nparts, overwrite=bool(overwrite))
         return rec.to_wire()

@@ -1,0 +1,192 @@
+"""A real 3-node cluster on loopback: catalog replication, membership, liveness."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import hpcflow
+from tests.conftest import SCALE, TTL, Cluster, names_on, wait_for
+
+
+def test_put_is_visible_on_every_node(cluster: Cluster) -> None:
+    data = np.arange(60, dtype=np.float64).reshape(20, 3)
+    with cluster["n2"].client() as c:
+        rec = c.put("DS1", data)
+    assert rec.owner == "n2" and rec.shape == (20, 3) and rec.dtype == "<f8"
+    assert rec.nbytes == data.nbytes and rec.checksum.startswith("xxh3:")
+    for n in ("n1", "n3"):
+        wait_for(lambda n=n: "DS1" in names_on(cluster[n]), 10, f"DS1 on {n}")
+        with cluster[n].client() as c:
+            loc = c.locate("DS1")
+            assert loc["parts"][0]["holders"][0]["owner"] == "n2"
+            assert np.array_equal(c.fetch("DS1"), data)
+
+
+def test_join_through_one_peer_discovers_all(cluster: Cluster) -> None:
+    # n1 was started with no peers and n3 joined via n2: n1 must still know n3.
+    with cluster["n1"].client() as c:
+        alive = {n["name"] for n in c.nodes() if n["alive"]}
+    assert alive == {"n1", "n2", "n3"}
+
+
+def test_late_joiner_gets_full_catalog(cluster: Cluster) -> None:
+    for i, n in enumerate(("n1", "n2", "n3")):
+        with cluster[n].client() as c:
+            c.put(f"D{i}", np.full((5, 2), i, dtype=np.int32))
+    want = {"D0", "D1", "D2"}
+    wait_for(lambda: want <= names_on(cluster["n1"]), 10, "catalog on n1")
+    late = cluster.add("n4", via="n3")
+    wait_for(lambda: want <= names_on(late), 10, "snapshot on the late joiner")
+    with late.client() as c:
+        assert c.fetch("D1").tolist() == [[1, 1]] * 5
+
+
+def test_killed_node_is_marked_dead_then_restored(cluster: Cluster) -> None:
+    with cluster["n3"].client() as c:
+        c.put("ON3", np.ones((10, 4)))
+    wait_for(lambda: "ON3" in names_on(cluster["n1"]), 10, "ON3 on n1")
+    cluster["n3"].kill(signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_for(lambda: "ON3" not in names_on(cluster["n1"]), 10, "n3's entries withdrawn")
+    elapsed = time.monotonic() - t0
+    assert elapsed < TTL * SCALE + 2.0 * SCALE, f"dead peer noticed only after {elapsed:.1f} s"
+    assert "ON3" in names_on(cluster["n1"], include_dead=True)
+    with cluster["n1"].client() as c:
+        with pytest.raises(hpcflow.DatasetNotFound):
+            c.fetch("ON3")
+        assert {n["name"]: n["alive"] for n in c.nodes()}["n3"] is False
+    cluster["n3"].start()  # same data dir, new ephemeral ports: rejoins through n2
+    wait_for(lambda: "ON3" in names_on(cluster["n1"]), 15, "n3's entries back on n1")
+    with cluster["n1"].client() as c:
+        assert np.array_equal(c.fetch("ON3"), np.ones((10, 4)))
+
+
+def test_partitioned_dataset_across_nodes(cluster: Cluster) -> None:
+    rows = np.arange(3000, dtype=np.float32).reshape(1000, 3)
+    for i, n in enumerate(("n1", "n2", "n3")):
+        with cluster[n].client() as c:
+            c.put("SIM", rows[i * 400 : (i + 1) * 400], part=i, nparts=3)
+    def complete() -> bool:
+        with cluster["n1"].client() as c:
+            return bool(c.locate("SIM")["complete"])
+    wait_for(complete, 10, "all SIM parts in n1's catalog")
+    with cluster["n1"].client() as c:
+        loc = c.locate("SIM")
+        assert [(p["row_start"], p["row_stop"]) for p in loc["parts"]] == [
+            (0, 400), (400, 800), (800, 1000)]
+        assert [p["holders"][0]["owner"] for p in loc["parts"]] == ["n1", "n2", "n3"]
+        assert np.array_equal(c.fetch("SIM"), rows)
+        assert np.array_equal(c.fetch("SIM", part=1), rows[400:800])
+        with pytest.raises(hpcflow.DatasetExists):
+            c.put("SIM", rows[:10], part=2)  # part 2 lives on n3
+        with pytest.raises(hpcflow.InvalidData, match="must match its other parts"):
+            c.put("SIM", np.zeros((5, 4), np.float32), part=3)
+
+
+def test_missing_part_is_reported(cluster: Cluster) -> None:
+    with cluster["n1"].client() as c:
+        c.put("GAP", np.zeros((4, 2)), part=0, nparts=2)
+        with pytest.raises(hpcflow.DatasetNotFound, match=r"parts \[1\]"):
+            c.fetch("GAP")
+
+
+def test_delete_propagates_and_only_owner_may_delete(cluster: Cluster) -> None:
+    with cluster["n2"].client() as c:
+        c.put("TMP", np.zeros(8))
+    wait_for(lambda: "TMP" in names_on(cluster["n1"]), 10, "TMP on n1")
+    with cluster["n1"].client() as c:
+        with pytest.raises(hpcflow.NotOwner, match="n2"):
+            c.delete("TMP")
+    with cluster["n2"].client() as c:
+        c.delete("TMP")
+    wait_for(lambda: "TMP" not in names_on(cluster["n1"]), 10, "TMP gone from n1")
+
+
+def test_errors_cross_the_wire_typed(cluster: Cluster) -> None:
+    with cluster["n1"].client() as c:
+        with pytest.raises(hpcflow.DatasetNotFound):
+            c.describe("NOPE")
+        c.put("X", np.zeros(3))
+        with pytest.raises(hpcflow.DatasetExists):
+            c.put("X", np.zeros(3))
+        assert c.put("X", np.ones(3), overwrite=True).version == 2
+        assert c.fetch("X").tolist() == [1.0, 1.0, 1.0]
+        # A raw RPC with a path-like name must be refused by the daemon itself.
+        with pytest.raises(hpcflow.InvalidName):
+            c._call("locate", "../../etc/passwd")
+        with pytest.raises(hpcflow.InvalidData):
+            c._call("put", "Y", b"\x00" * 7, [2], "<f8")
+        with pytest.raises(hpcflow.InvalidData):
+            c._call("put", "Y", b"\x00" * 8, [1], "object")
+        assert c.ping()["name"] == "n1"  # connection still usable
+
+
+def test_inline_rpc_put_and_fetch(cluster: Cluster) -> None:
+    arr = np.arange(12, dtype="<i8").reshape(3, 4)
+    with cluster["n3"].client() as c:
+        c._call("put", "INL", arr.tobytes(), [3, 4], "<i8")
+    wait_for(lambda: "INL" in names_on(cluster["n1"]), 10, "INL on n1")
+    with cluster["n1"].client() as c:
+        got = c._call("fetch", "INL")
+    assert np.frombuffer(got["data"], dtype=got["dtype"]).reshape(got["shape"]).tolist() == (
+        arr.tolist())
+
+
+def test_restart_keeps_inventory_and_sigterm_is_clean(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    n = c.add("solo")
+    with n.client() as cl:
+        cl.put("KEEP", np.arange(5))
+    n.kill(signal.SIGTERM)
+    assert n.proc is not None and n.proc.returncode == 0, n.log_tail()
+    assert not (n.data_dir / "node.json").exists()
+    n.start()
+    with n.client() as cl:
+        assert cl.fetch("KEEP").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_second_daemon_on_same_data_dir_is_refused(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    n = c.add("a")
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "node", "--name", "b", "--data-dir",
+                        str(n.data_dir), "--listen", "127.0.0.1:0"], capture_output=True,
+                       text=True, timeout=60 * SCALE)
+    assert r.returncode == 2 and "in use by another hpcflow node" in r.stderr
+
+
+def test_cli_put_ls_get_json(cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "traj.h5"
+    pos = np.random.default_rng(1).random((50, 8, 3)).astype(np.float32)
+    with h5py.File(src, "w") as f:
+        f.create_dataset("/particles/all/position/value", data=pos, chunks=(1, 8, 3))
+    def cli(*args: str) -> dict:  # type: ignore[type-arg]
+        r = subprocess.run([sys.executable, "-m", "hpcflow", *args, "--json"],
+                           capture_output=True, text=True, timeout=60 * SCALE)
+        assert r.returncode == 0, r.stderr + r.stdout
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+    put = cli("put", "--node", cluster["n2"].rpc, "TRAJ", str(src), "--dataset",
+              "/particles/all/position")  # an H5MD element group: its "value" is used
+    assert put["shape"] == [50, 8, 3] and put["owner"] == "n2"
+    wait_for(lambda: "TRAJ" in names_on(cluster["n3"]), 10, "TRAJ on n3")
+    ls = cli("ls", "--node", cluster["n3"].rpc)
+    row = next(d for d in ls["datasets"] if d["name"] == "TRAJ")
+    assert row["owner"] == "n2" and row["dtype"] == "<f4" and row["nbytes"] == pos.nbytes
+    out = tmp_path / "out.h5"
+    got = cli("get", "--node", cluster["n1"].rpc, "TRAJ", str(out))
+    assert got["from"] == ["n2"] and got["checksum_verified"]
+    with h5py.File(out) as f:
+        assert np.array_equal(f["/data"][...], pos)
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", cluster["n1"].rpc,
+                        "NOPE", str(out), "--json"], capture_output=True, text=True,
+                       timeout=60 * SCALE)
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["error"]["type"] == "DatasetNotFound"

@@ -1,0 +1,157 @@
+"""The bulk path with real daemons: big data, corruption, dead peers, exact counters."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import h5py
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import hpcflow
+from tests.conftest import SCALE, Cluster, names_on, wait_for
+
+MB = 1024 * 1024
+
+
+def _config(tmp_path: Path, name: str, text: str) -> list[str]:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(text)
+    return ["--config", str(p)]
+
+
+def test_fetch_over_200mb_round_trips_bit_exact(cluster: Cluster) -> None:
+    rng = np.random.default_rng(7)
+    data = rng.standard_normal((210 * MB // (8 * 64), 64))  # 210 MiB of float64
+    with cluster["n2"].client() as c:
+        rec = c.put("BIG", data)
+    assert rec.nbytes == data.nbytes > 200 * MB
+    wait_for(lambda: "BIG" in names_on(cluster["n1"]), 10, "BIG on n1")
+    with cluster["n1"].client() as c:
+        got = c.fetch("BIG")
+        assert got.dtype == data.dtype and np.array_equal(got, data)
+        assert c.traffic.bytes_received["n2"] == data.nbytes
+    del got
+    with cluster["n2"].client() as c:
+        sent = c.stats()["traffic"]["bytes_sent"]
+    assert sent["client@n1"] == data.nbytes  # the holder counted exactly what it sent
+
+
+def test_replicate_between_daemons_counts_both_sides(cluster: Cluster) -> None:
+    data = np.arange(3 * MB, dtype=np.int32).reshape(-1, 16)
+    with cluster["n3"].client() as c:
+        c.put("REP", data)
+    wait_for(lambda: "REP" in names_on(cluster["n1"]), 10, "REP on n1")
+    with cluster["n1"].client() as c:
+        (copy,) = c.replicate("REP")
+        assert copy.owner == "n1"
+        n1 = c.stats()["traffic"]
+    with cluster["n3"].client() as c:
+        n3 = c.stats()["traffic"]
+    assert n1["bytes_received"]["n3"] == n3["bytes_sent"]["n1"] == data.nbytes
+    with cluster["n2"].client() as c:
+        wait_for(lambda: len(c.locate("REP")["parts"][0]["holders"]) == 2, 10, "2 replicas")
+
+
+def test_corrupted_chunk_in_flight_is_detected_and_retried(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    bad = c.add("bad", extra=_config(tmp_path, "bad", "fault_corrupt_chunks = 2\n"))
+    data = np.random.default_rng(3).random((2 * MB // 8 * 5,))  # 10 MiB, several chunks
+    with bad.client() as cl:
+        cl.put("D", data)
+        got = cl.fetch("D")
+        assert np.array_equal(got, data)
+        assert cl.traffic.chunk_retries == 2  # both corruptions caught by the chunk digest
+
+
+def test_corruption_at_rest_is_reported(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    n = c.add("disk")
+    data = np.arange(1_000_000, dtype=np.float64)
+    with n.client() as cl:
+        rec = cl.put("D", data)
+    path = n.data_dir / "datasets" / "D.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["data"].id.get_offset()
+    with open(path, "r+b") as fh:  # a bit flip on disk, behind the daemon's back
+        fh.seek(offset + 123_456)
+        b = fh.read(1)
+        fh.seek(offset + 123_456)
+        fh.write(bytes([b[0] ^ 0x01]))
+    with n.client() as cl, pytest.raises(hpcflow.IntegrityError, match="corrupted"):
+        cl.fetch("D")
+    assert rec.checksum  # the record itself is unchanged
+
+
+def test_holder_dying_mid_transfer_gives_clear_error(cluster: Cluster) -> None:
+    data = np.zeros((40 * MB // 8,))
+    with cluster["n2"].client() as c:
+        c.put("DIE", data)
+    wait_for(lambda: "DIE" in names_on(cluster["n1"]), 10, "DIE on n1")
+    killed = []
+
+    def kill_on_first_chunk(done: int, total: int) -> None:
+        if not killed:
+            cluster["n2"].kill(signal.SIGKILL)
+            killed.append(done)
+
+    with hpcflow.connect(cluster["n1"].rpc, timeout_s=2) as c:
+        with pytest.raises(hpcflow.PeerUnavailable, match="n2"):
+            c.fetch("DIE", progress=kill_on_first_chunk)
+        assert c.ping()["name"] == "n1"
+    assert killed
+
+
+def test_abandoned_upload_leaves_nothing_behind(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    n = c.add("up", extra=_config(tmp_path, "up", "transfer_timeout_s = 0.5\n"))
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(n.info["bulk"])
+    s.send_multipart([b"PUT", msgpack.packb({
+        "r": 1, "name": "HALF", "part": None, "shape": [4 * MB], "dtype": "<u1",
+        "chunk_bytes": MB, "by": "crasher"})])
+    assert s.poll(10_000 * SCALE)
+    verb, hdr = s.recv_multipart()
+    assert verb == b"OK"
+    u = msgpack.unpackb(hdr)["u"]
+    s.send_multipart([b"DATA", msgpack.packb({"r": 1, "u": u, "i": 0, "d": 0}), b"x" * MB])
+    s.recv_multipart()  # NACK: wrong digest, nothing written
+    s.close()
+    ctx.term()  # the "client" is gone without END or ABORT
+    tmp_files = lambda: list((n.data_dir / "datasets").glob(".tmp-*"))  # noqa: E731
+    wait_for(lambda: not tmp_files(), 10, "the server to discard the abandoned upload")
+    with n.client() as cl:
+        assert "HALF" not in {r.name for r in cl.catalog()}
+        assert cl.stats()["uploads_in_progress"] == 0
+
+
+def test_truncated_hdf5_source_is_refused_cleanly(cluster: Cluster, tmp_path: Path) -> None:
+    src = tmp_path / "t.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("x", data=np.zeros((1000, 100)))
+    raw = src.read_bytes()
+    src.write_bytes(raw[: len(raw) // 2])
+    with cluster["n1"].client() as c:
+        with pytest.raises(hpcflow.InvalidData, match="truncated"):
+            c.put("T", src, dataset="x")
+        assert "T" not in {r.name for r in c.catalog()}
+    assert not list((cluster["n1"].data_dir / "datasets").glob(".tmp-*"))
+
+
+def test_fetch_to_file_and_npy_sources(cluster: Cluster, tmp_path: Path) -> None:
+    arr = np.random.default_rng(0).integers(0, 100, (3000, 7), dtype=np.int16)
+    npy = tmp_path / "a.npy"
+    np.save(npy, arr)
+    with cluster["n2"].client() as c:
+        c.put("NPY", npy)
+    wait_for(lambda: "NPY" in names_on(cluster["n3"]), 10, "NPY on n3")
+    with cluster["n3"].client() as c:
+        out = c.fetch_to("NPY", tmp_path / "out.h5", h5path="/deep/group/arr")
+    with h5py.File(out) as f:
+        assert np.array_equal(f["/deep/group/arr"][...], arr)
+    assert not list(tmp_path.glob(".out.h5.tmp*"))
