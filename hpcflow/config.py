@@ -97,7 +97,8 @@ class NodeConfig:
             self.rpc_endpoint, 2, ".bulk")
         self.peer_endpoints = [normalize_endpoint(p) for p in self.peers]
         if not self.name:
-            self.name = f"{socket.gethostname()}-{self.rpc_endpoint.rsplit(':', 1)[-1]}"
+            tail = self.rpc_endpoint.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+            self.name = f"{socket.gethostname()}-{tail}"
         if not 0 < len(self.name) <= 64 or any(c in self.name for c in "/\\ \t\n\r\0"):
             raise ConfigError(f"node name {self.name!r} must be 1-64 characters, no "
                               "slashes or whitespace")

@@ -190,3 +190,37 @@ def test_cli_put_ls_get_json(cluster: Cluster, tmp_path: Path) -> None:
                        timeout=60 * SCALE)
     assert r.returncode == 1
     assert json.loads(r.stdout)["error"]["type"] == "DatasetNotFound"
+
+
+def test_wait_for_blocks_until_the_dataset_appears(cluster: Cluster) -> None:
+    import gevent
+
+    with cluster["n1"].client() as waiter, cluster["n3"].client() as writer:
+        pending = gevent.spawn(waiter.wait_for, "LATER", 20)
+        gevent.sleep(0)
+        assert not pending.ready()
+        writer.put("LATER", np.arange(3))
+        loc = pending.get(timeout=20 * SCALE)
+        assert loc["parts"][0]["holders"][0]["owner"] == "n3"
+        with pytest.raises(hpcflow.DatasetNotFound, match="within"):
+            waiter.wait_for("NEVER", 0.3)
+
+
+def test_nodes_on_ipc_endpoints(tmp_path: Path) -> None:
+    from tests.conftest import NodeProc
+
+    a = NodeProc("ia", tmp_path / "ia", [], ["--listen", f"ipc://{tmp_path}/ia.sock"])
+    try:
+        a.start()
+        b = NodeProc("ib", tmp_path / "ib", [a.rpc], ["--listen", f"ipc://{tmp_path}/ib.sock"])
+        b.start()
+        assert a.rpc.startswith("ipc://")
+        with a.client() as c:
+            c.put("IPC", np.arange(4))
+        with b.client() as c:
+            c.wait_for("IPC", 10)
+            assert c.fetch("IPC").tolist() == [0, 1, 2, 3]
+    finally:
+        for n in (a, locals().get("b")):
+            if n is not None:
+                n.kill(signal.SIGTERM)

@@ -10,6 +10,7 @@ local state, without network round trips.
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +149,27 @@ class Catalog(abc.ABC):
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:
         """Every record on live nodes (or on all known nodes)."""
 
+    @abc.abstractmethod
+    def wait_changed(self, timeout: float) -> None:
+        """Block (cooperatively) until the catalog changes or ``timeout`` passes."""
+
     def locate(self, name: str) -> Location:
         return locate(name, self.records())
+
+    def wait_for(self, name: str, timeout: float) -> Location:
+        """Return the location of ``name`` once all its parts are on live nodes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                loc = self.locate(name)
+                if loc.complete:
+                    return loc
+            except DatasetNotFound:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatasetNotFound(f"{name} did not appear on a live node within {timeout:g} s")
+            self.wait_changed(remaining)
 
     def snapshot(self) -> CatalogSnapshot:
         return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()))

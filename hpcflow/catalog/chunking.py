@@ -76,6 +76,10 @@ class Chunking:
         axis = self._axis
         return math.prod(self.shape[:axis]) * math.ceil(self.shape[axis] / self._per)
 
+    def _check_scalar(self, i: int) -> None:
+        if i != 0:
+            raise IndexError(f"chunk {i} out of range (a scalar has one chunk)")
+
     def _locate(self, i: int) -> tuple[int, int, int]:
         if not 0 <= i < len(self):
             raise IndexError(f"chunk {i} out of range (0..{len(self) - 1})")
@@ -89,7 +93,7 @@ class Chunking:
     def slab(self, i: int) -> tuple[int | slice, ...]:
         """Index expression selecting chunk ``i`` of the array."""
         if not self.shape:
-            self._locate(i)
+            self._check_scalar(i)
             return ()
         outer, start, stop = self._locate(i)
         prefix = np.unravel_index(outer, self.shape[: self._axis]) if self._axis else ()
@@ -98,7 +102,7 @@ class Chunking:
     def byte_range(self, i: int) -> tuple[int, int]:
         """``(offset, length)`` of chunk ``i`` in the C-ordered bytes."""
         if not self.shape:
-            self._locate(i)
+            self._check_scalar(i)
             return 0, self.itemsize
         outer, start, stop = self._locate(i)
         unit = self._unit

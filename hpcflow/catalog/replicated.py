@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+import gevent.event
 import gevent.queue
 import zmq.green as zmq
 
@@ -72,6 +73,7 @@ class ReplicatedCatalog(Catalog):
         self._greenlets: list[gevent.Greenlet] = []
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0}
         self.pub_endpoint = ""
+        self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
 
@@ -96,6 +98,13 @@ class ReplicatedCatalog(Catalog):
             gevent.spawn(self._monitor),
         ]
 
+    def wait_changed(self, timeout: float) -> None:
+        self._changed.wait(timeout)
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, gevent.event.Event()
+        event.set()
+
     def set_self(self, me: PeerInfo) -> None:
         """Update our own descriptor once all endpoints are bound."""
         self.me = me
@@ -115,6 +124,7 @@ class ReplicatedCatalog(Catalog):
             self._emit(key, None)
 
     def _emit(self, key: str, value: dict[str, Any] | None) -> None:
+        self._notify()
         self.seq += 1
         self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
 
@@ -214,6 +224,7 @@ class ReplicatedCatalog(Catalog):
             st.alive = True
             log.info("peer %s is alive", msg.sender)
             st.dead_since = None
+            self._notify()
         if msg.kind == HB:
             load = msg.props.get("load")
             st.load = load if isinstance(load, dict) else {}
@@ -243,6 +254,7 @@ class ReplicatedCatalog(Catalog):
     def _apply(self, st: PeerState, msg: KVMsg) -> None:
         recs = self.peer_records[st.info.name]
         st.seq = msg.seq
+        self._notify()
         if msg.value is None:
             recs.pop(msg.key, None)
             return
@@ -301,6 +313,7 @@ class ReplicatedCatalog(Catalog):
                     st.synced = False
                     break
                 self._apply(st, msg)
+            self._notify()
             log.info("catalog: synced %s at seq %d (%d entries)", name, st.seq, len(recs))
         except (HpcflowError, KeyError, TypeError, ValueError) as exc:
             log.warning("catalog: snapshot from %s failed: %s", name, exc)
@@ -316,6 +329,7 @@ class ReplicatedCatalog(Catalog):
                 if st.alive and now - st.last_seen > self.ttl_s:
                     st.alive = False
                     st.dead_since = now
+                    self._notify()
                     log.warning("peer %s silent for %.1f s: marked dead, %d entries withdrawn",
                                 st.info.name, now - st.last_seen,
                                 len(self.peer_records.get(st.info.name, {})))

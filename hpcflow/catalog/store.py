@@ -362,7 +362,7 @@ class Store:
         writer = self.begin(name, a.shape, a.dtype, **kw)
         try:
             for i in range(len(writer.chunking)):
-                writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)]))
+                writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)], a.dtype))
                 gevent.sleep(0)
             return writer.commit()
         except BaseException:

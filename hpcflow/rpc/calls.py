@@ -27,9 +27,12 @@ def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0)
     return client
 
 
-def call(client: Any, endpoint: str, method: str, *args: Any) -> Any:
+def call(client: Any, endpoint: str, method: str, *args: Any,
+         timeout_s: float | None = None) -> Any:
     """Call ``method`` and translate zerorpc's exceptions into hpcflow's."""
     try:
+        if timeout_s is not None:
+            return getattr(client, method)(*args, timeout=timeout_s)
         return getattr(client, method)(*args)
     except zerorpc.exceptions.RemoteError as exc:
         raise from_wire(exc.name, exc.msg) from None

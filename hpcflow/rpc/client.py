@@ -81,6 +81,11 @@ class Client:
     def locate(self, name: str) -> dict[str, Any]:
         return dict(self._call("locate", validate_name(name)))
 
+    def wait_for(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Block until every part of ``name`` is on a live node; DatasetNotFound on timeout."""
+        return dict(call(self._rpc, self.endpoint, "wait", validate_name(name), timeout_s,
+                         timeout_s=timeout_s + self.timeout_s))
+
     def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
         return dict(self._call("describe", validate_name(name), validate_part(part)))
 

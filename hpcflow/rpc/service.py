@@ -96,6 +96,14 @@ class NodeService:
         return out
 
     @exposed
+    def wait(self, name: Any, timeout_s: Any = 10.0) -> dict[str, Any]:
+        """Block until every part of ``name`` is on a live node (at most ``timeout_s``)."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise InvalidData("timeout_s must be a number")
+        loc = self.node.catalog.wait_for(validate_name(name), min(float(timeout_s), 3600.0))
+        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints()}
+
+    @exposed
     def describe(self, name: Any, part: Any = None) -> dict[str, Any]:
         loc = self.node.catalog.locate(validate_name(name))
         part = validate_part(part)

@@ -1,0 +1,1 @@
+"""Scenario replay harness: infrastructure for running and comparing workflows."""

@@ -1,0 +1,164 @@
+"""The HDF5 store and chunk layout, on real files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpcflow.catalog.chunking import Chunking
+from hpcflow.catalog.record import DatasetRecord, validate_name
+from hpcflow.catalog.store import Store
+from hpcflow.errors import DatasetExists, InvalidData, InvalidName, ProtocolError
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+    itemsize=st.sampled_from([1, 2, 4, 8, 16]),
+    chunk_bytes=st.integers(1, 400),
+)
+def test_chunks_tile_the_array_exactly(shape: list[int], itemsize: int, chunk_bytes: int) -> None:
+    arr = np.arange(math.prod(shape) * itemsize, dtype=np.uint8).view(f"V{itemsize}")
+    arr = arr.reshape(shape)
+    ch = Chunking(tuple(shape), itemsize, chunk_bytes)
+    pieces, pos = [], 0
+    for i in range(len(ch)):
+        off, length = ch.byte_range(i)
+        assert off == pos and length > 0
+        piece = np.ascontiguousarray(arr[ch.slab(i)]).tobytes()
+        assert len(piece) == length
+        assert length <= max(chunk_bytes, itemsize)
+        pieces.append(piece)
+        pos += length
+    assert b"".join(pieces) == arr.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["?", "i1", "<u8", "<f4", ">f8", "<c16"])
+@pytest.mark.parametrize("shape", [(), (0,), (0, 5), (1,), (7, 3), (5, 4, 3)])
+def test_round_trip_dtypes_and_shapes(tmp_path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    rng = np.random.default_rng(0)
+    arr = np.asarray(rng.random(shape) * 100).astype(dtype)
+    rec = store.put_array("A", arr, chunk_bytes=4096)
+    assert rec.shape == shape and rec.dtype == np.dtype(dtype).str
+    got = store.read_array("A")
+    assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    reopened = Store(tmp_path, "me")
+    assert [r.key for r in reopened.open()] == ["A"]
+    assert reopened.get("A") == rec
+    assert np.array_equal(reopened.read_array("A"), arr)
+
+
+def test_rows_larger_than_a_chunk(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    arr = np.random.default_rng(1).random((3, 1000, 7))  # 56 KB rows, 4 KiB chunks
+    store.put_array("FAT", arr, chunk_bytes=4096)
+    assert np.array_equal(store.read_array("FAT"), arr)
+
+
+def test_written_file_is_plain_hdf5(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    arr = np.arange(20.0).reshape(4, 5)
+    store.put_array("P", arr, part=2, nparts=4, lineage={"op": "scale"})
+    with h5py.File(tmp_path / "datasets" / "P@2.h5") as f:
+        assert np.array_equal(f["data"][...], arr)
+        assert f.attrs["name"] == "P" and f.attrs["part"] == 2
+    assert store.get("P", 2).lineage == {"op": "scale"}
+
+
+def test_nothing_visible_until_commit_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    w = store.begin("W", (100,), "<f8", chunk_bytes=4096)
+    w.write_chunk(0, np.zeros(100))
+    assert store.records() == []
+    assert len(list((tmp_path / "datasets").glob(".tmp-*"))) == 1
+    with pytest.raises(DatasetExists, match="being written"):
+        store.begin("W", (1,), "<f8")
+    w.abort()
+    assert store.records() == [] and not list((tmp_path / "datasets").iterdir())
+    store.begin("W", (1,), "<f8").abort()  # the name is free again
+
+
+def test_crash_leftovers_are_removed_and_truncated_files_quarantined(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    store.put_array("GOOD", np.arange(10))
+    store.put_array("BAD", np.zeros(100_000))
+    w = store.begin("HALF", (10,), "<i8")  # a crash would leave this temp file behind
+    w.write_chunk(0, np.arange(10))
+    bad = tmp_path / "datasets" / "BAD.h5"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    fresh = Store(tmp_path, "me")
+    assert [r.key for r in fresh.open()] == ["GOOD"]
+    assert not list((tmp_path / "datasets").glob(".tmp-*"))
+    quarantined = list((tmp_path / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith("BAD.h5")
+
+
+def test_overwrite_bumps_version(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    assert store.put_array("V", np.zeros(3)).version == 1
+    with pytest.raises(DatasetExists):
+        store.put_array("V", np.ones(3))
+    assert store.put_array("V", np.ones(3), overwrite=True).version == 2
+    assert store.read_array("V").tolist() == [1, 1, 1]
+
+
+def test_whole_and_partitioned_cannot_share_a_name(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    store.put_array("M", np.zeros(3))
+    with pytest.raises(InvalidData):
+        store.put_array("M", np.zeros(3), part=0)
+
+
+def test_bad_dtypes_and_sizes_are_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    with pytest.raises(InvalidData):
+        store.put_array("S", np.array(["a", "b"]))
+    with pytest.raises(InvalidData):
+        store.put_array("O", np.array([1, None], dtype=object))
+    w = store.begin("Z", (10,), "<f8", chunk_bytes=4096)
+    with pytest.raises(InvalidData, match="expected 80"):
+        w.write_chunk(0, np.zeros(3))
+    w.abort()
+
+
+@pytest.mark.parametrize("name", ["", "../x", "a/b", "a\\b", ".hidden", "a..b", "x\n", "a b",
+                                  "x" * 129, "é", "a@1", "-x"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(InvalidName):
+        validate_name(name)
+
+
+@pytest.mark.parametrize("name", ["DS1", "run_3.pos", "wf:abc=1", "_x", "9", "a-b+c"])
+def test_good_names(name: str) -> None:
+    assert validate_name(name) == name
+
+
+@pytest.mark.parametrize("bad", [
+    None, [], {"name": "x"},
+    {"name": "A", "part": None, "owner": "n", "shape": [2], "dtype": "<f8", "nbytes": 99,
+     "checksum": "c", "chunk_bytes": 4096},
+    {"name": "../A", "part": None, "owner": "n", "shape": [2], "dtype": "<f8", "nbytes": 16,
+     "checksum": "c", "chunk_bytes": 4096},
+    {"name": "A", "part": -1, "owner": "n", "shape": [2], "dtype": "<f8", "nbytes": 16,
+     "checksum": "c", "chunk_bytes": 4096},
+    {"name": "A", "part": None, "owner": "n", "shape": [2], "dtype": "|O", "nbytes": 16,
+     "checksum": "c", "chunk_bytes": 4096},
+])
+def test_record_from_wire_rejects_garbage(bad: object) -> None:
+    with pytest.raises((ProtocolError, InvalidName)):
+        DatasetRecord.from_wire(bad)
