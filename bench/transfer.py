@@ -28,9 +28,10 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import percentile, start_node, stop_all  # noqa: E402
+from _util import percentile
 
-import hpcflow  # noqa: E402
+import hpcflow
+from hpcflow.harness.local import LocalCluster
 
 FRAME = 1024 * 1024
 
@@ -74,15 +75,13 @@ def raw_throughput(nbytes: int) -> float:
 
 
 def hpcflow_throughput(root: Path, nbytes: int, repeats: int) -> tuple[float, float]:
-    procs = []
-    try:
-        pa, a = start_node(root, "a", [])
-        procs.append(pa)
-        pb, b = start_node(root, "b", [a["rpc"]])
-        procs.append(pb)
+    with LocalCluster(root, extra=["--log-level", "WARNING"]) as cluster:
+        a = cluster.add("a").info
+        b = cluster.add("b").info
         data = np.random.default_rng(1).integers(0, 255, nbytes, dtype=np.uint8)
         with hpcflow.connect(a["rpc"]) as ca:
             ca.put("BIG", data.reshape(-1, 4096))
+        del data
         with hpcflow.connect(b["rpc"]) as cb:
             cb.wait_for("BIG", 30)
             best = 0.0
@@ -96,23 +95,14 @@ def hpcflow_throughput(root: Path, nbytes: int, repeats: int) -> tuple[float, fl
             cb.replicate("BIG")
             repl = nbytes / (time.perf_counter() - t0)
         return best, repl
-    finally:
-        stop_all(procs)
 
 
 def propagation(root: Path, n: int, rounds: int) -> list[float]:
-    procs, infos = [], []
-    try:
+    with LocalCluster(root, extra=["--log-level", "WARNING"]) as cluster:
         for i in range(n):
-            p, info = start_node(root, f"p{i}", [infos[-1]["rpc"]] if infos else [])
-            procs.append(p)
-            infos.append(info)
-        clients = [hpcflow.connect(info["rpc"]) for info in infos]
-        deadline = time.monotonic() + 60
-        while any(len([x for x in c.nodes() if x["alive"]]) < n for c in clients):
-            if time.monotonic() > deadline:
-                raise RuntimeError("membership did not converge")
-            time.sleep(0.1)
+            cluster.add(f"p{i}")
+        cluster.wait_converged(60)
+        clients = [hpcflow.connect(node.rpc) for node in cluster.nodes.values()]
         lat: list[float] = []
         writer = clients[0]
         for r in range(rounds):
@@ -132,8 +122,6 @@ def propagation(root: Path, n: int, rounds: int) -> list[float]:
         for c in clients:
             c.close()
         return lat
-    finally:
-        stop_all(procs)
 
 
 def main() -> None:

@@ -139,6 +139,12 @@ def cmd_rm(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .harness.demo import run_demo
+
+    return run_demo(nodes=a.nodes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hpcflow", description=__doc__)
     p.add_argument("--version", action="version", version=f"hpcflow {_version.__version__}")
@@ -201,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument("--part", type=int)
     r.set_defaults(fn=cmd_rm)
+
+    d = sub.add_parser("demo", help="start a small local cluster, move data, tear it down")
+    d.add_argument("--nodes", type=int, default=3)
+    d.set_defaults(fn=cmd_demo)
     return p
 
 

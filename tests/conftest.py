@@ -7,11 +7,7 @@ than sleeping.  Every wait is bounded by ``HPCFLOW_TIMEOUT_SCALE`` x a base.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +17,7 @@ import pytest
 
 import hpcflow
 from hpcflow.config import timeout_scale
+from hpcflow.harness.local import LocalCluster, NodeProcess
 
 SCALE = timeout_scale()
 HEARTBEAT = 0.2
@@ -39,91 +36,39 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(0.02)
 
 
-class NodeProc:
-    """One daemon process and what it wrote about itself."""
+class NodeProc(NodeProcess):
+    """A test node: short heartbeats so liveness tests run in about a second."""
 
     def __init__(self, name: str, data_dir: Path, peers: list[str], extra: list[str]) -> None:
-        self.name, self.data_dir, self.peers, self.extra = name, data_dir, peers, extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.info: dict[str, Any] = {}
-
-    @property
-    def rpc(self) -> str:
-        return str(self.info["rpc"])
-
-    def start(self) -> NodeProc:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "node.json").unlink(missing_ok=True)
-        args = [sys.executable, "-m", "hpcflow", "node", "--name", self.name, "--data-dir",
-                str(self.data_dir), "--listen", "127.0.0.1:0", "--heartbeat", str(HEARTBEAT),
-                "--ttl", str(TTL * SCALE), *self.extra]
-        for p in self.peers:
-            args += ["--peer", p]
-        log = open(self.data_dir.parent / f"{self.name}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stderr=log, stdout=log)
-        log.close()
-        path = self.data_dir / "node.json"
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.name} exited with {self.proc.returncode}: "
-                                     + self.log_tail())
-            return path.exists()
-
-        wait_for(ready, 20, f"node {self.name} to start")
-        self.info = json.loads(path.read_text())
-        return self
-
-    def log_tail(self, n: int = 30) -> str:
-        p = self.data_dir.parent / f"{self.name}.log"
-        return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else ""
+        listen = "127.0.0.1:0"
+        if "--listen" in extra:
+            i = extra.index("--listen")
+            listen, extra = extra[i + 1], extra[:i] + extra[i + 2:]
+        super().__init__(name, data_dir, peers=peers, listen=listen, extra=[
+            "--heartbeat", str(HEARTBEAT), "--ttl", str(TTL * SCALE), *extra])
 
     def client(self) -> hpcflow.Client:
         return hpcflow.connect(self.rpc, timeout_s=15)
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30 * SCALE)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+class Cluster(LocalCluster):
+    """A set of test nodes; ``add(name, via=...)`` joins through one named peer."""
 
-
-class Cluster:
-    """A set of nodes; the first one is the entry point for the others."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.nodes: dict[str, NodeProc] = {}
-
-    def add(self, name: str, via: str | None = None, extra: list[str] | None = None) -> NodeProc:
+    def add(self, name: str, via: str | None = None, extra: list[str] | None = None,
+            **kw: Any) -> NodeProc:
         peers = [self.nodes[via].rpc] if via else []
         node = NodeProc(name, self.root / name, peers, extra or [])
         self.nodes[name] = node
-        return node.start()
+        node.start()
+        return node
 
     def __getitem__(self, name: str) -> NodeProc:
-        return self.nodes[name]
-
-    def stop(self) -> None:
-        for n in self.nodes.values():
-            n.kill(signal.SIGTERM)
+        node = self.nodes[name]
+        assert isinstance(node, NodeProc)
+        return node
 
     def wait_members(self, timeout: float = 15) -> None:
-        """Until every running node sees every other running node alive."""
-        running = {n for n, p in self.nodes.items() if p.alive()}
-
-        def converged() -> bool:
-            for name in running:
-                with self.nodes[name].client() as c:
-                    alive = {n["name"] for n in c.nodes() if n["alive"]}
-                if not running <= alive:
-                    return False
-            return True
-
-        wait_for(converged, timeout, f"membership {sorted(running)} to converge")
+        self.wait_converged(timeout)
 
 
 def names_on(node: NodeProc, include_dead: bool = False) -> set[str]:

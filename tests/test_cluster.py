@@ -103,9 +103,8 @@ def test_delete_propagates_and_only_owner_may_delete(cluster: Cluster) -> None:
     with cluster["n2"].client() as c:
         c.put("TMP", np.zeros(8))
     wait_for(lambda: "TMP" in names_on(cluster["n1"]), 10, "TMP on n1")
-    with cluster["n1"].client() as c:
-        with pytest.raises(hpcflow.NotOwner, match="n2"):
-            c.delete("TMP")
+    with cluster["n1"].client() as c, pytest.raises(hpcflow.NotOwner, match="n2"):
+        c.delete("TMP")
     with cluster["n2"].client() as c:
         c.delete("TMP")
     wait_for(lambda: "TMP" not in names_on(cluster["n1"]), 10, "TMP gone from n1")

@@ -68,7 +68,8 @@ class ReplicatedCatalog(Catalog):
         self.peer_records: dict[str, dict[str, DatasetRecord]] = {}
         self._pending: dict[str, list[KVMsg]] = {}
         self._syncing: set[str] = set()
-        self._outbox: gevent.queue.Queue[KVMsg] = gevent.queue.Queue()
+        # None in the outbox asks the publisher for a heartbeat now (membership news).
+        self._outbox: gevent.queue.Queue[KVMsg | None] = gevent.queue.Queue()
         self._sub_cmds: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
         self._greenlets: list[gevent.Greenlet] = []
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0}
@@ -137,6 +138,7 @@ class ReplicatedCatalog(Catalog):
             self.peers[info.name] = PeerState(info)
             self.peer_records[info.name] = {}
             self._sub_cmds.put(("connect", info.pub))
+            self._outbox.put(None)
         elif info.epoch > st.info.epoch:
             log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
             if info.pub != st.info.pub:
@@ -172,6 +174,8 @@ class ReplicatedCatalog(Catalog):
             try:
                 msg = self._outbox.get(timeout=timeout)
             except gevent.queue.Empty:
+                msg = None
+            if msg is None:
                 msg = self._heartbeat()
                 next_hb = time.monotonic() + self.heartbeat_s
             self._pub.send_multipart(msg.encode())
@@ -225,6 +229,7 @@ class ReplicatedCatalog(Catalog):
             log.info("peer %s is alive", msg.sender)
             st.dead_since = None
             self._notify()
+            self._outbox.put(None)  # gossip the news now rather than at the next beat
         if msg.kind == HB:
             load = msg.props.get("load")
             st.load = load if isinstance(load, dict) else {}
