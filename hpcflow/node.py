@@ -234,6 +234,7 @@ class Node:
             for i in range(len(reader)):
                 buf, d = reader.chunk(i)
                 deliver(i, reader.chunking.byte_range(i)[0], memoryview(buf).cast("B"), d)
+                gevent.sleep(0)  # a multi-GB local read must not starve the heartbeats
             return
         endpoint = self.bulk_endpoints().get(rec.owner)
         if endpoint is None:

@@ -69,4 +69,5 @@ class KVMsg:
             raise ProtocolError("catalog message props must be a map")
         if kind == KV and not key:
             raise ProtocolError("KV message without a key")
+        assert isinstance(epoch, int) and isinstance(seq, int)  # checked above
         return cls(kind, sender, epoch, seq, key, value, props)

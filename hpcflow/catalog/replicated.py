@@ -30,6 +30,7 @@ import gevent.queue
 import zmq.green as zmq
 
 from ..errors import HpcflowError, ProtocolError
+from ..logutil import Throttled
 from .base import Catalog, NodeView
 from .kvmsg import HB, KV, KVMsg
 from .membership import PeerInfo, PeerState
@@ -72,6 +73,7 @@ class ReplicatedCatalog(Catalog):
         self._outbox: gevent.queue.Queue[KVMsg | None] = gevent.queue.Queue()
         self._sub_cmds: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
         self._greenlets: list[gevent.Greenlet] = []
+        self._garbage_log = Throttled(log)
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
@@ -207,7 +209,7 @@ class ReplicatedCatalog(Catalog):
                 self._handle(KVMsg.decode(frames))
             except ProtocolError as exc:
                 self.stats["malformed"] += 1
-                log.warning("catalog: dropped malformed message: %s", exc)
+                self._garbage_log.warning("catalog: dropped malformed message: %s", exc)
 
     def _handle(self, msg: KVMsg) -> None:
         if msg.sender == self.me.name:
@@ -266,11 +268,11 @@ class ReplicatedCatalog(Catalog):
         try:
             rec = DatasetRecord.from_wire(msg.value)
         except HpcflowError as exc:
-            log.warning("catalog: bad record from %s: %s", st.info.name, exc)
+            self._garbage_log.warning("catalog: bad record from %s: %s", st.info.name, exc)
             return
         if rec.owner != st.info.name or rec.key != msg.key:
-            log.warning("catalog: %s announced a record it does not own: %s", st.info.name,
-                        msg.key)
+            self._garbage_log.warning("catalog: %s announced a record it does not own: %s",
+                                      st.info.name, msg.key)
             return
         recs[rec.key] = rec
 

@@ -8,6 +8,7 @@ for the process to die, in which case the error carries its log tail).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import signal
@@ -24,10 +25,8 @@ from ..errors import PeerUnavailable
 
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the launching process dies (Linux prctl)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class NodeProcess:

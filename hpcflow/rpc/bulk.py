@@ -56,6 +56,7 @@ from ..errors import (
     from_wire,
     to_wire,
 )
+from ..logutil import Throttled
 from .traffic import Traffic
 
 log = logging.getLogger("hpcflow.bulk")
@@ -135,6 +136,7 @@ class BulkServer:
         self.uploads: dict[str, _Upload] = {}
         self.active = 0
         self.malformed = 0
+        self._garbage_log = Throttled(log)
         self._greenlets: list[gevent.Greenlet] = []
 
     def start(self) -> None:
@@ -161,7 +163,7 @@ class BulkServer:
                 self._dispatch(ident, verb, hdr, frames[3] if len(frames) == 4 else None)
             except ProtocolError as exc:
                 self.malformed += 1
-                log.debug("bulk: malformed request: %s", exc)
+                self._garbage_log.warning("bulk: malformed request: %s", exc)
                 self._error(ident, hdr, exc)
             except HpcflowError as exc:
                 self._error(ident, hdr, exc)
@@ -294,8 +296,9 @@ class BulkClient:
         s.connect(endpoint)
         return s
 
-    def _recv(self, s: zmq.Socket, peer: str, what: str) -> tuple[bytes, dict[str, Any], Any]:
-        timeout = self.settings.timeout_s
+    def _recv(self, s: zmq.Socket, peer: str, what: str,
+              timeout: float | None = None) -> tuple[bytes, dict[str, Any], Any]:
+        timeout = self.settings.timeout_s if timeout is None else timeout
         exc = PeerUnavailable(f"{peer} did not answer within {timeout:g} s during {what}")
         with gevent.Timeout(timeout, exc):
             frames = s.recv_multipart(copy=False)
@@ -318,7 +321,7 @@ class BulkClient:
         n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
         digests: list[int] = [0] * n
         attempts: dict[int, int] = {}
-        next_i = done = total = 0
+        next_i = done = total = silent = 0
         s = self._socket(endpoint)
         try:
             def ask(i: int) -> None:
@@ -329,7 +332,21 @@ class BulkClient:
                     attempts[next_i] = 0
                     ask(next_i)
                     next_i += 1
-                verb, hdr, payload = self._recv(s, peer, f"fetch of {rec.key}")
+                try:
+                    verb, hdr, payload = self._recv(s, peer, f"fetch of {rec.key}",
+                                                    self.settings.timeout_s / 3)
+                except PeerUnavailable:
+                    # Requests in flight are lost if the holder restarted behind the same
+                    # endpoint; ask again twice before declaring the peer gone.
+                    silent += 1
+                    if silent >= 3:
+                        raise PeerUnavailable(
+                            f"{peer} stopped answering during the fetch of {rec.key} "
+                            f"({done}/{n} chunks after {self.settings.timeout_s:g} s)") from None
+                    for i in attempts:
+                        ask(i)
+                    continue
+                silent = 0
                 if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
                     continue
                 i = _int(hdr, "i")
