@@ -13,6 +13,7 @@ from ._version import __version__
 from .catalog.base import CatalogSnapshot, Location, PartLocation
 from .catalog.record import DatasetRecord
 from .config import NodeConfig
+from .decide.errors import PlanningError
 from .errors import (
     ConfigError,
     DatasetExists,
@@ -28,6 +29,7 @@ from .errors import (
     StoreError,
     TransportError,
 )
+from .ops import OpError, op
 from .rpc.client import Client, connect
 
 __all__ = [
@@ -44,12 +46,15 @@ __all__ = [
     "Location",
     "NodeConfig",
     "NotOwner",
+    "OpError",
     "PartLocation",
     "PeerUnavailable",
+    "PlanningError",
     "ProtocolError",
     "RemoteError",
     "StoreError",
     "TransportError",
     "__version__",
     "connect",
+    "op",
 ]

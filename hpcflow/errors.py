@@ -19,6 +19,9 @@ Tree::
     ├── NotOwner                 delete of a dataset this node does not hold
     ├── IntegrityError           checksum mismatch that retries could not fix
     ├── StoreError               the local HDF5 store failed (disk full, permissions)
+    ├── OpError                  (hpcflow.ops) defining, validating or running an op
+    │   ├── UnknownOpError, RegistrationError, ArityError, InputError, ParamError
+    ├── PlanningError            (hpcflow.decide) no valid plan: bad references, no capable node
     └── TransportError           anything on the wire
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
@@ -105,6 +108,9 @@ def from_wire(name: Any, message: Any) -> HpcflowError:
     Subclasses are looked up at call time so errors defined in later-imported
     modules (ops, planning) are found too.
     """
+    import hpcflow.decide.errors
+    import hpcflow.ops.errors  # noqa: F401  (register their classes)
+
     known = _all_subclasses(HpcflowError)
     cls = known.get(str(name), RemoteError)
     if cls is RemoteError and str(name) not in ("RemoteError", ""):

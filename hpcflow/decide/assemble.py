@@ -1,0 +1,133 @@
+"""Turn a decision sequence into a :class:`Plan` with per-step reasons.
+
+Replaying the decisions through :func:`strategies.evaluate` guarantees the
+reported transfers and costs are exactly what the search optimised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hpcflow.decide.cost import CostKey
+from hpcflow.decide.plan import Plan, StepPlan, Strategy, format_bytes
+from hpcflow.decide.problem import Problem, StepInfo
+from hpcflow.decide.state import State
+from hpcflow.decide.strategies import (
+    At,
+    Decision,
+    Outcome,
+    Split,
+    SplitReduce,
+    deliver,
+    evaluate,
+    outcomes,
+)
+
+
+def replay(problem: Problem, decided: Sequence[Decision]) -> tuple[list[Outcome], State]:
+    """Apply ``decided`` step by step; raises ValueError if one is infeasible."""
+    state = problem.initial_state()
+    done = []
+    for index, decision in enumerate(decided):
+        outcome = evaluate(problem, index, state, decision)
+        if outcome is None:
+            raise ValueError(f"decision {decision} is infeasible for step {index}")
+        done.append(outcome)
+        state = outcome.state
+    return done, state
+
+
+def decisions_cost(problem: Problem, decided: Sequence[Decision]) -> CostKey:
+    """Total cost key of a complete decision sequence, delivery included."""
+    done, state = replay(problem, decided)
+    transfers, seconds = deliver(problem, state)
+    nbytes = sum(o.nbytes for o in done) + sum(t.nbytes for t in transfers)
+    return problem.cost.key(nbytes, sum(o.seconds for o in done) + seconds)
+
+
+def assemble(problem: Problem, decided: Sequence[Decision], *, method: str) -> Plan:
+    state = problem.initial_state()
+    steps = []
+    for info, decision in zip(problem.steps, decided, strict=True):
+        outcome = evaluate(problem, info.index, state, decision)
+        if outcome is None:
+            raise ValueError(f"decision {decision} is infeasible for step {info.step.out!r}")
+        steps.append(_step_plan(problem, info, state, outcome))
+        state = outcome.state
+    delivery, seconds = deliver(problem, state)
+    return Plan(
+        method=method,
+        objective=problem.cost.objective,
+        initiator=problem.initiator,
+        steps=tuple(steps),
+        delivery=delivery,
+        delivery_seconds=seconds,
+    )
+
+
+def _step_plan(problem: Problem, info: StepInfo, before: State, outcome: Outcome) -> StepPlan:
+    decision = outcome.decision
+    strategy: Strategy = "split"
+    if isinstance(decision, At):
+        if decision.node != problem.initiator:
+            strategy = "delegate"
+        else:
+            strategy = "fetch" if outcome.transfers else "local"
+    combiner = decision.combiner if isinstance(decision, SplitReduce) else None
+    return StepPlan(
+        out=info.step.out,
+        op=info.step.op,
+        strategy=strategy,
+        nodes=outcome.nodes,
+        combiner=combiner,
+        transfers=outcome.transfers,
+        nbytes=outcome.nbytes,
+        seconds=outcome.seconds,
+        reason=_reason(problem, info, before, outcome, strategy),
+    )
+
+
+def _reason(
+    problem: Problem, info: StepInfo, before: State, outcome: Outcome, strategy: Strategy
+) -> str:
+    decision = outcome.decision
+    moved = format_bytes(outcome.nbytes)
+    if isinstance(decision, At):
+        total = sum(before.holdings[name].obj.nbytes for name in dict.fromkeys(info.step.inputs))
+        share = 100.0 * (1 - outcome.nbytes / total) if total else 100.0
+        text = {
+            "local": "inputs already on the initiator",
+            "fetch": f"fetch {moved} of inputs to the initiator",
+            "delegate": f"run on {decision.node}, which holds {share:.0f}% of the input bytes",
+        }[strategy]
+    elif isinstance(decision, Split):
+        text = f"each of {len(outcome.nodes)} part(s) runs where it lies"
+        if outcome.nbytes:
+            text += f"; {moved} of aligned rows moved"
+    else:
+        partials = sum(t.nbytes for t in outcome.transfers if t.kind == "partial")
+        text = f"partials ({format_bytes(partials)}) combined on {decision.combiner}"
+        if outcome.nbytes > partials:
+            text += f"; {format_bytes(outcome.nbytes - partials)} sent raw (no bigger)"
+    return text + _comparison(problem, info, before, outcome)
+
+
+def _comparison(problem: Problem, info: StepInfo, before: State, outcome: Outcome) -> str:
+    """Why not the step's cheapest local option, or why not fetch to the initiator."""
+    options = outcomes(problem, info.index, before)
+    cheapest = min(options, key=lambda o: o.key)
+    if cheapest.key < outcome.key:
+        return (
+            f"; {_delta(problem, outcome, cheapest)} dearer than the best choice for this step"
+            " alone, repaid by later steps or delivery"
+        )
+    fetch = evaluate(problem, info.index, before, At(problem.initiator))
+    if fetch is not None and fetch.decision != outcome.decision and fetch.key > outcome.key:
+        return f"; fetching to {problem.initiator} instead: {_delta(problem, fetch, outcome)} more"
+    return ""
+
+
+def _delta(problem: Problem, worse: Outcome, better: Outcome) -> str:
+    if problem.cost.objective == "time":
+        return f"{worse.seconds - better.seconds:.3g}s"
+    return format_bytes(worse.nbytes - better.nbytes)

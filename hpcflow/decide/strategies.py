@@ -1,0 +1,294 @@
+"""The per-step placement decisions and their exact cost given a state.
+
+Three decision types span the plan space (``docs/cost-model.md``):
+
+* :class:`At` — gather every input row on one node and run the op there
+  (reported as local / fetch / delegate);
+* :class:`Split` — rowwise ops: each part of the first input runs on a node
+  that holds it (``target`` if it holds the whole part, else the part's home);
+  other inputs' overlapping rows are moved there;
+* :class:`SplitReduce` — splittable reduce ops: holders compute partials and
+  send them to ``combiner``; a part is sent raw instead when that is no larger.
+
+:func:`evaluate` is the single source of truth for costs and resulting states;
+the exact search, the baselines, the brute force in tests and the final plan
+assembly all call it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hpcflow.decide.cost import CostKey
+from hpcflow.decide.plan import Transfer
+from hpcflow.decide.problem import Problem, StepInfo
+from hpcflow.decide.state import DataObject, Holding, PartGeom, State, covers, missing
+
+
+@dataclass(frozen=True)
+class At:
+    node: str
+
+
+@dataclass(frozen=True)
+class Split:
+    target: str | None
+
+
+@dataclass(frozen=True)
+class SplitReduce:
+    combiner: str
+
+
+Decision = At | Split | SplitReduce
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A decision's effect: transfers, execution nodes, cost and the next state."""
+
+    decision: Decision
+    transfers: tuple[Transfer, ...]
+    nodes: tuple[str, ...]
+    nbytes: int
+    seconds: float
+    key: CostKey
+    state: State
+
+
+def decisions(
+    problem: Problem, index: int, state: State, *, exhaustive: bool = False
+) -> list[Decision]:
+    """All decisions for step ``index``; ``exhaustive`` skips the node-symmetry reduction."""
+    info = problem.steps[index]
+    nodes = info.capable if exhaustive else problem.candidates(index, state)
+    out: list[Decision] = [At(n) for n in nodes]
+    if info.spec.kind == "rowwise":
+        out += [Split(None), *(Split(n) for n in nodes)]
+    elif info.spec.kind == "reduce" and info.splittable:
+        out += [SplitReduce(n) for n in nodes]
+    return out
+
+
+def outcomes(
+    problem: Problem, index: int, state: State, *, exhaustive: bool = False
+) -> list[Outcome]:
+    """Feasible outcomes of step ``index``, one per distinct next state (the cheapest)."""
+    best: dict[tuple[object, ...], Outcome] = {}
+    for decision in decisions(problem, index, state, exhaustive=exhaustive):
+        outcome = evaluate(problem, index, state, decision)
+        if outcome is None:
+            continue
+        old = best.get(outcome.state.key)
+        if old is None or outcome.key < old.key:
+            best[outcome.state.key] = outcome
+    return list(best.values())
+
+
+def evaluate(problem: Problem, index: int, state: State, decision: Decision) -> Outcome | None:
+    """Cost and next state of running step ``index`` per ``decision``; None if infeasible."""
+    info = problem.steps[index]
+    chosen = decision.target if isinstance(decision, Split) else _node(decision)
+    if chosen is not None and chosen not in info.capable:
+        return None
+    run = _Run(problem, state)
+    nodes: tuple[str, ...] | None
+    if isinstance(decision, At):
+        nodes = run.at(info, decision.node)
+    elif isinstance(decision, Split):
+        nodes = run.split(info, decision.target)
+    else:
+        nodes = run.split_reduce(info, decision.combiner)
+    if nodes is None:
+        return None
+    nbytes = sum(t.nbytes for t in run.transfers)
+    seconds = run.seconds
+    return Outcome(
+        decision,
+        tuple(run.transfers),
+        nodes,
+        nbytes,
+        seconds,
+        problem.cost.key(nbytes, seconds),
+        State(run.hold).restricted(problem.alive_after(index)),
+    )
+
+
+def _node(decision: At | SplitReduce) -> str:
+    return decision.node if isinstance(decision, At) else decision.combiner
+
+
+def deliver(
+    problem: Problem, state: State, names: Iterable[str] | None = None
+) -> tuple[tuple[Transfer, ...], float]:
+    """Transfers (and their time) that put results (default: all) wholly on the initiator."""
+    run = _Run(problem, state)
+    for name in problem.workflow.deliver if names is None else names:
+        run.bring(name, 0, run.hold[name].obj.rows, problem.initiator)
+    return tuple(run.transfers), run.inbound[problem.initiator]
+
+
+class _Run:
+    """Mutable scratch space for evaluating one decision."""
+
+    def __init__(self, problem: Problem, state: State) -> None:
+        self.problem = problem
+        self.cost = problem.cost
+        self.hold = dict(state.holdings)
+        self.transfers: list[Transfer] = []
+        self.inbound: defaultdict[str, float] = defaultdict(float)
+        self.seconds = 0.0
+
+    def at(self, info: StepInfo, node: str) -> tuple[str, ...]:
+        step = info.step
+        for name in dict.fromkeys(step.inputs):
+            self.bring(name, 0, self.hold[name].obj.rows, node)
+        work = sum(self.hold[name].obj.nbytes for name in step.inputs)
+        self.seconds = self.inbound[node] + self._compute(info, node, work)
+        rows = info.model.out_rows(info.in_rows)
+        self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.in_rows), (node,)),))
+        return (node,)
+
+    def split(self, info: StepInfo, target: str | None) -> tuple[str, ...] | None:
+        step = info.step
+        first = self.hold[step.inputs[0]]
+        work: defaultdict[str, int] = defaultdict(int)
+        nodes, parts = [], []
+        lo_out = 0
+        for part in first.obj.parts:
+            node = self._split_node(info, first, part, target)
+            if node is None:
+                return None
+            if part.rows:
+                for name in dict.fromkeys(step.inputs):
+                    self.bring(name, part.lo, part.hi, node)
+                work[node] += sum(self._bytes(name, part.lo, part.hi) for name in step.inputs)
+            rows = info.model.out_rows(part.rows)
+            parts.append(PartGeom(lo_out, lo_out + rows, info.model.nbytes(part.rows), (node,)))
+            nodes.append(node)
+            lo_out += rows
+        self.seconds = max(
+            (self.inbound[n] + self._compute(info, n, w) for n, w in work.items()), default=0.0
+        )
+        self._create(step.out, tuple(parts))
+        return tuple(nodes)
+
+    def _split_node(
+        self, info: StepInfo, first: Holding, part: PartGeom, target: str | None
+    ) -> str | None:
+        """Where a part runs: target if it has the part, else the cheapest capable home."""
+        if part.rows == 0:
+            return part.homes[0] if part.homes else self.problem.initiator
+        if target is not None and covers(first.at(target), part.lo, part.hi):
+            return target
+        homes = [n for n in part.homes if n in info.capable]
+        if homes:
+            others = info.step.inputs[1:]
+            return min(
+                homes, key=lambda n: sum(self._missing(o, part.lo, part.hi, n) for o in others)
+            )
+        return target
+
+    def split_reduce(self, info: StepInfo, combiner: str) -> tuple[str, ...]:
+        name = info.step.inputs[0]
+        x = self.hold[name]
+        groups: dict[str, list[PartGeom]] = {}
+        for part in x.obj.parts:
+            if part.rows:
+                groups.setdefault(self._partial_node(info, x, part, combiner), []).append(part)
+        work: defaultdict[str, int] = defaultdict(int)
+        for node, parts in groups.items():
+            partial = info.model.partial_nbytes(sum(p.rows for p in parts))
+            raw = sum(self._missing(name, p.lo, p.hi, combiner) for p in parts)
+            if node != combiner and partial < raw:
+                span = (parts[0].lo, parts[-1].hi)
+                self._send(Transfer(node, combiner, name, span, partial, "partial"))
+                work[node] += sum(p.nbytes for p in parts)
+            else:
+                for p in parts:
+                    self.bring(name, p.lo, p.hi, combiner)
+                work[combiner] += sum(p.nbytes for p in parts)
+        holders = max(
+            (self._compute(info, n, w) for n, w in work.items() if n != combiner), default=0.0
+        )
+        combine = self.inbound[combiner] + self._compute(info, combiner, work[combiner])
+        self.seconds = holders + combine
+        self._create(
+            info.step.out,
+            (
+                PartGeom(
+                    0,
+                    info.model.out_rows(info.in_rows),
+                    info.model.nbytes(info.in_rows),
+                    (combiner,),
+                ),
+            ),
+        )
+        return tuple(work)
+
+    def _partial_node(self, info: StepInfo, x: Holding, part: PartGeom, combiner: str) -> str:
+        """Where a part's partial is computed: the combiner if it has the rows or no
+        capable home exists, else the home that gets a partial there soonest.
+        Each node sends one partial over all its parts (unless raw rows are smaller)."""
+        homes = [n for n in part.homes if n in info.capable and n != combiner]
+        if not homes or covers(x.at(combiner), part.lo, part.hi):
+            return combiner
+        nbytes = info.model.partial_nbytes(part.rows)
+        cost = self.cost
+        return min(
+            homes, key=lambda n: cost.wait_seconds(n) + cost.transfer_seconds(n, combiner, nbytes)
+        )
+
+    def bring(self, name: str, lo: int, hi: int, dst: str) -> None:
+        """Move the rows of ``[lo, hi)`` that ``dst`` lacks, part by part, from the best source."""
+        holding = self.hold[name]
+        have = holding.at(dst)
+        if covers(have, lo, hi):
+            return
+        for part in holding.obj.parts:
+            a, b = max(lo, part.lo), min(hi, part.hi)
+            for x, y in missing(have, a, b) if a < b else ():
+                nbytes = part.bytes_of(x, y)
+                src = self._source(holding, part, x, y, dst, nbytes)
+                self._send(Transfer(src, dst, name, (x, y), nbytes))
+        self.hold[name] = holding.with_rows(dst, lo, hi)
+
+    def _source(
+        self, holding: Holding, part: PartGeom, lo: int, hi: int, dst: str, nbytes: int
+    ) -> str:
+        """Fastest node with the whole range; homes win ties (they always have it)."""
+        nodes = [*part.homes, *sorted(set(holding.holders(lo, hi)) - set(part.homes))]
+        return min(nodes, key=lambda n: self.cost.transfer_seconds(n, dst, nbytes))
+
+    def _send(self, transfer: Transfer) -> None:
+        self.transfers.append(transfer)
+        self.inbound[transfer.dst] += self.cost.transfer_seconds(
+            transfer.src, transfer.dst, transfer.nbytes
+        )
+
+    def _missing(self, name: str, lo: int, hi: int, node: str) -> int:
+        return self.hold[name].missing_bytes(node, lo, hi)
+
+    def _bytes(self, name: str, lo: int, hi: int) -> int:
+        return sum(
+            part.bytes_of(max(lo, part.lo), min(hi, part.hi))
+            for part in self.hold[name].obj.parts
+            if max(lo, part.lo) < min(hi, part.hi)
+        )
+
+    def _compute(self, info: StepInfo, node: str, nbytes_in: int) -> float:
+        return self.cost.wait_seconds(node) + self.cost.compute_seconds(info.step.op, nbytes_in)
+
+    def _create(self, name: str, parts: tuple[PartGeom, ...]) -> None:
+        """Record a new output; adjacent parts on the same node become one part, so
+        equivalent placements reach identical states."""
+        merged: list[PartGeom] = []
+        for part in parts:
+            prev = merged[-1] if merged else None
+            if prev is not None and prev.homes == part.homes:
+                merged[-1] = PartGeom(prev.lo, part.hi, prev.nbytes + part.nbytes, part.homes)
+            else:
+                merged.append(part)
+        self.hold[name] = Holding.original(DataObject(name, tuple(merged)))

@@ -1,0 +1,142 @@
+"""Built-in ops, registered in the default registry on import.
+
+Conventions: the first axis is rows; "column" ops work along axis 0 and keep
+the remaining axes.  Every op equals the numpy expression in its docstring
+applied to the gathered (row-concatenated) input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+
+from hpcflow.ops.errors import InputError, ParamError
+from hpcflow.ops.registry import op
+from hpcflow.ops.spec import Array, Params, Partial
+
+
+@op("scale", kind="rowwise")
+def scale(x: Array, *, factor: float) -> Array:
+    """``x * factor``."""
+    if not isinstance(factor, (Real, complex, np.number)):
+        raise ParamError(f"scale: factor must be a number, got {factor!r}")
+    return x * factor
+
+
+@op("add", kind="rowwise")
+def add(a: Array, b: Array) -> Array:
+    """``a + b`` for equal shapes (no broadcasting: rows must line up)."""
+    if a.shape != b.shape:
+        raise InputError(f"add: shapes differ: {a.shape} vs {b.shape}")
+    return a + b
+
+
+@op("fft", kind="rowwise")
+def fft(x: Array) -> Array:
+    """``np.fft.fft(x, axis=1)``: complex128, twice the bytes of float64 input."""
+    if x.ndim < 2:
+        raise InputError(f"fft: needs at least 2 dimensions (rows, samples), got shape {x.shape}")
+    return np.fft.fft(x, axis=1)
+
+
+@op("colsum", kind="reduce")
+def colsum(x: Array) -> Array:
+    """``x.sum(axis=0)``; partials are column sums, combined by summing."""
+    return np.asarray(x.sum(axis=0))
+
+
+def _combine_mean(parts: Sequence[Partial]) -> Array:
+    sums = [p[0] for p in parts if isinstance(p, tuple)]
+    counts = [p[1] for p in parts if isinstance(p, tuple)]
+    total = np.sum(sums, axis=0)
+    count = np.sum(counts)
+    if count == 0:
+        raise InputError("colmean: needs at least one row")
+    mean = np.asarray(total / count)
+    return mean.astype(total.dtype if total.dtype.kind in "fc" else np.float64)
+
+
+@op("colmean", kind="reduce", combine=_combine_mean)
+def colmean(x: Array) -> tuple[Array, Array]:
+    """``x.mean(axis=0)``; the partial is ``(column sums, row count)``.
+
+    Integer input is summed in float64 like ``np.mean`` does; float input keeps
+    its dtype in the result.
+    """
+    acc = np.float64 if x.dtype.kind in "biu" else x.dtype
+    return x.sum(axis=0, dtype=acc), np.array(len(x), dtype=np.int64)
+
+
+def _histogram_splittable(params: Params) -> bool:
+    """Exact per-part counting needs data-independent bin edges."""
+    bins = params.get("bins", 10)
+    if isinstance(bins, (Integral, np.integer)):
+        return params.get("range") is not None
+    return not isinstance(bins, str)
+
+
+@op("histogram", kind="reduce", splittable=_histogram_splittable)
+def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
+    """``np.histogram(x, bins, range)[0]``: counts over all values.
+
+    With an integer ``bins`` and no ``range`` the edges depend on the global
+    min/max, so the op is not split (the planner runs it on one node); give
+    ``range`` or explicit edges to let holders count independently.
+    """
+    if isinstance(bins, (Integral, np.integer)) and bins < 1:
+        raise ParamError(f"histogram: bins must be >= 1, got {bins}")
+    if range is not None and (len(range) != 2 or not range[0] < range[1]):
+        raise ParamError(f"histogram: range must be (lo, hi) with lo < hi, got {range!r}")
+    if np.iscomplexobj(x):
+        raise InputError("histogram: complex input is not supported")
+    return np.histogram(x, bins=bins, range=range)[0]
+
+
+def _flat_rows(x: Array) -> Array:
+    """``x.reshape(len(x), -1)`` that also works for zero rows."""
+    return x.reshape(len(x), int(np.prod(x.shape[1:], dtype=np.int64)))
+
+
+@op("gram", kind="reduce")
+def gram(x: Array) -> Array:
+    """``X.T @ X`` with ``X = x.reshape(len(x), -1)``; partials are summed."""
+    flat = _flat_rows(x)
+    return flat.T @ flat
+
+
+def _require_rows(name: str, x: Array) -> None:
+    if len(x) == 0:
+        raise InputError(f"{name}: needs at least one row")
+
+
+@op("median", kind="global")
+def median(x: Array) -> Array:
+    """``np.median(x, axis=0)`` (per column)."""
+    _require_rows("median", x)
+    return np.median(x, axis=0)
+
+
+@op("quantiles", kind="global")
+def quantiles(x: Array, *, q: Any) -> Array:
+    """``np.quantile(x, q, axis=0)``; ``q`` in [0, 1], scalar or 1-d."""
+    _require_rows("quantiles", x)
+    qs = np.asarray(q, dtype=np.float64)
+    if qs.ndim > 1 or np.any((qs < 0) | (qs > 1)) or np.any(np.isnan(qs)):
+        raise ParamError(f"quantiles: q must be a scalar or 1-d in [0, 1], got {q!r}")
+    return np.quantile(x, qs, axis=0)
+
+
+@op("sort_rows", kind="global")
+def sort_rows(x: Array) -> Array:
+    """Rows in lexicographic order: first column is the primary key, ties by the next.
+
+    Rows of n-d input are compared flattened; equal rows keep their order
+    (stable), so the result is ``x[np.lexsort(x.reshape(len(x), -1).T[::-1])]``.
+    """
+    flat = _flat_rows(x)
+    if flat.shape[1] == 0:
+        return x.copy()
+    return x[np.lexsort(flat.T[::-1])]

@@ -1,0 +1,337 @@
+"""Ops: split execution equals numpy on gathered data; registry, hashes, inference, errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpcflow.ops import (
+    ArityError,
+    InputError,
+    OpError,
+    OpRegistry,
+    OpSpec,
+    ParamError,
+    RegistrationError,
+    UnknownOpError,
+    apply,
+    combine_partials,
+    get_op,
+    infer_output,
+    list_ops,
+    load_op_module,
+    op,
+    output_model,
+    run_global,
+    run_partial,
+    run_rowwise_part,
+)
+
+Array = np.ndarray[Any, Any]
+
+
+def _flat(x: Array) -> Array:
+    return x.reshape(len(x), int(np.prod(x.shape[1:])))
+
+
+def _lexsorted(x: Array) -> Array:
+    flat = _flat(x)
+    return x[np.lexsort(flat.T[::-1])]
+
+
+def _gram(x: Array) -> Array:
+    flat = _flat(x)
+    result: Array = flat.T @ flat
+    return result
+
+
+# name -> (params, numpy reference on the gathered inputs, needs at least one row)
+REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
+    "scale": ({"factor": 2.5}, lambda x: x * 2.5, False),
+    "add": ({}, lambda a, b: a + b, False),
+    "fft": ({}, lambda x: np.fft.fft(x, axis=1), False),
+    "colsum": ({}, lambda x: x.sum(axis=0), False),
+    "colmean": ({}, lambda x: x.mean(axis=0), True),
+    "histogram": (
+        {"bins": 7, "range": (-2.0, 2.0)},
+        lambda x: np.histogram(x, bins=7, range=(-2.0, 2.0))[0],
+        False,
+    ),
+    "gram": ({}, _gram, False),
+    "median": ({}, lambda x: np.median(x, axis=0), True),
+    "quantiles": ({"q": [0.1, 0.5, 0.9]}, lambda x: np.quantile(x, [0.1, 0.5, 0.9], axis=0), True),
+    "sort_rows": ({}, _lexsorted, False),
+}
+
+part_sizes = st.lists(st.sampled_from([0, 0, 1, 1, 2, 3, 7]), min_size=1, max_size=5)
+
+
+def _split(x: Array, sizes: list[int]) -> list[Array]:
+    return np.split(x, np.cumsum(sizes)[:-1])
+
+
+def _data(seed: int, rows: int, cols: int, name: str) -> Array:
+    rng = np.random.default_rng(seed)
+    if name == "sort_rows":  # few distinct values: ties exercise the secondary keys
+        return rng.integers(0, 3, (rows, cols)).astype(np.float64)
+    return rng.normal(size=(rows, cols))
+
+
+def _assert_same(got: Array, want: Array) -> None:
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    if want.dtype.kind in "fc":
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_builtins_are_registered() -> None:
+    assert set(REFERENCE) <= set(list_ops())
+    kinds = {name: get_op(name).kind for name in REFERENCE}
+    assert kinds["scale"] == kinds["add"] == kinds["fft"] == "rowwise"
+    assert kinds["colsum"] == kinds["colmean"] == kinds["histogram"] == kinds["gram"] == "reduce"
+    assert kinds["median"] == kinds["quantiles"] == kinds["sort_rows"] == "global"
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=part_sizes, cols=st.integers(1, 4), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_split_execution_equals_numpy(name: str, sizes: list[int], cols: int, seed: int) -> None:
+    params, reference, needs_rows = REFERENCE[name]
+    spec = get_op(name)
+    inputs = [_data(seed + i, sum(sizes), cols, name) for i in range(spec.arity)]
+    if needs_rows and sum(sizes) == 0:
+        with pytest.raises(OpError):
+            apply(spec, inputs, params)
+        return
+    want = np.asarray(reference(*inputs))
+    _assert_same(apply(spec, inputs, params), want)
+    pieces = [_split(x, sizes) for x in inputs]
+    if spec.kind == "rowwise":
+        outs = [run_rowwise_part(spec, list(block), params) for block in zip(*pieces, strict=True)]
+        _assert_same(np.concatenate(outs), want)
+    elif spec.kind == "reduce":
+        partials = [run_partial(spec, block, params) for block in pieces[0]]
+        _assert_same(combine_partials(spec, partials, params), want)
+    else:
+        _assert_same(run_global(spec, [np.concatenate(p) for p in pieces], params), want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(sizes=part_sizes, seed=st.integers(0, 2**16))
+def test_reduce_ops_on_integer_and_3d_input(sizes: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-5, 5, (sum(sizes), 2, 3))
+    for name in ("colsum", "gram", "colmean"):
+        spec = get_op(name)
+        if name == "colmean" and len(x) == 0:
+            continue
+        partials = [run_partial(spec, block, {}) for block in _split(x, sizes)]
+        _assert_same(combine_partials(spec, partials, {}), apply(spec, [x], {}))
+        if name == "colmean":
+            assert apply(spec, [x], {}).dtype == np.float64  # like np.mean of integers
+
+
+def test_empty_part_partials_are_zeros_of_the_right_shape() -> None:
+    empty = np.empty((0, 3))
+    np.testing.assert_array_equal(run_partial(get_op("colsum"), empty, {}), np.zeros(3))
+    np.testing.assert_array_equal(run_partial(get_op("gram"), empty, {}), np.zeros((3, 3)))
+    counts = run_partial(get_op("histogram"), empty, {"bins": 4, "range": (0, 1)})
+    np.testing.assert_array_equal(counts, np.zeros(4, dtype=np.int64))
+
+
+def test_histogram_without_range_is_not_split_but_still_exact() -> None:
+    spec = get_op("histogram")
+    x = np.random.default_rng(1).normal(size=(20, 2))
+    assert not spec.can_split({"bins": 5})
+    assert spec.can_split({"bins": [0.0, 0.5, 1.0]})
+    assert spec.can_split({"bins": 5, "range": (0, 1)})
+    with pytest.raises(ParamError):
+        run_partial(spec, x, {"bins": 5})
+    np.testing.assert_array_equal(apply(spec, [x], {"bins": 5}), np.histogram(x, 5)[0])
+
+
+def test_fft_doubles_bytes_of_float64() -> None:
+    x = np.ones((4, 8))
+    assert apply(get_op("fft"), [x], {}).nbytes == 2 * x.nbytes
+
+
+def test_user_ops_from_the_brief() -> None:
+    registry = OpRegistry()
+
+    @registry.op("expand", kind="rowwise")
+    def expand(x: Array) -> Array:
+        return np.hstack([x, x * x])
+
+    @registry.op("colmax", kind="reduce", combine=lambda parts: np.max(parts, axis=0))
+    def colmax(x: Array) -> Array:
+        return np.asarray(x.max(axis=0))
+
+    x = np.arange(12.0).reshape(6, 2)
+    assert registry.names() == ["colmax", "expand"]
+    assert registry.get("expand").arity == 1
+    blocks = [run_rowwise_part(registry.get("expand"), [b], {}) for b in _split(x, [2, 4])]
+    np.testing.assert_array_equal(np.concatenate(blocks), np.hstack([x, x * x]))
+    partials = [run_partial(registry.get("colmax"), b, {}) for b in _split(x, [1, 5])]
+    np.testing.assert_array_equal(combine_partials(registry.get("colmax"), partials, {}), x.max(0))
+    assert infer_output(registry.get("expand"), [(100, 2)], ["float64"], {}) == (
+        (100, 4),
+        np.dtype("float64"),
+    )
+
+
+def test_default_decorator_registers_globally() -> None:
+    @op("test_ops_negate", kind="rowwise")
+    def negate(x: Array) -> Array:
+        return -x
+
+    assert get_op("test_ops_negate").fn is negate
+    assert "test_ops_negate" in list_ops()
+
+
+def test_definition_hash_is_stable_and_tracks_code_kind_and_arity() -> None:
+    def f(x: Array) -> Array:
+        return x + 1
+
+    def g(x: Array) -> Array:
+        return x + 2
+
+    a = OpSpec("f", "rowwise", f)
+    assert a.definition_hash == OpSpec("f", "rowwise", f).definition_hash
+    assert a.definition_hash != OpSpec("f", "rowwise", g).definition_hash
+    assert a.definition_hash != OpSpec("f", "global", f).definition_hash
+    assert a.definition_hash != OpSpec("f", "rowwise", f, arity=2).definition_hash
+    # no source available: falls back to the code object, still stable
+    namespace: dict[str, Any] = {}
+    exec("def h(x):\n    return x * 3\n", namespace)
+    h1 = OpSpec("h", "rowwise", namespace["h"]).definition_hash
+    exec("def h(x):\n    return x * 3\n", namespace)
+    assert OpSpec("h", "rowwise", namespace["h"]).definition_hash == h1
+    exec("def h(x):\n    return x * 4\n", namespace)
+    assert OpSpec("h", "rowwise", namespace["h"]).definition_hash != h1
+
+
+def _write_module(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_load_op_module_by_path_and_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = """
+        import numpy as np
+        from hpcflow.ops import op
+
+        @op("test_ops_cube", kind="rowwise")
+        def cube(x):
+            return x ** 3
+    """
+    path = _write_module(tmp_path / "cube_ops.py", src)
+    assert load_op_module(path) == ("test_ops_cube",)
+    digest = get_op("test_ops_cube").definition_hash
+    assert load_op_module(str(path)) == ()  # already loaded: nothing new
+    # the same source under a dotted module name re-registers identically
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_op_module("cube_ops") == ()
+    assert get_op("test_ops_cube").definition_hash == digest
+    other = _write_module(tmp_path / "cube_ops2.py", src.replace("** 3", "** 3 + 0"))
+    with pytest.raises(OpError, match="different definition"):
+        load_op_module(other)
+    with pytest.raises(OpError, match="cannot load"):
+        load_op_module("no_such_module_for_hpcflow_tests")
+    sys.modules.pop("cube_ops", None)
+
+
+def test_registry_clash_and_unknown_op() -> None:
+    registry = OpRegistry()
+    registry.op("twice", kind="rowwise")(lambda x: x * 2)
+    with pytest.raises(RegistrationError):
+        registry.op("twice", kind="rowwise")(lambda x: x * 3)
+    registry.op("twice", kind="rowwise", replace=True)(lambda x: x * 3)
+    with pytest.raises(UnknownOpError, match="twice"):
+        registry.get("thrice")
+    with pytest.raises(RegistrationError):
+        OpSpec("bad", "rowwise", lambda x: x, combine=lambda parts: np.zeros(1))
+    with pytest.raises(RegistrationError):
+        OpSpec("bad", "reduce", lambda x, y: x, arity=2)
+    with pytest.raises(RegistrationError):
+        OpSpec("bad", "sideways", lambda x: x)  # type: ignore[arg-type]
+
+
+def test_validation_errors_are_typed() -> None:
+    x = np.ones((4, 3))
+    with pytest.raises(ArityError):
+        apply(get_op("add"), [x], {})
+    with pytest.raises(InputError, match="shapes differ"):
+        apply(get_op("add"), [x, np.ones((4, 2))], {})
+    with pytest.raises(InputError, match="row counts"):
+        run_rowwise_part(get_op("add"), [x, np.ones((3, 3))], {})
+    with pytest.raises(InputError, match="non-numeric"):
+        apply(get_op("scale"), [np.array([["a"]])], {"factor": 2})
+    with pytest.raises(ParamError, match="factor"):
+        apply(get_op("scale"), [x], {})
+    with pytest.raises(ParamError):
+        apply(get_op("scale"), [x], {"factor": 2, "offset": 1})
+    with pytest.raises(ParamError):
+        apply(get_op("scale"), [x], {"factor": "big"})
+    with pytest.raises(ParamError):
+        apply(get_op("quantiles"), [x], {"q": 1.5})
+    with pytest.raises(ParamError):
+        apply(get_op("histogram"), [x], {"bins": 0, "range": (0, 1)})
+    with pytest.raises(InputError):
+        apply(get_op("fft"), [np.ones(4)], {})
+    with pytest.raises(OpError):
+        run_partial(get_op("median"), x, {})
+    with pytest.raises(OpError):
+        combine_partials(get_op("colsum"), [], {})
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(0, 50), cols=st.integers(1, 5))
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_inference_matches_real_output(name: str, rows: int, cols: int) -> None:
+    params, _, needs_rows = REFERENCE[name]
+    spec = get_op(name)
+    if needs_rows and rows == 0:
+        rows = 1
+    inputs = [_data(i, rows, cols, name) for i in range(spec.arity)]
+    shape, dtype = infer_output(spec, [x.shape for x in inputs], ["float64"] * spec.arity, params)
+    real = apply(spec, inputs, params)
+    assert (shape, dtype) == (real.shape, real.dtype)
+    if spec.kind == "reduce":
+        model = output_model(spec, [(cols,)], ["float64"], params)
+        partial = run_partial(spec, inputs[0], params)
+        items = partial if isinstance(partial, tuple) else (partial,)
+        assert model.partial_nbytes(rows) == sum(item.nbytes for item in items)
+
+
+def test_inference_errors_and_declared_shapes() -> None:
+    with pytest.raises(ArityError):
+        infer_output(get_op("add"), [(3, 2)], ["float64"], {})
+    with pytest.raises(InputError):
+        infer_output(get_op("add"), [(3, 2), (4, 2)], ["float64"] * 2, {})
+    with pytest.raises(InputError):
+        infer_output(get_op("add"), [(3, 2), (3, 5)], ["float64"] * 2, {})
+    registry = OpRegistry()
+    registry.op("halve", kind="global")(lambda x: x[: len(x) // 2])
+    with pytest.raises(OpError, match="affine"):
+        infer_output(registry.get("halve"), [(10, 2)], ["float64"], {})
+    registry.op(
+        "halve2",
+        kind="global",
+        out_shape=lambda shapes, params: (shapes[0][0] // 2, *shapes[0][1:]),
+        out_dtype="float64",
+    )(lambda x: x[: len(x) // 2])
+    with pytest.raises(OpError, match="affine"):  # still fitted: declared shape must be affine
+        infer_output(registry.get("halve2"), [(10, 2)], ["float64"], {})
+    registry.op("first2", kind="global", out_dtype="float32")(lambda x: x[:2])
+    with pytest.raises(OpError, match="declared dtype"):
+        infer_output(registry.get("first2"), [(10, 2)], ["float64"], {})
