@@ -36,10 +36,12 @@ from .errors import (
     NotOwner,
     PeerUnavailable,
 )
+from .ops import DEFAULT_REGISTRY, OpError, load_op_module
 from .rpc.bulk import BulkClient, BulkServer, BulkSettings
 from .rpc.calls import PeerClients
 from .rpc.service import NodeService
 from .rpc.traffic import Traffic
+from .workflow.worker import Worker
 
 log = logging.getLogger("hpcflow.node")
 
@@ -65,10 +67,18 @@ class Node:
         self._lock_fd = -1
         self._greenlets: list[gevent.Greenlet] = []
         self.me = PeerInfo(self.name, self.epoch, "", "", "")
+        self.registry = DEFAULT_REGISTRY
+        self.worker = Worker(self, self.registry)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        for module in cfg.ops:
+            try:
+                added = load_op_module(module)
+            except OpError as exc:
+                raise ConfigError(f"--ops {module}: {exc}") from exc
+            log.info("loaded ops from %s: %s", module, ", ".join(added) or "(none new)")
         self._lock_data_dir()
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
@@ -108,6 +118,7 @@ class Node:
         return ReplicatedCatalog(
             self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
+            ops=self.registry.hashes,
             pub_bind=self.config.pub_endpoint)
 
     def serve_forever(self) -> None:

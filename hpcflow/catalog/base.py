@@ -71,9 +71,10 @@ class NodeView:
     info: PeerInfo
     alive: bool
     load: dict[str, Any] = field(default_factory=dict)
+    ops: dict[str, str] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
-        return {**self.info.to_wire(), "alive": self.alive, "load": self.load}
+        return {**self.info.to_wire(), "alive": self.alive, "load": self.load, "ops": self.ops}
 
 
 @dataclass(frozen=True)

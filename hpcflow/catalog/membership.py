@@ -55,4 +55,5 @@ class PeerState:
     synced: bool = False  # snapshot applied; updates are applied in order
     seq: int = 0
     load: dict[str, Any] = field(default_factory=dict)
+    ops: dict[str, str] = field(default_factory=dict)  # op name -> definition hash
     dead_since: float | None = None

@@ -54,6 +54,7 @@ class ReplicatedCatalog(Catalog):
         heartbeat_s: float = 1.0,
         ttl_s: float = 3.5,
         load: Callable[[], dict[str, Any]] = dict,
+        ops: Callable[[], dict[str, str]] = dict,
         pub_bind: str | None = None,
     ) -> None:
         self.me = me
@@ -62,6 +63,7 @@ class ReplicatedCatalog(Catalog):
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
         self.load = load
+        self.ops = ops
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
         self.own: dict[str, DatasetRecord] = {}
@@ -150,8 +152,8 @@ class ReplicatedCatalog(Catalog):
             st.synced = False
 
     def nodes(self) -> list[NodeView]:
-        views = [NodeView(self.me, True, self.load())]
-        views += [NodeView(st.info, st.alive, st.load) for st in self.peers.values()]
+        views = [NodeView(self.me, True, self.load(), self.ops())]
+        views += [NodeView(st.info, st.alive, st.load, st.ops) for st in self.peers.values()]
         return views
 
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:
@@ -188,7 +190,7 @@ class ReplicatedCatalog(Catalog):
             st.info.to_wire() for st in self.peers.values() if st.alive
         ]
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
-                     props={"load": self.load(), "members": members})
+                     props={"load": self.load(), "members": members, "ops": self.ops()})
 
     # -- subscriber ---------------------------------------------------------------
     def _subscriber(self) -> None:
@@ -233,8 +235,10 @@ class ReplicatedCatalog(Catalog):
             self._notify()
             self._outbox.put(None)  # gossip the news now rather than at the next beat
         if msg.kind == HB:
-            load = msg.props.get("load")
+            load, ops = msg.props.get("load"), msg.props.get("ops")
             st.load = load if isinstance(load, dict) else {}
+            if isinstance(ops, dict):
+                st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
         if not st.synced:
             if msg.kind == KV:
                 pend = self._pending.setdefault(msg.sender, [])

@@ -186,6 +186,19 @@ class DatasetReader:
         arr = np.ascontiguousarray(self._file["data"][self.chunking.slab(i)])
         return arr, int(self.digests[i])
 
+    def byte_range(self, off: int, length: int) -> Any:
+        """Bytes ``[off, off+length)`` of the C-ordered data (a view when mapped)."""
+        if off < 0 or length < 0 or off + length > self.rec.nbytes:
+            raise InvalidData(f"byte range {off}+{length} outside {self.rec.key} "
+                              f"({self.rec.nbytes} bytes)")
+        if length == 0:
+            return np.empty(0, dtype=np.uint8)
+        if self._mm is not None:
+            return self._mm[off : off + length]
+        assert self._file is not None
+        flat = np.ascontiguousarray(self._file["data"][...]).reshape(-1).view(np.uint8)
+        return flat[off : off + length]
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

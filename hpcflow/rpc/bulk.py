@@ -14,6 +14,7 @@ server's ROUTER adds the peer identity in front.
 client     header                            server replies
 =========  ================================  ============================
 ``GET``    r, key, v (version), i, by        ``CHUNK`` r, i, d + payload
+``RANGE``  r, key, v, o (offset), n, by      ``CHUNK`` r, i=o, d + payload
 ``PUT``    r, name, part, nparts, shape,     ``OK`` r, u
            dtype, chunk_bytes, overwrite,
            lineage, by
@@ -62,6 +63,7 @@ from .traffic import Traffic
 log = logging.getLogger("hpcflow.bulk")
 
 MAX_HEADER = 64 * 1024
+MAX_RANGE = 64 * 1024 * 1024
 Deliver = Callable[[int, int, memoryview, int], None]
 """Called with (chunk index, byte offset in the dataset, payload, digest)."""
 
@@ -179,6 +181,8 @@ class BulkServer:
     def _dispatch(self, ident: bytes, verb: bytes, hdr: dict[str, Any], payload: Any) -> None:
         if verb == b"GET":
             self._get(ident, hdr)
+        elif verb == b"RANGE":
+            self._range(ident, hdr)
         elif verb == b"PUT":
             self._put(ident, hdr)
         elif verb == b"DATA":
@@ -211,6 +215,17 @@ class BulkServer:
             [ident, b"CHUNK", _pack({"r": r, "i": i, "d": digest}), buf], copy=False
         )
         self.traffic.sent(by, memoryview(buf).nbytes)
+
+    def _range(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        """Bytes of a row range: the digest is computed here, on the fly."""
+        r, off, n, version = _int(hdr, "r"), _int(hdr, "o"), _int(hdr, "n"), _int(hdr, "v")
+        key, by = _str(hdr, "key"), _str(hdr, "by")
+        if n > MAX_RANGE:
+            raise InvalidData(f"range requests are limited to {MAX_RANGE} bytes")
+        buf = self.store.reader(key, version).byte_range(off, n)
+        self.sock.send_multipart(
+            [ident, b"CHUNK", _pack({"r": r, "i": off, "d": chunk_digest(buf)}), buf], copy=False)
+        self.traffic.sent(by, n)
 
     def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
         r, by = _int(hdr, "r"), _str(hdr, "by")
@@ -378,6 +393,64 @@ class BulkClient:
             raise IntegrityError(
                 f"{rec.key} from {peer} does not match its catalog checksum: the stored copy "
                 "is corrupted")
+        return total
+
+    def fetch_range(self, endpoint: str, peer: str, rec: DatasetRecord, off: int, length: int,
+                    deliver: Deliver, piece: int) -> int:
+        """Pull bytes ``[off, off+length)`` of ``rec`` in pieces of ``piece`` bytes.
+
+        Each piece is digest-checked (and retried); there is no whole-dataset
+        checksum for a range.  ``deliver`` gets offsets relative to ``off``.
+        """
+        piece = max(1, min(piece, MAX_RANGE))
+        starts = list(range(off, off + length, piece))
+        window, r = max(1, self.settings.window), random.getrandbits(62)
+        attempts: dict[int, int] = {}
+        next_k = done = total = silent = 0
+        s = self._socket(endpoint)
+        try:
+            def ask(o: int) -> None:
+                n = min(piece, off + length - o)
+                s.send_multipart([b"RANGE", _pack({"r": r, "key": rec.key, "v": rec.version,
+                                                   "o": o, "n": n, "by": self.me})])
+            while done < len(starts):
+                while next_k < len(starts) and len(attempts) < window:
+                    attempts[starts[next_k]] = 0
+                    ask(starts[next_k])
+                    next_k += 1
+                try:
+                    verb, hdr, payload = self._recv(s, peer, f"fetch of rows of {rec.key}",
+                                                    self.settings.timeout_s / 3)
+                except PeerUnavailable:
+                    silent += 1
+                    if silent >= 3:
+                        raise
+                    for o in attempts:
+                        ask(o)
+                    continue
+                silent = 0
+                if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
+                    continue
+                o = _int(hdr, "i")
+                if o not in attempts:
+                    continue
+                buf = payload.buffer
+                digest = chunk_digest(buf)
+                if buf.nbytes != min(piece, off + length - o) or digest != hdr.get("d"):
+                    self.traffic.chunk_retries += 1
+                    attempts[o] += 1
+                    if attempts[o] > self.settings.retries:
+                        raise IntegrityError(f"bytes at {o} of {rec.key} from {peer} failed "
+                                             f"verification {attempts[o]} times")
+                    ask(o)
+                    continue
+                deliver(starts.index(o), o - off, buf, digest)
+                self.traffic.received(peer, buf.nbytes)
+                total += buf.nbytes
+                del attempts[o]
+                done += 1
+        finally:
+            s.close(linger=0)
         return total
 
     def upload(

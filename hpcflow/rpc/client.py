@@ -40,12 +40,13 @@ class Client:
         self.ctx = zmq.Context()
         self.traffic = Traffic()
         try:
-            hello = self._call("ping")
+            hello = self._call("info")
         except PeerUnavailable:
             self.close()
             raise PeerUnavailable(f"no hpcflow node answers at {address} "
                                   "(is `hpcflow node` running there?)") from None
         self.node = str(hello["name"])
+        self.node_bulk = str(hello["endpoints"]["bulk"])
         self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
                                settings or BulkSettings(timeout_s=self.timeout_s))
 
@@ -116,9 +117,8 @@ class Client:
         part = validate_part(part)
         src = open_source(data, dataset)
         try:
-            info = self._call("info")
             return self.bulk.upload(
-                info["endpoints"]["bulk"], self.node, name, src.shape, src.dtype, src.read,
+                self.node_bulk, self.node, name, src.shape, src.dtype, src.read,
                 part=part, nparts=nparts, overwrite=overwrite, lineage=lineage,
                 chunk_bytes=chunk_bytes, progress=progress)
         finally:

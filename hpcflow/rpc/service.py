@@ -18,6 +18,7 @@ from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import HpcflowError, InvalidData
+from ..workflow.worker import InputRef, RunRequest
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -150,6 +151,35 @@ class NodeService:
         """Pull a copy of ``name`` (or one part) into this node's store."""
         recs = self.node.replicate(validate_name(name), validate_part(part))
         return [r.to_wire() for r in recs]
+
+    @exposed
+    def ops(self) -> dict[str, str]:
+        """Op name -> definition hash of every op this node can run."""
+        return self.node.registry.hashes()
+
+    @exposed
+    def pull(self, name: Any, rows: Any = None) -> list[dict[str, Any]]:
+        """Make rows ``[lo, hi)`` (default: all) of ``name`` local; returns what was copied."""
+        ref = InputRef.from_wire({"name": name, "rows": rows})
+        return [r.to_wire() for r in self.node.worker.pull(ref.name, ref.rows)]
+
+    @exposed
+    def run_op(self, request: Any) -> dict[str, Any]:
+        """Run an op on local rows and store its output here (see ``workflow.worker``)."""
+        return self.node.worker.run(RunRequest.from_wire(request)).to_wire()
+
+    @exposed
+    def drop(self, names: Any) -> int:
+        """Delete every local part of each named dataset (workflow clean-up); returns count."""
+        if not isinstance(names, list) or len(names) > 100_000:
+            raise InvalidData("names must be a list")
+        wanted = {validate_name(n) for n in names}
+        dropped = 0
+        for rec in list(self.node.store.records()):
+            if rec.name in wanted:
+                self.node.store.delete(rec.name, rec.part)
+                dropped += 1
+        return dropped
 
     @exposed
     def stats(self) -> dict[str, Any]:

@@ -1,0 +1,286 @@
+"""What a node does when a plan asks it to: make rows local, run an op on local data.
+
+The executor on the initiating node drives every other node through two RPCs
+(see :class:`~hpcflow.rpc.service.NodeService`):
+
+* ``pull(name, lo, hi)`` — make rows ``[lo, hi)`` of dataset ``name`` local.
+  A part the range covers whole is copied (a catalogued replica, verified
+  against the dataset checksum); a part it covers partly is fetched as a row
+  range and stored as a *slice*, a dataset named ``NAME:rowsLO-HI`` whose
+  lineage says what it is a slice of.
+* ``run_op(request)`` — run an op on rows that are all local, store the output
+  (whole, one row-part, or a reduce partial) and announce it with lineage.
+
+Op code runs in gevent's thread pool: numpy releases the GIL for its heavy
+loops, so heartbeats and other requests keep flowing during long operations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import numpy as np
+
+from ..catalog.base import Location
+from ..catalog.record import DatasetRecord, validate_name, validate_part
+from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, ProtocolError
+from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("hpcflow.worker")
+
+MODES = ("whole", "part", "partial", "combine")
+
+
+def slice_name(name: str, lo: int, hi: int) -> str:
+    return f"{name}:rows{lo}-{hi}"
+
+
+def pack_partial(partial: Any) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
+    """A reduce partial as one array to store and move, plus what is needed to unpack it.
+
+    A single-array partial is stored as it is (so the bytes that move are
+    exactly the partial's); a tuple is concatenated as raw bytes, its items'
+    dtypes and shapes kept in the lineage.
+    """
+    if not isinstance(partial, tuple):
+        return np.asarray(partial), {"partial": "array"}
+    items = [np.ascontiguousarray(x) for x in partial]
+    layout = [[x.dtype.str, list(x.shape)] for x in items]
+    blob = np.concatenate([x.reshape(-1).view(np.uint8) for x in items]) if items else (
+        np.empty(0, np.uint8))
+    return blob, {"partial": "tuple", "layout": layout}
+
+
+def unpack_partial(arr: np.ndarray[Any, Any], lineage: dict[str, Any]) -> Any:
+    if lineage.get("partial") == "array":
+        return arr
+    if lineage.get("partial") != "tuple":
+        raise InvalidData("dataset is not a stored reduce partial")
+    items, pos, raw = [], 0, arr.reshape(-1).view(np.uint8)
+    try:
+        for dtype, shape in lineage["layout"]:
+            dt = np.dtype(dtype)
+            n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            items.append(raw[pos : pos + n].view(dt).reshape(shape))
+            pos += n
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidData(f"bad partial layout: {exc}") from exc
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """Rows ``[lo, hi)`` of a dataset (``rows=None``: all of it)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+    @classmethod
+    def from_wire(cls, d: object) -> InputRef:
+        if not isinstance(d, dict):
+            raise ProtocolError("input must be a map")
+        rows = d.get("rows")
+        if rows is not None:
+            if (not isinstance(rows, list | tuple) or len(rows) != 2
+                    or not all(isinstance(x, int) and x >= 0 for x in rows) or rows[0] > rows[1]):
+                raise InvalidData(f"rows must be [lo, hi] with 0 <= lo <= hi, got {rows!r}")
+            rows = (int(rows[0]), int(rows[1]))
+        return cls(validate_name(d.get("name")), rows)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    op: str
+    mode: str
+    inputs: tuple[InputRef, ...]
+    out: str
+    params: dict[str, Any] = field(default_factory=dict)
+    op_hash: str | None = None
+    part: int | None = None
+    nparts: int | None = None
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, d: object) -> RunRequest:
+        if not isinstance(d, dict):
+            raise ProtocolError("run request must be a map")
+        mode = d.get("mode")
+        if mode not in MODES:
+            raise InvalidData(f"mode must be one of {MODES}, got {mode!r}")
+        inputs = d.get("inputs")
+        if not isinstance(inputs, list) or not inputs or len(inputs) > 1024:
+            raise InvalidData("inputs must be a non-empty list")
+        params, lineage = d.get("params") or {}, d.get("lineage") or {}
+        if not isinstance(params, dict) or not isinstance(lineage, dict):
+            raise InvalidData("params and lineage must be maps")
+        op, op_hash = d.get("op"), d.get("hash")
+        if not isinstance(op, str) or (op_hash is not None and not isinstance(op_hash, str)):
+            raise InvalidData("op must be a name and hash a string")
+        return cls(op, str(mode), tuple(InputRef.from_wire(x) for x in inputs),
+                   validate_name(d.get("out")), params, op_hash, validate_part(d.get("part")),
+                   validate_part(d.get("nparts")), lineage)
+
+
+class Worker:
+    """Node-side execution: resolves local rows, runs ops, stores results."""
+
+    def __init__(self, node: Node, registry: OpRegistry) -> None:
+        self.node = node
+        self.registry = registry
+
+    # -- rows ------------------------------------------------------------------
+    def _pieces(self, name: str) -> tuple[Location, list[tuple[int, int, DatasetRecord]]]:
+        """Locally held row ranges of ``name``: whole parts and slices."""
+        loc = self.node.catalog.locate(name)
+        starts = {p.part: (p.row_start, p.row_stop) for p in loc.parts}
+        pieces = []
+        for rec in self.node.store.records():
+            if rec.name == name and rec.part in starts:
+                lo, hi = starts[rec.part]
+                pieces.append((lo, hi, rec))
+            elif rec.lineage.get("slice_of") == name:
+                lo, hi = rec.lineage["rows"]
+                pieces.append((int(lo), int(hi), rec))
+        pieces.sort(key=lambda p: (p[0], -p[1]))
+        return loc, pieces
+
+    def local_rows(self, name: str, rows: tuple[int, int] | None) -> np.ndarray[Any, Any]:
+        """Rows ``[lo, hi)`` of ``name`` from local copies only (no network)."""
+        loc, pieces = self._pieces(name)
+        total = loc.shape[0] if loc.shape else 1
+        lo, hi = rows if rows is not None else (0, total)
+        if not 0 <= lo <= hi <= total:
+            raise InvalidData(f"rows [{lo}, {hi}) outside {name} ({total} rows)")
+        if not loc.shape:  # a scalar dataset: one "row"
+            rec = next((r for _, _, r in pieces), None)
+            if rec is None:
+                raise DatasetNotFound(f"{name} is not on {self.node.name}")
+            return np.asarray(self.node.store.read_array(rec.name, rec.part, verify=False))
+        out = np.empty((hi - lo, *loc.shape[1:]), dtype=np.dtype(loc.dtype))
+        row_bytes = out.itemsize * int(np.prod(loc.shape[1:], dtype=np.int64))
+        flat = out.reshape(-1).view(np.uint8)
+        pos = lo
+        for plo, phi, rec in pieces:
+            if pos >= hi:
+                break
+            if plo <= pos < phi:
+                take = min(phi, hi) - pos
+                reader = self.node.store.reader(rec.key)
+                src = reader.byte_range((pos - plo) * row_bytes, take * row_bytes)
+                dst = (pos - lo) * row_bytes
+                flat[dst : dst + take * row_bytes] = np.frombuffer(memoryview(src).cast("B"),
+                                                                   dtype=np.uint8)
+                pos += take
+        if pos < hi:
+            raise InvalidData(f"rows [{pos}, {hi}) of {name} are not on {self.node.name}: "
+                              "the plan must move them here first")
+        return out
+
+    def pull(self, name: str, rows: tuple[int, int] | None) -> list[DatasetRecord]:
+        """Make rows local; returns the records this created (copies and slices)."""
+        loc, pieces = self._pieces(name)
+        total = loc.shape[0] if loc.shape else 1
+        lo, hi = rows if rows is not None else (0, total)
+        created: list[DatasetRecord] = []
+        for p in loc.parts:
+            a, b = max(lo, p.row_start), min(hi, p.row_stop)
+            if a >= b and not (p.row_start == p.row_stop and lo <= p.row_start < hi):
+                continue
+            if any(plo <= a and b <= phi for plo, phi, _ in pieces):
+                continue  # already here
+            if (a, b) == (p.row_start, p.row_stop):
+                created += self.node.replicate(name, p.part)
+            else:
+                created.append(self._pull_slice(name, p.holders, a - p.row_start,
+                                                b - p.row_start, a, b))
+        return created
+
+    def _pull_slice(self, name: str, holders: tuple[DatasetRecord, ...], rlo: int, rhi: int,
+                    glo: int, ghi: int) -> DatasetRecord:
+        src = holders[0]
+        row_bytes = src.nbytes // max(src.rows, 1)
+        shape = (rhi - rlo, *src.shape[1:])
+        writer = self.node.store.begin(
+            slice_name(name, glo, ghi), shape, src.dtype, overwrite=True,
+            lineage={"slice_of": name, "rows": [glo, ghi], "source_version": src.version},
+            chunk_bytes=self.node.config.chunk_bytes)
+        flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
+        errors = []
+        try:
+            for rec in sorted(holders, key=lambda r: r.owner != self.node.name):
+                endpoint = self.node.bulk_endpoints().get(rec.owner)
+                if endpoint is None:
+                    continue
+                try:
+                    piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1)
+                                * row_bytes)
+                    self.node.bulk_client.fetch_range(
+                        endpoint, rec.owner, rec, rlo * row_bytes, (rhi - rlo) * row_bytes,
+                        lambda k, off, buf, d: flat.__setitem__(
+                            slice(off, off + buf.nbytes), np.frombuffer(buf, dtype=np.uint8)),
+                        piece)
+                    break
+                except PeerUnavailable as exc:
+                    errors.append(str(exc))
+            else:
+                raise PeerUnavailable(f"no holder of {name} rows [{glo}, {ghi}) answered: "
+                                      + ("; ".join(errors) or "none alive"))
+            for i in range(len(writer.chunking)):
+                off, length = writer.chunking.byte_range(i)
+                writer.write_chunk(i, flat[off : off + length])
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- ops -------------------------------------------------------------------
+    def run(self, req: RunRequest) -> DatasetRecord:
+        spec = self.registry.get(req.op)
+        if req.op_hash is not None and req.op_hash != spec.definition_hash:
+            raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
+                          "than the initiator's")
+        fn: Callable[..., Any]
+        first: Any
+        if req.mode == "combine":
+            partials = [unpack_partial(self.local_rows(i.name, None), self._lineage(i.name))
+                        for i in req.inputs]
+            fn, first = combine_partials, partials
+        else:
+            arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
+            runners: dict[str, Callable[..., Any]] = {
+                "whole": apply, "part": run_rowwise_part, "partial": run_partial}
+            fn = runners[req.mode]
+            first = arrays[0] if req.mode == "partial" else arrays
+        result = gevent.get_hub().threadpool.apply(fn, (spec, first, req.params))
+        lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
+                   "mode": req.mode, "inputs": [
+                       {"name": i.name, "rows": list(i.rows) if i.rows else None,
+                        "versions": self._versions(i.name)} for i in req.inputs],
+                   **req.lineage}
+        if req.mode == "partial":
+            result, how = pack_partial(result)
+            lineage.update(how)
+        arr = np.asarray(result)
+        return self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
+                                         lineage=lineage, overwrite=True,
+                                         chunk_bytes=self.node.config.chunk_bytes)
+
+    def _lineage(self, name: str) -> dict[str, Any]:
+        recs = [r for r in self.node.store.records() if r.name == name]
+        if not recs:
+            raise DatasetNotFound(f"partial {name} is not on {self.node.name}")
+        return recs[0].lineage
+
+    def _versions(self, name: str) -> list[int]:
+        try:
+            return sorted({h.version for p in self.node.catalog.locate(name).parts
+                           for h in p.holders})
+        except DatasetNotFound:
+            return []
