@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _version
 from .config import NodeConfig
-from .errors import HpcflowError, to_wire
+from .errors import HpcflowError, InvalidData, to_wire
 
 
 def _size(n: float) -> str:
@@ -139,6 +139,60 @@ def cmd_rm(a: argparse.Namespace) -> int:
     return 0
 
 
+def _params(pairs: list[str]) -> dict[str, Any]:
+    """``k=v`` pairs; values are parsed as JSON when they can be (numbers, lists, true)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidData(f"--param wants key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
+    with _client(a) as c:
+        c.flow.objective = a.objective
+        h = c.run(a.op, *a.inputs, **_params(a.param))
+        if not execute:
+            view = c.flow.plan(h, a.method)
+            print(json.dumps(view.raw) if a.json else view.explain())
+            return 0
+        arr = h.fetch()
+        if a.save:
+            h.save(a.save)
+        if a.output:
+            np.save(a.output, arr)
+        report = c.report()
+        assert h.plan is not None
+        result = {"op": a.op, "inputs": a.inputs, "shape": list(arr.shape), "dtype": arr.dtype.str,
+                  "bytes_planned": report["bytes_planned"], "bytes_moved": report["bytes_moved"],
+                  "moved": report["moved"], "saved_as": a.save, "output": a.output,
+                  "plan": h.plan.raw}
+        if a.json:
+            print(json.dumps(result))
+        else:
+            print(h.plan.explain())
+            print(f"result: {'x'.join(map(str, arr.shape)) or 'scalar'} {arr.dtype}; moved "
+                  f"{_size(report['bytes_moved'])} (planned {_size(report['bytes_planned'])})"
+                  + (f"; saved as {a.save}" if a.save else "")
+                  + (f"; written to {a.output}" if a.output else ""))
+            if not a.output and arr.size <= 20:
+                print(arr)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    return _run_or_explain(a, execute=True)
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    return _run_or_explain(a, execute=False)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .harness.demo import run_demo
 
@@ -207,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name")
     r.add_argument("--part", type=int)
     r.set_defaults(fn=cmd_rm)
+
+    for verb, fn, text in (("run", cmd_run, "run one operation where the planner says"),
+                           ("explain", cmd_explain, "show the plan for one operation")):
+        sp = sub.add_parser(verb, help=text)
+        client_opts(sp)
+        sp.add_argument("op")
+        sp.add_argument("inputs", nargs="+", help="input dataset names")
+        sp.add_argument("--param", action="append", default=[], help="op parameter k=v "
+                        "(v parsed as JSON when possible), repeatable")
+        sp.add_argument("--objective", choices=["bytes", "time"], default="bytes")
+        sp.add_argument("--method", choices=["optimal", "greedy", "pull_all"],
+                        default="optimal", help="planner (explain only)")
+        sp.add_argument("--save", help="keep the result as a dataset with this name")
+        sp.add_argument("--output", help="write the result to this .npy file")
+        sp.set_defaults(fn=fn)
 
     d = sub.add_parser("demo", help="start a small local cluster, move data, tear it down")
     d.add_argument("--nodes", type=int, default=3)

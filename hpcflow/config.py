@@ -81,6 +81,7 @@ class NodeConfig:
     ttl_s: float = 3.5
     rpc_timeout_s: float = 10.0
     transfer_timeout_s: float = 30.0
+    link_gbit: float = 10.0  # assumed link speed until transfers have measured it
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     window: int = 8
     chunk_retries: int = 3

@@ -21,7 +21,7 @@ import zerorpc
 import zmq
 import zmq.green as zmqg
 
-from .catalog.base import Catalog
+from .catalog.base import Catalog, PartLocation
 from .catalog.membership import PeerInfo
 from .catalog.record import DatasetRecord, key_of, validate_dtype, validate_name, validate_part
 from .catalog.replicated import ReplicatedCatalog
@@ -82,8 +82,9 @@ class Node:
         self._lock_data_dir()
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
+        self.service = NodeService(self)
         try:
-            self.rpc = zerorpc.Server(NodeService(self), heartbeat=5)
+            self.rpc = zerorpc.Server(self.service, heartbeat=5)
             self.rpc.bind(cfg.rpc_endpoint)
             rpc_ep = self.rpc._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
@@ -287,27 +288,26 @@ class Node:
     def replicate(self, name: str, part: int | None) -> list[DatasetRecord]:
         """Copy a dataset's parts into the local store (copies are catalogued replicas)."""
         loc = self.catalog.locate(name)
-        out = []
-        for p in loc.parts:
-            if part is not None and p.part != part:
-                continue
-            mine = next((r for r in p.holders if r.owner == self.name), None)
-            if mine is not None:
-                out.append(mine)
-                continue
-            src = p.holders[0]
-            writer = self.store.begin(name, src.shape, src.dtype, part=src.part,
-                                      nparts=src.nparts, lineage=src.lineage,
-                                      chunk_bytes=src.chunk_bytes)
-            try:
-                self.pull_any(p.holders, lambda i, off, buf, d, w=writer: w.write_chunk(i, buf, d))
-                out.append(writer.commit(src.checksum))
-            except BaseException:
-                writer.abort()
-                raise
+        out = [self.replicate_part(p)[0] for p in loc.parts if part is None or p.part == part]
         if not out:
             raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
         return out
+
+    def replicate_part(self, p: PartLocation) -> tuple[DatasetRecord, str | None]:
+        """Copy one part here unless we have it; returns our record and the source used."""
+        mine = next((r for r in p.holders if r.owner == self.name), None)
+        if mine is not None:
+            return mine, None
+        src = p.holders[0]
+        writer = self.store.begin(src.name, src.shape, src.dtype, part=src.part,
+                                  nparts=src.nparts, lineage=src.lineage,
+                                  chunk_bytes=src.chunk_bytes)
+        try:
+            used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d))
+            return writer.commit(src.checksum), used.owner
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def check_put(catalog: Catalog, me: str, name: str, part: int | None, shape: Any,

@@ -47,8 +47,8 @@ class NodeProc(NodeProcess):
         super().__init__(name, data_dir, peers=peers, listen=listen, extra=[
             "--heartbeat", str(HEARTBEAT), "--ttl", str(TTL * SCALE), *extra])
 
-    def client(self) -> hpcflow.Client:
-        return hpcflow.connect(self.rpc, timeout_s=15)
+    def client(self, **kw: Any) -> hpcflow.Client:
+        return hpcflow.connect(self.rpc, timeout_s=15, **kw)
 
 
 class Cluster(LocalCluster):

@@ -9,7 +9,7 @@ from hpcflow.decide.baselines import greedy_plan, pull_all_plan
 from hpcflow.decide.cost import CostModel, Link, Objective
 from hpcflow.decide.errors import PlanningError
 from hpcflow.decide.model import Dataset, NodeOps, Part, PartLoc, Placement, Step, Workflow
-from hpcflow.decide.plan import Plan, StepPlan, Strategy, Transfer
+from hpcflow.decide.plan import Plan, StepPlan, Strategy, Transfer, Work
 from hpcflow.decide.problem import Problem
 from hpcflow.decide.search import optimal_plan
 from hpcflow.decide.strategies import At, Decision, Split, SplitReduce
@@ -34,6 +34,7 @@ __all__ = [
     "StepPlan",
     "Strategy",
     "Transfer",
+    "Work",
     "Workflow",
     "greedy_plan",
     "optimal_plan",

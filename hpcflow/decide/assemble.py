@@ -84,6 +84,7 @@ def _step_plan(problem: Problem, info: StepInfo, before: State, outcome: Outcome
         nbytes=outcome.nbytes,
         seconds=outcome.seconds,
         reason=_reason(problem, info, before, outcome, strategy),
+        work=outcome.work,
     )
 
 
@@ -128,6 +129,6 @@ def _comparison(problem: Problem, info: StepInfo, before: State, outcome: Outcom
 
 
 def _delta(problem: Problem, worse: Outcome, better: Outcome) -> str:
-    if problem.cost.objective == "time":
+    if problem.cost.objective == "time" or worse.nbytes == better.nbytes:
         return f"{worse.seconds - better.seconds:.3g}s"
     return format_bytes(worse.nbytes - better.nbytes)

@@ -27,6 +27,26 @@ class Transfer:
         return f"{what} {self.src}->{self.dst} {format_bytes(self.nbytes)}"
 
 
+Mode = Literal["whole", "part", "partial", "combine"]
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit of execution, what an executor sends to ``node``.
+
+    * ``whole``: the op over all rows of every input (``rows`` empty);
+    * ``part``: a rowwise op over input rows ``rows[0]``, producing output rows
+      ``out_rows`` (one output part per ``part`` unit, in row order);
+    * ``partial``: a reduce partial over the input rows in ``rows``;
+    * ``combine``: the combiner merging every ``partial`` of the step.
+    """
+
+    node: str
+    mode: Mode
+    rows: tuple[tuple[int, int], ...] = ()
+    out_rows: tuple[int, int] | None = None
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """How one step runs.
@@ -45,6 +65,7 @@ class StepPlan:
     nbytes: int
     seconds: float
     reason: str
+    work: tuple[Work, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hpcflow.decide.cost import CostKey
-from hpcflow.decide.plan import Transfer
+from hpcflow.decide.plan import Transfer, Work
 from hpcflow.decide.problem import Problem, StepInfo
 from hpcflow.decide.state import DataObject, Holding, PartGeom, State, covers, missing
 
@@ -56,6 +56,7 @@ class Outcome:
     seconds: float
     key: CostKey
     state: State
+    work: tuple[Work, ...] = ()
 
 
 def decisions(
@@ -113,6 +114,7 @@ def evaluate(problem: Problem, index: int, state: State, decision: Decision) -> 
         seconds,
         problem.cost.key(nbytes, seconds),
         State(run.hold).restricted(problem.alive_after(index)),
+        tuple(run.work),
     )
 
 
@@ -140,6 +142,7 @@ class _Run:
         self.transfers: list[Transfer] = []
         self.inbound: defaultdict[str, float] = defaultdict(float)
         self.seconds = 0.0
+        self.work: list[Work] = []
 
     def at(self, info: StepInfo, node: str) -> tuple[str, ...]:
         step = info.step
@@ -149,6 +152,7 @@ class _Run:
         self.seconds = self.inbound[node] + self._compute(info, node, work)
         rows = info.model.out_rows(info.in_rows)
         self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.in_rows), (node,)),))
+        self.work.append(Work(node, "whole", (), (0, rows)))
         return (node,)
 
     def split(self, info: StepInfo, target: str | None) -> tuple[str, ...] | None:
@@ -167,6 +171,7 @@ class _Run:
                 work[node] += sum(self._bytes(name, part.lo, part.hi) for name in step.inputs)
             rows = info.model.out_rows(part.rows)
             parts.append(PartGeom(lo_out, lo_out + rows, info.model.nbytes(part.rows), (node,)))
+            self.work.append(Work(node, "part", ((part.lo, part.hi),), (lo_out, lo_out + rows)))
             nodes.append(node)
             lo_out += rows
         self.seconds = max(
@@ -199,6 +204,7 @@ class _Run:
             if part.rows:
                 groups.setdefault(self._partial_node(info, x, part, combiner), []).append(part)
         work: defaultdict[str, int] = defaultdict(int)
+        at_combiner: list[tuple[int, int]] = []
         for node, parts in groups.items():
             partial = info.model.partial_nbytes(sum(p.rows for p in parts))
             raw = sum(self._missing(name, p.lo, p.hi, combiner) for p in parts)
@@ -206,10 +212,15 @@ class _Run:
                 span = (parts[0].lo, parts[-1].hi)
                 self._send(Transfer(node, combiner, name, span, partial, "partial"))
                 work[node] += sum(p.nbytes for p in parts)
+                self.work.append(Work(node, "partial", tuple((p.lo, p.hi) for p in parts)))
             else:
                 for p in parts:
                     self.bring(name, p.lo, p.hi, combiner)
                 work[combiner] += sum(p.nbytes for p in parts)
+                at_combiner += [(p.lo, p.hi) for p in parts]
+        if at_combiner or not self.work:
+            self.work.append(Work(combiner, "partial", tuple(sorted(at_combiner))))
+        self.work.append(Work(combiner, "combine", (), (0, info.model.out_rows(info.in_rows))))
         holders = max(
             (self._compute(info, n, w) for n, w in work.items() if n != combiner), default=0.0
         )

@@ -334,6 +334,7 @@ class BulkClient:
         """
         ch = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
         n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
+        started = time.monotonic()
         digests: list[int] = [0] * n
         attempts: dict[int, int] = {}
         next_i = done = total = silent = 0
@@ -389,6 +390,7 @@ class BulkClient:
                 done += 1
         finally:
             s.close(linger=0)
+        self.traffic.observe(peer, total, time.monotonic() - started)
         if dataset_checksum(rec.shape, rec.dtype, rec.chunk_bytes, digests) != rec.checksum:
             raise IntegrityError(
                 f"{rec.key} from {peer} does not match its catalog checksum: the stored copy "

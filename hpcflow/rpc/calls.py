@@ -48,13 +48,14 @@ class PeerClients:
         self.heartbeat_s = heartbeat_s
         self._clients: dict[str, Any] = {}
 
-    def call(self, endpoint: str, method: str, *args: Any) -> Any:
+    def call(self, endpoint: str, method: str, *args: Any,
+             timeout_s: float | None = None) -> Any:
         client = self._clients.get(endpoint)
         if client is None:
             client = self._clients[endpoint] = new_client(endpoint, self.timeout_s,
                                                           self.heartbeat_s)
         try:
-            return call(client, endpoint, method, *args)
+            return call(client, endpoint, method, *args, timeout_s=timeout_s)
         except PeerUnavailable:
             self._clients.pop(endpoint, None)
             client.close()

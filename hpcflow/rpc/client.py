@@ -8,6 +8,7 @@ straight from a live holder's bulk channel, verifying checksums.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,20 +21,23 @@ import zmq.green as zmq
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES
 from ..catalog.record import DatasetRecord, validate_name, validate_part
 from ..config import normalize_endpoint, timeout_scale
-from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
+from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable
 from ..sources import open_source
+from ..workflow.flow import Flow, Handle
 from .bulk import BulkClient, BulkSettings
 from .calls import call, new_client
 from .traffic import Traffic
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("hpcflow.client")
 
 
 class Client:
     """A connection to one hpcflow node.  Use as a context manager or call :meth:`close`."""
 
     def __init__(self, address: str, *, timeout_s: float = 30.0,
-                 settings: BulkSettings | None = None) -> None:
+                 settings: BulkSettings | None = None, keep: bool = False,
+                 objective: str = "bytes") -> None:
         self.endpoint = normalize_endpoint(address)
         self.timeout_s = timeout_s * timeout_scale()
         self._rpc = new_client(self.endpoint, self.timeout_s)
@@ -49,19 +53,44 @@ class Client:
         self.node_bulk = str(hello["endpoints"]["bulk"])
         self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
                                settings or BulkSettings(timeout_s=self.timeout_s))
+        self.flow = Flow(self, keep=keep, objective=objective)
+
+    #: Calls that may legitimately run for hours; zerorpc's heartbeat still notices a
+    #: dead node, so they need no request timeout of their own.
+    LONG_CALLS = frozenset({"execute", "deliver", "replicate", "save", "cleanup"})
 
     def _call(self, method: str, *args: Any) -> Any:
-        return call(self._rpc, self.endpoint, method, *args)
+        timeout = 24 * 3600.0 if method in self.LONG_CALLS else None
+        return call(self._rpc, self.endpoint, method, *args, timeout_s=timeout)
 
     def close(self) -> None:
-        self._rpc.close()
-        self.ctx.destroy(linger=0)
+        """Remove the flow's intermediate outputs (unless kept), then disconnect."""
+        try:
+            self.flow.close()
+        except HpcflowError as exc:  # never mask the caller's own error on the way out
+            log.warning("could not remove the flow's intermediate outputs: %s", exc)
+        finally:
+            self._rpc.close()
+            self.ctx.destroy(linger=0)
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- workflows ------------------------------------------------------------------
+    def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
+        """A lazy handle for ``op(*inputs, **params)``; inputs are dataset names or handles."""
+        return self.flow.run(op, *inputs, **params)
+
+    def explain(self, handle: Handle, method: str = "optimal") -> str:
+        """The plan for what ``handle`` still needs, per step, with bytes and reasons."""
+        return self.flow.explain(handle, method)
+
+    def report(self) -> dict[str, Any]:
+        """Planned vs actually moved bytes per link for this flow."""
+        return self.flow.report()
 
     # -- metadata -----------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
-from ..errors import HpcflowError, InvalidData
+from ..errors import DatasetNotFound, HpcflowError, InvalidData
 from ..workflow.worker import InputRef, RunRequest
 
 if TYPE_CHECKING:
@@ -158,10 +158,12 @@ class NodeService:
         return self.node.registry.hashes()
 
     @exposed
-    def pull(self, name: Any, rows: Any = None) -> list[dict[str, Any]]:
-        """Make rows ``[lo, hi)`` (default: all) of ``name`` local; returns what was copied."""
+    def pull(self, name: Any, rows: Any = None) -> dict[str, Any]:
+        """Make rows ``[lo, hi)`` (default: all) of ``name`` local; returns the copies made
+        and the bytes received from each source."""
         ref = InputRef.from_wire({"name": name, "rows": rows})
-        return [r.to_wire() for r in self.node.worker.pull(ref.name, ref.rows)]
+        created, moved = self.node.worker.pull(ref.name, ref.rows)
+        return {"created": [r.to_wire() for r in created], "moved": moved}
 
     @exposed
     def run_op(self, request: Any) -> dict[str, Any]:
@@ -169,17 +171,56 @@ class NodeService:
         return self.node.worker.run(RunRequest.from_wire(request)).to_wire()
 
     @exposed
-    def drop(self, names: Any) -> int:
-        """Delete every local part of each named dataset (workflow clean-up); returns count."""
-        if not isinstance(names, list) or len(names) > 100_000:
-            raise InvalidData("names must be a list")
-        wanted = {validate_name(n) for n in names}
-        dropped = 0
-        for rec in list(self.node.store.records()):
-            if rec.name in wanted:
-                self.node.store.delete(rec.name, rec.part)
-                dropped += 1
-        return dropped
+    def delete_parts(self, items: Any) -> int:
+        """Delete the listed ``[name, part]`` entries held here; missing ones are skipped
+        (workflow clean-up is best effort and may run twice).  Returns how many went."""
+        if not isinstance(items, list) or len(items) > 100_000:
+            raise InvalidData("items must be a list of [name, part]")
+        removed = 0
+        for item in items:
+            if not isinstance(item, list | tuple) or len(item) != 2:
+                raise InvalidData("items must be a list of [name, part]")
+            try:
+                self.node.store.delete(validate_name(item[0]), validate_part(item[1]))
+                removed += 1
+            except DatasetNotFound:
+                pass
+        return removed
+
+    @exposed
+    def plan(self, request: Any) -> dict[str, Any]:
+        """Plan a workflow from this node's catalog without running it."""
+        from ..workflow import run
+
+        return run.plan(self.node, request)
+
+    @exposed
+    def execute(self, request: Any) -> dict[str, Any]:
+        """Plan and run a workflow with this node as the initiator."""
+        from ..workflow import run
+
+        return run.execute(self.node, request)
+
+    @exposed
+    def deliver(self, wf: Any, name: Any) -> dict[str, Any]:
+        """Bring an already computed output here and materialise it for the script."""
+        from ..workflow import run
+
+        return run.deliver(self.node, wf, name)
+
+    @exposed
+    def save(self, local: Any, name: Any) -> dict[str, Any]:
+        """Keep a local result under a user's name."""
+        from ..workflow import run
+
+        return run.save(self.node, local, name)
+
+    @exposed
+    def cleanup(self, created: Any) -> int:
+        """Delete what earlier executions created (``[node, name, part]`` triples)."""
+        from ..workflow import run
+
+        return run.cleanup(self.node, created)
 
     @exposed
     def stats(self) -> dict[str, Any]:

@@ -16,6 +16,16 @@ class Traffic:
     messages_sent: int = 0
     messages_received: int = 0
     chunk_retries: int = 0
+    #: Receive bandwidth (bytes/s) observed per peer, smoothed over transfers.
+    bandwidth: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, peer: str, nbytes: int, seconds: float) -> None:
+        """Learn a link's speed from a finished transfer (only big ones say anything)."""
+        if nbytes < 1 << 20 or seconds <= 0:
+            return
+        rate = nbytes / seconds
+        old = self.bandwidth.get(peer)
+        self.bandwidth[peer] = rate if old is None else 0.7 * old + 0.3 * rate
 
     def sent(self, peer: str, nbytes: int) -> None:
         self.bytes_sent[peer] += nbytes
@@ -32,4 +42,5 @@ class Traffic:
             "messages_sent": self.messages_sent,
             "messages_received": self.messages_received,
             "chunk_retries": self.chunk_retries,
+            "bandwidth": {k: round(v) for k, v in self.bandwidth.items()},
         }

@@ -136,9 +136,15 @@ class Worker:
         self.registry = registry
 
     # -- rows ------------------------------------------------------------------
-    def _pieces(self, name: str) -> tuple[Location, list[tuple[int, int, DatasetRecord]]]:
-        """Locally held row ranges of ``name``: whole parts and slices."""
-        loc = self.node.catalog.locate(name)
+    def _pieces(self, name: str, wait_s: float = 0.0
+                ) -> tuple[Location, list[tuple[int, int, DatasetRecord]]]:
+        """Locally held row ranges of ``name``: whole parts and slices.
+
+        ``wait_s`` > 0 waits for the dataset to be complete in the catalog: an
+        executor may ask for an output another node announced a moment ago.
+        """
+        loc = (self.node.catalog.wait_for(name, wait_s) if wait_s > 0
+               else self.node.catalog.locate(name))
         starts = {p.part: (p.row_start, p.row_stop) for p in loc.parts}
         pieces = []
         for rec in self.node.store.records():
@@ -183,12 +189,15 @@ class Worker:
                               "the plan must move them here first")
         return out
 
-    def pull(self, name: str, rows: tuple[int, int] | None) -> list[DatasetRecord]:
-        """Make rows local; returns the records this created (copies and slices)."""
-        loc, pieces = self._pieces(name)
+    def pull(self, name: str, rows: tuple[int, int] | None
+             ) -> tuple[list[DatasetRecord], dict[str, int]]:
+        """Make rows local; returns the records created (copies, slices) and the
+        bytes received from each source node."""
+        loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
         total = loc.shape[0] if loc.shape else 1
         lo, hi = rows if rows is not None else (0, total)
         created: list[DatasetRecord] = []
+        moved: dict[str, int] = {}
         for p in loc.parts:
             a, b = max(lo, p.row_start), min(hi, p.row_stop)
             if a >= b and not (p.row_start == p.row_stop and lo <= p.row_start < hi):
@@ -196,14 +205,17 @@ class Worker:
             if any(plo <= a and b <= phi for plo, phi, _ in pieces):
                 continue  # already here
             if (a, b) == (p.row_start, p.row_stop):
-                created += self.node.replicate(name, p.part)
+                rec, src = self.node.replicate_part(p)
             else:
-                created.append(self._pull_slice(name, p.holders, a - p.row_start,
-                                                b - p.row_start, a, b))
-        return created
+                rec, src = self._pull_slice(name, p.holders, a - p.row_start,
+                                            b - p.row_start, a, b)
+            created.append(rec)
+            if src is not None:
+                moved[src] = moved.get(src, 0) + rec.nbytes
+        return created, moved
 
     def _pull_slice(self, name: str, holders: tuple[DatasetRecord, ...], rlo: int, rhi: int,
-                    glo: int, ghi: int) -> DatasetRecord:
+                    glo: int, ghi: int) -> tuple[DatasetRecord, str]:
         src = holders[0]
         row_bytes = src.nbytes // max(src.rows, 1)
         shape = (rhi - rlo, *src.shape[1:])
@@ -213,6 +225,7 @@ class Worker:
             chunk_bytes=self.node.config.chunk_bytes)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
         errors = []
+        used = ""
         try:
             for rec in sorted(holders, key=lambda r: r.owner != self.node.name):
                 endpoint = self.node.bulk_endpoints().get(rec.owner)
@@ -226,6 +239,7 @@ class Worker:
                         lambda k, off, buf, d: flat.__setitem__(
                             slice(off, off + buf.nbytes), np.frombuffer(buf, dtype=np.uint8)),
                         piece)
+                    used = rec.owner
                     break
                 except PeerUnavailable as exc:
                     errors.append(str(exc))
@@ -235,7 +249,7 @@ class Worker:
             for i in range(len(writer.chunking)):
                 off, length = writer.chunking.byte_range(i)
                 writer.write_chunk(i, flat[off : off + length])
-            return writer.commit()
+            return writer.commit(), used
         except BaseException:
             writer.abort()
             raise
@@ -254,6 +268,8 @@ class Worker:
             fn, first = combine_partials, partials
         else:
             arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
+            if req.mode == "partial" and len(arrays) > 1:  # several row ranges of one input
+                arrays = [np.concatenate(arrays)]
             runners: dict[str, Callable[..., Any]] = {
                 "whole": apply, "part": run_rowwise_part, "partial": run_partial}
             fn = runners[req.mode]

@@ -1,0 +1,103 @@
+"""From the live catalog to the planner's pure inputs.
+
+The planner (:mod:`hpcflow.decide`) knows nothing about catalogs or sockets;
+this module turns a :class:`~hpcflow.catalog.base.CatalogSnapshot` plus a
+workflow request into its frozen input model, and learned link speeds and
+node load into its :class:`~hpcflow.decide.CostModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..catalog.base import CatalogSnapshot
+from ..decide import CostModel, Link, PartLoc, Placement, Step, Workflow
+from ..errors import DatasetNotFound, InvalidData
+
+DEFAULT_LATENCY_S = 1e-4
+
+
+def parse_steps(raw: object) -> list[Step]:
+    """Validate the wire form ``[{"out", "op", "inputs", "params"}, ...]``."""
+    if not isinstance(raw, list) or not raw or len(raw) > 1000:
+        raise InvalidData("steps must be a non-empty list")
+    steps = []
+    for i, d in enumerate(raw):
+        if not isinstance(d, dict):
+            raise InvalidData(f"step {i} must be a map")
+        out, op, inputs, params = d.get("out"), d.get("op"), d.get("inputs"), d.get("params")
+        if not isinstance(out, str) or not isinstance(op, str):
+            raise InvalidData(f"step {i}: out and op must be strings")
+        if not isinstance(inputs, list) or not inputs or not all(
+                isinstance(x, str) for x in inputs):
+            raise InvalidData(f"step {i} ({out}): inputs must be a non-empty list of names")
+        if params is not None and not isinstance(params, dict):
+            raise InvalidData(f"step {i} ({out}): params must be a map")
+        steps.append(Step(out, op, tuple(inputs), dict(params or {})))
+    return steps
+
+
+def source_names(steps: Sequence[Step]) -> list[str]:
+    produced: set[str] = set()
+    sources: list[str] = []
+    for step in steps:
+        for name in step.inputs:
+            if name not in produced and name not in sources:
+                sources.append(name)
+        produced.add(step.out)
+    return sources
+
+
+def placement(snapshot: CatalogSnapshot, names: Sequence[str]) -> Placement:
+    """Where every part of every named dataset lives (live holders only)."""
+    locs, schema = [], {}
+    for name in names:
+        loc = snapshot.locate(name)
+        if not loc.complete:
+            raise DatasetNotFound(f"{name}: parts {list(loc.missing)} are on no live node")
+        if not loc.shape:
+            raise InvalidData(f"{name} is a scalar; workflow inputs need a row axis")
+        schema[name] = (tuple(loc.shape[1:]), loc.dtype)
+        for i, part in enumerate(loc.parts):
+            for rec in part.holders:
+                locs.append(PartLoc(name, i, rec.owner, part.row_stop - part.row_start,
+                                    part.nbytes))
+    return Placement.from_locs(locs, schema)
+
+
+def node_ops(snapshot: CatalogSnapshot) -> dict[str, dict[str, str]]:
+    return {v.info.name: dict(v.ops) for v in snapshot.nodes if v.alive}
+
+
+def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
+               learned: Mapping[tuple[str, str], float]) -> CostModel:
+    """Links: learned bandwidth (bytes/s) where we have measured it, else the default.
+
+    Load is each node's active operations as last heartbeated; the initiator's
+    own count includes the very request being planned, which is not queued work.
+    """
+    default = Link(bandwidth=default_gbit * 1e9 / 8, latency=DEFAULT_LATENCY_S)
+    links = {pair: Link(bandwidth=bw, latency=DEFAULT_LATENCY_S) for pair, bw in learned.items()}
+    load = {v.info.name: int(v.load.get("active", 0)) for v in snapshot.nodes
+            if isinstance(v.load.get("active", 0), int)}
+    if snapshot.self_name in load:
+        load[snapshot.self_name] = max(0, load[snapshot.self_name] - 1)
+    if objective not in ("bytes", "time"):
+        raise InvalidData(f"objective must be 'bytes' or 'time', not {objective!r}")
+    return CostModel(objective=objective, default_link=default, links=links,  # type: ignore[arg-type]
+                     load=load)
+
+
+def workflow(steps: Sequence[Step], initiator: str, deliver: Sequence[str]) -> Workflow:
+    return Workflow(tuple(steps), initiator, tuple(deliver))
+
+
+def plan_to_wire(plan: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(plan)
+    d["bytes_moved"] = plan.bytes_moved
+    d["seconds"] = plan.seconds
+    d["explain"] = plan.explain()
+    return d

@@ -1,0 +1,199 @@
+"""Carry out a plan on the cluster, from the initiating node.
+
+For each step: the planned transfers become ``pull`` calls on their
+destination nodes (one greenlet per destination, so different links work in
+parallel), then the step's work units become ``run_op`` calls (in parallel
+across nodes).  Reduce partials are pulled to the combiner, then combined.
+Finally the delivery transfers bring the results to the initiator, where each
+result is materialised as one local dataset for the script to read.
+
+Every pull reports the bytes it received from each source, so the execution
+report gives *actual* bytes per link next to the planned ones.  Everything
+an execution creates (outputs, partials, copies, slices) is listed so the
+flow can remove it later; if a step fails, what this execution created is
+removed before the error propagates, so no partial output stays announced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from ..catalog.record import DatasetRecord
+from ..decide import Plan, StepPlan, Transfer, Work
+from ..errors import HpcflowError, PeerUnavailable
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+log = logging.getLogger("hpcflow.executor")
+
+LONG_CALL_S = 24 * 3600.0  # liveness comes from zerorpc heartbeats, not from this
+
+
+@dataclass
+class Execution:
+    """What actually happened: bytes per link, what was created, results."""
+
+    moved: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    created: list[tuple[str, str, int | None]] = field(default_factory=list)
+    results: dict[str, str] = field(default_factory=dict)
+    calls: int = 0
+    seconds: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"moved": {f"{a}->{b}": n for (a, b), n in sorted(self.moved.items())},
+                "bytes_moved": sum(self.moved.values()),
+                "created": [list(c) for c in self.created], "results": self.results,
+                "calls": self.calls, "seconds": round(self.seconds, 6)}
+
+
+class Executor:
+    """Runs one plan; ``node`` is the initiator it runs on."""
+
+    def __init__(self, node: Node, workflow_id: str) -> None:
+        self.node = node
+        self.wf = workflow_id
+        self.ex = Execution()
+
+    def _alive(self, target: str) -> str | None:
+        return next((v.info.rpc for v in self.node.catalog.nodes()
+                     if v.info.name == target and v.alive), None)
+
+    def _call(self, target: str, method: str, *args: Any) -> Any:
+        """Call ``method`` on ``target`` (directly if it is us).  A long call is watched:
+        if the catalog declares the target dead meanwhile, it fails then, not at a timeout."""
+        self.ex.calls += 1
+        if target == self.node.name:
+            return getattr(self.node.service, method)(*args)
+        endpoint = self._alive(target)
+        if endpoint is None:
+            raise PeerUnavailable(f"node {target} is not alive")
+        call = gevent.spawn(self.node.peers.call, endpoint, method, *args,
+                            timeout_s=LONG_CALL_S)
+        while not call.ready():
+            call.join(timeout=self.node.config.heartbeat_s)
+            if not call.ready() and self._alive(target) is None:
+                call.kill(block=False)
+                raise PeerUnavailable(f"node {target} died during {method}")
+        return call.get()
+
+    def _pull(self, dst: str, obj: str, rows: tuple[int, int] | None) -> None:
+        reply = self._call(dst, "pull", obj, list(rows) if rows else None)
+        for d in reply["created"]:
+            rec = DatasetRecord.from_wire(d)
+            self.ex.created.append((dst, rec.name, rec.part))
+        for src, nbytes in reply["moved"].items():
+            self.ex.moved[(src, dst)] += int(nbytes)
+
+    def _run(self, target: str, request: dict[str, Any]) -> DatasetRecord:
+        rec = DatasetRecord.from_wire(self._call(target, "run_op", request))
+        self.ex.created.append((target, rec.name, rec.part))
+        return rec
+
+    @staticmethod
+    def _parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
+        if not jobs:
+            return []
+        if len(jobs) == 1:
+            return [jobs[0]()]
+        greenlets = [gevent.spawn(job) for job in jobs]
+        gevent.joinall(greenlets)
+        for g in greenlets:  # first failure wins; the others have finished by now
+            if g.exception is not None:
+                raise g.exception
+        return [g.value for g in greenlets]
+
+    def _transfers(self, transfers: tuple[Transfer, ...] | list[Transfer]) -> None:
+        by_dst: dict[str, list[Transfer]] = defaultdict(list)
+        for t in transfers:
+            by_dst[t.dst].append(t)
+
+        def worker(ts: list[Transfer]) -> None:
+            for t in ts:
+                self._pull(t.dst, t.obj, t.rows)
+
+        self._parallel([partial(worker, ts) for ts in by_dst.values()])
+
+    def run(self, plan: Plan, steps: dict[str, Any], deliver: list[str]) -> Execution:
+        """Execute ``plan``; ``steps`` maps each output name to its step (op, inputs,
+        params); ``deliver`` names the results to materialise on the initiator."""
+        t0 = time.monotonic()
+        try:
+            for sp in plan.steps:
+                self._step(sp, steps[sp.out])
+            self._transfers(list(plan.delivery))
+            for name in deliver:
+                self.ex.results[name] = self._materialise(name)
+        except BaseException:
+            self.cleanup(self.ex.created)
+            raise
+        self.ex.seconds = time.monotonic() - t0
+        return self.ex
+
+    def _step(self, sp: StepPlan, step: Any) -> None:
+        self._transfers([t for t in sp.transfers if t.kind == "data"])
+        base = {"op": step.op, "params": dict(step.params), "hash": self._hash(step.op),
+                "lineage": {"workflow": self.wf}}
+        units = list(sp.work)
+        parts = [w for w in units if w.mode == "part"]
+        if parts:
+            self._parallel([partial(self._run, w.node, {
+                **base, "mode": "part", "out": step.out, "part": k, "nparts": len(parts),
+                "inputs": [{"name": n, "rows": list(w.rows[0])} for n in step.inputs]})
+                for k, w in enumerate(parts)])
+        for w in units:
+            if w.mode == "whole":
+                self._run(w.node, {**base, "mode": "whole", "out": step.out,
+                                   "inputs": [{"name": n} for n in step.inputs]})
+        partials = [w for w in units if w.mode == "partial"]
+        if partials:
+            names = {w.node: f"{step.out}.partial{k}" for k, w in enumerate(partials)}
+            self._parallel([partial(self._run, w.node, {
+                **base, "mode": "partial", "out": names[w.node],
+                "inputs": _row_inputs(step.inputs[0], w)}) for w in partials])
+            combine = next(w for w in units if w.mode == "combine")
+            self._parallel([partial(self._pull, combine.node, names[w.node], None)
+                            for w in partials if w.node != combine.node])
+            self._run(combine.node, {**base, "mode": "combine", "out": step.out,
+                                     "inputs": [{"name": names[w.node]} for w in partials]})
+
+    def _hash(self, op: str) -> str:
+        return self.node.registry.get(op).definition_hash
+
+    def _materialise(self, name: str) -> str:
+        """One local whole dataset holding the result, for the script to fetch."""
+        arr = self.node.worker.local_rows(name, None)
+        out = f"{name}.result"
+        rec = self.node.store.put_array(out, arr, overwrite=True,
+                                        lineage={"workflow": self.wf, "copy_of": name},
+                                        chunk_bytes=self.node.config.chunk_bytes)
+        self.ex.created.append((self.node.name, rec.name, rec.part))
+        return out
+
+    def cleanup(self, created: list[tuple[str, str, int | None]]) -> int:
+        """Delete what an execution created (best effort: dead nodes are skipped)."""
+        by_node: dict[str, list[list[Any]]] = defaultdict(list)
+        for node, name, part in created:
+            by_node[node].append([name, part])
+        removed = 0
+        for node, items in by_node.items():
+            try:
+                removed += int(self._call(node, "delete_parts", items))
+            except HpcflowError as exc:
+                log.warning("cleanup on %s failed: %s", node, exc)
+        return removed
+
+
+def _row_inputs(name: str, w: Work) -> list[dict[str, Any]]:
+    if not w.rows:
+        return [{"name": name, "rows": [0, 0]}]
+    return [{"name": name, "rows": list(r)} for r in w.rows]
+

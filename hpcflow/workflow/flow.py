@@ -1,0 +1,201 @@
+"""The workflow part of the script API: lazy handles, whole-graph planning, reports.
+
+::
+
+    with hpcflow.connect("127.0.0.1:7101") as flow:
+        a = flow.run("fft", "DS1")          # lazy handle, nothing runs
+        c = flow.run("add", a, flow.run("fft", "DS2"))
+        print(flow.explain(c))              # the plan, per step, with bytes and reasons
+        result = c.fetch()                  # plans the whole graph, executes, returns numpy
+        print(c.plan.bytes_moved, flow.report())
+
+Every step's output is a dataset named ``<workflow id>.<n>.<op>``, kept on the
+node that made it; ``handle.save("NAME")`` keeps a copy under a name of your
+own, and closing the flow removes everything else it created (unless the flow
+was created with ``keep=True``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..catalog.record import validate_name
+from ..errors import InvalidData
+
+if TYPE_CHECKING:
+    from ..rpc.client import Client
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """The plan as the node returned it: per-step strategy, transfers, bytes, reasons."""
+
+    raw: dict[str, Any]
+
+    @property
+    def bytes_moved(self) -> int:
+        return int(self.raw["bytes_moved"])
+
+    @property
+    def seconds(self) -> float:
+        return float(self.raw["seconds"])
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return list(self.raw["steps"])
+
+    def strategy(self, handle: Handle) -> str:
+        return str(next(s for s in self.steps if s["out"] == handle.name)["strategy"])
+
+    def explain(self) -> str:
+        return str(self.raw["explain"])
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+@dataclass
+class Handle:
+    """A lazy step output.  ``fetch()`` runs whatever it still needs and returns it."""
+
+    flow: Flow
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    params: dict[str, Any]
+    plan: PlanView | None = None
+    result: str | None = None  # local dataset on the initiator once delivered
+    executed: bool = False
+
+    def fetch(self) -> Any:
+        return self.flow._fetch(self)
+
+    def save(self, name: str) -> str:
+        """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
+        return self.flow._save(self, validate_name(name))
+
+    def __repr__(self) -> str:
+        state = "done" if self.executed else "pending"
+        return f"<Handle {self.name} = {self.op}({', '.join(self.inputs)}) {state}>"
+
+
+@dataclass
+class Flow:
+    """Workflow state of one client session."""
+
+    client: Client
+    keep: bool = False
+    objective: str = "bytes"
+    id: str = field(default_factory=lambda: f"wf-{uuid.uuid4().hex[:10]}")
+    handles: dict[str, Handle] = field(default_factory=dict)
+    created: list[list[Any]] = field(default_factory=list)
+    planned: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    moved: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    executions: int = 0
+    replans: int = 0
+
+    def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
+        if not isinstance(op, str) or not op:
+            raise InvalidData("op must be a name")
+        names = []
+        for x in inputs:
+            if isinstance(x, Handle):
+                if x.flow is not self:
+                    raise InvalidData(f"{x.name} belongs to another flow")
+                names.append(x.name)
+            else:
+                names.append(validate_name(x))
+        if not names:
+            raise InvalidData(f"{op} needs at least one input")
+        name = f"{self.id}.{len(self.handles) + 1}.{op}"
+        validate_name(name)
+        h = Handle(self, name, op, tuple(names), dict(params))
+        self.handles[name] = h
+        return h
+
+    def _pending(self, target: Handle) -> list[Handle]:
+        """Unexecuted handles ``target`` depends on, in creation (= dependency) order."""
+        need: set[str] = set()
+        stack = [target.name]
+        while stack:
+            h = self.handles[stack.pop()]
+            if h.executed or h.name in need:
+                continue
+            need.add(h.name)
+            stack += [i for i in h.inputs if i in self.handles]
+        return [h for n, h in self.handles.items() if n in need]
+
+    def _request(self, target: Handle, method: str = "optimal") -> dict[str, Any]:
+        steps = [{"out": h.name, "op": h.op, "inputs": list(h.inputs), "params": h.params}
+                 for h in self._pending(target)]
+        return {"wf": self.id, "steps": steps, "deliver": [target.name],
+                "objective": self.objective, "method": method}
+
+    def explain(self, target: Handle, method: str = "optimal") -> str:
+        """The plan for everything ``target`` still needs, without running it."""
+        if target.executed:
+            return f"{target.name} is already computed"
+        return PlanView(self.client._call("plan", self._request(target, method))).explain()
+
+    def plan(self, target: Handle, method: str = "optimal") -> PlanView:
+        return PlanView(self.client._call("plan", self._request(target, method)))
+
+    def _execute(self, target: Handle) -> None:
+        pending = self._pending(target)
+        if not pending:
+            return
+        reply = self.client._call("execute", self._request(target))
+        view, ex = PlanView(reply["plan"]), reply["execution"]
+        self.executions += 1
+        self.replans += int(bool(reply.get("replanned")))
+        self.created += ex["created"]
+        for t in view.raw["steps"]:
+            for tr in t["transfers"]:
+                self.planned[f"{tr['src']}->{tr['dst']}"] += tr["nbytes"]
+        for tr in view.raw["delivery"]:
+            self.planned[f"{tr['src']}->{tr['dst']}"] += tr["nbytes"]
+        for link, n in ex["moved"].items():
+            self.moved[link] += n
+        for h in pending:
+            h.executed, h.plan = True, view
+        target.result = ex["results"][target.name]
+
+    def _ensure_result(self, target: Handle) -> str:
+        """Run what ``target`` needs, or just bring it home if it was computed already."""
+        if target.result is None:
+            if target.executed:  # computed as an input of another handle: deliver it
+                reply = self.client._call("deliver", self.id, target.name)
+                self.created += reply["created"]
+                for link, n in reply["moved"].items():
+                    self.moved[link] += n
+                    self.planned[link] += n
+                target.result = reply["result"]
+            else:
+                self._execute(target)
+        assert target.result is not None
+        return target.result
+
+    def _fetch(self, target: Handle) -> Any:
+        return self.client.fetch(self._ensure_result(target))
+
+    def _save(self, target: Handle, name: str) -> str:
+        self.client._call("save", self._ensure_result(target), name)
+        return name
+
+    def report(self) -> dict[str, Any]:
+        """Planned vs actually moved bytes per link, over every execution so far."""
+        return {"workflow": self.id, "executions": self.executions, "replans": self.replans,
+                "bytes_planned": sum(self.planned.values()),
+                "bytes_moved": sum(self.moved.values()),
+                "planned": dict(self.planned), "moved": dict(self.moved)}
+
+    def close(self) -> int:
+        """Remove what the flow created on every node (unless ``keep``)."""
+        if self.keep or not self.created:
+            return 0
+        removed = int(self.client._call("cleanup", self.created))
+        self.created = []
+        return removed

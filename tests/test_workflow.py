@@ -1,0 +1,299 @@
+"""Workflows on real daemons: planning, execution, accounting, failures."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import hpcflow
+from tests.conftest import SCALE, Cluster, names_on, wait_for
+
+ROWS = 4000
+
+
+def node_bytes(cluster: Cluster) -> int:
+    """Node-to-node bytes received, from every daemon's own transport counters."""
+    total = 0
+    names = set(cluster.nodes)
+    for node in cluster.nodes.values():
+        if node.alive():
+            with node.client() as c:
+                got = c.stats()["traffic"]["bytes_received"]
+            total += sum(n for peer, n in got.items() if peer in names)
+    return total
+
+
+@pytest.fixture
+def thesis(cluster: Cluster) -> tuple[Cluster, np.ndarray, np.ndarray]:
+    """The thesis' use case: script on n1, DS1 on n2, DS2 on n3."""
+    rng = np.random.default_rng(42)
+    d1, d2 = rng.random((ROWS, 12)), rng.random((ROWS, 12))
+    with cluster["n2"].client() as c:
+        c.put("DS1", d1)
+    with cluster["n3"].client() as c:
+        c.put("DS2", d2)
+    wait_for(lambda: {"DS1", "DS2"} <= names_on(cluster["n1"]), 10, "DS1, DS2 on n1")
+    return cluster, d1, d2
+
+
+def test_thesis_rowwise_fetches_raw_inputs(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, d1, d2 = thesis
+    before = node_bytes(cluster)
+    with cluster["n1"].client() as flow:
+        a, b = flow.run("fft", "DS1"), flow.run("fft", "DS2")
+        c = flow.run("add", a, b)
+        text = flow.explain(c)
+        assert "fetch" in text and "optimal plan" in text
+        got = c.fetch()
+        assert np.allclose(got, np.fft.fft(d1, axis=1) + np.fft.fft(d2, axis=1))
+        # fft doubles the bytes: cheapest is to pull both raw inputs to n1 once.
+        assert c.plan is not None and c.plan.bytes_moved == d1.nbytes + d2.nbytes
+        report = flow.report()
+        assert report["moved"] == {"n2->n1": d1.nbytes, "n3->n1": d2.nbytes}
+        assert report["bytes_moved"] == report["bytes_planned"]
+    assert node_bytes(cluster) - before == d1.nbytes + d2.nbytes  # = the transport's count
+    # Closing the flow removed every intermediate output and copy.
+    assert names_on(cluster["n1"]) == {"DS1", "DS2"}
+
+
+def test_thesis_reduce_moves_only_partials(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, d1, d2 = thesis
+    before = node_bytes(cluster)
+    with cluster["n1"].client() as flow:
+        c = flow.run("add", flow.run("colsum", "DS1"), flow.run("colsum", "DS2"))
+        got = c.fetch()
+        assert np.allclose(got, d1.sum(0) + d2.sum(0))
+        moved = flow.report()["bytes_moved"]
+    assert moved <= 2 * 12 * 8 * 2  # a few column sums, never the data
+    assert node_bytes(cluster) - before == moved
+
+
+def test_thesis_global_colocates(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, d1, d2 = thesis
+    with cluster["n1"].client() as flow:
+        m = flow.run("median", flow.run("add", "DS1", "DS2"))
+        got = m.fetch()
+        assert np.allclose(got, np.median(d1 + d2, axis=0))
+        assert m.plan is not None
+        # add needs both inputs together: one dataset moves once, the result is small.
+        assert m.plan.bytes_moved <= d1.nbytes + 12 * 8
+
+
+def test_reduce_over_four_holders_moves_only_partials(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cl = make_cluster()
+    for i in range(5):
+        cl.add(f"n{i + 1}", via=f"n{i}" if i else None)
+    cl.wait_members()
+    data = np.random.default_rng(1).random((8000, 6))
+    for i in range(4):
+        with cl[f"n{i + 2}"].client() as c:
+            c.put("SIM", data[i * 2000 : (i + 1) * 2000], part=i, nparts=4)
+    wait_for(lambda: "SIM@3" in names_on(cl["n1"]), 10, "SIM parts on n1")
+    before = node_bytes(cl)
+    with cl["n1"].client() as flow:
+        s = flow.run("colsum", "SIM")
+        assert np.allclose(s.fetch(), data.sum(0))
+        assert s.plan is not None
+        (step,) = s.plan.steps
+        assert step["strategy"] == "split" and step["combiner"] == "n1"
+        report = flow.report()
+    assert report["bytes_moved"] == 4 * 6 * 8  # four partials of 6 float64, nothing else
+    assert node_bytes(cl) - before == report["bytes_moved"]
+
+
+def test_global_op_runs_on_largest_holder(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    cl = make_cluster()
+    for i in range(4):
+        cl.add(f"n{i + 1}", via=f"n{i}" if i else None)
+    cl.wait_members()
+    data = np.random.default_rng(2).random((3500, 4))
+    bounds = {"n2": (0, 3000), "n3": (3000, 3400), "n4": (3400, 3500)}
+    for k, (node, (lo, hi)) in enumerate(bounds.items()):
+        with cl[node].client() as c:
+            c.put("U", data[lo:hi], part=k, nparts=3)
+    wait_for(lambda: "U@2" in names_on(cl["n1"]), 10, "U parts on n1")
+    with cl["n1"].client() as flow:
+        m = flow.run("median", "U")
+        assert np.allclose(m.fetch(), np.median(data, axis=0))
+        assert m.plan is not None
+        (step,) = m.plan.steps
+        assert step["strategy"] == "delegate" and step["nodes"] == ["n2"]
+        assert m.plan.bytes_moved == data[3000:].nbytes + 4 * 8
+
+
+def test_whole_workflow_beats_greedy(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, d1, d2 = thesis
+    with cluster["n1"].client() as flow:
+        # scale is cheap to run anywhere, fft doubles the data: greedy runs each step
+        # where its input is and then must ship the doubled result to the consumer.
+        c = flow.run("add", flow.run("fft", flow.run("scale", "DS1", factor=2.0)),
+                     flow.run("fft", "DS2"))
+        greedy = flow.flow.plan(c, "greedy").bytes_moved
+        optimal = flow.flow.plan(c, "optimal").bytes_moved
+        assert optimal < greedy
+        got = c.fetch()
+        assert np.allclose(got, np.fft.fft(2 * d1, axis=1) + np.fft.fft(d2, axis=1))
+        assert flow.report()["bytes_moved"] == optimal
+
+
+def test_eager_use_and_save(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, d1, d2 = thesis
+    with cluster["n1"].client() as flow:
+        a = flow.run("scale", "DS1", factor=3.0)
+        assert np.allclose(a.fetch(), 3 * d1)
+        b = flow.run("add", a, "DS2")
+        assert np.allclose(b.fetch(), 3 * d1 + d2)
+        assert np.allclose(a.fetch(), 3 * d1)  # cached result
+        b.save("KEPT")
+    with cluster["n3"].client() as c:
+        wait_for(lambda: "KEPT" in names_on(cluster["n3"]), 10, "KEPT announced")
+        assert np.allclose(c.fetch("KEPT"), 3 * d1 + d2)
+        lineage = c.describe("KEPT")["records"][0]["lineage"]
+    assert all(not n.startswith("wf-") for n in names_on(cluster["n1"]))
+    assert lineage == {} or isinstance(lineage, dict)
+
+
+def test_lineage_of_outputs(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, _, _ = thesis
+    with cluster["n1"].client(keep=True) as flow:
+        a = flow.run("scale", "DS1", factor=0.5)
+        a.fetch()
+        recs = [r for r in flow.catalog() if r.name == a.name]
+        lin = recs[0].lineage
+        assert lin["op"] == "scale" and lin["params"] == {"factor": 0.5}
+        assert lin["inputs"][0]["name"] == "DS1" and lin["workflow"] == flow.flow.id
+    assert a.name in names_on(cluster["n1"])  # keep=True: outputs stay
+
+
+def test_errors_are_typed_and_leave_nothing(thesis: tuple[Cluster, Any, Any]) -> None:
+    cluster, _, _ = thesis
+    with cluster["n1"].client() as flow:
+        with pytest.raises(hpcflow.PlanningError, match="nope"):
+            flow.run("nope", "DS1").fetch()
+        with pytest.raises(hpcflow.HpcflowError, match="arity|input"):
+            flow.run("add", "DS1").fetch()
+        with pytest.raises(hpcflow.DatasetNotFound):
+            flow.run("fft", "MISSING").fetch()
+        with cluster["n2"].client() as c:
+            c.put("SHORT", np.zeros((10, 12)))
+        wait_for(lambda: "SHORT" in names_on(cluster["n1"]), 10, "SHORT on n1")
+        with pytest.raises(hpcflow.HpcflowError, match="shape|row count"):
+            flow.run("add", "DS1", "SHORT").fetch()
+    assert all(not n.startswith("wf-") for n in names_on(cluster["n1"]))
+
+
+USER_OPS = '''
+import numpy as np
+from hpcflow import op
+
+@op("expand", kind="rowwise")
+def expand(x):
+    return np.hstack([x, x * x])
+
+@op("colmax", kind="reduce", combine=lambda parts: np.max(parts, axis=0))
+def colmax(x):
+    return x.max(axis=0)
+
+@op("explode", kind="rowwise")
+def explode(x):
+    if x.shape[0] > 50:  # planning samples have a handful of rows: fails only for real
+        raise RuntimeError("boom")
+    return x
+'''
+
+
+def test_user_ops_only_where_loaded(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mod = tmp_path / "myops.py"
+    mod.write_text(USER_OPS)
+    cl = make_cluster()
+    cl.add("n1", extra=["--ops", str(mod)])
+    cl.add("n2", via="n1", extra=["--ops", str(mod)])
+    cl.add("n3", via="n2")  # no user ops here
+    cl.wait_members()
+    data = np.random.default_rng(3).random((500, 3))
+    with cl["n3"].client() as c:
+        c.put("ON3", data)
+    wait_for(lambda: "ON3" in names_on(cl["n1"]), 10, "ON3 on n1")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("myops_test", mod)
+    assert spec and spec.loader
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # planner side registry
+    with cl["n1"].client() as flow:
+        e = flow.run("expand", "ON3")
+        assert np.allclose(e.fetch(), np.hstack([data, data * data]))
+        assert e.plan is not None and "n3" not in e.plan.steps[0]["nodes"]
+        m = flow.run("colmax", "ON3")
+        assert np.allclose(m.fetch(), data.max(0))
+        assert all("n3" not in s["nodes"] for s in m.plan.steps)  # type: ignore[union-attr]
+    with cl["n3"].client() as flow, pytest.raises(hpcflow.PlanningError, match="expand"):
+        flow.run("expand", "ON3").fetch()  # the initiator n3 has no such op
+
+
+def test_failed_op_leaves_no_partial_outputs(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mod = tmp_path / "myops.py"
+    mod.write_text(USER_OPS)
+    cl = make_cluster()
+    cl.add("n1", extra=["--ops", str(mod)])
+    cl.add("n2", via="n1", extra=["--ops", str(mod)])
+    cl.wait_members()
+    with cl["n1"].client() as c:
+        c.put("P", np.zeros((40, 2)), part=0, nparts=2)  # this part succeeds
+    with cl["n2"].client() as c:
+        c.put("P", np.ones((100, 2)), part=1, nparts=2)  # this one raises
+    wait_for(lambda: "P@1" in names_on(cl["n1"]), 10, "P parts")
+    with cl["n1"].client() as flow:
+        with pytest.raises(hpcflow.OpError, match="boom"):
+            flow.run("explode", "P").fetch()
+    for n in ("n1", "n2"):
+        assert not [k for k in names_on(cl[n]) if k.startswith("wf-")]
+
+
+def test_replan_when_a_holder_dies(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text("transfer_timeout_s = 2.0\nrpc_timeout_s = 5.0\n")
+    cl = make_cluster()
+    for i in range(3):
+        cl.add(f"n{i + 1}", via=f"n{i}" if i else None, extra=["--config", str(cfg)])
+    cl.wait_members()
+    data = np.random.default_rng(4).random((3000, 5))
+    with cl["n2"].client() as c:
+        c.put("R", data)
+    with cl["n3"].client() as c:
+        c.wait_for("R", 10)
+        c.replicate("R")  # a second copy on n3
+    wait_for(lambda: len(cl["n1"].client().locate("R")["parts"][0]["holders"]) == 2, 10,
+             "two replicas of R")
+    cl["n2"].kill(signal.SIGKILL)  # n1's catalog still believes n2 alive for a TTL
+    with cl["n1"].client() as flow:
+        s = flow.run("colsum", "R")
+        assert np.allclose(s.fetch(), data.sum(0))
+        # The plan first used n2 (the original holder); the re-plan used n3's replica.
+        assert flow.report()["replans"] == 1
+
+
+def test_cli_run_and_explain(thesis: tuple[Cluster, Any, Any], tmp_path: Path) -> None:
+    cluster, d1, _ = thesis
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpcflow", *args], capture_output=True,
+                              text=True, timeout=60 * SCALE)
+
+    r = cli("explain", "--node", cluster["n1"].rpc, "colsum", "DS1")
+    assert r.returncode == 0 and "optimal plan" in r.stdout, r.stderr
+    out = tmp_path / "s.npy"
+    r = cli("run", "--node", cluster["n1"].rpc, "scale", "DS1", "--param", "factor=2",
+            "--output", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["shape"] == [ROWS, 12] and doc["bytes_moved"] == doc["bytes_planned"]
+    assert np.allclose(np.load(out), 2 * d1)
+    r = cli("run", "--node", cluster["n1"].rpc, "nope", "DS1", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["type"] == "PlanningError"
