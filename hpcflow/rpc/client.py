@@ -43,6 +43,7 @@ class Client:
         self._rpc = new_client(self.endpoint, self.timeout_s)
         self.ctx = zmq.Context()
         self.traffic = Traffic()
+        self.flow = Flow(self, keep=keep, objective=objective)
         try:
             hello = self._call("info")
         except PeerUnavailable:
@@ -53,7 +54,6 @@ class Client:
         self.node_bulk = str(hello["endpoints"]["bulk"])
         self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
                                settings or BulkSettings(timeout_s=self.timeout_s))
-        self.flow = Flow(self, keep=keep, objective=objective)
 
     #: Calls that may legitimately run for hours; zerorpc's heartbeat still notices a
     #: dead node, so they need no request timeout of their own.

@@ -96,6 +96,7 @@ class Flow:
     moved: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     executions: int = 0
     replans: int = 0
+    calls: int = 0
 
     def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
         if not isinstance(op, str) or not op:
@@ -151,6 +152,7 @@ class Flow:
         view, ex = PlanView(reply["plan"]), reply["execution"]
         self.executions += 1
         self.replans += int(bool(reply.get("replanned")))
+        self.calls += int(ex["calls"])
         self.created += ex["created"]
         for t in view.raw["steps"]:
             for tr in t["transfers"]:
@@ -188,6 +190,7 @@ class Flow:
     def report(self) -> dict[str, Any]:
         """Planned vs actually moved bytes per link, over every execution so far."""
         return {"workflow": self.id, "executions": self.executions, "replans": self.replans,
+                "calls": self.calls,
                 "bytes_planned": sum(self.planned.values()),
                 "bytes_moved": sum(self.moved.values()),
                 "planned": dict(self.planned), "moved": dict(self.moved)}

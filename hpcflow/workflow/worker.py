@@ -158,8 +158,12 @@ class Worker:
         return loc, pieces
 
     def local_rows(self, name: str, rows: tuple[int, int] | None) -> np.ndarray[Any, Any]:
-        """Rows ``[lo, hi)`` of ``name`` from local copies only (no network)."""
-        loc, pieces = self._pieces(name)
+        """Rows ``[lo, hi)`` of ``name`` from local copies only (no network).
+
+        Row offsets come from the catalog, so wait until it knows every part:
+        parts made a moment ago on other nodes may still be on their way.
+        """
+        loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
         total = loc.shape[0] if loc.shape else 1
         lo, hi = rows if rows is not None else (0, total)
         if not 0 <= lo <= hi <= total:
