@@ -296,3 +296,59 @@ def test_cli_run_and_explain(thesis: tuple[Cluster, Any, Any], tmp_path: Path) -
     assert np.allclose(np.load(out), 2 * d1)
     r = cli("run", "--node", cluster["n1"].rpc, "nope", "DS1", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["type"] == "PlanningError"
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Four nodes kept for a module: random placements are put and removed per example."""
+    cl = Cluster(tmp_path_factory.mktemp("wide"))
+    try:
+        for i in range(4):
+            cl.add(f"n{i + 1}", via=f"n{i}" if i else None)
+        cl.wait_members()
+        yield cl
+    finally:
+        cl.stop()
+
+
+OPS_UNDER_TEST = [
+    ("scale", {"factor": -1.5}, lambda x: -1.5 * x),
+    ("colsum", {}, lambda x: x.sum(0)),
+    ("gram", {}, lambda x: x.T @ x),
+    ("histogram", {"bins": 5, "range": [0.0, 1.0]},
+     lambda x: np.histogram(x, bins=5, range=(0.0, 1.0))[0]),
+    ("median", {}, lambda x: np.median(x, axis=0)),
+    ("fft", {}, lambda x: np.fft.fft(x, axis=1)),
+]
+
+
+def test_split_execution_equals_numpy_on_random_partitions(wide: Cluster) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    counter = iter(range(10**6))
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(rows=st.lists(st.sampled_from([0, 1, 2, 7, 40]), min_size=1, max_size=4),
+           homes=st.lists(st.sampled_from(["n1", "n2", "n3", "n4"]), min_size=4, max_size=4),
+           which=st.integers(0, len(OPS_UNDER_TEST) - 1), seed=st.integers(0, 1000))
+    def check(rows: list[int], homes: list[str], which: int, seed: int) -> None:
+        if sum(rows) == 0:
+            rows = [*rows, 3]  # median of nothing is undefined; keep at least one row
+        op, params, ref = OPS_UNDER_TEST[which]
+        data = np.random.default_rng(seed).random((sum(rows), 3))
+        name = f"RP{next(counter)}"
+        start = 0
+        for k, n in enumerate(rows):
+            with wide[homes[k % 4]].client() as c:
+                c.put(name, data[start : start + n], part=k, nparts=len(rows))
+            start += n
+        with wide["n1"].client() as flow:
+            flow.wait_for(name, 10)
+            got = flow.run(op, name, **params).fetch()
+        assert np.allclose(got, ref(data)), (op, rows, homes)
+        for k in range(len(rows)):
+            with wide[homes[k % 4]].client() as c:
+                c.delete(name, k)
+
+    check()
