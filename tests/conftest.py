@@ -107,3 +107,22 @@ def make_cluster(tmp_path: Path) -> Iterator[Callable[[], Cluster]]:
 
 
 os.environ.setdefault("HPCFLOW_TIMEOUT_SCALE", str(SCALE))
+
+
+@pytest.fixture
+def real_h5md() -> Path:
+    """Directory with real H5MD files from MDAnalysisTests (written by ZnH5MD and MDAnalysis).
+
+    CI extracts them from the package's sdist and sets ``HPCFLOW_REAL_H5MD``; an installed
+    MDAnalysisTests works too.
+    """
+    env = os.environ.get("HPCFLOW_REAL_H5MD")
+    if env and (Path(env) / "cu.h5md").exists():
+        return Path(env)
+    try:
+        import MDAnalysisTests  # type: ignore[import-not-found]
+
+        return Path(MDAnalysisTests.__file__).parent / "data"
+    except ImportError:
+        pytest.skip("real H5MD files unavailable: set HPCFLOW_REAL_H5MD (see .ci/run) or "
+                    "pip install MDAnalysisTests")

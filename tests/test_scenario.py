@@ -124,8 +124,8 @@ def test_h5md_source_is_read_and_split(tmp_path: Path) -> None:
     ("cobrotoxin.h5md", "/particles/trajectory/position/value", 3),
     ("coordinates/test.h5md", "/particles/trajectory/position", 5),
 ])
-def test_mdanalysis_test_files_load(tmp_path: Path, name: str, path: str, frames: int) -> None:
-    pytest.importorskip("MDAnalysisTests", reason="pip install MDAnalysisTests for real H5MD")
+def test_mdanalysis_test_files_load(tmp_path: Path, real_h5md: Path, name: str, path: str,
+                                    frames: int) -> None:
     first = frames // 2
     scenario = tmp_path / "md.toml"
     scenario.write_text(f"""
@@ -134,8 +134,7 @@ nodes = ["n1", "n2"]
 initiator = "n1"
 result = "AVG"
 [datasets.POS]
-source_package = "MDAnalysisTests"
-source = "data/{name}"
+source = "{real_h5md / name}"
 path = "{path}"
 parts = [{{ node = "n1", rows = {first} }}, {{ node = "n2", rows = {frames - first} }}]
 [[steps]]

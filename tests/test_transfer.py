@@ -155,3 +155,31 @@ def test_fetch_to_file_and_npy_sources(cluster: Cluster, tmp_path: Path) -> None
     with h5py.File(out) as f:
         assert np.array_equal(f["/deep/group/arr"][...], arr)
     assert not list(tmp_path.glob(".out.h5.tmp*"))
+
+
+@pytest.mark.parametrize("name,path", [
+    ("cu.h5md", "/particles/atoms/position"),
+    ("cobrotoxin.h5md", "/particles/trajectory/position/value"),
+    ("coordinates/test.h5md", "/particles/trajectory/position"),
+])
+def test_real_h5md_files_round_trip(cluster: Cluster, real_h5md: Path, tmp_path: Path,
+                                    name: str, path: str) -> None:
+    src = real_h5md / name
+    with h5py.File(src, "r") as f:
+        obj = f[path]
+        want = (obj["value"] if isinstance(obj, h5py.Group) else obj)[...]
+    key = "REAL_" + Path(name).stem
+    with cluster["n2"].client() as c:
+        rec = c.put(key, src, dataset=path)
+    assert rec.shape == want.shape and rec.dtype == want.dtype.str
+    wait_for(lambda: key in names_on(cluster["n1"]), 10, f"{key} on n1")
+    with cluster["n1"].client() as c:
+        got = c.fetch(key)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    # A truncated copy of the same real file is refused with a clear error, nothing stored.
+    cut = tmp_path / "cut.h5md"
+    raw = src.read_bytes()
+    cut.write_bytes(raw[: len(raw) * 2 // 3])
+    with cluster["n2"].client() as c, pytest.raises(hpcflow.InvalidData):
+        c.put(key + "_cut", cut, dataset=path)
+    assert key + "_cut" not in names_on(cluster["n1"])
