@@ -24,22 +24,20 @@ short-lived thread), so no helper processes are needed.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import glob
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
+
+from hpcflow.harness.procs import forget, socket_in_netns, stop_at_exit, terminate
 
 __all__ = ["GaneshaServer", "NfsUnavailable", "available"]
 
@@ -48,7 +46,6 @@ _NFS_PROG, _NFS_VERS = 100003, 3
 _MOUNT_PROG, _MOUNT_VERS = 100005, 3
 _IPPROTO_TCP = 6
 _PMAPPROC_GETPORT = 3
-_CLONE_NEWNET = 0x40000000
 _EXTRA_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 _VFS_FSAL_GLOBS = ("/usr/lib/*/ganesha/libfsalvfs.so", "/usr/lib*/ganesha/libfsalvfs.so")
 
@@ -90,35 +87,8 @@ def available(ganesha_bin: str = "ganesha.nfsd", rpcbind_bin: str = "rpcbind") -
 # --- sockets and tiny ONC-RPC client used for readiness probes -------------
 
 def _socket_in_netns(netns: str | None) -> socket.socket:
-    """Create a TCP socket in network namespace *netns* (None: our own).
-
-    ``setns(CLONE_NEWNET)`` only affects the calling thread, and a socket stays
-    in the namespace it was created in, so a throw-away thread suffices.
-    """
-    if netns is None:
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    result: list[socket.socket | BaseException] = []
-
-    def create() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            result.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        except BaseException as exc:  # handed to the caller's thread
-            result.append(exc)
-
-    thread = threading.Thread(target=create, name=f"setns-{netns}")
-    thread.start()
-    thread.join()
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
+    """A TCP socket in network namespace *netns* (None: our own)."""
+    return socket_in_netns(None if netns is None else f"/run/netns/{netns}")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -172,47 +142,7 @@ def _portmapper_answers(netns: str | None, addr: str) -> bool:
     return True
 
 
-# --- process handling --------------------------------------------------------
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM, wait up to *grace* seconds, then SIGKILL; always reaps."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-_live: set[GaneshaServer] = set()
-
-
-def _stop_all() -> None:
-    for server in list(_live):
-        server.stop()
-
-
-def _sigterm_to_exit(signum: int, _frame: FrameType | None) -> None:
-    """Turn SIGTERM into SystemExit so ``with`` blocks and atexit tear down."""
-    raise SystemExit(128 + signum)
-
-
-def _guard_process_exit() -> None:
-    """Make SIGTERM unwind ``with`` blocks and run atexit, so children die with us.
-
-    Installed once, only if SIGTERM still has its default disposition (then
-    it would kill us without any cleanup) and only from the main thread
-    (Python's restriction).  It stays installed: restoring it per object
-    would race with other users of the same conversion.
-    """
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _sigterm_to_exit)
-
-
-atexit.register(_stop_all)
 
 
 _CONFIG = """\
@@ -332,8 +262,7 @@ class GaneshaServer:
             if _port_accepts(self.netns, self.probe_addr, port):
                 raise NfsUnavailable(f"port {port} on {self.probe_addr} already in use "
                                      "(another NFS server running?)")
-        _live.add(self)
-        _guard_process_exit()
+        stop_at_exit(self, self.stop)
         try:
             self._launch()
         except BaseException:
@@ -347,14 +276,14 @@ class GaneshaServer:
         try:
             for proc in (self._ganesha, self._rpcbind):
                 if proc is not None:
-                    _terminate(proc, self.stop_grace)
+                    terminate(proc, self.stop_grace)
         finally:
             self._ganesha = self._rpcbind = None
             self.export_dir = None
             if self.workdir is not None:
                 shutil.rmtree(self.workdir, ignore_errors=True)
                 self.workdir = None
-            _live.discard(self)
+            forget(self)
 
     def __enter__(self) -> GaneshaServer:
         return self.start()

@@ -25,8 +25,6 @@ processes still inside are killed first so nothing keeps them alive.
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import ipaddress
 import itertools
 import os
@@ -35,11 +33,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from types import FrameType, TracebackType
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import suppress
+from types import TracebackType
 from typing import Any
+
+from .procs import forget, socket_in_netns, stop_at_exit, terminate
 
 __all__ = ["Topology", "available", "remove_stale"]
 
@@ -48,7 +47,6 @@ _HOST_NET = ipaddress.IPv4Network("10.201.0.0/16")
 _NETNS_DIR = "/run/netns"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STALE_RE = re.compile(r"^hf(\d+)-\d+-")
-_CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
 
 
@@ -221,8 +219,7 @@ class Topology:
         """
         if self._built:
             raise RuntimeError("topology already built")
-        _live.add(self)
-        _guard_process_exit()
+        stop_at_exit(self, self.teardown)
         self._built = True
         try:
             self._create()
@@ -268,7 +265,7 @@ class Topology:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         try:
             for proc in self._procs:
-                _terminate(proc, self.stop_grace)
+                terminate(proc, self.stop_grace)
             self._procs.clear()
             existing = [n for n in map(self.netns, self.hosts)
                         if os.path.exists(os.path.join(_NETNS_DIR, n))]
@@ -278,7 +275,7 @@ class Topology:
                 subprocess.run([_IP, "-force", "-batch", "-"], check=False, capture_output=True,
                                text=True, input="".join(f"netns del {n}\n" for n in existing))
             self._built = False
-            _live.discard(self)
+            forget(self)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
@@ -312,21 +309,7 @@ class Topology:
         Lets the harness talk to hosts without helper processes.
         """
         self._require_built()
-        result: list[socket.socket | BaseException] = []
-
-        def create() -> None:
-            try:
-                with _entered(os.path.join(_NETNS_DIR, self.netns(host))):
-                    result.append(socket.socket(family, type))
-            except BaseException as exc:  # handed to the caller's thread
-                result.append(exc)
-
-        thread = threading.Thread(target=create, name=f"setns-{host}")
-        thread.start()
-        thread.join()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return result[0]
+        return socket_in_netns(os.path.join(_NETNS_DIR, self.netns(host)), family, type)
 
     # -- internals ---------------------------------------------------------------
 
@@ -339,61 +322,3 @@ class Topology:
         n = len(self.hosts)
         k = i * n - i * (i + 1) // 2 + (j - i - 1)  # index of pair (i, j) among n choose 2
         return ipaddress.IPv4Network((int(_LINK_NET.network_address) + 4 * k, 30))
-
-
-@contextmanager
-def _entered(ns_path: str) -> Iterator[None]:
-    """Switch the calling thread into the network namespace at *ns_path*.
-
-    Deliberately does not switch back: only used on throw-away threads.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(ns_path, os.O_RDONLY)
-    try:
-        if libc.setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    yield
-
-
-def _terminate(proc: subprocess.Popen[Any], grace: float) -> None:
-    """SIGTERM, wait up to *grace* seconds, then SIGKILL; always reaps."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-_live: set[Topology] = set()
-
-
-def _teardown_all() -> None:
-    for topo in list(_live):
-        topo.teardown()
-
-
-def _sigterm_to_exit(signum: int, _frame: FrameType | None) -> None:
-    """Turn SIGTERM into SystemExit so ``with`` blocks and atexit tear down."""
-    raise SystemExit(128 + signum)
-
-
-def _guard_process_exit() -> None:
-    """Make SIGTERM unwind ``with`` blocks and run atexit, so children die with us.
-
-    Installed once, only if SIGTERM still has its default disposition (then
-    it would kill us without any cleanup) and only from the main thread
-    (Python's restriction).  It stays installed: restoring it per object
-    would race with other users of the same conversion.
-    """
-    if (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        signal.signal(signal.SIGTERM, _sigterm_to_exit)
-
-
-atexit.register(_teardown_all)
