@@ -325,77 +325,90 @@ class BulkClient:
             raise from_wire(hdr.get("type"), hdr.get("msg"))
         return verb, hdr, frames[2] if len(frames) > 2 else None
 
-    def fetch(self, endpoint: str, peer: str, rec: DatasetRecord, deliver: Deliver) -> int:
-        """Pull every chunk of ``rec`` from ``peer``; returns the bytes received.
-
-        Chunks are verified against their digest on arrival (a bad one is
-        requested again, up to ``retries`` times) and the whole against the
-        record's checksum at the end.
-        """
-        ch = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
-        n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
-        started = time.monotonic()
-        digests: list[int] = [0] * n
+    def _pull(self, endpoint: str, peer: str, what: str, keys: list[int],
+              request: Callable[[int], tuple[bytes, dict[str, Any]]],
+              length: Callable[[int], int],
+              deliver: Callable[[int, memoryview, int], None]) -> None:
+        """The credit window: keep ``window`` requests in flight, verify each reply's
+        digest (asking again up to ``retries`` times), and after a silent third of the
+        timeout re-send what is outstanding (a holder restarted behind the same endpoint
+        loses requests in flight) before declaring the peer gone."""
+        window, r = max(1, self.settings.window), random.getrandbits(62)
         attempts: dict[int, int] = {}
-        next_i = done = total = silent = 0
+        next_k = done = silent = 0
         s = self._socket(endpoint)
         try:
-            def ask(i: int) -> None:
-                s.send_multipart([b"GET", _pack({"r": r, "key": rec.key, "v": rec.version,
-                                                 "i": i, "by": self.me})])
-            while done < n:
-                while next_i < n and len(attempts) < window:
-                    attempts[next_i] = 0
-                    ask(next_i)
-                    next_i += 1
+            def ask(key: int) -> None:
+                verb, hdr = request(key)
+                s.send_multipart([verb, _pack({"r": r, **hdr})])
+
+            while done < len(keys):
+                while next_k < len(keys) and len(attempts) < window:
+                    attempts[keys[next_k]] = 0
+                    ask(keys[next_k])
+                    next_k += 1
                 try:
-                    verb, hdr, payload = self._recv(s, peer, f"fetch of {rec.key}",
-                                                    self.settings.timeout_s / 3)
+                    verb, hdr, payload = self._recv(s, peer, what, self.settings.timeout_s / 3)
                 except PeerUnavailable:
-                    # Requests in flight are lost if the holder restarted behind the same
-                    # endpoint; ask again twice before declaring the peer gone.
                     silent += 1
                     if silent >= 3:
                         raise PeerUnavailable(
-                            f"{peer} stopped answering during the fetch of {rec.key} "
-                            f"({done}/{n} chunks after {self.settings.timeout_s:g} s)") from None
-                    for i in attempts:
-                        ask(i)
+                            f"{peer} stopped answering during {what} ({done}/{len(keys)} "
+                            f"chunks after {self.settings.timeout_s:g} s)") from None
+                    for key in attempts:
+                        ask(key)
                     continue
                 silent = 0
                 if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
                     continue
-                i = _int(hdr, "i")
-                if i not in attempts:
-                    continue  # a late duplicate of a retried chunk
+                key = _int(hdr, "i")
+                if key not in attempts:
+                    continue  # a late duplicate of a retried request
                 buf = payload.buffer
-                off, length = ch.byte_range(i)
                 digest = chunk_digest(buf)
-                if buf.nbytes != length or digest != hdr.get("d"):
+                if buf.nbytes != length(key) or digest != hdr.get("d"):
                     self.traffic.chunk_retries += 1
-                    attempts[i] += 1
-                    if attempts[i] > self.settings.retries:
+                    attempts[key] += 1
+                    if attempts[key] > self.settings.retries:
                         raise IntegrityError(
-                            f"chunk {i} of {rec.key} from {peer} failed verification "
-                            f"{attempts[i]} times: the copy on {peer} may be corrupted")
-                    log.warning("bulk: chunk %d of %s from %s corrupted: retrying", i,
-                                rec.key, peer)
-                    ask(i)
+                            f"chunk at {key} of {what} from {peer} failed verification "
+                            f"{attempts[key]} times: the copy on {peer} may be corrupted")
+                    log.warning("bulk: chunk at %d of %s from %s corrupted: retrying", key,
+                                what, peer)
+                    ask(key)
                     continue
-                deliver(i, off, buf, digest)
-                self.traffic.received(peer, length)
-                total += length
-                digests[i] = digest
-                del attempts[i]
+                deliver(key, buf, digest)
+                self.traffic.received(peer, buf.nbytes)
+                del attempts[key]
                 done += 1
         finally:
             s.close(linger=0)
-        self.traffic.observe(peer, total, time.monotonic() - started)
+
+    def fetch(self, endpoint: str, peer: str, rec: DatasetRecord, deliver: Deliver) -> int:
+        """Pull every chunk of ``rec`` from ``peer``; returns the bytes received.
+
+        Chunks are verified against their digest on arrival and the whole against
+        the record's checksum at the end (which catches corruption at rest).
+        """
+        ch = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        digests: list[int] = [0] * len(ch)
+        started = time.monotonic()
+
+        def request(i: int) -> tuple[bytes, dict[str, Any]]:
+            return b"GET", {"key": rec.key, "v": rec.version, "i": i, "by": self.me}
+
+        def arrived(i: int, buf: memoryview, digest: int) -> None:
+            deliver(i, ch.byte_range(i)[0], buf, digest)
+            digests[i] = digest
+
+        self._pull(endpoint, peer, f"the fetch of {rec.key}", list(range(len(ch))), request,
+                   lambda i: ch.byte_range(i)[1], arrived)
+        self.traffic.observe(peer, rec.nbytes, time.monotonic() - started)
         if dataset_checksum(rec.shape, rec.dtype, rec.chunk_bytes, digests) != rec.checksum:
             raise IntegrityError(
                 f"{rec.key} from {peer} does not match its catalog checksum: the stored copy "
                 "is corrupted")
-        return total
+        return rec.nbytes
 
     def fetch_range(self, endpoint: str, peer: str, rec: DatasetRecord, off: int, length: int,
                     deliver: Deliver, piece: int) -> int:
@@ -406,54 +419,17 @@ class BulkClient:
         """
         piece = max(1, min(piece, MAX_RANGE))
         starts = list(range(off, off + length, piece))
-        window, r = max(1, self.settings.window), random.getrandbits(62)
-        attempts: dict[int, int] = {}
-        next_k = done = total = silent = 0
-        s = self._socket(endpoint)
-        try:
-            def ask(o: int) -> None:
-                n = min(piece, off + length - o)
-                s.send_multipart([b"RANGE", _pack({"r": r, "key": rec.key, "v": rec.version,
-                                                   "o": o, "n": n, "by": self.me})])
-            while done < len(starts):
-                while next_k < len(starts) and len(attempts) < window:
-                    attempts[starts[next_k]] = 0
-                    ask(starts[next_k])
-                    next_k += 1
-                try:
-                    verb, hdr, payload = self._recv(s, peer, f"fetch of rows of {rec.key}",
-                                                    self.settings.timeout_s / 3)
-                except PeerUnavailable:
-                    silent += 1
-                    if silent >= 3:
-                        raise
-                    for o in attempts:
-                        ask(o)
-                    continue
-                silent = 0
-                if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
-                    continue
-                o = _int(hdr, "i")
-                if o not in attempts:
-                    continue
-                buf = payload.buffer
-                digest = chunk_digest(buf)
-                if buf.nbytes != min(piece, off + length - o) or digest != hdr.get("d"):
-                    self.traffic.chunk_retries += 1
-                    attempts[o] += 1
-                    if attempts[o] > self.settings.retries:
-                        raise IntegrityError(f"bytes at {o} of {rec.key} from {peer} failed "
-                                             f"verification {attempts[o]} times")
-                    ask(o)
-                    continue
-                deliver(starts.index(o), o - off, buf, digest)
-                self.traffic.received(peer, buf.nbytes)
-                total += buf.nbytes
-                del attempts[o]
-                done += 1
-        finally:
-            s.close(linger=0)
-        return total
+
+        def size(o: int) -> int:
+            return min(piece, off + length - o)
+
+        def request(o: int) -> tuple[bytes, dict[str, Any]]:
+            return b"RANGE", {"key": rec.key, "v": rec.version, "o": o, "n": size(o),
+                              "by": self.me}
+
+        self._pull(endpoint, peer, f"rows of {rec.key}", starts, request, size,
+                   lambda o, buf, d: deliver((o - off) // piece, o - off, buf, d))
+        return length
 
     def upload(
         self,
