@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcflow.decide import (
+    BEST_WITHIN_BUDGET,
     CostModel,
     Dataset,
     Part,
@@ -27,6 +28,7 @@ from hpcflow.decide import (
     optimal_plan,
     pull_all_plan,
 )
+from hpcflow.decide.bound import LowerBound
 from hpcflow.decide.state import State
 from hpcflow.decide.strategies import deliver, evaluate, outcomes
 from hpcflow.ops import DEFAULT_REGISTRY, OpRegistry
@@ -79,6 +81,17 @@ def brute_force(problem: Problem) -> tuple[float, float]:
 
     visit(0, problem.initial_state(), (0.0, 0.0))
     return best[0]
+
+
+def remaining_bytes(problem: Problem, index: int, state: State) -> int:
+    """Fewest bytes any completion moves after step ``index`` (delivery of what is left too)."""
+    if index + 1 == len(problem.steps):
+        names = [n for n in problem.workflow.deliver if n in state.holdings]
+        return sum(t.nbytes for t in deliver(problem, state, names)[0])
+    return min(
+        outcome.nbytes + remaining_bytes(problem, index + 1, outcome.state)
+        for outcome in outcomes(problem, index + 1, state, exhaustive=True)
+    )
 
 
 def random_problem(
@@ -143,6 +156,20 @@ def test_optimal_equals_brute_force(seed: int, nodes: int, steps: int, objective
     # the baselines are plans in the same space, so never better
     greedy = greedy_plan(workflow, pl, cost=cost)
     assert cost.key(greedy.bytes_moved, greedy.seconds)[0] >= got[0] - 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), nodes=st.integers(2, 4), steps=st.integers(2, 5))
+def test_bound_never_exceeds_the_remaining_cost(seed: int, nodes: int, steps: int) -> None:
+    """Along a random partial plan, the search's bound is at most the true remaining bytes."""
+    workflow, pl = random_problem(seed, nodes, steps)
+    problem = Problem(workflow, pl)
+    bound = LowerBound(problem)
+    rng = random.Random(seed)
+    state = problem.initial_state()
+    for index in range(len(problem.steps) - 1):
+        state = rng.choice(outcomes(problem, index, state, exhaustive=True)).state
+        assert bound(index, state) <= remaining_bytes(problem, index, state)
 
 
 def test_brute_force_sees_nodes_that_hold_nothing() -> None:
@@ -235,7 +262,8 @@ def test_time_objective_avoids_an_overloaded_node() -> None:
     assert by_time.bytes_moved > by_bytes.bytes_moved
 
 
-def test_twelve_steps_on_twelve_nodes_plans_quickly() -> None:
+def twelve_steps() -> tuple[Workflow, Placement, dict[str, dict[str, str]]]:
+    """Twelve steps over four 3-part datasets on twelve nodes, every node with every op."""
     rng = random.Random(7)
     nodes = [f"n{i}" for i in range(1, 13)]
     # the same row split for every dataset (so tables can be added), random holders
@@ -256,11 +284,27 @@ def test_twelve_steps_on_twelve_nodes_plans_quickly() -> None:
         Step("A11", "colmean", ["A10"]),
     ]
     workflow = Workflow(steps, "n1", ("A7", "A8", "A9", "A11"))
-    node_ops = {n: DEFAULT_REGISTRY.hashes() for n in nodes}
+    return workflow, placement(*datasets), {n: DEFAULT_REGISTRY.hashes() for n in nodes}
+
+
+def test_twelve_steps_on_twelve_nodes_plans_quickly() -> None:
+    workflow, pl, node_ops = twelve_steps()
     started = time.perf_counter()
-    plan = optimal_plan(workflow, placement(*datasets), node_ops=node_ops)
+    plan = optimal_plan(workflow, pl, node_ops=node_ops)
     assert time.perf_counter() - started < 5.0  # loose; the benchmark measures properly
-    assert plan.bytes_moved <= greedy_plan(workflow, placement(*datasets)).bytes_moved
+    assert plan.method == "optimal"
+    assert plan.bytes_moved <= greedy_plan(workflow, pl).bytes_moved
+
+
+def test_time_budget_returns_the_best_plan_found_so_far() -> None:
+    workflow, pl, node_ops = twelve_steps()
+    plan = optimal_plan(workflow, pl, node_ops=node_ops, time_budget=0.0)
+    assert plan.method == BEST_WITHIN_BUDGET
+    baselines = [greedy_plan(workflow, pl), pull_all_plan(workflow, pl)]
+    assert plan.bytes_moved <= min(b.bytes_moved for b in baselines)
+    assert len(plan.steps) == len(workflow.steps) and all(s.work for s in plan.steps)
+    exact = optimal_plan(workflow, pl, node_ops=node_ops, time_budget=None)
+    assert exact.method == "optimal" and exact.bytes_moved <= plan.bytes_moved
 
 
 # ---------------------------------------------------------------- model details

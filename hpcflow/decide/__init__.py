@@ -11,10 +11,11 @@ from hpcflow.decide.errors import PlanningError
 from hpcflow.decide.model import Dataset, NodeOps, Part, PartLoc, Placement, Step, Workflow
 from hpcflow.decide.plan import Plan, StepPlan, Strategy, Transfer, Work
 from hpcflow.decide.problem import Problem
-from hpcflow.decide.search import optimal_plan
+from hpcflow.decide.search import BEST_WITHIN_BUDGET, optimal_plan
 from hpcflow.decide.strategies import At, Decision, Split, SplitReduce
 
 __all__ = [
+    "BEST_WITHIN_BUDGET",
     "At",
     "CostModel",
     "Dataset",

@@ -34,6 +34,12 @@ class StepInfo:
     capable: tuple[str, ...]
     in_rows: int
 
+    @property
+    def at_only(self) -> bool:
+        """Only At decisions apply: global ops, and reduces that cannot split with these
+        params (a rowwise op can always run per part)."""
+        return self.spec.kind != "rowwise" and not self.splittable
+
 
 class Problem:
     """A compiled planning problem; immutable after construction.
@@ -76,7 +82,7 @@ class Problem:
             frozenset(
                 name
                 for later in self.steps[index + 1 :]
-                if not later.splittable
+                if later.at_only
                 for name in later.step.inputs
             )
             for index in range(len(self.steps))
@@ -96,7 +102,7 @@ class Problem:
         return self._read_after[index] if index >= 0 else self._read_at_start
 
     def gathered_after(self, index: int) -> frozenset[str]:
-        """Objects some step after ``index`` needs whole on one node (global ops)."""
+        """Objects some step after ``index`` needs whole on one node (At-only steps)."""
         return self._gathered_after[index]
 
     def candidates(self, index: int, state: State) -> tuple[str, ...]:
@@ -105,9 +111,9 @@ class Problem:
         Every capable node is kept except *empty* ones: nodes other than the
         initiator that hold nothing in ``state``.  The rest of the plan depends
         only on the state and node parameters, so empty nodes with the same
-        capabilities for the remaining steps (under the time objective also the
-        same load and only default links) are interchangeable: any plan using
-        one can be relabelled to use the first of its class at equal cost.
+        capabilities for the remaining steps, the same load and only default
+        links are interchangeable: any plan using one can be relabelled to use
+        the first of its class at equal cost (bytes and seconds alike).
         """
         occupied = state.occupied()
         seen: set[object] = set()
@@ -212,12 +218,11 @@ def _liveness(workflow: Workflow) -> tuple[tuple[frozenset[str], ...], frozenset
 def _interchange_keys(problem: Problem) -> Mapping[str, object]:
     """Cost parameters that must match for two empty nodes to be interchangeable.
 
-    Nothing under the bytes objective; load under the time objective, where a
-    node with any custom link gets no key (never merged).
+    The node's load (it delays compute, which counts under the time objective
+    and breaks ties under the bytes objective); a node with any custom link
+    gets no key (never merged).
     """
     cost = problem.cost
-    if cost.objective == "bytes":
-        return {node: () for node in problem.nodes}
     return {
         node: (cost.load.get(node, 0),) for node in problem.nodes if not cost.has_custom_link(node)
     }

@@ -7,28 +7,40 @@ Exactness rests on three facts, argued in ``docs/cost-model.md``:
    state (who holds which rows of the objects still needed), so two partial
    plans reaching the same state after step k can keep only the cheaper
    (memo table keyed by ``(k, state)``);
-2. the bound — bytes of already-existing results missing on the initiator,
-   which must still be moved, and zero seconds — never overestimates (also
-   lexicographically under the time objective), so pruning on
-   ``cost so far + bound >= best`` never drops a better plan;
+2. the bound (:mod:`bound`: bytes that objects existing now must still move
+   for delivery, global steps and the co-location of later steps' inputs,
+   and zero seconds) never overestimates (also lexicographically under the
+   time objective), so pruning on ``cost so far + bound >= best`` never
+   drops a better plan;
 3. the per-step node candidates lose nothing up to relabelling of
    interchangeable empty nodes (:meth:`Problem.candidates`).
 
 The incumbent starts as the better of the greedy and pull-all plans, so the
-search only ever has to prove or improve on them.
+search only ever has to prove or improve on them; children are explored in
+order of cost so far plus bound, so a better incumbent tends to come early.
+
+The search is exponential in the worst case, so it has a time budget: when it
+runs out, the best plan found so far is returned with ``method`` set to
+:data:`BEST_WITHIN_BUDGET` instead of ``"optimal"``.
 """
 
 from __future__ import annotations
 
+import time
+
 from hpcflow.decide.assemble import assemble, decisions_cost
 from hpcflow.decide.baselines import baseline_decisions
+from hpcflow.decide.bound import LowerBound
 from hpcflow.decide.cost import CostKey, CostModel
 from hpcflow.decide.model import NodeOps, Placement, Workflow
 from hpcflow.decide.plan import Plan
 from hpcflow.decide.problem import Problem
-from hpcflow.decide.state import State
+from hpcflow.decide.state import Holding, State
 from hpcflow.decide.strategies import Decision, deliver, outcomes
 from hpcflow.ops import OpRegistry
+
+#: ``Plan.method`` of a plan returned because the time budget ran out.
+BEST_WITHIN_BUDGET = "best_within_budget"
 
 
 def optimal_plan(
@@ -38,10 +50,20 @@ def optimal_plan(
     registry: OpRegistry | None = None,
     node_ops: NodeOps | None = None,
     cost: CostModel | None = None,
+    time_budget: float | None = 10.0,
 ) -> Plan:
-    """The cheapest plan under ``cost`` (fewest bytes by default), found exactly."""
+    """The cheapest plan under ``cost`` (fewest bytes by default), found exactly.
+
+    ``time_budget`` (seconds, None = unlimited) caps the search for very large
+    workflows: once spent, the best plan found so far (never worse than the
+    greedy and pull-all plans) is returned with ``method`` set to
+    :data:`BEST_WITHIN_BUDGET` rather than ``"optimal"``.  Within the budget
+    the result is the same as without it.
+    """
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     problem = Problem(workflow, placement, registry=registry, node_ops=node_ops, cost=cost)
     decided: dict[int, Decision] = {}
+    proven = True
     for indices in components(workflow):
         sub = Problem(
             Workflow(
@@ -55,13 +77,22 @@ def optimal_plan(
             cost=cost,
             nodes=problem.nodes,
         )
-        decided.update(zip(indices, search(sub), strict=True))
-    return assemble(problem, [decided[i] for i in range(len(workflow.steps))], method="optimal")
+        found, exact = search(sub, deadline)
+        decided.update(zip(indices, found, strict=True))
+        proven = proven and exact
+    method = "optimal" if proven else BEST_WITHIN_BUDGET
+    return assemble(problem, [decided[i] for i in range(len(workflow.steps))], method=method)
 
 
-def search(problem: Problem) -> list[Decision]:
-    """Decisions of a minimum-cost plan for ``problem``."""
-    return _BranchAndBound(problem).run()
+def search(problem: Problem, deadline: float | None = None) -> tuple[list[Decision], bool]:
+    """Decisions of a minimum-cost plan for ``problem``, and whether it is proven minimal.
+
+    Past ``deadline`` (a :func:`time.monotonic` value) the search stops and
+    returns the best decisions found so far, not proven.
+    """
+    bnb = _BranchAndBound(problem, deadline)
+    found = bnb.run()
+    return found, not bnb.timed_out
 
 
 def components(workflow: Workflow) -> list[list[int]]:
@@ -94,21 +125,32 @@ def _names(workflow: Workflow, indices: list[int]) -> set[str]:
     return {name for i in indices for name in (workflow.steps[i].out, *workflow.steps[i].inputs)}
 
 
+class _OutOfTime(Exception):
+    """Raised inside the search when the time budget is spent."""
+
+
 class _BranchAndBound:
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, deadline: float | None = None) -> None:
         self.problem = problem
+        self.deadline = deadline
+        self.timed_out = False
         self.best_key: CostKey | None = None
         self.best: list[Decision] = []
         for decided in baseline_decisions(problem):
             key = decisions_cost(problem, decided)
             if self.best_key is None or key < self.best_key:
                 self.best_key, self.best = key, decided
+        self.bound = LowerBound(problem)
         self.memo: dict[tuple[int, tuple[object, ...]], CostKey] = {}
+        self.settled: dict[tuple[Holding, ...], CostKey] = {}
         self.path: list[Decision] = []
 
     def run(self) -> list[Decision]:
         settled, state = self._settle(-1, self.problem.initial_state())
-        self._visit(0, state, settled)
+        try:
+            self._visit(0, state, settled)
+        except _OutOfTime:
+            self.timed_out = True
         return self.best
 
     def _visit(self, index: int, state: State, spent: CostKey) -> None:
@@ -118,19 +160,28 @@ class _BranchAndBound:
             if self.best_key is None or spent < self.best_key:
                 self.best_key, self.best = spent, list(self.path)
             return
-        options = sorted(outcomes(problem, index, state), key=lambda o: o.key)
-        for outcome in options:
-            settled, state_after = self._settle(index, outcome.state)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise _OutOfTime
+        cost = problem.cost
+        children = []
+        for outcome in outcomes(problem, index, state):
+            settled, after = self._settle(index, outcome.state)
             reached = _add(_add(spent, outcome.key), settled)
-            if not self._promising(index, reached, state_after):
-                continue
-            memo_key = (index, state_after.key)
+            estimate = _add(reached, cost.key(self.bound(index, after), 0.0))
+            children.append((estimate, reached, after, outcome.decision))
+        # most promising first, so a good incumbent is found early; the sort is
+        # stable, so ties keep the decision order (initiator first, then by name)
+        children.sort(key=lambda child: child[0])
+        for estimate, reached, after, decision in children:
+            if self.best_key is not None and estimate >= self.best_key:
+                break  # sorted: every later child is pruned too
+            memo_key = (index, after.key)
             seen = self.memo.get(memo_key)
             if seen is not None and seen <= reached:
                 continue
             self.memo[memo_key] = reached
-            self.path.append(outcome.decision)
-            self._visit(index + 1, state_after, reached)
+            self.path.append(decision)
+            self._visit(index + 1, after, reached)
             self.path.pop()
 
     def _settle(self, index: int, state: State) -> tuple[CostKey, State]:
@@ -138,40 +189,20 @@ class _BranchAndBound:
 
         Their remaining cost is fixed (their holdings cannot change any more),
         so settling early is exact and lets states that differ only in where
-        finished results sit share one memo entry.
+        finished results sit share one memo entry.  The cost depends only on
+        the finished results' holdings, so it is cached by them.
         """
         problem = self.problem
         read = problem.read_after(index)
         done = [n for n in problem.workflow.deliver if n in state.holdings and n not in read]
         if not done:
             return (0.0, 0.0), state
-        transfers, seconds = deliver(problem, state, done)
-        keep = [name for name in state.holdings if name not in done]
-        return problem.cost.key(sum(t.nbytes for t in transfers), seconds), state.restricted(keep)
-
-    def _promising(self, index: int, reached: CostKey, state: State) -> bool:
-        if self.best_key is None:
-            return True
-        return _add(reached, self._bound(index, state)) < self.best_key
-
-    def _bound(self, index: int, state: State) -> CostKey:
-        """Bytes that must still move, summed per existing object after step ``index``.
-
-        A delivered object must become whole on the initiator; one that a later
-        global step reads must become whole on *some* node.  Every transfer moves
-        rows of exactly one object, so per-object minima add up to a lower bound.
-        """
-        problem = self.problem
-        delivered = problem.workflow.deliver
-        gathered = problem.gathered_after(index)
-        nbytes = 0
-        for name, holding in state.holdings.items():
-            rows = holding.obj.rows
-            if name in delivered:
-                nbytes += holding.missing_bytes(problem.initiator, 0, rows)
-            elif name in gathered:
-                nbytes += min(holding.missing_bytes(node, 0, rows) for node in problem.nodes)
-        return problem.cost.key(nbytes, 0.0)
+        key = tuple(state.holdings[n] for n in done)
+        cost = self.settled.get(key)
+        if cost is None:
+            transfers, seconds = deliver(problem, state, done)
+            cost = self.settled[key] = problem.cost.key(sum(t.nbytes for t in transfers), seconds)
+        return cost, State({name: h for name, h in state.holdings.items() if name not in done})
 
 
 def _add(a: CostKey, b: CostKey) -> CostKey:

@@ -2,8 +2,10 @@
 
 Holdings are row-interval sets per (object, node), so a slice moved for a
 multi-input split is free for later steps that need only those rows, and a
-whole part moved once is free everywhere after.  Everything is built from
-tuples so states hash fast and can key the search's memo table.
+whole part moved once is free everywhere after.  Everything is immutable so
+states hash fast and can key the search's memo table; a :class:`Holding`
+caches its hash and the byte counts the search asks for again and again
+(the same holding is shared by every state that did not touch its object).
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ def missing(have: Intervals, lo: int, hi: int) -> list[Interval]:
     return gaps
 
 
+def missing_rows(have: Intervals, lo: int, hi: int) -> int:
+    """How many rows of ``[lo, hi)`` ``have`` lacks (``have`` sorted and disjoint)."""
+    if lo >= hi:
+        return 0
+    count = hi - lo
+    for a, b in have:
+        if b <= lo:
+            continue
+        if a >= hi:
+            break
+        count -= min(b, hi) - max(a, lo)
+    return count
+
+
 def union(have: Intervals, lo: int, hi: int) -> Intervals:
     """``have`` plus ``[lo, hi)``, merged and sorted."""
     if lo >= hi:
@@ -64,11 +80,18 @@ class PartGeom(NamedTuple):
     def rows(self) -> int:
         return self.hi - self.lo
 
+    @property
+    def row_floor(self) -> int:
+        """Bytes per row rounded down: any transfer of ``k`` of these rows costs at least
+        ``k * row_floor`` (sub-range sizes round down, so a part moved piecewise can cost
+        slightly less than whole), which makes it the rate for lower bounds."""
+        return self.nbytes // self.rows if self.rows else 0
+
     def bytes_of(self, lo: int, hi: int) -> int:
         """Bytes of the sub-range ``[lo, hi)``, proportional to rows (rounded down)."""
-        if (lo, hi) == (self.lo, self.hi):
+        if lo == self.lo and hi == self.hi:
             return self.nbytes
-        return self.nbytes * (hi - lo) // self.rows
+        return self.nbytes * (hi - lo) // (self.hi - self.lo)
 
 
 class DataObject(NamedTuple):
@@ -86,11 +109,24 @@ class DataObject(NamedTuple):
         return sum(part.nbytes for part in self.parts)
 
 
-class Holding(NamedTuple):
-    """An object and, per node (sorted), the rows of it that node has."""
+class Holding:
+    """An object and, per node (sorted), the rows of it that node has.
 
-    obj: DataObject
-    held: tuple[tuple[str, Intervals], ...]
+    Immutable.  Equality and hash cover ``(obj, held)``; the hash and every
+    :meth:`missing_bytes` / :meth:`floor_missing` answer are cached on the
+    instance because the search asks the same questions of one holding for
+    every decision it tries and every bound it computes.
+    """
+
+    __slots__ = ("_floor", "_hash", "_missing", "_nodes", "held", "obj")
+
+    def __init__(self, obj: DataObject, held: tuple[tuple[str, Intervals], ...]) -> None:
+        self.obj = obj
+        self.held = held
+        self._nodes = dict(held)
+        self._hash = hash((obj, held))
+        self._missing: dict[tuple[str, int, int], int] = {}
+        self._floor: dict[str, int] = {}
 
     @classmethod
     def original(cls, obj: DataObject) -> Holding:
@@ -100,11 +136,25 @@ class Holding(NamedTuple):
                 have[node] = union(have.get(node, ()), part.lo, part.hi)
         return cls(obj, tuple(sorted(have.items())))
 
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Holding):
+            return NotImplemented
+        return self._hash == other._hash and self.held == other.held and self.obj == other.obj
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Holding({self.obj.name!r}, {self.held!r})"
+
     def at(self, node: str) -> Intervals:
-        for name, intervals in self.held:
-            if name == node:
-                return intervals
-        return ()
+        return self._nodes.get(node, ())
+
+    def nodes(self) -> Iterable[str]:
+        """Nodes holding at least one row."""
+        return self._nodes.keys()
 
     def with_rows(self, node: str, lo: int, hi: int) -> Holding:
         have = dict(self.held)
@@ -113,13 +163,33 @@ class Holding(NamedTuple):
 
     def missing_bytes(self, node: str, lo: int, hi: int) -> int:
         """Bytes of ``[lo, hi)`` that ``node`` does not have yet."""
-        have = self.at(node)
-        total = 0
-        for part in self.obj.parts:
-            a, b = max(lo, part.lo), min(hi, part.hi)
-            if a < b:
-                total += sum(part.bytes_of(x, y) for x, y in missing(have, a, b))
+        key = (node, lo, hi)
+        total = self._missing.get(key)
+        if total is None:
+            have = self._nodes.get(node, ())
+            total = 0
+            for part in self.obj.parts:
+                a, b = max(lo, part.lo), min(hi, part.hi)
+                if a < b:
+                    total += sum(part.bytes_of(x, y) for x, y in missing(have, a, b))
+            self._missing[key] = total
         return total
+
+    def floor_missing(self, node: str) -> int:
+        """Lower bound on the bytes that must still move to make ``node`` hold all rows:
+        missing rows at each part's :attr:`PartGeom.row_floor`."""
+        total = self._floor.get(node)
+        if total is None:
+            have = self._nodes.get(node, ())
+            total = sum(
+                part.row_floor * missing_rows(have, part.lo, part.hi) for part in self.obj.parts
+            )
+            self._floor[node] = total
+        return total
+
+    def floor_total(self) -> int:
+        """:meth:`floor_missing` for a node that holds none of the object."""
+        return sum(part.row_floor * part.rows for part in self.obj.parts)
 
     def holders(self, lo: int, hi: int) -> list[str]:
         """Nodes that have all of ``[lo, hi)``."""
@@ -129,15 +199,20 @@ class Holding(NamedTuple):
 class State:
     """Holdings of the objects still needed, immutable and hashable by :attr:`key`."""
 
-    __slots__ = ("holdings", "key")
+    __slots__ = ("_occupied", "holdings", "key")
 
     def __init__(self, holdings: Mapping[str, Holding]) -> None:
         self.holdings = dict(holdings)
         self.key = tuple(self.holdings[name] for name in sorted(self.holdings))
+        self._occupied: frozenset[str] | None = None
 
-    def occupied(self) -> set[str]:
+    def occupied(self) -> frozenset[str]:
         """Nodes holding any row of any live object."""
-        return {node for h in self.holdings.values() for node, have in h.held if have}
+        if self._occupied is None:
+            self._occupied = frozenset(
+                node for h in self.holdings.values() for node, have in h.held if have
+            )
+        return self._occupied
 
     def restricted(self, names: Iterable[str]) -> State:
         return State({name: self.holdings[name] for name in names if name in self.holdings})

@@ -106,6 +106,7 @@ def evaluate(problem: Problem, index: int, state: State, decision: Decision) -> 
         return None
     nbytes = sum(t.nbytes for t in run.transfers)
     seconds = run.seconds
+    alive = problem.alive_after(index)
     return Outcome(
         decision,
         tuple(run.transfers),
@@ -113,7 +114,7 @@ def evaluate(problem: Problem, index: int, state: State, decision: Decision) -> 
         nbytes,
         seconds,
         problem.cost.key(nbytes, seconds),
-        State(run.hold).restricted(problem.alive_after(index)),
+        State({name: h for name, h in run.hold.items() if name in alive}),
         tuple(run.work),
     )
 
@@ -260,7 +261,9 @@ class _Run:
             return
         for part in holding.obj.parts:
             a, b = max(lo, part.lo), min(hi, part.hi)
-            for x, y in missing(have, a, b) if a < b else ():
+            if a >= b:
+                continue
+            for x, y in missing(have, a, b):
                 nbytes = part.bytes_of(x, y)
                 src = self._source(holding, part, x, y, dst, nbytes)
                 self._send(Transfer(src, dst, name, (x, y), nbytes))
@@ -270,6 +273,9 @@ class _Run:
         self, holding: Holding, part: PartGeom, lo: int, hi: int, dst: str, nbytes: int
     ) -> str:
         """Fastest node with the whole range; homes win ties (they always have it)."""
+        if not self.cost.links and part.homes:
+            # every source is equally fast over the default link: the first home wins
+            return part.homes[0]
         nodes = [*part.homes, *sorted(set(holding.holders(lo, hi)) - set(part.homes))]
         return min(nodes, key=lambda n: self.cost.transfer_seconds(n, dst, nbytes))
 
