@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _version
 from .config import NodeConfig
-from .errors import HpcflowError, InvalidData, to_wire
+from .errors import ConfigError, HpcflowError, InvalidData, to_wire
 
 
 def _size(n: float) -> str:
@@ -149,13 +149,17 @@ def _params(pairs: list[str]) -> dict[str, Any]:
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            items = value.split(",")
+            try:  # range=0,1 is read as [0, 1]
+                out[key] = [json.loads(x) for x in items] if len(items) > 1 else value
+            except json.JSONDecodeError:
+                out[key] = value
     return out
 
 
 def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
     with _client(a) as c:
-        c.flow.objective = a.objective
+        c.flow.objective, c.flow.method = a.objective, a.method
         h = c.run(a.op, *a.inputs, **_params(a.param))
         if not execute:
             view = c.flow.plan(h, a.method)
@@ -163,7 +167,7 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
             return 0
         arr = h.fetch()
         if a.save:
-            h.save(a.save)
+            h.save(a.save, overwrite=a.overwrite)
         if a.output:
             np.save(a.output, arr)
         report = c.report()
@@ -198,9 +202,22 @@ def cmd_replay(a: argparse.Namespace) -> int:
     from .harness.replay import APPROACHES, check, replay
     from .harness.scenario import list_scenarios
 
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            need = report.MATPLOTLIB_REQUIREMENT
+            raise ConfigError(f"--plot needs matplotlib: pip install '{need}'"
+                              " (or the package's [plot] extra)") from None
     paths: list[Path] = []
     for p in a.scenarios:
-        paths += list_scenarios(p) if Path(p).is_dir() else [Path(p)]
+        if Path(p).is_dir():
+            found = list_scenarios(p)
+            if not found:
+                raise ConfigError(f"{p}: no scenario files (*.toml) in this directory")
+            paths += found
+        else:
+            paths.append(Path(p))
     approaches = list(APPROACHES) if a.approach == "all" else [a.approach]
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not a.quiet else None
     docs, by_scenario, failed = [], {}, False
@@ -304,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(v parsed as JSON when possible), repeatable")
         sp.add_argument("--objective", choices=["bytes", "time"], default="bytes")
         sp.add_argument("--method", choices=["optimal", "greedy", "pull_all"],
-                        default="optimal", help="planner (explain only)")
+                        default="optimal", help="planner: the exact optimum (default) or a "
+                        "baseline, to compare")
         sp.add_argument("--save", help="keep the result as a dataset with this name")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="with --save: replace an existing dataset of that name")
         sp.add_argument("--output", help="write the result to this .npy file")
         sp.set_defaults(fn=fn)
 

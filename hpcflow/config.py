@@ -87,7 +87,9 @@ class NodeConfig:
     chunk_retries: int = 3
     ops: list[str] = field(default_factory=list)
     log_level: str = "INFO"
-    fault_corrupt_chunks: int = 0  # testing aid: corrupt the next N chunks this node sends
+    #: Fault injection for tests and drills: corrupt the next N chunks this node sends
+    #: (receivers must detect and re-request them).  Never set it in production.
+    fault_corrupt_chunks: int = 0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -122,10 +124,13 @@ class NodeConfig:
         if "data_dir" not in values:
             raise ConfigError("data_dir is required (--data-dir or data_dir in the config file)")
         _check_types(cls, values, path)
+        where = f"{path}: " if path else ""
         try:
             return cls(**values)
         except TypeError as exc:
-            raise ConfigError(f"invalid configuration: {exc}") from exc
+            raise ConfigError(f"{where}invalid configuration: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{where}{exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -64,6 +64,7 @@ class Node:
         self.peers = PeerClients(config.rpc_timeout_s)
         self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings)
         self.stopped = gevent.event.Event()
+        self.exit_code = 0
         self._lock_fd = -1
         self._greenlets: list[gevent.Greenlet] = []
         self.me = PeerInfo(self.name, self.epoch, "", "", "")
@@ -170,7 +171,11 @@ class Node:
         os.replace(tmp, path)
 
     def _join(self, endpoint: str) -> None:
-        """Introduce ourselves to a configured peer; retry until it answers."""
+        """Introduce ourselves to a configured peer; retry until it answers.
+
+        A peer that refuses us outright (our name is taken) stops this daemon:
+        two nodes with one name would corrupt every catalog.
+        """
         delay, warned = 0.2, False
         while True:
             try:
@@ -178,6 +183,11 @@ class Node:
                 for d in [reply["self"], *reply["members"]]:
                     self.catalog.add_peer(PeerInfo.from_wire(d))
                 log.info("joined the cluster through %s", endpoint)
+                return
+            except ConfigError as exc:
+                log.error("cannot join through %s: %s", endpoint, exc)
+                self.exit_code = 2
+                self.stopped.set()
                 return
             except (HpcflowError, KeyError, TypeError) as exc:
                 if not warned:
@@ -339,14 +349,11 @@ def setup_logging(level: str) -> None:
 
 
 def run_node(config: NodeConfig) -> int:
+    """Run a daemon until stopped; start-up errors propagate (the CLI prints them)."""
     setup_logging(config.log_level)
     node = Node(config)
-    try:
-        node.serve_forever()
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
+    node.serve_forever()
+    return node.exit_code
 
 
 __all__ = ["Node", "check_put", "run_node"]

@@ -61,7 +61,7 @@ def test_killed_node_is_marked_dead_then_restored(cluster: Cluster) -> None:
     assert elapsed < TTL * SCALE + 2.0 * SCALE, f"dead peer noticed only after {elapsed:.1f} s"
     assert "ON3" in names_on(cluster["n1"], include_dead=True)
     with cluster["n1"].client() as c:
-        with pytest.raises(hpcflow.DatasetNotFound):
+        with pytest.raises(hpcflow.DatasetNotFound, match="only on n3, which is not alive"):
             c.fetch("ON3")
         assert {n["name"]: n["alive"] for n in c.nodes()}["n3"] is False
     cluster["n3"].start()  # same data dir, new ephemeral ports: rejoins through n2
@@ -159,7 +159,7 @@ def test_second_daemon_on_same_data_dir_is_refused(make_cluster) -> None:  # typ
     r = subprocess.run([sys.executable, "-m", "hpcflow", "node", "--name", "b", "--data-dir",
                         str(n.data_dir), "--listen", "127.0.0.1:0"], capture_output=True,
                        text=True, timeout=60 * SCALE)
-    assert r.returncode == 2 and "in use by another hpcflow node" in r.stderr
+    assert r.returncode != 0 and "in use by another hpcflow node" in r.stderr
 
 
 def test_cli_put_ls_get_json(cluster: Cluster, tmp_path: Path) -> None:
@@ -223,3 +223,42 @@ def test_nodes_on_ipc_endpoints(tmp_path: Path) -> None:
         for n in (a, locals().get("b")):
             if n is not None:
                 n.kill(signal.SIGTERM)
+
+
+def test_clean_stop_says_goodbye(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A TTL far longer than the test: only the goodbye can withdraw the entries in time.
+    cfg = tmp_path / "slow-ttl.toml"
+    cfg.write_text("ttl_s = 120.0\n")
+    c = make_cluster()
+    a = c.add("a", extra=["--config", str(cfg)])
+    b = c.add("b", via="a", extra=["--config", str(cfg)])
+    with b.client() as cl:
+        cl.put("BYEDATA", np.arange(3))
+    wait_for(lambda: "BYEDATA" in names_on(a), 10, "BYEDATA on a")
+    b.kill(signal.SIGTERM)
+    wait_for(lambda: "BYEDATA" not in names_on(a), 10, "b's entries withdrawn on goodbye")
+
+
+def test_duplicate_node_name_is_refused(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    first = c.add("twin")
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "node", "--name", "twin", "--data-dir",
+                        str(first.data_dir.parent / "twin2"), "--listen", "127.0.0.1:0",
+                        "--peer", first.rpc], capture_output=True, text=True,
+                       timeout=60 * SCALE)
+    assert r.returncode == 2 and "already used" in r.stderr, r.stderr[-2000:]
+    with first.client() as cl:
+        assert [n["name"] for n in cl.nodes()] == ["twin"]
+
+
+def test_connecting_to_nothing_fails_fast() -> None:
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(hpcflow.PeerUnavailable, match="connection refused"):
+        hpcflow.connect(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5

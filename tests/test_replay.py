@@ -88,3 +88,9 @@ def test_replay_in_network_namespaces(tmp_path: Path) -> None:
     assert by["decentralised"].wall_s < by["centralised"].wall_s
     assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                              text=True).stdout.split() if ns.startswith("hf")]
+
+
+def test_cli_replay_empty_directory_is_an_error(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "replay", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 1 and "no scenario files" in r.stderr

@@ -296,6 +296,16 @@ def test_cli_run_and_explain(thesis: tuple[Cluster, Any, Any], tmp_path: Path) -
     assert np.allclose(np.load(out), 2 * d1)
     r = cli("run", "--node", cluster["n1"].rpc, "nope", "DS1", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["type"] == "PlanningError"
+    # --save twice needs --overwrite; --method runs a baseline planner, range=0,1 is a list
+    args = ("run", "--node", cluster["n1"].rpc, "histogram", "DS1", "--param", "bins=4",
+            "--param", "range=0,1", "--save", "HIST", "--method", "pull_all", "--json")
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["plan"]["method"] == "pull_all" and sum(np.load(out).shape) > 0
+    r = cli(*args)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["type"] == "DatasetExists"
+    assert cli(*args, "--overwrite").returncode == 0
 
 
 @pytest.fixture(scope="module")

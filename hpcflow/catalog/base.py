@@ -155,7 +155,14 @@ class Catalog(abc.ABC):
         """Block (cooperatively) until the catalog changes or ``timeout`` passes."""
 
     def locate(self, name: str) -> Location:
-        return locate(name, self.records())
+        try:
+            return locate(name, self.records())
+        except DatasetNotFound:
+            dead = sorted({r.owner for r in self.records(include_dead=True) if r.name == name})
+            if dead:
+                raise DatasetNotFound(f"{name} is only on {', '.join(dead)}, which "
+                                      f"{'is' if len(dead) == 1 else 'are'} not alive") from None
+            raise
 
     def wait_for(self, name: str, timeout: float) -> Location:
         """Return the location of ``name`` once all its parts are on live nodes."""

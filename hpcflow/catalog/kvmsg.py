@@ -9,6 +9,8 @@ Two kinds on the wire, two frames each (``[kind, msgpack body]``):
 * ``KV`` — ``key`` set to ``value`` (a record map) or deleted (``value`` nil).
 * ``HB`` — heartbeat: current ``seq`` (so a subscriber that missed the last
   update notices the gap), node load, and the gossiped membership.
+* ``BYE`` — a clean shutdown: peers withdraw the sender's entries at once
+  instead of waiting for the TTL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..errors import ProtocolError
 
 KV = b"KV"
 HB = b"HB"
+BYE = b"BYE"
 MAX_BODY = 4 * 1024 * 1024
 
 
@@ -46,7 +49,7 @@ class KVMsg:
         if len(frames) != 2:
             raise ProtocolError(f"catalog message has {len(frames)} frames, expected 2")
         kind, raw = bytes(frames[0]), frames[1]
-        if kind not in (KV, HB):
+        if kind not in (KV, HB, BYE):
             raise ProtocolError(f"unknown catalog message kind {kind[:16]!r}")
         if len(raw) > MAX_BODY:
             raise ProtocolError("catalog message too large")

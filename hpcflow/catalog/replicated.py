@@ -19,6 +19,7 @@ no socket is shared.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ import zmq.green as zmq
 from ..errors import HpcflowError, ProtocolError
 from ..logutil import Throttled
 from .base import Catalog, NodeView
-from .kvmsg import HB, KV, KVMsg
+from .kvmsg import BYE, HB, KV, KVMsg
 from .membership import PeerInfo, PeerState
 from .record import DatasetRecord
 
@@ -116,9 +117,13 @@ class ReplicatedCatalog(Catalog):
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
-        for s in (self._pub, self._sub):
-            if s is not None:
-                s.close(linger=0)
+        if self._pub is not None:  # its owner greenlet is gone: say goodbye ourselves
+            with contextlib.suppress(zmq.ZMQError):
+                self._pub.send_multipart(KVMsg(BYE, self.me.name, self.me.epoch,
+                                               self.seq).encode())
+            self._pub.close(linger=200)
+        if self._sub is not None:
+            self._sub.close(linger=0)
 
     def announce(self, rec: DatasetRecord) -> None:
         self.own[rec.key] = rec
@@ -222,6 +227,13 @@ class ReplicatedCatalog(Catalog):
             st = self.peers.get(msg.sender)
         if st is None:
             return  # not a member we know of; its hello or a gossip will introduce it
+        if msg.kind == BYE:
+            if msg.epoch == st.info.epoch and st.alive:
+                st.alive, st.dead_since = False, time.monotonic()
+                log.info("peer %s left the cluster: %d entries withdrawn", msg.sender,
+                         len(self.peer_records.get(msg.sender, {})))
+                self._notify()
+            return
         if msg.epoch != st.info.epoch:
             if msg.epoch < st.info.epoch:
                 return  # late message from a previous run

@@ -131,10 +131,10 @@ def _nodes_label(step: StepPlan) -> str:
 
 
 def format_bytes(nbytes: float) -> str:
-    """Decimal units, e.g. ``1.5 MB``."""
+    """Binary units like the rest of hpcflow's output, e.g. ``1.5 MiB``."""
     value = float(nbytes)
-    for unit in ("B", "KB", "MB"):
-        if abs(value) < 1000:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"
+        value /= 1024
+    return f"{value:.1f} GiB"

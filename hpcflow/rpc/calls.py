@@ -19,6 +19,9 @@ from ..errors import PeerUnavailable, from_wire
 # expected ones like DatasetNotFound; the service logs what matters itself.
 logging.getLogger("zerorpc.core").setLevel(logging.CRITICAL)
 logging.getLogger("zerorpc.channel").setLevel(logging.CRITICAL)
+# zerorpc's own gevent/zmq glue logs "/!\ gevent_zeromq BUG /!\ catching up after missing
+# event" at ERROR when it recovers from a missed wake-up; it is harmless and alarming.
+logging.getLogger("zerorpc.gevent_zmq").setLevel(logging.CRITICAL)
 
 
 def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0) -> Any:

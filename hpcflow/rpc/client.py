@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Client:
                  objective: str = "bytes") -> None:
         self.endpoint = normalize_endpoint(address)
         self.timeout_s = timeout_s * timeout_scale()
+        _refuse_fast(self.endpoint, address)
         self._rpc = new_client(self.endpoint, self.timeout_s)
         self.ctx = zmq.Context()
         self.traffic = Traffic()
@@ -241,6 +243,20 @@ class Client:
                 raise PeerUnavailable(f"no holder of part {p['part']} answered: "
                                       + ("; ".join(errors) or "none alive"))
             base += p["nbytes"]
+
+
+def _refuse_fast(endpoint: str, address: str) -> None:
+    """Fail at once when nothing listens (ZeroMQ would keep retrying until the timeout)."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
+    except ConnectionRefusedError:
+        raise PeerUnavailable(f"no hpcflow node answers at {address}: connection refused "
+                              "(is `hpcflow node` running there?)") from None
+    except OSError:
+        pass  # slow or filtered: let the RPC timeout decide
 
 
 def _counting(deliver: Callable[[int, int, memoryview, int], None], done: list[int],

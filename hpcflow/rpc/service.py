@@ -17,7 +17,7 @@ import numpy as np
 from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
-from ..errors import DatasetNotFound, HpcflowError, InvalidData
+from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
 from ..workflow.worker import InputRef, RunRequest
 
 if TYPE_CHECKING:
@@ -65,7 +65,8 @@ class NodeService:
         return {
             "name": n.name, "version": __version__, "epoch": n.epoch, "pid": n.pid,
             "endpoints": n.me.to_wire(), "catalog_mode": n.config.catalog,
-            "load": n.load(), "datasets": len(n.store.records()),
+            "load": {**n.load(), "active": n.load()["active"] - 1},  # not this call
+            "datasets": len(n.store.records()),
             "bytes_stored": sum(r.nbytes for r in n.store.records()),
             "catalog_entries": len(n.catalog.records()),
             "peers_alive": sorted(v.info.name for v in nodes if v.alive and v.info.name != n.name),
@@ -75,6 +76,9 @@ class NodeService:
     @exposed
     def hello(self, descriptor: Any) -> dict[str, Any]:
         info = PeerInfo.from_wire(descriptor)
+        if info.name == self.node.name and info.epoch != self.node.epoch:
+            raise ConfigError(f"the node name {info.name!r} is already used by the node at "
+                              f"{self.node.me.rpc}: give every node a unique --name")
         self.node.catalog.add_peer(info)
         return {"self": self.node.me.to_wire(),
                 "members": [v.info.to_wire() for v in self.node.catalog.nodes() if v.alive]}
@@ -209,11 +213,11 @@ class NodeService:
         return run.deliver(self.node, wf, name)
 
     @exposed
-    def save(self, local: Any, name: Any) -> dict[str, Any]:
+    def save(self, local: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
         """Keep a local result under a user's name."""
         from ..workflow import run
 
-        return run.save(self.node, local, name)
+        return run.save(self.node, local, name, overwrite)
 
     @exposed
     def cleanup(self, created: Any) -> int:

@@ -73,9 +73,9 @@ class Handle:
     def fetch(self) -> Any:
         return self.flow._fetch(self)
 
-    def save(self, name: str) -> str:
+    def save(self, name: str, overwrite: bool = False) -> str:
         """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
-        return self.flow._save(self, validate_name(name))
+        return self.flow._save(self, validate_name(name), overwrite)
 
     def __repr__(self) -> str:
         state = "done" if self.executed else "pending"
@@ -89,6 +89,7 @@ class Flow:
     client: Client
     keep: bool = False
     objective: str = "bytes"
+    method: str = "optimal"  # or a baseline planner ("greedy", "pull_all"), to compare
     id: str = field(default_factory=lambda: f"wf-{uuid.uuid4().hex[:10]}")
     handles: dict[str, Handle] = field(default_factory=dict)
     created: list[list[Any]] = field(default_factory=list)
@@ -129,19 +130,19 @@ class Flow:
             stack += [i for i in h.inputs if i in self.handles]
         return [h for n, h in self.handles.items() if n in need]
 
-    def _request(self, target: Handle, method: str = "optimal") -> dict[str, Any]:
+    def _request(self, target: Handle, method: str | None = None) -> dict[str, Any]:
         steps = [{"out": h.name, "op": h.op, "inputs": list(h.inputs), "params": h.params}
                  for h in self._pending(target)]
         return {"wf": self.id, "steps": steps, "deliver": [target.name],
-                "objective": self.objective, "method": method}
+                "objective": self.objective, "method": method or self.method}
 
-    def explain(self, target: Handle, method: str = "optimal") -> str:
+    def explain(self, target: Handle, method: str | None = None) -> str:
         """The plan for everything ``target`` still needs, without running it."""
         if target.executed:
             return f"{target.name} is already computed"
         return PlanView(self.client._call("plan", self._request(target, method))).explain()
 
-    def plan(self, target: Handle, method: str = "optimal") -> PlanView:
+    def plan(self, target: Handle, method: str | None = None) -> PlanView:
         return PlanView(self.client._call("plan", self._request(target, method)))
 
     def _execute(self, target: Handle) -> None:
@@ -183,8 +184,8 @@ class Flow:
     def _fetch(self, target: Handle) -> Any:
         return self.client.fetch(self._ensure_result(target))
 
-    def _save(self, target: Handle, name: str) -> str:
-        self.client._call("save", self._ensure_result(target), name)
+    def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
+        self.client._call("save", self._ensure_result(target), name, overwrite)
         return name
 
     def report(self) -> dict[str, Any]:

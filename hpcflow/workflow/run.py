@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from ..catalog.record import validate_name
-from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
+from ..decide import Plan, PlanningError, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import DatasetExists, InvalidData, PeerUnavailable
 from . import adapter
 from .executor import Executor
@@ -57,6 +57,13 @@ def _parse(node: Node, req: object) -> tuple[str, list[Step], list[str], str, st
 def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]]:
     wf, steps, deliver, objective, method = _parse(node, req)
     snap = node.catalog.snapshot()
+    for step in steps:  # the initiator plans with its own op definitions: it needs them all
+        if step.op not in node.registry:
+            have = sorted(v.info.name for v in snap.nodes if v.alive and step.op in v.ops)
+            hint = (f"nodes that have it: {', '.join(have)}; connect to one of them or load "
+                    f"its module here with --ops") if have else "no live node has it"
+            raise PlanningError(f"step {step.out!r}: op {step.op!r} is unknown on the "
+                                f"initiator {node.name} ({hint})")
     placement = adapter.placement(snap, adapter.source_names(steps))
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned)
@@ -107,8 +114,9 @@ def deliver(node: Node, wf: object, name: object) -> dict[str, Any]:
     return {"created": out["created"], "moved": out["moved"], "result": result}
 
 
-def save(node: Node, local: object, name: object) -> dict[str, Any]:
+def save(node: Node, local: object, name: object, overwrite: object = False) -> dict[str, Any]:
     """Copy a local dataset under a user's name, kept after the flow closes."""
     src = node.store.get(validate_name(local))
     arr = node.store.read_array(src.name)
-    return node.put_array(validate_name(name), arr, nparts=None).to_wire()
+    return node.put_array(validate_name(name), arr, nparts=None,
+                          overwrite=bool(overwrite)).to_wire()
