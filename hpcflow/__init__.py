@@ -7,6 +7,11 @@ Public API::
         c.put("DS1", array)
         c.catalog()
         arr = c.fetch("DS1")
+        h = c.run("fft", "DS1")          # a lazy Handle
+        print(c.explain(h)); h.fetch()
+
+    @hpcflow.op("expand", kind="rowwise")  # user operations
+    def expand(x): ...
 """
 
 from ._version import __version__
@@ -31,6 +36,7 @@ from .errors import (
 )
 from .ops import OpError, op
 from .rpc.client import Client, connect
+from .workflow.flow import Handle, PlanView
 
 __all__ = [
     "CatalogSnapshot",
@@ -39,6 +45,7 @@ __all__ = [
     "DatasetExists",
     "DatasetNotFound",
     "DatasetRecord",
+    "Handle",
     "HpcflowError",
     "IntegrityError",
     "InvalidData",
@@ -49,6 +56,7 @@ __all__ = [
     "OpError",
     "PartLocation",
     "PeerUnavailable",
+    "PlanView",
     "PlanningError",
     "ProtocolError",
     "RemoteError",
