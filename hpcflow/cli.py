@@ -126,9 +126,24 @@ def cmd_info(a: argparse.Namespace) -> int:
         info["stats"] = c.stats()
     if a.json:
         print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            print(f"{k}: {v}")
+        return 0
+    t = info["stats"]["traffic"]
+    ep = info["endpoints"]
+    print(f"node {info['name']} (hpcflow {info['version']}, pid {info['pid']}, "
+          f"catalog {info['catalog_mode']})")
+    print(f"  rpc {ep['rpc']}  pub {ep['pub']}  bulk {ep['bulk']}")
+    print(f"  load: {info['load']['active']} active operations, "
+          f"loadavg {info['load']['loadavg']:.2f}")
+    print(f"  stores {info['datasets']} dataset parts ({_size(info['bytes_stored'])}); "
+          f"catalog lists {info['catalog_entries']} on live nodes")
+    print(f"  peers alive: {', '.join(info['peers_alive']) or 'none'}"
+          + (f"; dead: {', '.join(info['peers_dead'])}" if info["peers_dead"] else ""))
+    peers = sorted(set(t["bytes_sent"]) | set(t["bytes_received"]))
+    for peer in peers:
+        print(f"  {peer:<16} sent {_size(t['bytes_sent'].get(peer, 0)):>10}   "
+              f"received {_size(t['bytes_received'].get(peer, 0)):>10}")
+    if t["chunk_retries"]:
+        print(f"  chunks re-requested after a failed checksum: {t['chunk_retries']}")
     return 0
 
 
