@@ -13,7 +13,7 @@ import nfs_baseline
 from hpcflow.harness import netns
 from hpcflow.harness.replay import APPROACHES, check, replay
 from hpcflow.harness.scenario import list_scenarios
-from tests.conftest import SCALE
+from tests.conftest import SCALE, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = list_scenarios(ROOT / "scenarios")
@@ -94,3 +94,31 @@ def test_cli_replay_empty_directory_is_an_error(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "hpcflow", "replay", str(tmp_path)],
                        capture_output=True, text=True, timeout=60 * SCALE)
     assert r.returncode == 1 and "no scenario files" in r.stderr
+
+
+@pytest.mark.skipif(not NETNS_OK, reason=f"network namespaces unavailable: {NETNS_WHY}")
+def test_ctrl_c_during_netns_replay_tears_everything_down(tmp_path: Path) -> None:
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "hpcflow", "replay",
+                             str(ROOT / "scenarios" / "use-case-one.toml"), "--netns"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # wait for the daemons to be up inside their namespaces
+        seen.append(line)
+        if "daemons up" in line:
+            break
+    assert any("daemons up" in line for line in seen), "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60 * SCALE)
+    prefix = f"hf{proc.pid}-"
+    left = [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                         text=True).stdout.split() if ns.startswith(prefix)]
+    assert left == []
+
+    def no_daemons() -> bool:
+        return not subprocess.run(["pgrep", "-f", "hpcflow-replay-use-case-one"],
+                                  capture_output=True, text=True).stdout.split()
+
+    wait_for(no_daemons, 30, "the replay's daemons to exit")
