@@ -4,7 +4,7 @@ Each publisher numbers its own messages; ``(sender, epoch, seq)`` orders them.
 ``epoch`` is fixed per daemon run (nanosecond start time), so a restarted
 publisher is recognised even though its sequence starts again.
 
-Two kinds on the wire, two frames each (``[kind, msgpack body]``):
+Three kinds on the wire, two frames each (``[kind, msgpack body]``):
 
 * ``KV`` — ``key`` set to ``value`` (a record map) or deleted (``value`` nil).
 * ``HB`` — heartbeat: current ``seq`` (so a subscriber that missed the last
@@ -18,9 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from ..errors import ProtocolError
+from ..wire import pack, unpack_map
 
 KV = b"KV"
 HB = b"HB"
@@ -41,7 +40,7 @@ class KVMsg:
     def encode(self) -> list[bytes]:
         body = {"s": self.sender, "e": self.epoch, "q": self.seq, "k": self.key,
                 "v": self.value, "p": self.props}
-        return [self.kind, msgpack.packb(body, use_bin_type=True)]
+        return [self.kind, pack(body)]
 
     @classmethod
     def decode(cls, frames: list[bytes]) -> KVMsg:
@@ -51,14 +50,7 @@ class KVMsg:
         kind, raw = bytes(frames[0]), frames[1]
         if kind not in (KV, HB, BYE):
             raise ProtocolError(f"unknown catalog message kind {kind[:16]!r}")
-        if len(raw) > MAX_BODY:
-            raise ProtocolError("catalog message too large")
-        try:
-            b = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise ProtocolError(f"undecodable catalog message: {exc}") from exc
-        if not isinstance(b, dict):
-            raise ProtocolError("catalog message body is not a map")
+        b = unpack_map(raw, MAX_BODY, "catalog message")
         sender, epoch, seq = b.get("s"), b.get("e"), b.get("q")
         key, value, props = b.get("k", ""), b.get("v"), b.get("p") or {}
         if not isinstance(sender, str) or not sender or len(sender) > 128:

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-import msgpack
 import numpy as np
 import zmq.green as zmq
 
@@ -58,6 +57,7 @@ from ..errors import (
     to_wire,
 )
 from ..logutil import Throttled
+from ..wire import pack, unpack_map
 from .traffic import Traffic
 
 log = logging.getLogger("hpcflow.bulk")
@@ -68,20 +68,8 @@ Deliver = Callable[[int, int, memoryview, int], None]
 """Called with (chunk index, byte offset in the dataset, payload, digest)."""
 
 
-def _pack(d: dict[str, Any]) -> bytes:
-    return msgpack.packb(d, use_bin_type=True)
-
-
 def _unpack_header(raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_HEADER:
-        raise ProtocolError("bulk header too large")
-    try:
-        hdr = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"undecodable bulk header: {exc}") from exc
-    if not isinstance(hdr, dict):
-        raise ProtocolError("bulk header is not a map")
-    return hdr
+    return unpack_map(raw, MAX_HEADER, "bulk header")
 
 
 def _int(hdr: dict[str, Any], k: str) -> int:
@@ -176,7 +164,7 @@ class BulkServer:
     def _error(self, ident: bytes, hdr: dict[str, Any], exc: BaseException) -> None:
         r = hdr.get("r") if isinstance(hdr.get("r"), int) else 0
         name, msg = to_wire(exc)
-        self.sock.send_multipart([ident, b"ERR", _pack({"r": r, "type": name, "msg": msg})])
+        self.sock.send_multipart([ident, b"ERR", pack({"r": r, "type": name, "msg": msg})])
 
     def _dispatch(self, ident: bytes, verb: bytes, hdr: dict[str, Any], payload: Any) -> None:
         if verb == b"GET":
@@ -212,7 +200,7 @@ class BulkServer:
             buf = bad
             log.warning("bulk: fault injection corrupted chunk %d of %s", i, key)
         self.sock.send_multipart(
-            [ident, b"CHUNK", _pack({"r": r, "i": i, "d": digest}), buf], copy=False
+            [ident, b"CHUNK", pack({"r": r, "i": i, "d": digest}), buf], copy=False
         )
         self.traffic.sent(by, memoryview(buf).nbytes)
 
@@ -224,7 +212,7 @@ class BulkServer:
             raise InvalidData(f"range requests are limited to {MAX_RANGE} bytes")
         buf = self.store.reader(key, version).byte_range(off, n)
         self.sock.send_multipart(
-            [ident, b"CHUNK", _pack({"r": r, "i": off, "d": chunk_digest(buf)}), buf], copy=False)
+            [ident, b"CHUNK", pack({"r": r, "i": off, "d": chunk_digest(buf)}), buf], copy=False)
         self.traffic.sent(by, n)
 
     def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
@@ -242,7 +230,7 @@ class BulkServer:
         )
         u = uuid.uuid4().hex
         self.uploads[u] = _Upload(writer, by, ident, time.monotonic())
-        self.sock.send_multipart([ident, b"OK", _pack({"r": r, "u": u})])
+        self.sock.send_multipart([ident, b"OK", pack({"r": r, "u": u})])
 
     def _upload(self, ident: bytes, hdr: dict[str, Any]) -> tuple[str, _Upload]:
         u = _str(hdr, "u")
@@ -259,14 +247,14 @@ class BulkServer:
         try:
             up.writer.write_chunk(i, buf, d)
         except IntegrityError as exc:
-            self.sock.send_multipart([ident, b"NACK", _pack({"r": r, "u": u, "i": i,
+            self.sock.send_multipart([ident, b"NACK", pack({"r": r, "u": u, "i": i,
                                                              "why": str(exc)})])
             return
         except HpcflowError:
             self.uploads.pop(u, None)
             up.writer.abort()
             raise
-        self.sock.send_multipart([ident, b"ACK", _pack({"r": r, "u": u, "i": i})])
+        self.sock.send_multipart([ident, b"ACK", pack({"r": r, "u": u, "i": i})])
 
     def _end(self, ident: bytes, hdr: dict[str, Any]) -> None:
         r = _int(hdr, "r")
@@ -278,7 +266,7 @@ class BulkServer:
             up.writer.abort()
             raise
         self.on_commit(rec)
-        self.sock.send_multipart([ident, b"DONE", _pack({"r": r, "record": rec.to_wire()})])
+        self.sock.send_multipart([ident, b"DONE", pack({"r": r, "record": rec.to_wire()})])
 
     def _reaper(self) -> None:
         """Abandoned uploads (dead or silent client) are dropped, temp file and all."""
@@ -340,7 +328,7 @@ class BulkClient:
         try:
             def ask(key: int) -> None:
                 verb, hdr = request(key)
-                s.send_multipart([verb, _pack({"r": r, **hdr})])
+                s.send_multipart([verb, pack({"r": r, **hdr})])
 
             while done < len(keys):
                 while next_k < len(keys) and len(attempts) < window:
@@ -454,7 +442,7 @@ class BulkClient:
         what = f"upload of {key_of(name, part)}"
         u = ""
         try:
-            s.send_multipart([b"PUT", _pack({
+            s.send_multipart([b"PUT", pack({
                 "r": r, "name": name, "part": part, "nparts": nparts, "shape": list(shape),
                 "dtype": dtype.str, "chunk_bytes": chunk_bytes, "overwrite": overwrite,
                 "lineage": lineage or {}, "by": self.me})])
@@ -466,7 +454,7 @@ class BulkClient:
 
             def send(i: int) -> None:
                 buf, d, _ = inflight[i]
-                s.send_multipart([b"DATA", _pack({"r": r, "u": u, "i": i, "d": d}), buf],
+                s.send_multipart([b"DATA", pack({"r": r, "u": u, "i": i, "d": d}), buf],
                                  copy=False)
                 self.traffic.sent(peer, memoryview(buf).nbytes)
 
@@ -496,12 +484,12 @@ class BulkClient:
                 if progress is not None:
                     progress(acked, n)
             checksum = dataset_checksum(tuple(shape), dtype.str, chunk_bytes, digests)
-            s.send_multipart([b"END", _pack({"r": r, "u": u, "checksum": checksum})])
+            s.send_multipart([b"END", pack({"r": r, "u": u, "checksum": checksum})])
             _, hdr, _ = self._recv(s, peer, what)
             u = ""
             return DatasetRecord.from_wire(hdr.get("record"))
         finally:
             if u:  # tell the server to drop the temp file now rather than at its timeout
                 with contextlib.suppress(zmq.ZMQError):
-                    s.send_multipart([b"ABORT", _pack({"r": r, "u": u})])
+                    s.send_multipart([b"ABORT", pack({"r": r, "u": u})])
             s.close(linger=0 if not u else 100)

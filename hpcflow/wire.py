@@ -1,0 +1,31 @@
+"""msgpack at the network boundary: encode maps, decode untrusted bytes into a map or fail.
+
+Both the catalog stream and the bulk channel carry msgpack maps from peers
+we do not trust; anything undecodable, oversized or not a map becomes a
+:class:`~hpcflow.errors.ProtocolError`, never a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+
+def pack(d: dict[str, Any]) -> bytes:
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def unpack_map(raw: bytes, limit: int, what: str) -> dict[str, Any]:
+    """Decode ``raw`` (at most ``limit`` bytes) into a map with string keys."""
+    if len(raw) > limit:
+        raise ProtocolError(f"{what} too large ({len(raw)} > {limit} bytes)")
+    try:
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable {what}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a map")
+    return value
