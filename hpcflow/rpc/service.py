@@ -18,6 +18,7 @@ from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
+from ..workflow import run
 from ..workflow.worker import InputRef, RunRequest
 
 if TYPE_CHECKING:
@@ -194,36 +195,26 @@ class NodeService:
     @exposed
     def plan(self, request: Any) -> dict[str, Any]:
         """Plan a workflow from this node's catalog without running it."""
-        from ..workflow import run
-
         return run.plan(self.node, request)
 
     @exposed
     def execute(self, request: Any) -> dict[str, Any]:
         """Plan and run a workflow with this node as the initiator."""
-        from ..workflow import run
-
         return run.execute(self.node, request)
 
     @exposed
     def deliver(self, wf: Any, name: Any) -> dict[str, Any]:
         """Bring an already computed output here and materialise it for the script."""
-        from ..workflow import run
-
         return run.deliver(self.node, wf, name)
 
     @exposed
     def save(self, local: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
         """Keep a local result under a user's name."""
-        from ..workflow import run
-
         return run.save(self.node, local, name, overwrite)
 
     @exposed
     def cleanup(self, created: Any) -> int:
         """Delete what earlier executions created (``[node, name, part]`` triples)."""
-        from ..workflow import run
-
         return run.cleanup(self.node, created)
 
     @exposed
