@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import resource
 from pathlib import Path
 
 import h5py
@@ -12,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpcflow.catalog.chunking import Chunking
-from hpcflow.catalog.record import DatasetRecord, validate_name
+from hpcflow.catalog.record import MAX_PARTS, DatasetRecord, validate_name
 from hpcflow.catalog.store import Store
-from hpcflow.errors import DatasetExists, InvalidData, InvalidName, ProtocolError
+from hpcflow.errors import DatasetExists, InvalidData, InvalidName, ProtocolError, StoreError
 
 
 @settings(max_examples=300, deadline=None)
@@ -162,3 +163,70 @@ def test_good_names(name: str) -> None:
 def test_record_from_wire_rejects_garbage(bad: object) -> None:
     with pytest.raises((ProtocolError, InvalidName)):
         DatasetRecord.from_wire(bad)
+
+
+def _rec(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "A", "part": 0, "owner": "n", "shape": [2],
+                               "dtype": "<f8", "nbytes": 16, "checksum": "c",
+                               "chunk_bytes": 4096}
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize("bad", [
+    _rec(nparts=10**7), _rec(nparts="2"), _rec(nparts=0), _rec(part=None, nparts=2),
+    _rec(part=3, nparts=2), _rec(part=10**6), _rec(part=None, shape=[2**62, 8], nbytes=0),
+    _rec(part=None, shape=[2**62, 8], nbytes=2**65 * 8),
+])
+def test_record_from_wire_bounds_parts_and_sizes(bad: dict[str, object]) -> None:
+    # Every O(nparts) structure a catalog builds from a peer's claim is bounded by these,
+    # and a size that overflows int64 (2**62 x 8 wraps to 0 in numpy) is refused.
+    with pytest.raises(ProtocolError):
+        DatasetRecord.from_wire(bad)
+    assert DatasetRecord.from_wire(_rec(nparts=MAX_PARTS, part=MAX_PARTS - 1)).nparts == (
+        MAX_PARTS)
+
+
+@pytest.mark.parametrize("part,nparts,match", [
+    (0, 10**7, "nparts must be between"), (0, "2", "nparts must be a positive integer"),
+    (0, 0, "nparts must be between"), (None, 2, "outside nparts"), (5, 2, "outside nparts"),
+    (10**6, None, "too large"),
+])
+def test_put_validates_part_and_nparts(tmp_path: Path, part: object, nparts: object,
+                                       match: str) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    with pytest.raises(InvalidData, match=match):
+        store.put_array("P", np.zeros(3), part=part, nparts=nparts)  # type: ignore[arg-type]
+    assert not list(store.dir.iterdir())
+
+
+def test_impossible_sizes_are_refused_before_any_file_exists(tmp_path: Path) -> None:
+    store = Store(tmp_path, "me")
+    store.open()
+    with pytest.raises(InvalidData, match="PiB"):
+        store.begin("H", (2**62, 8), "<u1")  # numpy's int64 product wraps to 0 here
+    with pytest.raises(InvalidData, match="chunks"):
+        store.begin("H", (2**44,), "<u1", chunk_bytes=4096)  # 4 billion digests
+    assert not list(store.dir.iterdir())
+
+
+def test_failed_writes_are_typed_and_leave_nothing(tmp_path: Path) -> None:
+    """A write the file system refuses (here RLIMIT_FSIZE: EFBIG, as ENOSPC would be)
+    is a StoreError, and abort removes the temp file; so is a file that cannot even be
+    created at its size."""
+    store = Store(tmp_path, "me")
+    store.open()
+    w = store.begin("F", (4 * 1024 * 1024,), "<u1", chunk_bytes=1024 * 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 1024 * 1024, hard))
+    try:
+        w.write_chunk(0, np.ones(1024 * 1024, np.uint8))  # below the limit: fine
+        with pytest.raises(StoreError, match="File too large"):
+            w.write_chunk(2, np.ones(1024 * 1024, np.uint8))
+        w.abort()
+        with pytest.raises(StoreError, match="cannot create"):
+            store.begin("G", (64 * 1024 * 1024,), "<u1")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert not list(store.dir.iterdir())
+    assert store.put_array("F", np.arange(10)).key == "F"  # nothing stuck as "busy"

@@ -23,6 +23,9 @@ import numpy as np
 import xxhash
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+#: Chunks of one dataset part: bounds the per-chunk digest tables both ends keep
+#: (16 TiB at the default chunk size).
+MAX_CHUNKS = 1 << 22
 
 
 def chunk_digest(buf: object) -> int:

@@ -7,6 +7,7 @@ peer sends, so garbage from the network never becomes a record.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,6 +20,11 @@ from ..errors import InvalidData, InvalidName, ProtocolError
 #: No path separators, no "..", no control characters, no whitespace.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+=\-]{0,127}")
 MAX_NDIM = 32
+#: Parts of one dataset (and so the largest part index + 1).  Every structure built from a
+#: peer's claim about parts (the missing list of a location, say) is bounded by this.
+MAX_PARTS = 100_000
+#: The largest dataset part a node accepts (1 PiB): beyond it sizes overflow int64 maths.
+MAX_NBYTES = 1 << 50
 _NUMERIC_KINDS = "biufc"
 
 
@@ -41,9 +47,23 @@ def validate_part(part: object) -> int | None:
         return None
     if isinstance(part, bool) or not isinstance(part, int | np.integer) or int(part) < 0:
         raise InvalidData(f"part must be a non-negative integer or None, got {part!r}")
-    if int(part) > 1_000_000:
-        raise InvalidData(f"part index {part} is unreasonably large")
+    if int(part) >= MAX_PARTS:
+        raise InvalidData(f"part index {part} is too large (at most {MAX_PARTS - 1})")
     return int(part)
+
+
+def validate_nparts(nparts: object, part: int | None) -> int | None:
+    """``nparts`` is optional; when given it is 1..MAX_PARTS and ``part`` lies below it."""
+    if nparts is None:
+        return None
+    if isinstance(nparts, bool) or not isinstance(nparts, int | np.integer):
+        raise InvalidData(f"nparts must be a positive integer or None, got {nparts!r}")
+    n = int(nparts)
+    if not 1 <= n <= MAX_PARTS:
+        raise InvalidData(f"nparts must be between 1 and {MAX_PARTS}, got {n}")
+    if part is None or not 0 <= part < n:
+        raise InvalidData(f"part {part} is outside nparts={n}")
+    return n
 
 
 def validate_dtype(dtype: object) -> np.dtype[Any]:
@@ -66,6 +86,16 @@ def validate_shape(shape: object) -> tuple[int, ...]:
             raise InvalidData(f"shape entries must be non-negative ints, got {shape!r}")
         out.append(int(n))
     return tuple(out)
+
+
+def layout_nbytes(shape: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    """Bytes of an array of ``shape`` and ``dtype``, refusing sizes no node could hold
+    (exact integer maths: numpy's int64 product silently wraps for huge shapes)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_NBYTES:
+        raise InvalidData(f"shape {list(shape)} of {dtype} is {nbytes} bytes: more than the "
+                          f"{MAX_NBYTES >> 50} PiB a dataset part may have")
+    return nbytes
 
 
 def key_of(name: str, part: int | None) -> str:
@@ -115,9 +145,10 @@ class DatasetRecord:
             lineage = d.get("lineage") or {}
             if not isinstance(lineage, dict):
                 raise InvalidData("lineage must be a map")
+            part = validate_part(d.get("part"))
             rec = cls(
                 name=validate_name(d["name"]),
-                part=validate_part(d.get("part")),
+                part=part,
                 owner=_str(d["owner"], "owner"),
                 shape=validate_shape(d["shape"]),
                 dtype=validate_dtype(d["dtype"]).str,
@@ -125,13 +156,13 @@ class DatasetRecord:
                 checksum=_str(d["checksum"], "checksum"),
                 chunk_bytes=_nonneg(d["chunk_bytes"], "chunk_bytes"),
                 version=_nonneg(d.get("version", 1), "version"),
-                nparts=None if d.get("nparts") is None else _nonneg(d["nparts"], "nparts"),
+                nparts=validate_nparts(d.get("nparts"), part),
                 created=float(d.get("created", 0.0)),
                 lineage=lineage,
             )
+            expected = layout_nbytes(rec.shape, np.dtype(rec.dtype))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed dataset record: {exc}") from exc
-        expected = int(np.prod(rec.shape, dtype=np.int64)) * np.dtype(rec.dtype).itemsize
         if expected != rec.nbytes:
             raise ProtocolError(f"record {rec.key}: nbytes {rec.nbytes} != shape*itemsize")
         return rec

@@ -12,8 +12,11 @@ file that cannot be read back (truncated, not HDF5) is moved to
 ``<data_dir>/quarantine`` with a log line, never deleted.
 
 Data is written with ``pwrite`` and read through a memory map of the data
-region, which lets the bulk path send straight from the page cache.  fsync
-runs in gevent's thread pool so a large commit does not stall heartbeats.
+region, which lets the bulk path send straight from the page cache.  Chunk
+writes (hash + ``pwrite``) and the fsync at commit run in gevent's thread
+pool: under dirty-page throttling a write can block for seconds, and the
+daemon's heartbeats must not stop meanwhile.  Only raw syscalls on a file
+descriptor and xxhash (both release the GIL) run there, never h5py.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -35,13 +39,23 @@ import h5py
 import numpy as np
 
 from ..errors import DatasetExists, DatasetNotFound, IntegrityError, InvalidData, StoreError
-from .chunking import DEFAULT_CHUNK_BYTES, Chunking, chunk_digest, dataset_checksum
-from .record import DatasetRecord, key_of, validate_dtype, validate_name, validate_part
+from .chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNKS, Chunking, chunk_digest, dataset_checksum
+from .record import (
+    DatasetRecord,
+    key_of,
+    layout_nbytes,
+    validate_dtype,
+    validate_name,
+    validate_nparts,
+    validate_part,
+)
 
 log = logging.getLogger("hpcflow.store")
 
 FORMAT_VERSION = 1
 _NONE = -1  # HDF5 attributes cannot hold None
+#: Chunks at least this big are hashed and written on a pool thread, off the gevent loop.
+OFFLOAD_BYTES = 256 * 1024
 
 
 def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
@@ -81,13 +95,20 @@ class DatasetWriter:
         self.digests: list[int | None] = [None] * len(self.chunking)
         self.tmp = store.dir / f".tmp-{uuid.uuid4().hex}.h5"
         self._done = False
+        # The fd is shared with pool threads: it is closed only once no write is in flight
+        # (a greenlet killed while its write runs must not let the fd number be reused).
+        self._fd_lock = threading.Lock()
+        self._inflight = 0
+        self._close_pending = False
+        self.fd = -1
         try:
             with h5py.File(self.tmp, "w") as f:
                 self.offset = _create_contiguous(f, rec.shape, np.dtype(rec.dtype))
             self.fd = os.open(self.tmp, os.O_RDWR)
-        except OSError as exc:
+        except Exception as exc:  # h5py raises OSError, RuntimeError, ValueError ...
             self._unlink()
-            raise StoreError(f"cannot create {self.tmp}: {exc}") from exc
+            raise StoreError(f"cannot create {rec.key} ({list(rec.shape)} {rec.dtype}, "
+                             f"{rec.nbytes} bytes) in {store.dir}: {exc}") from exc
         self.last_activity = time.monotonic()
 
     @property
@@ -95,7 +116,11 @@ class DatasetWriter:
         return sum(d is not None for d in self.digests)
 
     def write_chunk(self, i: int, buf: Any, digest: int | None = None) -> None:
-        """Write chunk ``i``; raise :class:`IntegrityError` if ``digest`` does not match."""
+        """Write chunk ``i``; raise :class:`IntegrityError` if ``digest`` does not match.
+
+        A failed write (disk full, file too large) raises :class:`StoreError`; the
+        caller aborts the writer, which removes the temp file.
+        """
         if self._done:
             raise StoreError("writer already finished")
         if not 0 <= i < len(self.chunking):
@@ -104,17 +129,40 @@ class DatasetWriter:
         mv = memoryview(buf).cast("B")
         if mv.nbytes != length:
             raise InvalidData(f"chunk {i} has {mv.nbytes} bytes, expected {length}")
-        actual = chunk_digest(mv)
+        with self._fd_lock:
+            self._inflight += 1
+        if length >= OFFLOAD_BYTES:
+            actual, error = _blocking(self._hash_and_write, mv, off, digest)
+        else:
+            actual, error = self._hash_and_write(mv, off, digest)
+        if error is not None:
+            raise StoreError(f"cannot write chunk {i} of {self.proto.key} to {self.tmp}: "
+                             f"{error}") from error
         if digest is not None and actual != digest:
             raise IntegrityError(f"chunk {i} of {self.proto.key} failed its checksum")
-        if self.offset is not None:
-            written = os.pwrite(self.fd, mv, self.offset + off)
-            if written != length:
-                raise StoreError(f"short write on {self.tmp}")
-        else:  # only 0-byte datasets have no offset; nothing to write
-            pass
         self.digests[i] = actual
         self.last_activity = time.monotonic()
+
+    def _hash_and_write(self, mv: memoryview, off: int,
+                        digest: int | None) -> tuple[int, OSError | None]:
+        """Runs on a pool thread for big chunks: only GIL-releasing work, no h5py.
+        Returns the failure rather than raising it (the pool would log a traceback)."""
+        try:
+            actual = chunk_digest(mv)
+            if (digest is None or actual == digest) and self.offset is not None:
+                if self.store.fault_write_delay_s:
+                    time.sleep(self.store.fault_write_delay_s)  # a disk under throttling
+                written = os.pwrite(self.fd, mv, self.offset + off)
+                if written != mv.nbytes:
+                    raise OSError(f"short write ({written} of {mv.nbytes} bytes)")
+            return actual, None
+        except OSError as exc:
+            return 0, exc
+        finally:
+            with self._fd_lock:
+                self._inflight -= 1
+                if self._close_pending and not self._inflight:
+                    self._close_now()
 
     def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
         """Verify, fsync, rename into place and register; returns the stored record."""
@@ -142,7 +190,14 @@ class DatasetWriter:
         self._unlink()
 
     def _close_fd(self) -> None:
-        fd, self.fd = getattr(self, "fd", -1), -1
+        with self._fd_lock:
+            if self._inflight:
+                self._close_pending = True  # the last write in flight closes it
+            else:
+                self._close_now()
+
+    def _close_now(self) -> None:
+        fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
 
@@ -217,6 +272,9 @@ class Store:
         self._busy: set[str] = set()
         self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
         self.listeners: list[Callable[[str, DatasetRecord | None], None]] = []
+        #: Fault injection for tests: every chunk write blocks this long, as a disk under
+        #: dirty-page throttling does.
+        self.fault_write_delay_s = 0.0
 
     # -- startup -------------------------------------------------------------
     def open(self) -> list[DatasetRecord]:
@@ -308,10 +366,15 @@ class Store:
         """Start writing a dataset part; it stays invisible until ``commit``."""
         name, part = validate_name(name), validate_part(part)
         dt = validate_dtype(dtype)
-        if nparts is not None and (part is None or not 0 <= part < nparts):
-            raise InvalidData(f"part {part} is outside nparts={nparts}")
-        if chunk_bytes < 4096 or chunk_bytes > 256 * 1024 * 1024:
-            raise InvalidData(f"chunk_bytes {chunk_bytes} outside 4 KiB..256 MiB")
+        nparts = validate_nparts(nparts, part)
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not (
+                4096 <= chunk_bytes <= 256 * 1024 * 1024):
+            raise InvalidData(f"chunk_bytes {chunk_bytes!r} outside 4 KiB..256 MiB")
+        nbytes = layout_nbytes(tuple(shape), dt)
+        nchunks = len(Chunking(tuple(shape), dt.itemsize, chunk_bytes))
+        if nchunks > MAX_CHUNKS:
+            raise InvalidData(f"{nbytes} bytes in chunks of {chunk_bytes} make {nchunks} chunks "
+                              f"(at most {MAX_CHUNKS}): use a larger chunk_bytes")
         key = key_of(name, part)
         if key in self._busy:
             raise DatasetExists(f"{key} is being written right now")
@@ -324,7 +387,7 @@ class Store:
             raise InvalidData(f"{name} cannot be both a whole dataset and a partitioned one")
         proto = DatasetRecord(
             name=name, part=part, owner=self.owner, shape=tuple(shape), dtype=dt.str,
-            nbytes=int(np.prod(shape, dtype=np.int64)) * dt.itemsize, checksum="",
+            nbytes=nbytes, checksum="",
             chunk_bytes=chunk_bytes, version=(old.version + 1) if old else 1, nparts=nparts,
             created=time.time(), lineage=dict(lineage or {}),
         )
@@ -355,7 +418,7 @@ class Store:
                 os.close(fd)
             os.replace(w.tmp, self.path_of(rec.key))
             _fsync_dir(self.dir)
-        except OSError as exc:
+        except Exception as exc:  # OSError, and h5py's RuntimeError on a full disk
             w._unlink()
             self._release(rec.key)
             raise StoreError(f"cannot store {rec.key}: {exc}") from exc
