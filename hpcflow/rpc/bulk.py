@@ -24,9 +24,16 @@ client     header                            server replies
 =========  ================================  ============================
 
 Any request can be answered with ``ERR`` r, type, msg: the client raises the
-same hpcflow error type.  ``d`` is the xxh3-64 digest of the payload; the
+same hpcflow error type.  A failed upload (bad header, disk full) always
+removes its temp file before the error is sent.  ``d`` is the xxh3-64 digest of the payload; the
 client also checks the whole-dataset checksum of the record at the end, so
 corruption in flight (retried) and at rest (reported) are both caught.
+
+Both ends yield to the gevent hub after every message: a zmq.green receive
+returns without yielding when a message is already queued, so a fast
+transfer would otherwise starve the heartbeats for its whole duration.  A
+receiver that hears nothing asks ``is_alive`` (the catalog's view) and gives
+up at once on a holder the cluster has declared dead.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ import numpy as np
 import zmq.green as zmq
 
 from ..catalog.chunking import Chunking, chunk_digest, dataset_checksum
-from ..catalog.record import DatasetRecord, key_of, validate_shape
+from ..catalog.record import (
+    DatasetRecord,
+    key_of,
+    validate_dtype,
+    validate_nparts,
+    validate_part,
+    validate_shape,
+)
 from ..catalog.store import DatasetWriter, Store
 from ..errors import (
     HpcflowError,
@@ -64,6 +78,8 @@ log = logging.getLogger("hpcflow.bulk")
 
 MAX_HEADER = 64 * 1024
 MAX_RANGE = 64 * 1024 * 1024
+#: How often a silent transfer asks whether its peer has been declared dead.
+LIVENESS_POLL_S = 0.25
 Deliver = Callable[[int, int, memoryview, int], None]
 """Called with (chunk index, byte offset in the dataset, payload, digest)."""
 
@@ -141,6 +157,7 @@ class BulkServer:
 
     def _loop(self) -> None:
         while True:
+            gevent.sleep(0)  # recv does not yield when a message is queued
             frames = self.sock.recv_multipart(copy=False)
             ident = frames[0].bytes
             if len(frames) < 3 or len(frames) > 4:
@@ -180,8 +197,10 @@ class BulkServer:
         elif verb == b"END":
             self._end(ident, hdr)
         elif verb == b"ABORT":
-            up = self.uploads.pop(_str(hdr, "u"), None)
-            if up is not None and up.ident == ident:
+            u = _str(hdr, "u")
+            up = self.uploads.get(u)
+            if up is not None and up.ident == ident:  # only its own client may abort it
+                del self.uploads[u]
                 up.writer.abort()
         else:
             raise ProtocolError(f"unknown bulk verb {verb[:16]!r}")
@@ -217,14 +236,16 @@ class BulkServer:
 
     def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
         r, by = _int(hdr, "r"), _str(hdr, "by")
-        self.admit_put(hdr)
-        part = hdr.get("part")
-        nparts = hdr.get("nparts")
+        part = validate_part(hdr.get("part"))
+        nparts = validate_nparts(hdr.get("nparts"), part)
+        shape = validate_shape(hdr.get("shape"))
+        dtype = validate_dtype(_str(hdr, "dtype"))
         lineage = hdr.get("lineage") or {}
         if not isinstance(lineage, dict):
             raise ProtocolError("lineage must be a map")
+        self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str})
         writer = self.store.begin(
-            _str(hdr, "name"), validate_shape(hdr.get("shape")), _str(hdr, "dtype"),
+            _str(hdr, "name"), shape, dtype,
             part=part, nparts=nparts, lineage=lineage,
             overwrite=bool(hdr.get("overwrite", False)), chunk_bytes=_int(hdr, "chunk_bytes"),
         )
@@ -250,7 +271,7 @@ class BulkServer:
             self.sock.send_multipart([ident, b"NACK", pack({"r": r, "u": u, "i": i,
                                                              "why": str(exc)})])
             return
-        except HpcflowError:
+        except BaseException:  # disk full, bad chunk index ...: the upload is over
             self.uploads.pop(u, None)
             up.writer.abort()
             raise
@@ -262,7 +283,7 @@ class BulkServer:
         del self.uploads[u]
         try:
             rec = up.writer.commit(_str(hdr, "checksum"))
-        except HpcflowError:
+        except BaseException:
             up.writer.abort()
             raise
         self.on_commit(rec)
@@ -289,9 +310,13 @@ class BulkClient:
     """
 
     def __init__(self, ctx: zmq.Context, traffic: Traffic, me: str,
-                 settings: BulkSettings | None = None) -> None:
+                 settings: BulkSettings | None = None,
+                 is_alive: Callable[[str], bool] = lambda peer: True) -> None:
         self.ctx, self.traffic, self.me = ctx, traffic, me
         self.settings = settings or BulkSettings()
+        #: Asked (only while a transfer hears nothing) whether the cluster still
+        #: believes ``peer`` alive; False ends the transfer with PeerUnavailable.
+        self.is_alive = is_alive
 
     def _socket(self, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(zmq.DEALER)
@@ -320,10 +345,13 @@ class BulkClient:
         """The credit window: keep ``window`` requests in flight, verify each reply's
         digest (asking again up to ``retries`` times), and after a silent third of the
         timeout re-send what is outstanding (a holder restarted behind the same endpoint
-        loses requests in flight) before declaring the peer gone."""
+        loses requests in flight) before declaring the peer gone.  While silent, give up
+        as soon as the catalog declares the peer dead (no need to wait out the timeout)."""
         window, r = max(1, self.settings.window), random.getrandbits(62)
+        timeout = self.settings.timeout_s
         attempts: dict[int, int] = {}
-        next_k = done = silent = 0
+        next_k = done = 0
+        heard = resent = time.monotonic()
         s = self._socket(endpoint)
         try:
             def ask(key: int) -> None:
@@ -336,17 +364,24 @@ class BulkClient:
                     ask(keys[next_k])
                     next_k += 1
                 try:
-                    verb, hdr, payload = self._recv(s, peer, what, self.settings.timeout_s / 3)
+                    verb, hdr, payload = self._recv(s, peer, what,
+                                                    min(LIVENESS_POLL_S, timeout / 3))
                 except PeerUnavailable:
-                    silent += 1
-                    if silent >= 3:
+                    now = time.monotonic()
+                    if not self.is_alive(peer):
+                        raise PeerUnavailable(
+                            f"{peer} was declared dead during {what} ({done}/{len(keys)} "
+                            "chunks)") from None
+                    if now - heard >= timeout:
                         raise PeerUnavailable(
                             f"{peer} stopped answering during {what} ({done}/{len(keys)} "
-                            f"chunks after {self.settings.timeout_s:g} s)") from None
-                    for key in attempts:
-                        ask(key)
+                            f"chunks after {timeout:g} s)") from None
+                    if now - resent >= timeout / 3:
+                        resent = now
+                        for key in attempts:
+                            ask(key)
                     continue
-                silent = 0
+                heard = resent = time.monotonic()
                 if verb != b"CHUNK" or hdr.get("r") != r or payload is None:
                     continue
                 key = _int(hdr, "i")
@@ -369,6 +404,7 @@ class BulkClient:
                 self.traffic.received(peer, buf.nbytes)
                 del attempts[key]
                 done += 1
+                gevent.sleep(0)  # a queued reply is received without yielding
         finally:
             s.close(linger=0)
 
@@ -483,6 +519,7 @@ class BulkClient:
                 acked += 1
                 if progress is not None:
                     progress(acked, n)
+                gevent.sleep(0)
             checksum = dataset_checksum(tuple(shape), dtype.str, chunk_bytes, digests)
             s.send_multipart([b"END", pack({"r": r, "u": u, "checksum": checksum})])
             _, hdr, _ = self._recv(s, peer, what)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import gevent.socket
 import zerorpc
 import zerorpc.exceptions
 
@@ -22,6 +23,36 @@ logging.getLogger("zerorpc.channel").setLevel(logging.CRITICAL)
 # zerorpc's own gevent/zmq glue logs "/!\ gevent_zeromq BUG /!\ catching up after missing
 # event" at ERROR when it recovers from a missed wake-up; it is harmless and alarming.
 logging.getLogger("zerorpc.gevent_zmq").setLevel(logging.CRITICAL)
+
+
+def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
+    """True when nothing listens at ``endpoint`` (connection refused, no such socket).
+
+    ZeroMQ would keep retrying a dead endpoint until a call times out; a plain
+    connect (cooperative: gevent's socket) tells at once.  A slow or filtered
+    host is not "refused": let the caller's timeout decide.
+    """
+    try:
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[len("tcp://"):].rpartition(":")
+            conn = gevent.socket.create_connection((host.strip("[]"), int(port)),
+                                                   timeout=timeout_s)
+        elif endpoint.startswith("ipc://"):
+            conn = gevent.socket.socket(gevent.socket.AF_UNIX, gevent.socket.SOCK_STREAM)
+            conn.settimeout(timeout_s)
+            try:
+                conn.connect(endpoint[len("ipc://"):])
+            except BaseException:
+                conn.close()
+                raise
+        else:
+            return False
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except (OSError, ValueError):
+        return False
+    conn.close()
+    return False
 
 
 def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0) -> Any:

@@ -6,6 +6,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Distinct peers counted by name; the rest are added up under OTHER.  The names come
+#: from the wire (a bulk request's ``by``), so without a cap a client could grow the
+#: counters without bound.
+MAX_PEERS = 1024
+OTHER = "(other)"
+
+
+def _count(counters: defaultdict[str, int], peer: str, nbytes: int) -> None:
+    if peer not in counters and len(counters) >= MAX_PEERS:
+        peer = OTHER
+    counters[peer] += nbytes
+
 
 @dataclass
 class Traffic:
@@ -28,11 +40,11 @@ class Traffic:
         self.bandwidth[peer] = rate if old is None else 0.7 * old + 0.3 * rate
 
     def sent(self, peer: str, nbytes: int) -> None:
-        self.bytes_sent[peer] += nbytes
+        _count(self.bytes_sent, peer, nbytes)
         self.messages_sent += 1
 
     def received(self, peer: str, nbytes: int) -> None:
-        self.bytes_received[peer] += nbytes
+        _count(self.bytes_received, peer, nbytes)
         self.messages_received += 1
 
     def to_wire(self) -> dict[str, Any]:
