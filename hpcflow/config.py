@@ -5,13 +5,24 @@ or ``ipc:///path``).  The catalog publisher and the bulk channel default to
 the next two ports (``PORT+1``, ``PORT+2``) or, for ipc, to ``PATH.pub`` and
 ``PATH.bulk``.  Port 0 binds every socket to an ephemeral port; the bound
 endpoints are then written to ``<data_dir>/node.json``.
+
+A node listening on a wildcard address (``0.0.0.0:PORT``) advertises an
+address of this host that other machines can reach: the host name's address
+unless it is a loopback one (Debian maps the host name to 127.0.1.1), else
+the first non-loopback interface address; with none, it warns and advertises
+127.0.0.1.  ``--advertise HOST`` always wins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
+import logging
 import os
 import socket
+import struct
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +32,8 @@ from .catalog.chunking import DEFAULT_CHUNK_BYTES
 from .errors import ConfigError
 
 CATALOG_MODES = ("replicated", "dht")
+WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
+log = logging.getLogger("hpcflow.config")
 
 
 def timeout_scale() -> float:
@@ -60,9 +73,56 @@ def advertised(endpoint: str, advertise_host: str | None) -> str:
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
     if advertise_host:
         host = advertise_host
-    elif host in ("0.0.0.0", "*", "[::]", "::"):
-        host = socket.gethostbyname(socket.gethostname())
+    elif host in WILDCARD_HOSTS:
+        host = wildcard_host()
     return f"tcp://{host}:{port}"
+
+
+def is_local_only(addr: str) -> bool:
+    """Loopback, link-local or unspecified: no other machine reaches us there."""
+    return addr.startswith(("127.", "169.254.")) or addr in ("0.0.0.0", "::1", "::")
+
+
+def pick_host(candidates: list[str]) -> str | None:
+    """The first address other machines can reach, in order of preference."""
+    return next((a for a in candidates if not is_local_only(a)), None)
+
+
+@functools.cache
+def wildcard_host() -> str:
+    """The address to advertise for a wildcard bind (see the module docstring)."""
+    candidates: list[str] = []
+    with contextlib.suppress(OSError):
+        candidates += sorted({str(ai[4][0]) for ai in socket.getaddrinfo(
+            socket.gethostname(), None, socket.AF_INET)})
+    candidates += interface_addresses()
+    host = pick_host(candidates)
+    if host is None:
+        log.warning("listening on a wildcard address, but this host has no address other "
+                    "machines can reach (only %s): advertising 127.0.0.1, so only local nodes "
+                    "can join; set --advertise HOST for a multi-machine cluster",
+                    ", ".join(candidates) or "loopback")
+        return "127.0.0.1"
+    log.info("listening on a wildcard address: advertising %s to peers (--advertise to "
+             "choose another)", host)
+    return host
+
+
+def interface_addresses() -> list[str]:
+    """IPv4 addresses of this host's network interfaces (Linux ``SIOCGIFADDR``)."""
+    out: list[str] = []
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return out
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                req = struct.pack("256s", name.encode()[:15])
+                out.append(socket.inet_ntoa(fcntl.ioctl(s.fileno(), 0x8915, req)[20:24]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+    return out
 
 
 @dataclass
@@ -87,9 +147,14 @@ class NodeConfig:
     chunk_retries: int = 3
     ops: list[str] = field(default_factory=list)
     log_level: str = "INFO"
+    #: Members dead this long that hold no datasets are dropped from the membership.
+    forget_dead_s: float = 600.0
     #: Fault injection for tests and drills: corrupt the next N chunks this node sends
     #: (receivers must detect and re-request them).  Never set it in production.
     fault_corrupt_chunks: int = 0
+    #: Fault injection: every chunk write blocks this long, as a disk under dirty-page
+    #: throttling does (heartbeats must go on).  Never set it in production.
+    fault_write_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -109,6 +174,10 @@ class NodeConfig:
             raise ConfigError(f"catalog must be one of {CATALOG_MODES}, not {self.catalog!r}")
         if self.heartbeat_s <= 0 or self.ttl_s <= self.heartbeat_s:
             raise ConfigError("need heartbeat_s > 0 and ttl_s > heartbeat_s")
+        if self.forget_dead_s <= self.ttl_s:
+            raise ConfigError("need forget_dead_s > ttl_s")
+        if not 0 <= self.fault_write_delay_s <= 10:
+            raise ConfigError("fault_write_delay_s must be between 0 and 10 s")
         if not 4096 <= self.chunk_bytes <= 256 * 1024 * 1024:
             raise ConfigError("chunk_bytes must be between 4 KiB and 256 MiB")
         if self.window < 1 or self.chunk_retries < 0:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DatasetNotFound
+from ..errors import DatasetNotFound, InvalidData
 from .membership import PeerInfo
 from .record import DatasetRecord, validate_name
 
@@ -84,13 +84,25 @@ class CatalogSnapshot:
     self_name: str
     records: tuple[DatasetRecord, ...]
     nodes: tuple[NodeView, ...]
+    #: Records of dead members too: which parts exist at all (see :func:`locate`).
+    known: tuple[DatasetRecord, ...] = ()
 
     def locate(self, name: str) -> Location:
-        return locate(name, self.records)
+        return locate(name, self.records, self.known)
 
 
-def locate(name: str, records: tuple[DatasetRecord, ...] | list[DatasetRecord]) -> Location:
-    """Group live records of ``name`` into parts with row ranges (pure function)."""
+Records = tuple[DatasetRecord, ...] | list[DatasetRecord]
+
+
+def locate(name: str, records: Records, known: Records = ()) -> Location:
+    """Group live ``records`` of ``name`` into parts with row ranges (pure function).
+
+    Which parts exist is decided from everything the catalog knows: the live
+    records and ``known`` (which also holds dead members' records), so a part
+    whose only holder died is reported missing even when no ``nparts`` was
+    declared.  Parts that disagree on dtype or row shape raise
+    :class:`InvalidData`: they cannot be read as one array.
+    """
     validate_name(name)
     mine = [r for r in records if r.name == name]
     if not mine:
@@ -107,9 +119,11 @@ def locate(name: str, records: tuple[DatasetRecord, ...] | list[DatasetRecord]) 
                             tuple(r for r in whole if r.checksum == rec.checksum))
         return Location(name, (part,), (), rec.shape, rec.dtype)
     indices = sorted(k for k in by_part if k is not None)
-    declared = max((r.nparts or 0) for r in mine)
-    expected = max(declared, indices[-1] + 1)
+    everyone = mine + [r for r in known if r.name == name and r.part is not None]
+    declared = max((r.nparts or 0) for r in everyone)  # both bounded by MAX_PARTS
+    expected = max(declared, max(r.part or 0 for r in everyone) + 1)
     missing = tuple(i for i in range(expected) if i not in by_part)
+    check_parts_agree(name, [by_part[i][0] for i in indices])
     parts, row = [], 0
     for i in indices:
         rec = by_part[i][0]
@@ -119,6 +133,19 @@ def locate(name: str, records: tuple[DatasetRecord, ...] | list[DatasetRecord]) 
     first = by_part[indices[0]][0]
     shape = (row, *first.shape[1:]) if first.shape else (row,)
     return Location(name, tuple(parts), missing, shape, first.dtype)
+
+
+def check_parts_agree(name: str, parts: list[DatasetRecord]) -> None:
+    """Every row-part of one dataset must have the same dtype and row shape."""
+    if not parts:
+        return
+    ref = parts[0]
+    for r in parts[1:]:
+        if r.dtype != ref.dtype or r.shape[1:] != ref.shape[1:]:
+            raise InvalidData(
+                f"the parts of {name} disagree: part {ref.part} on {ref.owner} has rows of "
+                f"{list(ref.shape[1:])} {ref.dtype}, part {r.part} on {r.owner} "
+                f"{list(r.shape[1:])} {r.dtype}; delete the wrong part")
 
 
 class Catalog(abc.ABC):
@@ -139,8 +166,14 @@ class Catalog(abc.ABC):
         """Publish that this node no longer holds ``key``."""
 
     @abc.abstractmethod
-    def add_peer(self, info: PeerInfo) -> None:
-        """Learn of a peer (from ``--peer``, a hello, or gossip)."""
+    def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
+        """Learn of a peer (from ``--peer``, a hello, or gossip); ``verified``: its claim
+        to the name was already checked against a live member of that name."""
+
+    @abc.abstractmethod
+    def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
+        """The live member already using ``info.name``, if it still answers as itself
+        (``info`` is then a second daemon with the same name, not a restart)."""
 
     @abc.abstractmethod
     def nodes(self) -> list[NodeView]:
@@ -156,7 +189,7 @@ class Catalog(abc.ABC):
 
     def locate(self, name: str) -> Location:
         try:
-            return locate(name, self.records())
+            return locate(name, self.records(), self.records(include_dead=True))
         except DatasetNotFound:
             dead = sorted({r.owner for r in self.records(include_dead=True) if r.name == name})
             if dead:
@@ -180,7 +213,8 @@ class Catalog(abc.ABC):
             self.wait_changed(remaining)
 
     def snapshot(self) -> CatalogSnapshot:
-        return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()))
+        return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()),
+                               tuple(self.records(include_dead=True)))
 
     @property
     @abc.abstractmethod

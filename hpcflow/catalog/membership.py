@@ -57,3 +57,5 @@ class PeerState:
     load: dict[str, Any] = field(default_factory=dict)
     ops: dict[str, str] = field(default_factory=dict)  # op name -> definition hash
     dead_since: float | None = None
+    unknown_since: float | None = None  # first heartbeat of a run of them omitting us
+    introduced_at: float = float("-inf")  # when we last said hello to it unasked

@@ -9,6 +9,14 @@
 * Idle publishers send heartbeats (default every second) carrying load and
   the gossiped membership.  A peer silent for longer than the TTL is marked
   dead and its entries are no longer offered; they come back when it does.
+  While a live peer is being resynced its last known entries stay offered
+  (the Clone pattern serves its last state, never an empty one).
+* Membership: a live peer whose heartbeats keep omitting us (it restarted,
+  or was started without ``--peer``) gets a hello from us, rate-limited.  A
+  descriptor that claims the name of a live member at another endpoint is
+  only accepted once that member no longer answers there as itself: two
+  daemons with one name would otherwise take over each other's identity.
+  Members dead for ``forget_after_s`` that hold no entries are forgotten.
 
 Sockets and greenlets: the PUB socket is owned by the publisher greenlet
 (others hand it messages through a queue); the SUB socket by the subscriber
@@ -40,7 +48,15 @@ from .record import DatasetRecord
 log = logging.getLogger("hpcflow.catalog")
 
 SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
+#: Who answers at an RPC endpoint right now: ``(name, epoch)``, or None when nothing does.
+Prober = Callable[[str], "tuple[str, int] | None"]
 MAX_PENDING = 10_000
+#: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
+#: and the shortest interval between two such hellos.
+INTRODUCE_AFTER = 3
+INTRODUCE_EVERY = 5
+#: A refused name claim is not probed again for this long (it arrives with every gossip).
+RECHECK_REFUSED_S = 30.0
 
 
 class ReplicatedCatalog(Catalog):
@@ -57,6 +73,9 @@ class ReplicatedCatalog(Catalog):
         load: Callable[[], dict[str, Any]] = dict,
         ops: Callable[[], dict[str, str]] = dict,
         pub_bind: str | None = None,
+        probe: Prober = lambda endpoint: None,
+        introduce: Callable[[PeerInfo], None] = lambda info: None,
+        forget_after_s: float = 600.0,
     ) -> None:
         self.me = me
         self.ctx = ctx
@@ -65,6 +84,11 @@ class ReplicatedCatalog(Catalog):
         self.ttl_s = ttl_s
         self.load = load
         self.ops = ops
+        self.probe = probe
+        self.introduce = introduce
+        self.forget_after_s = forget_after_s
+        self._verifying: set[tuple[str, int]] = set()
+        self._refused: dict[tuple[str, int], float] = {}
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
         self.own: dict[str, DatasetRecord] = {}
@@ -77,7 +101,8 @@ class ReplicatedCatalog(Catalog):
         self._sub_cmds: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
         self._greenlets: list[gevent.Greenlet] = []
         self._garbage_log = Throttled(log)
-        self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0}
+        self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
+                      "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
@@ -138,7 +163,9 @@ class ReplicatedCatalog(Catalog):
         self.seq += 1
         self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
 
-    def add_peer(self, info: PeerInfo) -> None:
+    def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
+        """Learn of a peer.  A newer run of a known live member at another endpoint is
+        checked first (in the background) unless ``verified`` (see :meth:`claim_conflict`)."""
         if info.name == self.me.name:
             return
         st = self.peers.get(info.name)
@@ -149,12 +176,56 @@ class ReplicatedCatalog(Catalog):
             self._sub_cmds.put(("connect", info.pub))
             self._outbox.put(None)
         elif info.epoch > st.info.epoch:
+            if not verified and st.alive and info.rpc != st.info.rpc:
+                self._verify_later(info)
+                return
             log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
             if info.pub != st.info.pub:
                 self._sub_cmds.put(("disconnect", st.info.pub))
                 self._sub_cmds.put(("connect", info.pub))
             st.info = info
             st.synced = False
+
+    def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
+        """The live member whose name ``info`` claims, if it still answers as itself.
+
+        Blocks (cooperatively) for one probe of the member's RPC endpoint.  A genuine
+        restart passes: the old run is silent (dead to us, or nothing answers at its
+        endpoint), or its endpoint now answers with the new run's epoch.
+        """
+        st = self.peers.get(info.name)
+        if st is None or st.info.epoch == info.epoch or not st.alive:
+            return None
+        if st.info.rpc == info.rpc:
+            return None  # one endpoint cannot be bound twice: the same daemon, restarted
+        answer = self.probe(st.info.rpc)
+        current = self.peers.get(info.name)
+        if answer == (st.info.name, st.info.epoch) and current is st:
+            return st.info
+        return None
+
+    def _verify_later(self, info: PeerInfo) -> None:
+        claim = (info.name, info.epoch)
+        refused = self._refused.get(claim)
+        if claim in self._verifying or (
+                refused is not None and time.monotonic() - refused < RECHECK_REFUSED_S):
+            return
+        self._verifying.add(claim)
+
+        def verify() -> None:
+            try:
+                owner = self.claim_conflict(info)
+                if owner is None:
+                    self.add_peer(info, verified=True)
+                    return
+                self._refused[claim] = time.monotonic()
+                self.stats["refused_claims"] += 1
+                log.error("ignoring a second node named %s at %s: %s still answers at %s "
+                          "(duplicate --name?)", info.name, info.rpc, owner.name, owner.rpc)
+            finally:
+                self._verifying.discard(claim)
+
+        gevent.spawn(verify)
 
     def nodes(self) -> list[NodeView]:
         views = [NodeView(self.me, True, self.load(), self.ops())]
@@ -164,8 +235,7 @@ class ReplicatedCatalog(Catalog):
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:
         out = list(self.own.values())
         for name, recs in self.peer_records.items():
-            st = self.peers[name]
-            if include_dead or (st.alive and st.synced):
+            if include_dead or self.peers[name].alive:  # resyncing: last known entries
                 out.extend(recs.values())
         return out
 
@@ -251,6 +321,7 @@ class ReplicatedCatalog(Catalog):
             st.load = load if isinstance(load, dict) else {}
             if isinstance(ops, dict):
                 st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
+            self._check_known_by(st, msg.props.get("members"))
         if not st.synced:
             if msg.kind == KV:
                 pend = self._pending.setdefault(msg.sender, [])
@@ -291,6 +362,34 @@ class ReplicatedCatalog(Catalog):
                                       st.info.name, msg.key)
             return
         recs[rec.key] = rec
+
+    def _check_known_by(self, st: PeerState, members: object) -> None:
+        """Say hello to a live peer whose heartbeats keep leaving us out of its membership
+        (it restarted without ``--peer``, or lost us): nobody else would tell it."""
+        now = time.monotonic()
+        knows_us = isinstance(members, list) and any(
+            isinstance(d, dict) and d.get("name") == self.me.name
+            and d.get("epoch") == self.me.epoch for d in members[:4096])
+        if knows_us:
+            st.unknown_since = None
+            return
+        if st.unknown_since is None:
+            st.unknown_since = now
+        if (now - st.unknown_since < INTRODUCE_AFTER * self.heartbeat_s
+                or now - st.introduced_at < INTRODUCE_EVERY * self.heartbeat_s):
+            return
+        st.introduced_at = now
+        self.stats["introduced"] += 1
+        log.info("peer %s does not list us as a member: introducing ourselves", st.info.name)
+        info = st.info
+
+        def hello() -> None:
+            try:
+                self.introduce(info)
+            except HpcflowError as exc:
+                log.warning("could not introduce ourselves to %s: %s", info.name, exc)
+
+        gevent.spawn(hello)
 
     def _gossip(self, msg: KVMsg) -> None:
         members = msg.props.get("members")
@@ -348,13 +447,30 @@ class ReplicatedCatalog(Catalog):
         while True:
             gevent.sleep(self.heartbeat_s / 4)
             now = time.monotonic()
-            for st in self.peers.values():
+            for st in list(self.peers.values()):
                 if st.alive and now - st.last_seen > self.ttl_s:
                     st.alive = False
                     st.dead_since = now
+                    self.stats["marked_dead"] += 1
                     self._notify()
                     log.warning("peer %s silent for %.1f s: marked dead, %d entries withdrawn",
                                 st.info.name, now - st.last_seen,
                                 len(self.peer_records.get(st.info.name, {})))
                 elif st.alive and not st.synced and st.info.name not in self._syncing:
                     self._resync(st)
+                elif (not st.alive and now - st.last_seen > self.forget_after_s
+                      and not self.peer_records.get(st.info.name)):
+                    self._forget(st)
+
+    def _forget(self, st: PeerState) -> None:
+        """Drop a member silent for a long time that holds nothing (it may come back: a
+        hello or a gossip re-introduces it)."""
+        name = st.info.name
+        log.info("forgetting peer %s: silent for more than %g s and holding no entries", name,
+                 self.forget_after_s)
+        del self.peers[name]
+        self.peer_records.pop(name, None)
+        self._pending.pop(name, None)
+        self._sub_cmds.put(("disconnect", st.info.pub))
+        self.stats["forgotten"] += 1
+        self._notify()
