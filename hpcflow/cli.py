@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _version
 from .config import NodeConfig
-from .errors import ConfigError, HpcflowError, InvalidData, to_wire
+from .errors import ConfigError, HpcflowError, InvalidData, StoreError, to_wire
 
 
 def _size(n: float) -> str:
@@ -80,17 +80,25 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 def cmd_get(a: argparse.Namespace) -> int:
-    out = Path(a.out)
+    from .rpc.client import check_output_path, split_h5path
+
+    out = check_output_path(a.out)  # user errors first, before anything moves
+    if out.suffix != ".npy":
+        split_h5path(a.h5path)
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
     with _client(a) as c:
-        loc = c.locate(a.name)
         if out.suffix == ".npy":
-            np.save(out, c.fetch(a.name, part=a.part, progress=show))
+            arr = c.fetch(a.name, part=a.part, progress=show)
+            try:
+                np.save(out, arr)
+            except OSError as exc:
+                raise StoreError(f"cannot write {out}: {exc}") from exc
         else:
             c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show)
         received = sum(c.traffic.bytes_received.values())
-    holders = sorted({h["owner"] for p in loc["parts"] for h in p["holders"][:1]})
+        # the holders the bytes actually came from (after any fail-over)
+        holders = sorted(k for k, v in c.traffic.bytes_received.items() if v)
     result = {"name": a.name, "path": str(out), "bytes": received, "from": holders,
               "seconds": round(time.monotonic() - t0, 3), "checksum_verified": True}
     print(json.dumps(result) if a.json else
@@ -368,8 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
-    except HpcflowError as exc:
-        name, msg = to_wire(exc)
+    except (HpcflowError, OSError) as exc:  # OSError: a file the user named, as a message
+        name, msg = to_wire(exc) if isinstance(exc, HpcflowError) else (
+            type(exc).__name__, str(exc))
         if getattr(args, "json", None) is True:  # --json as a flag, not replay's --json FILE
             print(json.dumps({"error": {"type": name, "message": msg}}))
         else:

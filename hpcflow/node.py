@@ -23,7 +23,15 @@ import zmq.green as zmqg
 
 from .catalog.base import Catalog, PartLocation
 from .catalog.membership import PeerInfo
-from .catalog.record import DatasetRecord, key_of, validate_dtype, validate_name, validate_part
+from .catalog.record import (
+    DatasetRecord,
+    key_of,
+    validate_dtype,
+    validate_name,
+    validate_nparts,
+    validate_part,
+    validate_shape,
+)
 from .catalog.replicated import ReplicatedCatalog
 from .catalog.store import Store
 from .config import NodeConfig, advertised
@@ -35,10 +43,11 @@ from .errors import (
     InvalidData,
     NotOwner,
     PeerUnavailable,
+    ProtocolError,
 )
 from .ops import DEFAULT_REGISTRY, OpError, load_op_module
 from .rpc.bulk import BulkClient, BulkServer, BulkSettings
-from .rpc.calls import PeerClients
+from .rpc.calls import PeerClients, refuses_connections
 from .rpc.service import NodeService
 from .rpc.traffic import Traffic
 from .workflow.worker import Worker
@@ -58,11 +67,13 @@ class Node:
         self.traffic = Traffic()
         self.ctx = zmqg.Context()
         self.store = Store(config.data_dir, self.name)
+        self.store.fault_write_delay_s = config.fault_write_delay_s
         self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
                                      retries=config.chunk_retries,
                                      corrupt_chunks=config.fault_corrupt_chunks)
         self.peers = PeerClients(config.rpc_timeout_s)
-        self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings)
+        self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings,
+                                      is_alive=self._peer_alive)
         self.stopped = gevent.event.Event()
         self.exit_code = 0
         self._lock_fd = -1
@@ -121,7 +132,9 @@ class Node:
             self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
             ops=self.registry.hashes,
-            pub_bind=self.config.pub_endpoint)
+            pub_bind=self.config.pub_endpoint, probe=self.probe,
+            introduce=lambda info: self._hello(info.rpc),
+            forget_after_s=self.config.forget_dead_s)
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM."""
@@ -179,9 +192,7 @@ class Node:
         delay, warned = 0.2, False
         while True:
             try:
-                reply = self.peers.call(endpoint, "hello", self.me.to_wire())
-                for d in [reply["self"], *reply["members"]]:
-                    self.catalog.add_peer(PeerInfo.from_wire(d))
+                self._hello(endpoint)
                 log.info("joined the cluster through %s", endpoint)
                 return
             except ConfigError as exc:
@@ -189,12 +200,41 @@ class Node:
                 self.exit_code = 2
                 self.stopped.set()
                 return
-            except (HpcflowError, KeyError, TypeError) as exc:
+            except HpcflowError as exc:
                 if not warned:
                     log.warning("peer %s not reachable yet (%s); retrying", endpoint, exc)
                     warned = True
             gevent.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _hello(self, endpoint: str) -> None:
+        """Introduce ourselves at ``endpoint`` and learn the members it knows."""
+        reply = self.peers.call(endpoint, "hello", self.me.to_wire())
+        try:
+            descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
+        self.catalog.add_peer(descriptors[0], verified=True)  # it answered at that endpoint
+        for info in descriptors[1:]:
+            self.catalog.add_peer(info)
+
+    def probe(self, endpoint: str) -> tuple[str, int] | None:
+        """Who answers at an RPC endpoint now, as ``(name, epoch)``; None when nothing
+        does within the TTL (a refused connection answers at once)."""
+        if refuses_connections(endpoint):
+            return None
+        try:
+            r = self.peers.call(endpoint, "ping", timeout_s=self.config.ttl_s)
+            return str(r["name"]), int(r["epoch"])
+        except (HpcflowError, KeyError, TypeError, ValueError):
+            return None
+
+    def _peer_alive(self, name: str) -> bool:
+        """False once the catalog has declared ``name`` dead (unknown names: True)."""
+        cat = getattr(self, "catalog", None)
+        if cat is None:
+            return True
+        return all(v.alive for v in cat.nodes() if v.info.name == name)
 
     # -- state for the service ---------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -229,12 +269,13 @@ class Node:
         """Cluster-wide rules a new dataset (part) must follow, checked against the catalog."""
         name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
         dtype = validate_dtype(hdr.get("dtype")).str
-        shape = hdr.get("shape")
+        shape = validate_shape(hdr.get("shape"))
         check_put(self.catalog, self.name, name, part, shape, dtype)
 
     def put_array(self, name: str, arr: Any, *, part: int | None = None,
                   nparts: int | None = None, overwrite: bool = False) -> DatasetRecord:
-        check_put(self.catalog, self.name, name, part, list(arr.shape), arr.dtype.str)
+        validate_nparts(nparts, validate_part(part))
+        check_put(self.catalog, self.name, name, part, tuple(arr.shape), arr.dtype.str)
         return self.store.put_array(name, arr, part=part, nparts=nparts, overwrite=overwrite,
                                     chunk_bytes=self.config.chunk_bytes)
 
@@ -320,24 +361,32 @@ class Node:
             raise
 
 
-def check_put(catalog: Catalog, me: str, name: str, part: int | None, shape: Any,
-              dtype: str) -> None:
-    """A user's put must not shadow another node's dataset or break a partitioned one."""
-    others = [r for r in catalog.records() if r.name == name and r.owner != me]
-    if not others:
-        return
+def check_put(catalog: Catalog, me: str, name: str, part: int | None,
+              shape: tuple[int, ...], dtype: str) -> None:
+    """A user's put must not shadow another node's dataset or break a partitioned one.
+
+    A part must match every sibling part the catalog knows of (ours, other live
+    nodes' and dead members' alike) in dtype and row shape; replacing our own
+    copy of the same part is the store's business (``overwrite``).
+    """
+    known = [r for r in catalog.records(include_dead=True) if r.name == name]
+    live_others = [r for r in catalog.records() if r.name == name and r.owner != me]
     if part is None:
-        raise DatasetExists(f"{name} already exists on {others[0].owner}")
-    if any(r.part is None for r in others):
-        raise InvalidData(f"{name} is a whole dataset on {others[0].owner}; it has no parts")
-    clash = [r for r in others if r.part == part]
+        if live_others:
+            raise DatasetExists(f"{name} already exists on {live_others[0].owner}")
+        return
+    whole = [r for r in known if r.part is None and r.owner != me]
+    if whole:
+        raise InvalidData(f"{name} is a whole dataset on {whole[0].owner}; it has no parts")
+    clash = [r for r in live_others if r.part == part]
     if clash:
         raise DatasetExists(f"part {part} of {name} already exists on {clash[0].owner}")
-    ref = others[0]
-    if ref.dtype != dtype or list(ref.shape[1:]) != list(shape[1:]):
-        raise InvalidData(
-            f"part {part} of {name} must match its other parts: dtype {ref.dtype} and rows of "
-            f"shape {list(ref.shape[1:])}, got {dtype} and {list(shape[1:])}")
+    for ref in (r for r in known if r.part is not None and r.part != part):
+        if ref.dtype != dtype or tuple(ref.shape[1:]) != tuple(shape[1:]):
+            raise InvalidData(
+                f"part {part} of {name} must match its other parts: part {ref.part} on "
+                f"{ref.owner} has dtype {ref.dtype} and rows of shape {list(ref.shape[1:])}, "
+                f"got {dtype} and {list(shape[1:])}")
 
 
 def setup_logging(level: str) -> None:

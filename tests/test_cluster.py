@@ -262,3 +262,105 @@ def test_connecting_to_nothing_fails_fast() -> None:
     with pytest.raises(hpcflow.PeerUnavailable, match="connection refused"):
         hpcflow.connect(f"127.0.0.1:{port}")
     assert time.monotonic() - t0 < 5
+
+
+def test_part_on_a_dead_node_is_missing_without_nparts(cluster: Cluster) -> None:
+    # The issue's own example: parts put without nparts.  When n2 dies, its part is
+    # missing, not silently dropped from a "complete" half-size dataset.
+    rows = np.arange(4000, dtype=np.float64).reshape(2000, 2)
+    with cluster["n1"].client() as c:
+        c.put("SIM", rows[:1000], part=0)
+    with cluster["n2"].client() as c:
+        c.put("SIM", rows[1000:], part=1)
+    with cluster["n3"].client() as c:
+        wait_for(lambda: c.locate("SIM")["shape"] == [2000, 2], 10, "both parts on n3")
+    cluster["n2"].kill(signal.SIGKILL)
+    with cluster["n3"].client() as c:
+        wait_for(lambda: len(c.locate("SIM")["parts"]) == 1, 10 + TTL, "n2 marked dead")
+        loc = c.locate("SIM")
+        assert loc["complete"] is False and loc["missing"] == [1]
+        with pytest.raises(hpcflow.DatasetNotFound, match=r"parts \[1\]"):
+            c.fetch("SIM")
+        with pytest.raises(hpcflow.DatasetNotFound, match=r"parts \[1\]"):
+            c._call("fetch", "SIM")  # the daemon's own read path too
+        assert np.array_equal(c.fetch("SIM", part=0), rows[:1000])
+
+
+def test_parts_on_one_node_must_agree(cluster: Cluster) -> None:
+    with cluster["n1"].client() as c:
+        c.put("Q", np.zeros((3, 2)), part=0)
+        with pytest.raises(hpcflow.InvalidData, match="must match its other parts"):
+            c.put("Q", np.ones((2, 5), np.int8), part=1)
+        with pytest.raises(hpcflow.InvalidData, match="must match its other parts"):
+            c._call("put", "Q", b"\x01" * 10, [2, 5], "|i1", 1)  # inline RPC put
+        assert {r.key for r in c.catalog()} == {"Q@0"}
+        c.put("Q", np.ones((2, 2)), part=1)  # a matching part is fine
+        c.put("Q", np.full((4, 2), 7.0), part=0, overwrite=True)  # and replacing one
+        assert c.fetch("Q").shape == (6, 2)
+
+
+def test_parts_that_disagree_are_refused_on_read(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Parts already stored inconsistently (written by an older version, or copied in):
+    # every read path refuses them instead of returning uninitialised memory.
+    from hpcflow.catalog.store import Store
+
+    store = Store(tmp_path / "c0" / "old", "old")
+    store.open()
+    store.put_array("Q", np.zeros((3, 2)), part=0)
+    store.put_array("Q", np.ones((2, 5), np.int8), part=1)
+    store.close()
+    c = make_cluster()
+    n = c.add("old")
+    with n.client() as cl:
+        assert {r.key for r in cl.catalog()} == {"Q@0", "Q@1"}
+        for read in (lambda: cl.fetch("Q"), lambda: cl._call("fetch", "Q"),
+                     lambda: cl.fetch_to("Q", tmp_path / "q.h5"), lambda: cl.locate("Q")):
+            with pytest.raises(hpcflow.InvalidData, match="disagree"):
+                read()
+        assert not (tmp_path / "q.h5").exists()
+        cl.delete("Q", part=1)
+        assert cl.fetch("Q").shape == (3, 2)
+
+
+def test_nparts_is_validated_everywhere(cluster: Cluster) -> None:
+    with cluster["n1"].client() as c:
+        for nparts, match in ((10**7, "between 1 and"), ("2", "positive integer"),
+                              (0, "between 1 and")):
+            with pytest.raises(hpcflow.InvalidData, match=match):
+                c.put("P", np.zeros(3), part=0, nparts=nparts)  # type: ignore[arg-type]
+            with pytest.raises(hpcflow.InvalidData, match=match):
+                c._call("put", "P", b"\x00" * 24, [3], "<f8", 0, nparts)
+            with pytest.raises(hpcflow.InvalidData, match=match):
+                c.bulk.upload(c.node_bulk, c.node, "P", (3,), np.dtype("<f8"),
+                              lambda slab: np.zeros(3)[slab], part=0, nparts=nparts,
+                              chunk_bytes=4096)
+        assert "P" not in {r.name for r in c.catalog()}
+        assert c.stats()["uploads_in_progress"] == 0
+
+
+def test_get_reports_user_errors_without_tracebacks(cluster: Cluster, tmp_path: Path) -> None:
+    with cluster["n2"].client() as c:
+        c.put("G", np.arange(12.0).reshape(4, 3))
+    with cluster["n3"].client() as c:
+        c.replicate("G")  # n2 and n3 hold G; a get through n3 reads n3's own copy
+    def get(*args: str, json_out: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node",
+                               cluster["n3"].rpc, "G", *args, *(["--json"] if json_out else [])],
+                              capture_output=True, text=True, timeout=60 * SCALE)
+    for args, match in (([str(tmp_path / "a.h5"), "--h5path", "/a/"], "must name a dataset"),
+                        ([str(tmp_path / "a.h5"), "--h5path", "/a/../b"], "'..'"),
+                        ([str(tmp_path / "nodir" / "a.h5")], "does not exist"),
+                        ([str(tmp_path / "nodir" / "a.npy")], "does not exist"),
+                        ([str(tmp_path)], "is a directory")):
+        r = get(*args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        err = json.loads(r.stdout)["error"]
+        assert err["type"] == "InvalidData" and match in err["message"], err
+        r = get(*args, json_out=False)
+        assert r.returncode == 1 and r.stderr.startswith("hpcflow: error:"), r.stderr
+    r = get(str(tmp_path / "ok.h5"), "--h5path", "data")  # relative: /data
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["from"] == ["n3"]  # the holder actually used
+    with h5py.File(tmp_path / "ok.h5") as f:
+        assert f["/data"].shape == (4, 3)
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -183,3 +183,83 @@ def test_real_h5md_files_round_trip(cluster: Cluster, real_h5md: Path, tmp_path:
     with cluster["n2"].client() as c, pytest.raises(hpcflow.InvalidData):
         c.put(key + "_cut", cut, dataset=path)
     assert key + "_cut" not in names_on(cluster["n1"])
+
+
+def _raw_put(s: zmq.Socket, r: int, shape: list[int], **kw: object) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    s.send_multipart([b"PUT", msgpack.packb({
+        "r": r, "name": f"RAW{r}", "part": None, "shape": shape, "dtype": "<u1",
+        "chunk_bytes": MB, "by": "raw", **kw})])
+    assert s.poll(10_000 * SCALE), "no answer to PUT"
+    verb, hdr = s.recv_multipart()
+    return verb, msgpack.unpackb(hdr)
+
+
+def test_failed_uploads_are_typed_and_leave_no_temp_file(tmp_path: Path) -> None:
+    """A node whose files may not exceed 64 MiB (RLIMIT_FSIZE: the "disk full" of this
+    test): uploads it cannot hold fail with a typed error, and nothing is left behind."""
+    from tests.conftest import NodeProc
+
+    n = NodeProc("small", tmp_path / "small", [], [])
+    n.prefix = ["prlimit", f"--fsize={64 * MB}", "--"]
+    n.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(n.info["bulk"])
+    tmp_files = lambda: list((n.data_dir / "datasets").glob(".tmp-*"))  # noqa: E731
+    try:
+        verb, hdr = _raw_put(s, 1, [2**44], chunk_bytes=16 * MB)  # 16 TiB: "File too large"
+        assert verb == b"ERR" and hdr["type"] == "StoreError", hdr
+        assert not tmp_files()
+        verb, hdr = _raw_put(s, 2, [2**62, 8])  # overflows int64 sizes: no MemoryError
+        assert verb == b"ERR" and hdr["type"] == "InvalidData" and "PiB" in hdr["msg"], hdr
+        verb, hdr = _raw_put(s, 3, [4], nparts="2", part=0)
+        assert verb == b"ERR" and hdr["type"] == "InvalidData", hdr
+        with n.client() as c:
+            with pytest.raises(hpcflow.StoreError):
+                c.put("TOOBIG", np.zeros(100 * MB, np.uint8))
+            assert not tmp_files()
+            assert c.stats()["uploads_in_progress"] == 0
+            c.put("FITS", np.arange(1000))  # still serving
+            assert c.fetch("FITS").tolist() == list(range(1000))
+    finally:
+        s.close()
+        ctx.term()
+        n.kill(signal.SIGTERM)
+
+
+def test_only_the_uploading_client_can_abort_its_upload(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    c = make_cluster()
+    n = c.add("ab")
+    ctx = zmq.Context()
+    owner, other = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for s in (owner, other):
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(n.info["bulk"])
+    try:
+        verb, hdr = _raw_put(owner, 1, [MB])
+        assert verb == b"OK"
+        u = hdr["u"]
+        other.send_multipart([b"ABORT", msgpack.packb({"r": 1, "u": u})])
+        probe = {"r": 2, "key": "NOPE", "v": 1, "i": 0, "by": "x"}
+        other.send_multipart([b"GET", msgpack.packb(probe)])
+        assert other.poll(10_000 * SCALE)
+        other.recv_multipart()  # the server has handled the ABORT by now
+        payload = np.full(MB, 3, np.uint8)
+        from hpcflow.catalog.chunking import chunk_digest, dataset_checksum
+
+        d = chunk_digest(payload)
+        owner.send_multipart([b"DATA", msgpack.packb({"r": 1, "u": u, "i": 0, "d": d}),
+                              payload])
+        assert owner.poll(10_000 * SCALE)
+        assert owner.recv_multipart()[0] == b"ACK"  # the upload survived the stranger's ABORT
+        owner.send_multipart([b"END", msgpack.packb(
+            {"r": 1, "u": u, "checksum": dataset_checksum((MB,), "|u1", MB, [d])})])
+        assert owner.poll(10_000 * SCALE)
+        assert owner.recv_multipart()[0] == b"DONE"
+        with n.client() as cl:
+            assert cl.fetch("RAW1").sum() == 3 * MB
+    finally:
+        owner.close()
+        other.close()
+        ctx.term()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
 import os
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -24,13 +24,13 @@ import numpy as np
 import zmq.green as zmq
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES
-from ..catalog.record import DatasetRecord, validate_name, validate_part
+from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
 from ..config import normalize_endpoint, timeout_scale
-from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable
+from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
 from ..sources import open_source
 from ..workflow.flow import Flow, Handle
 from .bulk import BulkClient, BulkSettings
-from .calls import call, new_client
+from .calls import call, new_client, refuses_connections
 from .traffic import Traffic
 
 Progress = Callable[[int, int], None]
@@ -59,7 +59,8 @@ class Client:
         self.node = str(hello["name"])
         self.node_bulk = str(hello["endpoints"]["bulk"])
         self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
-                               settings or BulkSettings(timeout_s=self.timeout_s))
+                               settings or BulkSettings(timeout_s=self.timeout_s),
+                               is_alive=self._peer_alive)
 
     #: Calls that may legitimately run for hours; zerorpc's heartbeat still notices a
     #: dead node, so they need no request timeout of their own.
@@ -68,6 +69,14 @@ class Client:
     def _call(self, method: str, *args: Any) -> Any:
         timeout = 24 * 3600.0 if method in self.LONG_CALLS else None
         return call(self._rpc, self.endpoint, method, *args, timeout_s=timeout)
+
+    def _peer_alive(self, name: str) -> bool:
+        """Asked by a silent transfer: has our node's catalog declared ``name`` dead?"""
+        try:
+            info = call(self._rpc, self.endpoint, "info", timeout_s=min(2.0, self.timeout_s))
+        except HpcflowError:
+            return True  # cannot tell: the transfer's own timeout decides
+        return name not in info.get("peers_dead", ())
 
     def close(self) -> None:
         """Remove the flow's intermediate outputs (unless kept), then disconnect."""
@@ -150,6 +159,7 @@ class Client:
         """
         validate_name(name)
         part = validate_part(part)
+        nparts = validate_nparts(nparts, part)
         src = open_source(data, dataset)
         try:
             return self.bulk.upload(
@@ -179,7 +189,8 @@ class Client:
     def fetch_to(self, name: str, path: str | Path, *, part: int | None = None,
                  h5path: str = "/data", progress: Progress | None = None) -> Path:
         """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end."""
-        path = Path(path)
+        path = check_output_path(path)
+        group, leaf = split_h5path(h5path)
         shape, dtype_s, total, parts, bulk = self._parts(name, part)
         dtype = np.dtype(dtype_s)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -189,12 +200,11 @@ class Client:
                 if total:
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
                     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-                grp = f.require_group(h5path.rsplit("/", 1)[0] or "/")
-                dsid = h5py.h5d.create(grp.id, h5path.rsplit("/", 1)[1].encode(),
-                                       h5py.h5t.py_create(dtype),
+                grp = f.require_group(group)
+                dsid = h5py.h5d.create(grp.id, leaf.encode(), h5py.h5t.py_create(dtype),
                                        h5py.h5s.create_simple(shape), dcpl=dcpl)
                 offset = dsid.get_offset() if total else 0
-                f[h5path].attrs["hpcflow_name"] = name
+                f[f"{group.rstrip('/')}/{leaf}"].attrs["hpcflow_name"] = name
             fd = os.open(tmp, os.O_RDWR)
             try:
                 def sink(base: int) -> Callable[[int, int, memoryview, int], None]:
@@ -206,6 +216,9 @@ class Client:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+        except OSError as exc:  # h5py and the syscalls: disk full, permissions ...
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {path}: {exc}") from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -222,6 +235,16 @@ class Client:
         rows = sum(p["row_stop"] - p["row_start"] for p in parts)
         shape = (rows, *loc["shape"][1:]) if loc["shape"] else ()
         total = sum(p["nbytes"] for p in parts)
+        row_shape, dtype = list(loc["shape"][1:]), np.dtype(loc["dtype"])
+        for p in parts:  # never fill a buffer from parts that do not tile it
+            for h in p["holders"]:
+                if list(h["shape"][1:]) != row_shape or h["dtype"] != dtype.str:
+                    raise InvalidData(f"part {p['part']} of {name} on {h['owner']} has rows of "
+                                      f"{h['shape'][1:]} {h['dtype']}, the dataset "
+                                      f"{row_shape} {dtype.str}")
+        if total != math.prod(shape) * dtype.itemsize:
+            raise InvalidData(f"the parts of {name} hold {total} bytes, not the "
+                              f"{math.prod(shape) * dtype.itemsize} of {list(shape)} {dtype}")
         return shape, loc["dtype"], total, parts, loc["bulk"]
 
     def _pull_parts(self, parts: list[dict[str, Any]], bulk: dict[str, str],
@@ -248,6 +271,27 @@ class Client:
                 raise PeerUnavailable(f"no holder of part {p['part']} answered: "
                                       + ("; ".join(errors) or "none alive"))
             base += p["nbytes"]
+
+
+def split_h5path(h5path: str) -> tuple[str, str]:
+    """``(group, dataset name)`` of an HDF5 dataset path; ``data`` means ``/data``."""
+    if not isinstance(h5path, str) or h5path.endswith("/") or not h5path.strip("/"):
+        raise InvalidData(f"HDF5 path {h5path!r} must name a dataset, like /data or "
+                          "/group/data")
+    names = h5path.strip("/").split("/")
+    if any(n in ("", ".", "..") for n in names):
+        raise InvalidData(f"HDF5 path {h5path!r} has an empty, '.' or '..' component")
+    return "/" + "/".join(names[:-1]), names[-1]
+
+
+def check_output_path(path: str | Path) -> Path:
+    """An output file path whose directory exists and that is not itself a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidData(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise InvalidData(f"cannot write {path}: directory {path.parent} does not exist")
+    return path
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -277,16 +321,9 @@ def prefault(buf: np.ndarray[Any, Any]) -> None:
 
 def _refuse_fast(endpoint: str, address: str) -> None:
     """Fail at once when nothing listens (ZeroMQ would keep retrying until the timeout)."""
-    if not endpoint.startswith("tcp://"):
-        return
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=2.0).close()
-    except ConnectionRefusedError:
+    if refuses_connections(endpoint):
         raise PeerUnavailable(f"no hpcflow node answers at {address}: connection refused "
-                              "(is `hpcflow node` running there?)") from None
-    except OSError:
-        pass  # slow or filtered: let the RPC timeout decide
+                              "(is `hpcflow node` running there?)")
 
 
 def _counting(deliver: Callable[[int, int, memoryview, int], None], done: list[int],

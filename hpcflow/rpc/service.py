@@ -76,11 +76,18 @@ class NodeService:
 
     @exposed
     def hello(self, descriptor: Any) -> dict[str, Any]:
+        """A node introduces itself; refused (ConfigError) when its name is taken by a
+        live member, including one other than us (checked by pinging that member)."""
         info = PeerInfo.from_wire(descriptor)
         if info.name == self.node.name and info.epoch != self.node.epoch:
             raise ConfigError(f"the node name {info.name!r} is already used by the node at "
                               f"{self.node.me.rpc}: give every node a unique --name")
-        self.node.catalog.add_peer(info)
+        owner = self.node.catalog.claim_conflict(info)
+        if owner is not None:
+            raise ConfigError(f"the node name {info.name!r} is already used by the node at "
+                              f"{owner.rpc}, which is still running: give every node a "
+                              "unique --name")
+        self.node.catalog.add_peer(info, verified=True)
         return {"self": self.node.me.to_wire(),
                 "members": [v.info.to_wire() for v in self.node.catalog.nodes() if v.alive]}
 

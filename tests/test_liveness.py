@@ -1,0 +1,253 @@
+"""Membership and liveness under stress, with real daemons: big transfers must not
+starve heartbeats, a name cannot be taken twice, a restarted seed finds its peers
+again, and a transfer from a holder declared dead fails over without waiting out
+its timeout."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import msgpack
+import numpy as np
+import pytest
+import zerorpc
+import zmq
+import zmq.green as zmqg
+
+import hpcflow
+from tests.conftest import HEARTBEAT, SCALE, TTL, Cluster, NodeProc, names_on, wait_for
+
+MB = 1024 * 1024
+
+
+def _config(tmp_path: Path, name: str, text: str) -> list[str]:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(text)
+    return ["--config", str(p)]
+
+
+def _alive(node: NodeProc) -> dict[str, bool]:
+    with node.client() as c:
+        return {n["name"]: n["alive"] for n in c.nodes()}
+
+
+def _epochs(node: NodeProc) -> dict[str, int]:
+    with node.client() as c:
+        return {n["name"]: n["epoch"] for n in c.nodes()}
+
+
+def _marked_dead(node: NodeProc) -> int:
+    with node.client() as c:
+        return int(c.stats()["catalog"]["marked_dead"])
+
+
+def test_big_transfers_do_not_starve_heartbeats(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # n1's disk is slow (every 4 MiB write blocks 70 ms, as under dirty-page throttling)
+    # and it receives 2 x 256 MiB at once: an upload (bulk server path) and a replication
+    # (bulk client path).  Done on the event loop, that is ~9 s without a heartbeat.
+    c = make_cluster()
+    n1 = c.add("n1", extra=_config(tmp_path, "slow", "fault_write_delay_s = 0.07\n"))
+    n2 = c.add("n2", via="n1")
+    c.wait_members()
+    data = np.frombuffer(np.random.default_rng(5).bytes(256 * MB), dtype=np.float64)
+    with n2.client() as cl:
+        cl.put("SRC", data)
+    wait_for(lambda: "SRC" in names_on(n1), 10, "SRC on n1")
+
+    ctx = zmqg.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"HB")
+    sub.connect(n1.info["pub"])
+    beats: list[float] = []
+
+    def listen() -> None:
+        while True:
+            sub.recv_multipart()
+            beats.append(time.monotonic())
+
+    watcher = gevent.spawn(listen)
+    try:
+        with gevent.Timeout(10 * SCALE, AssertionError("no heartbeat from n1")):
+            while not beats:
+                gevent.sleep(0.01)
+        with n1.client() as a, n1.client() as b:
+            t0 = time.monotonic()
+            jobs = [gevent.spawn(a.replicate, "SRC"), gevent.spawn(b.put, "UP", data)]
+            gevent.joinall(jobs, raise_error=True)
+            took = time.monotonic() - t0
+        gevent.sleep(2 * HEARTBEAT)
+    finally:
+        watcher.kill()
+        sub.close()
+        ctx.destroy(linger=0)
+    assert took > 64 * 0.07, "the injected write delay did not apply"
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert beats[-1] - beats[0] > took and len(gaps) > 10
+    assert max(gaps) < TTL * SCALE, f"n1 was silent for {max(gaps):.2f} s during transfers"
+    assert _marked_dead(n1) == 0 and _marked_dead(n2) == 0
+    assert _alive(n2)["n1"] and _alive(n1)["n2"]
+
+
+def test_duplicate_name_joining_through_a_third_node_is_refused(cluster: Cluster,
+                                                               tmp_path: Path) -> None:
+    real = _epochs(cluster["n1"])["n2"]
+    dup = subprocess.Popen(
+        [sys.executable, "-m", "hpcflow", "node", "--name", "n2", "--data-dir",
+         str(tmp_path / "dup2"), "--listen", "127.0.0.1:0", "--peer", cluster["n1"].rpc,
+         "--heartbeat", str(HEARTBEAT), "--ttl", str(TTL * SCALE)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = dup.communicate(timeout=30 * SCALE)
+    except subprocess.TimeoutExpired:
+        dup.kill()
+        _, err = dup.communicate()
+        pytest.fail("the second n2 was let into the cluster:\n" + err[-2000:])
+    assert dup.returncode == 2 and "already used" in err and "still running" in err, err
+    # The real n2 keeps its identity everywhere, well past a TTL.
+    time.sleep(TTL * SCALE + 0.5)
+    for n in ("n1", "n3"):
+        assert _epochs(cluster[n])["n2"] == real and _alive(cluster[n])["n2"]
+    with cluster["n2"].client() as c:
+        c.put("STILL", np.arange(3))
+    wait_for(lambda: "STILL" in names_on(cluster["n3"]), 10, "n2's put on n3")
+
+
+def test_gossiped_impostor_does_not_replace_a_live_member(cluster: Cluster) -> None:
+    """A member gossips a second "n2" at another endpoint: n1 asks the real n2, which
+    still answers as itself, and ignores the claim instead of dropping n2's heartbeats."""
+    n1 = cluster["n1"]
+    real = _epochs(n1)["n2"]
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    gossip = {"name": "gossip", "epoch": 1, "rpc": "", "bulk": "tcp://127.0.0.1:9",
+              "pub": f"tcp://127.0.0.1:{port}"}
+
+    class GossipRPC:
+        def snapshot(self) -> dict:  # type: ignore[type-arg]
+            return {"epoch": 1, "seq": 0, "records": [], "self": gossip}
+
+        def ping(self) -> dict:  # type: ignore[type-arg]
+            return {"name": "gossip", "epoch": 1}
+
+    server = zerorpc.Server(GossipRPC())
+    server.bind("tcp://127.0.0.1:0")
+    gossip["rpc"] = server._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    fake_n2 = {"name": "n2", "epoch": real + 10**9, "rpc": gossip["rpc"],
+               "pub": gossip["pub"], "bulk": "tcp://127.0.0.1:9"}
+    runner = gevent.spawn(server.run)
+    rpc = zerorpc.Client(timeout=10 * SCALE)
+    rpc.connect(n1.rpc)
+    try:
+        rpc.hello(gossip)
+
+        def beat() -> bool:
+            pub.send_multipart([b"HB", msgpack.packb(
+                {"s": "gossip", "e": 1, "q": 0, "p": {"members": [gossip, fake_n2]}})])
+            with n1.client() as c:
+                return bool(c.stats()["catalog"]["refused_claims"] >= 1)
+
+        wait_for(beat, 10, "n1 to check and refuse the claim")
+        deadline = time.monotonic() + TTL * SCALE + 0.5
+        while time.monotonic() < deadline:  # keep gossiping the impostor past a TTL
+            beat()
+            time.sleep(HEARTBEAT)
+        assert _epochs(n1)["n2"] == real and _alive(n1)["n2"]
+        assert _marked_dead(n1) == 0
+    finally:
+        pub.close()
+        rpc.close()
+        runner.kill()
+        server.close()
+        ctx.term()
+
+
+def _free_port_triple() -> int:
+    """A port P with P, P+1 and P+2 free a moment ago (RPC, PUB, bulk)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port > 65000:
+            continue
+        try:
+            probes = []
+            for p in (port + 1, port + 2):
+                t = socket.socket()
+                probes.append(t)
+                t.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for t in probes:
+                t.close()
+    raise AssertionError("no three consecutive free ports")
+
+
+def test_restarted_seed_node_finds_its_peers_again(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # n1 is the seed (no --peer) on fixed ports; after a restart nobody but the others
+    # can tell it about the cluster: they must say hello when its heartbeats omit them.
+    c = make_cluster()
+    n1 = c.add("n1", extra=["--listen", f"127.0.0.1:{_free_port_triple()}"])
+    c.add("n2", via="n1")
+    c.add("n3", via="n2")
+    c.wait_members()
+    with c["n3"].client() as cl:
+        cl.put("ON3", np.arange(6))
+    wait_for(lambda: "ON3" in names_on(n1), 10, "ON3 on n1")
+    n1.kill(signal.SIGTERM)
+    n1.start()
+    wait_for(lambda: _alive(n1) == {"n1": True, "n2": True, "n3": True}, 15,
+             "the restarted seed to see n2 and n3 alive")
+    with n1.client() as cl:
+        cl.wait_for("ON3", 10)
+        assert cl.fetch("ON3").tolist() == list(range(6))
+
+
+def test_transfer_from_a_holder_declared_dead_fails_over_early(cluster: Cluster) -> None:
+    # Two holders, n2 and n3; n2 hangs (SIGSTOP: connections open, nothing answers).
+    # Transfers must give up on n2 when the catalog declares it dead (TTL), not after
+    # the 30 s transfer timeout, and take the copy on n3.
+    data = np.arange(8 * MB, dtype=np.int64)
+    with cluster["n2"].client() as c:
+        c.put("TWO", data)
+    wait_for(lambda: "TWO" in names_on(cluster["n3"]), 10, "TWO on n3")
+    with cluster["n3"].client() as c:
+        c.replicate("TWO")
+    with cluster["n1"].client() as c:
+        wait_for(lambda: len(c.locate("TWO")["parts"][0]["holders"]) == 2, 10, "2 holders")
+    n2 = cluster["n2"].proc
+    assert n2 is not None
+    limit = 15.0  # half the transfer timeout; the TTL is 1 s x scale
+    try:
+        # A script client on n1 (asks n1's catalog while n2 is silent).
+        n2.send_signal(signal.SIGSTOP)
+        with hpcflow.connect(cluster["n1"].rpc, timeout_s=30) as c:
+            t0 = time.monotonic()
+            assert np.array_equal(c.fetch("TWO"), data)
+            took = time.monotonic() - t0
+            assert c.traffic.bytes_received["n3"] == data.nbytes
+        assert took < limit, f"fetch took {took:.1f} s"
+        n2.send_signal(signal.SIGCONT)
+        wait_for(lambda: _alive(cluster["n1"])["n2"], 10, "n2 alive again")
+        # The daemon itself (replicate into n1).
+        n2.send_signal(signal.SIGSTOP)
+        with cluster["n1"].client() as c:
+            t0 = time.monotonic()
+            (copy,) = c.replicate("TWO")
+            took = time.monotonic() - t0
+            assert copy.owner == "n1"
+            assert c.stats()["traffic"]["bytes_received"]["n3"] == data.nbytes
+        assert took < limit, f"replicate took {took:.1f} s"
+    finally:
+        n2.send_signal(signal.SIGCONT)
