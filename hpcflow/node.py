@@ -54,6 +54,10 @@ from .workflow.worker import Worker
 
 log = logging.getLogger("hpcflow.node")
 
+MEMBERS_FILE = "members.json"
+#: How long a restarted node keeps trying the members it remembers (they may be gone).
+REJOIN_FOR_S = 60.0
+
 
 class Node:
     """A running hpcflow daemon.  ``start()`` binds and joins; ``stop()`` tears down."""
@@ -121,7 +125,13 @@ class Node:
         self._greenlets.append(gevent.spawn(self.rpc.run))
         for ep in cfg.peer_endpoints:
             self._greenlets.append(gevent.spawn(self._join, ep))
+        remembered = [ep for ep in self._remembered() if ep not in cfg.peer_endpoints]
+        for ep in remembered:  # a restarted node finds its cluster even without --peer
+            self._greenlets.append(gevent.spawn(self._join, ep, REJOIN_FOR_S))
+        self._greenlets.append(gevent.spawn(self._remember_members))
         self._write_node_json()
+        if remembered:
+            log.info("rejoining through %d remembered member(s)", len(remembered))
         log.info("node %s ready: rpc=%s pub=%s bulk=%s, %d datasets, peers=%s", self.name,
                  self.me.rpc, self.me.pub, self.me.bulk, len(records), cfg.peers or "none")
 
@@ -183,14 +193,48 @@ class Node:
         tmp.write_text(json.dumps({**self.me.to_wire(), "pid": self.pid}))
         os.replace(tmp, path)
 
-    def _join(self, endpoint: str) -> None:
-        """Introduce ourselves to a configured peer; retry until it answers.
+    def _remembered(self) -> list[str]:
+        """RPC endpoints of the members this data dir's last run knew (best effort)."""
+        try:
+            eps = json.loads((self.config.data_dir / MEMBERS_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(eps, list):
+            return []
+        return [ep for ep in eps[:64] if isinstance(ep, str) and len(ep) <= 256
+                and ep.startswith(("tcp://", "ipc://")) and ep != self.me.rpc]
+
+    def _remember_members(self) -> None:
+        """Keep ``members.json`` up to date with the live members' RPC endpoints."""
+        path = self.config.data_dir / MEMBERS_FILE
+        last: list[str] | None = None
+        while True:
+            gevent.sleep(2 * self.config.heartbeat_s)
+            eps = sorted(v.info.rpc for v in self.catalog.nodes()
+                         if v.alive and v.info.name != self.name)
+            if eps == last or not eps:
+                continue
+            try:
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(eps))
+                os.replace(tmp, path)
+                last = eps
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+
+    def _join(self, endpoint: str, give_up_after: float | None = None) -> None:
+        """Introduce ourselves to a peer; retry until it answers (or ``give_up_after`` s,
+        for a remembered member that may be gone for good).
 
         A peer that refuses us outright (our name is taken) stops this daemon:
         two nodes with one name would corrupt every catalog.
         """
         delay, warned = 0.2, False
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("remembered member %s did not answer; not trying it again", endpoint)
+                return
             try:
                 self._hello(endpoint)
                 log.info("joined the cluster through %s", endpoint)

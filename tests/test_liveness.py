@@ -6,6 +6,7 @@ its timeout."""
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import socket
 import subprocess
@@ -251,3 +252,27 @@ def test_transfer_from_a_holder_declared_dead_fails_over_early(cluster: Cluster)
         assert took < limit, f"replicate took {took:.1f} s"
     finally:
         n2.send_signal(signal.SIGCONT)
+
+
+def test_restarted_node_rejoins_through_remembered_members(make_cluster) -> None:  # type: ignore[no-untyped-def]
+    # A seed on ephemeral ports: after a restart its endpoints are new, so nobody can
+    # hear it; it must find the cluster itself, through the members it remembers.
+    c = make_cluster()
+    n1 = c.add("n1")
+    c.add("n2", via="n1")
+    c.add("n3", via="n2")
+    c.wait_members()
+    members = n1.data_dir / "members.json"
+    wait_for(lambda: members.exists() and len(json.loads(members.read_text())) == 2, 10,
+             "n1 to remember n2 and n3")
+    with c["n2"].client() as cl:
+        cl.put("ON2", np.arange(4))
+    n1.kill(signal.SIGKILL)
+    n1.start()
+    wait_for(lambda: _alive(n1) == {"n1": True, "n2": True, "n3": True}, 15,
+             "the restarted node to rejoin")
+    with n1.client() as cl:
+        cl.wait_for("ON2", 10)
+        assert cl.fetch("ON2").tolist() == [0, 1, 2, 3]
+    for peer in ("n2", "n3"):
+        wait_for(lambda peer=peer: _alive(c[peer])["n1"], 10, f"{peer} to see n1 again")

@@ -15,6 +15,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class Client:
         self.ctx = zmq.Context()
         self.traffic = Traffic()
         self.flow = Flow(self, keep=keep, objective=objective)
+        self._dead: set[str] = set()
+        self._dead_checked = float("-inf")
         try:
             hello = self._call("info")
         except PeerUnavailable:
@@ -71,12 +74,18 @@ class Client:
         return call(self._rpc, self.endpoint, method, *args, timeout_s=timeout)
 
     def _peer_alive(self, name: str) -> bool:
-        """Asked by a silent transfer: has our node's catalog declared ``name`` dead?"""
-        try:
-            info = call(self._rpc, self.endpoint, "info", timeout_s=min(2.0, self.timeout_s))
-        except HpcflowError:
-            return True  # cannot tell: the transfer's own timeout decides
-        return name not in info.get("peers_dead", ())
+        """Asked by a silent transfer: has our node's catalog declared ``name`` dead?
+        (At most one ``info`` call a second.)"""
+        now = time.monotonic()
+        if now - self._dead_checked >= 1.0:
+            self._dead_checked = now
+            try:
+                info = call(self._rpc, self.endpoint, "info",
+                            timeout_s=min(2.0, self.timeout_s))
+                self._dead = set(info.get("peers_dead", ()))
+            except HpcflowError:
+                self._dead = set()  # cannot tell: the transfer's own timeout decides
+        return name not in self._dead
 
     def close(self) -> None:
         """Remove the flow's intermediate outputs (unless kept), then disconnect."""
