@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
+import zerorpc
+import zmq
 
 import hpcflow
 from hpcflow.config import timeout_scale
@@ -69,6 +72,49 @@ class Cluster(LocalCluster):
 
     def wait_members(self, timeout: float = 15) -> None:
         self.wait_converged(timeout)
+
+
+class FakePeer:
+    """A hand-driven "peer": a real PUB socket we publish on, and a zerorpc server that
+    answers ``snapshot`` (empty) and ``ping`` like a daemon would.  It introduces itself
+    to ``node`` with a hello; use as a context manager."""
+
+    def __init__(self, name: str, node: NodeProc) -> None:
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.info = {"name": name, "epoch": 1, "rpc": "", "bulk": "tcp://127.0.0.1:9",
+                     "pub": f"tcp://127.0.0.1:{port}"}
+        info = self.info
+
+        class RPC:
+            def snapshot(self) -> dict[str, Any]:
+                return {"epoch": 1, "seq": 0, "records": [], "self": info}
+
+            def ping(self) -> dict[str, Any]:
+                return {"name": info["name"], "epoch": 1}
+
+        self.server = zerorpc.Server(RPC())
+        self.server.bind("tcp://127.0.0.1:0")
+        self.info["rpc"] = self.server._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.runner = gevent.spawn(self.server.run)
+        self.rpc = zerorpc.Client(timeout=10 * SCALE)
+        self.rpc.connect(node.rpc)
+        self.rpc.hello(self.info)
+
+    def send(self, frames: list[bytes]) -> None:
+        self.pub.send_multipart(frames)
+
+    def __enter__(self) -> FakePeer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pub.close()
+        self.rpc.close()
+        self.runner.kill()
+        self.server.close()
+        self.ctx.term()
 
 
 def names_on(node: NodeProc, include_dead: bool = False) -> set[str]:

@@ -15,15 +15,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import gevent
 import msgpack
 import numpy as np
 import pytest
-import zerorpc
 import zmq
 
 import hpcflow
-from tests.conftest import SCALE, Cluster, wait_for
+from tests.conftest import SCALE, Cluster, FakePeer, wait_for
 
 
 def catalog_state(cluster: Cluster, node: str = "n1") -> set[tuple[str, str, str, int]]:
@@ -148,25 +146,9 @@ def test_subscription_garbage_on_pub(seeded: Cluster) -> None:
 def test_hostile_peer_publishing_garbage(seeded: Cluster) -> None:
     """A 'peer' that introduces itself, gets synced, then publishes nonsense and lies."""
     before = catalog_state(seeded)
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    evil = {"name": "evil", "epoch": 1, "rpc": "", "bulk": "tcp://127.0.0.1:9",
-            "pub": f"tcp://127.0.0.1:{port}"}
-
-    class EvilRPC:
-        def snapshot(self) -> dict:  # type: ignore[type-arg]
-            return {"epoch": 1, "seq": 0, "records": [], "self": evil}
-
-    server = zerorpc.Server(EvilRPC())
-    server.bind("tcp://127.0.0.1:0")
-    evil["rpc"] = server._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-    runner = gevent.spawn(server.run)
-    rpc = zerorpc.Client(timeout=10 * SCALE)
-    rpc.connect(seeded["n1"].rpc)
-    rpc.hello(evil)
     n1 = seeded["n1"]
+    evil = FakePeer("evil", n1)
+    pub = evil.pub
 
     def evil_alive() -> bool:  # heartbeats until the subscription is up (slow joiner)
         pub.send_multipart([b"HB", msgpack.packb({"s": "evil", "e": 1, "q": 0, "p": {}})])
@@ -195,11 +177,7 @@ def test_hostile_peer_publishing_garbage(seeded: Cluster) -> None:
             return bool(c.stats()["catalog"]["malformed"] >= 200)
 
     wait_for(flood_processed, 20, "the flood to be processed")
-    pub.close()
-    rpc.close()
-    runner.kill()
-    server.close()
-    ctx.term()
+    evil.__exit__()
     assert_healthy(seeded, before)
 
 

@@ -18,12 +18,20 @@ import gevent
 import msgpack
 import numpy as np
 import pytest
-import zerorpc
 import zmq
 import zmq.green as zmqg
 
 import hpcflow
-from tests.conftest import HEARTBEAT, SCALE, TTL, Cluster, NodeProc, names_on, wait_for
+from tests.conftest import (
+    HEARTBEAT,
+    SCALE,
+    TTL,
+    Cluster,
+    FakePeer,
+    NodeProc,
+    names_on,
+    wait_for,
+)
 
 MB = 1024 * 1024
 
@@ -126,34 +134,12 @@ def test_gossiped_impostor_does_not_replace_a_live_member(cluster: Cluster) -> N
     still answers as itself, and ignores the claim instead of dropping n2's heartbeats."""
     n1 = cluster["n1"]
     real = _epochs(n1)["n2"]
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    gossip = {"name": "gossip", "epoch": 1, "rpc": "", "bulk": "tcp://127.0.0.1:9",
-              "pub": f"tcp://127.0.0.1:{port}"}
-
-    class GossipRPC:
-        def snapshot(self) -> dict:  # type: ignore[type-arg]
-            return {"epoch": 1, "seq": 0, "records": [], "self": gossip}
-
-        def ping(self) -> dict:  # type: ignore[type-arg]
-            return {"name": "gossip", "epoch": 1}
-
-    server = zerorpc.Server(GossipRPC())
-    server.bind("tcp://127.0.0.1:0")
-    gossip["rpc"] = server._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-    fake_n2 = {"name": "n2", "epoch": real + 10**9, "rpc": gossip["rpc"],
-               "pub": gossip["pub"], "bulk": "tcp://127.0.0.1:9"}
-    runner = gevent.spawn(server.run)
-    rpc = zerorpc.Client(timeout=10 * SCALE)
-    rpc.connect(n1.rpc)
-    try:
-        rpc.hello(gossip)
+    with FakePeer("gossip", n1) as gossip:
+        fake_n2 = {**gossip.info, "name": "n2", "epoch": real + 10**9}
 
         def beat() -> bool:
-            pub.send_multipart([b"HB", msgpack.packb(
-                {"s": "gossip", "e": 1, "q": 0, "p": {"members": [gossip, fake_n2]}})])
+            gossip.send([b"HB", msgpack.packb(
+                {"s": "gossip", "e": 1, "q": 0, "p": {"members": [gossip.info, fake_n2]}})])
             with n1.client() as c:
                 return bool(c.stats()["catalog"]["refused_claims"] >= 1)
 
@@ -164,12 +150,6 @@ def test_gossiped_impostor_does_not_replace_a_live_member(cluster: Cluster) -> N
             time.sleep(HEARTBEAT)
         assert _epochs(n1)["n2"] == real and _alive(n1)["n2"]
         assert _marked_dead(n1) == 0
-    finally:
-        pub.close()
-        rpc.close()
-        runner.kill()
-        server.close()
-        ctx.term()
 
 
 def _free_port_triple() -> int:
@@ -195,6 +175,22 @@ def _free_port_triple() -> int:
     raise AssertionError("no three consecutive free ports")
 
 
+def _restart_and_read(node: NodeProc, sig: int, name: str, want: list[int],
+                      amnesia: bool = False) -> None:
+    """Stop ``node`` with ``sig``, start it again (same command; with ``amnesia``, without
+    the members it remembers) and check that it sees the whole cluster alive and can
+    read ``name`` from another node."""
+    node.kill(sig)
+    if amnesia:
+        (node.data_dir / "members.json").unlink(missing_ok=True)
+    node.start()
+    wait_for(lambda: _alive(node) == {"n1": True, "n2": True, "n3": True}, 15,
+             f"the restarted {node.name} to see the whole cluster alive")
+    with node.client() as cl:
+        cl.wait_for(name, 10)
+        assert cl.fetch(name).tolist() == want
+
+
 def test_restarted_seed_node_finds_its_peers_again(make_cluster) -> None:  # type: ignore[no-untyped-def]
     # n1 is the seed (no --peer) on fixed ports; after a restart nobody but the others
     # can tell it about the cluster: they must say hello when its heartbeats omit them.
@@ -206,13 +202,7 @@ def test_restarted_seed_node_finds_its_peers_again(make_cluster) -> None:  # typ
     with c["n3"].client() as cl:
         cl.put("ON3", np.arange(6))
     wait_for(lambda: "ON3" in names_on(n1), 10, "ON3 on n1")
-    n1.kill(signal.SIGTERM)
-    n1.start()
-    wait_for(lambda: _alive(n1) == {"n1": True, "n2": True, "n3": True}, 15,
-             "the restarted seed to see n2 and n3 alive")
-    with n1.client() as cl:
-        cl.wait_for("ON3", 10)
-        assert cl.fetch("ON3").tolist() == list(range(6))
+    _restart_and_read(n1, signal.SIGTERM, "ON3", list(range(6)), amnesia=True)
 
 
 def test_transfer_from_a_holder_declared_dead_fails_over_early(cluster: Cluster) -> None:
@@ -267,12 +257,6 @@ def test_restarted_node_rejoins_through_remembered_members(make_cluster) -> None
              "n1 to remember n2 and n3")
     with c["n2"].client() as cl:
         cl.put("ON2", np.arange(4))
-    n1.kill(signal.SIGKILL)
-    n1.start()
-    wait_for(lambda: _alive(n1) == {"n1": True, "n2": True, "n3": True}, 15,
-             "the restarted node to rejoin")
-    with n1.client() as cl:
-        cl.wait_for("ON2", 10)
-        assert cl.fetch("ON2").tolist() == [0, 1, 2, 3]
+    _restart_and_read(n1, signal.SIGKILL, "ON2", [0, 1, 2, 3])
     for peer in ("n2", "n3"):
         wait_for(lambda peer=peer: _alive(c[peer])["n1"], 10, f"{peer} to see n1 again")
