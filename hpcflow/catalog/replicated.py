@@ -57,6 +57,8 @@ INTRODUCE_AFTER = 3
 INTRODUCE_EVERY = 5
 #: A refused name claim is not probed again for this long (it arrives with every gossip).
 RECHECK_REFUSED_S = 30.0
+#: Name claims being checked at once (each costs one probe of a member).
+MAX_VERIFYING = 16
 
 
 class ReplicatedCatalog(Catalog):
@@ -205,11 +207,16 @@ class ReplicatedCatalog(Catalog):
         return None
 
     def _verify_later(self, info: PeerInfo) -> None:
-        claim = (info.name, info.epoch)
+        claim, now = (info.name, info.epoch), time.monotonic()
         refused = self._refused.get(claim)
-        if claim in self._verifying or (
-                refused is not None and time.monotonic() - refused < RECHECK_REFUSED_S):
-            return
+        if (claim in self._verifying or len(self._verifying) >= MAX_VERIFYING
+                or (refused is not None and now - refused < RECHECK_REFUSED_S)):
+            return  # gossip repeats every heartbeat: a claim skipped now comes back
+        if len(self._refused) > 1024:  # claims come from peers: keep the memory bounded
+            self._refused = {k: t for k, t in self._refused.items()
+                             if now - t < RECHECK_REFUSED_S}
+            if len(self._refused) > 1024:
+                self._refused.clear()  # re-probing costs a ping, never correctness
         self._verifying.add(claim)
 
         def verify() -> None:
