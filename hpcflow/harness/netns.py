@@ -105,16 +105,19 @@ def remove_stale() -> list[str]:
     """Delete namespaces left behind by *dead* processes (e.g. SIGKILLed runs).
 
     Only names of our own scheme whose creating PID no longer exists are
-    touched; returns the removed names.
+    touched; returns the names actually removed (none unless root).
     """
+    if os.geteuid() != 0 or not os.path.isdir(_NETNS_DIR):
+        return []
     removed = []
-    for name in sorted(os.listdir(_NETNS_DIR)) if os.path.isdir(_NETNS_DIR) else []:
+    for name in sorted(os.listdir(_NETNS_DIR)):
         match = _STALE_RE.match(name)
         if match is None or _pid_alive(int(match.group(1))):
             continue
         _kill_inside(name)
         subprocess.run([_IP, "netns", "del", name], capture_output=True, check=False)
-        removed.append(name)
+        if not os.path.exists(os.path.join(_NETNS_DIR, name)):
+            removed.append(name)
     return removed
 
 
