@@ -93,10 +93,12 @@ def ratio(x: float, y: float) -> str:
 
 def vs(r: dict[str, Any], name: str, attr: str) -> str:
     """hpcflow's value over another approach's, or why there is none."""
-    other = r.get(name)
+    other, dec = r.get(name), r["decentralised"]
     if other is None or other.skipped:
         return "skipped"
-    return ratio(getattr(r["decentralised"], attr), getattr(other, attr))
+    if not (other.ran and dec.ran):
+        return "failed"
+    return ratio(getattr(dec, attr), getattr(other, attr))
 
 
 def main() -> None:
@@ -116,9 +118,14 @@ def main() -> None:
         _, min_secs, how_t = exhaustive(sc, "time")
         dec = r["decentralised"]
         rows.append([sc.name, vs(r, "centralised", "bytes_moved"), vs(r, "nfs", "bytes_moved"),
-                     ratio(dec.bytes_moved, min_bytes) + ("" if how == "exhaustive" else "*"),
+                     (ratio(dec.bytes_moved, min_bytes) + ("" if how == "exhaustive" else "*"))
+                     if dec.ran else "failed",
                      vs(r, "centralised", "wall_s"), vs(r, "nfs", "wall_s"),
-                     ratio(dec.wall_s, min_secs) + ("" if how_t == "exhaustive" else "*")])
+                     (ratio(dec.wall_s, min_secs) + ("" if how_t == "exhaustive" else "*"))
+                     if dec.ran else "failed"])
+        for x in results:
+            if x.failed:
+                print(f"{sc.name}: {x.approach} FAILED: {x.failed}", file=sys.stderr)
         docs.append({**report.to_json(sc, results), "min_bytes": min_bytes,
                      "min_seconds_estimate": min_secs, "min_search": how})
         by_scenario[sc.name] = results

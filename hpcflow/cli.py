@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -222,9 +223,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def cmd_replay(a: argparse.Namespace) -> int:
     from .harness import report
+    from .harness.centralised import check_threshold
     from .harness.replay import APPROACHES, check, replay
-    from .harness.scenario import list_scenarios
+    from .harness.scenario import Scenario, list_scenarios, load_scenario
 
+    check_threshold(a.threshold)
     if a.plot:
         try:
             import matplotlib  # noqa: F401
@@ -241,12 +244,31 @@ def cmd_replay(a: argparse.Namespace) -> int:
             paths += found
         else:
             paths.append(Path(p))
+    # Every file is checked before anything runs: all problems at once, in a second.
+    scenarios: list[Scenario] = []
+    bad: list[str] = []
+    for path in paths:
+        try:
+            scenarios.append(load_scenario(path))
+        except HpcflowError as exc:
+            bad.append(str(exc))
+    if bad:
+        for msg in bad:
+            print(f"hpcflow: error: {msg}", file=sys.stderr)
+        print(f"hpcflow: {len(bad)} of {len(paths)} scenario file(s) invalid; nothing was run",
+              file=sys.stderr)
+        return 1
     approaches = list(APPROACHES) if a.approach == "all" else [a.approach]
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not a.quiet else None
     docs, by_scenario, failed = [], {}, False
-    for path in paths:
-        sc, results = replay(path, approaches, netns=a.netns, threshold=a.threshold,
-                             progress=say or (lambda m: None))
+    for sc in scenarios:
+        try:
+            sc, results = replay(sc, approaches, netns=a.netns, threshold=a.threshold,
+                                 progress=say or (lambda m: None))
+        except HpcflowError as exc:  # e.g. no namespaces here: the other scenarios still run
+            print(f"hpcflow: error: {sc.file}: {exc}", file=sys.stderr)
+            failed = True
+            continue
         print(report.format_table(sc, results))
         print()
         problems = check(sc, results)
@@ -255,11 +277,11 @@ def cmd_replay(a: argparse.Namespace) -> int:
         failed |= bool(problems)
         docs.append(report.to_json(sc, results))
         by_scenario[sc.name] = results
-    if a.json:
-        out = docs[0] if len(docs) == 1 else {"scenarios": docs}
+    if a.json and docs:
+        out = docs[0] if len(paths) == 1 else {"scenarios": docs}
         Path(a.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {a.json}", file=sys.stderr)
-    if a.plot:
+    if a.plot and by_scenario:
         report.plot(by_scenario, a.plot)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 1 if failed else 0
@@ -352,8 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--output", help="write the result to this .npy file")
         sp.set_defaults(fn=fn)
 
-    rp = sub.add_parser("replay", help="replay scenario(s) under decentralised, centralised "
-                        "and NFS approaches and compare bytes moved and time")
+    from .harness.report import MESSAGES
+
+    rp = sub.add_parser(
+        "replay", help="replay scenario(s) under decentralised, centralised "
+        "and NFS approaches and compare bytes moved and time",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay scenario(s) under each approach and print, per approach, bytes "
+        "moved (total and per link), wall time and messages, and whether the result matches "
+        "numpy.  Exits 1 if an approach failed, a result differs, or no approach asked for "
+        "could run.",
+        epilog="'messages' counts different things per approach:\n" + "\n".join(
+            textwrap.fill(f"{name}: {text}", 78, initial_indent="  ", subsequent_indent="    ")
+            for name, text in MESSAGES.items()))
     rp.add_argument("scenarios", nargs="+", help="scenario .toml file(s) or a directory of them")
     rp.add_argument("--approach", default="all",
                     choices=["all", "decentralised", "centralised", "nfs"])
@@ -362,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--netns", action="store_true", help="one network namespace per host, "
                     "links shaped per the scenario (root only)")
     rp.add_argument("--threshold", type=int, default=3,
-                    help="centralised: active operations per node before it is passed over")
+                    help="centralised: active operations per node before it is passed over "
+                    "(>= 1, default 3)")
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
     rp.set_defaults(fn=cmd_replay)
 

@@ -6,6 +6,6 @@ NFSv3 and counts the bytes.  Independent of the rest of hpcflow.
 """
 
 from nfs_baseline.client import NfsClient
-from nfs_baseline.server import GaneshaServer, NfsUnavailable, available
+from nfs_baseline.server import GaneshaServer, NfsUnavailable, available, remove_stale
 
-__all__ = ["GaneshaServer", "NfsClient", "NfsUnavailable", "available"]
+__all__ = ["GaneshaServer", "NfsClient", "NfsUnavailable", "available", "remove_stale"]

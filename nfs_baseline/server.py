@@ -15,6 +15,10 @@ when several network namespaces each run a server.  If a portmapper already
 answers in the target network namespace (e.g. the system rpcbind on the host)
 it is reused instead, because a second one could not bind port 111.
 
+Both children die with the thread that started them (``PR_SET_PDEATHSIG``),
+and their work directory records them (:func:`hpcflow.harness.procs.claim`),
+so :func:`remove_stale` can clean up after a run that was SIGKILLed.
+
 Readiness is established at the protocol level, without fixed sleeps: the
 portmapper and the NFSv3 and MOUNTv3 services must answer an RPC NULL call and
 the portmapper must map NFSv3/TCP to our port.  Probes for a server inside a
@@ -37,9 +41,18 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from hpcflow.harness.procs import forget, socket_in_netns, stop_at_exit, terminate
+from hpcflow.harness.procs import (
+    claim,
+    die_with_parent,
+    forget,
+    reap_stale,
+    signals_deferred,
+    socket_in_netns,
+    stop_at_exit,
+    terminate,
+)
 
-__all__ = ["GaneshaServer", "NfsUnavailable", "available"]
+__all__ = ["GaneshaServer", "NfsUnavailable", "available", "remove_stale"]
 
 _PMAP_PROG, _PMAP_VERS, _PMAP_PORT = 100000, 2, 111
 _NFS_PROG, _NFS_VERS = 100003, 3
@@ -48,6 +61,18 @@ _IPPROTO_TCP = 6
 _PMAPPROC_GETPORT = 3
 _EXTRA_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 _VFS_FSAL_GLOBS = ("/usr/lib/*/ganesha/libfsalvfs.so", "/usr/lib*/ganesha/libfsalvfs.so")
+
+
+_WORKDIR_PREFIX = "hf-ganesha-"
+
+
+def remove_stale() -> list[str]:
+    """Stop servers (ganesha, rpcbind) of runs that died without stopping them.
+
+    Only work directories this module created and claimed, whose creating
+    process is gone, are touched; returns the directories removed.
+    """
+    return reap_stale(os.path.join(tempfile.gettempdir(), f"{_WORKDIR_PREFIX}*"))
 
 
 class NfsUnavailable(RuntimeError):
@@ -273,6 +298,10 @@ class GaneshaServer:
     def stop(self) -> None:
         """Stop ganesha, then our rpcbind (SIGTERM, SIGKILL after the grace
         period), and remove the work dir.  Idempotent."""
+        with signals_deferred():
+            self._stop()
+
+    def _stop(self) -> None:
         try:
             for proc in (self._ganesha, self._rpcbind):
                 if proc is not None:
@@ -295,7 +324,8 @@ class GaneshaServer:
     # -- internals ----------------------------------------------------------
 
     def _launch(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="hf-ganesha-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix=_WORKDIR_PREFIX))
+        claim(self.workdir)
         if self._export_arg is None:
             self.export_dir = self.workdir / "export"
             self.export_dir.mkdir()
@@ -320,10 +350,11 @@ class GaneshaServer:
         else:
             rpcbind = _which(self.rpcbind_bin)
             assert rpcbind is not None  # checked by available()
-            self._rpcbind = self._spawn(
-                [*prefix, "unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                 'mount -t tmpfs -o mode=0755 hf-rpcbind-run /run && exec "$0" -f', rpcbind],
-                "rpcbind.stderr")
+            self._spawn("_rpcbind",
+                        [*prefix, "unshare", "--mount", "--propagation", "private", "--", "sh",
+                         "-c", 'mount -t tmpfs -o mode=0755 hf-rpcbind-run /run && exec "$0" -f',
+                         rpcbind], "rpcbind.stderr")
+            assert self._rpcbind is not None
             self._await("rpcbind", deadline, self._rpcbind,
                         lambda: _portmapper_answers(self.netns, "127.0.0.1"))
             mount_ns = [f"--mount=/proc/{self._rpcbind.pid}/ns/mnt"]
@@ -334,14 +365,22 @@ class GaneshaServer:
                 "-p", str(self.workdir / "ganesha.pid")]
         if prefix or mount_ns:
             argv = ["nsenter", *prefix[1:], *mount_ns, *argv]
-        self._ganesha = self._spawn(argv, "ganesha.stderr")
+        self._spawn("_ganesha", argv, "ganesha.stderr")
+        assert self._ganesha is not None
         self._await("ganesha", deadline, self._ganesha, self._nfs_ready)
 
-    def _spawn(self, argv: list[str], stderr_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, attr: str, argv: list[str], stderr_name: str) -> None:
+        """Start a child into ``self.<attr>`` and record it in the work dir's claim.
+
+        Signals wait until both are done (see ``die_with_parent``), so stop()
+        and the reaper always know the child.
+        """
         assert self.workdir is not None
-        with open(self.workdir / stderr_name, "wb") as err:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                    start_new_session=True)
+        with open(self.workdir / stderr_name, "wb") as err, signals_deferred():
+            setattr(self, attr, subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True, preexec_fn=die_with_parent))
+            claim(self.workdir, self.pids)
 
     def _nfs_ready(self) -> bool:
         addr = self.probe_addr

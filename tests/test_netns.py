@@ -9,6 +9,7 @@ no iproute2, restricted container).  Waits are bounded by
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import socket
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from hpcflow.harness.netns import Topology, available, remove_stale
+from hpcflow.harness.netns import MAX_GBIT, MIN_GBIT, Topology, available, remove_stale
+from hpcflow.harness.procs import claim, reap_stale
 
 SCALE = float(os.environ.get("HPCFLOW_TIMEOUT_SCALE", "1"))
 REPO = str(Path(__file__).resolve().parents[1])
@@ -104,6 +106,11 @@ def test_invalid_specs_are_rejected() -> None:
         Topology(["a", "b"], links={("a", "z"): 1.0})
     with pytest.raises(ValueError, match="positive"):
         Topology(["a", "b"], 0.0)
+    for bad in (float("inf"), float("nan"), MIN_GBIT / 2, MAX_GBIT * 2):
+        with pytest.raises(ValueError, match=r"within 1e-05\.\.100 Gbit/s"):
+            Topology(["a", "b"], bad)
+    with pytest.raises(ValueError, match="within"):
+        Topology(["a", "b", "c"], 1.0, links={("a", "c"): float("inf")})
     with pytest.raises(ValueError, match="mtu"):
         Topology(["a", "b"], mtu=70000)
 
@@ -117,6 +124,46 @@ def test_addressing_plan_is_unique_and_short() -> None:
     assert all(len(t.interface(a, b)) <= 15 for a in hosts for b in hosts if a != b)
     assert t.bandwidth("node-11", "node-00") is None and t.bandwidth("node-01", "node-02") == 1.0
     assert t.netns("node-03").startswith(f"hf{os.getpid()}-")
+
+
+@needs_netns
+def test_range_ends_are_shaped_as_asked() -> None:
+    # tc silently shrinks a burst that does not fit its time budget: check what it built
+    with Topology(["a", "b", "c"], MIN_GBIT, links={("a", "c"): MAX_GBIT}) as t:
+        slow = subprocess.run(["tc", "-n", t.netns("a"), "qdisc", "show", "dev",
+                               t.interface("a", "b")], capture_output=True, text=True).stdout
+        fast = subprocess.run(["tc", "-n", t.netns("a"), "qdisc", "show", "dev",
+                               t.interface("a", "c")], capture_output=True, text=True).stdout
+    # (below the range, e.g. 1 Kbit/s: "burst 31176b lat 275s")
+    assert re.search(r"rate 10Kbit burst 64Kb lat (49\.\d|50)ms", slow), slow
+    assert re.search(r"rate 100Gbit burst \d+b lat 50ms", fast), fast
+
+
+def test_reap_stale_removes_what_a_killed_owner_claimed(tmp_path: Path) -> None:
+    # An owner claims a directory and a child of its own session (as ganesha is), then dies
+    # by SIGKILL; a live owner's claim is left alone.
+    code = ("import os, subprocess, sys\n"
+            "from hpcflow.harness.procs import claim\n"
+            "child = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            "claim(sys.argv[1], [child.pid])\n"
+            "print(child.pid, flush=True)\n"
+            "sys.stdin.read()\n")
+    dead, live = tmp_path / "hfx-dead", tmp_path / "hfx-live"
+    dead.mkdir()
+    live.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", code, str(dead)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ,
+                                                                    "PYTHONPATH": REPO})
+    child = int(read_line(owner, 20))
+    claim(live)  # ours: alive
+    (tmp_path / "hfx-unclaimed").mkdir()
+    assert reap_stale(str(tmp_path / "hfx-*")) == []  # the owner still runs
+    owner.kill()
+    owner.wait(timeout=10 * SCALE)
+    assert reap_stale(str(tmp_path / "hfx-*")) == [str(dead)]
+    assert not dead.exists() and live.exists() and (tmp_path / "hfx-unclaimed").exists()
+    stat = Path(f"/proc/{child}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z"  # killed
 
 
 @needs_netns

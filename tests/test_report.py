@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpcflow.harness.replay import APPROACHES
 from hpcflow.harness.report import (
     MATPLOTLIB_REQUIREMENT,
+    MESSAGES,
     ApproachResult,
     array_checksum,
     compare,
@@ -110,12 +112,27 @@ def test_table_contents() -> None:
     assert not any(line.startswith("centralised") for line in lines[:-1])
 
 
+def test_failed_approach_is_in_table_and_json() -> None:
+    rs = [*results()[:1], ApproachResult.fail("centralised", "HpcflowError: agent failed")]
+    table = format_table("x", rs)
+    assert table.splitlines()[-1] == "centralised: FAILED: HpcflowError: agent failed"
+    assert not any(line.startswith("centralised ") for line in table.splitlines())
+    doc = to_json("x", rs)["approaches"]
+    assert doc["centralised"]["failed"] == "HpcflowError: agent failed"
+    assert doc["centralised"]["skipped"] is None and doc["decentralised"]["failed"] is None
+
+
+def test_messages_column_is_defined_for_every_approach() -> None:
+    assert set(MESSAGES) == set(APPROACHES)
+
+
 def test_human_bytes() -> None:
     assert human_bytes(0) == "0 B"
     assert human_bytes(1023) == "1023 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(64 * 2**20) == "64 MiB"
     assert human_bytes(3 * 2**40) == "3 TiB"
+    assert human_bytes(2**63) == "8 EiB"  # scenario size checks quote absurd sizes
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:

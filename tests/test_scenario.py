@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from hpcflow.errors import ConfigError
+from hpcflow.harness.netns import MAX_GBIT, MIN_GBIT
 from hpcflow.harness.scenario import (
     LinkSpec,
     Scenario,
     generate,
     list_scenarios,
     load_scenario,
+    memory_limit,
     reference_result,
 )
 
@@ -217,8 +219,32 @@ BAD: list[tuple[str, list[tuple[str, str]], str, str]] = [
     ("unknown-op", [('op = "scale"', 'op = "sacle"')], "steps[0].op", "unknown op 'sacle'"),
     ("undefined-input", [('inputs = ["A", "DS2"]', 'inputs = ["A", "DS3"]')],
      "steps[1].inputs[1]", "'DS3' is not defined"),
-    ("input-defined-later", [('inputs = ["DS1"]', 'inputs = ["B"]')], "steps[0].inputs[0]",
-     "'B' is not defined"),
+    ("input-defined-later", [('inputs = ["A", "DS2"]', 'inputs = ["DS1", "DS2"]'),
+                             ('inputs = ["DS1"]', 'inputs = ["B"]')], "steps[0].inputs[0]",
+     "'B' is produced by a later step (steps[1]); steps run in file order"),
+    ("cycle", [('inputs = ["DS1"]', 'inputs = ["B"]')], "steps[0].inputs[0]",
+     "cycle in steps: A needs B needs A"),
+    ("self-cycle", [('inputs = ["A", "DS2"]', 'inputs = ["B", "DS2"]')], "steps[1].inputs[0]",
+     "cycle in steps: B needs its own output"),
+    ("reserved-orch-node", [('["n1", "n2"]', '["n1", "n2", "orch"]')], "nodes[2]",
+     "reserved for the centralised orchestrator"),
+    ("huge-row", [("shape = [100, 4]\ndtype", "shape = [100, 40000000000]\ndtype")],
+     "datasets.DS1.shape", "dataset DS1 has rows of 298 GiB; at most 16 MiB per row"),
+    ("huge-dataset", [("shape = [100, 4]\ndtype", "shape = [100000000000000, 4]\ndtype"),
+                      ("rows = 40 }", "rows = 99999999999940 }")],
+     "datasets.DS1.shape", "dataset DS1 would be 2.84 PiB"),
+    ("too-many-dims", [("shape = [100, 4]\ndtype", "shape = [100" + ", 1" * 40 + "]\ndtype")],
+     "datasets.DS1.shape", "41 dimensions; at most 32"),
+    ("infinite-bandwidth", [("default_gbit = 1.0", "default_gbit = inf")],
+     "links.default_gbit", "must be within 1e-05..100 Gbit/s"),
+    ("nan-bandwidth", [("default_gbit = 1.0", "default_gbit = nan")], "links.default_gbit",
+     "got nan"),
+    ("too-slow-to-shape", [("default_gbit = 1.0", "default_gbit = 1e-6")],
+     "links.default_gbit", "must be within 1e-05..100 Gbit/s"),
+    ("infinite-override", [("default_gbit = 1.0", 'default_gbit = 1.0\n"n1-n2" = inf')],
+     "links.n1-n2", "must be within"),
+    ("too-fast-orch-link", [("default_gbit = 1.0", 'default_gbit = 1.0\n"n1-orch" = 400')],
+     "links.n1-orch", "must be within"),
     ("duplicate-output", [('out = "B"', 'out = "A"')], "steps[1].out", "must be unique"),
     ("output-shadows-dataset", [('out = "A"', 'out = "DS2"')], "steps[0].out",
      "already a dataset"),
@@ -244,7 +270,7 @@ BAD: list[tuple[str, list[tuple[str, str]], str, str]] = [
     ("bad-link-pair", [("default_gbit = 1.0", 'default_gbit = 1.0\n"n1-n9" = 0.1')],
      "links.n1-n9", "not a link"),
     ("zero-bandwidth", [("default_gbit = 1.0", "default_gbit = 0")], "links.default_gbit",
-     "> 0"),
+     "must be within"),
     ("missing-op-module", [("ops = []", 'ops = ["nowhere.py"]')], "ops[0]", "does not exist"),
 ]
 
@@ -275,6 +301,27 @@ def test_bad_file_message_names_file_key_and_problem(
     message = str(info.value)
     assert message.startswith(f"{path}: {key}: "), message
     assert problem in message, message
+
+
+def test_bandwidth_range_ends_and_orch_links_are_accepted(tmp_path: Path) -> None:
+    path = _write(tmp_path, [("default_gbit = 1.0",
+                              'default_gbit = 1e-5\n"n1-orch" = 100\n"n2-nfs" = 0.5')])
+    links = load_scenario(path).links
+    assert links.default_gbit == MIN_GBIT == 1e-5
+    assert links.gbit("orch", "n1") == MAX_GBIT == 100.0 and links.gbit("nfs", "n2") == 0.5
+
+
+def test_step_output_too_big_to_hold_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    # fft doubles the bytes: an input at 3/4 of the limit makes an output at 3/2 of it
+    rows = memory_limit() * 3 // 4 // (4 * 8)
+    path = _write(tmp_path, [("shape = [100, 4]\ndtype", f"shape = [{rows}, 4]\ndtype"),
+                             ("rows = 40 }", f"rows = {rows - 60} }}"),
+                             ('op = "scale"\ninputs = ["DS1"]\nparams = { factor = 2.0 }',
+                              'op = "fft"\ninputs = ["DS1"]')])
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert str(info.value).startswith(f"{path}: steps[0]: output A would be ")
+    assert "a quarter of RAM" in str(info.value)
 
 
 def test_not_h5md_source(tmp_path: Path) -> None:

@@ -7,22 +7,31 @@ orchestrate operation delegation and operation output forwarding"):
 
 * **registration** — at start the orchestrator collects every node's own
   inventory (which parts of which datasets it holds);
-* **routing** — each step goes to the node with the least *data distance*
-  (input bytes it does not hold), among nodes with fewer than ``threshold``
-  active operations (the paper's load threshold, default 3); ties go to the
-  node holding more of the input, then by name.  Steps whose inputs are ready
-  are dispatched concurrently, so the threshold matters when a workflow fans
-  out;
-* **forwarding** — input rows the executor lacks travel *through the
-  orchestrator* (holder -> orchestrator -> executor), and every operation
-  output returns to the orchestrator, which forwards it to the next executor
-  that needs it and finally to the initiator.
+* **routing** (the paper's greedy variant) — each step goes to the node with
+  the least *data distance* among nodes with fewer than ``threshold`` active
+  operations (the paper's load threshold, default 3); if every node is at the
+  threshold the step waits for a slot.  The paper measures distance between
+  the host of a data unit and a pod's host (0 on the same host, else a zone
+  distance); a step here has several inputs split over several hosts, so the
+  distance is the input bytes the node does not hold.  Ties go to the node
+  holding more of the input, then by name.  Link bandwidth is not weighed: in
+  this baseline every missing byte crosses the orchestrator's own two links
+  whichever node is chosen.  Steps whose inputs are ready are dispatched
+  concurrently, so the threshold binds when a workflow fans out;
+* **forwarding** (the thesis' centralised approach, not the paper, whose
+  agents fetch from data adapters) — input rows the executor lacks travel
+  *through the orchestrator* (holder -> orchestrator -> executor), and every
+  operation output returns to the orchestrator, which forwards it to the next
+  executor that needs it and finally to the initiator.  Each slice is fetched
+  from its holder once and uploaded to a given node once, however many
+  concurrent steps there need it.
 
 Every byte through the orchestrator is counted by its bulk client: links are
-``"NODE->orch"`` and ``"orch->NODE"``.  It reuses the daemons' node-side
-primitives (``run_op`` on local data, bulk fetch and upload) but none of the
-decentralised catalog or planner.  Outputs are held in the orchestrator's
-memory (scenario sizes); a production orchestrator would spool them to disk.
+``"NODE->orch"`` and ``"orch->NODE"``.  ``step_node`` records where each step
+ran.  It reuses the daemons' node-side primitives (``run_op`` on local data,
+bulk fetch and upload) but none of the decentralised catalog or planner.
+Outputs and forwarded input slices are held in the orchestrator's memory
+(scenario sizes); a production orchestrator would spool them to disk.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import logging
 import operator
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -42,15 +52,24 @@ import zmq.green as zmq
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES
 from ..catalog.record import DatasetRecord
+from ..errors import ConfigError
 from ..rpc.bulk import BulkClient, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
-from .scenario import Scenario
+from .scenario import ORCH_HOST, Scenario
 
 log = logging.getLogger("hpcflow.centralised")
 
-ORCH = "orch"
+ORCH = ORCH_HOST
 DEFAULT_THRESHOLD = 3
+
+
+def check_threshold(threshold: object) -> int:
+    """The load threshold as an int >= 1, or a ConfigError saying why not."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+        raise ConfigError(f"--threshold must be an integer >= 1 (active operations per node "
+                          f"before the orchestrator passes it over), got {threshold!r}")
+    return threshold
 
 
 @dataclass
@@ -76,7 +95,8 @@ class _Object:
 class Orchestrator:
     def __init__(self, nodes: dict[str, str], initiator: str, *,
                  threshold: int = DEFAULT_THRESHOLD, timeout_s: float = 60.0) -> None:
-        self.nodes, self.initiator, self.threshold = nodes, initiator, threshold
+        self.nodes, self.initiator = nodes, initiator
+        self.threshold = check_threshold(threshold)
         self.ctx = zmq.Context()
         self.traffic = Traffic()
         self.bulk = BulkClient(self.ctx, self.traffic, ORCH, BulkSettings(timeout_s=timeout_s))
@@ -86,6 +106,8 @@ class Orchestrator:
         self.active: defaultdict[str, int] = defaultdict(int)
         self.slot_free = gevent.event.Event()
         self.created: list[tuple[str, str, int | None]] = []
+        self.step_node: dict[str, str] = {}
+        self._once_results: dict[Hashable, gevent.event.AsyncResult] = {}
         self.calls = 0
         self.id = f"c-{uuid.uuid4().hex[:8]}"
 
@@ -135,18 +157,39 @@ class Orchestrator:
             self.slot_free.wait()
 
     # -- data movement through the orchestrator ------------------------------------
+    def _once(self, key: Hashable, fn: Callable[[], Any]) -> Any:
+        """``fn()`` at most once per key; concurrent callers wait for the first one's outcome.
+
+        Steps run as concurrent greenlets, so two of them routed to one node can
+        both need the same slice there: without this they would fetch it twice
+        and upload it twice (the second upload fails with DatasetExists).
+        """
+        result = self._once_results.get(key)
+        if result is None:
+            result = self._once_results[key] = gevent.event.AsyncResult()
+            try:
+                value = fn()
+            except BaseException as exc:
+                result.set_exception(exc)
+                raise
+            result.set(value)
+        return result.get()
+
     def _ensure(self, name: str, node: str) -> None:
         """Forward whatever rows of ``name`` ``node`` lacks, through the orchestrator."""
         obj = self.objects[name]
-        if node in obj.on:
-            return
+        if node not in obj.on:
+            self._once(("forward", name, node), partial(self._forward, obj, node))
+
+    def _forward(self, obj: _Object, node: str) -> None:
         pieces: list[tuple[int, int, np.ndarray[Any, Any]]] = []
         if obj.data is not None:  # an output we hold: forward it whole
             pieces.append((0, obj.shape[0], obj.data))
         else:
             for lo, hi, recs in obj.parts:
                 if hi > lo and not any(r.owner == node for r in recs):
-                    pieces.append((lo, hi, self._fetch(recs[0])))
+                    pieces.append((lo, hi, self._once(("fetch", obj.name, lo, hi),
+                                                      partial(self._fetch, recs[0]))))
         for lo, hi, arr in pieces:
             slice_name = f"{self.id}.{node}.{obj.name}:rows{lo}-{hi}"
             self.bulk.upload(self.bulk_ep[node], node, slice_name, arr.shape, arr.dtype,
@@ -155,14 +198,14 @@ class Orchestrator:
             self.created.append((node, slice_name, None))
         obj.on.add(node)
 
-    def _fetch(self, rec: DatasetRecord) -> np.ndarray[Any, Any]:
+    def _fetch(self, rec: DatasetRecord, bulk: BulkClient | None = None) -> np.ndarray[Any, Any]:
         out = np.empty(rec.shape, dtype=np.dtype(rec.dtype))
         flat = out.reshape(-1).view(np.uint8)
 
         def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
             flat[off : off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
 
-        self.bulk.fetch(self.bulk_ep[rec.owner], rec.owner, rec, deliver)
+        (bulk or self.bulk).fetch(self.bulk_ep[rec.owner], rec.owner, rec, deliver)
         return out
 
     # -- execution -------------------------------------------------------------------
@@ -186,6 +229,7 @@ class Orchestrator:
         obj = _Object(stored, tuple(data.shape), data.dtype, [], {node}, data)
         obj.parts = [(0, data.shape[0] if data.shape else 1, [rec])]
         self.objects[out] = obj
+        self.step_node[out] = node
         log.info("step %s (%s) ran on %s", out, op, node)
 
     def run(self, scenario: Scenario) -> np.ndarray[Any, Any]:
@@ -204,12 +248,17 @@ class Orchestrator:
             gevent.joinall(greenlets, raise_error=True)
         finally:
             gevent.killall(greenlets)
-        result = self.objects[scenario.result]
-        if result.data is None:  # the result is an input dataset: gather it here first
-            result.data = np.concatenate([self._fetch(recs[0]) for _, _, recs in result.parts])
         # Finally the result is forwarded to the script on the initiator.
         self._ensure(scenario.result, self.initiator)
-        return result.data
+        result = self.objects[scenario.result]
+        if result.data is not None:
+            return result.data
+        # The result is an input dataset, now all on the initiator: the rows that were
+        # there already are read back only to check the result, so they are not counted.
+        check = BulkClient(self.ctx, Traffic(), ORCH, self.bulk.settings)
+        return np.concatenate([
+            self._once(("fetch", result.name, lo, hi), partial(self._fetch, recs[0], check))
+            for lo, hi, recs in result.parts])
 
     def cleanup(self) -> None:
         by_node: dict[str, list[list[Any]]] = defaultdict(list)

@@ -8,8 +8,6 @@ for the process to die, in which case the error carries its log tail).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import signal
 import subprocess
@@ -21,12 +19,15 @@ from typing import Any
 
 from ..config import timeout_scale
 from ..errors import PeerUnavailable
+from .procs import die_with_parent, signals_deferred
 
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the launching process dies (Linux prctl)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+STOP_GRACE_S = 30.0
+"""How long :meth:`LocalCluster.stop` lets daemons exit cleanly (scaled)."""
+ABORT_GRACE_S = 2.0
+"""The same when tearing down after an error or Ctrl-C.  A daemon answers SIGTERM
+in milliseconds unless an RPC is still being served: it then waits for that
+request's client to be declared lost (zerorpc heartbeat, ~15 s) before exiting,
+which only delays an abort; its data is being thrown away anyway."""
 
 
 class NodeProcess:
@@ -60,10 +61,10 @@ class NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         ready = self.data_dir / "node.json"
         ready.unlink(missing_ok=True)
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log, signals_deferred():
             # Nodes launched by a harness, benchmark or test must not outlive it.
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s * timeout_scale()
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -133,15 +134,26 @@ class LocalCluster:
                         raise PeerUnavailable(f"membership {sorted(running)} did not converge")
                     time.sleep(0.02)
 
-    def stop(self) -> None:
-        for n in self.nodes.values():
-            if n.alive() and n.proc is not None:
-                n.proc.send_signal(signal.SIGTERM)
-        for n in self.nodes.values():
-            n.kill(signal.SIGTERM)
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every node at once; SIGKILL those still running after *grace_s* (scaled).
+
+        SIGINT/SIGTERM to this process wait until it is done, so a second
+        Ctrl-C cannot leave daemons behind.
+        """
+        with signals_deferred():
+            running = [n.proc for n in self.nodes.values() if n.alive() and n.proc is not None]
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s * timeout_scale()
+            for proc in running:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     def __enter__(self) -> LocalCluster:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.stop(STOP_GRACE_S if exc_type is None else ABORT_GRACE_S)

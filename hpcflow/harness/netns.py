@@ -38,9 +38,9 @@ from contextlib import suppress
 from types import TracebackType
 from typing import Any
 
-from .procs import forget, socket_in_netns, stop_at_exit, terminate
+from .procs import forget, signals_deferred, socket_in_netns, stop_at_exit, terminate
 
-__all__ = ["Topology", "available", "remove_stale"]
+__all__ = ["MAX_GBIT", "MIN_GBIT", "Topology", "available", "remove_stale"]
 
 _LINK_NET = ipaddress.IPv4Network("10.200.0.0/16")
 _HOST_NET = ipaddress.IPv4Network("10.201.0.0/16")
@@ -48,6 +48,13 @@ _NETNS_DIR = "/run/netns"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STALE_RE = re.compile(r"^hf(\d+)-\d+-")
 _counter = itertools.count()
+
+MIN_GBIT = 1e-5
+"""Slowest link shaped (10 kbit/s).  Below ~2 kbit/s tbf's 64 KiB burst no longer fits its
+32-bit time budget and tc silently shrinks it (measured: 1 kbit/s gave a 31 KB burst)."""
+MAX_GBIT = 100.0
+"""Fastest link shaped (100 Gbit/s).  Above ~600 Gbit/s tbf's queue limit (rate x 50 ms
+latency + burst) overflows 32 bits; veths reach a few tens of Gbit/s anyway."""
 
 
 def _which(binary: str) -> str | None:
@@ -98,16 +105,19 @@ def remove_stale() -> list[str]:
     """Delete namespaces left behind by *dead* processes (e.g. SIGKILLed runs).
 
     Only names of our own scheme whose creating PID no longer exists are
-    touched; returns the removed names.
+    touched; returns the names actually removed (none unless root).
     """
+    if os.geteuid() != 0 or not os.path.isdir(_NETNS_DIR):
+        return []
     removed = []
-    for name in sorted(os.listdir(_NETNS_DIR)) if os.path.isdir(_NETNS_DIR) else []:
+    for name in sorted(os.listdir(_NETNS_DIR)):
         match = _STALE_RE.match(name)
         if match is None or _pid_alive(int(match.group(1))):
             continue
         _kill_inside(name)
         subprocess.run([_IP, "netns", "del", name], capture_output=True, check=False)
-        removed.append(name)
+        if not os.path.exists(os.path.join(_NETNS_DIR, name)):
+            removed.append(name)
     return removed
 
 
@@ -131,7 +141,8 @@ def _kill_inside(netns: str) -> None:
 
 
 def _tbf_args(gbit: float) -> list[str]:
-    """tbf parameters for *gbit*: a burst of ~2 ms of traffic (>= 64 KiB).
+    """tbf parameters for *gbit* (:data:`MIN_GBIT`..:data:`MAX_GBIT`): a burst of ~2 ms of
+    traffic (>= 64 KiB).
 
     tbf needs a burst of a few hundred KB at 1 Gbit/s to reach the rate with
     the kernel's timer granularity; 64 KiB covers a GSO super-packet.
@@ -173,8 +184,9 @@ class Topology:
                 raise ValueError(f"link override for unknown pair {(a, b)}")
             self._bandwidth[key] = gbit
         for gbit in self._bandwidth.values():
-            if gbit is not None and gbit <= 0:
-                raise ValueError(f"bandwidth must be positive, got {gbit}")
+            if gbit is not None and not MIN_GBIT <= gbit <= MAX_GBIT:  # nan and inf too
+                raise ValueError(f"bandwidth must be positive and within {MIN_GBIT:g}.."
+                                 f"{MAX_GBIT:g} Gbit/s (what tc tbf shapes), got {gbit}")
         if not 68 <= mtu <= 65535:
             raise ValueError(f"mtu must be within 68..65535, got {mtu}")
         self.mtu = mtu
@@ -261,9 +273,7 @@ class Topology:
         """
         if not self._built:
             return
-        blocked = {signal.SIGINT, signal.SIGTERM}
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
+        with signals_deferred():
             for proc in self._procs:
                 terminate(proc, self.stop_grace)
             self._procs.clear()
@@ -276,8 +286,6 @@ class Topology:
                                text=True, input="".join(f"netns del {n}\n" for n in existing))
             self._built = False
             forget(self)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def __enter__(self) -> Topology:
         return self.build()

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import numpy as np
 import nfs_baseline
 from hpcflow.config import timeout_scale
 from hpcflow.harness.netns import Topology
+from hpcflow.harness.procs import die_with_parent, signals_deferred
 from hpcflow.harness.report import ApproachResult, array_checksum, compare
 from hpcflow.harness.scenario import NFS_HOST, Scenario, reference_result
 
@@ -81,14 +82,26 @@ class _Runner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
         self.env = env
+        self.started: list[subprocess.Popen[str]] = []
 
     def start(self, node: str, job: dict[str, Any]) -> tuple[str, subprocess.Popen[str]]:
         argv = [sys.executable, "-m", "nfs_baseline.worker", json.dumps({**job, "url": self.url})]
         kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE,
-                                  "stderr": subprocess.PIPE, "text": True, "env": self.env}
-        proc = (self.topology.popen(node, argv, **kwargs) if self.topology is not None
-                else subprocess.Popen(argv, **kwargs))
+                                  "stderr": subprocess.PIPE, "text": True, "env": self.env,
+                                  "preexec_fn": die_with_parent}
+        with signals_deferred():  # see die_with_parent
+            proc = (self.topology.popen(node, argv, **kwargs) if self.topology is not None
+                    else subprocess.Popen(argv, **kwargs))
+            self.started.append(proc)
         return node, proc
+
+    def stop(self) -> None:
+        """Kill workers still running (after a failure or Ctrl-C; libnfs has no timeouts)."""
+        with signals_deferred():
+            for proc in self.started:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.communicate()
 
     def finish(self, node: str, proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
         try:
@@ -154,7 +167,8 @@ def _workflow(runner: _Runner, scenario: Scenario, remote: dict[str, list[str]],
 
 
 def run_nfs(scenario: Scenario, data: Data, *, topology: Topology | None = None,
-            workdir: Path, worker_timeout_s: float | None = None) -> ApproachResult:
+            workdir: Path, worker_timeout_s: float | None = None,
+            progress: Callable[[str], None] = lambda _: None) -> ApproachResult:
     """Replay *scenario* with all data on a real nfs-ganesha export.
 
     *data* is :func:`~hpcflow.harness.scenario.generate`'s output.  With
@@ -180,13 +194,16 @@ def run_nfs(scenario: Scenario, data: Data, *, topology: Topology | None = None,
         server.start()
     except nfs_baseline.NfsUnavailable as exc:
         return ApproachResult.skip(APPROACH, f"NFS server could not start: {exc}")
+    url = server.url if topology is None else server.url_via(topology.address(NFS_HOST))
+    runner = _Runner(url, topology, timeout)
     try:
-        url = server.url if topology is None else server.url_via(topology.address(NFS_HOST))
-        runner = _Runner(url, topology, timeout)
         remote = _remote_parts(data)
+        progress("server up, placing the data on the export")
         placement = _place(runner, data, remote, workdir)
+        progress("data placed, running the workflow")
         reports, result, elapsed = _workflow(runner, scenario, remote, workdir)
     finally:
+        runner.stop()
         server.stop()
 
     node = scenario.initiator

@@ -1,26 +1,35 @@
 """Process and namespace plumbing shared by the emulated-cluster pieces.
 
-Used by :mod:`hpcflow.harness.netns` (hosts as network namespaces) and
+Used by :mod:`hpcflow.harness.netns` (hosts as network namespaces),
+:mod:`hpcflow.harness.local` (daemons), the replay and
 ``nfs_baseline.server`` (nfs-ganesha as a child process): stopping children
-reliably, making SIGTERM unwind ``with`` blocks so children die with us, and
-creating a socket inside another network namespace without moving the
-whole process there.
+reliably, making SIGTERM unwind ``with`` blocks so children die with us,
+holding signals back while tearing down, children that die with their
+parent, recognising what a *killed* run left behind (:func:`claim`,
+:func:`reap_stale`), and creating a socket inside another network namespace
+without moving the whole process there.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
+import glob
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 _CLONE_NEWNET = 0x40000000
+_DEFERRED = {signal.SIGINT, signal.SIGTERM}
 _exit_hooks: dict[int, Callable[[], None]] = {}
 
 
@@ -36,10 +45,43 @@ def terminate(proc: subprocess.Popen[Any], grace: float) -> None:
         proc.wait()
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when the thread that started it dies.
+
+    Linux ``PR_SET_PDEATHSIG``; it survives ``exec`` (also through ``ip netns
+    exec``, ``nsenter`` and ``unshare``, which exec without forking), so
+    children of a SIGKILLed harness do not linger.  It is cleared when the
+    child changes credentials (rpcbind drops to its own user), hence
+    :func:`claim`.
+
+    Start such children inside :func:`signals_deferred`: with a
+    ``preexec_fn``, subprocess forks and runs Python at-fork hooks, and a
+    Ctrl-C whose handler runs inside one is swallowed ("Exception ignored in
+    _releaseLock"; seen here).  This function unblocks the two signals again
+    in the child.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back during the block (a teardown must not be cut short).
+
+    They are delivered when it ends.  Nested use is fine.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def stop_at_exit(owner: object, stop: Callable[[], None]) -> None:
     """Run *stop* at interpreter exit (or on SIGTERM) unless :func:`forget` is called first."""
     _exit_hooks[id(owner)] = stop
-    _guard_process_exit()
+    guard_process_exit()
 
 
 def forget(owner: object) -> None:
@@ -56,7 +98,7 @@ def _sigterm_to_exit(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def _guard_process_exit() -> None:
+def guard_process_exit() -> None:
     """Make SIGTERM unwind ``with`` blocks and run atexit, so children die with us.
 
     Installed once, only if SIGTERM still has its default disposition (then
@@ -67,6 +109,63 @@ def _guard_process_exit() -> None:
     if (threading.current_thread() is threading.main_thread()
             and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _sigterm_to_exit)
+
+
+# -- leftovers of killed runs ---------------------------------------------------------
+
+OWNER_FILE = ".hpcflow-owner.json"
+
+
+def _start_time(pid: int) -> int | None:
+    """Start time of *pid* in clock ticks since boot (``/proc/PID/stat`` field 22), or None.
+
+    With the PID it identifies a process: a recycled PID has a later start.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def claim(directory: str | os.PathLike[str], pids: Iterable[int] = ()) -> None:
+    """Mark *directory* as this process's, together with child *pids* that live outside it.
+
+    :func:`reap_stale` removes the directory and kills those children once
+    this process is gone without cleaning up (SIGKILL).  Call again to add
+    children; the marker is replaced atomically.
+    """
+    me = os.getpid()
+    procs = [[pid, start] for pid in pids if (start := _start_time(pid)) is not None]
+    marker = Path(directory) / OWNER_FILE
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps({"pid": me, "start": _start_time(me), "procs": procs}))
+    os.replace(tmp, marker)
+
+
+def reap_stale(pattern: str) -> list[str]:
+    """Remove directories matching *pattern*, claimed (:func:`claim`) by a dead process.
+
+    Their recorded children are SIGKILLed first, but only if they are still
+    the same processes (PID and start time).  Directories without a readable
+    marker, or whose owner is alive, are left alone.  Returns what was removed.
+    """
+    removed = []
+    for directory in sorted(glob.glob(pattern)):
+        try:
+            info = json.loads((Path(directory) / OWNER_FILE).read_text())
+            owner, procs = (int(info["pid"]), info["start"]), info["procs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _start_time(owner[0]) == owner[1]:
+            continue
+        for pid, start in procs:
+            if _start_time(pid) == start:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
 
 
 def socket_in_netns(ns_path: str | None, family: int = socket.AF_INET,

@@ -19,29 +19,46 @@ Every approach's result is compared with numpy on the gathered data.  With
 ``netns=True`` each node, the orchestrator and the NFS server are separate
 hosts in network namespaces joined by veth links shaped per the scenario's
 ``[links]`` (root only); wall times then reflect the link speeds.
+
+An approach that breaks is reported as failed (with the error) and the
+others still run.  From the first line of :func:`replay` on, SIGTERM unwinds
+like Ctrl-C: daemons, agents, NFS server, namespaces and the temporary
+directory are removed on either, and teardown holds further signals back
+until it is done.  What a SIGKILLed replay leaves behind (its temporary
+directory, an NFS server's, namespaces) is removed by the next replay.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+import nfs_baseline
 
 from ..catalog.store import Store
 from ..config import timeout_scale
 from ..errors import ConfigError, HpcflowError
-from .centralised import ORCH
+from .agent import AGENT_PROGRESS
+from .centralised import DEFAULT_THRESHOLD, ORCH, check_threshold
 from .local import LocalCluster
+from .netns import Topology, remove_stale
+from .netns import available as netns_available
 from .nfs_approach import run_nfs
-from .report import ApproachResult, array_checksum, compare
+from .procs import claim, die_with_parent, guard_process_exit, reap_stale, signals_deferred
+from .report import ApproachResult, array_checksum, compare, human_bytes
 from .scenario import NFS_HOST, Scenario, generate, load_scenario, reference_result
 
 APPROACHES = ("decentralised", "centralised", "nfs")
@@ -66,10 +83,8 @@ def place(scenario: Scenario, data: dict[str, Any], root: Path) -> None:
         store.close()
 
 
-def _topology(scenario: Scenario) -> Any:
-    from .netns import Topology, available
-
-    ok, why = available()
+def _topology(scenario: Scenario) -> Topology:
+    ok, why = netns_available()
     if not ok:
         raise ConfigError(f"--netns needs network namespaces here: {why}")
     hosts = [*scenario.nodes, ORCH, NFS_HOST]
@@ -78,21 +93,72 @@ def _topology(scenario: Scenario) -> Any:
     return Topology(hosts, bandwidth_gbit=scenario.links.default_gbit, links=links)
 
 
+_TMP_PREFIX = "hpcflow-replay-"
+
+
+def remove_leftovers() -> list[str]:
+    """Remove what killed replays left: their temp dirs, NFS servers and namespaces.
+
+    Only resources named by the harness and claimed by a process that no
+    longer exists are touched (see :func:`~hpcflow.harness.procs.reap_stale`
+    and :func:`~hpcflow.harness.netns.remove_stale`); concurrent replays keep theirs.
+    """
+    return [*remove_stale(), *nfs_baseline.remove_stale(),
+            *reap_stale(str(Path(tempfile.gettempdir()) / f"{_TMP_PREFIX}*"))]
+
+
+def _work_dir(stack: ExitStack, name: str) -> Path:
+    """A claimed temporary directory, removed at the end (signals held back meanwhile)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-"))
+
+    def remove() -> None:
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    stack.callback(remove)
+    claim(tmp)
+    return tmp
+
+
 def _run_agent(approach: str, scenario: Scenario, cluster: LocalCluster, work: Path,
-               prefix: list[str], threshold: int) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
+               prefix: list[str], threshold: int,
+               progress: Progress) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
+    """Run the approach's script as an agent process; relay its progress lines."""
     job = {"approach": approach, "scenario": str(scenario.file),
            "nodes": {n: p.rpc for n, p in cluster.nodes.items()},
            "initiator": scenario.initiator, "result": str(work / f"{approach}.npy"),
            "threshold": threshold}
     job_file = work / f"{approach}.job.json"
     job_file.write_text(json.dumps(job))
-    proc = subprocess.run([*prefix, sys.executable, "-m", "hpcflow.harness.agent",
-                           str(job_file)], capture_output=True, text=True,
-                          timeout=600 * timeout_scale())
+    out_file = work / f"{approach}.agent.out"
+    tail: deque[str] = deque(maxlen=15)
+
+    def relay(stream: IO[str]) -> None:
+        for line in stream:
+            if line.startswith(AGENT_PROGRESS):
+                progress(f"  {approach}: {line[len(AGENT_PROGRESS):].strip()}")
+            else:
+                tail.append(line.rstrip())
+
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with open(out_file, "w") as out, signals_deferred():  # see die_with_parent
+            proc = subprocess.Popen([*prefix, sys.executable, "-m", "hpcflow.harness.agent",
+                                     str(job_file)], stdout=out, stderr=subprocess.PIPE,
+                                    text=True, preexec_fn=die_with_parent)
+        assert proc.stderr is not None
+        reader = threading.Thread(target=relay, args=(proc.stderr,), daemon=True)
+        reader.start()
+        proc.wait(timeout=600 * timeout_scale())
+        reader.join()
+    except BaseException:  # Ctrl-C, SIGTERM, timeout: the agent goes first
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise HpcflowError(f"{approach} agent failed ({proc.returncode}):\n{tail}")
-    return np.load(str(job["result"])), json.loads(proc.stdout.strip().splitlines()[-1])
+        raise HpcflowError(f"{approach} agent failed ({proc.returncode}):\n" + "\n".join(tail))
+    return np.load(str(job["result"])), json.loads(out_file.read_text().strip().splitlines()[-1])
 
 
 def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], reference: Any,
@@ -109,10 +175,11 @@ def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], referen
             cluster.add(node, **kw)
         if topology is None:  # under netns only the hosts can reach each other: the agent waits
             cluster.wait_converged(60)
-        progress(f"  {approach}: {len(scenario.nodes)} daemons up, running the workflow")
+        progress(f"  {approach}: {len(scenario.nodes)} daemons up, starting the script")
         host = scenario.initiator if approach == "decentralised" else ORCH
         prefix = [] if topology is None else ["ip", "netns", "exec", topology.netns(host)]
-        result, m = _run_agent(approach, scenario, cluster, work, prefix, threshold)
+        result, m = _run_agent(approach, scenario, cluster, work, prefix, threshold,
+                               progress)
     ok, err = compare(result, reference)
     links = {k: int(v) for k, v in m["links"].items()}
     return ApproachResult(approach=approach, bytes_moved=sum(links.values()),
@@ -121,49 +188,71 @@ def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], referen
                           max_abs_err=err, extra=m.get("extra", {}))
 
 
-def replay(path: str | Path, approaches: Sequence[str] = APPROACHES, *, netns: bool = False,
-           threshold: int = 3, workdir: Path | None = None,
+def replay(scenario: Scenario | str | Path, approaches: Sequence[str] = APPROACHES, *,
+           netns: bool = False, threshold: int = DEFAULT_THRESHOLD, workdir: Path | None = None,
            progress: Progress = _quiet) -> tuple[Scenario, list[ApproachResult]]:
-    """Replay one scenario under each approach; results in the order asked."""
+    """Replay one scenario under each approach; results in the order asked.
+
+    An approach that fails is returned as :meth:`ApproachResult.fail` with the
+    error and the others still run; :func:`check` reports it.
+    """
     unknown = [a for a in approaches if a not in APPROACHES]
     if unknown:
         raise ConfigError(f"unknown approach(es) {unknown}; choose from {APPROACHES}")
-    scenario = load_scenario(path)
-    scenario.load_ops()
+    check_threshold(threshold)
+    guard_process_exit()  # from here on SIGTERM unwinds (and cleans up) like Ctrl-C
+    sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+    sc.load_ops()
+    removed = remove_leftovers()
+    if removed:
+        progress(f"removed leftovers of killed replays: {', '.join(removed)}")
     t0 = time.monotonic()
-    data = generate(scenario)
-    reference = reference_result(scenario, data)
-    progress(f"{scenario.name}: {scenario.description} "
-             f"({sum(d.nbytes for d in scenario.datasets.values()) / 2**20:.1f} MiB of input, "
-             f"{len(scenario.nodes)} nodes{', netns' if netns else ''})")
+    data = generate(sc)
+    reference = reference_result(sc, data)
+    progress(f"{sc.name}: {sc.description} "
+             f"({human_bytes(sum(d.nbytes for d in sc.datasets.values()))} of input, "
+             f"{len(sc.nodes)} nodes{', netns' if netns else ''})")
     results = []
     with ExitStack() as stack:
-        tmp = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(
-            prefix=f"hpcflow-replay-{scenario.name}-")))
-        topology = stack.enter_context(_topology(scenario)) if netns else None
+        tmp = workdir or _work_dir(stack, sc.name)
+        topology = stack.enter_context(_topology(sc)) if netns else None
         for approach in approaches:
             work = tmp / approach
             work.mkdir(parents=True, exist_ok=True)
             progress(f"  {approach}: starting")
-            if approach == "nfs":
-                res = run_nfs(scenario, data, topology=topology, workdir=work)
-            else:
-                res = run_daemons(approach, scenario, data, reference, work, topology,
-                                  threshold, progress)
+            try:
+                if approach == "nfs":
+                    res = run_nfs(sc, data, topology=topology, workdir=work,
+                                  progress=lambda m: progress(f"  nfs: {m}"))
+                else:
+                    res = run_daemons(approach, sc, data, reference, work, topology,
+                                      threshold, progress)
+            except Exception as exc:  # one broken approach must not lose the others
+                detail = "" if isinstance(exc, HpcflowError) else (
+                    "\n" + "".join(traceback.format_exception(exc)).rstrip())
+                res = ApproachResult.fail(approach, f"{type(exc).__name__}: {exc}")
+                progress(f"  {approach}: FAILED: {res.failed}{detail}")
+                results.append(res)
+                continue
             results.append(res)
             progress(f"  {approach}: " + (f"skipped ({res.skipped})" if res.skipped else
-                     f"{res.bytes_moved / 2**20:.2f} MiB moved, {res.wall_s:.3f} s, result "
+                     f"{human_bytes(res.bytes_moved)} moved, {res.wall_s:.3f} s, result "
                      f"{'matches' if res.matches_reference else 'DIFFERS FROM'} numpy"))
-    progress(f"{scenario.name}: done in {time.monotonic() - t0:.1f} s")
-    return scenario, results
+    progress(f"{sc.name}: done in {time.monotonic() - t0:.1f} s")
+    return sc, results
 
 
 def check(scenario: Scenario, results: Sequence[ApproachResult]) -> list[str]:
-    """Problems a user must hear about: wrong results, approaches that disagree."""
-    problems = [f"{r.approach}: result differs from numpy (max abs err {r.max_abs_err:.3g})"
-                for r in results if not r.skipped and not r.matches_reference]
+    """Problems a user must hear about: failures, wrong results, miscounted bytes,
+    and nothing having run at all (every approach asked for was skipped)."""
+    problems = [f"{r.approach}: failed: {r.failed}" for r in results if r.failed]
+    problems += [f"{r.approach}: result differs from numpy (max abs err {r.max_abs_err:.3g})"
+                 for r in results if r.ran and not r.matches_reference]
+    if results and all(r.skipped for r in results):
+        problems.append(f"{scenario.name}: no approach ran (" + "; ".join(
+            f"{r.approach} skipped: {r.skipped}" for r in results) + ")")
     for r in results:
-        if not r.skipped and r.approach == "decentralised":
+        if r.ran and r.approach == "decentralised":
             transport = r.extra.get("transport_bytes")
             if transport is not None and transport != r.bytes_moved:
                 problems.append(f"decentralised: accounted {r.bytes_moved} B but the daemons "

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MATPLOTLIB_REQUIREMENT",
+    "MESSAGES",
     "ApproachResult",
     "array_checksum",
     "compare",
@@ -50,8 +51,10 @@ class ApproachResult:
 
     ``links`` maps ``"src->dst"`` to payload bytes; ``bytes_moved`` is their
     sum over the workflow (set-up traffic such as initial data placement goes
-    in ``extra``).  ``skipped`` holds the reason when the approach could not
-    run here; the numbers are then meaningless zeros.
+    in ``extra``).  ``messages`` counts what each approach exchanges, in its
+    own unit (see :data:`MESSAGES`).  ``skipped`` holds the reason when the
+    approach could not run here, ``failed`` the error when it ran and broke;
+    the numbers are then meaningless zeros.
     """
 
     approach: str
@@ -63,14 +66,39 @@ class ApproachResult:
     matches_reference: bool
     max_abs_err: float
     skipped: str | None = None
+    failed: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> bool:
+        return self.skipped is None and self.failed is None
 
     @classmethod
     def skip(cls, approach: str, reason: str) -> ApproachResult:
-        """The result of an approach that could not run, with the reason."""
+        """The result of an approach that could not run here, with the reason."""
+        return cls._empty(approach, skipped=reason)
+
+    @classmethod
+    def fail(cls, approach: str, error: str) -> ApproachResult:
+        """The result of an approach that started and broke, with the error."""
+        return cls._empty(approach, failed=error)
+
+    @classmethod
+    def _empty(cls, approach: str, skipped: str | None = None,
+               failed: str | None = None) -> ApproachResult:
         return cls(approach=approach, bytes_moved=0, wall_s=0.0, links={}, messages=0,
                    result_checksum="", matches_reference=False, max_abs_err=math.nan,
-                   skipped=reason)
+                   skipped=skipped, failed=failed)
+
+
+MESSAGES = {
+    "decentralised": "RPC requests and replies of the initiator's executor, plus bulk-channel "
+                     "data chunks received by a host from another host",
+    "centralised": "RPC requests and replies of the orchestrator, plus bulk-channel data "
+                   "chunks it sent and received",
+    "nfs": "NFS file operations: one per whole-file read or write (not NFS RPCs)",
+}
+"""What the ``messages`` column counts per approach (the units differ)."""
 
 
 def array_checksum(arr: np.ndarray[Any, Any]) -> str:
@@ -140,8 +168,8 @@ def to_json(scenario: Scenario | str, results: Sequence[ApproachResult]) -> dict
 
 def human_bytes(n: float) -> str:
     """``1536 -> "1.50 KiB"``: binary units, three significant digits."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
             return f"{int(n)} B" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
@@ -161,8 +189,8 @@ def _grid(rows: list[list[str]]) -> list[str]:
 
 
 def format_table(scenario: Scenario | str, results: Sequence[ApproachResult]) -> str:
-    """A plain-text report: totals per approach, bytes per link, skipped approaches."""
-    ran = [r for r in results if r.skipped is None]
+    """A plain-text report: totals per approach, bytes per link, skipped and failed ones."""
+    ran = [r for r in results if r.ran]
     out = [f"scenario {_name(scenario)}"]
     if ran:
         rows = [["approach", "bytes moved", "wall time", "messages", "result"]]
@@ -181,6 +209,8 @@ def format_table(scenario: Scenario | str, results: Sequence[ApproachResult]) ->
     for r in results:
         if r.skipped is not None:
             out.append(f"{r.approach}: skipped: {r.skipped}")
+        if r.failed is not None:
+            out.append(f"{r.approach}: FAILED: {r.failed}")
     return "\n".join(out)
 
 
@@ -204,15 +234,15 @@ def plot(results_by_scenario: Mapping[str, Sequence[ApproachResult]], path: str 
     try:
         for row, (name, results) in enumerate(results_by_scenario.items()):
             labels = [r.approach for r in results]
-            mib = [0.0 if r.skipped else r.bytes_moved / 2**20 for r in results]
-            secs = [0.0 if r.skipped else r.wall_s for r in results]
+            mib = [r.bytes_moved / 2**20 if r.ran else 0.0 for r in results]
+            secs = [r.wall_s if r.ran else 0.0 for r in results]
             for ax, values, unit, text in (
                     (axes[row][0], mib, "MiB moved", [human_bytes(r.bytes_moved)
                                                       for r in results]),
                     (axes[row][1], secs, "wall time (s)", [_human_time(r.wall_s)
                                                            for r in results])):
                 bars = ax.bar(labels, values, color="tab:blue")
-                ax.bar_label(bars, labels=["skipped" if r.skipped else t
+                ax.bar_label(bars, labels=[t if r.ran else "skipped" if r.skipped else "failed"
                                            for r, t in zip(results, text, strict=True)],
                              fontsize=8)
                 ax.set_ylabel(unit)

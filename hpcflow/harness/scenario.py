@@ -17,7 +17,8 @@ Example (``scenarios/use-case-one.toml``)::
     seed = 0
     ops = []                    # user op modules: "x.py" (relative to the file) or a module name
     [links]
-    default_gbit = 1.0          # per-pair overrides: "n1-n3" = 0.1 ("nfs" names the NFS host)
+    default_gbit = 1.0          # per-pair overrides: "n1-n3" = 0.1 ("nfs" names the NFS
+                                # host, "orch" the centralised orchestrator's)
     [datasets.DS1]
     shape = [50000, 12]
     dtype = "float64"
@@ -34,11 +35,21 @@ named by ``source_package``, e.g. ``MDAnalysisTests``) and ``path`` (the HDF5
 dataset or H5MD element group inside it).  Steps may only use names defined
 before them: the script is sequential.  Every problem is a
 :class:`~hpcflow.errors.ConfigError` reading ``FILE: KEY: problem``.
+
+Limits checked at load, so that nothing fails half-way through a replay:
+bandwidths within what ``tc tbf`` shapes correctly
+(:data:`~hpcflow.harness.netns.MIN_GBIT` .. :data:`~hpcflow.harness.netns.MAX_GBIT`
+Gbit/s), every dataset and step output small enough to hold in memory
+(:func:`memory_limit`: the replay generates every dataset in memory), and a
+row of at most :data:`MAX_ROW_BYTES` (output shapes are inferred by running
+the op on a few sample rows).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 import re
 import tomllib
 import zlib
@@ -53,10 +64,14 @@ import numpy as np
 from hpcflow import ops
 from hpcflow.catalog.record import validate_dtype, validate_name
 from hpcflow.errors import ConfigError, InvalidData, InvalidName
+from hpcflow.harness.netns import MAX_GBIT, MIN_GBIT
+from hpcflow.harness.report import human_bytes
 from hpcflow.sources import open_source
 
 __all__ = [
+    "MAX_ROW_BYTES",
     "NFS_HOST",
+    "ORCH_HOST",
     "DatasetSpec",
     "LinkSpec",
     "PartSpec",
@@ -66,11 +81,19 @@ __all__ = [
     "generate",
     "list_scenarios",
     "load_scenario",
+    "memory_limit",
     "reference_result",
 ]
 
 NFS_HOST = "nfs"
 """Reserved host name of the NFS server (valid in link overrides, not as a node)."""
+ORCH_HOST = "orch"
+"""Reserved host name of the centralised orchestrator (valid in link overrides, not as a node)."""
+_RESERVED = {NFS_HOST: "the NFS server", ORCH_HOST: "the centralised orchestrator"}
+
+MAX_ROW_BYTES = 16 * 2**20
+"""Largest row of a dataset or step output (shape inference runs ops on 2-5 sample rows)."""
+_MAX_DIMS = 32
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # what netns.Topology accepts
 _TOP_KEYS = {"name", "description", "nodes", "initiator", "result", "seed", "ops", "links",
@@ -229,8 +252,37 @@ def _check_node_name(value: object) -> None:
     if not isinstance(value, str) or not _NODE_RE.match(value):
         raise ValueError(f"invalid node name {value!r} (letters, digits, '_.-', <= 64, "
                          "starting with a letter or digit)")
-    if value == NFS_HOST:
-        raise ValueError(f"node name {NFS_HOST!r} is reserved for the NFS server")
+    if value in _RESERVED:
+        raise ValueError(f"node name {value!r} is reserved for {_RESERVED[value]}")
+
+
+def memory_limit() -> int:
+    """Largest dataset (or step output) a scenario may declare, in bytes.
+
+    The replay generates every dataset in memory and keeps a gathered copy
+    for the numpy reference, and an approach's result arrives in memory too:
+    a quarter of this machine's physical memory leaves room for that.
+    """
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):  # no sysconf: a conservative 1 GiB
+        return 2**30
+
+
+def _check_size(w: _Where, key: str, shape: Shape, dtype: np.dtype[Any], what: str) -> None:
+    """Refuse arrays the replay could not hold, before anything allocates them."""
+    if len(shape) > _MAX_DIMS:
+        raise w.fail(key, f"{len(shape)} dimensions; at most {_MAX_DIMS} are supported")
+    row = math.prod(shape[1:]) * dtype.itemsize
+    total = math.prod(shape) * dtype.itemsize
+    if row > MAX_ROW_BYTES:
+        raise w.fail(key, f"{what} has rows of {human_bytes(row)}; at most "
+                     f"{human_bytes(MAX_ROW_BYTES)} per row are supported")
+    limit = memory_limit()
+    if total > limit:
+        raise w.fail(key, f"{what} would be {human_bytes(total)}; the replay holds every array "
+                     f"in memory, which allows at most {human_bytes(limit)} here (a quarter of "
+                     "RAM)")
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -312,15 +364,16 @@ def _load_ops(w: _Where, top: Mapping[str, Any], file: Path) -> tuple[str, ...]:
 
 def _links(w: _Where, raw: object, nodes: tuple[str, ...]) -> LinkSpec:
     tbl = w.table(raw, "links")
-    hosts = (*nodes, NFS_HOST)
+    hosts = (*nodes, *_RESERVED)
     default = 1.0
     overrides: dict[tuple[str, str], float] = {}
     for key, value in tbl.items():
         where = f"links.{key}"
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise w.fail(where, f"must be a number (Gbit/s), got {_typename(value)} {value!r}")
-        if not value > 0:
-            raise w.fail(where, f"must be > 0 Gbit/s, got {value}")
+        if not MIN_GBIT <= value <= MAX_GBIT:  # also rejects 0, negatives, inf and nan
+            raise w.fail(where, f"must be within {MIN_GBIT:g}..{MAX_GBIT:g} Gbit/s (what tc tbf "
+                         f"shapes correctly), got {value}")
         if key == "default_gbit":
             default = float(value)
             continue
@@ -364,6 +417,7 @@ def _dataset(w: _Where, name: str, raw: object, nodes: tuple[str, ...],
                              f"{source}:{h5path} has {actual}")
     if not shape:
         raise w.fail(f"{prefix}.shape", "must have a row axis (at least 1 dimension)")
+    _check_size(w, f"{prefix}.shape", shape, np.dtype(dtype), f"dataset {name}")
 
     parts_raw = w.get(tbl, "parts", prefix, list)
     if not parts_raw:
@@ -434,9 +488,48 @@ def _h5md_info(w: _Where, prefix: str, tbl: Mapping[str, Any],
     return source, h5path, src.shape, str(src.dtype)
 
 
+def _later_outputs(raw: list[Any]) -> dict[str, tuple[int, list[str]]]:
+    """``out -> (index, input names)`` of every step that looks well-formed, for messages."""
+    found: dict[str, tuple[int, list[str]]] = {}
+    for i, step in enumerate(raw):
+        if isinstance(step, dict) and isinstance(step.get("out"), str):
+            inputs = step.get("inputs")
+            names = [n for n in inputs if isinstance(n, str)] if isinstance(inputs, list) else []
+            found.setdefault(step["out"], (i, names))
+    return found
+
+
+def _cycle(graph: Mapping[str, tuple[int, list[str]]], start: str, target: str) -> list[str]:
+    """A path of step outputs from *start* back to *target* through inputs, or []."""
+    stack, seen = [(start, [start])], {start}
+    while stack:
+        name, path = stack.pop()
+        for dep in graph.get(name, (0, []))[1]:
+            if dep == target:
+                return path
+            if dep in graph and dep not in seen:
+                seen.add(dep)
+                stack.append((dep, [*path, dep]))
+    return []
+
+
+def _undefined_input(w: _Where, key: str, out: str, name: str,
+                     graph: Mapping[str, tuple[int, list[str]]]) -> ConfigError:
+    if name == out:
+        return w.fail(key, f"cycle in steps: {out} needs its own output")
+    if name in graph:
+        loop = _cycle(graph, name, out)
+        if loop:
+            return w.fail(key, "cycle in steps: " + " needs ".join([out, *loop, out]))
+        return w.fail(key, f"{name!r} is produced by a later step (steps[{graph[name][0]}]); "
+                      "steps run in file order, so move this step after it")
+    return w.fail(key, f"{name!r} is not defined by a dataset or an earlier step")
+
+
 def _steps(w: _Where, raw: list[Any], datasets: Mapping[str, DatasetSpec]) -> tuple[StepSpec, ...]:
     known: dict[str, tuple[Shape, np.dtype[Any]]] = {
         name: (ds.shape, np.dtype(ds.dtype)) for name, ds in datasets.items()}
+    graph = _later_outputs(raw)
     steps = []
     for i, step_raw in enumerate(raw):
         where = f"steps[{i}]"
@@ -455,14 +548,14 @@ def _steps(w: _Where, raw: list[Any], datasets: Mapping[str, DatasetSpec]) -> tu
             if not isinstance(name, str):
                 raise w.fail(f"{where}.inputs[{j}]", f"must be a string, got {name!r}")
             if name not in known:
-                raise w.fail(f"{where}.inputs[{j}]", f"{name!r} is not defined by a dataset "
-                             "or an earlier step")
+                raise _undefined_input(w, f"{where}.inputs[{j}]", out, name, graph)
         params = w.get(tbl, "params", where, dict, {})
         try:
             shape, dtype = ops.infer_output(spec, [known[n][0] for n in inputs],
                                             [known[n][1] for n in inputs], params)
         except ops.OpError as exc:
             raise w.fail(where, f"{op_name}({', '.join(inputs)}): {exc}") from None
+        _check_size(w, where, tuple(shape), np.dtype(dtype), f"output {out}")
         known[out] = (tuple(shape), dtype)
         steps.append(StepSpec(out=out, op=op_name, inputs=tuple(inputs), params=dict(params),
                               shape=tuple(shape), dtype=str(dtype)))
