@@ -54,6 +54,9 @@ from .workflow.worker import Worker
 
 log = logging.getLogger("hpcflow.node")
 
+#: How long requests still in flight at shutdown get to clean up after being cancelled.
+STOP_GRACE_S = 5.0
+
 MEMBERS_FILE = "members.json"
 #: How long a restarted node keeps trying the members it remembers (they may be gone).
 REJOIN_FOR_S = 60.0
@@ -156,6 +159,14 @@ class Node:
         self.stop()
 
     def stop(self) -> None:
+        rpc = getattr(self, "rpc", None)
+        if rpc is not None:
+            # zerorpc's run() waits in its finally for every request still being served;
+            # a blocking ``wait`` or a long ``execute`` would hold shutdown until zerorpc
+            # gave up on its client (~15 s).  Stop accepting, then end those requests
+            # (an execute's cleanup runs on GreenletExit, bounded by STOP_GRACE_S).
+            rpc.stop()
+            rpc._task_pool.kill(timeout=STOP_GRACE_S)
         gevent.killall(self._greenlets)
         for part in ("catalog", "bulk"):
             obj = getattr(self, part, None)
