@@ -121,27 +121,27 @@ class LowerBound:
         for k in range(index + 1, len(self.steps)):
             need = self._need(index, k, state)
             if need is not None:
-                value, init, names = need
+                value, need_init, names = need
                 gain = value - sum(own.get(n, 0) for n in names)
                 if gain > 0:
-                    gains.append((gain, init, names))
+                    gains.append((gain, need_init, names))
         used: set[str] = set()
         into_init, transfers = 0, 0
-        for gain, init, names in sorted(gains, key=lambda g: -g[0]):
+        for gain, need_init, names in sorted(gains, key=lambda g: -g[0]):
             if used.isdisjoint(names):
                 total += gain
                 used |= names
-                piece = max(init, sum(own_init.get(n, 0) for n in names))
+                piece = max(need_init, sum(own_init.get(n, 0) for n in names))
                 into_init += piece
                 transfers += piece > 0
         for name, missing in own_init.items():
             if name not in used and missing > 0:
                 into_init += missing
                 transfers += 1
-        init, spread = self._rates.seconds(total, into_init, transfers)
+        init_s, spread_s = self._rates.seconds(total, into_init, transfers)
         at_only, shared, biggest = self._compute(index, state)
         waits = sum(self._waits[index + 1 :])
-        return total, waits + at_only + max(init, spread + shared, biggest)
+        return total, waits + at_only + max(init_s, spread_s + shared, biggest)
 
     def _step_wait(self, info: StepInfo) -> float:
         """Least queueing delay before step ``info`` starts wherever it runs (0 if it may
