@@ -60,9 +60,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from hpcflow.decide.problem import Problem, StepInfo
-from hpcflow.decide.state import Holding, State, missing_rows
+from hpcflow.decide.state import DataObject, Holding, State, missing_rows
 
 Dest = Literal["initiator", "one node"] | None
+_Terms = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class LowerBound:
         self._rates = _Rates(problem)
         self._waits = [self._step_wait(info) for info in problem.steps]
         self._size, self._parts, self._largest, self._row = _static_sizes(problem)
+        self._computes: dict[tuple[int, tuple[Holding | None, ...]], _Terms] = {}
 
     def __call__(self, index: int, state: State) -> tuple[int, float]:
         gathered = self.problem.gathered_after(index)
@@ -154,34 +156,45 @@ class LowerBound:
         """Compute time of the steps after ``index``: At-only ones (on one node); the
         others shared by at most as many nodes as their input has parts; and the
         others' largest part each (one node computes every row of a part)."""
-        cost = self.problem.cost
         at_only = shared = biggest = 0.0
         for info in self.steps[index + 1 :]:
-            op, inputs = info.step.op, info.step.inputs
-            objs = [state.holdings[n].obj if n in state.holdings else None for n in inputs]
-            nbytes = sum(
-                o.nbytes if o else self._size[n] for n, o in zip(inputs, objs, strict=True)
-            )
-            if info.at_only:
-                at_only += cost.compute_seconds(op, nbytes)
-                continue
-            if _may_run_nothing(info):
-                continue
-            ways = max(self._parts[n] for n in info.row_inputs)
-            shared += cost.compute_seconds(op, nbytes) / max(1, min(ways, len(info.capable)))
-            rows = min(
-                max((p.rows for p in o.parts), default=0) if o else self._largest[n]
-                for n, o in zip(inputs, objs, strict=True)
-                if n in info.row_inputs
-            )
-            part = sum(
-                (o.nbytes if o else self._size[n])
-                if n in info.broadcast_inputs
-                else rows * ((o.nbytes // o.rows if o.rows else 0) if o else self._row[n])
-                for n, o in zip(inputs, objs, strict=True)
-            )
-            biggest += cost.compute_seconds(op, part)
+            held = tuple(state.holdings.get(n) for n in info.step.inputs)
+            key = (info.index, held)
+            terms = self._computes.get(key)
+            if terms is None:
+                objs = [h.obj if h is not None else None for h in held]
+                terms = self._computes[key] = self._step_compute(info, objs)
+            at_only += terms[0]
+            shared += terms[1]
+            biggest += terms[2]
         return at_only, shared, biggest
+
+    def _step_compute(
+        self, info: StepInfo, objs: list[DataObject | None]
+    ) -> _Terms:
+        """(At-only compute, shared compute, largest-part compute) of one later step given
+        which of its inputs exist (the others at their least possible size)."""
+        cost = self.problem.cost
+        op, inputs = info.step.op, info.step.inputs
+        nbytes = sum(o.nbytes if o else self._size[n] for n, o in zip(inputs, objs, strict=True))
+        if info.at_only:
+            return cost.compute_seconds(op, nbytes), 0.0, 0.0
+        if _may_run_nothing(info):
+            return 0.0, 0.0, 0.0
+        ways = max(self._parts[n] for n in info.row_inputs)
+        shared = cost.compute_seconds(op, nbytes) / max(1, min(ways, len(info.capable)))
+        rows = min(
+            max((p.rows for p in o.parts), default=0) if o else self._largest[n]
+            for n, o in zip(inputs, objs, strict=True)
+            if n in info.row_inputs
+        )
+        part = sum(
+            (o.nbytes if o else self._size[n])
+            if n in info.broadcast_inputs
+            else rows * ((o.nbytes // o.rows if o.rows else 0) if o else self._row[n])
+            for n, o in zip(inputs, objs, strict=True)
+        )
+        return 0.0, shared, cost.compute_seconds(op, part)
 
     def _own_need(self, holding: Holding, delivered: bool) -> int:
         key = (holding, delivered)

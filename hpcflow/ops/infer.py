@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,12 +52,23 @@ class OutputModel:
     dims: tuple[_Affine, ...]
     dtype: np.dtype[Any]
     partial: _Affine | None
+    # rows -> (shape, nbytes): the planner asks about the same row counts over and over
+    _sizes: dict[int, tuple[Shape, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+
+    def _size(self, rows: int) -> tuple[Shape, int]:
+        found = self._sizes.get(rows)
+        if found is None:
+            shape = tuple(max(0, slope * rows + icpt) for slope, icpt in self.dims)
+            found = self._sizes[rows] = (shape, math.prod(shape) * self.dtype.itemsize)
+        return found
 
     def shape(self, rows: int) -> Shape:
-        return tuple(max(0, slope * rows + icpt) for slope, icpt in self.dims)
+        return self._size(rows)[0]
 
     def nbytes(self, rows: int) -> int:
-        return math.prod(self.shape(rows)) * self.dtype.itemsize
+        return self._size(rows)[1]
 
     def out_rows(self, rows: int) -> int:
         """Length of the output's first axis (1 for a 0-d result)."""
