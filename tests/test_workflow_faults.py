@@ -335,3 +335,42 @@ def test_transfers_come_from_the_source_the_plan_chose(make_cluster, tmp_path: P
         assert np.allclose(s.fetch(), r)
         report = flow.report()
     assert report["planned"] == report["moved"] == {"n3->n1": r.nbytes}
+
+
+def test_closing_a_flow_keeps_copies_another_running_flow_reads(trio: Cluster,
+                                                                 gates: Path) -> None:
+    """Flow A made a copy of X on n1 and closes while flow B, planned on that copy, is
+    still running on the same initiator: the copy stays until B is done (no re-plan),
+    then n1's janitor drops it, since A is over."""
+    cl = trio
+    x = np.random.default_rng(6).random((40, 3))
+    with cl["n2"].client() as c:
+        c.put("X", x)
+    wait_for(lambda: "X" in names_on(cl["n1"]), 10, "X on n1")
+    a_ready = threading.Event()
+    made: list[Any] = []
+
+    def flow_a() -> None:  # a client lives in one thread: A runs wholly in this one
+        with cl["n1"].client() as a:
+            a.flow.method = "pull_all"  # so A pulls X to n1
+            made.append(a.run("sort_rows", "X").fetch())
+            made.append(list(a.flow.created))
+            a_ready.set()
+            started(gates, "r")
+        # closed here, while B's gated step holds on
+        open_gate(gates, "r.open")
+
+    thread = threading.Thread(target=flow_a)
+    thread.start()
+    assert a_ready.wait(30 * SCALE)
+    assert np.allclose(made[0], x[np.lexsort(x.T[::-1])])
+    assert ["n1", "X", None] in made[1]  # A pulled X to n1
+    with cl["n1"].client() as b:
+        g = b.run("gated", "X", tag="r")
+        c = b.run("add", g, "X")
+        assert np.allclose(c.fetch(), 2 * x)
+        thread.join()
+        assert b.report()["replans"] == 0 and b.report()["bytes_moved"] == 0
+    with cl["n1"].client() as c:
+        wait_for(lambda: {h["owner"] for p in c.locate("X")["parts"] for h in p["holders"]}
+                 == {"n2"}, 15, "the janitor to drop A's copy")

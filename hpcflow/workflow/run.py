@@ -174,7 +174,7 @@ def save(node: Node, local: object, name: object, overwrite: object = False) -> 
 
     src = node.store.get(validate_name(local))
     name = validate_name(name)
-    arr = node.store.read_array(src.name)
+    arr = node.worker.local_rows(src.name, None)  # piecewise, yielding to heartbeats
     lineage = {k: v for k, v in src.lineage.items() if k != "flow"}
     lineage["saved_from"] = lineage.pop("copy_of", src.name)
     check_put(node.catalog, node.name, name, None, list(arr.shape), arr.dtype.str)
