@@ -105,6 +105,13 @@ def trio(make_cluster, tmp_path: Path, ops_module: Path) -> Iterator[Cluster]:  
     yield cl
 
 
+def put_parts(cl: Cluster, name: str, parts: list[tuple[str, np.ndarray]]) -> None:  # type: ignore[type-arg]
+    """Part k of ``name`` on the k-th listed node."""
+    for k, (node, rows) in enumerate(parts):
+        with cl[node].client() as c:
+            c.put(name, rows, part=k, nparts=len(parts))
+
+
 def wf_records(node: Any) -> set[str]:
     return {k for k in names_on(node) if k.startswith("wf-")}
 
@@ -116,10 +123,7 @@ def test_holder_killed_mid_step_replans_and_its_leftovers_go(trio: Cluster,
     its janitor drops it at once (the initiator says that execution failed)."""
     cl = trio
     w = np.random.default_rng(9).random((2005, 4))
-    with cl["n2"].client() as c:
-        c.put("W", w[:2000], part=0, nparts=2)
-    with cl["n1"].client() as c:
-        c.put("W", w[2000:], part=1, nparts=2)
+    put_parts(cl, "W", [("n2", w[:2000]), ("n1", w[2000:])])
     with cl["n3"].client() as c:
         c.wait_for("W", 10)
         c.replicate("W")  # every part also on n3
@@ -212,10 +216,7 @@ def test_independent_steps_run_at_the_same_time(trio: Cluster, gates: Path) -> N
 def test_an_op_whose_output_depends_on_the_data_fails_clearly(trio: Cluster) -> None:
     cl = trio
     f = np.random.default_rng(11).random((600, 3))
-    with cl["n1"].client() as c:
-        c.put("FL", f[:300], part=0, nparts=2)
-    with cl["n2"].client() as c:
-        c.put("FL", f[300:], part=1, nparts=2)
+    put_parts(cl, "FL", [("n1", f[:300]), ("n2", f[300:])])
     with cl["n1"].client() as flow:
         flow.wait_for("FL", 10)
         for build in (lambda: flow.run("keep_big", "FL"),
