@@ -40,8 +40,9 @@ def add(a: Array, b: Array) -> Array:
     except ValueError:
         shape = None
     if shape not in (a.shape, b.shape):
-        raise InputError(f"add: shapes differ: {_describe(a, b)} neither line up nor "
-                         "broadcast to one of them")
+        raise InputError(f"add: shapes differ: {_describe(a, b)}; they need equal row counts "
+                         "and row shapes, or one must broadcast against every row of the "
+                         "other (numpy rules)")
     return np.add(a, b)
 
 
