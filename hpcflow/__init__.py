@@ -18,27 +18,34 @@ from ._version import __version__
 from .catalog.base import CatalogSnapshot, Location, PartLocation
 from .catalog.record import DatasetRecord
 from .config import NodeConfig
-from .decide.errors import PlanningError
 from .errors import (
+    ArityError,
     ConfigError,
     DatasetExists,
     DatasetNotFound,
     HpcflowError,
+    InputError,
     IntegrityError,
     InvalidData,
     InvalidName,
     NotOwner,
+    OpError,
+    ParamError,
     PeerUnavailable,
+    PlanningError,
     ProtocolError,
+    RegistrationError,
     RemoteError,
     StoreError,
     TransportError,
+    UnknownOpError,
 )
-from .ops import OpError, op
+from .ops import op
 from .rpc.client import Client, connect
 from .workflow.flow import Handle, PlanView
 
 __all__ = [
+    "ArityError",
     "CatalogSnapshot",
     "Client",
     "ConfigError",
@@ -47,6 +54,7 @@ __all__ = [
     "DatasetRecord",
     "Handle",
     "HpcflowError",
+    "InputError",
     "IntegrityError",
     "InvalidData",
     "InvalidName",
@@ -54,14 +62,17 @@ __all__ = [
     "NodeConfig",
     "NotOwner",
     "OpError",
+    "ParamError",
     "PartLocation",
     "PeerUnavailable",
     "PlanView",
     "PlanningError",
     "ProtocolError",
+    "RegistrationError",
     "RemoteError",
     "StoreError",
     "TransportError",
+    "UnknownOpError",
     "__version__",
     "connect",
     "op",

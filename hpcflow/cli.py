@@ -368,10 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--method", choices=["optimal", "greedy", "pull_all"],
                         default="optimal", help="planner: the exact optimum (default) or a "
                         "baseline, to compare")
-        sp.add_argument("--save", help="keep the result as a dataset with this name")
-        sp.add_argument("--overwrite", action="store_true",
-                        help="with --save: replace an existing dataset of that name")
-        sp.add_argument("--output", help="write the result to this .npy file")
+        if verb == "run":  # explain runs nothing, so it has no result to keep or write
+            sp.add_argument("--save", help="keep the result as a dataset with this name")
+            sp.add_argument("--overwrite", action="store_true",
+                            help="with --save: replace an existing dataset of that name")
+            sp.add_argument("--output", help="write the result to this .npy file")
         sp.set_defaults(fn=fn)
 
     from .harness.report import MESSAGES

@@ -19,9 +19,13 @@ Tree::
     ├── NotOwner                 delete of a dataset this node does not hold
     ├── IntegrityError           checksum mismatch that retries could not fix
     ├── StoreError               the local HDF5 store failed (disk full, permissions)
-    ├── OpError                  (hpcflow.ops) defining, validating or running an op
-    │   ├── UnknownOpError, RegistrationError, ArityError, InputError, ParamError
-    ├── PlanningError            (hpcflow.decide) no valid plan: bad references, no capable node
+    ├── OpError                  an op failed while running, or cannot be registered or loaded
+    │   ├── UnknownOpError       no op of that name (on the initiator, or in a registry)
+    │   ├── RegistrationError    a malformed op definition, or a clash with another
+    │   ├── ArityError           an op was given the wrong number of inputs
+    │   ├── InputError           input shapes or dtypes do not fit the op
+    │   └── ParamError           missing, unknown or out-of-range op parameters
+    ├── PlanningError            no valid plan: unknown input, no node can run a step
     └── TransportError           anything on the wire
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
@@ -72,6 +76,39 @@ class StoreError(HpcflowError):
     """The local HDF5 store could not complete an operation."""
 
 
+class OpError(HpcflowError, ValueError):
+    """An op failed while running, or cannot be defined, validated or loaded.
+
+    The subclasses say *what* was wrong, so a caller can tell a typo in an op
+    name from a shape mismatch; the planner and the daemons raise them as they
+    are (with the step they concern in the message), never flattened.
+    """
+
+
+class UnknownOpError(OpError):
+    """No op with the requested name is registered."""
+
+
+class RegistrationError(OpError):
+    """An op definition is malformed or clashes with an existing one."""
+
+
+class ArityError(OpError):
+    """An op was given the wrong number of inputs."""
+
+
+class InputError(OpError):
+    """Inputs have incompatible shapes or unsupported dtypes."""
+
+
+class ParamError(OpError):
+    """Parameters are missing, unknown or out of range for the op."""
+
+
+class PlanningError(HpcflowError, ValueError):
+    """The workflow cannot be planned: unknown inputs, or no node can run a step."""
+
+
 class TransportError(HpcflowError):
     """Something went wrong on the wire."""
 
@@ -95,6 +132,15 @@ def _all_subclasses(cls: type[HpcflowError]) -> dict[str, type[HpcflowError]]:
     return found
 
 
+def with_context(exc: HpcflowError, message: str) -> HpcflowError:
+    """The same kind of error with a new message (e.g. the step it concerns prefixed),
+    so adding context never flattens a specific class into a general one."""
+    try:
+        return type(exc)(message)
+    except TypeError:  # a subclass with its own constructor signature
+        return HpcflowError(message)
+
+
 def to_wire(exc: BaseException) -> tuple[str, str]:
     """Encode an exception as ``(type name, message)`` for the wire."""
     if isinstance(exc, HpcflowError):
@@ -105,12 +151,9 @@ def to_wire(exc: BaseException) -> tuple[str, str]:
 def from_wire(name: Any, message: Any) -> HpcflowError:
     """Rebuild the hpcflow error a peer sent; unknown names become RemoteError.
 
-    Subclasses are looked up at call time so errors defined in later-imported
-    modules (ops, planning) are found too.
+    Subclasses are looked up at call time, so an error class defined elsewhere
+    (a subclass of one of these) is found too once its module is imported.
     """
-    import hpcflow.decide.errors
-    import hpcflow.ops.errors  # noqa: F401  (register their classes)
-
     known = _all_subclasses(HpcflowError)
     cls = known.get(str(name), RemoteError)
     if cls is RemoteError and str(name) not in ("RemoteError", ""):

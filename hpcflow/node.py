@@ -359,9 +359,11 @@ class Node:
             raise PeerUnavailable(f"{rec.owner} (holder of {rec.key}) is not alive")
         self.bulk_client.fetch(endpoint, rec.owner, rec, deliver)
 
-    def pull_any(self, holders: tuple[DatasetRecord, ...], deliver: Any) -> DatasetRecord:
-        """Pull from the first holder that works, preferring our own copy."""
-        ordered = sorted(holders, key=lambda r: r.owner != self.name)
+    def pull_any(self, holders: tuple[DatasetRecord, ...], deliver: Any,
+                 prefer: str | None = None) -> DatasetRecord:
+        """Pull from the first holder that works: ``prefer`` (the source a plan chose)
+        first, then our own copy, then the others in catalog order."""
+        ordered = sorted(holders, key=lambda r: (r.owner != prefer, r.owner != self.name))
         errors = []
         for rec in ordered:
             try:
@@ -399,17 +401,23 @@ class Node:
             raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
         return out
 
-    def replicate_part(self, p: PartLocation) -> tuple[DatasetRecord, str | None]:
-        """Copy one part here unless we have it; returns our record and the source used."""
+    def replicate_part(self, p: PartLocation, prefer: str | None = None,
+                       lineage: dict[str, Any] | None = None) -> tuple[DatasetRecord, str | None]:
+        """Copy one part here unless we have it; returns our record and the source used.
+
+        ``prefer`` is tried first (falling back to the other holders if it fails);
+        ``lineage`` entries are added to the copy's (e.g. the workflow that made it).
+        """
         mine = next((r for r in p.holders if r.owner == self.name), None)
         if mine is not None:
             return mine, None
         src = p.holders[0]
         writer = self.store.begin(src.name, src.shape, src.dtype, part=src.part,
-                                  nparts=src.nparts, lineage=src.lineage,
+                                  nparts=src.nparts, lineage={**src.lineage, **(lineage or {})},
                                   chunk_bytes=src.chunk_bytes)
         try:
-            used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d))
+            used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d),
+                                 prefer)
             return writer.commit(src.checksum), used.owner
         except BaseException:
             writer.abort()

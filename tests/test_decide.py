@@ -11,10 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hpcflow.config import timeout_scale
 from hpcflow.decide import (
     BEST_WITHIN_BUDGET,
+    DEFAULT_BUDGET_S,
     CostModel,
     Dataset,
+    Link,
     Part,
     PartLoc,
     Placement,
@@ -31,7 +34,14 @@ from hpcflow.decide import (
 from hpcflow.decide.bound import LowerBound
 from hpcflow.decide.state import State
 from hpcflow.decide.strategies import deliver, evaluate, outcomes
-from hpcflow.ops import DEFAULT_REGISTRY, OpRegistry
+from hpcflow.ops import (
+    DEFAULT_REGISTRY,
+    ArityError,
+    InputError,
+    OpRegistry,
+    ParamError,
+    UnknownOpError,
+)
 
 COLS = 256
 ROW = COLS * 8  # bytes of one float64 row
@@ -106,15 +116,20 @@ def random_problem(
         homes = [tuple(rng.sample(names, rng.randint(1, 2) if replicas else 1)) for _ in rows]
         datasets.append(dataset(f"D{d}", rows, homes))
     tables = {ds.name: ds.rows for ds in datasets}  # objects with COLS columns, by row count
+    vectors: list[str] = []  # (COLS,) results: broadcast operands of add
     flow = []
     complex_: set[str] = set()  # histogram needs real input
     for i in range(steps):
         src = rng.choice(sorted(tables))
-        op = rng.choice(["scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "hist"])
+        ops = ["scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "hist"]
+        op = rng.choice(ops + (["addv"] if vectors else []))
         out = f"S{i}"
         if op == "add":
             other = rng.choice(sorted(n for n, r in tables.items() if r == tables[src]))
             flow.append(Step(out, "add", [src, other]))
+        elif op == "addv":  # a column vector broadcast against every row
+            vec = rng.choice(vectors)
+            flow.append(Step(out, "add", [vec, src] if rng.random() < 0.5 else [src, vec]))
         elif op == "scale":
             flow.append(Step(out, "scale", [src], {"factor": 2.0}))
         elif op == "hist" and src not in complex_:
@@ -123,13 +138,35 @@ def random_problem(
             flow.append(Step(out, "colsum", [src]))
         else:
             flow.append(Step(out, op, [src]))
-        if op in ("add", "scale", "fft", "sort_rows"):
+        if op in ("add", "addv", "scale", "fft", "sort_rows"):
             tables[out] = tables[src]
-        if op == "fft" or (op in ("add", "scale", "sort_rows") and complex_ & {*flow[-1].inputs}):
+        elif flow[-1].op in ("colsum", "median"):
+            vectors.append(out)
+        if op == "fft" or (
+            op in ("add", "addv", "scale", "sort_rows") and complex_ & {*flow[-1].inputs}
+        ):
             complex_.add(out)
     read = {name for step in flow for name in step.inputs}
     deliver_ = [step.out for step in flow if step.out not in read]
     return Workflow(flow, "n1", deliver_), placement(*datasets)
+
+
+def random_cost(rng: random.Random, nodes: int, objective: str) -> CostModel:
+    """Load, per-pair links and op throughputs of every magnitude that matters."""
+    names = [f"n{i}" for i in range(1, nodes + 1)]
+    links = {
+        (a, b): Link(rng.choice([1e8, 1e9, 5e9]), rng.choice([1e-4, 1e-3]))
+        for a in names
+        for b in names
+        if a < b and rng.random() < 0.4
+    }
+    return CostModel(
+        objective=objective,  # type: ignore[arg-type]
+        links=links,
+        load={n: rng.choice([0, 0, 1, 3]) for n in names},
+        queued_op_seconds=rng.choice([1e-4, 1e-2]),
+        default_throughput=rng.choice([1e7, 1e9, 1e11]),
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -142,14 +179,10 @@ def random_problem(
 def test_optimal_equals_brute_force(seed: int, nodes: int, steps: int, objective: str) -> None:
     workflow, pl = random_problem(seed, nodes, steps)
     rng = random.Random(seed)
-    cost = CostModel(
-        objective=objective,  # type: ignore[arg-type]
-        load={f"n{i}": rng.choice([0, 0, 1]) for i in range(1, nodes + 1)},
-        queued_op_seconds=1e-4,
-    )
+    cost = random_cost(rng, nodes, objective)
     problem = Problem(workflow, pl, cost=cost)
     want = brute_force(problem)
-    plan = optimal_plan(workflow, pl, cost=cost)
+    plan = optimal_plan(workflow, pl, cost=cost, time_budget=None)
     got = cost.key(plan.bytes_moved, plan.seconds)
     assert got[0] == pytest.approx(want[0], rel=1e-9, abs=1e-12)
     assert got[1] == pytest.approx(want[1], rel=1e-6, abs=1e-12)
@@ -158,18 +191,33 @@ def test_optimal_equals_brute_force(seed: int, nodes: int, steps: int, objective
     assert cost.key(greedy.bytes_moved, greedy.seconds)[0] >= got[0] - 1e-9
 
 
-@settings(max_examples=40, deadline=None)
+def remaining_seconds(problem: Problem, index: int, state: State) -> float:
+    """Fewest seconds any completion takes after step ``index`` (delivery included)."""
+    if index + 1 == len(problem.steps):
+        names = [n for n in problem.workflow.deliver if n in state.holdings]
+        return deliver(problem, state, names)[1]
+    return min(
+        outcome.seconds + remaining_seconds(problem, index + 1, outcome.state)
+        for outcome in outcomes(problem, index + 1, state, exhaustive=True)
+    )
+
+
+@settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 10**6), nodes=st.integers(2, 4), steps=st.integers(2, 5))
 def test_bound_never_exceeds_the_remaining_cost(seed: int, nodes: int, steps: int) -> None:
-    """Along a random partial plan, the search's bound is at most the true remaining bytes."""
+    """Along a random partial plan, the search's bound is at most the true remaining bytes
+    and the true remaining seconds (each minimised over every completion)."""
     workflow, pl = random_problem(seed, nodes, steps)
-    problem = Problem(workflow, pl)
-    bound = LowerBound(problem)
     rng = random.Random(seed)
+    problem = Problem(workflow, pl, cost=random_cost(rng, nodes, "time"))
+    bound = LowerBound(problem)
     state = problem.initial_state()
-    for index in range(len(problem.steps) - 1):
-        state = rng.choice(outcomes(problem, index, state, exhaustive=True)).state
-        assert bound(index, state) <= remaining_bytes(problem, index, state)
+    for index in range(-1, len(problem.steps) - 1):
+        if index >= 0:
+            state = rng.choice(outcomes(problem, index, state, exhaustive=True)).state
+        nbytes, seconds = bound(index, state)
+        assert nbytes <= remaining_bytes(problem, index, state)
+        assert seconds <= remaining_seconds(problem, index, state) * (1 + 1e-9)
 
 
 def test_brute_force_sees_nodes_that_hold_nothing() -> None:
@@ -287,13 +335,32 @@ def twelve_steps() -> tuple[Workflow, Placement, dict[str, dict[str, str]]]:
     return workflow, placement(*datasets), {n: DEFAULT_REGISTRY.hashes() for n in nodes}
 
 
-def test_twelve_steps_on_twelve_nodes_plans_quickly() -> None:
+def test_twelve_steps_on_twelve_nodes_plans_within_a_second() -> None:
+    """The issue's target: a dozen steps on a dozen nodes, proven optimal within a second
+    (stretched by HPCFLOW_TIMEOUT_SCALE on a loaded machine)."""
     workflow, pl, node_ops = twelve_steps()
+    limit = DEFAULT_BUDGET_S * timeout_scale()
     started = time.perf_counter()
-    plan = optimal_plan(workflow, pl, node_ops=node_ops)
-    assert time.perf_counter() - started < 5.0  # loose; the benchmark measures properly
-    assert plan.method == "optimal"
+    plan = optimal_plan(workflow, pl, node_ops=node_ops, time_budget=limit)
+    assert time.perf_counter() - started < limit
+    assert plan.method == "optimal"  # proven, not the best found when the budget ran out
     assert plan.bytes_moved <= greedy_plan(workflow, pl).bytes_moved
+
+
+def test_time_objective_on_twelve_nodes_answers_within_the_budget() -> None:
+    """Under objective="time" the plan comes back within the budget (plus compilation),
+    and says whether it is proven optimal."""
+    workflow, pl, node_ops = twelve_steps()
+    cost = CostModel(objective="time", load={"n3": 2, "n5": 1})
+    budget = DEFAULT_BUDGET_S * timeout_scale()
+    started = time.perf_counter()
+    plan = optimal_plan(workflow, pl, node_ops=node_ops, cost=cost, time_budget=budget)
+    assert time.perf_counter() - started < budget + 0.5 * timeout_scale()
+    assert plan.method in ("optimal", BEST_WITHIN_BUDGET)
+    if plan.method == BEST_WITHIN_BUDGET:
+        assert "not proven optimal" in plan.explain()
+    baseline = greedy_plan(workflow, pl, node_ops=node_ops, cost=cost)
+    assert plan.seconds <= baseline.seconds
 
 
 def test_time_budget_returns_the_best_plan_found_so_far() -> None:
@@ -345,14 +412,33 @@ def test_op_missing_everywhere_raises_planning_error() -> None:
     node_ops = {n: {"add": DEFAULT_REGISTRY.hashes()["add"]} for n in ("n1", "n2", "n3")}
     with pytest.raises(PlanningError, match=r"step 'F1' \(op 'fft'\)"):
         optimal_plan(workflow, pl, node_ops=node_ops)
-    with pytest.raises(PlanningError, match="unknown op"):
-        optimal_plan(Workflow([Step("X", "nope", ["DS1"])], "n1"), pl)
     with pytest.raises(PlanningError, match="unknown input"):
         optimal_plan(Workflow([Step("X", "fft", ["DS9"])], "n1"), pl)
-    with pytest.raises(PlanningError, match="takes 2"):
+
+
+def test_op_problems_keep_their_specific_error_class() -> None:
+    """Unknown op, arity, shape and param problems are not flattened into PlanningError,
+    and messages quote the real input shapes, not the inference samples'."""
+    pl = placement(dataset("DS1", [558], ["n2"]), dataset("DS9", [558], ["n3"]))
+    six = Dataset("SIX", (6,), np.dtype("float64"), (Part(558, 558 * 48, ("n2",)),))
+    four = Dataset("FOUR", (4,), np.dtype("float64"), (Part(558, 558 * 32, ("n3",)),))
+    pl = Placement({**pl.datasets, "SIX": six, "FOUR": four})
+    with pytest.raises(UnknownOpError, match=r"step 'X' \(op 'nope'\).*unknown op"):
+        optimal_plan(Workflow([Step("X", "nope", ["DS1"])], "n1"), pl)
+    with pytest.raises(ArityError, match="takes 2"):
         optimal_plan(Workflow([Step("X", "add", ["DS1"])], "n1"), pl)
-    with pytest.raises(PlanningError, match="bad params"):
+    with pytest.raises(ParamError, match="bad params"):
         optimal_plan(Workflow([Step("X", "scale", ["DS1"])], "n1"), pl)
+    with pytest.raises(InputError) as err:
+        optimal_plan(Workflow([Step("X", "add", ["SIX", "FOUR"])], "n1"), pl)
+    assert "(558, 6)" in str(err.value) and "(558, 4)" in str(err.value)
+    assert "(2, 6)" not in str(err.value)  # a sample's shape would mislead
+    short = Dataset("SHORT", (COLS,), np.dtype("float64"), (Part(10, 10 * ROW, ("n3",)),))
+    with pytest.raises(InputError, match="row counts"):
+        optimal_plan(
+            Workflow([Step("X", "add", ["DS1", "SHORT"])], "n1"),
+            Placement({**pl.datasets, "SHORT": short}),
+        )
 
 
 def test_pull_all_needs_the_ops_on_the_initiator() -> None:
@@ -387,3 +473,82 @@ def test_placement_from_catalog_rows_and_explain() -> None:
     assert "colsum" in text and "split" in text and "optimal plan" in text
     with pytest.raises(PlanningError):
         Placement.from_locs([PartLoc("D", 1, "n2", 1, 1)], {"D": ((1,), "float64")})
+
+
+# ---------------------------------------------------------------- broadcast, basis, inference
+
+
+def test_split_follows_the_cheapest_inputs_partition_in_either_order() -> None:
+    """add(A, B) and add(B, A) have the same optimum: the split may follow either
+    input's parts (the audit's case: 128512 vs 64512 bytes)."""
+    c = 16
+    a = Dataset("A", (c,), np.dtype("f8"), (Part(500, 500 * c * 8, ("n2",)),
+                                           Part(500, 500 * c * 8, ("n3",))))
+    b = Dataset("B", (c,), np.dtype("c16"), (Part(500, 500 * c * 16, ("n2",)),
+                                            Part(500, 500 * c * 16, ("n4",))))
+    pl = Placement({"A": a, "B": b})
+    moved = []
+    for ins in (["A", "B"], ["B", "A"]):
+        workflow = Workflow([Step("S", "add", ins), Step("R", "colsum", ["S"])], "n1")
+        plan = optimal_plan(workflow, pl)
+        assert plan.bytes_moved == brute_force(Problem(workflow, pl))[0]
+        moved.append(plan.bytes_moved)
+    # A's part on n3 moves to n4 (B's), then two complex column-sum partials to n1
+    assert moved[0] == moved[1] == 500 * c * 8 + 2 * c * 16
+
+
+def test_a_broadcast_operand_goes_whole_to_every_part() -> None:
+    """add(table, colsum(other)): the column vector is sent to each node running a part
+    of the table, and counted once per node it is sent to."""
+    pl = placement(
+        dataset("T", [100, 100, 100], ["n2", "n3", "n4"]), dataset("V", [50], ["n5"])
+    )
+    workflow = Workflow(
+        [Step("S", "colsum", ["V"]), Step("A", "add", ["T", "S"]), Step("M", "colsum", ["A"])],
+        "n1",
+    )
+    problem = Problem(workflow, pl)
+    assert problem.steps[1].broadcast_inputs == ("S",)
+    plan = optimal_plan(workflow, pl)
+    assert plan.bytes_moved == brute_force(problem)[0]
+    add = plan.step("A")
+    assert add.strategy == "split" and add.broadcast == ("S",)
+    sent = [t for t in add.transfers if t.obj == "S"]
+    assert sorted(t.dst for t in sent) == sorted(set(add.nodes) - {plan.step("S").combiner})
+    assert all(t.nbytes == COLS * 8 for t in sent)
+
+
+def test_inference_runs_each_op_once_per_plan() -> None:
+    """Inference runs op code: once per op, params and input model for the whole planning
+    run (problem, sub-problems, baselines), on three samples."""
+    calls = {"rowwise": 0, "reduce": 0}
+    registry = OpRegistry()
+
+    def slow(x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        calls["rowwise"] += 1
+        return x * 2
+
+    def total(x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        calls["reduce"] += 1
+        return np.asarray(x.sum(axis=0))
+
+    registry.op("slow", kind="rowwise")(slow)
+    registry.op("total", kind="reduce")(total)
+    pl = placement(dataset("D", [10, 10], ["n2", "n3"]), dataset("E", [5], ["n4"]))
+    workflow = Workflow(
+        [Step("A", "slow", ["D"]), Step("B", "total", ["A"]), Step("C", "slow", ["E"])],
+        "n1",
+        ("B", "C"),
+    )
+    optimal_plan(workflow, pl, registry=registry)
+    assert calls == {"rowwise": 3, "reduce": 3}
+
+
+def test_reasons_round_and_ignore_sub_microsecond_ties() -> None:
+    workflow, pl = thesis("colsum")
+    for plan in (optimal_plan(workflow, pl), optimal_plan(workflow, pl,
+                                                          cost=CostModel(objective="time"))):
+        text = plan.explain()
+        assert "e-0" not in text  # no 2.88e-07s
+        for step in plan.steps:
+            assert "<1 µs dearer" not in step.reason

@@ -30,6 +30,7 @@ from hpcflow.ops import (
     load_op_module,
     op,
     output_model,
+    row_roles,
     run_global,
     run_partial,
     run_rowwise_part,
@@ -270,7 +271,7 @@ def test_validation_errors_are_typed() -> None:
     x = np.ones((4, 3))
     with pytest.raises(ArityError):
         apply(get_op("add"), [x], {})
-    with pytest.raises(InputError, match="shapes differ"):
+    with pytest.raises(InputError, match=r"differ: rows of shape \(3,\) vs rows of shape \(2,\)"):
         apply(get_op("add"), [x, np.ones((4, 2))], {})
     with pytest.raises(InputError, match="row counts"):
         run_rowwise_part(get_op("add"), [x, np.ones((3, 3))], {})
@@ -335,3 +336,73 @@ def test_inference_errors_and_declared_shapes() -> None:
     registry.op("first2", kind="global", out_dtype="float32")(lambda x: x[:2])
     with pytest.raises(OpError, match="declared dtype"):
         infer_output(registry.get("first2"), [(10, 2)], ["float64"], {})
+
+
+def test_add_broadcasts_a_column_vector_against_every_row() -> None:
+    """The issue's script adds colsum(DS2), shape (cols,), to fft(DS1): numpy semantics,
+    split or not; the vector is a broadcast operand, sent whole to every row block."""
+    spec = get_op("add")
+    x = np.random.default_rng(3).random((7, 3))
+    for v in (np.arange(3.0), np.arange(3.0).reshape(1, 3)):
+        want = x + v
+        _assert_same(apply(spec, [x, v], {}), want)
+        _assert_same(apply(spec, [v, x], {}), v + x)
+        assert row_roles(spec, [x.shape, v.shape]) == (True, False)
+        blocks = [run_rowwise_part(spec, [b, v], {}) for b in _split(x, [0, 2, 5])]
+        _assert_same(np.concatenate(blocks), want)
+        assert infer_output(spec, [(1000, 3), v.shape], ["complex128", "float64"], {}) == (
+            (1000, 3),
+            np.dtype("complex128"),
+        )
+    assert row_roles(spec, [(5, 3), (5, 3)]) == (True, True)
+    assert row_roles(spec, [(1, 3), (1, 3)]) == (True, True)
+    assert row_roles(spec, [(0, 3), (1, 3)]) == (True, False)  # an empty block still adds
+    with pytest.raises(InputError, match=r"row counts.*\(100, 3\), \(7, 3\)"):
+        infer_output(spec, [(100, 3), (7, 3)], ["float64"] * 2, {})
+    with pytest.raises(InputError, match="shapes differ"):
+        infer_output(spec, [(100, 3), (4,)], ["float64"] * 2, {})
+    with pytest.raises(InputError, match="row counts"):
+        row_roles(get_op("add"), [(5, 3), (4, 3)])
+
+
+def test_definition_hash_covers_constants_and_metadata(tmp_path: Path) -> None:
+    """Two modules that differ only in a constant the op reads hash differently (the
+    audit's h1/h2), and so do kind, splittable, out_shape, out_dtype and combine."""
+    import importlib.util
+
+    hashes = []
+    for k in ("2.0", "3.0", "2.0"):
+        path = tmp_path / f"m{len(hashes)}.py"
+        path.write_text(
+            "from hpcflow.ops import OpRegistry\nR = OpRegistry()\n"
+            f"K = {k}\nW = __import__('numpy').arange(3) * {k}\n"
+            "@R.op('k', kind='rowwise')\ndef k(x):\n    return x * K + W.sum()\n"
+        )
+        spec = importlib.util.spec_from_file_location(f"hash_mod_{len(hashes)}", path)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        hashes.append(module.R.get("k").definition_hash)
+    assert hashes[0] != hashes[1] and hashes[0] == hashes[2]
+
+    def closure(factor: float) -> Callable[[Array], Array]:
+        def f(x: Array) -> Array:
+            return x * factor
+
+        return f
+
+    assert (OpSpec("c", "rowwise", closure(2.0)).definition_hash
+            != OpSpec("c", "rowwise", closure(3.0)).definition_hash)
+
+    def red(x: Array) -> Array:
+        return np.asarray(x.sum(axis=0))
+
+    base = OpSpec("r", "reduce", red)
+    variants = [
+        OpSpec("r", "reduce", red, splittable=lambda params: False),
+        OpSpec("r", "reduce", red, out_dtype=np.dtype("float32")),
+        OpSpec("r", "reduce", red, out_shape=lambda shapes, params: shapes[0][1:]),
+        OpSpec("r", "reduce", red, combine=lambda parts: np.max(parts, axis=0)),
+    ]
+    digests = {base.definition_hash, *(v.definition_hash for v in variants)}
+    assert len(digests) == 1 + len(variants)

@@ -11,11 +11,12 @@ from hpcflow.decide.errors import PlanningError
 from hpcflow.decide.model import Dataset, NodeOps, Part, PartLoc, Placement, Step, Workflow
 from hpcflow.decide.plan import Plan, StepPlan, Strategy, Transfer, Work
 from hpcflow.decide.problem import Problem
-from hpcflow.decide.search import BEST_WITHIN_BUDGET, optimal_plan
+from hpcflow.decide.search import BEST_WITHIN_BUDGET, DEFAULT_BUDGET_S, optimal_plan
 from hpcflow.decide.strategies import At, Decision, Split, SplitReduce
 
 __all__ = [
     "BEST_WITHIN_BUDGET",
+    "DEFAULT_BUDGET_S",
     "At",
     "CostModel",
     "Dataset",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hpcflow.decide.cost import CostKey
-from hpcflow.decide.plan import Plan, StepPlan, Strategy, format_bytes
+from hpcflow.decide.plan import Plan, StepPlan, Strategy, format_bytes, format_seconds
 from hpcflow.decide.problem import Problem, StepInfo
 from hpcflow.decide.state import State
 from hpcflow.decide.strategies import (
@@ -85,6 +85,8 @@ def _step_plan(problem: Problem, info: StepInfo, before: State, outcome: Outcome
         seconds=outcome.seconds,
         reason=_reason(problem, info, before, outcome, strategy),
         work=outcome.work,
+        broadcast=info.broadcast_inputs,
+        dtype=info.model.dtype.str,
     )
 
 
@@ -103,8 +105,12 @@ def _reason(
         }[strategy]
     elif isinstance(decision, Split):
         text = f"each of {len(outcome.nodes)} part(s) runs where it lies"
+        if len(info.row_inputs) > 1:
+            text += f" (split like {info.row_inputs[decision.basis]})"
         if outcome.nbytes:
             text += f"; {moved} of aligned rows moved"
+        if info.broadcast_inputs:
+            text += f"; {', '.join(info.broadcast_inputs)} sent whole to every part"
     else:
         partials = sum(t.nbytes for t in outcome.transfers if t.kind == "partial")
         text = f"partials ({format_bytes(partials)}) combined on {decision.combiner}"
@@ -114,21 +120,33 @@ def _reason(
 
 
 def _comparison(problem: Problem, info: StepInfo, before: State, outcome: Outcome) -> str:
-    """Why not the step's cheapest local option, or why not fetch to the initiator."""
+    """Why not the step's cheapest local option, or why not fetch to the initiator.
+
+    Differences below a microsecond (with equal bytes) are ties, not reasons.
+    """
     options = outcomes(problem, info.index, before)
     cheapest = min(options, key=lambda o: o.key)
-    if cheapest.key < outcome.key:
+    delta = _delta(problem, outcome, cheapest)
+    if cheapest.key < outcome.key and delta:
         return (
-            f"; {_delta(problem, outcome, cheapest)} dearer than the best choice for this step"
+            f"; {delta} dearer than the best choice for this step"
             " alone, repaid by later steps or delivery"
         )
     fetch = evaluate(problem, info.index, before, At(problem.initiator))
     if fetch is not None and fetch.decision != outcome.decision and fetch.key > outcome.key:
-        return f"; fetching to {problem.initiator} instead: {_delta(problem, fetch, outcome)} more"
+        delta = _delta(problem, fetch, outcome)
+        if delta:
+            return f"; fetching to {problem.initiator} instead: {delta} more"
     return ""
 
 
+#: Estimated time differences below this are reported as ties.
+_TIE_S = 1e-6
+
+
 def _delta(problem: Problem, worse: Outcome, better: Outcome) -> str:
+    """How much dearer ``worse`` is, in the objective's unit ('' for a negligible tie)."""
     if problem.cost.objective == "time" or worse.nbytes == better.nbytes:
-        return f"{worse.seconds - better.seconds:.3g}s"
+        seconds = worse.seconds - better.seconds
+        return format_seconds(seconds) if seconds >= _TIE_S else ""
     return format_bytes(worse.nbytes - better.nbytes)

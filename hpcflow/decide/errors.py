@@ -1,9 +1,11 @@
-"""The planner's one error type."""
+"""The planner's error type (defined in :mod:`hpcflow.errors`, the one exception tree).
+
+Problems with an op itself (unknown op, arity, shapes, params) are raised as
+the specific :class:`~hpcflow.errors.OpError` subclass instead.
+"""
 
 from __future__ import annotations
 
-from hpcflow.errors import HpcflowError
+from hpcflow.errors import PlanningError
 
-
-class PlanningError(HpcflowError, ValueError):
-    """The workflow cannot be planned: bad references, shapes, or no node can run a step."""
+__all__ = ["PlanningError"]

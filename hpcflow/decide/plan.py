@@ -39,12 +39,16 @@ class Work:
       ``out_rows`` (one output part per ``part`` unit, in row order);
     * ``partial``: a reduce partial over the input rows in ``rows``;
     * ``combine``: the combiner merging every ``partial`` of the step.
+
+    ``shape`` is what the unit's output must look like under the op's output
+    model (None for partials); the node checks the real output against it.
     """
 
     node: str
     mode: Mode
     rows: tuple[tuple[int, int], ...] = ()
     out_rows: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class StepPlan:
     ``nodes`` are the execution nodes (one per output part for a rowwise
     split, one per partial for a reduce split); ``combiner`` is where a split
     reduce's partials meet.  The output is left on ``nodes`` (or ``combiner``).
+    ``broadcast`` names the inputs every ``part`` unit reads whole (broadcast
+    operands of a rowwise op); ``dtype`` is the output's.
     """
 
     out: str
@@ -66,6 +72,8 @@ class StepPlan:
     seconds: float
     reason: str
     work: tuple[Work, ...] = ()
+    broadcast: tuple[str, ...] = ()
+    dtype: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class Plan:
                 s.strategy,
                 _nodes_label(s),
                 format_bytes(s.nbytes),
-                f"{s.seconds:.3g}s",
+                format_seconds(s.seconds),
                 s.reason,
             )
             for s in self.steps
@@ -118,9 +126,12 @@ class Plan:
             "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
             for r in (head, *rows)
         ]
+        label = f"{self.method} plan"
+        if self.method == "best_within_budget":
+            label = "best plan found within the search budget (not proven optimal)"
         lines.append(
-            f"{self.method} plan ({self.objective} objective): "
-            f"{format_bytes(self.bytes_moved)} moved, ~{self.seconds:.3g}s"
+            f"{label} ({self.objective} objective): "
+            f"{format_bytes(self.bytes_moved)} moved, ~{format_seconds(self.seconds)}"
         )
         return "\n".join(line.rstrip() for line in lines)
 
@@ -128,6 +139,20 @@ class Plan:
 def _nodes_label(step: StepPlan) -> str:
     nodes = ",".join(dict.fromkeys(step.nodes))
     return f"{nodes}->{step.combiner}" if step.combiner else nodes
+
+
+def format_seconds(seconds: float) -> str:
+    """Estimated durations at a sensible precision: ``1.23 s``, ``45.6 ms``, ``780 µs``,
+    ``<1 µs`` (the model's estimates mean nothing below a microsecond)."""
+    value = abs(seconds)
+    sign = "-" if seconds < 0 else ""
+    if value >= 1:
+        return f"{sign}{value:.3g} s"
+    if value >= 1e-3:
+        return f"{sign}{value * 1e3:.3g} ms"
+    if value >= 1e-6:
+        return f"{sign}{value * 1e6:.3g} µs"
+    return "<1 µs" if value else "0 s"
 
 
 def format_bytes(nbytes: float) -> str:

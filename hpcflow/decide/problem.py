@@ -10,7 +10,7 @@ let the search consider one empty "blank" node per class (see
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,17 @@ from hpcflow.decide.cost import CostModel
 from hpcflow.decide.errors import PlanningError
 from hpcflow.decide.model import Dataset, NodeOps, Part, Placement, Step, Workflow
 from hpcflow.decide.state import DataObject, Holding, PartGeom, State
-from hpcflow.ops import DEFAULT_REGISTRY, OpError, OpRegistry, OpSpec, OutputModel, output_model
+from hpcflow.errors import with_context
+from hpcflow.ops import (
+    DEFAULT_REGISTRY,
+    ArityError,
+    ModelCache,
+    OpError,
+    OpRegistry,
+    OpSpec,
+    OutputModel,
+    row_roles,
+)
 
 
 @dataclass(frozen=True)
@@ -33,12 +43,23 @@ class StepInfo:
     splittable: bool
     capable: tuple[str, ...]
     in_rows: int
+    #: per input: split by rows (True) or a broadcast operand sent whole (rowwise ops)
+    aligned: tuple[bool, ...]
+    #: distinct inputs split by rows (all of them unless some are broadcast)
+    row_inputs: tuple[str, ...] = field(init=False)
+    #: distinct broadcast operands: every node running a row block needs all of them
+    broadcast_inputs: tuple[str, ...] = field(init=False)
+    #: whether only At decisions apply: global ops, and reduces that cannot split with
+    #: these params (a rowwise op can always run per part)
+    at_only: bool = field(init=False)
 
-    @property
-    def at_only(self) -> bool:
-        """Only At decisions apply: global ops, and reduces that cannot split with these
-        params (a rowwise op can always run per part)."""
-        return self.spec.kind != "rowwise" and not self.splittable
+    def __post_init__(self) -> None:
+        pairs = list(zip(self.step.inputs, self.aligned, strict=True))
+        rows = tuple(dict.fromkeys(n for n, a in pairs if a))
+        whole = tuple(dict.fromkeys(n for n, a in pairs if not a))
+        object.__setattr__(self, "row_inputs", rows)
+        object.__setattr__(self, "broadcast_inputs", whole)
+        object.__setattr__(self, "at_only", self.spec.kind != "rowwise" and not self.splittable)
 
 
 class Problem:
@@ -58,6 +79,7 @@ class Problem:
         node_ops: NodeOps | None = None,
         cost: CostModel | None = None,
         nodes: Iterable[str] = (),
+        models: ModelCache | None = None,
     ) -> None:
         self.workflow = workflow
         self.initiator = workflow.initiator
@@ -71,7 +93,10 @@ class Problem:
         self.sources = {
             name: DataObject(name, _source_parts(ds.parts)) for name, ds in sources.items()
         }
-        self.steps = _compile_steps(workflow, placement, registry, node_ops, self.nodes)
+        self.models = models or ModelCache()
+        self.steps = _compile_steps(
+            workflow, placement, registry, node_ops, self.nodes, self.models
+        )
         self._alive_after, self._alive_at_start = _liveness(workflow)
         self._read_after = tuple(
             frozenset(name for later in workflow.steps[index + 1 :] for name in later.inputs)
@@ -166,6 +191,7 @@ def _compile_steps(
     registry: OpRegistry,
     node_ops: NodeOps | None,
     nodes: tuple[str, ...],
+    models: ModelCache,
 ) -> tuple[StepInfo, ...]:
     # name -> (rows, row_shape, dtype) of every object known so far
     shapes: dict[str, tuple[int, tuple[int, ...], np.dtype[Any]]] = {
@@ -174,19 +200,23 @@ def _compile_steps(
     infos = []
     for index, step in enumerate(workflow.steps):
         where = f"step {step.out!r} (op {step.op!r})"
+        ins = [shapes[name] for name in step.inputs]
+        real = [(rows, *row_shape) for rows, row_shape, _ in ins]
         try:
             spec = registry.get(step.op)
+            if len(step.inputs) != spec.arity:
+                raise ArityError(f"takes {spec.arity} input(s), got {len(step.inputs)}")
+            aligned = row_roles(spec, real)
+            model = models.model(
+                spec,
+                [s for _, s, _ in ins],
+                [d for _, _, d in ins],
+                step.params,
+                broadcast=[None if a else s for s, a in zip(real, aligned, strict=True)],
+            )
         except OpError as exc:
-            raise PlanningError(f"{where}: {exc}") from None
-        if len(step.inputs) != spec.arity:
-            raise PlanningError(f"{where}: takes {spec.arity} input(s), got {len(step.inputs)}")
-        ins = [shapes[name] for name in step.inputs]
-        if spec.kind == "rowwise" and len({rows for rows, _, _ in ins}) > 1:
-            raise PlanningError(f"{where}: inputs have different row counts")
-        try:
-            model = output_model(spec, [s for _, s, _ in ins], [d for _, _, d in ins], step.params)
-        except OpError as exc:
-            raise PlanningError(f"{where}: {exc}") from None
+            given = ", ".join(f"{n} {s}" for n, s in zip(step.inputs, real, strict=True))
+            raise with_context(exc, f"{where} on {given}: {exc}") from None
         capable = tuple(
             n
             for n in nodes
@@ -197,10 +227,14 @@ def _compile_steps(
                 f"{where}: no node can run it (none advertises definition hash "
                 f"{spec.definition_hash[:12]})"
             )
-        rows = ins[0][0]
+        rows = next(r for (r, _, _), a in zip(ins, aligned, strict=True) if a)
         shape = model.shape(rows)
         shapes[step.out] = (model.out_rows(rows), tuple(shape[1:]), model.dtype)
-        infos.append(StepInfo(index, step, spec, model, spec.can_split(step.params), capable, rows))
+        infos.append(
+            StepInfo(
+                index, step, spec, model, spec.can_split(step.params), capable, rows, aligned
+            )
+        )
     return tuple(infos)
 
 

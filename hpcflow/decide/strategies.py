@@ -4,9 +4,10 @@ Three decision types span the plan space (``docs/cost-model.md``):
 
 * :class:`At` — gather every input row on one node and run the op there
   (reported as local / fetch / delegate);
-* :class:`Split` — rowwise ops: each part of the first input runs on a node
-  that holds it (``target`` if it holds the whole part, else the part's home);
-  other inputs' overlapping rows are moved there;
+* :class:`Split` — rowwise ops: each part of one row input (the ``basis``)
+  runs on a node that holds it (``target`` if it holds the whole part, else
+  the part's home); the other row inputs' overlapping rows and the whole of
+  every broadcast operand are moved there;
 * :class:`SplitReduce` — splittable reduce ops: holders compute partials and
   send them to ``combiner``; a part is sent raw instead when that is no larger.
 
@@ -35,6 +36,7 @@ class At:
 @dataclass(frozen=True)
 class Split:
     target: str | None
+    basis: int = 0  # index into StepInfo.row_inputs: whose partition the output follows
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,24 @@ def decisions(
     nodes = info.capable if exhaustive else problem.candidates(index, state)
     out: list[Decision] = [At(n) for n in nodes]
     if info.spec.kind == "rowwise":
-        out += [Split(None), *(Split(n) for n in nodes)]
+        for basis, name in enumerate(info.row_inputs):
+            targets = nodes if exhaustive else _split_targets(info, state.holdings[name], nodes)
+            out += [Split(None, basis), *(Split(n, basis) for n in targets)]
     elif info.spec.kind == "reduce" and info.splittable:
         out += [SplitReduce(n) for n in nodes]
     return out
+
+
+def _split_targets(info: StepInfo, basis: Holding, nodes: tuple[str, ...]) -> tuple[str, ...]:
+    """Split targets whose outcome can differ from ``Split(None)``: a target only matters
+    where it holds a whole non-empty part of the basis, unless some part has no capable
+    home (then the target runs it)."""
+    parts = basis.obj.parts
+    if not all(any(n in info.capable for n in p.homes) for p in parts):
+        return nodes
+    return tuple(
+        n for n in nodes if any(p.rows and covers(basis.at(n), p.lo, p.hi) for p in parts)
+    )
 
 
 def outcomes(
@@ -99,7 +115,7 @@ def evaluate(problem: Problem, index: int, state: State, decision: Decision) -> 
     if isinstance(decision, At):
         nodes = run.at(info, decision.node)
     elif isinstance(decision, Split):
-        nodes = run.split(info, decision.target)
+        nodes = run.split(info, decision.target, decision.basis)
     else:
         nodes = run.split_reduce(info, decision.combiner)
     if nodes is None:
@@ -153,12 +169,14 @@ class _Run:
         self.seconds = self.inbound[node] + self._compute(info, node, work)
         rows = info.model.out_rows(info.in_rows)
         self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.in_rows), (node,)),))
-        self.work.append(Work(node, "whole", (), (0, rows)))
+        self.work.append(Work(node, "whole", (), (0, rows), info.model.shape(info.in_rows)))
         return (node,)
 
-    def split(self, info: StepInfo, target: str | None) -> tuple[str, ...] | None:
+    def split(self, info: StepInfo, target: str | None, basis: int = 0) -> tuple[str, ...] | None:
         step = info.step
-        first = self.hold[step.inputs[0]]
+        if basis >= len(info.row_inputs):
+            return None
+        first = self.hold[info.row_inputs[basis]]
         work: defaultdict[str, int] = defaultdict(int)
         nodes, parts = [], []
         lo_out = 0
@@ -166,13 +184,26 @@ class _Run:
             node = self._split_node(info, first, part, target)
             if node is None:
                 return None
-            if part.rows:
-                for name in dict.fromkeys(step.inputs):
+            if part.rows or info.model.nbytes(0):
+                for name in info.row_inputs:
                     self.bring(name, part.lo, part.hi, node)
-                work[node] += sum(self._bytes(name, part.lo, part.hi) for name in step.inputs)
+                for name in info.broadcast_inputs:
+                    self.bring(name, 0, self.hold[name].obj.rows, node)
+                work[node] += sum(
+                    self._bytes(name, part.lo, part.hi) if aligned else self.hold[name].obj.nbytes
+                    for name, aligned in zip(step.inputs, info.aligned, strict=True)
+                )
             rows = info.model.out_rows(part.rows)
             parts.append(PartGeom(lo_out, lo_out + rows, info.model.nbytes(part.rows), (node,)))
-            self.work.append(Work(node, "part", ((part.lo, part.hi),), (lo_out, lo_out + rows)))
+            self.work.append(
+                Work(
+                    node,
+                    "part",
+                    ((part.lo, part.hi),),
+                    (lo_out, lo_out + rows),
+                    info.model.shape(part.rows),
+                )
+            )
             nodes.append(node)
             lo_out += rows
         self.seconds = max(
@@ -184,16 +215,23 @@ class _Run:
     def _split_node(
         self, info: StepInfo, first: Holding, part: PartGeom, target: str | None
     ) -> str | None:
-        """Where a part runs: target if it has the part, else the cheapest capable home."""
+        """Where a part runs: target if it has the part, else the cheapest capable home.
+
+        An empty part moves nothing, so it goes to its first capable home, or
+        ``target``, or the first capable node.
+        """
+        homes = [n for n in part.homes if n in info.capable]
         if part.rows == 0:
-            return part.homes[0] if part.homes else self.problem.initiator
+            return homes[0] if homes else target or info.capable[0]
         if target is not None and covers(first.at(target), part.lo, part.hi):
             return target
-        homes = [n for n in part.homes if n in info.capable]
         if homes:
-            others = info.step.inputs[1:]
+            others = [n for n in info.row_inputs if n != first.obj.name]
+            whole = info.broadcast_inputs
             return min(
-                homes, key=lambda n: sum(self._missing(o, part.lo, part.hi, n) for o in others)
+                homes,
+                key=lambda n: sum(self._missing(o, part.lo, part.hi, n) for o in others)
+                + sum(self._missing(b, 0, self.hold[b].obj.rows, n) for b in whole),
             )
         return target
 
@@ -221,7 +259,8 @@ class _Run:
                 at_combiner += [(p.lo, p.hi) for p in parts]
         if at_combiner or not self.work:
             self.work.append(Work(combiner, "partial", tuple(sorted(at_combiner))))
-        self.work.append(Work(combiner, "combine", (), (0, info.model.out_rows(info.in_rows))))
+        out_rows = (0, info.model.out_rows(info.in_rows))
+        self.work.append(Work(combiner, "combine", (), out_rows, info.model.shape(info.in_rows)))
         holders = max(
             (self._compute(info, n, w) for n, w in work.items() if n != combiner), default=0.0
         )

@@ -17,11 +17,12 @@ from hpcflow.ops.exec import (
     check_inputs,
     check_params,
     combine_partials,
+    row_roles,
     run_global,
     run_partial,
     run_rowwise_part,
 )
-from hpcflow.ops.infer import OutputModel, infer_output, output_model
+from hpcflow.ops.infer import ModelCache, OutputModel, infer_output, output_model
 from hpcflow.ops.registry import DEFAULT_REGISTRY, OpRegistry, get_op, list_ops, load_op_module, op
 from hpcflow.ops.spec import KINDS, Kind, OpSpec, Partial
 
@@ -31,6 +32,7 @@ __all__ = [
     "ArityError",
     "InputError",
     "Kind",
+    "ModelCache",
     "OpError",
     "OpRegistry",
     "OpSpec",
@@ -49,6 +51,7 @@ __all__ = [
     "load_op_module",
     "op",
     "output_model",
+    "row_roles",
     "run_global",
     "run_partial",
     "run_rowwise_part",

@@ -28,10 +28,30 @@ def scale(x: Array, *, factor: float) -> Array:
 
 @op("add", kind="rowwise")
 def add(a: Array, b: Array) -> Array:
-    """``a + b`` for equal shapes (no broadcasting: rows must line up)."""
-    if a.shape != b.shape:
-        raise InputError(f"add: shapes differ: {a.shape} vs {b.shape}")
-    return a + b
+    """``a + b``: row blocks that line up, or one operand broadcast to every row.
+
+    Follows numpy: ``b`` may be a row-aligned array of the same shape as ``a``
+    or one numpy broadcasts against each row of ``a`` without changing its
+    shape, such as a column vector ``(cols,)`` or ``(1, cols)`` (e.g. the
+    ``colsum`` of another dataset), and the other way round.
+    """
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        shape = None
+    if shape not in (a.shape, b.shape):
+        raise InputError(f"add: shapes differ: {_describe(a, b)}; they need equal row counts "
+                         "and row shapes, or one must broadcast against every row of the "
+                         "other (numpy rules)")
+    return np.add(a, b)
+
+
+def _describe(a: Array, b: Array) -> str:
+    """Operands by their real extent: the row count is a block's, so it is left out
+    for the row inputs (the planner quotes the whole inputs' shapes)."""
+    ndim = max(a.ndim, b.ndim)
+    return " vs ".join(f"rows of shape {x.shape[1:]}" if x.ndim == ndim and len(x) != 1
+                       else f"an operand of shape {x.shape}" for x in (a, b))
 
 
 @op("fft", kind="rowwise")

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from hpcflow.errors import HpcflowError
 from hpcflow.ops.errors import ArityError, InputError, OpError, ParamError
-from hpcflow.ops.spec import Array, OpSpec, Params, Partial
+from hpcflow.ops.spec import Array, OpSpec, Params, Partial, Shape
 
 _NUMERIC_KINDS = "biufc"
 
@@ -31,7 +32,8 @@ def apply(spec: OpSpec, inputs: Sequence[Array], params: Params) -> Array:
 
 
 def run_rowwise_part(spec: OpSpec, parts_of_inputs: Sequence[Array], params: Params) -> Array:
-    """Run a rowwise op on one row block of each input (the blocks cover the same rows)."""
+    """Run a rowwise op on one row block of each row input (the blocks cover the same
+    rows) and the whole of each broadcast operand (see :func:`row_roles`)."""
     _require_kind(spec, "rowwise")
     _check_call(spec, parts_of_inputs, params)
     return _output(spec, _call(spec, spec.fn, *parts_of_inputs, **params))
@@ -67,7 +69,7 @@ def run_global(spec: OpSpec, inputs: Sequence[Array], params: Params) -> Array:
 
 
 def check_inputs(spec: OpSpec, inputs: Sequence[Array]) -> None:
-    """Arity, numeric dtypes, a row axis, and equal row counts for rowwise ops."""
+    """Arity, numeric dtypes, a row axis, and (rowwise ops) rows that line up."""
     if len(inputs) != spec.arity:
         raise ArityError(f"op {spec.name!r} takes {spec.arity} input(s), got {len(inputs)}")
     for i, x in enumerate(inputs):
@@ -78,9 +80,31 @@ def check_inputs(spec: OpSpec, inputs: Sequence[Array]) -> None:
             raise InputError(f"op {spec.name!r}: input {i} has non-numeric dtype {x.dtype}")
         if x.ndim == 0:
             raise InputError(f"op {spec.name!r}: input {i} is 0-d; the first axis must be rows")
-    if spec.kind == "rowwise" and len({len(x) for x in inputs}) > 1:
-        rows = [len(x) for x in inputs]
-        raise InputError(f"op {spec.name!r}: rowwise inputs must have equal row counts, got {rows}")
+    row_roles(spec, [x.shape for x in inputs])
+
+
+def row_roles(spec: OpSpec, shapes: Sequence[Shape]) -> tuple[bool, ...]:
+    """Which inputs of a rowwise op are split by rows (True) and which are *broadcast
+    operands* (False), sent whole to every row block, following numpy's broadcasting.
+
+    The row inputs are those with the most dimensions and the row count ``R``
+    those share; an input with fewer dimensions (numpy aligns it with the
+    trailing axes, e.g. a column vector of shape ``(cols,)``) or with one row
+    when ``R != 1`` (shape ``(1, cols)``) never touches the row axis, so each
+    row block sees all of it.  Any other row count is an :class:`InputError`
+    quoting the shapes.  Other kinds of op have no broadcast operands.
+    """
+    if spec.kind != "rowwise" or len(shapes) < 2:
+        return (True,) * len(shapes)
+    ndim = max(len(shape) for shape in shapes)
+    counts = {shape[0] for shape in shapes if len(shape) == ndim and shape[0] != 1}
+    if len(counts) > 1:
+        raise InputError(
+            f"op {spec.name!r}: rowwise inputs must have equal row counts or broadcast against "
+            f"every row (fewer dimensions, or one row), got shapes "
+            f"{', '.join(str(tuple(s)) for s in shapes)}")
+    rows = counts.pop() if counts else 1
+    return tuple(len(shape) == ndim and shape[0] == rows for shape in shapes)
 
 
 def check_params(spec: OpSpec, params: Params) -> None:
@@ -131,7 +155,7 @@ def _sum_partials(partials: Sequence[Array]) -> Array:
 def _call(spec: OpSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except OpError:
+    except HpcflowError:
         raise
     except Exception as exc:
         raise OpError(f"op {spec.name!r} failed: {type(exc).__name__}: {exc}") from exc

@@ -84,31 +84,118 @@ class OpSpec:
 
 
 def definition_hash(spec: OpSpec) -> str:
-    """Stable hash of the op's code, kind and arity.
+    """Stable hash of everything that decides an op's results and how it is planned.
 
-    The function source is used when available (so formatting-only changes do
-    change the hash, but re-importing the same file does not); otherwise the
-    code object is fingerprinted without addresses or line numbers.  A reduce
-    op's combine function is included because it changes results too.
+    Covers the kind, arity, declared output dtype, and the code of the op
+    function, its combine function, its split predicate and its declared
+    output shape.  Code is fingerprinted from its source when available (so
+    formatting-only changes do change the hash, but re-importing the same file
+    does not), otherwise from the code object without addresses or line
+    numbers; either way together with the *values* of the module globals and
+    closure variables it reads that are plain constants (numbers, strings,
+    bytes, tuples/lists/dicts of them, numpy arrays by content), and the code
+    of helper functions from the same module.  So ``K = 2.0`` vs ``K = 3.0``
+    behind ``def f(x): return x * K`` gives two hashes.  Modules, classes and
+    library functions it calls are not hashed (their version is the
+    deployment's business).
     """
     digest = hashlib.sha256()
-    digest.update(f"kind={spec.kind};arity={spec.arity};".encode())
-    digest.update(_fingerprint(spec.fn))
-    if spec.combine is not None:
-        digest.update(b";combine=")
-        digest.update(_fingerprint(spec.combine))
+    dtype = None if spec.out_dtype is None else spec.out_dtype.str
+    digest.update(f"kind={spec.kind};arity={spec.arity};out_dtype={dtype};".encode())
+    for label, fn in (("fn", spec.fn), ("combine", spec.combine),
+                      ("splittable", spec.splittable), ("out_shape", spec.out_shape)):
+        digest.update(f";{label}=".encode())
+        if fn is not None:
+            digest.update(_fingerprint(fn, set()))
     return digest.hexdigest()
 
 
-def _fingerprint(fn: Callable[..., Any]) -> bytes:
+def _fingerprint(fn: Callable[..., Any], seen: set[int]) -> bytes:
+    """Code plus the constants it reads (see :func:`definition_hash`)."""
+    seen.add(id(fn))
     try:
-        return textwrap.dedent(inspect.getsource(fn)).encode()
+        text = textwrap.dedent(inspect.getsource(fn)).encode()
     except (OSError, TypeError):
         code = getattr(fn, "__code__", None)
         if isinstance(code, types.CodeType):
-            return _code_bytes(code)
-        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
-        return f"{type(fn).__module__}.{qualname}".encode()
+            text = _code_bytes(code)
+        else:
+            qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+            return f"{type(fn).__module__}.{qualname}".encode()
+    return b"\x00".join([text, *_referenced(fn, seen)])
+
+
+def _referenced(fn: Callable[..., Any], seen: set[int]) -> list[bytes]:
+    """``name=value`` for the globals and closure cells ``fn`` reads that are constants,
+    and the fingerprints of same-module helper functions it calls."""
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return []
+    values: dict[str, Any] = {}
+    cells = getattr(fn, "__closure__", None) or ()
+    for name, cell in zip(code.co_freevars, cells, strict=False):
+        try:
+            values[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    glob = getattr(fn, "__globals__", {})
+    for name in sorted(_names(code)):
+        if name not in values and name in glob:
+            values[name] = glob[name]
+    out = []
+    for name in sorted(values):
+        value = values[name]
+        if isinstance(value, types.FunctionType):
+            if id(value) in seen or value.__module__ != getattr(fn, "__module__", None):
+                continue
+            out.append(name.encode() + b"=" + _fingerprint(value, seen))
+            continue
+        text = constant_bytes(value)
+        if text is not None:
+            out.append(name.encode() + b"=" + text)
+    return out
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """Global names a code object (and the code nested in it) may read."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names(const)
+    return names
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), np.generic)
+
+
+def constant_bytes(value: Any, depth: int = 0) -> bytes | None:
+    """A canonical byte form of a plain constant, or None if ``value`` is not one."""
+    if isinstance(value, _SCALARS):
+        return f"{type(value).__name__}:{value!r}".encode()
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            return None
+        body = hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+        return f"ndarray:{value.dtype.str}:{value.shape}:{body}".encode()
+    if depth > 4:
+        return None
+    if isinstance(value, (tuple, list, frozenset, set)):
+        found = [constant_bytes(v, depth + 1) for v in value]
+        items = [i for i in found if i is not None]
+        if len(items) < len(found):
+            return None
+        if isinstance(value, (frozenset, set)):
+            items.sort()
+        return f"{type(value).__name__}(".encode() + b",".join(items) + b")"
+    if isinstance(value, dict):
+        pairs = []
+        for k in sorted(value, key=repr):
+            key, item = constant_bytes(k, depth + 1), constant_bytes(value[k], depth + 1)
+            if key is None or item is None:
+                return None
+            pairs.append(key + b":" + item)
+        return b"dict(" + b",".join(pairs) + b")"
+    return None
 
 
 def _code_bytes(code: types.CodeType) -> bytes:

@@ -31,11 +31,15 @@ MAX_RPC_PAYLOAD = 64 * 1024 * 1024
 
 
 def exposed(fn: F) -> F:
-    """Count the call as load, log failures once, and keep unexpected errors typed."""
+    """Log failures once and keep unexpected errors typed.
+
+    Calls are not load by themselves (an idle ``wait`` or an initiator's own
+    ``execute`` is no work for the planner to avoid): ops running or queued
+    and transfers count, see :meth:`~hpcflow.workflow.worker.Worker.busy`.
+    """
 
     @functools.wraps(fn)
     def wrapper(self: NodeService, *args: Any) -> Any:
-        self.node.active += 1
         try:
             return fn(self, *args)
         except HpcflowError as exc:
@@ -43,8 +47,6 @@ def exposed(fn: F) -> F:
             raise
         except TypeError as exc:  # wrong arity or argument types from the caller
             raise InvalidData(f"bad arguments to {fn.__name__}: {exc}") from exc
-        finally:
-            self.node.active -= 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -66,7 +68,7 @@ class NodeService:
         return {
             "name": n.name, "version": __version__, "epoch": n.epoch, "pid": n.pid,
             "endpoints": n.me.to_wire(), "catalog_mode": n.config.catalog,
-            "load": {**n.load(), "active": n.load()["active"] - 1},  # not this call
+            "load": n.load(),
             "datasets": len(n.store.records()),
             "bytes_stored": sum(r.nbytes for r in n.store.records()),
             "catalog_entries": len(n.catalog.records()),
@@ -161,7 +163,8 @@ class NodeService:
     @exposed
     def replicate(self, name: Any, part: Any = None) -> list[dict[str, Any]]:
         """Pull a copy of ``name`` (or one part) into this node's store."""
-        recs = self.node.replicate(validate_name(name), validate_part(part))
+        with self.node.worker.busy():
+            recs = self.node.replicate(validate_name(name), validate_part(part))
         return [r.to_wire() for r in recs]
 
     @exposed
@@ -170,11 +173,17 @@ class NodeService:
         return self.node.registry.hashes()
 
     @exposed
-    def pull(self, name: Any, rows: Any = None) -> dict[str, Any]:
-        """Make rows ``[lo, hi)`` (default: all) of ``name`` local; returns the copies made
-        and the bytes received from each source."""
+    def pull(self, name: Any, rows: Any = None, src: Any = None,
+             tag: Any = None) -> dict[str, Any]:
+        """Make rows ``[lo, hi)`` (default: all) of ``name`` local, from ``src`` if it can;
+        ``tag`` is lineage for what is created.  Returns the copies made and the bytes
+        received from each source."""
         ref = InputRef.from_wire({"name": name, "rows": rows})
-        created, moved = self.node.worker.pull(ref.name, ref.rows)
+        if src is not None and not isinstance(src, str):
+            raise InvalidData("src must be a node name")
+        if tag is not None and not isinstance(tag, dict):
+            raise InvalidData("tag must be a map")
+        created, moved = self.node.worker.pull(ref.name, ref.rows, src, tag)
         return {"created": [r.to_wire() for r in created], "moved": moved}
 
     @exposed
@@ -220,9 +229,15 @@ class NodeService:
         return run.save(self.node, local, name, overwrite)
 
     @exposed
-    def cleanup(self, created: Any) -> int:
-        """Delete what earlier executions created (``[node, name, part]`` triples)."""
-        return run.cleanup(self.node, created)
+    def cleanup(self, created: Any, wf: Any = None) -> int:
+        """Delete what earlier executions created (``[node, name, part]`` triples); with
+        ``wf``, that flow is closed."""
+        return run.cleanup(self.node, created, wf)
+
+    @exposed
+    def flow_status(self, holder: Any, items: Any) -> list[bool]:
+        """A holder's janitor asks which of its workflow intermediates are still wanted."""
+        return run.flow_status(self.node, holder, items)
 
     @exposed
     def stats(self) -> dict[str, Any]:

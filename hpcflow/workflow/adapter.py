@@ -74,15 +74,13 @@ def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
                learned: Mapping[tuple[str, str], float]) -> CostModel:
     """Links: learned bandwidth (bytes/s) where we have measured it, else the default.
 
-    Load is each node's active operations as last heartbeated; the initiator's
-    own count includes the very request being planned, which is not queued work.
+    Load is each node's active work (ops running or queued, transfers) as last
+    heartbeated.
     """
     default = Link(bandwidth=default_gbit * 1e9 / 8, latency=DEFAULT_LATENCY_S)
     links = {pair: Link(bandwidth=bw, latency=DEFAULT_LATENCY_S) for pair, bw in learned.items()}
     load = {v.info.name: int(v.load.get("active", 0)) for v in snapshot.nodes
             if isinstance(v.load.get("active", 0), int)}
-    if snapshot.self_name in load:
-        load[snapshot.self_name] = max(0, load[snapshot.self_name] - 1)
     if objective not in ("bytes", "time"):
         raise InvalidData(f"objective must be 'bytes' or 'time', not {objective!r}")
     return CostModel(objective=objective, default_link=default, links=links,  # type: ignore[arg-type]

@@ -1,16 +1,20 @@
 """Carry out a plan on the cluster, from the initiating node.
 
 For each step: the planned transfers become ``pull`` calls on their
-destination nodes (one greenlet per destination, so different links work in
-parallel), then the step's work units become ``run_op`` calls (in parallel
-across nodes).  Reduce partials are pulled to the combiner, then combined.
-Finally the delivery transfers bring the results to the initiator, where each
-result is materialised as one local dataset for the script to read.
+destination nodes, naming the source the plan chose (one greenlet per
+destination, so different links work in parallel), then the step's work
+units become ``run_op`` calls (in parallel across nodes).  Reduce partials
+are pulled to the combiner, then combined.  Steps run as soon as the steps
+they depend on are done (those producing their inputs, or moving rows of an
+object they read too), so independent steps overlap.  Finally the delivery
+transfers bring the results to the initiator, where each result is
+materialised as one local dataset for the script to read.
 
 Every pull reports the bytes it received from each source, so the execution
-report gives *actual* bytes per link next to the planned ones.  Everything
-an execution creates (outputs, partials, copies, slices) is listed so the
-flow can remove it later; if a step fails, what this execution created is
+report gives *actual* bytes per link next to the planned ones.  Everything an
+execution creates (outputs, partials, copies, slices) carries its flow tag
+(:mod:`.lifecycle`) and is listed so the flow can remove it later; if a step
+fails, the other running steps finish, then what this execution created is
 removed before the error propagates, so no partial output stays announced.
 """
 
@@ -25,10 +29,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.event
 
 from ..catalog.record import DatasetRecord
 from ..decide import Plan, StepPlan, Transfer, Work
 from ..errors import HpcflowError, PeerUnavailable
+from .lifecycle import FlowTag
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -48,6 +54,12 @@ class Execution:
     calls: int = 0
     seconds: float = 0.0
 
+    def absorb(self, other: Execution) -> None:
+        """Count a failed attempt's traffic and calls too (its bytes did move)."""
+        for link, n in other.moved.items():
+            self.moved[link] += n
+        self.calls += other.calls
+
     def to_wire(self) -> dict[str, Any]:
         return {"moved": {f"{a}->{b}": n for (a, b), n in sorted(self.moved.items())},
                 "bytes_moved": sum(self.moved.values()),
@@ -55,13 +67,30 @@ class Execution:
                 "calls": self.calls, "seconds": round(self.seconds, 6)}
 
 
-class Executor:
-    """Runs one plan; ``node`` is the initiator it runs on."""
+def plan_uses(plan: Plan, steps: dict[str, Any]) -> set[tuple[str, str]]:
+    """``(node, dataset)`` pairs an execution of ``plan`` reads: transfer sources and
+    the inputs of every unit of work where it runs (so a flow closing meanwhile does
+    not delete a copy this one relies on)."""
+    uses = {(t.src, t.obj) for t in plan.transfers}
+    for sp in plan.steps:
+        for w in sp.work:
+            uses.update((w.node, name) for name in steps[sp.out].inputs)
+    return uses
 
-    def __init__(self, node: Node, workflow_id: str) -> None:
+
+class Executor:
+    """Runs one plan; ``node`` is the initiator it runs on, ``tag`` marks what it makes."""
+
+    def __init__(self, node: Node, workflow_id: str, xid: str, keep: bool = False) -> None:
         self.node = node
         self.wf = workflow_id
+        self.tag = FlowTag(node.name, node.epoch, xid)
+        self.keep = keep
         self.ex = Execution()
+
+    def lineage(self, keep: bool = False) -> dict[str, Any]:
+        tag = FlowTag(self.tag.initiator, self.tag.epoch, self.tag.execution, keep)
+        return tag.to_lineage(self.wf)
 
     def _alive(self, target: str) -> str | None:
         return next((v.info.rpc for v in self.node.catalog.nodes()
@@ -85,13 +114,15 @@ class Executor:
                 raise PeerUnavailable(f"node {target} died during {method}")
         return call.get()
 
-    def _pull(self, dst: str, obj: str, rows: tuple[int, int] | None) -> None:
-        reply = self._call(dst, "pull", obj, list(rows) if rows else None)
+    def pull(self, dst: str, obj: str, rows: tuple[int, int] | None,
+             src: str | None = None) -> None:
+        """Make rows of ``obj`` local on ``dst``, from ``src`` if it can."""
+        reply = self._call(dst, "pull", obj, list(rows) if rows else None, src, self.lineage())
         for d in reply["created"]:
             rec = DatasetRecord.from_wire(d)
             self.ex.created.append((dst, rec.name, rec.part))
-        for src, nbytes in reply["moved"].items():
-            self.ex.moved[(src, dst)] += int(nbytes)
+        for source, nbytes in reply["moved"].items():
+            self.ex.moved[(source, dst)] += int(nbytes)
 
     def _run(self, target: str, request: dict[str, Any]) -> DatasetRecord:
         rec = DatasetRecord.from_wire(self._call(target, "run_op", request))
@@ -118,7 +149,7 @@ class Executor:
 
         def worker(ts: list[Transfer]) -> None:
             for t in ts:
-                self._pull(t.dst, t.obj, t.rows)
+                self.pull(t.dst, t.obj, t.rows, t.src)
 
         self._parallel([partial(worker, ts) for ts in by_dst.values()])
 
@@ -127,31 +158,57 @@ class Executor:
         params); ``deliver`` names the results to materialise on the initiator."""
         t0 = time.monotonic()
         try:
-            for sp in plan.steps:
-                self._step(sp, steps[sp.out])
+            self._steps(plan, steps)
             self._transfers(list(plan.delivery))
             for name in deliver:
-                self.ex.results[name] = self._materialise(name)
+                self.ex.results[name] = self.materialise(name)
         except BaseException:
             self.cleanup(self.ex.created)
             raise
         self.ex.seconds = time.monotonic() - t0
         return self.ex
 
+    def _steps(self, plan: Plan, steps: dict[str, Any]) -> None:
+        """Run every step once the steps it depends on are done; on a failure start
+        nothing more, let running steps finish, and raise the first error."""
+        done = {sp.out: gevent.event.Event() for sp in plan.steps}
+        failed = gevent.event.Event()
+        errors: list[BaseException] = []
+
+        def one(k: int, sp: StepPlan) -> None:
+            try:
+                for j in depends_on(plan, steps, k):
+                    gevent.wait([done[plan.steps[j].out], failed], count=1)
+                    if failed.is_set():
+                        return
+                self._step(sp, steps[sp.out])
+                done[sp.out].set()
+            except BaseException as exc:  # re-raised below, once the others are done
+                errors.append(exc)
+                failed.set()
+
+        gevent.joinall([gevent.spawn(one, k, sp) for k, sp in enumerate(plan.steps)])
+        if errors:
+            raise errors[0]
+
     def _step(self, sp: StepPlan, step: Any) -> None:
         self._transfers([t for t in sp.transfers if t.kind == "data"])
         base = {"op": step.op, "params": dict(step.params), "hash": self._hash(step.op),
-                "lineage": {"workflow": self.wf}}
+                "lineage": self.lineage()}
+        out_lineage = self.lineage(keep=self.keep)
         units = list(sp.work)
         parts = [w for w in units if w.mode == "part"]
         if parts:
             self._parallel([partial(self._run, w.node, {
-                **base, "mode": "part", "out": step.out, "part": k, "nparts": len(parts),
-                "inputs": [{"name": n, "rows": list(w.rows[0])} for n in step.inputs]})
+                **base, "lineage": out_lineage, "mode": "part", "out": step.out, "part": k,
+                "nparts": len(parts), "expect": _expect(w, sp),
+                "inputs": [{"name": n, "rows": None if n in sp.broadcast else list(w.rows[0])}
+                           for n in step.inputs]})
                 for k, w in enumerate(parts)])
         for w in units:
             if w.mode == "whole":
-                self._run(w.node, {**base, "mode": "whole", "out": step.out,
+                self._run(w.node, {**base, "lineage": out_lineage, "mode": "whole",
+                                   "out": step.out, "expect": _expect(w, sp),
                                    "inputs": [{"name": n} for n in step.inputs]})
         partials = [w for w in units if w.mode == "partial"]
         if partials:
@@ -160,26 +217,34 @@ class Executor:
                 **base, "mode": "partial", "out": names[w.node],
                 "inputs": _row_inputs(step.inputs[0], w)}) for w in partials])
             combine = next(w for w in units if w.mode == "combine")
-            self._parallel([partial(self._pull, combine.node, names[w.node], None)
+            self._parallel([partial(self.pull, combine.node, names[w.node], None, w.node)
                             for w in partials if w.node != combine.node])
-            self._run(combine.node, {**base, "mode": "combine", "out": step.out,
+            self._run(combine.node, {**base, "lineage": out_lineage, "mode": "combine",
+                                     "out": step.out, "expect": _expect(combine, sp),
                                      "inputs": [{"name": names[w.node]} for w in partials]})
 
     def _hash(self, op: str) -> str:
         return self.node.registry.get(op).definition_hash
 
-    def _materialise(self, name: str) -> str:
-        """One local whole dataset holding the result, for the script to fetch."""
+    def materialise(self, name: str) -> str:
+        """One local whole dataset holding the result, for the script to fetch; it keeps
+        the output's lineage (op, params, inputs) and says what it is a copy of."""
         arr = self.node.worker.local_rows(name, None)
         out = f"{name}.result"
+        try:
+            origin = dict(self.node.catalog.locate(name).parts[0].holders[0].lineage)
+        except (HpcflowError, IndexError):
+            origin = {}
+        origin.pop("partial", None)
         rec = self.node.store.put_array(out, arr, overwrite=True,
-                                        lineage={"workflow": self.wf, "copy_of": name},
+                                        lineage={**origin, **self.lineage(), "copy_of": name},
                                         chunk_bytes=self.node.config.chunk_bytes)
         self.ex.created.append((self.node.name, rec.name, rec.part))
         return out
 
     def cleanup(self, created: list[tuple[str, str, int | None]]) -> int:
-        """Delete what an execution created (best effort: dead nodes are skipped)."""
+        """Delete what an execution created (best effort: nodes that are down are
+        skipped; their janitors drop it when they are back)."""
         by_node: dict[str, list[list[Any]]] = defaultdict(list)
         for node, name, part in created:
             by_node[node].append([name, part])
@@ -192,8 +257,26 @@ class Executor:
         return removed
 
 
+def depends_on(plan: Plan, steps: dict[str, Any], k: int) -> list[int]:
+    """Earlier steps step ``k`` must wait for: those producing one of its inputs, and
+    those reading one of its inputs too (their transfers may leave the copies that
+    step ``k``'s plan counts on)."""
+    mine = set(steps[plan.steps[k].out].inputs)
+    out = []
+    for j in range(k):
+        step = steps[plan.steps[j].out]
+        if step.out in mine or mine & set(step.inputs):
+            out.append(j)
+    return out
+
+
+def _expect(w: Work, sp: StepPlan) -> dict[str, Any] | None:
+    if w.shape is None or not sp.dtype:
+        return None
+    return {"shape": list(w.shape), "dtype": sp.dtype}
+
+
 def _row_inputs(name: str, w: Work) -> list[dict[str, Any]]:
     if not w.rows:
         return [{"name": name, "rows": [0, 0]}]
     return [{"name": name, "rows": list(r)} for r in w.rows]
-

@@ -11,8 +11,11 @@
 
 Every step's output is a dataset named ``<workflow id>.<n>.<op>``, kept on the
 node that made it; ``handle.save("NAME")`` keeps a copy under a name of your
-own, and closing the flow removes everything else it created (unless the flow
-was created with ``keep=True``).
+own (with the output's lineage), and closing the flow removes everything else
+it created.  With ``keep=True`` the step outputs stay; reduce partials,
+copies of inputs and the results materialised for fetching still go.  What a
+failed or abandoned execution leaves on a node that was down is dropped by
+that node's janitor (:mod:`hpcflow.workflow.lifecycle`).
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class Flow:
         steps = [{"out": h.name, "op": h.op, "inputs": list(h.inputs), "params": h.params}
                  for h in self._pending(target)]
         return {"wf": self.id, "steps": steps, "deliver": [target.name],
-                "objective": self.objective, "method": method or self.method}
+                "objective": self.objective, "method": method or self.method, "keep": self.keep}
 
     def explain(self, target: Handle, method: str | None = None) -> str:
         """The plan for everything ``target`` still needs, without running it."""
@@ -189,7 +192,11 @@ class Flow:
         return name
 
     def report(self) -> dict[str, Any]:
-        """Planned vs actually moved bytes per link, over every execution so far."""
+        """Planned vs actually moved bytes per link, over every execution so far.
+
+        ``moved`` counts everything that crossed the network, including what an
+        attempt abandoned for a re-plan had moved (so after a re-plan it can
+        exceed ``planned``, which is the plans that ran to the end)."""
         return {"workflow": self.id, "executions": self.executions, "replans": self.replans,
                 "calls": self.calls,
                 "bytes_planned": sum(self.planned.values()),
@@ -197,9 +204,12 @@ class Flow:
                 "planned": dict(self.planned), "moved": dict(self.moved)}
 
     def close(self) -> int:
-        """Remove what the flow created on every node (unless ``keep``)."""
-        if self.keep or not self.created:
+        """Close the flow: remove what it created on every node, except (with ``keep``)
+        the step outputs."""
+        if not self.executions and not self.created:
             return 0
-        removed = int(self.client._call("cleanup", self.created))
+        kept = set(self.handles) if self.keep else set()
+        items = [c for c in self.created if c[1] not in kept]
+        removed = int(self.client._call("cleanup", items, self.id))
         self.created = []
         return removed

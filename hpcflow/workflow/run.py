@@ -4,10 +4,13 @@ A request (from the script API or the CLI) is a map::
 
     {"wf": "wf-1a2b3c", "steps": [{"out", "op", "inputs", "params"}, ...],
      "deliver": ["..."], "objective": "bytes" | "time",
-     "method": "optimal" | "greedy" | "pull_all"}
+     "method": "optimal" | "greedy" | "pull_all", "keep": false}
 
 Inputs are dataset names; outputs of earlier requests of the same flow are
 datasets by then, so every request is planned from the current catalog.
+
+Planning is pure (and runs op code on samples), so it runs in gevent's thread
+pool: the daemon's heartbeats and other requests keep flowing meanwhile.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 from ..catalog.record import validate_name
-from ..decide import Plan, PlanningError, Step, greedy_plan, optimal_plan, pull_all_plan
-from ..errors import DatasetExists, InvalidData, PeerUnavailable
+from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
+from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
 from . import adapter
-from .executor import Executor
+from .executor import Execution, Executor, plan_uses
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -55,6 +58,7 @@ def _parse(node: Node, req: object) -> tuple[str, list[Step], list[str], str, st
 
 
 def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]]:
+    """Plan from this node's catalog; the search runs off the event loop."""
     wf, steps, deliver, objective, method = _parse(node, req)
     snap = node.catalog.snapshot()
     for step in steps:  # the initiator plans with its own op definitions: it needs them all
@@ -62,13 +66,15 @@ def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]
             have = sorted(v.info.name for v in snap.nodes if v.alive and step.op in v.ops)
             hint = (f"nodes that have it: {', '.join(have)}; connect to one of them or load "
                     f"its module here with --ops") if have else "no live node has it"
-            raise PlanningError(f"step {step.out!r}: op {step.op!r} is unknown on the "
-                                f"initiator {node.name} ({hint})")
+            raise UnknownOpError(f"step {step.out!r}: op {step.op!r} is unknown on the "
+                                 f"initiator {node.name} ({hint})")
     placement = adapter.placement(snap, adapter.source_names(steps))
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned)
-    plan = PLANNERS[method](adapter.workflow(steps, node.name, deliver), placement,
-                            registry=node.registry, node_ops=adapter.node_ops(snap), cost=cost)
+    planner = PLANNERS[method]
+    args = (adapter.workflow(steps, node.name, deliver), placement)
+    kwargs = {"registry": node.registry, "node_ops": adapter.node_ops(snap), "cost": cost}
+    plan = gevent.get_hub().threadpool.apply(lambda: planner(*args, **kwargs))
     return plan, wf, steps, deliver
 
 
@@ -77,24 +83,43 @@ def plan(node: Node, req: object) -> dict[str, Any]:
 
 
 def execute(node: Node, req: object) -> dict[str, Any]:
-    """Plan and run; if a node dies mid-way, re-plan once from the remaining replicas."""
+    """Plan and run; if a node dies mid-way, or an input the plan relied on vanished
+    (a copy another flow removed), re-plan once from what the catalog says then.
+
+    The reply's execution counts every byte that moved, the failed attempt's too.
+    """
+    keep = bool(req.get("keep")) if isinstance(req, dict) else False
+    book = node.worker.book
+    failed = Execution()
     for attempt in (1, 2):
         the_plan, wf, steps, deliver = make_plan(node, req)
         log.info("workflow %s: %s", wf, the_plan.explain().splitlines()[-1])
+        by_out = {s.out: s for s in steps}
+        xid = book.begin(wf, plan_uses(the_plan, by_out))
+        executor = Executor(node, wf, xid, keep)
         try:
-            ex = Executor(node, wf).run(the_plan, {s.out: s for s in steps}, deliver)
-            return {"plan": adapter.plan_to_wire(the_plan), "execution": ex.to_wire(),
-                    "replanned": attempt > 1}
-        except PeerUnavailable as exc:
+            ex = executor.run(the_plan, by_out, deliver)
+        except (PeerUnavailable, DatasetNotFound) as exc:
+            book.end(wf, xid, ok=False)
+            failed.absorb(executor.ex)
             if attempt == 2:
                 raise
-            log.warning("workflow %s: %s; re-planning without it", wf, exc)
-            # Wait until the catalog has noticed (TTL), so the new plan avoids the dead node.
-            gevent.sleep(node.config.ttl_s + node.config.heartbeat_s)
+            log.warning("workflow %s: %s; re-planning", wf, exc)
+            if isinstance(exc, PeerUnavailable):
+                # Wait until the catalog has noticed (TTL), so the new plan avoids the node.
+                gevent.sleep(node.config.ttl_s + node.config.heartbeat_s)
+            continue
+        except BaseException:
+            book.end(wf, xid, ok=False)
+            raise
+        book.end(wf, xid, ok=True)
+        ex.absorb(failed)
+        return {"plan": adapter.plan_to_wire(the_plan), "execution": ex.to_wire(),
+                "replanned": attempt > 1}
     raise AssertionError("unreachable")
 
 
-def cleanup(node: Node, created: object) -> int:
+def _items(created: object) -> list[tuple[str, str, int | None]]:
     if not isinstance(created, list):
         raise InvalidData("created must be a list of [node, name, part]")
     items = []
@@ -102,21 +127,70 @@ def cleanup(node: Node, created: object) -> int:
         if not isinstance(c, list | tuple) or len(c) != 3 or not isinstance(c[0], str):
             raise InvalidData("created must be a list of [node, name, part]")
         items.append((c[0], validate_name(c[1]), c[2]))
-    return Executor(node, "cleanup").cleanup(items)
+    return items
+
+
+def cleanup(node: Node, created: object, wf: object = None) -> int:
+    """Delete what a flow created; with ``wf``, the flow is closed too.
+
+    Copies that a running execution on this node still reads are left (the
+    holder's janitor drops them once nobody does).
+    """
+    items = _items(created)
+    book = node.worker.book
+    if wf is not None:
+        book.close(validate_name(wf))
+    base = [(n, name.split(":rows", 1)[0]) for n, name, _ in items]
+    mine = [item for item, (n, name) in zip(items, base, strict=True)
+            if not book.in_use(n, name)]
+    return Executor(node, "cleanup", "cleanup").cleanup(mine)
 
 
 def deliver(node: Node, wf: object, name: object) -> dict[str, Any]:
     """Bring an existing output wholly to this node and materialise it."""
-    ex = Executor(node, validate_name(wf))
-    ex._pull(node.name, validate_name(name), None)
-    result = ex._materialise(str(name))
-    out = ex.ex.to_wire()
+    wf, name = validate_name(wf), validate_name(name)
+    book = node.worker.book
+    xid = book.begin(wf)
+    executor = Executor(node, wf, xid)
+    try:
+        executor.pull(node.name, name, None)
+        result = executor.materialise(name)
+    except BaseException:
+        book.end(wf, xid, ok=False)
+        executor.cleanup(executor.ex.created)
+        raise
+    book.end(wf, xid, ok=True)
+    out = executor.ex.to_wire()
     return {"created": out["created"], "moved": out["moved"], "result": result}
 
 
 def save(node: Node, local: object, name: object, overwrite: object = False) -> dict[str, Any]:
-    """Copy a local dataset under a user's name, kept after the flow closes."""
+    """Copy a local result under a user's name, kept after the flow closes.
+
+    The copy keeps the result's lineage (op, params, inputs, workflow) but not
+    its flow tag, so no clean-up ever removes it.
+    """
+    from ..node import check_put
+
     src = node.store.get(validate_name(local))
-    arr = node.store.read_array(src.name)
-    return node.put_array(validate_name(name), arr, nparts=None,
-                          overwrite=bool(overwrite)).to_wire()
+    name = validate_name(name)
+    arr = node.worker.local_rows(src.name, None)  # piecewise, yielding to heartbeats
+    lineage = {k: v for k, v in src.lineage.items() if k != "flow"}
+    lineage["saved_from"] = lineage.pop("copy_of", src.name)
+    check_put(node.catalog, node.name, name, None, tuple(arr.shape), arr.dtype.str)
+    return node.store.put_array(name, arr, overwrite=bool(overwrite), lineage=lineage,
+                                chunk_bytes=node.config.chunk_bytes).to_wire()
+
+
+def flow_status(node: Node, holder: object, items: object) -> list[bool]:
+    """For a holder's janitor: which of its ``[wf, execution, name, keep]`` items are still
+    wanted (see :mod:`.lifecycle`)."""
+    if not isinstance(holder, str) or not isinstance(items, list) or len(items) > 100_000:
+        raise InvalidData("flow_status takes a node name and a list of items")
+    for item in items:
+        if not isinstance(item, list | tuple) or len(item) != 4:
+            raise InvalidData("items must be [workflow, execution, name, keep]")
+    return node.worker.book.wanted(holder, items)
+
+
+__all__ = ["cleanup", "deliver", "execute", "flow_status", "make_plan", "plan", "save"]

@@ -3,32 +3,47 @@
 The executor on the initiating node drives every other node through two RPCs
 (see :class:`~hpcflow.rpc.service.NodeService`):
 
-* ``pull(name, lo, hi)`` — make rows ``[lo, hi)`` of dataset ``name`` local.
-  A part the range covers whole is copied (a catalogued replica, verified
-  against the dataset checksum); a part it covers partly is fetched as a row
-  range and stored as a *slice*, a dataset named ``NAME:rowsLO-HI`` whose
-  lineage says what it is a slice of.
-* ``run_op(request)`` — run an op on rows that are all local, store the output
-  (whole, one row-part, or a reduce partial) and announce it with lineage.
+* ``pull(name, lo, hi, src)`` — make rows ``[lo, hi)`` of dataset ``name``
+  local, from ``src`` (the source the plan chose) if it can, else from
+  another holder; the reply says which node really sent what.  A part the
+  range covers whole is copied (a catalogued replica, verified against the
+  dataset checksum); a part it covers partly is fetched as a row range and
+  stored as a *slice*, a dataset named ``NAME:rowsLO-HI`` whose lineage says
+  what it is a slice of.  Copies and slices carry the execution's flow tag
+  (:mod:`.lifecycle`).
+* ``run_op(request)`` — run an op on rows that are all local, check the
+  output against the plan's model (shape and dtype), store it (whole, one
+  row-part, or a reduce partial) and announce it with lineage.
 
-Op code runs in gevent's thread pool: numpy releases the GIL for its heavy
-loops, so heartbeats and other requests keep flowing during long operations.
+Op code, and the gathering of its input rows, run in gevent's thread pool:
+numpy releases the GIL for its heavy loops, so heartbeats and other requests
+keep flowing during long operations.  Both count as the node's load (what
+``objective="time"`` weighs), idle requests do not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import numpy as np
 
-from ..catalog.base import Location
-from ..catalog.record import DatasetRecord, validate_name, validate_part
+from ..catalog.base import Location, PartLocation
+from ..catalog.record import (
+    DatasetRecord,
+    validate_dtype,
+    validate_name,
+    validate_part,
+    validate_shape,
+)
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, ProtocolError
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from .lifecycle import FlowBook, Janitor
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -96,6 +111,22 @@ class InputRef:
 
 
 @dataclass(frozen=True)
+class Expect:
+    """What the plan's output model says a unit's output looks like."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @classmethod
+    def from_wire(cls, d: object) -> Expect | None:
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise InvalidData("expect must be a map of shape and dtype")
+        return cls(validate_shape(d.get("shape")), validate_dtype(d.get("dtype")))
+
+
+@dataclass(frozen=True)
 class RunRequest:
     op: str
     mode: str
@@ -106,6 +137,7 @@ class RunRequest:
     part: int | None = None
     nparts: int | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
+    expect: Expect | None = None
 
     @classmethod
     def from_wire(cls, d: object) -> RunRequest:
@@ -125,15 +157,30 @@ class RunRequest:
             raise InvalidData("op must be a name and hash a string")
         return cls(op, str(mode), tuple(InputRef.from_wire(x) for x in inputs),
                    validate_name(d.get("out")), params, op_hash, validate_part(d.get("part")),
-                   validate_part(d.get("nparts")), lineage)
+                   validate_part(d.get("nparts")), lineage, Expect.from_wire(d.get("expect")))
 
 
 class Worker:
-    """Node-side execution: resolves local rows, runs ops, stores results."""
+    """Everything a node does for workflows: resolves local rows, runs ops, stores
+    results; as an initiator it keeps the :class:`FlowBook`; as a holder its
+    :class:`Janitor` sweeps intermediates of finished flows."""
 
     def __init__(self, node: Node, registry: OpRegistry) -> None:
         self.node = node
         self.registry = registry
+        self.book = FlowBook()
+        self.janitor = Janitor(node)
+        # the janitor waits for the node to start, and stops with its other greenlets
+        node._greenlets.append(gevent.spawn(self.janitor.run))
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count real work (an op running or queued, a transfer) as the node's load."""
+        self.node.active += 1
+        try:
+            yield
+        finally:
+            self.node.active -= 1
 
     # -- rows ------------------------------------------------------------------
     def _pieces(self, name: str, wait_s: float = 0.0
@@ -162,6 +209,9 @@ class Worker:
 
         Row offsets come from the catalog, so wait until it knows every part:
         parts made a moment ago on other nodes may still be on their way.
+        Rows the plan expected here but that are gone (a copy another flow
+        removed, say) are a :class:`DatasetNotFound`: the initiator re-plans.
+        Big reads are copied piecewise, yielding between pieces.
         """
         loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
         total = loc.shape[0] if loc.shape else 1
@@ -174,64 +224,89 @@ class Worker:
                 raise DatasetNotFound(f"{name} is not on {self.node.name}")
             return np.asarray(self.node.store.read_array(rec.name, rec.part, verify=False))
         out = np.empty((hi - lo, *loc.shape[1:]), dtype=np.dtype(loc.dtype))
-        row_bytes = out.itemsize * int(np.prod(loc.shape[1:], dtype=np.int64))
+        row_bytes = out.itemsize * math.prod(loc.shape[1:])
         flat = out.reshape(-1).view(np.uint8)
+        step = max(1, self.node.config.chunk_bytes // max(row_bytes, 1))
         pos = lo
         for plo, phi, rec in pieces:
-            if pos >= hi:
-                break
-            if plo <= pos < phi:
-                take = min(phi, hi) - pos
+            while pos < hi and plo <= pos < phi:
+                take = min(phi, hi, pos + step) - pos
                 reader = self.node.store.reader(rec.key)
                 src = reader.byte_range((pos - plo) * row_bytes, take * row_bytes)
                 dst = (pos - lo) * row_bytes
                 flat[dst : dst + take * row_bytes] = np.frombuffer(memoryview(src).cast("B"),
                                                                    dtype=np.uint8)
                 pos += take
+                gevent.sleep(0)
         if pos < hi:
-            raise InvalidData(f"rows [{pos}, {hi}) of {name} are not on {self.node.name}: "
-                              "the plan must move them here first")
+            raise DatasetNotFound(f"rows [{pos}, {hi}) of {name} are no longer on "
+                                  f"{self.node.name} (the plan relied on them)")
         return out
 
-    def pull(self, name: str, rows: tuple[int, int] | None
-             ) -> tuple[list[DatasetRecord], dict[str, int]]:
+    def pull(self, name: str, rows: tuple[int, int] | None, src: str | None = None,
+             tag: dict[str, Any] | None = None) -> tuple[list[DatasetRecord], dict[str, int]]:
         """Make rows local; returns the records created (copies, slices) and the
-        bytes received from each source node."""
-        loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
-        total = loc.shape[0] if loc.shape else 1
-        lo, hi = rows if rows is not None else (0, total)
-        created: list[DatasetRecord] = []
-        moved: dict[str, int] = {}
-        for p in loc.parts:
-            a, b = max(lo, p.row_start), min(hi, p.row_stop)
-            if a >= b and not (p.row_start == p.row_stop and lo <= p.row_start < hi):
-                continue
-            if any(plo <= a and b <= phi for plo, phi, _ in pieces):
-                continue  # already here
-            if (a, b) == (p.row_start, p.row_stop):
-                rec, src = self.node.replicate_part(p)
-            else:
-                rec, src = self._pull_slice(name, p.holders, a - p.row_start,
-                                            b - p.row_start, a, b)
-            created.append(rec)
-            if src is not None:
-                moved[src] = moved.get(src, 0) + rec.nbytes
-        return created, moved
+        bytes received from each source node.
 
-    def _pull_slice(self, name: str, holders: tuple[DatasetRecord, ...], rlo: int, rhi: int,
-                    glo: int, ghi: int) -> tuple[DatasetRecord, str]:
-        src = holders[0]
-        row_bytes = src.nbytes // max(src.rows, 1)
-        shape = (rhi - rlo, *src.shape[1:])
+        ``src`` (the plan's choice) is tried first: a whole part from its copy,
+        a row range from its copy or from a slice it holds; other holders are
+        the fallback.  ``tag`` is added to the lineage of what is created.
+        """
+        with self.busy():
+            loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
+            total = loc.shape[0] if loc.shape else 1
+            lo, hi = rows if rows is not None else (0, total)
+            created: list[DatasetRecord] = []
+            moved: dict[str, int] = {}
+            for p in loc.parts:
+                a, b = max(lo, p.row_start), min(hi, p.row_stop)
+                if a >= b and not (p.row_start == p.row_stop and lo <= p.row_start < hi):
+                    continue
+                if any(plo <= a and b <= phi for plo, phi, _ in pieces):
+                    continue  # already here
+                whole = (a, b) == (p.row_start, p.row_stop)
+                if whole and (src is None or src in p.nodes or not self._slices(name, a, b, src)):
+                    rec, used = self.node.replicate_part(p, prefer=src, lineage=tag)
+                else:
+                    rec, used = self._pull_slice(name, p, a, b, src, tag)
+                created.append(rec)
+                if used is not None:
+                    moved[used] = moved.get(used, 0) + rec.nbytes
+            return created, moved
+
+    def _slices(self, name: str, lo: int, hi: int, owner: str | None = None
+                ) -> list[tuple[DatasetRecord, int]]:
+        """Catalogued slices of ``name`` covering rows ``[lo, hi)`` (with their first row)."""
+        out = []
+        for rec in self.node.catalog.records():
+            if rec.lineage.get("slice_of") != name or (owner and rec.owner != owner):
+                continue
+            rows = rec.lineage.get("rows")
+            if isinstance(rows, list) and len(rows) == 2 and rows[0] <= lo and hi <= rows[1]:
+                out.append((rec, int(rows[0])))
+        return out
+
+    def _pull_slice(self, name: str, p: PartLocation, glo: int, ghi: int, prefer: str | None,
+                    tag: dict[str, Any] | None) -> tuple[DatasetRecord, str]:
+        """Rows ``[glo, ghi)`` of part ``p`` as a local slice: from ``prefer``'s copy or
+        slice first, then the part's other holders."""
+        sources = [(rec, p.row_start) for rec in p.holders]
+        if prefer is not None:
+            sources += self._slices(name, glo, ghi, prefer)
+        sources.sort(key=lambda s: (s[0].owner != prefer, s[0].owner != self.node.name))
+        first = p.holders[0]
+        row_bytes = first.nbytes // max(first.rows, 1)
+        shape = (ghi - glo, *first.shape[1:])
         writer = self.node.store.begin(
-            slice_name(name, glo, ghi), shape, src.dtype, overwrite=True,
-            lineage={"slice_of": name, "rows": [glo, ghi], "source_version": src.version},
+            slice_name(name, glo, ghi), shape, first.dtype, overwrite=True,
+            lineage={"slice_of": name, "rows": [glo, ghi], "source_version": first.version,
+                     **(tag or {})},
             chunk_bytes=self.node.config.chunk_bytes)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
         errors = []
         used = ""
         try:
-            for rec in sorted(holders, key=lambda r: r.owner != self.node.name):
+            for rec, start in sources:
                 endpoint = self.node.bulk_endpoints().get(rec.owner)
                 if endpoint is None:
                     continue
@@ -239,13 +314,14 @@ class Worker:
                     piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1)
                                 * row_bytes)
                     self.node.bulk_client.fetch_range(
-                        endpoint, rec.owner, rec, rlo * row_bytes, (rhi - rlo) * row_bytes,
+                        endpoint, rec.owner, rec, (glo - start) * row_bytes,
+                        (ghi - glo) * row_bytes,
                         lambda k, off, buf, d: flat.__setitem__(
                             slice(off, off + buf.nbytes), np.frombuffer(buf, dtype=np.uint8)),
                         piece)
                     used = rec.owner
                     break
-                except PeerUnavailable as exc:
+                except (PeerUnavailable, DatasetNotFound) as exc:
                     errors.append(str(exc))
             else:
                 raise PeerUnavailable(f"no holder of {name} rows [{glo}, {ghi}) answered: "
@@ -260,37 +336,69 @@ class Worker:
 
     # -- ops -------------------------------------------------------------------
     def run(self, req: RunRequest) -> DatasetRecord:
-        spec = self.registry.get(req.op)
-        if req.op_hash is not None and req.op_hash != spec.definition_hash:
-            raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
-                          "than the initiator's")
+        """Run one unit of a plan on local rows; store and announce the checked output."""
+        with self.busy():
+            spec = self.registry.get(req.op)
+            if req.op_hash is not None and req.op_hash != spec.definition_hash:
+                raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
+                              "than the initiator's")
+            result = self._empty_part(req)
+            if result is None:
+                result = self._compute(req, spec)
+            lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
+                       "mode": req.mode, "inputs": [
+                           {"name": i.name, "rows": list(i.rows) if i.rows else None,
+                            "versions": self._versions(i.name)} for i in req.inputs],
+                       **req.lineage}
+            if req.mode == "partial":
+                result, how = pack_partial(result)
+                lineage.update(how)
+            else:
+                self._check(req, np.asarray(result))
+            arr = np.asarray(result)
+            return self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
+                                             lineage=lineage, overwrite=True,
+                                             chunk_bytes=self.node.config.chunk_bytes)
+
+    def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
+        """A row block with no rows whose planned output is empty needs no op run (nor the
+        broadcast operands, which the plan does not send there)."""
+        ex = req.expect
+        if req.mode != "part" or ex is None or math.prod(ex.shape) != 0:
+            return None
+        if not any(i.rows is not None and i.rows[0] == i.rows[1] for i in req.inputs):
+            return None
+        return np.empty(ex.shape, dtype=ex.dtype)
+
+    def _compute(self, req: RunRequest, spec: Any) -> Any:
         fn: Callable[..., Any]
-        first: Any
         if req.mode == "combine":
             partials = [unpack_partial(self.local_rows(i.name, None), self._lineage(i.name))
                         for i in req.inputs]
-            fn, first = combine_partials, partials
-        else:
-            arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
-            if req.mode == "partial" and len(arrays) > 1:  # several row ranges of one input
-                arrays = [np.concatenate(arrays)]
-            runners: dict[str, Callable[..., Any]] = {
-                "whole": apply, "part": run_rowwise_part, "partial": run_partial}
-            fn = runners[req.mode]
-            first = arrays[0] if req.mode == "partial" else arrays
-        result = gevent.get_hub().threadpool.apply(fn, (spec, first, req.params))
-        lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
-                   "mode": req.mode, "inputs": [
-                       {"name": i.name, "rows": list(i.rows) if i.rows else None,
-                        "versions": self._versions(i.name)} for i in req.inputs],
-                   **req.lineage}
-        if req.mode == "partial":
-            result, how = pack_partial(result)
-            lineage.update(how)
-        arr = np.asarray(result)
-        return self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
-                                         lineage=lineage, overwrite=True,
-                                         chunk_bytes=self.node.config.chunk_bytes)
+            return gevent.get_hub().threadpool.apply(combine_partials,
+                                                     (spec, partials, req.params))
+        arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
+        runners: dict[str, Callable[..., Any]] = {
+            "whole": apply, "part": run_rowwise_part, "partial": run_partial}
+        fn = runners[req.mode]
+        if req.mode == "partial":  # several row ranges of one input
+            def partial(arrays: list[Any], params: dict[str, Any]) -> Any:
+                first = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                return run_partial(spec, first, params)
+            return gevent.get_hub().threadpool.apply(partial, (arrays, req.params))
+        return gevent.get_hub().threadpool.apply(fn, (spec, arrays, req.params))
+
+    def _check(self, req: RunRequest, out: np.ndarray[Any, Any]) -> None:
+        """The real output must be what the plan's output model said: an op whose output
+        size depends on the data (a filter, say) would otherwise break later steps."""
+        ex = req.expect
+        if ex is None or (out.shape == ex.shape and out.dtype == ex.dtype):
+            return
+        raise OpError(
+            f"op {req.op!r} on {self.node.name} returned shape {out.shape} {out.dtype} for "
+            f"{req.out} but its output model (inferred from small samples) expected "
+            f"{ex.shape} {ex.dtype}: its output size must not depend on the data values; "
+            "declare it kind='global' or give out_shape= and out_dtype=")
 
     def _lineage(self, name: str) -> dict[str, Any]:
         recs = [r for r in self.node.store.records() if r.name == name]
