@@ -154,7 +154,9 @@ def test_holder_killed_mid_step_replans_and_its_leftovers_go(trio: Cluster,
         cl[name].start()
         cl.wait_members()
         wait_for(lambda: not any(store.glob(f"{flow.flow.id}*")), 15, "the janitor")
-        assert not any(r.owner == name for r in flow.catalog() if r.name.startswith("wf-"))
+        # the janitor's deletions reach the initiator's catalog a moment later
+        wait_for(lambda: not any(r.owner == name for r in flow.catalog()
+                                 if r.name.startswith("wf-")), 10, "the deletions announced")
     for node in ("n1", "n2", "n3"):
         assert not wf_records(cl[node])
 
