@@ -22,6 +22,7 @@ import zmq
 import zmq.green as zmqg
 
 from .catalog.base import Catalog, PartLocation
+from .catalog.chunking import Payload
 from .catalog.membership import PeerInfo
 from .catalog.record import (
     DatasetRecord,
@@ -351,7 +352,7 @@ class Node:
             reader = self.store.reader(rec.key, rec.version)
             for i in range(len(reader)):
                 buf, d = reader.chunk(i)
-                deliver(i, reader.chunking.byte_range(i)[0], memoryview(buf).cast("B"), d)
+                deliver(i, reader.chunking.byte_range(i)[0], Payload([buf]), d)
                 gevent.sleep(0)  # a multi-GB local read must not starve the heartbeats
             return
         endpoint = self.bulk_endpoints().get(rec.owner)
@@ -387,8 +388,8 @@ class Node:
         row_bytes = out.nbytes // max(rows, 1) if loc.shape else out.nbytes
         base = 0
         for p in parts:
-            def deliver(i: int, off: int, buf: memoryview, d: int, base: int = base) -> None:
-                flat[base + off : base + off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
+            def deliver(i: int, off: int, buf: Payload, d: int, base: int = base) -> None:
+                buf.copy_into(flat, base + off)
             self.pull_any(p.holders, deliver)
             base += (p.row_stop - p.row_start) * row_bytes
         return out

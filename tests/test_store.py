@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import resource
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpcflow.catalog.chunking import Chunking
+from hpcflow.catalog.chunking import Chunking, Payload, chunk_digest
 from hpcflow.catalog.record import MAX_PARTS, DatasetRecord, validate_name
 from hpcflow.catalog.store import Store
 from hpcflow.errors import DatasetExists, InvalidData, InvalidName, ProtocolError, StoreError
@@ -38,6 +39,32 @@ def test_chunks_tile_the_array_exactly(shape: list[int], itemsize: int, chunk_by
         pieces.append(piece)
         pos += length
     assert b"".join(pieces) == arr.tobytes()
+
+
+@given(st.binary(max_size=5000), st.lists(st.integers(0, 5000), max_size=6))
+def test_a_payload_split_anywhere_hashes_copies_and_writes_as_one_buffer(
+        data: bytes, cuts: list[int]) -> None:
+    bounds = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
+    p = Payload([data[a:b] for a, b in itertools.pairwise(bounds)])
+    assert p.nbytes == len(data) and p.digest() == chunk_digest(data)
+    flat = np.zeros(len(data) + 3, np.uint8)
+    p.copy_into(flat, 3)
+    assert flat[3:].tobytes() == data
+
+
+def test_writer_takes_a_chunk_in_frames(tmp_path: Path) -> None:
+    s = Store(tmp_path, "n1")
+    s.open()
+    a = np.arange(3000, dtype=np.int64)
+    w = s.begin("FR", a.shape, a.dtype, chunk_bytes=8192)
+    raw = a.tobytes()
+    for i in range(len(w.chunking)):
+        off, n = w.chunking.byte_range(i)
+        w.write_chunk(i, Payload([raw[off : off + 100], raw[off + 100 : off + n]]),
+                      chunk_digest(raw[off : off + n]))
+    w.commit()
+    r = s.reader("FR")
+    assert b"".join(bytes(memoryview(r.chunk(i)[0]).cast("B")) for i in range(len(r))) == raw
 
 
 @pytest.mark.parametrize("dtype", ["?", "i1", "<u8", "<f4", ">f8", "<c16"])

@@ -263,3 +263,35 @@ def test_only_the_uploading_client_can_abort_its_upload(make_cluster) -> None:  
         owner.close()
         other.close()
         ctx.term()
+
+
+def test_chunk_replies_travel_in_frames_of_at_most_1_mib(cluster: Cluster) -> None:
+    """The wire format: a 4 MiB chunk comes back as several <= 1 MiB frames that
+    concatenate to the chunk whose digest the header carries (and that a fetch
+    reassembles at the right offsets, including a short last chunk)."""
+    from hpcflow.catalog.chunking import chunk_digest
+
+    data = np.random.default_rng(3).integers(0, 255, 9 * MB + 12345, dtype=np.uint8)
+    with cluster["n2"].client() as c:
+        rec = c.put("FRAMED", data, chunk_bytes=4 * MB)
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(cluster["n2"].info["bulk"])
+    try:
+        for i, size in [(0, 4 * MB), (2, MB + 12345)]:
+            s.send_multipart([b"GET", msgpack.packb({"r": 9, "key": "FRAMED", "v": rec.version,
+                                                     "i": i, "by": "test"})])
+            assert s.poll(10_000 * SCALE), "no CHUNK reply"
+            verb, hdr, *frames = s.recv_multipart()
+            assert verb == b"CHUNK"
+            assert all(len(f) <= MB for f in frames) and len(frames) == -(-size // MB)
+            joined = b"".join(frames)
+            assert joined == data[i * 4 * MB : i * 4 * MB + size].tobytes()
+            assert msgpack.unpackb(hdr)["d"] == chunk_digest(joined)
+    finally:
+        s.close()
+        ctx.term()
+    with cluster["n1"].client() as c:
+        wait_for(lambda: "FRAMED" in names_on(cluster["n1"]), 10, "FRAMED on n1")
+        assert np.array_equal(c.fetch("FRAMED"), data)

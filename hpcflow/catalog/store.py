@@ -39,7 +39,14 @@ import h5py
 import numpy as np
 
 from ..errors import DatasetExists, DatasetNotFound, IntegrityError, InvalidData, StoreError
-from .chunking import DEFAULT_CHUNK_BYTES, MAX_CHUNKS, Chunking, chunk_digest, dataset_checksum
+from .chunking import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNKS,
+    Chunking,
+    Payload,
+    chunk_digest,
+    dataset_checksum,
+)
 from .record import (
     DatasetRecord,
     key_of,
@@ -126,7 +133,7 @@ class DatasetWriter:
         if not 0 <= i < len(self.chunking):
             raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
         off, length = self.chunking.byte_range(i)
-        mv = memoryview(buf).cast("B")
+        mv = buf if isinstance(buf, Payload) else Payload([buf])
         if mv.nbytes != length:
             raise InvalidData(f"chunk {i} has {mv.nbytes} bytes, expected {length}")
         with self._fd_lock:
@@ -143,18 +150,16 @@ class DatasetWriter:
         self.digests[i] = actual
         self.last_activity = time.monotonic()
 
-    def _hash_and_write(self, mv: memoryview, off: int,
+    def _hash_and_write(self, mv: Payload, off: int,
                         digest: int | None) -> tuple[int, OSError | None]:
         """Runs on a pool thread for big chunks: only GIL-releasing work, no h5py.
         Returns the failure rather than raising it (the pool would log a traceback)."""
         try:
-            actual = chunk_digest(mv)
+            actual = mv.digest()
             if (digest is None or actual == digest) and self.offset is not None:
                 if self.store.fault_write_delay_s:
                     time.sleep(self.store.fault_write_delay_s)  # a disk under throttling
-                written = os.pwrite(self.fd, mv, self.offset + off)
-                if written != mv.nbytes:
-                    raise OSError(f"short write ({written} of {mv.nbytes} bytes)")
+                mv.pwrite(self.fd, self.offset + off)
             return actual, None
         except OSError as exc:
             return 0, exc

@@ -50,7 +50,7 @@ import gevent.event
 import numpy as np
 import zmq.green as zmq
 
-from ..catalog.chunking import DEFAULT_CHUNK_BYTES
+from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord
 from ..errors import ConfigError
 from ..rpc.bulk import BulkClient, BulkSettings
@@ -202,8 +202,8 @@ class Orchestrator:
         out = np.empty(rec.shape, dtype=np.dtype(rec.dtype))
         flat = out.reshape(-1).view(np.uint8)
 
-        def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
-            flat[off : off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
+        def deliver(i: int, off: int, buf: Payload, d: int) -> None:
+            buf.copy_into(flat, off)
 
         (bulk or self.bulk).fetch(self.bulk_ep[rec.owner], rec.owner, rec, deliver)
         return out

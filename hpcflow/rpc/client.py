@@ -24,13 +24,13 @@ import h5py
 import numpy as np
 import zmq.green as zmq
 
-from ..catalog.chunking import DEFAULT_CHUNK_BYTES
+from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
 from ..config import normalize_endpoint, timeout_scale
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
 from ..sources import open_source
 from ..workflow.flow import Flow, Handle
-from .bulk import BulkClient, BulkSettings
+from .bulk import BulkClient, BulkSettings, Deliver
 from .calls import call, new_client, refuses_connections
 from .traffic import Traffic
 
@@ -187,9 +187,9 @@ class Client:
         flat = out.reshape(-1).view(np.uint8)
         prefault(flat)
 
-        def sink(base: int) -> Callable[[int, int, memoryview, int], None]:
-            def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
-                flat[base + off : base + off + buf.nbytes] = np.frombuffer(buf, dtype=np.uint8)
+        def sink(base: int) -> Deliver:
+            def deliver(i: int, off: int, buf: Payload, d: int) -> None:
+                buf.copy_into(flat, base + off)
             return deliver
 
         self._pull_parts(plan[3], plan[4], sink, total, progress)
@@ -216,9 +216,9 @@ class Client:
                 f[f"{group.rstrip('/')}/{leaf}"].attrs["hpcflow_name"] = name
             fd = os.open(tmp, os.O_RDWR)
             try:
-                def sink(base: int) -> Callable[[int, int, memoryview, int], None]:
-                    def deliver(i: int, off: int, buf: memoryview, d: int) -> None:
-                        os.pwrite(fd, buf, offset + base + off)
+                def sink(base: int) -> Deliver:
+                    def deliver(i: int, off: int, buf: Payload, d: int) -> None:
+                        buf.pwrite(fd, offset + base + off)
                     return deliver
                 self._pull_parts(parts, bulk, sink, total, progress)
                 os.fsync(fd)
@@ -257,7 +257,7 @@ class Client:
         return shape, loc["dtype"], total, parts, loc["bulk"]
 
     def _pull_parts(self, parts: list[dict[str, Any]], bulk: dict[str, str],
-                    sink: Callable[[int], Callable[[int, int, memoryview, int], None]],
+                    sink: Callable[[int], Deliver],
                     total: int, progress: Progress | None) -> None:
         base, done = 0, [0]
         for p in parts:
@@ -335,9 +335,8 @@ def _refuse_fast(endpoint: str, address: str) -> None:
                               "(is `hpcflow node` running there?)")
 
 
-def _counting(deliver: Callable[[int, int, memoryview, int], None], done: list[int],
-              total: int, progress: Progress) -> Callable[[int, int, memoryview, int], None]:
-    def counted(i: int, off: int, buf: memoryview, d: int) -> None:
+def _counting(deliver: Deliver, done: list[int], total: int, progress: Progress) -> Deliver:
+    def counted(i: int, off: int, buf: Payload, d: int) -> None:
         deliver(i, off, buf, d)
         done[0] += buf.nbytes
         progress(done[0], total)

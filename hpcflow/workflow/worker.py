@@ -316,8 +316,7 @@ class Worker:
                     self.node.bulk_client.fetch_range(
                         endpoint, rec.owner, rec, (glo - start) * row_bytes,
                         (ghi - glo) * row_bytes,
-                        lambda k, off, buf, d: flat.__setitem__(
-                            slice(off, off + buf.nbytes), np.frombuffer(buf, dtype=np.uint8)),
+                        lambda k, off, buf, d: buf.copy_into(flat, off),
                         piece)
                     used = rec.owner
                     break
