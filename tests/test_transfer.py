@@ -295,3 +295,36 @@ def test_chunk_replies_travel_in_frames_of_at_most_1_mib(cluster: Cluster) -> No
     with cluster["n1"].client() as c:
         wait_for(lambda: "FRAMED" in names_on(cluster["n1"]), 10, "FRAMED on n1")
         assert np.array_equal(c.fetch("FRAMED"), data)
+
+
+def test_fetch_into_a_reused_array_and_refusals_that_touch_nothing(cluster: Cluster) -> None:
+    rows = np.arange(6 * 4096, dtype=np.float64).reshape(-1, 8)
+    half = len(rows) // 2
+    with cluster["n2"].client() as c:
+        c.put("OUT", rows[:half], part=0, nparts=2)
+    with cluster["n3"].client() as c:
+        c.put("OUT", rows[half:], part=1, nparts=2)
+    with cluster["n1"].client() as c:
+        wait_for(lambda: not c.locate("OUT")["missing"], 10, "both parts of OUT on n1")
+        buf = np.full_like(rows, -1.0)
+        assert c.fetch("OUT", out=buf) is buf
+        assert np.array_equal(buf, rows)
+        buf[:] = -1.0
+        assert c.fetch("OUT", out=buf) is buf and np.array_equal(buf, rows)  # reused
+        part1 = np.zeros((len(rows) - half, 8))
+        assert np.array_equal(c.fetch("OUT", part=1, out=part1), rows[half:])
+        before = dict(c.traffic.bytes_received)
+        for bad, why in [
+            (np.zeros((len(rows), 4)), r"out is \[.*, 4\] <f8 but OUT is \[.*, 8\] <f8"),
+            (np.zeros(rows.shape, np.float32), "<f4 but OUT"),
+            (np.zeros((8, len(rows))).T, "C-contiguous"),
+            (rows.tolist(), "numpy array, not list"),
+        ]:
+            with pytest.raises(hpcflow.InvalidData, match=why):
+                c.fetch("OUT", out=bad)
+        ro = np.full_like(rows, 7.0)
+        ro.flags.writeable = False
+        with pytest.raises(hpcflow.InvalidData, match="writeable"):
+            c.fetch("OUT", out=ro)
+        assert np.all(ro == 7.0)
+        assert dict(c.traffic.bytes_received) == before  # refused before any byte moved

@@ -179,13 +179,23 @@ class Client:
             src.close()
 
     def fetch(self, name: str, part: int | None = None,
-              progress: Progress | None = None) -> Any:
-        """The dataset (all parts, in row order, or one part) as a numpy array."""
+              progress: Progress | None = None, *, out: Any = None) -> Any:
+        """The dataset (all parts, in row order, or one part) as a numpy array.
+
+        ``out``, if given, is an existing C-contiguous writable array of the
+        dataset's exact shape and dtype to fill instead of allocating a new one
+        (a buffer reused across the frames of a loop skips the allocation, which
+        for GiB-sized data costs as much as the transfer).  It is returned.  If
+        the fetch fails part-way, ``out`` holds a mix of old and new bytes.
+        """
         plan = self._parts(name, part)
         shape, dtype, total = plan[0], np.dtype(plan[1]), plan[2]
-        out = np.empty(shape, dtype=dtype)
-        flat = out.reshape(-1).view(np.uint8)
-        prefault(flat)
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+            flat = out.reshape(-1).view(np.uint8)
+            prefault(flat)
+        else:
+            flat = _destination(out, shape, dtype, name)
 
         def sink(base: int) -> Deliver:
             def deliver(i: int, off: int, buf: Payload, d: int) -> None:
@@ -280,6 +290,18 @@ class Client:
                 raise PeerUnavailable(f"no holder of part {p['part']} answered: "
                                       + ("; ".join(errors) or "none alive"))
             base += p["nbytes"]
+
+
+def _destination(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], name: str) -> Any:
+    """``out`` as a flat byte view, or InvalidData saying why it cannot hold ``name``."""
+    if not isinstance(out, np.ndarray):
+        raise InvalidData(f"out must be a numpy array, not {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise InvalidData(f"out is {list(out.shape)} {out.dtype.str} but {name} is "
+                          f"{list(shape)} {dtype.str}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise InvalidData("out must be C-contiguous and writeable")
+    return out.reshape(-1).view(np.uint8)
 
 
 def split_h5path(h5path: str) -> tuple[str, str]:
