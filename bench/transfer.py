@@ -4,17 +4,20 @@
    processes, 1 MiB zero-copy numpy frames (what the hardware and libzmq can do).
 2. hpcflow: a 1 GiB dataset held by daemon ``a`` is fetched into memory by a
    client connected to daemon ``b`` (pulled straight from ``a``'s bulk channel,
-   every chunk digest-verified and the dataset checksum checked), and copied
-   daemon-to-daemon into ``b``'s store (``replicate``: includes HDF5 write + fsync).
-   Reported as a ratio to (1): raw and fetch run in pairs (alternating which goes
-   first), and the ratio is the
-   median over the pairs (the VM's throughput drifts too much between minutes
-   for best-of-each to compare like with like); best/best is printed too.
+   every chunk digest-verified and the dataset checksum checked), twice per round:
+   into a new numpy array (which also pays for a GiB of fresh pages), and into
+   an array reused across rounds (``fetch(..., out=buf)``, the transfer alone).
+   Then copied daemon-to-daemon into ``b``'s store once (``replicate``: includes
+   HDF5 write + fsync).  Each fetch is compared with the raw run of its own round
+   (the three run back to back, in an order that rotates, since whichever runs just
+   after a GiB was freed pays for it); the ratio reported is the median over the
+   rounds (the VM's throughput drifts too much between minutes for best-of-each to
+   compare like with like); best/best is printed too.
 3. Catalog propagation: 16 local daemons; time from starting a put on one until
    every node's catalog lists it (each node answers a blocking ``wait`` RPC the
    moment its replica changes), repeated; p50/p99 against the 50 ms target.
 
-Run: ``python bench/transfer.py [--gib 1] [--repeats 5] [--nodes 16] [--rounds 100]``
+Run: ``python bench/transfer.py [--gib 1] [--repeats 6] [--nodes 16] [--rounds 100]``
 """
 
 from __future__ import annotations
@@ -85,16 +88,15 @@ def raw_throughput(nbytes: int) -> float:
     return (got - FRAME) / dt  # the first frame only started the clock
 
 
-def transfer_pairs(root: Path, nbytes: int, repeats: int) -> tuple[list[float], list[float],
-                                                                   float]:
-    """Raw reference and hpcflow fetch, interleaved: ``repeats`` pairs measured back to back.
+def transfer_rounds(root: Path, nbytes: int, repeats: int) -> tuple[dict[str, list[float]],
+                                                                    float]:
+    """Raw reference and the two fetches, ``repeats`` rounds of the three back to back.
 
     Throughput on a shared VM drifts by 2x within minutes, so each fetch is compared
-    with the raw run next to it rather than best with best.  Returns raw and fetch
-    throughputs (pairs in order) and one replicate's throughput.
+    with the raw run next to it rather than best with best.  Returns the throughputs
+    per kind (rounds in order) and one replicate's throughput.
     """
-    raws: list[float] = []
-    fetches: list[float] = []
+    runs: dict[str, list[float]] = {"raw": [], "new": [], "reused": []}
     with LocalCluster(root, extra=["--log-level", "WARNING"]) as cluster:
         a = cluster.add("a").info
         b = cluster.add("b").info
@@ -104,27 +106,25 @@ def transfer_pairs(root: Path, nbytes: int, repeats: int) -> tuple[list[float], 
         del data
         with hpcflow.connect(b["rpc"]) as cb:
             cb.wait_for("BIG", 30)
+            buf = cb.fetch("BIG")  # the reused destination, its pages already faulted in
 
-            def fetch() -> float:
+            def fetch(out: np.ndarray | None) -> float:  # type: ignore[type-arg]
                 t0 = time.perf_counter()
-                got = cb.fetch("BIG")
+                got = cb.fetch("BIG", out=out)
                 dt = time.perf_counter() - t0
                 assert got.nbytes == nbytes
                 return nbytes / dt
 
+            kinds = {"raw": lambda: raw_throughput(nbytes), "new": lambda: fetch(None),
+                     "reused": lambda: fetch(buf)}
+            order = list(kinds)
             for k in range(repeats):
-                # Whichever runs second pays for the first's freed GiB (the kernel zeroes
-                # and compacts fresh memory): alternate the order so neither side always does.
-                if k % 2 == 0:
-                    raws.append(raw_throughput(nbytes))
-                    fetches.append(fetch())
-                else:
-                    fetches.append(fetch())
-                    raws.append(raw_throughput(nbytes))
+                for kind in order[k % 3:] + order[: k % 3]:
+                    runs[kind].append(kinds[kind]())
             t0 = time.perf_counter()
             cb.replicate("BIG")
             repl = nbytes / (time.perf_counter() - t0)
-    return raws, fetches, repl
+    return runs, repl
 
 
 def propagation(root: Path, n: int, rounds: int) -> tuple[list[float], list[float]]:
@@ -161,28 +161,31 @@ def propagation(root: Path, n: int, rounds: int) -> tuple[list[float], list[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=5, help="raw/fetch pairs")
+    ap.add_argument("--repeats", type=int, default=6, help="rounds of raw + two fetches")
     ap.add_argument("--nodes", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=100)
     a = ap.parse_args()
     nbytes = int(a.gib * 1024**3) // FRAME * FRAME
     with tempfile.TemporaryDirectory(prefix="hpcflow-bench-") as tmp:
         root = Path(tmp)
-        raws, fetches, repl = transfer_pairs(root / "t", nbytes, a.repeats)
+        runs, repl = transfer_rounds(root / "t", nbytes, a.repeats)
         lat, puts = propagation(root / "p", a.nodes, a.rounds)
     gb = 1e9
-    ratios = [f / r for f, r in zip(fetches, raws, strict=True)]
+    raws = runs["raw"]
 
     def spread(xs: list[float]) -> str:
         return f"median {median(xs) / gb:5.2f} GB/s (range {min(xs) / gb:.2f}-{max(xs) / gb:.2f})"
 
-    print(f"transfer of {nbytes / 1024**3:.2f} GiB over TCP loopback, {a.repeats} raw/fetch "
-          "pairs run back to back:")
-    print(f"  raw pyzmq PUSH/PULL, 1 MiB frames               : {spread(raws)}")
-    print(f"  hpcflow fetch (client <- daemon, verified, numpy): {spread(fetches)}")
-    print(f"  fetch/raw of each pair: {' '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"  ratio, median of pairs {median(ratios):.2f} (target >= 0.60); "
-          f"best/best {max(fetches) / max(raws):.2f}")
+    print(f"transfer of {nbytes / 1024**3:.2f} GiB over TCP loopback, {a.repeats} rounds of "
+          "raw + two fetches back to back:")
+    print(f"  raw pyzmq PUSH/PULL, 1 MiB frames                 : {spread(raws)}")
+    for kind, what in (("reused", "into a reused array"), ("new", "into a new array   ")):
+        xs = runs[kind]
+        ratios = [f / r for f, r in zip(xs, raws, strict=True)]
+        print(f"  hpcflow fetch {what} (verified)      : {spread(xs)}")
+        print(f"    fetch/raw per round {' '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {median(ratios):.2f} (target >= 0.60), best/best "
+              f"{max(xs) / max(raws):.2f}")
     print(f"  hpcflow replicate (daemon -> daemon's HDF5 + fsync): {repl / gb:.2f} GB/s, "
           f"{repl / median(raws):.2f} of the median raw")
     print(f"catalog propagation, put on 1 of {a.nodes} nodes until all list it "
