@@ -411,7 +411,8 @@ def test_interrupted_loopback_replay_leaves_nothing(tmp_path: Path, sig: int, ap
     proc.send_signal(sig)
     rc = proc.wait(timeout=30 * SCALE)
     elapsed = time.monotonic() - t0
-    assert rc == (130 if sig == signal.SIGINT else 128 + signal.SIGTERM)
+    assert proc.stderr is not None
+    assert rc == (130 if sig == signal.SIGINT else 128 + signal.SIGTERM), proc.stderr.read()
     assert elapsed < EXIT_BOUND_S, f"took {elapsed:.1f} s to exit"
     assert os.listdir(tmp) == []  # replay dir (data stores), ganesha's dir
     assert _ours(tmp) == []

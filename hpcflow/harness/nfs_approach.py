@@ -34,6 +34,7 @@ given (the server then runs in host ``"nfs"``), else everything on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -101,7 +102,11 @@ class _Runner:
             for proc in self.started:
                 if proc.poll() is None:
                     proc.kill()
-                proc.communicate()
+                # A communicate() cut short by the signal may leave its pipes half-used:
+                # a teardown error must not replace the error (or signal) being unwound.
+                with contextlib.suppress(OSError, ValueError):
+                    proc.communicate()
+                proc.wait()
 
     def finish(self, node: str, proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
         try:
@@ -203,8 +208,10 @@ def run_nfs(scenario: Scenario, data: Data, *, topology: Topology | None = None,
         progress("data placed, running the workflow")
         reports, result, elapsed = _workflow(runner, scenario, remote, workdir)
     finally:
-        runner.stop()
-        server.stop()
+        try:
+            runner.stop()
+        finally:
+            server.stop()
 
     node = scenario.initiator
     links: Counter[str] = Counter()

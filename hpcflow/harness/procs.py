@@ -23,10 +23,13 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from ..config import timeout_scale
 
 _CLONE_NEWNET = 0x40000000
 _DEFERRED = {signal.SIGINT, signal.SIGTERM}
@@ -159,13 +162,35 @@ def reap_stale(pattern: str) -> list[str]:
             continue
         if _start_time(owner[0]) == owner[1]:
             continue
+        killed = []
         for pid, start in procs:
             if _start_time(pid) == start:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        _await_death(killed, 5 * timeout_scale())  # they may still write into the directory
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(directory)
     return removed
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (killed; only its parent's wait is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _await_death(pids: list[int], timeout_s: float) -> None:
+    """Poll until every SIGKILLed process in *pids* has died (they are not our
+    children, so there is nothing to wait on); give up after *timeout_s*."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.001
+    while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def socket_in_netns(ns_path: str | None, family: int = socket.AF_INET,
