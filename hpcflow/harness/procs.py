@@ -124,11 +124,18 @@ def _start_time(pid: int) -> int | None:
 
     With the PID it identifies a process: a recycled PID has a later start.
     """
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 (the state) on, or None if there is no such process.
+    (Field 2, the command name in parentheses, may itself hold spaces and parentheses.)"""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return stat[stat.rindex(")") + 2:].split()
 
 
 def claim(directory: str | os.PathLike[str], pids: Iterable[int] = ()) -> None:
@@ -176,11 +183,8 @@ def reap_stale(pattern: str) -> list[str]:
 
 def _dead(pid: int) -> bool:
     """Gone, or a zombie (killed; only its parent's wait is missing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    fields = _stat_fields(pid)
+    return fields is None or fields[0] in ("Z", "X")
 
 
 def _await_death(pids: list[int], timeout_s: float) -> None:
