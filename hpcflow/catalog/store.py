@@ -133,15 +133,15 @@ class DatasetWriter:
         if not 0 <= i < len(self.chunking):
             raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
         off, length = self.chunking.byte_range(i)
-        mv = buf if isinstance(buf, Payload) else Payload([buf])
-        if mv.nbytes != length:
-            raise InvalidData(f"chunk {i} has {mv.nbytes} bytes, expected {length}")
+        payload = buf if isinstance(buf, Payload) else Payload([buf])
+        if payload.nbytes != length:
+            raise InvalidData(f"chunk {i} has {payload.nbytes} bytes, expected {length}")
         with self._fd_lock:
             self._inflight += 1
         if length >= OFFLOAD_BYTES:
-            actual, error = _blocking(self._hash_and_write, mv, off, digest)
+            actual, error = _blocking(self._hash_and_write, payload, off, digest)
         else:
-            actual, error = self._hash_and_write(mv, off, digest)
+            actual, error = self._hash_and_write(payload, off, digest)
         if error is not None:
             raise StoreError(f"cannot write chunk {i} of {self.proto.key} to {self.tmp}: "
                              f"{error}") from error
@@ -150,16 +150,16 @@ class DatasetWriter:
         self.digests[i] = actual
         self.last_activity = time.monotonic()
 
-    def _hash_and_write(self, mv: Payload, off: int,
+    def _hash_and_write(self, payload: Payload, off: int,
                         digest: int | None) -> tuple[int, OSError | None]:
         """Runs on a pool thread for big chunks: only GIL-releasing work, no h5py.
         Returns the failure rather than raising it (the pool would log a traceback)."""
         try:
-            actual = mv.digest()
+            actual = payload.digest()
             if (digest is None or actual == digest) and self.offset is not None:
                 if self.store.fault_write_delay_s:
                     time.sleep(self.store.fault_write_delay_s)  # a disk under throttling
-                mv.pwrite(self.fd, self.offset + off)
+                payload.pwrite(self.fd, self.offset + off)
             return actual, None
         except OSError as exc:
             return 0, exc
