@@ -29,6 +29,7 @@ Tree::
     └── TransportError           anything on the wire
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
+        ├── Overloaded           the peer is at a limit (requests in flight ...): retry later
         └── RemoteError          an unexpected failure inside a peer
 """
 
@@ -119,6 +120,10 @@ class ProtocolError(TransportError):
 
 class PeerUnavailable(TransportError):
     """A peer is dead, unreachable, or did not answer in time."""
+
+
+class Overloaded(TransportError):
+    """A peer refused a request because it is at one of its limits; retrying later may work."""
 
 
 class RemoteError(TransportError):

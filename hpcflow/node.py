@@ -17,7 +17,6 @@ from typing import Any
 import gevent
 import gevent.event
 import numpy as np
-import zerorpc
 import zmq
 import zmq.green as zmqg
 
@@ -47,6 +46,7 @@ from .errors import (
     ProtocolError,
 )
 from .ops import DEFAULT_REGISTRY, OpError, load_op_module
+from .rpc import strict
 from .rpc.bulk import BulkClient, BulkServer, BulkSettings
 from .rpc.calls import PeerClients, refuses_connections
 from .rpc.service import NodeService
@@ -104,7 +104,7 @@ class Node:
         self.store.listeners.append(self._store_changed)
         self.service = NodeService(self)
         try:
-            self.rpc = zerorpc.Server(self.service, heartbeat=5)
+            self.rpc = strict.Server(self.service, heartbeat=5)
             self.rpc.bind(cfg.rpc_endpoint)
             rpc_ep = self.rpc._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
             self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
@@ -312,6 +312,7 @@ class Node:
         return {"traffic": self.traffic.to_wire(),
                 "catalog": dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {},
                 "bulk_malformed": self.bulk.malformed,
+                "rpc": self.rpc.multiplexer.stats(),
                 "uploads_in_progress": len(self.bulk.uploads)}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:

@@ -15,6 +15,7 @@ import zerorpc
 import zerorpc.exceptions
 
 from ..errors import PeerUnavailable, from_wire
+from . import strict
 
 # zerorpc logs every exception a handler raises with a traceback, including
 # expected ones like DatasetNotFound; the service logs what matters itself.
@@ -56,7 +57,7 @@ def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
 
 
 def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0) -> Any:
-    client = zerorpc.Client(timeout=timeout_s, heartbeat=heartbeat_s)
+    client = strict.Client(timeout=timeout_s, heartbeat=heartbeat_s)
     client.connect(endpoint)
     return client
 

@@ -1,0 +1,235 @@
+"""No zerorpc event can stop a daemon answering (issue 11, item 1).
+
+A structure-aware fuzzer builds zerorpc events field by field: every field of
+the envelope and header takes a value of every msgpack type (and a few
+crafted encodings msgpack itself would refuse to produce).  The pure decoder
+must sort each one into "an event" or ``Malformed``; a real daemon gets them
+over a real socket, interleaved with valid calls that must still be answered,
+while a long call of another client is in flight and must still complete.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import hpcflow
+from hpcflow.errors import from_wire
+from hpcflow.rpc import strict
+from tests.conftest import SCALE, Cluster, NodeProc
+
+
+class Raw(bytes):
+    """Bytes to splice into an encoding as they are (msgpack cannot produce them)."""
+
+
+#: One or more values of every msgpack type (and format width), plus crafted encodings.
+VALUES: list[Any] = [
+    None, True, False,
+    0, 127, 128, 255, 2**16, 2**32, 2**64 - 1, -1, -33, -(2**15), -(2**63),
+    1.5, float("nan"), float("inf"), -0.0,
+    "", "ping", "x" * 40, "y" * 300, "é" * 70_000,
+    b"", b"\x00", b"z" * 300,
+    [], [1], [[[]]], list(range(20)), ["ping"],
+    {}, {"a": 1}, {"message_id": b"m"}, {"response_to": {}}, {"k": [{}]},
+    msgpack.ExtType(5, b"ext"), msgpack.ExtType(127, b"\x00" * 4), msgpack.Timestamp(1, 2),
+    Raw(b"\xd6\xff\x00\x00\x00\x07"),       # the timestamp ext type (-1), 32-bit form
+    Raw(b"\xc7\x03\xff\x00\x00\x00"),       # ext -1 with a length no timestamp has
+    Raw(b"\xa2\xff\xfe"),                    # a str that is not UTF-8
+    Raw(b"\x81\x01\x02"),                    # a map with an int key
+    Raw(b"\x81\x80\x01"),                    # a map with a map key (unhashable)
+    Raw(b"\x81\x91\x01\x02"),                # a map with an array key
+    Raw(b"\xca" + struct.pack(">f", 1.25)),  # float32
+    Raw(b"\x91" * 3000 + b"\xc0"),           # arrays nested 3000 deep
+    Raw(b"\xdd\xff\xff\xff\xff"),            # an array that claims 4 G items, and ends
+    Raw(b"\xc1"),                            # the one byte msgpack never uses
+]
+
+
+def enc(value: Any) -> bytes:
+    """msgpack encoding of ``value``, splicing :class:`Raw` pieces in as they are."""
+    if isinstance(value, Raw):
+        return bytes(value)
+    if isinstance(value, list) and any(isinstance(v, Raw) for v in value):
+        n = len(value)
+        head = bytes([0x90 | n]) if n < 16 else b"\xdc" + struct.pack(">H", n)
+        return head + b"".join(enc(v) for v in value)
+    if isinstance(value, dict) and any(isinstance(v, Raw) for v in value.values()):
+        head = bytes([0x80 | len(value)])
+        return head + b"".join(enc(k) + enc(v) for k, v in value.items())
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def event(header: Any, name: Any, args: Any) -> bytes:
+    return enc([header, name, args])
+
+
+def structured_events(msgid: bytes) -> Iterator[bytes]:
+    """Every field of a valid ``ping`` request, replaced in turn by every value."""
+    base_header = {"message_id": msgid, "v": 3}
+    for i, value in enumerate(VALUES):
+        mid = msgid + b"-%d" % i
+        yield enc(value)                                          # the whole event
+        yield event(value, "ping", [])                            # header
+        yield event({**base_header, "message_id": value}, "ping", [])
+        yield event({"message_id": mid, "v": value}, "ping", [])
+        yield event({"message_id": mid, "v": 3, "response_to": value}, "ping", [])
+        yield event({"message_id": mid, "v": 3, "zz": value}, "ping", [])
+        yield event({"message_id": mid, "v": 3}, value, [])       # name
+        yield event({"message_id": mid, "v": 3}, "ping", value)   # args
+        yield event({"message_id": mid, "v": 3}, "ping", [value])
+        yield enc([base_header, "ping"])                          # too short
+        yield enc([base_header, "ping", [], value])               # too long
+        yield enc([base_header, "ping", []]) + enc(value)         # trailing bytes
+
+
+def random_events(rng: random.Random, msgid: bytes, n: int) -> Iterator[bytes]:
+    """Random combinations: several fields wrong at once, reply names, odd ids."""
+    names = ["ping", "OK", "ERR", "STREAM", "STREAM_DONE", "_zpc_hb", "_zpc_more",
+             "_zerorpc_inspect", "_zerorpc_help", "wait", "nosuch"]
+    for i in range(n):
+        header: dict[Any, Any] = {"message_id": msgid + b"r%d" % i, "v": rng.choice([1, 2, 3])}
+        for key in rng.sample(["message_id", "v", "response_to", "extra"], rng.randint(0, 3)):
+            header[key] = rng.choice(VALUES)
+        name = rng.choice(names) if rng.random() < 0.8 else rng.choice(VALUES)
+        args = rng.choice([[], [rng.choice(VALUES)], [rng.choice(VALUES)] * 3,
+                           rng.choice(VALUES)])
+        yield event(header, name, args)
+
+
+def frame_variants(blob: bytes) -> list[list[bytes]]:
+    """Envelopes as a DEALER sends them: right, without delimiter, and wrong."""
+    return [[b"", blob], [blob], [b"x", blob], [b"", b"", blob], [b"", blob, blob], []]
+
+
+def test_decoder_sorts_every_structured_event() -> None:
+    """Pure: each generated event decodes, or is Malformed; nothing else escapes."""
+    rng = random.Random(7)
+    blobs = [*structured_events(b"id"), *random_events(rng, b"id", 3000)]
+    accepted = 0
+    for blob in blobs:
+        for parts in ([b"peer", b"", blob], [b"peer", blob], [b"", blob], [blob],
+                      [b"peer", b"junk", blob]):
+            for router in (True, False):
+                try:
+                    ev = strict.decode(parts, router=router)
+                except strict.Malformed:
+                    continue
+                accepted += 1
+                # What passes is what zerorpc's layers need, in the types they need.
+                assert isinstance(ev.name, str) and ev.name
+                assert isinstance(ev.args, list)
+                assert isinstance(ev.header["message_id"], str | bytes)
+                assert isinstance(ev.header.get("response_to", b""), str | bytes)
+                hash(ev.header.get("response_to"))
+                assert isinstance(ev.header.get("v", 1), int)
+    assert accepted > 100  # the valid variants and benign extra header keys get through
+
+
+@pytest.fixture
+def node(make_cluster: Any) -> Iterator[NodeProc]:
+    c: Cluster = make_cluster()
+    n = c.add("n1")
+    with n.client() as client:
+        client.put("D", np.arange(12.0).reshape(3, 4))
+    yield n
+
+
+def answered(c: hpcflow.Client) -> None:
+    with gevent.Timeout(10 * SCALE, AssertionError("a valid call went unanswered")):
+        assert c.ping()["name"] == "n1"
+        assert c.locate("D")["shape"] == [3, 4]
+
+
+def test_fuzzed_events_never_stop_dispatch(node: NodeProc) -> None:
+    ctx = zmq.Context()
+    socks = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    for s in socks:
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(node.rpc)
+    rng = random.Random(11)
+    with node.client() as legit, node.client() as victim:
+        # Another client's long call is in flight the whole time and must complete.
+        late = gevent.spawn(victim.wait_for, "LATE", 120 * SCALE)
+        with gevent.Timeout(10 * SCALE, AssertionError("the victim's call did not start")):
+            while not victim._rpc._multiplexer._active_channels:
+                gevent.sleep(0.01)  # the call runs in a greenlet of this process
+        victim_id = next(iter(victim._rpc._multiplexer._active_channels))
+        # An attacker's own long call, whose channel it then floods.
+        own = b"own-call"
+        socks[0].send_multipart([b"", event({"message_id": own, "v": 3}, "wait",
+                                            ["NEVER", 60.0])])
+        blobs = [*structured_events(b"s"), *random_events(rng, b"r", 1500)]
+        for name in ("OK", "ERR", "STREAM", "STREAM_DONE", "_zpc_hb", "_zpc_more", "ping"):
+            for target in (victim_id, own, b"nobody"):  # replies and more, on open calls
+                blobs += [event({"message_id": b"x%d" % i, "v": 3, "response_to": target},
+                                name, ["a", "b", "c"] if name == "ERR" else [1])
+                          for i in range(150)]
+            blobs.append(event({"message_id": victim_id, "v": 3}, name, []))  # its id
+            blobs.append(event({"message_id": own, "v": 3}, name, []))        # duplicate
+        rng.shuffle(blobs)
+        sent = 0
+        for start in range(0, len(blobs), 500):
+            for blob in blobs[start:start + 500]:
+                for parts in rng.sample(frame_variants(blob), 2):
+                    if parts:
+                        rng.choice(socks).send_multipart(parts)
+                        sent += 1
+            answered(legit)
+        assert not late.ready(), "the victim's wait ended early"
+        legit.put("LATE", np.ones(3))
+        with gevent.Timeout(20 * SCALE, AssertionError("the victim's call never completed")):
+            assert late.get()["shape"] == [3]
+        answered(legit)
+        rpc = legit.stats()["rpc"]
+    for s in socks:
+        s.close()
+    ctx.term()
+    assert sent > 3000
+    assert rpc["dropped"].get("malformed", 0) > 1000, rpc
+    assert node.alive()
+    log = node.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_requests_over_the_limit_are_refused_at_once(node: NodeProc) -> None:
+    """One connection holding 256 calls gets Overloaded for more; others are served."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(node.rpc)
+    limit = strict.Limits().per_connection
+    for i in range(limit + 20):
+        s.send_multipart([b"", event({"message_id": b"w%d" % i, "v": 3}, "wait",
+                                     ["NEVER", 30.0])])
+    refused = []
+    deadline = time.monotonic() + 10 * SCALE
+    while len(refused) < 20 and time.monotonic() < deadline:
+        if s.poll(100):
+            _, blob = s.recv_multipart()
+            header, name, args = msgpack.unpackb(blob, raw=False)
+            if name == "ERR":
+                refused.append((header["response_to"], args[0]))
+    assert len(refused) == 20, refused
+    assert {a for _, a in refused} == {"Overloaded"}
+    assert {r for r, _ in refused} == {b"w%d" % i for i in range(limit, limit + 20)}
+    with node.client() as c:
+        answered(c)
+        assert c.stats()["rpc"]["overloaded"] >= 20
+    s.close()
+    ctx.term()
+
+
+def test_overloaded_reaches_the_script_as_its_type(node: NodeProc) -> None:
+    assert issubclass(hpcflow.Overloaded, hpcflow.TransportError)
+    err = from_wire("Overloaded", "busy")
+    assert isinstance(err, hpcflow.Overloaded) and str(err) == "busy"
