@@ -338,6 +338,48 @@ def test_inference_errors_and_declared_shapes() -> None:
         infer_output(registry.get("first2"), [(10, 2)], ["float64"], {})
 
 
+def test_global_op_over_inputs_of_different_row_counts() -> None:
+    """Issue 10: a global op over several inputs is sampled with each input's row count
+    varied on its own, so a sort of their union is modelled as rows0 + rows1 + rows2
+    (not 3 x the first input's rows) and a weighted mix as a * rows0 + b * rows1 + ..."""
+    registry = OpRegistry()
+
+    @registry.op("union", kind="global", arity=3)
+    def union(a: Array, b: Array, c: Array) -> Array:
+        u = np.concatenate([a, b, c])
+        return u[np.lexsort(u.T[::-1])]
+
+    shapes = [(100, 3), (300, 3), (550, 3)]
+    spec = registry.get("union")
+    inputs = [np.random.default_rng(i).random(s) for i, s in enumerate(shapes)]
+    assert infer_output(spec, shapes, ["float64"] * 3, {}) == ((950, 3), np.dtype("float64"))
+    assert apply(spec, inputs, {}).shape == (950, 3)
+    model = output_model(spec, [(3,)] * 3, ["float64"] * 3, {})
+    assert model.terms == ((1, 1, 1), (0, 0, 0))
+    assert model.shape(10) == (30, 3)  # one count: every input has it
+    assert model.nbytes([100, 300, 550]) == 950 * 3 * 8
+    assert model.out_rows((0, 0, 7)) == 7
+
+    registry.op("mix", kind="global", arity=3)(
+        lambda a, b, c: np.concatenate([a, a, c[1:], np.zeros((4, a.shape[1]))]))
+    assert infer_output(registry.get("mix"), shapes, ["float64"] * 3, {})[0] == (753, 3)
+
+    # an op needing equal row counts keeps the equal-rows model, read at its first input
+    registry.op("diff", kind="global", arity=2)(lambda a, b: np.sort(a - b, axis=0))
+    diff = output_model(registry.get("diff"), [(3,)] * 2, ["float64"] * 2, {})
+    assert diff.terms is None and diff.shape((40, 40)) == (40, 3) == diff.shape((40, 9))
+    # so does one whose size is not affine in each count separately (equal counts: it is)
+    registry.op("longest", kind="global", arity=2)(lambda a, b: a if len(a) >= len(b) else b)
+    longest = output_model(registry.get("longest"), [(3,)] * 2, ["float64"] * 2, {})
+    assert longest.terms is None and longest.shape(6) == (6, 3)
+    # a declared shape is fitted the same way, without running the op
+    registry.op("cat2", kind="global", arity=2,
+                out_shape=lambda s, p: (s[0][0] + 2 * s[1][0], s[0][1]), out_dtype="float64")(
+        lambda a, b: 1 / 0)
+    assert infer_output(registry.get("cat2"), [(5, 2), (7, 2)], ["float64"] * 2, {}) == (
+        (19, 2), np.dtype("float64"))
+
+
 def test_add_broadcasts_a_column_vector_against_every_row() -> None:
     """The issue's script adds colsum(DS2), shape (cols,), to fft(DS1): numpy semantics,
     split or not; the vector is a broadcast operand, sent whole to every row block."""

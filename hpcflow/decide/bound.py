@@ -240,8 +240,8 @@ class LowerBound:
         (and the bytes of that which must enter the initiator)."""
         out = 0
         if info.step.out in self.delivered:
-            rows = info.model.out_rows(info.in_rows)
-            out = info.model.nbytes(info.in_rows) // rows * rows if rows else 0
+            rows = info.model.out_rows(info.input_rows)
+            out = info.model.nbytes(info.input_rows) // rows * rows if rows else 0
         nodes = self._nodes(held)
         options = [
             sum(h.floor_missing(n) for h in held) + (out if n != self.initiator else 0)
@@ -425,9 +425,9 @@ def _static_sizes(
             largest[out] = min(largest[n] for n in info.row_inputs) if preserving else 0
             row[out] = per_row
         else:
-            size[out] = info.model.nbytes(info.in_rows)
+            size[out] = info.model.nbytes(info.input_rows)
             parts[out] = 1
-            rows = info.model.out_rows(info.in_rows)
+            rows = info.model.out_rows(info.input_rows)
             largest[out] = rows
             row[out] = size[out] // rows if rows else 0
     return size, parts, largest, row

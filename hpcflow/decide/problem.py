@@ -45,6 +45,9 @@ class StepInfo:
     in_rows: int
     #: per input: split by rows (True) or a broadcast operand sent whole (rowwise ops)
     aligned: tuple[bool, ...]
+    #: per input: its row count; what the model's whole output is a function of (a
+    #: global op's inputs may differ, where ``in_rows`` is the first row input's)
+    input_rows: tuple[int, ...]
     #: distinct inputs split by rows (all of them unless some are broadcast)
     row_inputs: tuple[str, ...] = field(init=False)
     #: distinct broadcast operands: every node running a row block needs all of them
@@ -228,11 +231,20 @@ def _compile_steps(
                 f"{spec.definition_hash[:12]})"
             )
         rows = next(r for (r, _, _), a in zip(ins, aligned, strict=True) if a)
-        shape = model.shape(rows)
-        shapes[step.out] = (model.out_rows(rows), tuple(shape[1:]), model.dtype)
+        counts = tuple(r for r, _, _ in ins)
+        shape = model.shape(counts)
+        shapes[step.out] = (model.out_rows(counts), tuple(shape[1:]), model.dtype)
         infos.append(
             StepInfo(
-                index, step, spec, model, spec.can_split(step.params), capable, rows, aligned
+                index,
+                step,
+                spec,
+                model,
+                spec.can_split(step.params),
+                capable,
+                rows,
+                aligned,
+                counts,
             )
         )
     return tuple(infos)

@@ -167,9 +167,9 @@ class _Run:
             self.bring(name, 0, self.hold[name].obj.rows, node)
         work = sum(self.hold[name].obj.nbytes for name in step.inputs)
         self.seconds = self.inbound[node] + self._compute(info, node, work)
-        rows = info.model.out_rows(info.in_rows)
-        self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.in_rows), (node,)),))
-        self.work.append(Work(node, "whole", (), (0, rows), info.model.shape(info.in_rows)))
+        rows = info.model.out_rows(info.input_rows)
+        self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.input_rows), (node,)),))
+        self.work.append(Work(node, "whole", (), (0, rows), info.model.shape(info.input_rows)))
         return (node,)
 
     def split(self, info: StepInfo, target: str | None, basis: int = 0) -> tuple[str, ...] | None:

@@ -7,11 +7,21 @@ rows, fit every output dimension (and a reduce op's partial size) as
 This covers row-preserving ops (``fft``, ``sort_rows``: slope 1) and
 fixed-size results (``colsum``, ``gram``, ``quantiles``: slope 0).  A
 rowwise op's broadcast operands (:func:`~hpcflow.ops.exec.row_roles`) are
-sampled at their real shape.  Assumptions, documented in
-``docs/cost-model.md``: output sizes are affine in the row count, do not
-depend on the data values (the daemons check this on the real output), and
-multi-input ops see the same row count on every row input.  Ops breaking
-them must declare ``out_shape``/``out_dtype`` or be ``global``.
+sampled at their real shape.
+
+A global op over several inputs may get inputs of different row counts (a
+sort of their union has ``rows0 + rows1 + rows2`` rows), so it is also run
+with one input at a time grown from 2 to 3 rows, which fits each dimension as
+``a0 * rows0 + a1 * rows1 + ... + intercept``, checked on inputs of 5, 6, 7,
+... rows.  An op that fails on such samples (it needs equal row counts) or
+whose sizes are not affine in each row count separately keeps the
+equal-rows model, evaluated at its first input's rows.
+
+Assumptions, documented in ``docs/cost-model.md``: output sizes are affine
+in the row counts and do not depend on the data values (the daemons check
+this on the real output); a rowwise op's row inputs share a row count.  Ops
+breaking them must declare ``out_shape``/``out_dtype`` (and a filter must be
+``global``).
 
 A planning run asks for the same model many times (sub-problems, baselines):
 :class:`ModelCache` runs the op code once per op, parameters and input
@@ -43,34 +53,57 @@ from hpcflow.ops.spec import Array, OpSpec, Params, Partial, Shape, constant_byt
 _FIT_ROWS = (2, 3)
 _CHECK_ROWS = 5
 _Affine = tuple[int, int]
+#: Row counts to evaluate a model at: one for every row input, or one per input.
+Rows = int | Sequence[int]
 
 
 @dataclass(frozen=True)
 class OutputModel:
-    """Output shape, dtype and partial size of one op application as functions of rows."""
+    """Output shape, dtype and partial size of one op application as functions of rows.
+
+    ``rows`` (:data:`Rows`) is either one count, which every row input has,
+    or a sequence with each input's count (broadcast operands' entries are
+    ignored).  ``dims[d] = (slope, intercept)`` gives output dimension ``d``
+    when every row input has the same count; ``terms[d]``, when known (a
+    global op over several inputs), splits ``slope`` into one coefficient
+    per input, so that inputs of different row counts are modelled too.
+    Without ``terms`` a sequence is read at input ``basis``'s count.
+    """
 
     dims: tuple[_Affine, ...]
     dtype: np.dtype[Any]
     partial: _Affine | None
+    terms: tuple[tuple[int, ...], ...] | None = None
+    basis: int = 0
     # rows -> (shape, nbytes): the planner asks about the same row counts over and over
-    _sizes: dict[int, tuple[Shape, int]] = field(
+    _sizes: dict[int | tuple[int, ...], tuple[Shape, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
     )
 
-    def _size(self, rows: int) -> tuple[Shape, int]:
-        found = self._sizes.get(rows)
+    def _size(self, rows: Rows) -> tuple[Shape, int]:
+        key = tuple(rows) if isinstance(rows, Sequence) else rows
+        found = self._sizes.get(key)
         if found is None:
-            shape = tuple(max(0, slope * rows + icpt) for slope, icpt in self.dims)
-            found = self._sizes[rows] = (shape, math.prod(shape) * self.dtype.itemsize)
+            shape = self._shape(key)
+            found = self._sizes[key] = (shape, math.prod(shape) * self.dtype.itemsize)
         return found
 
-    def shape(self, rows: int) -> Shape:
+    def _shape(self, rows: int | tuple[int, ...]) -> Shape:
+        if isinstance(rows, tuple) and self.terms is not None:
+            return tuple(
+                max(0, sum(k * n for k, n in zip(coefs, rows, strict=True)) + icpt)
+                for coefs, (_, icpt) in zip(self.terms, self.dims, strict=True)
+            )
+        count = rows[self.basis] if isinstance(rows, tuple) else rows
+        return tuple(max(0, slope * count + icpt) for slope, icpt in self.dims)
+
+    def shape(self, rows: Rows) -> Shape:
         return self._size(rows)[0]
 
-    def nbytes(self, rows: int) -> int:
+    def nbytes(self, rows: Rows) -> int:
         return self._size(rows)[1]
 
-    def out_rows(self, rows: int) -> int:
+    def out_rows(self, rows: Rows) -> int:
         """Length of the output's first axis (1 for a 0-d result)."""
         shape = self.shape(rows)
         return shape[0] if shape else 1
@@ -95,7 +128,8 @@ def output_model(
 
     ``broadcast[i]``, when given and not None, is the whole shape of input
     ``i``, a broadcast operand of a rowwise op (its ``row_shapes`` entry is
-    then ignored).
+    then ignored).  A global op over several inputs is also sampled with
+    different row counts per input (see the module docstring).
     """
     check_params(spec, params)
     dts = [np.dtype(d) for d in dtypes]
@@ -127,8 +161,14 @@ def output_model(
             dtype = out_dtype
     dims = _fit(spec, shapes, "output shape")
     partial_fit = _fit(spec, sizes, "partial size")[0] if split else None
+    terms = None
+    if spec.kind == "global" and len(dts) > 1:
+        terms = _fit_terms(spec, [tuple(rs) for rs in row_shapes], dts, params, dims,
+                           shapes[_FIT_ROWS[0]])
     assert dtype is not None
-    return OutputModel(dims=tuple(dims), dtype=np.dtype(dtype), partial=partial_fit)
+    basis = next((i for i, full in enumerate(whole) if full is None), 0)
+    return OutputModel(dims=tuple(dims), dtype=np.dtype(dtype), partial=partial_fit,
+                       terms=terms, basis=basis)
 
 
 def infer_output(
@@ -144,7 +184,6 @@ def infer_output(
         shapes = list(input_shapes)
         raise InputError(f"op {spec.name!r}: inputs need a row axis, got shapes {shapes}")
     aligned = row_roles(spec, [tuple(s) for s in input_shapes])
-    rows = next(shape[0] for shape, a in zip(input_shapes, aligned, strict=True) if a)
     model = output_model(
         spec,
         [tuple(shape[1:]) for shape in input_shapes],
@@ -152,7 +191,7 @@ def infer_output(
         params,
         broadcast=[None if a else tuple(s) for s, a in zip(input_shapes, aligned, strict=True)],
     )
-    return model.shape(rows), model.dtype
+    return model.shape([shape[0] for shape in input_shapes]), model.dtype
 
 
 class ModelCache:
@@ -232,6 +271,47 @@ def _fit(spec: OpSpec, values: dict[int, list[int]], what: str) -> list[_Affine]
             raise OpError(f"op {spec.name!r}: {what} is not affine in the row count")
         fitted.append((slope, icpt))
     return fitted
+
+
+def _fit_terms(
+    spec: OpSpec,
+    row_shapes: Sequence[Shape],
+    dtypes: Sequence[np.dtype[Any]],
+    params: Params,
+    dims: Sequence[_Affine],
+    base: Sequence[int],
+) -> tuple[tuple[int, ...], ...] | None:
+    """Per-input row coefficients of each output dimension of a global op over several
+    inputs, or None if they cannot be told apart.
+
+    ``base`` is the output shape with every input at the first fit row count;
+    each input in turn is grown to the second while the others stay, and the
+    fit is checked on inputs of 5, 6, 7, ... rows.  None (the caller keeps the
+    equal-rows ``dims``) if the op fails on inputs of different row counts,
+    or if its sizes are not affine in each row count separately.
+    """
+    lo, hi = _FIT_ROWS
+    n = len(dtypes)
+    grown = [tuple(hi if j == i else lo for j in range(n)) for i in range(n)]
+    check = tuple(_CHECK_ROWS + i for i in range(n))
+    got: dict[tuple[int, ...], Shape] = {}
+    for counts in (*grown, check):
+        inputs = [_sample(r, rs, dt) for r, rs, dt in zip(counts, row_shapes, dtypes, strict=True)]
+        try:
+            check_inputs(spec, inputs)
+            got[counts] = _probe(spec, inputs, params, False, False)[0]
+        except OpError:
+            return None
+        if len(got[counts]) != len(dims):
+            return None
+    terms = []
+    for d, (slope, icpt) in enumerate(dims):
+        coefs = tuple((got[counts][d] - base[d]) // (hi - lo) for counts in grown)
+        predicted = sum(k * r for k, r in zip(coefs, check, strict=True)) + icpt
+        if sum(coefs) != slope or predicted != got[check][d]:
+            return None
+        terms.append(coefs)
+    return tuple(terms)
 
 
 def _sample(rows: int, row_shape: Shape, dtype: np.dtype[Any]) -> Array:
