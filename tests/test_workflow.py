@@ -306,6 +306,69 @@ def test_failed_op_leaves_no_partial_outputs(make_cluster, tmp_path: Path) -> No
         assert not [k for k in names_on(cl[n]) if k.startswith("wf-")]
 
 
+SHAPE_OPS = '''
+import numpy as np
+from hpcflow import op
+
+@op("sort_union", kind="global", arity=3)
+def sort_union(a, b, c):
+    u = np.concatenate([a, b, c])
+    return u[np.lexsort(u.T[::-1])]
+
+@op("keep_big_global", kind="global")
+def keep_big_global(x):
+    """A filter: its output rows depend on the values (planning samples are all > 0.5)."""
+    return x[x[:, 0] > 0.5]
+
+def _merge(parts):
+    for mins, total in parts:
+        if total.shape != ():
+            raise ValueError(f"the 0-d total came back with shape {total.shape}")
+    return np.append(np.min([m for m, _ in parts], axis=0), sum(t for _, t in parts))
+
+@op("colmin_total", kind="reduce", combine=_merge)
+def colmin_total(x):
+    return x.min(axis=0), np.array(x.sum())  # a tuple partial holding a 0-d array
+'''
+
+
+@pytest.fixture
+def shape_ops(make_cluster, tmp_path: Path) -> Cluster:  # type: ignore[no-untyped-def]
+    """Three nodes that all load SHAPE_OPS."""
+    mod = tmp_path / "shape_ops.py"
+    mod.write_text(SHAPE_OPS)
+    cl: Cluster = make_cluster()
+    for i in range(3):
+        cl.add(f"n{i + 1}", via=f"n{i}" if i else None, extra=["--ops", str(mod)])
+    cl.wait_members()
+    return cl
+
+
+def test_global_op_over_inputs_of_different_row_counts(shape_ops: Cluster) -> None:
+    """Issue 10: the output model of a global op over three inputs of 100, 300 and 550
+    rows has 950 rows (it used to say 3 x 100, so the run failed); a global op whose
+    output really depends on the data fails without being told to become global."""
+    cl = shape_ops
+    rng = np.random.default_rng(10)
+    data = {"A": rng.random((100, 3)), "B": rng.random((300, 3)), "C": rng.random((550, 3))}
+    for node, name in zip(("n1", "n2", "n3"), data, strict=True):
+        with cl[node].client() as c:
+            c.put(name, data[name])
+    wait_for(lambda: set(data) <= names_on(cl["n1"]), 10, "A, B, C on n1")
+    union = np.concatenate(list(data.values()))
+    with cl["n1"].client() as flow:
+        got = flow.run("sort_union", "A", "B", "C").fetch()
+        assert np.array_equal(got, union[np.lexsort(union.T[::-1])])
+        report = flow.report()
+        assert report["bytes_moved"] == report["bytes_planned"]
+        with pytest.raises(hpcflow.OpError) as err:
+            flow.run("keep_big_global", "C").fetch()
+    text = str(err.value)
+    assert "keep_big_global" in text and "returned shape" in text and "(550, 3)" in text
+    assert "declare it kind='global'" not in text
+    assert "kind='global' already" in text and "out_shape=" in text
+
+
 def test_replan_when_a_holder_dies(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tmp_path / "fast.toml"
     cfg.write_text("transfer_timeout_s = 2.0\nrpc_timeout_s = 5.0\n")

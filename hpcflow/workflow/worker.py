@@ -393,11 +393,23 @@ class Worker:
         ex = req.expect
         if ex is None or (out.shape == ex.shape and out.dtype == ex.dtype):
             return
+        # suggest only what the op does not declare already
+        spec = self.registry.get(req.op)
+        if spec.out_shape is not None:
+            declare = "correct its declared out_shape="
+        else:
+            declare = "give out_shape=" + (" and out_dtype=" if spec.out_dtype is None else "")
+        if spec.kind != "global":
+            fix = f"declare it kind='global' or {declare}"
+        else:
+            fix = ("it is kind='global' already, and inference assumes each output dimension "
+                   f"is affine in its inputs' row counts: {declare} (a function of the input "
+                   "shapes)")
         raise OpError(
             f"op {req.op!r} on {self.node.name} returned shape {out.shape} {out.dtype} for "
             f"{req.out} but its output model (inferred from small samples) expected "
             f"{ex.shape} {ex.dtype}: its output size must not depend on the data values; "
-            "declare it kind='global' or give out_shape= and out_dtype=")
+            + fix)
 
     def _lineage(self, name: str) -> dict[str, Any]:
         recs = [r for r in self.node.store.records() if r.name == name]
