@@ -369,6 +369,40 @@ def test_global_op_over_inputs_of_different_row_counts(shape_ops: Cluster) -> No
     assert "kind='global' already" in text and "out_shape=" in text
 
 
+def test_reduce_partial_with_a_0d_item_split_over_nodes(shape_ops: Cluster) -> None:
+    """Issue 10: a tuple partial's 0-d item reached combine as shape (1,) once partials
+    were stored and moved between nodes; combine must see the partial's own shapes."""
+    cl = shape_ops
+    x = np.random.default_rng(11).random((600, 4))
+    with cl["n2"].client() as c:
+        c.put("X", x[:250], part=0, nparts=2)
+    with cl["n3"].client() as c:
+        c.put("X", x[250:], part=1, nparts=2)
+    wait_for(lambda: "X@1" in names_on(cl["n1"]), 10, "X parts on n1")
+    with cl["n1"].client() as flow:
+        r = flow.run("colmin_total", "X")
+        assert np.allclose(r.fetch(), np.append(x.min(0), x.sum()))
+        assert r.plan is not None
+        (step,) = r.plan.steps
+        assert step["strategy"] == "split"
+        # each holder made its partial and sent it: both went through storage and the wire
+        assert sorted(t["src"] for t in step["transfers"] if t["kind"] == "partial") == [
+            "n2", "n3"]
+
+
+def test_pack_partial_keeps_every_item_shape() -> None:
+    from hpcflow.workflow.worker import pack_partial, unpack_partial
+
+    grid = np.arange(12.0).reshape(3, 4)
+    partial = (np.array(2.5), np.arange(3, dtype=np.int32), grid.T, np.empty((0, 2)),
+               np.array(True))
+    blob, how = pack_partial(partial)
+    assert blob.dtype == np.uint8 and blob.nbytes == sum(x.nbytes for x in partial)
+    back = unpack_partial(blob, how)
+    assert [(x.shape, x.dtype) for x in back] == [(x.shape, x.dtype) for x in partial]
+    assert all(np.array_equal(a, b) for a, b in zip(back, partial, strict=True))
+
+
 def test_replan_when_a_holder_dies(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = tmp_path / "fast.toml"
     cfg.write_text("transfer_timeout_s = 2.0\nrpc_timeout_s = 5.0\n")

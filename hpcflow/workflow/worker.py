@@ -66,9 +66,10 @@ def pack_partial(partial: Any) -> tuple[np.ndarray[Any, Any], dict[str, Any]]:
     """
     if not isinstance(partial, tuple):
         return np.asarray(partial), {"partial": "array"}
-    items = [np.ascontiguousarray(x) for x in partial]
-    layout = [[x.dtype.str, list(x.shape)] for x in items]
-    blob = np.concatenate([x.reshape(-1).view(np.uint8) for x in items]) if items else (
+    items = [np.asarray(x) for x in partial]
+    layout = [[x.dtype.str, list(x.shape)] for x in items]  # 0-d stays 0-d
+    # ravel, not ascontiguousarray: that makes a 0-d item 1-d
+    blob = np.concatenate([x.ravel(order="C").view(np.uint8) for x in items]) if items else (
         np.empty(0, np.uint8))
     return blob, {"partial": "tuple", "layout": layout}
 
