@@ -58,6 +58,7 @@ def cmd_node(a: argparse.Namespace) -> int:
         "name": a.name, "data_dir": a.data_dir, "listen": a.listen, "pub": a.pub,
         "bulk": a.bulk, "advertise": a.advertise, "peers": a.peer, "catalog": a.catalog,
         "heartbeat_s": a.heartbeat, "ttl_s": a.ttl, "ops": a.ops, "log_level": a.log_level,
+        "memory_budget": a.memory_budget,
     }
     config = NodeConfig.load(a.config, overrides)
     return run_node(config)
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--ttl", type=float, help="silence after which a peer is dead (default 3.5)")
     n.add_argument("--ops", action="append", default=[], help="module with user operations")
     n.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    n.add_argument("--memory-budget", type=int, metavar="BYTES",
+                   help="bytes of workflow intermediates held in memory; more are spilled "
+                        "to unsynced files (default: a quarter of RAM)")
     n.set_defaults(fn=cmd_node)
 
     def client_opts(sp: argparse.ArgumentParser) -> None:

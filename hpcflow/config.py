@@ -147,6 +147,9 @@ class NodeConfig:
     chunk_retries: int = 3
     ops: list[str] = field(default_factory=list)
     log_level: str = "INFO"
+    #: Bytes of workflow intermediates held in memory (None: a quarter of RAM); more are
+    #: spilled to unsynced files under data_dir/spill.
+    memory_budget: int | None = None
     #: Members dead this long that hold no datasets are dropped from the membership.
     forget_dead_s: float = 600.0
     #: Fault injection for tests and drills: corrupt the next N chunks this node sends
@@ -180,6 +183,8 @@ class NodeConfig:
             raise ConfigError("fault_write_delay_s must be between 0 and 10 s")
         if not 4096 <= self.chunk_bytes <= 256 * 1024 * 1024:
             raise ConfigError("chunk_bytes must be between 4 KiB and 256 MiB")
+        if self.memory_budget is not None and self.memory_budget < 0:
+            raise ConfigError("memory_budget must be >= 0 bytes")
         if self.window < 1 or self.chunk_retries < 0:
             raise ConfigError("window must be >= 1 and chunk_retries >= 0")
 

@@ -74,7 +74,7 @@ class Node:
         self.active = 0
         self.traffic = Traffic()
         self.ctx = zmqg.Context()
-        self.store = Store(config.data_dir, self.name)
+        self.store = Store(config.data_dir, self.name, config.memory_budget)
         self.store.fault_write_delay_s = config.fault_write_delay_s
         self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
                                      retries=config.chunk_retries,
@@ -313,7 +313,8 @@ class Node:
                 "catalog": dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {},
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.multiplexer.stats(),
-                "uploads_in_progress": len(self.bulk.uploads)}
+                "uploads_in_progress": len(self.bulk.uploads),
+                "store": self.store.stats()}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:
         if rec is None:
@@ -414,9 +415,10 @@ class Node:
         if mine is not None:
             return mine, None
         src = p.holders[0]
+        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate.
         writer = self.store.begin(src.name, src.shape, src.dtype, part=src.part,
                                   nparts=src.nparts, lineage={**src.lineage, **(lineage or {})},
-                                  chunk_bytes=src.chunk_bytes)
+                                  chunk_bytes=src.chunk_bytes, volatile=bool(lineage))
         try:
             used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d),
                                  prefer)

@@ -11,6 +11,11 @@ announced.  Temp files left by a crash are removed on the next start, and a
 file that cannot be read back (truncated, not HDF5) is moved to
 ``<data_dir>/quarantine`` with a log line, never deleted.
 
+Volatile parts (a workflow's intermediates, see :mod:`.memory`) skip all of
+that: they are held in memory while the node's ``memory_budget`` allows,
+else written to ``<data_dir>/spill`` without fsync; the spill directory is
+emptied at start, so a restart forgets them (the initiator re-plans).
+
 Data is written with ``pwrite`` and read through a memory map of the data
 region, which lets the bulk path send straight from the page cache.  Chunk
 writes (hash + ``pwrite``) and the fsync at commit run in gevent's thread
@@ -56,6 +61,7 @@ from .record import (
     validate_nparts,
     validate_part,
 )
+from .memory import MemoryReader, MemoryWriter, memory_budget_default
 
 log = logging.getLogger("hpcflow.store")
 
@@ -93,14 +99,19 @@ def _create_contiguous(f: h5py.File, shape: tuple[int, ...], dtype: np.dtype[Any
 
 
 class DatasetWriter:
-    """Receives the chunks of one dataset part into a temp file; commit makes it visible."""
+    """Receives the chunks of one dataset part into a temp file; commit makes it visible.
 
-    def __init__(self, store: Store, rec: DatasetRecord) -> None:
+    ``durable=False`` (a spilled volatile part) writes into the spill directory and
+    commits without fsync."""
+
+    def __init__(self, store: Store, rec: DatasetRecord, durable: bool = True) -> None:
         self.store = store
         self.proto = rec
+        self.durable = durable
+        self.dir = store.dir if durable else store.spill_dir
         self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
         self.digests: list[int | None] = [None] * len(self.chunking)
-        self.tmp = store.dir / f".tmp-{uuid.uuid4().hex}.h5"
+        self.tmp = self.dir / f".tmp-{uuid.uuid4().hex}.h5"
         self._done = False
         # The fd is shared with pool threads: it is closed only once no write is in flight
         # (a greenlet killed while its write runs must not let the fd number be reused).
@@ -115,7 +126,7 @@ class DatasetWriter:
         except Exception as exc:  # h5py raises OSError, RuntimeError, ValueError ...
             self._unlink()
             raise StoreError(f"cannot create {rec.key} ({list(rec.shape)} {rec.dtype}, "
-                             f"{rec.nbytes} bytes) in {store.dir}: {exc}") from exc
+                             f"{rec.nbytes} bytes) in {self.dir}: {exc}") from exc
         self.last_activity = time.monotonic()
 
     @property
@@ -269,10 +280,17 @@ class DatasetReader:
 class Store:
     """All dataset parts held by this node."""
 
-    def __init__(self, data_dir: Path, owner: str) -> None:
+    def __init__(self, data_dir: Path, owner: str, memory_budget: int | None = None) -> None:
         self.root = Path(data_dir)
         self.dir = self.root / "datasets"
+        self.spill_dir = self.root / "spill"
         self.owner = owner
+        #: Bytes of volatile parts held in memory at most (more are spilled to files).
+        self.memory_budget = memory_budget_default() if memory_budget is None else memory_budget
+        #: Bytes held in memory now, including writes in progress.
+        self.memory_used = 0
+        self._memory: dict[str, MemoryReader] = {}
+        self._spilled: set[str] = set()
         self._records: dict[str, DatasetRecord] = {}
         self._busy: set[str] = set()
         self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
@@ -286,6 +304,9 @@ class Store:
         """Create the layout, clear crash leftovers, load the inventory from the files."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if self.spill_dir.exists():  # volatile parts of an earlier run: gone with it
+                shutil.rmtree(self.spill_dir)
+            self.spill_dir.mkdir()
         except OSError as exc:
             raise StoreError(f"cannot create data dir {self.dir}: {exc}") from exc
         for tmp in self.dir.glob(".tmp-*"):
@@ -353,7 +374,14 @@ class Store:
             raise DatasetNotFound(f"{key} is not stored on {self.owner}") from None
 
     def path_of(self, key: str) -> Path:
-        return self.dir / f"{key}.h5"
+        return (self.spill_dir if key in self._spilled else self.dir) / f"{key}.h5"
+
+    def is_volatile(self, key: str) -> bool:
+        return key in self._memory or key in self._spilled
+
+    def stats(self) -> dict[str, Any]:
+        return {"memory_used": self.memory_used, "memory_budget": self.memory_budget,
+                "in_memory": len(self._memory), "spilled": len(self._spilled)}
 
     # -- writing -------------------------------------------------------------
     def begin(
@@ -367,8 +395,12 @@ class Store:
         lineage: dict[str, Any] | None = None,
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    ) -> DatasetWriter:
-        """Start writing a dataset part; it stays invisible until ``commit``."""
+        volatile: bool = False,
+    ) -> DatasetWriter | MemoryWriter:
+        """Start writing a dataset part; it stays invisible until ``commit``.
+
+        ``volatile`` parts (intermediates) go to memory while the budget allows,
+        else to an unsynced spill file; either way a restart forgets them."""
         name, part = validate_name(name), validate_part(part)
         dt = validate_dtype(dtype)
         nparts = validate_nparts(nparts, part)
@@ -396,7 +428,12 @@ class Store:
             chunk_bytes=chunk_bytes, version=(old.version + 1) if old else 1, nparts=nparts,
             created=time.time(), lineage=dict(lineage or {}),
         )
-        writer = DatasetWriter(self, proto)
+        writer: DatasetWriter | MemoryWriter
+        if volatile and self.memory_used + nbytes <= self.memory_budget:
+            writer = MemoryWriter(self, proto)
+            self.memory_used += nbytes
+        else:
+            writer = DatasetWriter(self, proto, durable=not volatile)
         self._busy.add(key)
         return writer
 
@@ -416,17 +453,50 @@ class Store:
                 a["version"] = rec.version
                 a["created"] = rec.created
                 a["lineage"] = json.dumps(rec.lineage)
-            fd = os.open(w.tmp, os.O_RDONLY)
-            try:
-                _blocking(os.fsync, fd)
-            finally:
-                os.close(fd)
-            os.replace(w.tmp, self.path_of(rec.key))
-            _fsync_dir(self.dir)
+            if w.durable:
+                fd = os.open(w.tmp, os.O_RDONLY)
+                try:
+                    _blocking(os.fsync, fd)
+                finally:
+                    os.close(fd)
+            self._forget_old(rec.key, keep=w.dir)
+            os.replace(w.tmp, w.dir / f"{rec.key}.h5")
+            if w.durable:
+                _fsync_dir(self.dir)
         except Exception as exc:  # OSError, and h5py's RuntimeError on a full disk
             w._unlink()
             self._release(rec.key)
             raise StoreError(f"cannot store {rec.key}: {exc}") from exc
+        if w.durable:
+            self._spilled.discard(rec.key)
+        else:
+            self._spilled.add(rec.key)
+        return self._register(rec)
+
+    def _finish_memory(self, w: MemoryWriter, checksum: str, digests: list[int]) -> DatasetRecord:
+        rec = DatasetRecord(**{**w.proto.__dict__, "checksum": checksum})
+        try:
+            self._forget_old(rec.key)
+        except OSError as exc:
+            self._release(rec.key, reserved=rec.nbytes)
+            raise StoreError(f"cannot replace {rec.key}: {exc}") from exc
+        self._memory[rec.key] = MemoryReader(rec, w.buf, digests)
+        return self._register(rec)
+
+    def _forget_old(self, key: str, keep: Path | None = None) -> None:
+        """Drop the version ``key`` replaces where the new one will not overwrite it
+        (in memory, or a file in another directory than ``keep``)."""
+        held = self._memory.pop(key, None)
+        if held is not None:
+            self.memory_used -= held.rec.nbytes
+        if key in self._records and held is None:
+            old = self.path_of(key)
+            if old.parent != keep:
+                self._drop_readers(key)
+                old.unlink(missing_ok=True)
+                self._spilled.discard(key)
+
+    def _register(self, rec: DatasetRecord) -> DatasetRecord:
         self._drop_readers(rec.key)
         self._records[rec.key] = rec
         self._release(rec.key)
@@ -434,8 +504,9 @@ class Store:
             cb(rec.key, rec)
         return rec
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, reserved: int = 0) -> None:
         self._busy.discard(key)
+        self.memory_used -= reserved
 
     def put_array(self, name: str, arr: Any, **kw: Any) -> DatasetRecord:
         """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks)."""
@@ -444,14 +515,15 @@ class Store:
         try:
             for i in range(len(writer.chunking)):
                 writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)], a.dtype))
-                gevent.sleep(0)
+                if len(writer.chunking) > 1:
+                    gevent.sleep(0)
             return writer.commit()
         except BaseException:
             writer.abort()
             raise
 
     # -- reading -------------------------------------------------------------
-    def reader(self, key: str, version: int | None = None) -> DatasetReader:
+    def reader(self, key: str, version: int | None = None) -> DatasetReader | MemoryReader:
         """A (cached) chunk reader; ``version`` guards against reading a replaced dataset."""
         rec = self._records.get(key)
         if rec is None:
@@ -460,6 +532,9 @@ class Store:
             raise DatasetNotFound(
                 f"{key} version {version} is gone from {self.owner} (now version {rec.version})"
             )
+        held = self._memory.get(key)
+        if held is not None:
+            return held
         ck = (key, rec.version)
         r = self._readers.get(ck)
         if r is None:
@@ -496,11 +571,18 @@ class Store:
         if rec.key in self._busy:
             raise DatasetExists(f"{rec.key} is being written right now")
         self._drop_readers(rec.key)
-        try:
-            self.path_of(rec.key).unlink()
-            _fsync_dir(self.dir)
-        except OSError as exc:
-            raise StoreError(f"cannot delete {rec.key}: {exc}") from exc
+        held = self._memory.pop(rec.key, None)
+        if held is not None:
+            self.memory_used -= rec.nbytes
+        else:
+            try:
+                self.path_of(rec.key).unlink()
+                if rec.key in self._spilled:
+                    self._spilled.discard(rec.key)
+                else:
+                    _fsync_dir(self.dir)
+            except OSError as exc:
+                raise StoreError(f"cannot delete {rec.key}: {exc}") from exc
         del self._records[rec.key]
         for cb in self.listeners:
             cb(rec.key, None)
@@ -514,3 +596,5 @@ class Store:
         for r in self._readers.values():
             r.close()
         self._readers.clear()
+        self._memory.clear()
+        self.memory_used = 0

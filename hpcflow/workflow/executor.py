@@ -238,7 +238,7 @@ class Executor:
         origin.pop("partial", None)
         rec = self.node.store.put_array(out, arr, overwrite=True,
                                         lineage={**origin, **self.lineage(), "copy_of": name},
-                                        chunk_bytes=self.node.config.chunk_bytes)
+                                        chunk_bytes=self.node.config.chunk_bytes, volatile=True)
         self.ex.created.append((self.node.name, rec.name, rec.part))
         return out
 

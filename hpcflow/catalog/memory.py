@@ -1,0 +1,140 @@
+"""Volatile dataset parts held in memory: a workflow's intermediates.
+
+Outputs, partials, copies and slices a flow makes are needed for seconds and
+can be made again (the initiator re-plans when one is gone), so they skip the
+HDF5 file, the fsyncs and the rename that make a ``put`` durable.  A
+:class:`MemoryWriter` fills one flat buffer chunk by chunk (same interface
+and the same digests as the file writer); a :class:`MemoryReader` serves
+chunks and byte ranges from it without copying, as the file reader does from
+its memory map.  The :class:`~hpcflow.catalog.store.Store` decides where a
+volatile part goes: into memory while the node's budget allows, otherwise
+into a spill file that is never fsynced and is removed on restart.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import numpy as np
+
+from ..errors import IntegrityError, InvalidData, StoreError
+from .chunking import Chunking, Payload, chunk_digest, dataset_checksum
+from .record import DatasetRecord
+
+if TYPE_CHECKING:
+    from .store import Store
+
+#: Chunks at least this big are copied and hashed on a pool thread, off the gevent loop.
+OFFLOAD_BYTES = 256 * 1024
+
+
+def memory_budget_default() -> int:
+    """A quarter of the machine's RAM (several daemons may share one machine)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+
+
+class MemoryWriter:
+    """Receives the chunks of one volatile part into memory; commit makes it visible."""
+
+    durable = False
+
+    def __init__(self, store: Store, rec: DatasetRecord) -> None:
+        self.store = store
+        self.proto = rec
+        self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        self.digests: list[int | None] = [None] * len(self.chunking)
+        try:
+            self.buf = np.empty(rec.nbytes, dtype=np.uint8)
+        except MemoryError as exc:
+            raise StoreError(f"cannot hold {rec.key} ({rec.nbytes} bytes) in memory") from exc
+        self._done = False
+        self.last_activity = time.monotonic()
+
+    @property
+    def received(self) -> int:
+        return sum(d is not None for d in self.digests)
+
+    def write_chunk(self, i: int, buf: Any, digest: int | None = None) -> None:
+        """Copy chunk ``i`` in; :class:`IntegrityError` if ``digest`` does not match."""
+        if self._done:
+            raise StoreError("writer already finished")
+        if not 0 <= i < len(self.chunking):
+            raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
+        off, length = self.chunking.byte_range(i)
+        payload = buf if isinstance(buf, Payload) else Payload([buf])
+        if payload.nbytes != length:
+            raise InvalidData(f"chunk {i} has {payload.nbytes} bytes, expected {length}")
+        if length >= OFFLOAD_BYTES:
+            actual = gevent.get_hub().threadpool.apply(self._copy_and_hash, (payload, off))
+        else:
+            actual = self._copy_and_hash(payload, off)
+        if digest is not None and actual != digest:
+            raise IntegrityError(f"chunk {i} of {self.proto.key} failed its checksum")
+        self.digests[i] = actual
+        self.last_activity = time.monotonic()
+
+    def _copy_and_hash(self, payload: Payload, off: int) -> int:
+        payload.copy_into(self.buf, off)
+        return chunk_digest(self.buf[off : off + payload.nbytes])
+
+    def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
+        missing = [i for i, d in enumerate(self.digests) if d is None]
+        if missing:
+            raise InvalidData(f"{self.proto.key}: {len(missing)} chunks never arrived")
+        digests = [int(d) for d in self.digests if d is not None]
+        checksum = dataset_checksum(self.proto.shape, self.proto.dtype, self.proto.chunk_bytes,
+                                    digests)
+        if expected_checksum is not None and checksum != expected_checksum:
+            self.abort()
+            raise IntegrityError(
+                f"{self.proto.key}: checksum {checksum} does not match expected {expected_checksum}"
+            )
+        rec = self.store._finish_memory(self, checksum, digests)
+        self._done = True
+        return rec
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self.store._release(self.proto.key, reserved=self.proto.nbytes)
+
+
+class MemoryReader:
+    """Chunk-wise access to one part held in memory (views, never copies)."""
+
+    def __init__(self, rec: DatasetRecord, buf: np.ndarray[Any, Any], digests: list[int]) -> None:
+        self.rec = rec
+        self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)
+        self.buf = buf
+        self.digests = digests
+
+    def __len__(self) -> int:
+        return len(self.chunking)
+
+    def chunk(self, i: int) -> tuple[Any, int]:
+        off, length = self.chunking.byte_range(i)
+        return self.buf[off : off + length], int(self.digests[i])
+
+    def byte_range(self, off: int, length: int) -> Any:
+        if off < 0 or length < 0 or off + length > self.rec.nbytes:
+            raise InvalidData(f"byte range {off}+{length} outside {self.rec.key} "
+                              f"({self.rec.nbytes} bytes)")
+        return self.buf[off : off + length]
+
+    def array(self) -> np.ndarray[Any, Any]:
+        """The part as a read-only array (no copy)."""
+        view = self.buf.view(np.dtype(self.rec.dtype)).reshape(self.rec.shape)
+        view.flags.writeable = False
+        return view
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["MemoryReader", "MemoryWriter", "memory_budget_default"]
