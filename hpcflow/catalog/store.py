@@ -52,6 +52,7 @@ from .chunking import (
     chunk_digest,
     dataset_checksum,
 )
+from .memory import MemoryReader, MemoryWriter, memory_budget_default
 from .record import (
     DatasetRecord,
     key_of,
@@ -61,7 +62,6 @@ from .record import (
     validate_nparts,
     validate_part,
 )
-from .memory import MemoryReader, MemoryWriter, memory_budget_default
 
 log = logging.getLogger("hpcflow.store")
 
