@@ -222,6 +222,10 @@ class DatasetWriter:
             self.tmp.unlink()
 
 
+#: What :meth:`Store.begin` returns: a file (durable or spilled) or a memory writer.
+Writer = DatasetWriter | MemoryWriter
+
+
 class DatasetReader:
     """Chunk-wise access to one stored part, through a memory map where possible."""
 
@@ -396,7 +400,7 @@ class Store:
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         volatile: bool = False,
-    ) -> DatasetWriter | MemoryWriter:
+    ) -> Writer:
         """Start writing a dataset part; it stays invisible until ``commit``.
 
         ``volatile`` parts (intermediates) go to memory while the budget allows,
@@ -428,7 +432,7 @@ class Store:
             chunk_bytes=chunk_bytes, version=(old.version + 1) if old else 1, nparts=nparts,
             created=time.time(), lineage=dict(lineage or {}),
         )
-        writer: DatasetWriter | MemoryWriter
+        writer: Writer
         if volatile and self.memory_used + nbytes <= self.memory_budget:
             writer = MemoryWriter(self, proto)
             self.memory_used += nbytes

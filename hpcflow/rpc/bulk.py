@@ -66,7 +66,7 @@ from ..catalog.record import (
     validate_part,
     validate_shape,
 )
-from ..catalog.store import DatasetWriter, Store
+from ..catalog.store import Store, Writer
 from ..errors import (
     HpcflowError,
     IntegrityError,
@@ -131,7 +131,7 @@ class BulkSettings:
 
 @dataclass
 class _Upload:
-    writer: DatasetWriter
+    writer: Writer
     peer: str
     ident: bytes
     started: float
