@@ -302,7 +302,7 @@ class Worker:
             slice_name(name, glo, ghi), shape, first.dtype, overwrite=True,
             lineage={"slice_of": name, "rows": [glo, ghi], "source_version": first.version,
                      **(tag or {})},
-            chunk_bytes=self.node.config.chunk_bytes)
+            chunk_bytes=self.node.config.chunk_bytes, volatile=True)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
         errors = []
         used = ""
@@ -356,9 +356,12 @@ class Worker:
             else:
                 self._check(req, np.asarray(result))
             arr = np.asarray(result)
+            # An intermediate (kept only in memory) unless the flow keeps its outputs.
+            keep = isinstance(req.lineage.get("flow"), dict) and req.lineage["flow"].get("keep")
             return self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
                                              lineage=lineage, overwrite=True,
-                                             chunk_bytes=self.node.config.chunk_bytes)
+                                             chunk_bytes=self.node.config.chunk_bytes,
+                                             volatile=not keep)
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the
