@@ -161,9 +161,9 @@ def test_fuzzed_events_never_stop_dispatch(node: NodeProc) -> None:
         # Another client's long call is in flight the whole time and must complete.
         late = gevent.spawn(victim.wait_for, "LATE", 120 * SCALE)
         with gevent.Timeout(10 * SCALE, AssertionError("the victim's call did not start")):
-            while not victim._rpc._multiplexer._active_channels:
+            while not victim._rpc.pending:
                 gevent.sleep(0.01)  # the call runs in a greenlet of this process
-        victim_id = next(iter(victim._rpc._multiplexer._active_channels))
+        victim_id = next(iter(victim._rpc.pending))
         # An attacker's own long call, whose channel it then floods.
         own = b"own-call"
         socks[0].send_multipart([b"", event({"message_id": own, "v": 3}, "wait",
@@ -202,7 +202,8 @@ def test_fuzzed_events_never_stop_dispatch(node: NodeProc) -> None:
 
 
 def test_requests_over_the_limit_are_refused_at_once(node: NodeProc) -> None:
-    """One connection holding 256 calls gets Overloaded for more; others are served."""
+    """One connection at its limit of calls in flight gets Overloaded for more; others
+    are served."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)

@@ -1,29 +1,18 @@
-"""zerorpc at the boundary: clients, calls, and error translation.
+"""RPC clients at the boundary: one per peer, calls, and fast refusal.
 
-zerorpc raises its own exception types (``RemoteError`` carrying the remote
-class name, ``LostRemote``, ``TimeoutExpired``); here they become the
-hpcflow error the peer raised, or :class:`~hpcflow.errors.PeerUnavailable`.
+The clients are :class:`~hpcflow.rpc.strict.Client` (the zerorpc protocol);
+they raise hpcflow errors: the peer's own error class by name, or
+:class:`~hpcflow.errors.PeerUnavailable` for a timeout or a lost peer.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import gevent.socket
-import zerorpc
-import zerorpc.exceptions
 
-from ..errors import PeerUnavailable, from_wire
+from ..errors import PeerUnavailable
 from . import strict
-
-# zerorpc logs every exception a handler raises with a traceback, including
-# expected ones like DatasetNotFound; the service logs what matters itself.
-logging.getLogger("zerorpc.core").setLevel(logging.CRITICAL)
-logging.getLogger("zerorpc.channel").setLevel(logging.CRITICAL)
-# zerorpc's own gevent/zmq glue logs "/!\ gevent_zeromq BUG /!\ catching up after missing
-# event" at ERROR when it recovers from a missed wake-up; it is harmless and alarming.
-logging.getLogger("zerorpc.gevent_zmq").setLevel(logging.CRITICAL)
 
 
 def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
@@ -56,32 +45,26 @@ def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
-def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0) -> Any:
+def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0
+               ) -> strict.Client:
     client = strict.Client(timeout=timeout_s, heartbeat=heartbeat_s)
     client.connect(endpoint)
     return client
 
 
-def call(client: Any, endpoint: str, method: str, *args: Any,
+def call(client: strict.Client, endpoint: str, method: str, *args: Any,
          timeout_s: float | None = None) -> Any:
-    """Call ``method`` and translate zerorpc's exceptions into hpcflow's."""
-    try:
-        if timeout_s is not None:
-            return getattr(client, method)(*args, timeout=timeout_s)
-        return getattr(client, method)(*args)
-    except zerorpc.exceptions.RemoteError as exc:
-        raise from_wire(exc.name, exc.msg) from None
-    except (zerorpc.exceptions.LostRemote, zerorpc.exceptions.TimeoutExpired) as exc:
-        raise PeerUnavailable(f"no answer from {endpoint} to {method}: {exc}") from None
+    """Call ``method`` on ``client`` (connected to ``endpoint``); hpcflow errors only."""
+    return client.call(method, *args, timeout=timeout_s)
 
 
 class PeerClients:
-    """One zerorpc client per peer endpoint, reused; dropped after a failure."""
+    """One client per peer endpoint, reused; dropped after a failure."""
 
     def __init__(self, timeout_s: float, heartbeat_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
-        self._clients: dict[str, Any] = {}
+        self._clients: dict[str, strict.Client] = {}
 
     def call(self, endpoint: str, method: str, *args: Any,
              timeout_s: float | None = None) -> Any:
