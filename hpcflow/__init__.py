@@ -43,7 +43,7 @@ from .errors import (
 )
 from .ops import op
 from .rpc.client import Client, connect
-from .workflow.flow import Handle, PlanView
+from .workflow.flow import Handle, PlanView, gather
 
 __all__ = [
     "ArityError",
@@ -77,5 +77,6 @@ __all__ = [
     "UnknownOpError",
     "__version__",
     "connect",
+    "gather",
     "op",
 ]

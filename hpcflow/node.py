@@ -104,9 +104,9 @@ class Node:
         self.store.listeners.append(self._store_changed)
         self.service = NodeService(self)
         try:
-            self.rpc = strict.Server(self.service, heartbeat=5)
-            self.rpc.bind(cfg.rpc_endpoint)
-            rpc_ep = self.rpc._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.rpc = strict.Server(self.service, heartbeat=5, context=self.ctx,
+                                     name=self.name)
+            rpc_ep = self.rpc.bind(cfg.rpc_endpoint)
             self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
                                    self.settings, admit_put=self._admit_put,
                                    on_commit=lambda rec: None)
@@ -162,19 +162,15 @@ class Node:
     def stop(self) -> None:
         rpc = getattr(self, "rpc", None)
         if rpc is not None:
-            # zerorpc's run() waits in its finally for every request still being served;
-            # a blocking ``wait`` or a long ``execute`` would hold shutdown until zerorpc
-            # gave up on its client (~15 s).  Stop accepting, then end those requests
-            # (an execute's cleanup runs on GreenletExit, bounded by STOP_GRACE_S).
-            rpc.stop()
-            rpc._task_pool.kill(timeout=STOP_GRACE_S)
+            # Stop accepting, then end the requests in flight: a blocking ``wait`` or a
+            # long ``execute`` (whose cleanup runs on GreenletExit) within STOP_GRACE_S.
+            rpc.stop(STOP_GRACE_S)
         gevent.killall(self._greenlets)
         for part in ("catalog", "bulk"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()
         if getattr(self, "rpc", None) is not None:
-            self.rpc.stop()
             self.rpc.close()
         self.peers.close()
         self.store.close()
@@ -312,7 +308,7 @@ class Node:
         return {"traffic": self.traffic.to_wire(),
                 "catalog": dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {},
                 "bulk_malformed": self.bulk.malformed,
-                "rpc": self.rpc.multiplexer.stats(),
+                "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
                 "store": self.store.stats()}
 

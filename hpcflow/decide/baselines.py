@@ -14,7 +14,7 @@ from hpcflow.decide.model import NodeOps, Placement, Workflow
 from hpcflow.decide.plan import Plan
 from hpcflow.decide.problem import Problem
 from hpcflow.decide.strategies import At, Decision, evaluate, outcomes
-from hpcflow.ops import OpRegistry
+from hpcflow.ops import ModelCache, OpRegistry
 
 
 def greedy_plan(
@@ -24,9 +24,11 @@ def greedy_plan(
     registry: OpRegistry | None = None,
     node_ops: NodeOps | None = None,
     cost: CostModel | None = None,
+    models: ModelCache | None = None,
 ) -> Plan:
     """Per-step greedy plan (same cost model as :func:`optimal_plan`)."""
-    problem = Problem(workflow, placement, registry=registry, node_ops=node_ops, cost=cost)
+    problem = Problem(workflow, placement, registry=registry, node_ops=node_ops, cost=cost,
+                      models=models)
     return assemble(problem, greedy_decisions(problem), method="greedy")
 
 
@@ -37,9 +39,11 @@ def pull_all_plan(
     registry: OpRegistry | None = None,
     node_ops: NodeOps | None = None,
     cost: CostModel | None = None,
+    models: ModelCache | None = None,
 ) -> Plan:
     """Everything fetched to and run on the initiator; PlanningError if it lacks an op."""
-    problem = Problem(workflow, placement, registry=registry, node_ops=node_ops, cost=cost)
+    problem = Problem(workflow, placement, registry=registry, node_ops=node_ops, cost=cost,
+                      models=models)
     decided = pull_all_decisions(problem)
     if decided is None:
         missing = [i.step.out for i in problem.steps if problem.initiator not in i.capable]

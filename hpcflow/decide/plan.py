@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 Strategy = Literal["local", "fetch", "delegate", "split"]
@@ -18,6 +20,10 @@ class Transfer:
     rows: tuple[int, int]
     nbytes: int
     kind: Literal["data", "partial"] = "data"
+
+    def to_wire(self) -> dict[str, object]:
+        return {"src": self.src, "dst": self.dst, "obj": self.obj, "rows": list(self.rows),
+                "nbytes": self.nbytes, "kind": self.kind}
 
     def describe(self) -> str:
         lo, hi = self.rows
@@ -50,6 +56,11 @@ class Work:
     out_rows: tuple[int, int] | None = None
     shape: tuple[int, ...] | None = None
 
+    def to_wire(self) -> dict[str, object]:
+        return {"node": self.node, "mode": self.mode, "rows": [list(r) for r in self.rows],
+                "out_rows": None if self.out_rows is None else list(self.out_rows),
+                "shape": None if self.shape is None else list(self.shape)}
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -74,6 +85,14 @@ class StepPlan:
     work: tuple[Work, ...] = ()
     broadcast: tuple[str, ...] = ()
     dtype: str = ""
+
+    def to_wire(self) -> dict[str, object]:
+        return {"out": self.out, "op": self.op, "strategy": self.strategy,
+                "nodes": list(self.nodes), "combiner": self.combiner,
+                "transfers": [t.to_wire() for t in self.transfers], "nbytes": self.nbytes,
+                "seconds": self.seconds, "reason": self.reason,
+                "work": [w.to_wire() for w in self.work], "broadcast": list(self.broadcast),
+                "dtype": self.dtype}
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,44 @@ class Plan:
     def step(self, out: str) -> StepPlan:
         return next(step for step in self.steps if step.out == out)
 
+    def to_wire(self) -> dict[str, object]:
+        """The plan as plain data (what ``plan``/``execute`` answer), with its totals and
+        the explain table."""
+        return {"method": self.method, "objective": self.objective,
+                "initiator": self.initiator, "steps": [s.to_wire() for s in self.steps],
+                "delivery": [t.to_wire() for t in self.delivery],
+                "delivery_seconds": self.delivery_seconds, "bytes_moved": self.bytes_moved,
+                "seconds": self.seconds, "explain": self.explain()}
+
+    def summary(self) -> str:
+        """The last line of :meth:`explain`: method, objective, bytes and time."""
+        label = f"{self.method} plan"
+        if self.method == "best_within_budget":
+            label = "best plan found within the search budget (not proven optimal)"
+        return (f"{label} ({self.objective} objective): "
+                f"{format_bytes(self.bytes_moved)} moved, ~{format_seconds(self.seconds)}")
+
+    def renamed(self, names: Mapping[str, str]) -> Plan:
+        """The same plan with objects renamed (``old -> new``), in the reasons too: a
+        plan made for one request serves another that differs only in output names."""
+        names = {k: v for k, v in names.items() if k != v}
+        if not names:
+            return self
+        alternatives = "|".join(re.escape(k) for k in sorted(names, key=len, reverse=True))
+        pattern = re.compile(rf"(?<![\w.:-])(?:{alternatives})(?![\w.:-])")
+
+        def text(s: str) -> str:
+            return pattern.sub(lambda m: names[m.group(0)], s)
+
+        def moved(t: Transfer) -> Transfer:
+            return replace(t, obj=names.get(t.obj, t.obj))
+
+        steps = tuple(replace(
+            sp, out=names.get(sp.out, sp.out), transfers=tuple(moved(t) for t in sp.transfers),
+            broadcast=tuple(names.get(b, b) for b in sp.broadcast), reason=text(sp.reason))
+            for sp in self.steps)
+        return replace(self, steps=steps, delivery=tuple(moved(t) for t in self.delivery))
+
     def explain(self) -> str:
         """A text table: one row per step plus delivery and totals."""
         head = ("step", "op", "strategy", "nodes", "moved", "time", "reason")
@@ -126,13 +183,7 @@ class Plan:
             "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
             for r in (head, *rows)
         ]
-        label = f"{self.method} plan"
-        if self.method == "best_within_budget":
-            label = "best plan found within the search budget (not proven optimal)"
-        lines.append(
-            f"{label} ({self.objective} objective): "
-            f"{format_bytes(self.bytes_moved)} moved, ~{format_seconds(self.seconds)}"
-        )
+        lines.append(self.summary())
         return "\n".join(line.rstrip() for line in lines)
 
 

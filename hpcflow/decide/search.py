@@ -58,6 +58,7 @@ def optimal_plan(
     node_ops: NodeOps | None = None,
     cost: CostModel | None = None,
     time_budget: float | None = DEFAULT_BUDGET_S,
+    models: ModelCache | None = None,
 ) -> Plan:
     """The cheapest plan under ``cost`` (fewest bytes by default), found exactly.
 
@@ -67,9 +68,9 @@ def optimal_plan(
     :data:`BEST_WITHIN_BUDGET` rather than ``"optimal"``.  Within the budget
     the result is the same as without it.  Op output inference (which runs op
     code on samples) happens before the search, once per op, parameters and
-    input shapes for the whole run.
+    input shapes for the whole run (or across runs, with a long-lived ``models``).
     """
-    models = ModelCache()
+    models = models if models is not None else ModelCache()
     problem = Problem(
         workflow, placement, registry=registry, node_ops=node_ops, cost=cost, models=models
     )

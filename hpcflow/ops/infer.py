@@ -195,14 +195,17 @@ def infer_output(
 
 
 class ModelCache:
-    """Output models of one planning run: each op, params and input shapes inferred once.
+    """Output models by op, definition, params and input row shapes: each inferred once.
 
     Inference runs user code (possibly slow) on samples; a planning run builds
-    several problems over the same steps (sub-problems, baselines), so they
-    share one cache.  Failures are not cached.
+    several problems over the same steps (sub-problems, baselines), and an
+    initiator plans the same ops again and again, so they share one cache (a
+    changed op definition has another hash, hence another key).  Failures are
+    not cached; past ``limit`` entries the cache starts afresh.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
         self._models: dict[tuple[Any, ...], OutputModel] = {}
         self.misses = 0
 
@@ -229,6 +232,8 @@ class ModelCache:
             self.misses += 1
             found = output_model(spec, row_shapes, dtypes, params, broadcast=broadcast)
             if pkey is not None:
+                if len(self._models) >= self.limit:
+                    self._models.clear()
                 self._models[key] = found
         return found
 

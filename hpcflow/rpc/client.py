@@ -67,7 +67,7 @@ class Client:
 
     #: Calls that may legitimately run for hours; zerorpc's heartbeat still notices a
     #: dead node, so they need no request timeout of their own.
-    LONG_CALLS = frozenset({"execute", "deliver", "replicate", "save", "cleanup"})
+    LONG_CALLS = frozenset({"execute", "replicate", "save", "cleanup"})
 
     def _call(self, method: str, *args: Any) -> Any:
         timeout = 24 * 3600.0 if method in self.LONG_CALLS else None
@@ -107,6 +107,11 @@ class Client:
     def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
         """A lazy handle for ``op(*inputs, **params)``; inputs are dataset names or handles."""
         return self.flow.run(op, *inputs, **params)
+
+    def submit(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
+        """Like :meth:`run` but starts executing at once, without waiting: submit many
+        independent ops, then ``hpcflow.gather(handles)`` or ``handle.fetch()``."""
+        return self.flow.submit(op, *inputs, **params)
 
     def explain(self, handle: Handle, method: str = "optimal") -> str:
         """The plan for what ``handle`` still needs, per step, with bytes and reasons."""
@@ -179,7 +184,8 @@ class Client:
             src.close()
 
     def fetch(self, name: str, part: int | None = None,
-              progress: Progress | None = None, *, out: Any = None) -> Any:
+              progress: Progress | None = None, *, out: Any = None,
+              location: dict[str, Any] | None = None) -> Any:
         """The dataset (all parts, in row order, or one part) as a numpy array.
 
         ``out``, if given, is an existing C-contiguous writable array of the
@@ -187,8 +193,10 @@ class Client:
         (a buffer reused across the frames of a loop skips the allocation, which
         for GiB-sized data costs as much as the transfer).  It is returned.  If
         the fetch fails part-way, ``out`` holds a mix of old and new bytes.
+        ``location`` (a ``locate`` answer with bulk endpoints, as a workflow
+        execution returns for its results) saves asking the node where the parts are.
         """
-        plan = self._parts(name, part)
+        plan = self._parts(name, part, location)
         shape, dtype, total = plan[0], np.dtype(plan[1]), plan[2]
         if out is None:
             out = np.empty(shape, dtype=dtype)
@@ -243,9 +251,11 @@ class Client:
             raise
         return path
 
-    def _parts(self, name: str, part: int | None) -> tuple[Any, ...]:
+    def _parts(self, name: str, part: int | None,
+               loc: dict[str, Any] | None = None) -> tuple[Any, ...]:
         part = validate_part(part)
-        loc = self._call("locate", validate_name(name))
+        if loc is None:
+            loc = self._call("locate", validate_name(name))
         parts = [p for p in loc["parts"] if part is None or p["part"] == part]
         if part is None and loc["missing"]:
             raise DatasetNotFound(f"{name}: parts {loc['missing']} are on no live node")

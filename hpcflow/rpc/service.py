@@ -189,7 +189,7 @@ class NodeService:
     @exposed
     def run_op(self, request: Any) -> dict[str, Any]:
         """Run an op on local rows and store its output here (see ``workflow.worker``)."""
-        return self.node.worker.run(RunRequest.from_wire(request)).to_wire()
+        return self.node.worker.run(RunRequest.from_wire(request)).to_wire()  # a RunReply
 
     @exposed
     def delete_parts(self, items: Any) -> int:
@@ -219,14 +219,9 @@ class NodeService:
         return run.execute(self.node, request)
 
     @exposed
-    def deliver(self, wf: Any, name: Any) -> dict[str, Any]:
-        """Bring an already computed output here and materialise it for the script."""
-        return run.deliver(self.node, wf, name)
-
-    @exposed
-    def save(self, local: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
-        """Keep a local result under a user's name."""
-        return run.save(self.node, local, name, overwrite)
+    def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
+        """Keep a flow's output (wherever its parts are) here, durably, under a user's name."""
+        return run.save(self.node, wf, output, name, overwrite)
 
     @exposed
     def cleanup(self, created: Any, wf: Any = None) -> int:

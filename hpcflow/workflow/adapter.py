@@ -92,10 +92,4 @@ def workflow(steps: Sequence[Step], initiator: str, deliver: Sequence[str]) -> W
 
 
 def plan_to_wire(plan: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    d = asdict(plan)
-    d["bytes_moved"] = plan.bytes_moved
-    d["seconds"] = plan.seconds
-    d["explain"] = plan.explain()
-    return d
+    return dict(plan.to_wire())

@@ -6,9 +6,13 @@ destination, so different links work in parallel), then the step's work
 units become ``run_op`` calls (in parallel across nodes).  Reduce partials
 are pulled to the combiner, then combined.  Steps run as soon as the steps
 they depend on are done (those producing their inputs, or moving rows of an
-object they read too), so independent steps overlap.  Finally the delivery
-transfers bring the results to the initiator, where each result is
-materialised as one local dataset for the script to read.
+object they read too), so independent steps overlap.  Finally the results
+reach the initiator: a small one (at most ``INLINE_TOTAL`` bytes, known from
+the plan's output model) travelled inline in the replies of the ``run_op``
+calls that made it, and goes back to the script in the ``execute`` reply; a
+bigger one stays where it was made and the reply says where its parts are,
+so the script pulls them straight from their holders (the plan's delivery
+transfers, counted by the script) without a second copy on the initiator.
 
 Every pull reports the bytes it received from each source, so the execution
 report gives *actual* bytes per link next to the planned ones.  Everything an
@@ -30,11 +34,14 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
+import numpy as np
 
+from ..catalog.base import locate
 from ..catalog.record import DatasetRecord
 from ..decide import Plan, StepPlan, Transfer, Work
 from ..errors import HpcflowError, PeerUnavailable
 from .lifecycle import FlowTag
+from .worker import MAX_INLINE, RunReply
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -42,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hpcflow.executor")
 
 LONG_CALL_S = 24 * 3600.0  # liveness comes from zerorpc heartbeats, not from this
+#: A delivered result whose planned size is at most this travels inline (see module doc).
+INLINE_TOTAL = 16 << 20
 
 
 @dataclass
@@ -50,7 +59,10 @@ class Execution:
 
     moved: defaultdict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     created: list[tuple[str, str, int | None]] = field(default_factory=list)
-    results: dict[str, str] = field(default_factory=dict)
+    #: Where each result that did not come back inline lies (a catalog location).
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Results that came back inline, as arrays (not stored on the initiator).
+    values: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     calls: int = 0
     seconds: float = 0.0
 
@@ -64,6 +76,8 @@ class Execution:
         return {"moved": {f"{a}->{b}": n for (a, b), n in sorted(self.moved.items())},
                 "bytes_moved": sum(self.moved.values()),
                 "created": [list(c) for c in self.created], "results": self.results,
+                "inline": {name: {"shape": list(a.shape), "dtype": a.dtype.str,
+                                  "data": a.tobytes()} for name, a in self.values.items()},
                 "calls": self.calls, "seconds": round(self.seconds, 6)}
 
 
@@ -87,6 +101,10 @@ class Executor:
         self.tag = FlowTag(node.name, node.epoch, xid)
         self.keep = keep
         self.ex = Execution()
+        #: Outputs to bring back inline, and the replies (by part) that carried them.
+        self._inline: dict[str, dict[int | None, RunReply]] = {}
+        self._units: dict[str, int] = {}
+        self._made: dict[str, list[DatasetRecord]] = defaultdict(list)
 
     def lineage(self, keep: bool = False) -> dict[str, Any]:
         tag = FlowTag(self.tag.initiator, self.tag.epoch, self.tag.execution, keep)
@@ -125,8 +143,15 @@ class Executor:
             self.ex.moved[(source, dst)] += int(nbytes)
 
     def _run(self, target: str, request: dict[str, Any]) -> DatasetRecord:
-        rec = DatasetRecord.from_wire(self._call(target, "run_op", request))
+        reply = RunReply.from_wire(self._call(target, "run_op", request))
+        rec = reply.record
         self.ex.created.append((target, rec.name, rec.part))
+        self._made[rec.name].append(rec)
+        if reply.data is not None and rec.name in self._inline:
+            self._inline[rec.name][rec.part] = reply
+            if target != self.node.name:
+                self.ex.moved[(target, self.node.name)] += len(reply.data)
+                self.node.traffic.received(target, len(reply.data))
         return rec
 
     @staticmethod
@@ -157,11 +182,17 @@ class Executor:
         """Execute ``plan``; ``steps`` maps each output name to its step (op, inputs,
         params); ``deliver`` names the results to materialise on the initiator."""
         t0 = time.monotonic()
+        self._inline = {sp.out: {} for sp in plan.steps
+                        if sp.out in deliver and _inline_size(sp) <= INLINE_TOTAL}
         try:
             self._steps(plan, steps)
-            self._transfers(list(plan.delivery))
+            inline = {name for name, got in self._inline.items()
+                      if got and len(got) == self._units.get(name)}
             for name in deliver:
-                self.ex.results[name] = self.materialise(name)
+                if name in inline:
+                    self.ex.values[name] = self._assemble(name)
+                else:
+                    self.ex.results[name] = self.location(name)
         except BaseException:
             self.cleanup(self.ex.created)
             raise
@@ -194,10 +225,11 @@ class Executor:
     def _step(self, sp: StepPlan, step: Any) -> None:
         self._transfers([t for t in sp.transfers if t.kind == "data"])
         base = {"op": step.op, "params": dict(step.params), "hash": self._hash(step.op),
-                "lineage": self.lineage()}
+                "lineage": self.lineage(), "inline": MAX_INLINE if step.out in self._inline else 0}
         out_lineage = self.lineage(keep=self.keep)
         units = list(sp.work)
         parts = [w for w in units if w.mode == "part"]
+        self._units[step.out] = len(parts) or 1
         if parts:
             self._parallel([partial(self._run, w.node, {
                 **base, "lineage": out_lineage, "mode": "part", "out": step.out, "part": k,
@@ -223,24 +255,22 @@ class Executor:
                                      "out": step.out, "expect": _expect(combine, sp),
                                      "inputs": [{"name": names[w.node]} for w in partials]})
 
+    def location(self, name: str) -> dict[str, Any]:
+        """Where the parts of a result lie, for the script to pull (the records this
+        execution made, else the catalog's), with the holders' bulk endpoints."""
+        made = self._made.get(name)
+        loc = locate(name, made) if made else self.node.catalog.locate(name)
+        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints()}
+
+    def _assemble(self, name: str) -> np.ndarray[Any, Any]:
+        """A result from the parts that came back inline, in part order."""
+        got = self._inline[name]
+        if list(got) == [None]:
+            return got[None].array().copy()
+        return np.concatenate([got[k].array() for k in sorted(k for k in got if k is not None)])
+
     def _hash(self, op: str) -> str:
         return self.node.registry.get(op).definition_hash
-
-    def materialise(self, name: str) -> str:
-        """One local whole dataset holding the result, for the script to fetch; it keeps
-        the output's lineage (op, params, inputs) and says what it is a copy of."""
-        arr = self.node.worker.local_rows(name, None)
-        out = f"{name}.result"
-        try:
-            origin = dict(self.node.catalog.locate(name).parts[0].holders[0].lineage)
-        except (HpcflowError, IndexError):
-            origin = {}
-        origin.pop("partial", None)
-        rec = self.node.store.put_array(out, arr, overwrite=True,
-                                        lineage={**origin, **self.lineage(), "copy_of": name},
-                                        chunk_bytes=self.node.config.chunk_bytes, volatile=True)
-        self.ex.created.append((self.node.name, rec.name, rec.part))
-        return out
 
     def cleanup(self, created: list[tuple[str, str, int | None]]) -> int:
         """Delete what an execution created (best effort: nodes that are down are
@@ -268,6 +298,23 @@ def depends_on(plan: Plan, steps: dict[str, Any], k: int) -> list[int]:
         if step.out in mine or mine & set(step.inputs):
             out.append(j)
     return out
+
+
+def _inline_size(sp: StepPlan) -> float:
+    """Planned bytes of a step's output (infinite when a unit's size is unknown or one
+    unit is over what a reply may carry)."""
+    total = 0
+    itemsize = np.dtype(sp.dtype).itemsize if sp.dtype else 0
+    for w in sp.work:
+        if w.mode == "partial":
+            continue
+        if w.shape is None or not itemsize:
+            return float("inf")
+        n = int(np.prod(w.shape, dtype=np.int64)) * itemsize
+        if n > MAX_INLINE:
+            return float("inf")
+        total += n
+    return total
 
 
 def _expect(w: Work, sp: StepPlan) -> dict[str, Any] | None:

@@ -22,14 +22,24 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import gevent
+import gevent.event
+import gevent.lock
+
 from ..catalog.record import validate_name
-from ..errors import InvalidData
+from ..errors import InvalidData, ProtocolError
 
 if TYPE_CHECKING:
     from ..rpc.client import Client
+
+
+#: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
+#: more than its per-connection limit of requests at once).
+SUBMIT_CONCURRENCY = 64
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,21 @@ class Handle:
     inputs: tuple[str, ...]
     params: dict[str, Any]
     plan: PlanView | None = None
-    result: str | None = None  # local dataset on the initiator once delivered
+    #: Where the result's parts lie once executed (None when it came back inline).
+    location: dict[str, Any] | None = None
+    value: Any = None  # the result itself when it came back inline (small results)
     executed: bool = False
+    #: A running submission (:meth:`Flow.submit`), and the execution claiming this step.
+    job: gevent.event.AsyncResult | None = field(default=None, repr=False)
+    claim: gevent.event.Event | None = field(default=None, repr=False)
 
     def fetch(self) -> Any:
         return self.flow._fetch(self)
+
+    def wait(self) -> Handle:
+        """Block until this handle's submission (if any) has run; raise its error."""
+        self.flow._done(self)
+        return self
 
     def save(self, name: str, overwrite: bool = False) -> str:
         """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
@@ -83,6 +103,18 @@ class Handle:
     def __repr__(self) -> str:
         state = "done" if self.executed else "pending"
         return f"<Handle {self.name} = {self.op}({', '.join(self.inputs)}) {state}>"
+
+
+def _array(d: dict[str, Any]) -> Any:
+    """An inline result from the wire (the node checked shape and dtype against the
+    op's output model; a reply that does not fit them is a protocol error)."""
+    import numpy as np
+
+    try:
+        dt = np.dtype(d["dtype"])
+        return np.frombuffer(d["data"], dtype=dt).reshape(d["shape"]).copy()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed inline result: {exc}") from None
 
 
 @dataclass
@@ -101,6 +133,8 @@ class Flow:
     executions: int = 0
     replans: int = 0
     calls: int = 0
+    _slots: gevent.lock.BoundedSemaphore = field(
+        default_factory=lambda: gevent.lock.BoundedSemaphore(SUBMIT_CONCURRENCY), repr=False)
 
     def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
         if not isinstance(op, str) or not op:
@@ -148,10 +182,46 @@ class Flow:
     def plan(self, target: Handle, method: str | None = None) -> PlanView:
         return PlanView(self.client._call("plan", self._request(target, method)))
 
+    def submit(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
+        """Like :meth:`run`, but start executing now, without waiting: many independent
+        submissions run concurrently.  ``handle.fetch()`` (or :func:`gather`) waits."""
+        h = self.run(op, *inputs, **params)
+        job: gevent.event.AsyncResult = gevent.event.AsyncResult()
+
+        def go() -> None:
+            try:
+                with self._slots:  # at most SUBMIT_CONCURRENCY executions in flight
+                    self._execute(h)
+                job.set(None)
+            except BaseException as exc:  # handed to whoever waits for the handle
+                job.set_exception(exc)
+
+        h.job = job
+        gevent.spawn(go)
+        return h
+
     def _execute(self, target: Handle) -> None:
-        pending = self._pending(target)
+        """Plan and run what ``target`` still needs.  Steps another execution of this
+        flow is running (a concurrent submission) are waited for, not run twice."""
+        while True:
+            pending = self._pending(target)
+            busy = [h.claim for h in pending if h.claim is not None]
+            if not busy:
+                break
+            gevent.wait(busy, count=1)
         if not pending:
             return
+        claim = gevent.event.Event()
+        for h in pending:
+            h.claim = claim
+        try:
+            self._execute_pending(target, pending)
+        finally:
+            for h in pending:
+                h.claim = None
+            claim.set()
+
+    def _execute_pending(self, target: Handle, pending: list[Handle]) -> None:
         reply = self.client._call("execute", self._request(target))
         view, ex = PlanView(reply["plan"]), reply["execution"]
         self.executions += 1
@@ -167,28 +237,43 @@ class Flow:
             self.moved[link] += n
         for h in pending:
             h.executed, h.plan = True, view
-        target.result = ex["results"][target.name]
+        inline = ex.get("inline") or {}
+        if target.name in inline:
+            target.value = _array(inline[target.name])
+        else:
+            target.location = ex["results"][target.name]
 
-    def _ensure_result(self, target: Handle) -> str:
-        """Run what ``target`` needs, or just bring it home if it was computed already."""
-        if target.result is None:
-            if target.executed:  # computed as an input of another handle: deliver it
-                reply = self.client._call("deliver", self.id, target.name)
-                self.created += reply["created"]
-                for link, n in reply["moved"].items():
-                    self.moved[link] += n
-                    self.planned[link] += n
-                target.result = reply["result"]
-            else:
-                self._execute(target)
-        assert target.result is not None
-        return target.result
+    def _done(self, target: Handle) -> None:
+        """Wait for a submission of ``target``, or run what it still needs."""
+        if target.job is not None:
+            target.job.get()
+        if not target.executed:
+            self._execute(target)
 
     def _fetch(self, target: Handle) -> Any:
-        return self.client.fetch(self._ensure_result(target))
+        self._done(target)
+        if target.value is not None:
+            return target.value.copy()  # the caller may modify what it gets
+        # Pulled straight from the holders; a location from the execution saves a locate,
+        # and an output computed as another's input is located in the catalog.
+        planned = target.location is not None
+        before = dict(self.client.traffic.bytes_received)
+        arr = self.client.fetch(target.name, location=target.location)
+        for holder, n in self.client.traffic.bytes_received.items():
+            got = n - before.get(holder, 0)
+            if got and holder != self.client.node:
+                link = f"{holder}->{self.client.node}"
+                self.moved[link] += got
+                if not planned:  # no plan said it would move: it moves as asked
+                    self.planned[link] += got
+        return arr
 
     def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
-        self.client._call("save", self._ensure_result(target), name, overwrite)
+        self._done(target)
+        reply = self.client._call("save", self.id, target.name, name, overwrite)
+        for link, n in reply["moved"].items():
+            self.moved[link] += n
+            self.planned[link] += n
         return name
 
     def report(self) -> dict[str, Any]:
@@ -213,3 +298,12 @@ class Flow:
         removed = int(self.client._call("cleanup", items, self.id))
         self.created = []
         return removed
+
+
+def gather(handles: Iterable[Handle]) -> list[Any]:
+    """The results of ``handles`` (submitted or not), in order; the first error raises
+    once every submission has finished."""
+    hs = list(handles)
+    jobs = [h.job for h in hs if h.job is not None]
+    gevent.wait(jobs)
+    return [h.fetch() for h in hs]

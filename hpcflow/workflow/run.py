@@ -26,6 +26,7 @@ from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
 from . import adapter
 from .executor import Execution, Executor, plan_uses
+from .plancache import plan_key
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -71,10 +72,18 @@ def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]
     placement = adapter.placement(snap, adapter.source_names(steps))
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned)
-    planner = PLANNERS[method]
-    args = (adapter.workflow(steps, node.name, deliver), placement)
-    kwargs = {"registry": node.registry, "node_ops": adapter.node_ops(snap), "cost": cost}
-    plan = gevent.get_hub().threadpool.apply(lambda: planner(*args, **kwargs))
+    node_ops = adapter.node_ops(snap)
+    cache = node.worker.plans
+    key = plan_key(steps, deliver, objective, method, node.name, placement, node_ops, cost,
+                   node.registry)
+    plan = cache.get(key, steps)
+    if plan is None:
+        planner = PLANNERS[method]
+        args = (adapter.workflow(steps, node.name, deliver), placement)
+        kwargs = {"registry": node.registry, "node_ops": node_ops, "cost": cost,
+                  "models": cache.models}
+        plan = gevent.get_hub().threadpool.apply(lambda: planner(*args, **kwargs))
+        cache.put(key, steps, plan)
     return plan, wf, steps, deliver
 
 
@@ -93,7 +102,7 @@ def execute(node: Node, req: object) -> dict[str, Any]:
     failed = Execution()
     for attempt in (1, 2):
         the_plan, wf, steps, deliver = make_plan(node, req)
-        log.info("workflow %s: %s", wf, the_plan.explain().splitlines()[-1])
+        log.info("workflow %s: %s", wf, the_plan.summary())
         by_out = {s.out: s for s in steps}
         xid = book.begin(wf, plan_uses(the_plan, by_out))
         executor = Executor(node, wf, xid, keep)
@@ -146,40 +155,34 @@ def cleanup(node: Node, created: object, wf: object = None) -> int:
     return Executor(node, "cleanup", "cleanup").cleanup(mine)
 
 
-def deliver(node: Node, wf: object, name: object) -> dict[str, Any]:
-    """Bring an existing output wholly to this node and materialise it."""
-    wf, name = validate_name(wf), validate_name(name)
+def save(node: Node, wf: object, output: object, name: object,
+         overwrite: object = False) -> dict[str, Any]:
+    """Store a flow's output here, durably, under a user's name (kept after the flow).
+
+    The output's parts are pulled here first (as volatile copies, removed
+    after); the saved dataset keeps the output's lineage (op, params, inputs,
+    workflow) but not its flow tag, so no clean-up ever removes it.  The reply
+    says which bytes moved from where.
+    """
+    from ..node import check_put
+
+    wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
     book = node.worker.book
     xid = book.begin(wf)
     executor = Executor(node, wf, xid)
     try:
-        executor.pull(node.name, name, None)
-        result = executor.materialise(name)
-    except BaseException:
-        book.end(wf, xid, ok=False)
+        executor.pull(node.name, output, None)
+        arr = node.worker.local_rows(output, None)  # piecewise, yielding to heartbeats
+        origin = node.catalog.locate(output).parts[0].holders[0].lineage
+        lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
+        lineage["saved_from"] = output
+        check_put(node.catalog, node.name, name, None, tuple(arr.shape), arr.dtype.str)
+        rec = node.store.put_array(name, arr, overwrite=bool(overwrite), lineage=lineage,
+                                   chunk_bytes=node.config.chunk_bytes)
+    finally:
+        book.end(wf, xid, ok=True)
         executor.cleanup(executor.ex.created)
-        raise
-    book.end(wf, xid, ok=True)
-    out = executor.ex.to_wire()
-    return {"created": out["created"], "moved": out["moved"], "result": result}
-
-
-def save(node: Node, local: object, name: object, overwrite: object = False) -> dict[str, Any]:
-    """Copy a local result under a user's name, kept after the flow closes.
-
-    The copy keeps the result's lineage (op, params, inputs, workflow) but not
-    its flow tag, so no clean-up ever removes it.
-    """
-    from ..node import check_put
-
-    src = node.store.get(validate_name(local))
-    name = validate_name(name)
-    arr = node.worker.local_rows(src.name, None)  # piecewise, yielding to heartbeats
-    lineage = {k: v for k, v in src.lineage.items() if k != "flow"}
-    lineage["saved_from"] = lineage.pop("copy_of", src.name)
-    check_put(node.catalog, node.name, name, None, tuple(arr.shape), arr.dtype.str)
-    return node.store.put_array(name, arr, overwrite=bool(overwrite), lineage=lineage,
-                                chunk_bytes=node.config.chunk_bytes).to_wire()
+    return {"record": rec.to_wire(), "moved": executor.ex.to_wire()["moved"]}
 
 
 def flow_status(node: Node, holder: object, items: object) -> list[bool]:
@@ -193,4 +196,4 @@ def flow_status(node: Node, holder: object, items: object) -> list[bool]:
     return node.worker.book.wanted(holder, items)
 
 
-__all__ = ["cleanup", "deliver", "execute", "flow_status", "make_plan", "plan", "save"]
+__all__ = ["cleanup", "execute", "flow_status", "make_plan", "plan", "save"]

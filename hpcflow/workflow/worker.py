@@ -44,6 +44,7 @@ from ..catalog.record import (
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, ProtocolError
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
 from .lifecycle import FlowBook, Janitor
+from .plancache import PlanCache
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -51,6 +52,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("hpcflow.worker")
 
 MODES = ("whole", "part", "partial", "combine")
+#: The most bytes of an output a ``run_op`` reply may carry inline (see RunRequest.inline).
+MAX_INLINE = 1 << 20
+#: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
+INLINE_COMPUTE_BYTES = 256 * 1024
+
+
+def _nbytes(partial: Any) -> int:
+    items = partial if isinstance(partial, tuple) else (partial,)
+    return sum(int(np.asarray(x).nbytes) for x in items)
 
 
 def slice_name(name: str, lo: int, hi: int) -> str:
@@ -139,6 +149,9 @@ class RunRequest:
     nparts: int | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
     expect: Expect | None = None
+    #: Return the output in the reply too when it has at most this many bytes (a result
+    #: the initiator delivers: no second round trip, no catalog wait, no bulk transfer).
+    inline: int = 0
 
     @classmethod
     def from_wire(cls, d: object) -> RunRequest:
@@ -156,9 +169,47 @@ class RunRequest:
         op, op_hash = d.get("op"), d.get("hash")
         if not isinstance(op, str) or (op_hash is not None and not isinstance(op_hash, str)):
             raise InvalidData("op must be a name and hash a string")
+        inline = d.get("inline", 0)
+        if isinstance(inline, bool) or not isinstance(inline, int) or not (
+                0 <= inline <= MAX_INLINE):
+            raise InvalidData(f"inline must be 0..{MAX_INLINE} bytes")
         return cls(op, str(mode), tuple(InputRef.from_wire(x) for x in inputs),
                    validate_name(d.get("out")), params, op_hash, validate_part(d.get("part")),
-                   validate_part(d.get("nparts")), lineage, Expect.from_wire(d.get("expect")))
+                   validate_part(d.get("nparts")), lineage, Expect.from_wire(d.get("expect")),
+                   inline)
+
+    @property
+    def initiator(self) -> str | None:
+        tag = self.lineage.get("flow")
+        who = tag.get("initiator") if isinstance(tag, dict) else None
+        return who if isinstance(who, str) else None
+
+
+@dataclass(frozen=True)
+class RunReply:
+    """What ``run_op`` answers: the stored output's record, and its bytes when the
+    request asked for them inline and they fit."""
+
+    record: DatasetRecord
+    data: bytes | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"record": self.record.to_wire(), "data": self.data}
+
+    @classmethod
+    def from_wire(cls, d: object) -> RunReply:
+        if not isinstance(d, dict):
+            raise ProtocolError("run reply must be a map")
+        rec = DatasetRecord.from_wire(d.get("record"))
+        data = d.get("data")
+        if data is not None and (not isinstance(data, bytes) or len(data) != rec.nbytes):
+            raise ProtocolError(f"inline data of {rec.key} does not match its record")
+        return cls(rec, data)
+
+    def array(self) -> np.ndarray[Any, Any]:
+        assert self.data is not None
+        return np.frombuffer(self.data, dtype=np.dtype(self.record.dtype)).reshape(
+            self.record.shape)
 
 
 class Worker:
@@ -170,6 +221,7 @@ class Worker:
         self.node = node
         self.registry = registry
         self.book = FlowBook()
+        self.plans = PlanCache()
         self.janitor = Janitor(node)
         # the janitor waits for the node to start, and stops with its other greenlets
         node._greenlets.append(gevent.spawn(self.janitor.run))
@@ -335,7 +387,7 @@ class Worker:
             raise
 
     # -- ops -------------------------------------------------------------------
-    def run(self, req: RunRequest) -> DatasetRecord:
+    def run(self, req: RunRequest) -> RunReply:
         """Run one unit of a plan on local rows; store and announce the checked output."""
         with self.busy():
             spec = self.registry.get(req.op)
@@ -358,10 +410,16 @@ class Worker:
             arr = np.asarray(result)
             # An intermediate (kept only in memory) unless the flow keeps its outputs.
             keep = isinstance(req.lineage.get("flow"), dict) and req.lineage["flow"].get("keep")
-            return self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
-                                             lineage=lineage, overwrite=True,
-                                             chunk_bytes=self.node.config.chunk_bytes,
-                                             volatile=not keep)
+            rec = self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
+                                            lineage=lineage, overwrite=True,
+                                            chunk_bytes=self.node.config.chunk_bytes,
+                                            volatile=not keep)
+            if req.mode == "partial" or arr.nbytes > req.inline:
+                return RunReply(rec)
+            who = req.initiator
+            if who is not None and who != self.node.name:
+                self.node.traffic.sent(who, arr.nbytes)
+            return RunReply(rec, np.ascontiguousarray(arr).tobytes())
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the
@@ -373,14 +431,24 @@ class Worker:
             return None
         return np.empty(ex.shape, dtype=ex.dtype)
 
+    @staticmethod
+    def _off_loop(spec: Any, nbytes: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        """Run op code in the thread pool, so heartbeats go on; a built-in op on small
+        inputs runs right here (the thread hop would cost more than the op)."""
+        if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
+                "hpcflow.ops."):
+            return fn(*args)
+        return gevent.get_hub().threadpool.apply(fn, args)
+
     def _compute(self, req: RunRequest, spec: Any) -> Any:
         fn: Callable[..., Any]
         if req.mode == "combine":
             partials = [unpack_partial(self.local_rows(i.name, None), self._lineage(i.name))
                         for i in req.inputs]
-            return gevent.get_hub().threadpool.apply(combine_partials,
-                                                     (spec, partials, req.params))
+            return self._off_loop(spec, sum(_nbytes(p) for p in partials), combine_partials,
+                                  (spec, partials, req.params))
         arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
+        nbytes = sum(a.nbytes for a in arrays)
         runners: dict[str, Callable[..., Any]] = {
             "whole": apply, "part": run_rowwise_part, "partial": run_partial}
         fn = runners[req.mode]
@@ -388,8 +456,8 @@ class Worker:
             def partial(arrays: list[Any], params: dict[str, Any]) -> Any:
                 first = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
                 return run_partial(spec, first, params)
-            return gevent.get_hub().threadpool.apply(partial, (arrays, req.params))
-        return gevent.get_hub().threadpool.apply(fn, (spec, arrays, req.params))
+            return self._off_loop(spec, nbytes, partial, (arrays, req.params))
+        return self._off_loop(spec, nbytes, fn, (spec, arrays, req.params))
 
     def _check(self, req: RunRequest, out: np.ndarray[Any, Any]) -> None:
         """The real output must be what the plan's output model said: an op whose output

@@ -1,0 +1,82 @@
+"""Plans an initiator made, reused while nothing they depend on changed.
+
+A script that runs the same small op again and again asks for the same plan
+each time, under new output names.  A plan depends only on the steps (ops,
+parameters, which inputs are datasets and which are earlier outputs), the
+objective and method, where the source datasets' parts live, which ops each
+live node has (by definition hash), and the cost model (links, load); the
+key is exactly those, with output names replaced by their step positions.  A
+hit returns the cached plan with the outputs renamed; anything that changes
+a part's holders, a node's ops or the learned links is another key.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..decide import CostModel, Placement, Plan, Step
+from ..ops import ModelCache, OpRegistry
+from ..ops.spec import constant_bytes
+
+
+def _step_key(steps: Sequence[Step]) -> tuple[Any, ...] | None:
+    position = {s.out: i for i, s in enumerate(steps)}
+    out = []
+    for s in steps:
+        params = constant_bytes(dict(s.params))
+        if params is None:
+            return None  # parameters we cannot compare exactly: never cached
+        ins = tuple(("step", position[n]) if n in position else ("data", n) for n in s.inputs)
+        out.append((s.op, ins, params))
+    return tuple(out)
+
+
+def plan_key(steps: Sequence[Step], deliver: Sequence[str], objective: str, method: str,
+             initiator: str, placement: Placement, node_ops: Mapping[str, Mapping[str, str]],
+             cost: CostModel, registry: OpRegistry) -> tuple[Any, ...] | None:
+    """What a plan depends on, or None when it cannot be compared (never cached)."""
+    skey = _step_key(steps)
+    if skey is None:
+        return None
+    position = {s.out: i for i, s in enumerate(steps)}
+    return (
+        skey, tuple(position[d] for d in deliver), objective, method, initiator,
+        tuple(sorted(placement.datasets.items())),
+        tuple(sorted((n, tuple(sorted(ops.items()))) for n, ops in node_ops.items())),
+        tuple(registry.get(s.op).definition_hash for s in steps),
+        cost.objective, cost.default_link, tuple(sorted(cost.links.items())),
+        tuple(sorted(cost.load.items())),
+    )
+
+
+class PlanCache:
+    """The last ``size`` plans by :func:`plan_key`, and the op output models they used."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._plans: OrderedDict[tuple[Any, ...], tuple[Plan, tuple[str, ...]]] = OrderedDict()
+        self.models = ModelCache()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[Any, ...] | None, steps: Sequence[Step]) -> Plan | None:
+        found = self._plans.get(key) if key is not None else None
+        if key is None or found is None:
+            self.misses += 1
+            return None
+        self._plans.move_to_end(key)
+        self.hits += 1
+        plan, outs = found
+        return plan.renamed(dict(zip(outs, (s.out for s in steps), strict=True)))
+
+    def put(self, key: tuple[Any, ...] | None, steps: Sequence[Step], plan: Plan) -> None:
+        if key is None:
+            return
+        self._plans[key] = (plan, tuple(s.out for s in steps))
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+
+__all__ = ["PlanCache", "plan_key"]
