@@ -1,6 +1,7 @@
 """The node daemon: store + catalog + bulk channel + RPC, composed and supervised.
 
-One process, one gevent loop.  Sockets: zerorpc's ROUTER (RPC), the
+One process, one gevent loop.  Sockets: the RPC ROUTER (zerorpc's protocol,
+``rpc/strict.py``), the
 catalog's PUB and SUB, and the bulk ROUTER; each has one owner greenlet.
 """
 
@@ -310,7 +311,8 @@ class Node:
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
-                "store": self.store.stats()}
+                "store": self.store.stats(),
+                "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses}}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:
         if rec is None:

@@ -234,3 +234,96 @@ def test_overloaded_reaches_the_script_as_its_type(node: NodeProc) -> None:
     assert issubclass(hpcflow.Overloaded, hpcflow.TransportError)
     err = from_wire("Overloaded", "busy")
     assert isinstance(err, hpcflow.Overloaded) and str(err) == "busy"
+
+
+class _Methods:
+    def echo(self, x: Any) -> Any:
+        return x
+
+    def slow(self, seconds: float) -> str:
+        gevent.sleep(seconds)
+        return "done"
+
+    def boom(self) -> None:
+        raise hpcflow.DatasetNotFound("no such thing")
+
+    def unencodable(self) -> Any:
+        return {1, 2}
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[strict.Server, str]]:
+    server = strict.Server(_Methods(), heartbeat=0.2)
+    endpoint = server.bind("tcp://127.0.0.1:0")
+    runner = gevent.spawn(server.run)
+    yield server, endpoint
+    server.close()
+    runner.kill()
+
+
+def test_stock_zerorpc_clients_and_servers_interoperate(
+        served: tuple[strict.Server, str]) -> None:
+    """The wire is zerorpc's: its client calls our server, our client calls its server."""
+    import zerorpc
+
+    _, endpoint = served
+    stock = zerorpc.Client(timeout=10 * SCALE, heartbeat=0.2)
+    stock.connect(endpoint)
+    assert stock.echo({"a": [1, b"x"]}) == {"a": [1, b"x"]}
+    assert stock.slow(0.8) == "done"  # longer than two heartbeats: both sides heartbeat
+    with pytest.raises(zerorpc.RemoteError) as err:
+        stock.boom()
+    assert err.value.name == "DatasetNotFound"
+    assert stock._zerorpc_ping()[0] == "pong"
+    stock.close()
+
+    their = zerorpc.Server(_Methods(), heartbeat=0.2)
+    their.bind("tcp://127.0.0.1:0")
+    their_ep = their._events._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    runner = gevent.spawn(their.run)
+    with strict.Client(timeout=10 * SCALE, heartbeat=0.2) as ours:
+        ours.connect(their_ep)
+        assert ours.echo([1, "two"]) == [1, "two"]
+        assert ours.slow(0.8) == "done"
+        with pytest.raises(hpcflow.DatasetNotFound, match="no such thing"):
+            ours.boom()
+    their.close()
+    runner.kill()
+
+
+def test_lean_client_errors_are_typed(served: tuple[strict.Server, str]) -> None:
+    server, endpoint = served
+    with strict.Client(timeout=10 * SCALE, heartbeat=0.2) as c:
+        c.connect(endpoint)
+        with pytest.raises(hpcflow.DatasetNotFound):
+            c.boom()
+        with pytest.raises(hpcflow.RemoteError, match="NameError"):
+            c.nosuchmethod()
+        with pytest.raises(hpcflow.RemoteError, match="TypeError"):
+            c.unencodable()  # a result msgpack cannot carry is an error, not a hang
+        with pytest.raises(hpcflow.PeerUnavailable, match="within"):
+            c.slow(5, timeout=0.3)
+        # Concurrent calls on one client: answered each to its caller.
+        calls = [gevent.spawn(c.echo, i) for i in range(200)]
+        gevent.joinall(calls, raise_error=True)
+        assert [g.value for g in calls] == list(range(200))
+        # The call the client gave up on stops being heartbeated, so the server ends it
+        # within about three intervals rather than running it to the end.
+        assert server.stats()["in_flight"] == 1
+        with gevent.Timeout(3 * SCALE, AssertionError("abandoned call still served")):
+            while server.stats()["in_flight"]:
+                gevent.sleep(0.05)
+
+
+def test_a_silent_server_is_lost_within_heartbeats(served: tuple[strict.Server, str]) -> None:
+    """A server that stops answering (closed mid-call) fails the call after about three
+    heartbeat intervals, not at the call's timeout."""
+    server, endpoint = served
+    with strict.Client(timeout=60, heartbeat=0.2) as c:
+        c.connect(endpoint)
+        call = gevent.spawn(c.slow, 30)
+        gevent.sleep(0.5)  # well into the call: heartbeats flowing both ways
+        server.close()
+        with (gevent.Timeout(5 * SCALE, AssertionError("the lost server went unnoticed")),
+              pytest.raises(hpcflow.PeerUnavailable, match="heartbeat")):
+            call.get()

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import h5py
 import numpy as np
 
@@ -296,7 +297,8 @@ class Store:
         self._memory: dict[str, MemoryReader] = {}
         self._spilled: set[str] = set()
         self._records: dict[str, DatasetRecord] = {}
-        self._busy: set[str] = set()
+        #: Keys being written, each with an event set when the write ends.
+        self._busy: dict[str, gevent.event.Event] = {}
         self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
         self.listeners: list[Callable[[str, DatasetRecord | None], None]] = []
         #: Fault injection for tests: every chunk write blocks this long, as a disk under
@@ -380,6 +382,16 @@ class Store:
     def path_of(self, key: str) -> Path:
         return (self.spill_dir if key in self._spilled else self.dir) / f"{key}.h5"
 
+    def busy(self, key: str) -> bool:
+        return key in self._busy
+
+    def wait_idle(self, key: str, timeout: float | None = None) -> None:
+        """Wait until nobody is writing ``key`` here (a concurrent copy of the same rows
+        another execution is making: use it rather than fail to write it twice)."""
+        done = self._busy.get(key)
+        if done is not None:
+            done.wait(timeout)
+
     def is_volatile(self, key: str) -> bool:
         return key in self._memory or key in self._spilled
 
@@ -438,7 +450,7 @@ class Store:
             self.memory_used += nbytes
         else:
             writer = DatasetWriter(self, proto, durable=not volatile)
-        self._busy.add(key)
+        self._busy[key] = gevent.event.Event()
         return writer
 
     def _finish(self, w: DatasetWriter, checksum: str, digests: list[int]) -> DatasetRecord:
@@ -509,7 +521,9 @@ class Store:
         return rec
 
     def _release(self, key: str, reserved: int = 0) -> None:
-        self._busy.discard(key)
+        done = self._busy.pop(key, None)
+        if done is not None:
+            done.set()
         self.memory_used -= reserved
 
     def put_array(self, name: str, arr: Any, **kw: Any) -> DatasetRecord:

@@ -56,6 +56,7 @@ from ..errors import ConfigError
 from ..rpc.bulk import BulkClient, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
+from ..workflow.protocol import RunReply
 from .scenario import ORCH_HOST, Scenario
 
 log = logging.getLogger("hpcflow.centralised")
@@ -220,7 +221,7 @@ class Orchestrator:
                 "op": op, "mode": "whole", "params": params, "out": stored,
                 "inputs": [{"name": self.objects[n].name} for n in inputs],
                 "lineage": {"workflow": self.id}})
-            rec = DatasetRecord.from_wire(d)
+            rec = RunReply.from_wire(d).record
             self.created.append((node, rec.name, rec.part))
             data = self._fetch(rec)  # every output returns through the orchestrator
         finally:

@@ -1,6 +1,6 @@
 """The script API: ``hpcflow.connect(address)`` returns a :class:`Client`.
 
-Metadata calls go over zerorpc to the node you connected to, which answers
+Metadata calls go over RPC (zerorpc's protocol) to the node you connected to, which answers
 from its replicated catalog.  Dataset bytes never go over RPC: ``put``
 uploads to the connected node's bulk channel, ``fetch`` pulls every part
 straight from a live holder's bulk channel, verifying checksums.
@@ -65,7 +65,7 @@ class Client:
                                settings or BulkSettings(timeout_s=self.timeout_s),
                                is_alive=self._peer_alive)
 
-    #: Calls that may legitimately run for hours; zerorpc's heartbeat still notices a
+    #: Calls that may legitimately run for hours; the RPC heartbeat still notices a
     #: dead node, so they need no request timeout of their own.
     LONG_CALLS = frozenset({"execute", "replicate", "save", "cleanup"})
 

@@ -1,4 +1,4 @@
-"""The daemon's RPC surface (served by zerorpc).
+"""The daemon's RPC surface (served over zerorpc's protocol by ``rpc/strict.py``).
 
 Every argument arrives from the network and is validated here or below;
 every answer is msgpack-safe (no numpy types).  Errors are raised as hpcflow
@@ -19,7 +19,7 @@ from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
 from ..workflow import run
-from ..workflow.worker import InputRef, RunRequest
+from ..workflow.protocol import InputRef, RunRequest, Share
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -52,7 +52,7 @@ def exposed(fn: F) -> F:
 
 
 class NodeService:
-    """Methods callable over zerorpc.  Thin: the work happens in :class:`~hpcflow.node.Node`."""
+    """Methods callable over RPC.  Thin: the work happens in :class:`~hpcflow.node.Node`."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -185,6 +185,18 @@ class NodeService:
             raise InvalidData("tag must be a map")
         created, moved = self.node.worker.pull(ref.name, ref.rows, src, tag)
         return {"created": [r.to_wire() for r in created], "moved": moved}
+
+    @exposed
+    def run_share(self, share: Any) -> dict[str, Any]:
+        """Run this node's share of an execution (see ``workflow.protocol``)."""
+        return self.node.worker.shares.run(Share.from_wire(share)).to_wire()
+
+    @exposed
+    def cancel_share(self, execution: Any) -> bool:
+        """End this node's share of ``execution`` (it removes what it made)."""
+        if not isinstance(execution, str):
+            raise InvalidData("execution must be an id")
+        return self.node.worker.shares.cancel(execution)
 
     @exposed
     def run_op(self, request: Any) -> dict[str, Any]:

@@ -1,25 +1,26 @@
-"""Carry out a plan on the cluster, from the initiating node.
+"""Carry out a plan on the cluster, from the initiating node, peer to peer.
 
-For each step: the planned transfers become ``pull`` calls on their
-destination nodes, naming the source the plan chose (one greenlet per
-destination, so different links work in parallel), then the step's work
-units become ``run_op`` calls (in parallel across nodes).  Reduce partials
-are pulled to the combiner, then combined.  Steps run as soon as the steps
-they depend on are done (those producing their inputs, or moving rows of an
-object they read too), so independent steps overlap.  Finally the results
-reach the initiator: a small one (at most ``INLINE_TOTAL`` bytes, known from
-the plan's output model) travelled inline in the replies of the ``run_op``
-calls that made it, and goes back to the script in the ``execute`` reply; a
-bigger one stays where it was made and the reply says where its parts are,
-so the script pulls them straight from their holders (the plan's delivery
-transfers, counted by the script) without a second copy on the initiator.
+The plan becomes one share per participating node (:mod:`.protocol`): its
+pulls (from the source the plan chose) and its units of work, in plan order.
+Every node gets its share in one call, all at once, and runs it on its own
+(:mod:`.share`): a step starts when the steps it depends on are done there,
+and inputs other nodes make are waited for through the catalog, where their
+makers announce them, so partials go straight to their combiner and no step
+waits for a round trip to the initiator.  If one share fails, the initiator
+cancels the others; each removes what it made before answering.
 
-Every pull reports the bytes it received from each source, so the execution
-report gives *actual* bytes per link next to the planned ones.  Everything an
-execution creates (outputs, partials, copies, slices) carries its flow tag
-(:mod:`.lifecycle`) and is listed so the flow can remove it later; if a step
-fails, the other running steps finish, then what this execution created is
-removed before the error propagates, so no partial output stays announced.
+Results reach the script without a second copy on the initiator: a small
+one (at most ``INLINE_TOTAL`` bytes, known from the plan's output model)
+travels inline in the share replies of the nodes that made it and goes back
+in the ``execute`` reply; a bigger one stays where it was made, and the
+reply says where its parts are, so the script pulls them straight from their
+holders (the plan's delivery transfers, counted by the script).
+
+Every share reports the bytes it received from each source and the seconds
+its steps spent (transfer, compute, wait), so the execution report gives
+*actual* bytes per link next to the planned ones.  Everything an execution
+creates (outputs, partials, copies, slices) carries its flow tag
+(:mod:`.lifecycle`) and is listed so the flow can remove it later.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -38,17 +37,17 @@ import numpy as np
 
 from ..catalog.base import locate
 from ..catalog.record import DatasetRecord
-from ..decide import Plan, StepPlan, Transfer, Work
+from ..decide import Plan, StepPlan, Work
 from ..errors import HpcflowError, PeerUnavailable
 from .lifecycle import FlowTag
-from .worker import MAX_INLINE, RunReply
+from .protocol import MAX_INLINE, PullTask, RunReply, RunTask, Share, ShareReply, Task
 
 if TYPE_CHECKING:
     from ..node import Node
 
 log = logging.getLogger("hpcflow.executor")
 
-LONG_CALL_S = 24 * 3600.0  # liveness comes from zerorpc heartbeats, not from this
+LONG_CALL_S = 24 * 3600.0  # liveness comes from RPC heartbeats, not from this
 #: A delivered result whose planned size is at most this travels inline (see module doc).
 INLINE_TOTAL = 16 << 20
 
@@ -63,6 +62,9 @@ class Execution:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Results that came back inline, as arrays (not stored on the initiator).
     values: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    #: Seconds per step output and kind (transfer, compute, wait), summed over nodes.
+    step_seconds: defaultdict[str, dict[str, float]] = field(
+        default_factory=lambda: defaultdict(dict))
     calls: int = 0
     seconds: float = 0.0
 
@@ -78,6 +80,8 @@ class Execution:
                 "created": [list(c) for c in self.created], "results": self.results,
                 "inline": {name: {"shape": list(a.shape), "dtype": a.dtype.str,
                                   "data": a.tobytes()} for name, a in self.values.items()},
+                "steps": {out: {k: round(v, 6) for k, v in d.items()}
+                          for out, d in self.step_seconds.items()},
                 "calls": self.calls, "seconds": round(self.seconds, 6)}
 
 
@@ -105,6 +109,7 @@ class Executor:
         self._inline: dict[str, dict[int | None, RunReply]] = {}
         self._units: dict[str, int] = {}
         self._made: dict[str, list[DatasetRecord]] = defaultdict(list)
+        self._outs: list[str] = []
 
     def lineage(self, keep: bool = False) -> dict[str, Any]:
         tag = FlowTag(self.tag.initiator, self.tag.epoch, self.tag.execution, keep)
@@ -142,50 +147,15 @@ class Executor:
         for source, nbytes in reply["moved"].items():
             self.ex.moved[(source, dst)] += int(nbytes)
 
-    def _run(self, target: str, request: dict[str, Any]) -> DatasetRecord:
-        reply = RunReply.from_wire(self._call(target, "run_op", request))
-        rec = reply.record
-        self.ex.created.append((target, rec.name, rec.part))
-        self._made[rec.name].append(rec)
-        if reply.data is not None and rec.name in self._inline:
-            self._inline[rec.name][rec.part] = reply
-            if target != self.node.name:
-                self.ex.moved[(target, self.node.name)] += len(reply.data)
-                self.node.traffic.received(target, len(reply.data))
-        return rec
-
-    @staticmethod
-    def _parallel(jobs: list[Callable[[], Any]]) -> list[Any]:
-        if not jobs:
-            return []
-        if len(jobs) == 1:
-            return [jobs[0]()]
-        greenlets = [gevent.spawn(job) for job in jobs]
-        gevent.joinall(greenlets)
-        for g in greenlets:  # first failure wins; the others have finished by now
-            if g.exception is not None:
-                raise g.exception
-        return [g.value for g in greenlets]
-
-    def _transfers(self, transfers: tuple[Transfer, ...] | list[Transfer]) -> None:
-        by_dst: dict[str, list[Transfer]] = defaultdict(list)
-        for t in transfers:
-            by_dst[t.dst].append(t)
-
-        def worker(ts: list[Transfer]) -> None:
-            for t in ts:
-                self.pull(t.dst, t.obj, t.rows, t.src)
-
-        self._parallel([partial(worker, ts) for ts in by_dst.values()])
-
     def run(self, plan: Plan, steps: dict[str, Any], deliver: list[str]) -> Execution:
         """Execute ``plan``; ``steps`` maps each output name to its step (op, inputs,
-        params); ``deliver`` names the results to materialise on the initiator."""
+        params); ``deliver`` names the results the script wants."""
         t0 = time.monotonic()
         self._inline = {sp.out: {} for sp in plan.steps
                         if sp.out in deliver and _inline_size(sp) <= INLINE_TOTAL}
         try:
-            self._steps(plan, steps)
+            self._outs = [sp.out for sp in plan.steps]
+            self._run_shares(self.shares(plan, steps))
             inline = {name for name, got in self._inline.items()
                       if got and len(got) == self._units.get(name)}
             for name in deliver:
@@ -199,61 +169,104 @@ class Executor:
         self.ex.seconds = time.monotonic() - t0
         return self.ex
 
-    def _steps(self, plan: Plan, steps: dict[str, Any]) -> None:
-        """Run every step once the steps it depends on are done; on a failure start
-        nothing more, let running steps finish, and raise the first error."""
-        done = {sp.out: gevent.event.Event() for sp in plan.steps}
-        failed = gevent.event.Event()
-        errors: list[BaseException] = []
+    def shares(self, plan: Plan, steps: dict[str, Any]) -> dict[str, Share]:
+        """Each participating node's tasks (see :mod:`.protocol`), in plan order."""
+        tasks: dict[str, list[Task]] = defaultdict(list)
+        made = {sp.out for sp in plan.steps}  # outputs (and partials) of this execution
+        copies: set[tuple[str, str]] = set()  # (node, dataset) copies this execution makes
+        for k, sp in enumerate(plan.steps):
+            step = steps[sp.out]
+            for t in sp.transfers:
+                if t.kind != "data":
+                    continue
+                here = t.obj in made or (t.src, t.obj) in copies
+                tasks[t.dst].append(PullTask(k, 0, t.obj, t.rows, t.src, here))
+                copies.add((t.dst, t.obj))
+            uses_made = any(n in made for n in step.inputs)
+            base = {"op": step.op, "params": dict(step.params), "hash": self._hash(step.op),
+                    "lineage": self.lineage(),
+                    "inline": MAX_INLINE if step.out in self._inline else 0}
+            out_lineage = self.lineage(keep=self.keep)
+            units = list(sp.work)
+            parts = [w for w in units if w.mode == "part"]
+            self._units[step.out] = len(parts) or 1
+            for k_part, w in enumerate(parts):
+                tasks[w.node].append(RunTask.of(k, 1, {
+                    **base, "lineage": out_lineage, "mode": "part", "out": step.out,
+                    "part": k_part, "nparts": len(parts), "expect": _expect(w, sp),
+                    "inputs": [{"name": n, "rows": None if n in sp.broadcast else list(w.rows[0])}
+                               for n in step.inputs]}, uses_made))
+            for w in units:
+                if w.mode == "whole":
+                    tasks[w.node].append(RunTask.of(k, 1, {
+                        **base, "lineage": out_lineage, "mode": "whole", "out": step.out,
+                        "expect": _expect(w, sp), "inputs": [{"name": n} for n in step.inputs]},
+                        uses_made))
+            partials = [w for w in units if w.mode == "partial"]
+            if partials:
+                names = {w.node: f"{step.out}.partial{i}" for i, w in enumerate(partials)}
+                made.update(names.values())
+                for w in partials:
+                    tasks[w.node].append(RunTask.of(k, 1, {
+                        **base, "mode": "partial", "out": names[w.node],
+                        "inputs": _row_inputs(step.inputs[0], w)}, uses_made))
+                combine = next(w for w in units if w.mode == "combine")
+                for w in partials:
+                    if w.node != combine.node:
+                        tasks[combine.node].append(PullTask(k, 2, names[w.node], None, w.node,
+                                                            True))
+                tasks[combine.node].append(RunTask.of(k, 3, {
+                    **base, "lineage": out_lineage, "mode": "combine", "out": step.out,
+                    "expect": _expect(combine, sp),
+                    "inputs": [{"name": names[w.node]} for w in partials]}, True))
+        depends = tuple(tuple(depends_on(plan, steps, k)) for k in range(len(plan.steps)))
+        return {node: Share(self.wf, self.tag.execution, self.lineage(), depends, tuple(ts))
+                for node, ts in tasks.items()}
 
-        def one(k: int, sp: StepPlan) -> None:
-            try:
-                for j in depends_on(plan, steps, k):
-                    gevent.wait([done[plan.steps[j].out], failed], count=1)
-                    if failed.is_set():
-                        return
-                self._step(sp, steps[sp.out])
-                done[sp.out].set()
-            except BaseException as exc:  # re-raised below, once the others are done
-                errors.append(exc)
-                failed.set()
+    def _run_shares(self, shares: dict[str, Share]) -> None:
+        """Hand every node its share at once; on the first failure cancel the others
+        (they remove what they made), then raise it."""
+        jobs = {node: gevent.spawn(self._call, node, "run_share", share.to_wire())
+                for node, share in shares.items()}
+        failed = None
+        pending = set(jobs.values())
+        while pending:
+            finished = gevent.wait(list(pending), count=1)
+            for g in finished:
+                pending.discard(g)
+                if g.exception is not None and failed is None:
+                    failed = g.exception
+                    for node, other in jobs.items():
+                        if not other.ready():
+                            gevent.spawn(self._cancel, node)
+        for node, g in jobs.items():
+            if g.successful():
+                self._absorb(node, ShareReply.from_wire(g.value))
+        if failed is not None:
+            raise failed
 
-        gevent.joinall([gevent.spawn(one, k, sp) for k, sp in enumerate(plan.steps)])
-        if errors:
-            raise errors[0]
+    def _cancel(self, node: str) -> None:
+        try:
+            self._call(node, "cancel_share", self.tag.execution)
+        except HpcflowError as exc:  # it failed or died already: its own share says so
+            log.debug("cancel on %s: %s", node, exc)
 
-    def _step(self, sp: StepPlan, step: Any) -> None:
-        self._transfers([t for t in sp.transfers if t.kind == "data"])
-        base = {"op": step.op, "params": dict(step.params), "hash": self._hash(step.op),
-                "lineage": self.lineage(), "inline": MAX_INLINE if step.out in self._inline else 0}
-        out_lineage = self.lineage(keep=self.keep)
-        units = list(sp.work)
-        parts = [w for w in units if w.mode == "part"]
-        self._units[step.out] = len(parts) or 1
-        if parts:
-            self._parallel([partial(self._run, w.node, {
-                **base, "lineage": out_lineage, "mode": "part", "out": step.out, "part": k,
-                "nparts": len(parts), "expect": _expect(w, sp),
-                "inputs": [{"name": n, "rows": None if n in sp.broadcast else list(w.rows[0])}
-                           for n in step.inputs]})
-                for k, w in enumerate(parts)])
-        for w in units:
-            if w.mode == "whole":
-                self._run(w.node, {**base, "lineage": out_lineage, "mode": "whole",
-                                   "out": step.out, "expect": _expect(w, sp),
-                                   "inputs": [{"name": n} for n in step.inputs]})
-        partials = [w for w in units if w.mode == "partial"]
-        if partials:
-            names = {w.node: f"{step.out}.partial{k}" for k, w in enumerate(partials)}
-            self._parallel([partial(self._run, w.node, {
-                **base, "mode": "partial", "out": names[w.node],
-                "inputs": _row_inputs(step.inputs[0], w)}) for w in partials])
-            combine = next(w for w in units if w.mode == "combine")
-            self._parallel([partial(self.pull, combine.node, names[w.node], None, w.node)
-                            for w in partials if w.node != combine.node])
-            self._run(combine.node, {**base, "lineage": out_lineage, "mode": "combine",
-                                     "out": step.out, "expect": _expect(combine, sp),
-                                     "inputs": [{"name": names[w.node]} for w in partials]})
+    def _absorb(self, node: str, reply: ShareReply) -> None:
+        self.ex.created += reply.created
+        for (k, kind), s in reply.seconds.items():
+            if 0 <= k < len(self._outs):
+                d = self.ex.step_seconds[self._outs[k]]
+                d[kind] = d.get(kind, 0.0) + s
+        for src, n in reply.moved.items():
+            self.ex.moved[(src, node)] += n
+        for out in reply.runs:
+            rec = out.record
+            self._made[rec.name].append(rec)
+            if out.data is not None and rec.name in self._inline:
+                self._inline[rec.name][rec.part] = out
+                if node != self.node.name:
+                    self.ex.moved[(node, self.node.name)] += len(out.data)
+                    self.node.traffic.received(node, len(out.data))
 
     def location(self, name: str) -> dict[str, Any]:
         """Where the parts of a result lie, for the script to pull (the records this

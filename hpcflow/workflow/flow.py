@@ -31,7 +31,7 @@ import gevent.event
 import gevent.lock
 
 from ..catalog.record import validate_name
-from ..errors import InvalidData, ProtocolError
+from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, PlanningError, ProtocolError
 
 if TYPE_CHECKING:
     from ..rpc.client import Client
@@ -133,6 +133,9 @@ class Flow:
     executions: int = 0
     replans: int = 0
     calls: int = 0
+    #: Measured seconds per step output: transfer, compute and wait, summed over nodes.
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds_total: float = 0.0
     _slots: gevent.lock.BoundedSemaphore = field(
         default_factory=lambda: gevent.lock.BoundedSemaphore(SUBMIT_CONCURRENCY), repr=False)
 
@@ -202,24 +205,50 @@ class Flow:
 
     def _execute(self, target: Handle) -> None:
         """Plan and run what ``target`` still needs.  Steps another execution of this
-        flow is running (a concurrent submission) are waited for, not run twice."""
-        while True:
-            pending = self._pending(target)
-            busy = [h.claim for h in pending if h.claim is not None]
-            if not busy:
-                break
-            gevent.wait(busy, count=1)
-        if not pending:
-            return
-        claim = gevent.event.Event()
-        for h in pending:
-            h.claim = claim
-        try:
-            self._execute_pending(target, pending)
-        finally:
+        flow is running (a concurrent submission) are waited for, not run twice.
+
+        Intermediates live in their nodes' memory: an output this flow computed
+        earlier may be gone (its node restarted).  Then it is computed again from
+        its lineage (the handles that made it), once, before the error stands."""
+        for attempt in (1, 2):
+            while True:
+                pending = self._pending(target)
+                busy = [h.claim for h in pending if h.claim is not None]
+                if not busy:
+                    break
+                gevent.wait(busy, count=1)
+            if not pending:
+                return
+            claim = gevent.event.Event()
             for h in pending:
-                h.claim = None
-            claim.set()
+                h.claim = claim
+            try:
+                self._execute_pending(target, pending)
+                return
+            except (DatasetNotFound, PlanningError):
+                inputs = {i for h in pending for i in h.inputs if i in self.handles}
+                if attempt == 2 or not self._forget_lost(self.handles[i] for i in inputs):
+                    raise
+            finally:
+                for h in pending:
+                    h.claim = None
+                claim.set()
+
+    def _forget_lost(self, handles: Iterable[Handle]) -> bool:
+        """Mark executed handles whose output is no longer complete on live nodes as not
+        executed (so they are computed again); True if there was any."""
+        lost = False
+        for h in handles:
+            if not h.executed or h.value is not None or h.claim is not None:
+                continue
+            try:
+                complete = bool(self.client._call("locate", h.name)["complete"])
+            except DatasetNotFound:
+                complete = False
+            if not complete:
+                h.executed, h.location, h.plan = False, None, None
+                lost = True
+        return lost
 
     def _execute_pending(self, target: Handle, pending: list[Handle]) -> None:
         reply = self.client._call("execute", self._request(target))
@@ -235,6 +264,9 @@ class Flow:
             self.planned[f"{tr['src']}->{tr['dst']}"] += tr["nbytes"]
         for link, n in ex["moved"].items():
             self.moved[link] += n
+        for out, kinds in (ex.get("steps") or {}).items():
+            self.seconds[out] = {k: round(v, 6) for k, v in kinds.items()}
+        self.seconds_total += float(ex.get("seconds", 0.0))
         for h in pending:
             h.executed, h.plan = True, view
         inline = ex.get("inline") or {}
@@ -258,7 +290,16 @@ class Flow:
         # and an output computed as another's input is located in the catalog.
         planned = target.location is not None
         before = dict(self.client.traffic.bytes_received)
-        arr = self.client.fetch(target.name, location=target.location)
+        try:
+            arr = self.client.fetch(target.name, location=target.location)
+        except (DatasetNotFound, PeerUnavailable):
+            if not self._forget_lost([target]):
+                raise
+            self._execute(target)  # its node lost it: compute it again
+            if target.value is not None:
+                return target.value.copy()
+            planned = target.location is not None
+            arr = self.client.fetch(target.name, location=target.location)
         for holder, n in self.client.traffic.bytes_received.items():
             got = n - before.get(holder, 0)
             if got and holder != self.client.node:
@@ -281,12 +322,19 @@ class Flow:
 
         ``moved`` counts everything that crossed the network, including what an
         attempt abandoned for a re-plan had moved (so after a re-plan it can
-        exceed ``planned``, which is the plans that ran to the end)."""
+        exceed ``planned``, which is the plans that ran to the end).  ``seconds``
+        gives each step's measured seconds by kind: ``transfer`` (pulling its
+        inputs), ``compute`` (reading local rows and running the op) and
+        ``wait`` (for earlier steps and for copies other nodes make), summed over
+        the nodes that ran it; ``seconds_total`` is the executions' wall time on
+        the initiator."""
         return {"workflow": self.id, "executions": self.executions, "replans": self.replans,
                 "calls": self.calls,
                 "bytes_planned": sum(self.planned.values()),
                 "bytes_moved": sum(self.moved.values()),
-                "planned": dict(self.planned), "moved": dict(self.moved)}
+                "planned": dict(self.planned), "moved": dict(self.moved),
+                "seconds": {k: dict(v) for k, v in self.seconds.items()},
+                "seconds_total": round(self.seconds_total, 6)}
 
     def close(self) -> int:
         """Close the flow: remove what it created on every node, except (with ``keep``)

@@ -27,33 +27,25 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import numpy as np
 
 from ..catalog.base import Location, PartLocation
-from ..catalog.record import (
-    DatasetRecord,
-    validate_dtype,
-    validate_name,
-    validate_part,
-    validate_shape,
-)
-from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, ProtocolError
+from ..catalog.record import DatasetRecord, key_of
+from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
 from .lifecycle import FlowBook, Janitor
 from .plancache import PlanCache
+from .protocol import RunReply, RunRequest
+from .share import Shares
 
 if TYPE_CHECKING:
     from ..node import Node
 
 log = logging.getLogger("hpcflow.worker")
 
-MODES = ("whole", "part", "partial", "combine")
-#: The most bytes of an output a ``run_op`` reply may carry inline (see RunRequest.inline).
-MAX_INLINE = 1 << 20
 #: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
 INLINE_COMPUTE_BYTES = 256 * 1024
 
@@ -101,117 +93,6 @@ def unpack_partial(arr: np.ndarray[Any, Any], lineage: dict[str, Any]) -> Any:
     return tuple(items)
 
 
-@dataclass(frozen=True)
-class InputRef:
-    """Rows ``[lo, hi)`` of a dataset (``rows=None``: all of it)."""
-
-    name: str
-    rows: tuple[int, int] | None = None
-
-    @classmethod
-    def from_wire(cls, d: object) -> InputRef:
-        if not isinstance(d, dict):
-            raise ProtocolError("input must be a map")
-        rows = d.get("rows")
-        if rows is not None:
-            if (not isinstance(rows, list | tuple) or len(rows) != 2
-                    or not all(isinstance(x, int) and x >= 0 for x in rows) or rows[0] > rows[1]):
-                raise InvalidData(f"rows must be [lo, hi] with 0 <= lo <= hi, got {rows!r}")
-            rows = (int(rows[0]), int(rows[1]))
-        return cls(validate_name(d.get("name")), rows)
-
-
-@dataclass(frozen=True)
-class Expect:
-    """What the plan's output model says a unit's output looks like."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-
-    @classmethod
-    def from_wire(cls, d: object) -> Expect | None:
-        if d is None:
-            return None
-        if not isinstance(d, dict):
-            raise InvalidData("expect must be a map of shape and dtype")
-        return cls(validate_shape(d.get("shape")), validate_dtype(d.get("dtype")))
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    op: str
-    mode: str
-    inputs: tuple[InputRef, ...]
-    out: str
-    params: dict[str, Any] = field(default_factory=dict)
-    op_hash: str | None = None
-    part: int | None = None
-    nparts: int | None = None
-    lineage: dict[str, Any] = field(default_factory=dict)
-    expect: Expect | None = None
-    #: Return the output in the reply too when it has at most this many bytes (a result
-    #: the initiator delivers: no second round trip, no catalog wait, no bulk transfer).
-    inline: int = 0
-
-    @classmethod
-    def from_wire(cls, d: object) -> RunRequest:
-        if not isinstance(d, dict):
-            raise ProtocolError("run request must be a map")
-        mode = d.get("mode")
-        if mode not in MODES:
-            raise InvalidData(f"mode must be one of {MODES}, got {mode!r}")
-        inputs = d.get("inputs")
-        if not isinstance(inputs, list) or not inputs or len(inputs) > 1024:
-            raise InvalidData("inputs must be a non-empty list")
-        params, lineage = d.get("params") or {}, d.get("lineage") or {}
-        if not isinstance(params, dict) or not isinstance(lineage, dict):
-            raise InvalidData("params and lineage must be maps")
-        op, op_hash = d.get("op"), d.get("hash")
-        if not isinstance(op, str) or (op_hash is not None and not isinstance(op_hash, str)):
-            raise InvalidData("op must be a name and hash a string")
-        inline = d.get("inline", 0)
-        if isinstance(inline, bool) or not isinstance(inline, int) or not (
-                0 <= inline <= MAX_INLINE):
-            raise InvalidData(f"inline must be 0..{MAX_INLINE} bytes")
-        return cls(op, str(mode), tuple(InputRef.from_wire(x) for x in inputs),
-                   validate_name(d.get("out")), params, op_hash, validate_part(d.get("part")),
-                   validate_part(d.get("nparts")), lineage, Expect.from_wire(d.get("expect")),
-                   inline)
-
-    @property
-    def initiator(self) -> str | None:
-        tag = self.lineage.get("flow")
-        who = tag.get("initiator") if isinstance(tag, dict) else None
-        return who if isinstance(who, str) else None
-
-
-@dataclass(frozen=True)
-class RunReply:
-    """What ``run_op`` answers: the stored output's record, and its bytes when the
-    request asked for them inline and they fit."""
-
-    record: DatasetRecord
-    data: bytes | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"record": self.record.to_wire(), "data": self.data}
-
-    @classmethod
-    def from_wire(cls, d: object) -> RunReply:
-        if not isinstance(d, dict):
-            raise ProtocolError("run reply must be a map")
-        rec = DatasetRecord.from_wire(d.get("record"))
-        data = d.get("data")
-        if data is not None and (not isinstance(data, bytes) or len(data) != rec.nbytes):
-            raise ProtocolError(f"inline data of {rec.key} does not match its record")
-        return cls(rec, data)
-
-    def array(self) -> np.ndarray[Any, Any]:
-        assert self.data is not None
-        return np.frombuffer(self.data, dtype=np.dtype(self.record.dtype)).reshape(
-            self.record.shape)
-
-
 class Worker:
     """Everything a node does for workflows: resolves local rows, runs ops, stores
     results; as an initiator it keeps the :class:`FlowBook`; as a holder its
@@ -222,6 +103,7 @@ class Worker:
         self.registry = registry
         self.book = FlowBook()
         self.plans = PlanCache()
+        self.shares = Shares(node)
         self.janitor = Janitor(node)
         # the janitor waits for the node to start, and stops with its other greenlets
         node._greenlets.append(gevent.spawn(self.janitor.run))
@@ -257,16 +139,18 @@ class Worker:
         pieces.sort(key=lambda p: (p[0], -p[1]))
         return loc, pieces
 
-    def local_rows(self, name: str, rows: tuple[int, int] | None) -> np.ndarray[Any, Any]:
+    def local_rows(self, name: str, rows: tuple[int, int] | None,
+                   wait_s: float | None = None) -> np.ndarray[Any, Any]:
         """Rows ``[lo, hi)`` of ``name`` from local copies only (no network).
 
         Row offsets come from the catalog, so wait until it knows every part:
         parts made a moment ago on other nodes may still be on their way.
         Rows the plan expected here but that are gone (a copy another flow
         removed, say) are a :class:`DatasetNotFound`: the initiator re-plans.
-        Big reads are copied piecewise, yielding between pieces.
+        Big reads are copied piecewise, yielding between pieces.  ``wait_s``: how long
+        to wait for the catalog to know the whole dataset (default the RPC timeout).
         """
-        loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
+        loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
         total = loc.shape[0] if loc.shape else 1
         lo, hi = rows if rows is not None else (0, total)
         if not 0 <= lo <= hi <= total:
@@ -296,8 +180,12 @@ class Worker:
                                   f"{self.node.name} (the plan relied on them)")
         return out
 
+    def _wait(self, wait_s: float | None) -> float:
+        return self.node.config.rpc_timeout_s if wait_s is None else wait_s
+
     def pull(self, name: str, rows: tuple[int, int] | None, src: str | None = None,
-             tag: dict[str, Any] | None = None) -> tuple[list[DatasetRecord], dict[str, int]]:
+             tag: dict[str, Any] | None = None, wait_s: float | None = None
+             ) -> tuple[list[DatasetRecord], dict[str, int]]:
         """Make rows local; returns the records created (copies, slices) and the
         bytes received from each source node.
 
@@ -306,7 +194,7 @@ class Worker:
         the fallback.  ``tag`` is added to the lineage of what is created.
         """
         with self.busy():
-            loc, pieces = self._pieces(name, wait_s=self.node.config.rpc_timeout_s)
+            loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
             total = loc.shape[0] if loc.shape else 1
             lo, hi = rows if rows is not None else (0, total)
             created: list[DatasetRecord] = []
@@ -315,6 +203,13 @@ class Worker:
                 a, b = max(lo, p.row_start), min(hi, p.row_stop)
                 if a >= b and not (p.row_start == p.row_stop and lo <= p.row_start < hi):
                     continue
+                # Another execution may be copying the same rows here right now: use its
+                # copy once written rather than fail to write a second one.
+                keys = (key_of(name, p.part), slice_name(name, a, b))
+                if any(self.node.store.busy(k) for k in keys):
+                    for k in keys:
+                        self.node.store.wait_idle(k, self._wait(wait_s))
+                    pieces = self._pieces(name)[1]
                 if any(plo <= a and b <= phi for plo, phi, _ in pieces):
                     continue  # already here
                 whole = (a, b) == (p.row_start, p.row_stop)
@@ -387,7 +282,7 @@ class Worker:
             raise
 
     # -- ops -------------------------------------------------------------------
-    def run(self, req: RunRequest) -> RunReply:
+    def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply:
         """Run one unit of a plan on local rows; store and announce the checked output."""
         with self.busy():
             spec = self.registry.get(req.op)
@@ -396,7 +291,7 @@ class Worker:
                               "than the initiator's")
             result = self._empty_part(req)
             if result is None:
-                result = self._compute(req, spec)
+                result = self._compute(req, spec, wait_s)
             lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
                        "mode": req.mode, "inputs": [
                            {"name": i.name, "rows": list(i.rows) if i.rows else None,
@@ -440,14 +335,15 @@ class Worker:
             return fn(*args)
         return gevent.get_hub().threadpool.apply(fn, args)
 
-    def _compute(self, req: RunRequest, spec: Any) -> Any:
+    def _compute(self, req: RunRequest, spec: Any, wait_s: float | None = None) -> Any:
         fn: Callable[..., Any]
         if req.mode == "combine":
-            partials = [unpack_partial(self.local_rows(i.name, None), self._lineage(i.name))
+            partials = [unpack_partial(self.local_rows(i.name, None, wait_s),
+                                       self._lineage(i.name))
                         for i in req.inputs]
             return self._off_loop(spec, sum(_nbytes(p) for p in partials), combine_partials,
                                   (spec, partials, req.params))
-        arrays = [self.local_rows(i.name, i.rows) for i in req.inputs]
+        arrays = [self.local_rows(i.name, i.rows, wait_s) for i in req.inputs]
         nbytes = sum(a.nbytes for a in arrays)
         runners: dict[str, Callable[..., Any]] = {
             "whole": apply, "part": run_rowwise_part, "partial": run_partial}

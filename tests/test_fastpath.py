@@ -1,0 +1,233 @@
+"""The fast path of a workflow (issue 10): intermediates in memory, small results inline,
+big results pulled from where they were made, cached plans, concurrent submissions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import hpcflow
+from tests.conftest import Cluster, names_on, wait_for
+
+
+def data_files(cluster: Cluster, node: str) -> list[str]:
+    return sorted(p.name for p in (cluster.root / node / "datasets").glob("*.h5"))
+
+
+def transport(cluster: Cluster) -> dict[str, dict[str, int]]:
+    out = {}
+    for name, node in cluster.nodes.items():
+        with node.client() as c:
+            out[name] = dict(c.stats()["traffic"]["bytes_received"])
+    return out
+
+
+@pytest.fixture
+def two(make_cluster: Any) -> Cluster:
+    c: Cluster = make_cluster()
+    c.add("a")
+    c.add("b", via="a")
+    c.wait_members()
+    return c
+
+
+def test_a_small_delegated_result_comes_back_inline(two: Cluster) -> None:
+    ds = np.arange(12_000, dtype=np.float64).reshape(1000, 12)
+    with two["b"].client() as c:
+        c.put("DS", ds)
+    wait_for(lambda: "DS" in names_on(two["a"]), 10, "DS known on a")
+    before = transport(two)
+    with two["a"].client() as flow:
+        h = flow.run("colsum", "DS")
+        got = h.fetch()
+        np.testing.assert_array_equal(got, ds.sum(axis=0))
+        assert h.value is not None and h.location is None  # no dataset on a to fetch
+        assert h.plan is not None and h.plan.strategy(h) == "delegate"
+        report = flow.report()
+        assert report["moved"] == report["planned"] == {"b->a": got.nbytes}
+        # The bytes were counted by the daemons as they crossed (in the run_op reply).
+        after = transport(two)
+        assert after["a"].get("b", 0) - before["a"].get("b", 0) == got.nbytes
+        # The output lives in b's memory only: no file was written for it anywhere.
+        assert data_files(two, "b") == ["DS.h5"] and data_files(two, "a") == []
+        assert h.name in names_on(two["b"])
+        got[0] = -1  # the caller's copy: fetching again gives the result again
+        np.testing.assert_array_equal(h.fetch(), ds.sum(axis=0))
+    wait_for(lambda: h.name not in names_on(two["b"]), 10, "the flow's output removed")
+
+
+def test_a_big_result_is_pulled_from_its_holder_without_a_copy_on_the_initiator(
+        two: Cluster) -> None:
+    ds = np.random.default_rng(1).random((300_000, 8))  # 19 MB
+    with two["b"].client() as c:
+        c.put("BIG", ds)
+    wait_for(lambda: "BIG" in names_on(two["a"]), 10, "BIG known on a")
+    with two["a"].client() as flow:
+        # 1.6 MB of counts: smaller than the input (so it runs on b), bigger than a reply
+        # may carry inline.
+        h = flow.run("histogram", "BIG", bins=200_000, range=[0.0, 1.0])
+        got = h.fetch()
+        want = np.histogram(ds, bins=200_000, range=(0.0, 1.0))[0]
+        np.testing.assert_array_equal(got, want)
+        assert h.plan is not None and h.plan.strategy(h) in ("delegate", "split")
+        assert h.value is None and h.location is not None
+        holders = {r["owner"] for p in h.location["parts"] for r in p["holders"]}
+        assert holders == {"b"}
+        with two["a"].client() as other:
+            on_a = [r for r in other.catalog() if r.owner == "a"]
+        assert on_a == [], "the result must not be copied to the initiator"
+        report = flow.report()
+        assert report["moved"] == report["planned"] == {"b->a": want.nbytes}
+
+
+def test_plans_are_cached_until_placement_changes(two: Cluster) -> None:
+    with two["b"].client() as c:
+        c.put("P", np.ones((100, 3)))
+    wait_for(lambda: "P" in names_on(two["a"]), 10, "P known on a")
+    with two["a"].client() as flow:
+        plans = flow.stats()["plans"]
+        for _ in range(5):
+            h = flow.run("colsum", "P")
+            np.testing.assert_array_equal(h.fetch(), np.full(3, 100.0))
+        after = flow.stats()["plans"]
+        assert after["misses"] - plans["misses"] == 1 and after["hits"] - plans["hits"] == 4
+        # Same op, but the data moved: the cached plan would be wrong, so it is not used.
+        with two["b"].client() as c:
+            c.delete("P")
+        with two["a"].client() as c:
+            c.put("P", np.full((100, 3), 2.0))
+        wait_for(lambda: any(r.owner == "a" for r in flow.catalog() if r.name == "P"), 10,
+                 "P now on a")
+        h = flow.run("colsum", "P")
+        np.testing.assert_array_equal(h.fetch(), np.full(3, 200.0))
+        assert h.plan is not None and h.plan.strategy(h) == "local"
+        assert flow.stats()["plans"]["misses"] - after["misses"] == 1
+
+
+def test_submissions_run_concurrently_and_share_steps(two: Cluster) -> None:
+    ds = np.arange(40.0).reshape(10, 4)
+    with two["b"].client() as c:
+        c.put("S", ds)
+    wait_for(lambda: "S" in names_on(two["a"]), 10, "S known on a")
+    with two["a"].client() as flow:
+        hs = [flow.submit("scale", "S", factor=float(k)) for k in range(200)]
+        got = hpcflow.gather(hs)
+        for k, g in enumerate(got):
+            np.testing.assert_array_equal(g, ds * k)
+        # Two submissions depending on one unexecuted step: it runs once.
+        base = flow.run("scale", "S", factor=3.0)
+        x, y = flow.submit("colsum", base), flow.submit("scale", base, factor=0.5)
+        sx, sy = hpcflow.gather([x, y])
+        np.testing.assert_array_equal(sx, (ds * 3).sum(axis=0))
+        np.testing.assert_array_equal(sy, ds * 1.5)
+        made = [c for c in flow.flow.created if c[1] == base.name]
+        assert len(made) == 1, made
+        # A failing submission raises from gather, after the others finished.
+        bad = flow.submit("colsum", "NOPE")
+        good = flow.submit("colsum", "S")
+        with pytest.raises(hpcflow.HpcflowError):
+            hpcflow.gather([bad, good])
+        np.testing.assert_array_equal(good.fetch(), ds.sum(axis=0))
+
+
+def test_intermediates_spill_when_memory_is_short_and_results_stay_right(
+        make_cluster: Any) -> None:
+    c: Cluster = make_cluster()
+    c.add("a", extra=["--memory-budget", "0"])
+    c.add("b", via="a", extra=["--memory-budget", "0"])
+    c.wait_members()
+    ds = np.random.default_rng(2).random((5000, 6))
+    with c["b"].client() as cl:
+        cl.put("M", ds)
+    wait_for(lambda: "M" in names_on(c["a"]), 10, "M known on a")
+    with c["a"].client() as flow:
+        h = flow.run("colsum", flow.run("scale", "M", factor=2.0))
+        np.testing.assert_allclose(h.fetch(), (ds * 2).sum(axis=0))
+        spilled = flow.stats()["store"]
+        with c["b"].client() as cb:
+            on_b = cb.stats()["store"]
+        assert on_b["spilled"] >= 1 and on_b["memory_used"] == 0, on_b
+        assert spilled["memory_budget"] == 0
+    # Spilled parts are gone with the flow, and never sit among the durable datasets.
+    assert data_files(c, "b") == ["M.h5"]
+    wait_for(lambda: not any((c.root / "b" / "spill").glob("*.h5")), 10, "spill emptied")
+
+
+def test_save_keeps_a_durable_copy_on_the_initiator(two: Cluster, tmp_path: Path) -> None:
+    ds = np.arange(30.0).reshape(10, 3)
+    with two["b"].client() as c:
+        c.put("V", ds)
+    wait_for(lambda: "V" in names_on(two["a"]), 10, "V known on a")
+    with two["a"].client() as flow:
+        h = flow.run("scale", "V", factor=3.0)
+        assert h.save("TRIPLE") == "TRIPLE"
+        report = flow.report()
+        assert report["bytes_moved"] == report["bytes_planned"]
+    assert data_files(two, "a") == ["TRIPLE.h5"]
+    with two["a"].client() as c:
+        np.testing.assert_array_equal(c.fetch("TRIPLE"), ds * 3)
+        rec = next(r for r in c.catalog() if r.name == "TRIPLE")
+        assert rec.lineage["op"] == "scale" and rec.lineage["saved_from"] == h.name
+        assert "flow" not in rec.lineage
+
+
+def test_each_node_gets_its_share_once(make_cluster: Any) -> None:
+    """A 10-step chain over data on two nodes: one call per participating node, not one
+    per step; the steps find their inputs through the catalog."""
+    c: Cluster = make_cluster()
+    c.add("a")
+    c.add("b", via="a")
+    c.add("c", via="a")
+    c.wait_members()
+    x = np.random.default_rng(3).random((20_000, 4))
+    y = np.random.default_rng(4).random((20_000, 4))
+    with c["b"].client() as cb:
+        cb.put("X", x)
+    with c["c"].client() as cc:
+        cc.put("Y", y)
+    wait_for(lambda: {"X", "Y"} <= names_on(c["a"]), 10, "X, Y on a")
+    with c["a"].client() as flow:
+        hx, hy, want_x, want_y = flow.run("scale", "X", factor=1.0), flow.run(
+            "scale", "Y", factor=1.0), x.copy(), y.copy()
+        for _ in range(4):  # each chain stays with its data
+            hx, want_x = flow.run("scale", hx, factor=2.0), want_x * 2.0
+            hy, want_y = flow.run("scale", hy, factor=0.5), want_y * 0.5
+        total = flow.run("colsum", flow.run("add", hx, hy))
+        got = total.fetch()
+        np.testing.assert_allclose(got, (want_x + want_y).sum(axis=0))
+        report = flow.report()
+        nodes = {n for sp in total.plan.steps for n in sp["nodes"]} if total.plan else set()
+        assert report["calls"] == len(nodes) <= 3, (report["calls"], nodes)
+        assert report["bytes_moved"] == report["bytes_planned"]
+        # Measured seconds for every step, by kind.
+        assert set(report["seconds"]) == {h.name for h in flow.flow.handles.values()}
+        for kinds in report["seconds"].values():
+            assert kinds["compute"] > 0 and set(kinds) <= {"compute", "transfer", "wait"}
+        assert report["seconds_total"] > 0
+
+
+def test_an_intermediate_lost_with_its_node_is_computed_again(two: Cluster) -> None:
+    """Intermediates live in memory: a holder that restarts loses them.  The flow
+    computes them again from their lineage rather than fail, and never returns
+    something wrong."""
+    import signal
+
+    ds = np.random.default_rng(5).random((2000, 4))
+    with two["b"].client() as c:
+        c.put("L", ds)
+    wait_for(lambda: "L" in names_on(two["a"]), 10, "L known on a")
+    with two["a"].client() as flow:
+        h1 = flow.run("scale", "L", factor=3.0)
+        h2 = flow.run("colsum", h1)
+        np.testing.assert_allclose(h2.fetch(), (ds * 3).sum(axis=0))
+        assert h1.executed and h1.name in names_on(two["b"])
+        two["b"].kill(signal.SIGKILL)
+        two["b"].start()
+        wait_for(lambda: "L" in names_on(two["a"]) and h1.name not in names_on(two["a"]),
+                 20, "b back with L, without the lost intermediate")
+        h3 = flow.run("scale", h1, factor=0.5)  # needs h1, which is gone
+        np.testing.assert_allclose(h3.fetch(), ds * 1.5)
+        np.testing.assert_allclose(h1.fetch(), ds * 3)
