@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hpcflow.config import timeout_scale
 from hpcflow.decide import (
     BEST_WITHIN_BUDGET,
     DEFAULT_BUDGET_S,
+    At,
     CostModel,
     Dataset,
     Link,
@@ -25,6 +27,7 @@ from hpcflow.decide import (
     PlanningError,
     Problem,
     Split,
+    SplitReduce,
     Step,
     Workflow,
     greedy_plan,
@@ -151,8 +154,12 @@ def random_problem(
     return Workflow(flow, "n1", deliver_), placement(*datasets)
 
 
+OPS = ("scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "histogram")
+
+
 def random_cost(rng: random.Random, nodes: int, objective: str) -> CostModel:
-    """Load, per-pair links and op throughputs of every magnitude that matters."""
+    """Load, per-pair links, per-node call latency, step overhead and per-op throughputs
+    of every magnitude that matters."""
     names = [f"n{i}" for i in range(1, nodes + 1)]
     links = {
         (a, b): Link(rng.choice([1e8, 1e9, 5e9]), rng.choice([1e-4, 1e-3]))
@@ -166,6 +173,10 @@ def random_cost(rng: random.Random, nodes: int, objective: str) -> CostModel:
         load={n: rng.choice([0, 0, 1, 3]) for n in names},
         queued_op_seconds=rng.choice([1e-4, 1e-2]),
         default_throughput=rng.choice([1e7, 1e9, 1e11]),
+        throughput={op: rng.choice([1e6, 1e8, 1e10]) for op in OPS if rng.random() < 0.3},
+        call_latency={n: rng.choice([0.0, 1e-4, 5e-3]) for n in names if rng.random() < 0.3},
+        default_call_latency=rng.choice([0.0, 5e-4, 1e-2]),
+        step_overhead=rng.choice([0.0, 1e-3, 2e-2]),
     )
 
 
@@ -552,3 +563,145 @@ def test_reasons_round_and_ignore_sub_microsecond_ties() -> None:
         assert "e-0" not in text  # no 2.88e-07s
         for step in plan.steps:
             assert "<1 µs dearer" not in step.reason
+
+
+# ---------------------------------------------------------------- fixed costs (issue 10)
+
+GBIT10 = Link(bandwidth=10e9 / 8, latency=1e-4)
+
+
+def small_table(rows: int) -> Placement:
+    """``rows`` x 12 float64 on n2 (1000 rows: 93.8 KiB)."""
+    return Placement(
+        {"DS": Dataset("DS", (12,), np.dtype("float64"), (Part(rows, rows * 96, ("n2",)),))}
+    )
+
+
+def test_time_objective_fetches_tiny_data_when_a_call_costs_more() -> None:
+    """The issue's case: a cheap op on tiny data elsewhere is computed on the initiator,
+    because a call to the holder plus its step overhead takes longer than fetching."""
+    workflow = Workflow([Step("S", "colsum", ["DS"])], "n1")
+    cost = CostModel(objective="time", default_link=GBIT10, default_call_latency=5e-4)
+    plan = optimal_plan(workflow, small_table(1000), cost=cost)
+    step = plan.step("S")
+    assert (step.strategy, step.nodes) == ("fetch", ("n1",))
+    assert plan.bytes_moved == 1000 * 96
+    # fetch: latency + bytes / bandwidth, one step overhead, compute (no call)
+    fetch = 1e-4 + 96_000 / 1.25e9 + cost.step_overhead + 96_000 / cost.default_throughput
+    assert step.seconds == pytest.approx(fetch)
+    assert plan.seconds == pytest.approx(fetch)  # the result is already there
+    # delegating would have cost the call, the remote step and the delivery
+    delegate = optimal_plan(workflow, small_table(1000), cost=replace(cost, objective="bytes"))
+    assert delegate.step("S").nodes == ("n2",)
+    assert delegate.seconds == pytest.approx(
+        5e-4 + cost.step_overhead + 96_000 / cost.default_throughput + 1e-4 + 96 / 1.25e9
+    )
+    assert plan.seconds < delegate.seconds
+    # without fixed costs (the model before them) delegation looked cheaper
+    free = replace(cost, default_call_latency=0.0, step_overhead=0.0)
+    assert optimal_plan(workflow, small_table(1000), cost=free).step("S").nodes == ("n2",)
+
+
+def test_time_objective_still_delegates_when_the_input_is_big() -> None:
+    """100 MB on n2: moving it takes far longer than a call, so colsum runs there."""
+    workflow = Workflow([Step("S", "colsum", ["DS"])], "n1")
+    cost = CostModel(objective="time", default_link=GBIT10, default_call_latency=5e-4)
+    plan = optimal_plan(workflow, small_table(100_000_000 // 96), cost=cost)
+    assert plan.step("S").nodes == ("n2",)
+    assert plan.bytes_moved == 96  # only the column sums
+
+
+def test_fixed_costs_compose_like_the_rest_of_the_time_model() -> None:
+    """A remote unit pays its call, one overhead per unit, queueing and compute; units on
+    the initiator pay no call; a split's nodes run in parallel (the max); a split reduce
+    adds the holders' slowest partial to the combiner's time."""
+    cost = CostModel(
+        default_link=Link(1e9, 1e-3),
+        call_latency={"n3": 0.02},
+        default_call_latency=0.01,
+        step_overhead=0.1,
+        load={"n4": 1},
+        queued_op_seconds=1.0,
+        throughput={"scale": 1e6},
+        default_throughput=1e7,
+    )
+    pl = placement(dataset("D", [100, 100, 100], ["n2", "n3", "n4"]))
+    part = 100 * ROW
+    scale = Problem(Workflow([Step("S", "scale", ["D"], {"factor": 2.0})], "n1"), pl, cost=cost)
+    start = scale.initial_state()
+    at_n2 = evaluate(scale, 0, start, At("n2"))
+    fetch = evaluate(scale, 0, start, At("n1"))
+    split = evaluate(scale, 0, start, Split(None))
+    assert at_n2 is not None and fetch is not None and split is not None
+    moved_in = 2 * (1e-3 + part / 1e9)  # two parts into one node, serialised
+    assert at_n2.seconds == pytest.approx(0.01 + 0.1 + moved_in + 3 * part / 1e6)
+    assert fetch.seconds == pytest.approx(0.1 + 3 * (1e-3 + part / 1e9) + 3 * part / 1e6)
+    per_node = {"n2": 0.01, "n3": 0.02, "n4": 0.01 + 1.0}  # call (+ queueing on n4)
+    assert split.seconds == pytest.approx(max(per_node.values()) + 0.1 + part / 1e6)
+    total = Problem(Workflow([Step("T", "colsum", ["D"])], "n1"), pl, cost=cost)
+    reduce = evaluate(total, 0, total.initial_state(), SplitReduce("n1"))
+    assert reduce is not None
+    partials = 3 * (1e-3 + COLS * 8 / 1e9)
+    holders = max(per_node.values()) + 0.1 + part / 1e7
+    assert reduce.seconds == pytest.approx(holders + partials + 0.1)  # combine on n1: no call
+
+
+def test_empty_nodes_with_different_call_latency_are_not_interchangeable() -> None:
+    """Only n4 and n5 have the op and hold nothing; the one answering calls faster wins
+    under the time objective (the symmetry reduction must not merge them)."""
+    workflow = Workflow([Step("M", "median", ["D"])], "n1")
+    pl = placement(dataset("D", [10], ["n2"]))
+    hashes = DEFAULT_REGISTRY.hashes()
+    node_ops = {"n1": {}, "n2": {}, "n4": hashes, "n5": hashes}
+    cost = CostModel(objective="time", call_latency={"n4": 0.05, "n5": 0.001})
+    plan = optimal_plan(workflow, pl, node_ops=node_ops, cost=cost)
+    assert plan.step("M").nodes == ("n5",)
+    problem = Problem(workflow, pl, node_ops=node_ops, cost=cost)
+    assert set(problem.candidates(0, problem.initial_state())) == {"n4", "n5"}
+    assert cost.key(plan.bytes_moved, plan.seconds) == pytest.approx(brute_force(problem))
+
+
+def test_the_time_bound_counts_each_remaining_steps_fixed_cost() -> None:
+    """Every step still to run costs at least its cheapest call + queueing + one step
+    overhead, and the bound says so (while staying below the true remaining time)."""
+    workflow, pl = thesis("colsum")
+    cost = CostModel(objective="time", step_overhead=1.0, default_call_latency=0.5,
+                     load={"n1": 3}, queued_op_seconds=1.0)
+    problem = Problem(workflow, pl, cost=cost)
+    state = problem.initial_state()
+    _, seconds = LowerBound(problem)(-1, state)
+    # n1 is busy (3 s), every other node costs a 0.5 s call: 1.5 s per step at least
+    assert seconds >= 4 * 1.5
+    assert seconds <= remaining_seconds(problem, -1, state)
+
+
+def test_bytes_objective_ignores_the_fixed_costs() -> None:
+    """Fixed costs only change seconds: under the bytes objective every plan moves the
+    same bytes with or without them (they only break ties)."""
+    for seed in range(20):
+        workflow, pl = random_problem(seed, 4, 5)
+        with_fixed = optimal_plan(workflow, pl, cost=CostModel(), time_budget=None)
+        without = optimal_plan(
+            workflow,
+            pl,
+            cost=CostModel(default_call_latency=0.0, step_overhead=0.0),
+            time_budget=None,
+        )
+        assert with_fixed.bytes_moved == without.bytes_moved
+
+
+def test_cost_model_fields_are_validated_and_fingerprinted() -> None:
+    with pytest.raises(ValueError, match="seconds"):
+        CostModel(step_overhead=-1.0)
+    with pytest.raises(ValueError, match="seconds"):
+        CostModel(call_latency={"n2": float("nan")})
+    with pytest.raises(ValueError, match="throughput"):
+        CostModel(throughput={"fft": 0.0})
+    a = CostModel(call_latency={"n2": 1e-3, "n3": 2e-3}, throughput={"fft": 1e8})
+    b = CostModel(call_latency={"n3": 2e-3, "n2": 1e-3}, throughput={"fft": 1e8})
+    assert hash(a.fingerprint()) == hash(b.fingerprint()) and a.fingerprint() == b.fingerprint()
+    assert replace(a, step_overhead=2e-3).fingerprint() != a.fingerprint()
+    assert a.call_seconds("n1", "n1") == 0.0
+    assert a.call_seconds("n1", "n2") == 1e-3
+    assert a.call_seconds("n1", "n9") == a.default_call_latency
+

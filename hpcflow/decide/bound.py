@@ -31,14 +31,16 @@ holdings stays valid whatever happens in between.  Broadcast operands of
 rowwise steps are free in a need's tree (a lower bound ignores them).
 
 The seconds bound follows how the cost model composes time.  A step takes at
-least the smallest queueing delay among the nodes that could run it, plus:
+least its smallest fixed cost among the nodes that could run it (queueing
+delay plus the latency of the call that hands the node its work, none on
+the initiator, plus one step overhead), plus:
 an At-only step, its inbound transfers *and* its compute on its one node; any
 step, its busiest destination's inbound time (so at least that into the
 initiator), and the average over its execution nodes of inbound plus compute
 (at most as many nodes as its input has parts).  Steps add up, so the
 remaining time is at least
 
-    waits + At-only compute + max(into the initiator, all transfers / D + other compute)
+    fixed + At-only compute + max(into the initiator, all transfers / D + other compute)
 
 where *into the initiator* is the time of every byte that must enter the
 initiator over its fastest link, *all transfers* the time of every byte
@@ -105,7 +107,7 @@ class LowerBound:
         self._own: dict[tuple[Holding, bool], int] = {}
         self._step: dict[tuple[int, int, tuple[Holding, ...]], tuple[int, int]] = {}
         self._rates = _Rates(problem)
-        self._waits = [self._step_wait(info) for info in problem.steps]
+        self._fixed = [self._step_fixed(info) for info in problem.steps]
         self._size, self._parts, self._largest, self._row = _static_sizes(problem)
         self._computes: dict[tuple[int, tuple[Holding | None, ...]], _Terms] = {}
 
@@ -142,15 +144,22 @@ class LowerBound:
                 transfers += 1
         init_s, spread_s = self._rates.seconds(total, into_init, transfers)
         at_only, shared, biggest = self._compute(index, state)
-        waits = sum(self._waits[index + 1 :])
-        return total, waits + at_only + max(init_s, spread_s + shared, biggest)
+        fixed = sum(self._fixed[index + 1 :])
+        return total, fixed + at_only + max(init_s, spread_s + shared, biggest)
 
-    def _step_wait(self, info: StepInfo) -> float:
-        """Least queueing delay before step ``info`` starts wherever it runs (0 if it may
-        run nothing)."""
+    def _step_fixed(self, info: StepInfo) -> float:
+        """Least fixed time of step ``info`` wherever it runs (0 if it may run nothing).
+
+        Every decision runs at least one unit on a capable node whose call,
+        queueing and overhead precede what the other terms count: an At node,
+        a split's slowest node (each node's fixed costs are at least this
+        much) or a split reduce's combiner (after the holders' partials).
+        """
         if _may_run_nothing(info):
             return 0.0
-        return min(self.problem.cost.wait_seconds(n) for n in info.capable)
+        cost, init = self.problem.cost, self.initiator
+        least = min(cost.wait_seconds(n) + cost.call_seconds(init, n) for n in info.capable)
+        return least + cost.step_overhead
 
     def _compute(self, index: int, state: State) -> tuple[float, float, float]:
         """Compute time of the steps after ``index``: At-only ones (on one node); the

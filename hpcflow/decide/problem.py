@@ -139,8 +139,8 @@ class Problem:
         Every capable node is kept except *empty* ones: nodes other than the
         initiator that hold nothing in ``state``.  The rest of the plan depends
         only on the state and node parameters, so empty nodes with the same
-        capabilities for the remaining steps, the same load and only default
-        links are interchangeable: any plan using one can be relabelled to use
+        capabilities for the remaining steps, the same load and call latency
+        and only default links are interchangeable: any plan using one can be relabelled to use
         the first of its class at equal cost (bytes and seconds alike).
         """
         occupied = state.occupied()
@@ -264,11 +264,13 @@ def _liveness(workflow: Workflow) -> tuple[tuple[frozenset[str], ...], frozenset
 def _interchange_keys(problem: Problem) -> Mapping[str, object]:
     """Cost parameters that must match for two empty nodes to be interchangeable.
 
-    The node's load (it delays compute, which counts under the time objective
-    and breaks ties under the bytes objective); a node with any custom link
-    gets no key (never merged).
+    The node's load and the latency of a call to it (both add to its time,
+    which counts under the time objective and breaks ties under the bytes
+    objective); a node with any custom link gets no key (never merged).
     """
     cost = problem.cost
     return {
-        node: (cost.load.get(node, 0),) for node in problem.nodes if not cost.has_custom_link(node)
+        node: (cost.load.get(node, 0), cost.call_seconds(problem.initiator, node))
+        for node in problem.nodes
+        if not cost.has_custom_link(node)
     }

@@ -155,6 +155,7 @@ class _Run:
     def __init__(self, problem: Problem, state: State) -> None:
         self.problem = problem
         self.cost = problem.cost
+        self.initiator = problem.initiator
         self.hold = dict(state.holdings)
         self.transfers: list[Transfer] = []
         self.inbound: defaultdict[str, float] = defaultdict(float)
@@ -166,7 +167,7 @@ class _Run:
         for name in dict.fromkeys(step.inputs):
             self.bring(name, 0, self.hold[name].obj.rows, node)
         work = sum(self.hold[name].obj.nbytes for name in step.inputs)
-        self.seconds = self.inbound[node] + self._compute(info, node, work)
+        self.seconds = self.inbound[node] + self._unit(info, node, work, 1)
         rows = info.model.out_rows(info.input_rows)
         self._create(step.out, (PartGeom(0, rows, info.model.nbytes(info.input_rows), (node,)),))
         self.work.append(Work(node, "whole", (), (0, rows), info.model.shape(info.input_rows)))
@@ -178,6 +179,7 @@ class _Run:
             return None
         first = self.hold[info.row_inputs[basis]]
         work: defaultdict[str, int] = defaultdict(int)
+        units: defaultdict[str, int] = defaultdict(int)
         nodes, parts = [], []
         lo_out = 0
         for part in first.obj.parts:
@@ -193,6 +195,7 @@ class _Run:
                     self._bytes(name, part.lo, part.hi) if aligned else self.hold[name].obj.nbytes
                     for name, aligned in zip(step.inputs, info.aligned, strict=True)
                 )
+                units[node] += 1
             rows = info.model.out_rows(part.rows)
             parts.append(PartGeom(lo_out, lo_out + rows, info.model.nbytes(part.rows), (node,)))
             self.work.append(
@@ -206,8 +209,10 @@ class _Run:
             )
             nodes.append(node)
             lo_out += rows
+        # one call per node (its units start in parallel), each unit's fixed overhead
         self.seconds = max(
-            (self.inbound[n] + self._compute(info, n, w) for n, w in work.items()), default=0.0
+            (self.inbound[n] + self._unit(info, n, w, units[n]) for n, w in work.items()),
+            default=0.0,
         )
         self._create(step.out, tuple(parts))
         return tuple(nodes)
@@ -262,9 +267,12 @@ class _Run:
         out_rows = (0, info.model.out_rows(info.in_rows))
         self.work.append(Work(combiner, "combine", (), out_rows, info.model.shape(info.in_rows)))
         holders = max(
-            (self._compute(info, n, w) for n, w in work.items() if n != combiner), default=0.0
+            (self._unit(info, n, w, 1) for n, w in work.items() if n != combiner), default=0.0
         )
-        combine = self.inbound[combiner] + self._compute(info, combiner, work[combiner])
+        at_combiner_units = sum(w.node == combiner for w in self.work)  # partial?, combine
+        combine = self.inbound[combiner] + self._unit(
+            info, combiner, work[combiner], at_combiner_units
+        )
         self.seconds = holders + combine
         self._create(
             info.step.out,
@@ -289,7 +297,10 @@ class _Run:
         nbytes = info.model.partial_nbytes(part.rows)
         cost = self.cost
         return min(
-            homes, key=lambda n: cost.wait_seconds(n) + cost.transfer_seconds(n, combiner, nbytes)
+            homes,
+            key=lambda n: cost.call_seconds(self.initiator, n)
+            + cost.wait_seconds(n)
+            + cost.transfer_seconds(n, combiner, nbytes),
         )
 
     def bring(self, name: str, lo: int, hi: int, dst: str) -> None:
@@ -334,8 +345,16 @@ class _Run:
             if max(lo, part.lo) < min(hi, part.hi)
         )
 
-    def _compute(self, info: StepInfo, node: str, nbytes_in: int) -> float:
-        return self.cost.wait_seconds(node) + self.cost.compute_seconds(info.step.op, nbytes_in)
+    def _unit(self, info: StepInfo, node: str, nbytes_in: int, units: int) -> float:
+        """Time on ``node`` once its inputs are there: the call that hands it the work
+        (none on the initiator), ``units`` fixed step overheads, queueing, compute."""
+        cost = self.cost
+        return (
+            cost.call_seconds(self.initiator, node)
+            + units * cost.step_overhead
+            + cost.wait_seconds(node)
+            + cost.compute_seconds(info.step.op, nbytes_in)
+        )
 
     def _create(self, name: str, parts: tuple[PartGeom, ...]) -> None:
         """Record a new output; adjacent parts on the same node become one part, so
