@@ -597,6 +597,7 @@ def test_time_objective_fetches_tiny_data_when_a_call_costs_more() -> None:
         5e-4 + cost.step_overhead + 96_000 / cost.default_throughput + 1e-4 + 96 / 1.25e9
     )
     assert plan.seconds < delegate.seconds
+    assert "delegating to n2 instead would move 93.8 KiB less" in step.reason
     # without fixed costs (the model before them) delegation looked cheaper
     free = replace(cost, default_call_latency=0.0, step_overhead=0.0)
     assert optimal_plan(workflow, small_table(1000), cost=free).step("S").nodes == ("n2",)
@@ -609,6 +610,7 @@ def test_time_objective_still_delegates_when_the_input_is_big() -> None:
     plan = optimal_plan(workflow, small_table(100_000_000 // 96), cost=cost)
     assert plan.step("S").nodes == ("n2",)
     assert plan.bytes_moved == 96  # only the column sums
+    assert "fetching to n1 instead" in plan.step("S").reason
 
 
 def test_fixed_costs_compose_like_the_rest_of_the_time_model() -> None:
@@ -705,3 +707,13 @@ def test_cost_model_fields_are_validated_and_fingerprinted() -> None:
     assert a.call_seconds("n1", "n2") == 1e-3
     assert a.call_seconds("n1", "n9") == a.default_call_latency
 
+
+def test_explain_shows_seconds_next_to_bytes_and_both_totals() -> None:
+    workflow = Workflow([Step("S", "colsum", ["DS"])], "n1")
+    plan = optimal_plan(workflow, small_table(100_000_000 // 96), cost=CostModel())
+    lines = plan.explain().splitlines()
+    assert "moved" in lines[0] and "est. time" in lines[0]
+    deliver_row = next(line for line in lines if line.startswith("(deliver)"))
+    assert "96 B" in deliver_row and "µs" in deliver_row  # delivery has its time too
+    assert lines[-1].startswith("optimal plan (bytes objective): 96 B moved, ~")
+    assert lines[-1].endswith("estimated")

@@ -137,7 +137,8 @@ class Plan:
         if self.method == "best_within_budget":
             label = "best plan found within the search budget (not proven optimal)"
         return (f"{label} ({self.objective} objective): "
-                f"{format_bytes(self.bytes_moved)} moved, ~{format_seconds(self.seconds)}")
+                f"{format_bytes(self.bytes_moved)} moved, ~{format_seconds(self.seconds)} "
+                "estimated")
 
     def renamed(self, names: Mapping[str, str]) -> Plan:
         """The same plan with objects renamed (``old -> new``), in the reasons too: a
@@ -161,8 +162,10 @@ class Plan:
         return replace(self, steps=steps, delivery=tuple(moved(t) for t in self.delivery))
 
     def explain(self) -> str:
-        """A text table: one row per step plus delivery and totals."""
-        head = ("step", "op", "strategy", "nodes", "moved", "time", "reason")
+        """A text table: one row per step plus delivery, with the bytes each moves and
+        its estimated seconds (calls, step overheads, transfers, queueing and compute),
+        and a last line with both totals."""
+        head = ("step", "op", "strategy", "nodes", "moved", "est. time", "reason")
         rows: list[tuple[str, ...]] = [
             (
                 s.out,
@@ -177,7 +180,8 @@ class Plan:
         ]
         moved = sum(t.nbytes for t in self.delivery)
         what = ", ".join(t.describe() for t in self.delivery) or "results already there"
-        rows.append(("(deliver)", "", "", self.initiator, format_bytes(moved), "", what))
+        seconds = format_seconds(self.delivery_seconds) if self.delivery else ""
+        rows.append(("(deliver)", "", "", self.initiator, format_bytes(moved), seconds, what))
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head) - 1)]
         lines = [
             "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
