@@ -2,18 +2,21 @@
 
 The planner (:mod:`hpcflow.decide`) knows nothing about catalogs or sockets;
 this module turns a :class:`~hpcflow.catalog.base.CatalogSnapshot` plus a
-workflow request into its frozen input model, and learned link speeds and
-node load into its :class:`~hpcflow.decide.CostModel`.
+workflow request into its frozen input model, and learned link speeds, call
+latencies, step overhead, op throughput and node load into its
+:class:`~hpcflow.decide.CostModel`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..catalog.base import CatalogSnapshot
 from ..decide import CostModel, Link, PartLoc, Placement, Step, Workflow
 from ..errors import DatasetNotFound, InvalidData
+from .learned import Learned
 
 DEFAULT_LATENCY_S = 1e-4
 
@@ -70,21 +73,41 @@ def node_ops(snapshot: CatalogSnapshot) -> dict[str, dict[str, str]]:
     return {v.info.name: dict(v.ops) for v in snapshot.nodes if v.alive}
 
 
-def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
-               learned: Mapping[tuple[str, str], float]) -> CostModel:
-    """Links: learned bandwidth (bytes/s) where we have measured it, else the default.
+def quantise(value: float) -> float:
+    """``value`` to two significant digits: learned numbers wobble from one observation
+    to the next, and plans are cached by the cost model's contents
+    (:func:`~hpcflow.workflow.plancache.plan_key`), so only real changes make new keys."""
+    return float(f"{value:.2g}")
 
-    Load is each node's active work (ops running or queued, transfers) as last
-    heartbeated.
+
+def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
+               learned_bandwidth: Mapping[tuple[str, str], float],
+               learned: Learned | None = None) -> CostModel:
+    """The planner's cost model from what this node knows.
+
+    Links: learned bandwidth (bytes/s) where we have measured it, else the
+    default.  Load is each node's active work (ops running or queued,
+    transfers) as last heartbeated.  From ``learned`` (if given): each peer's
+    call latency, the step overhead and per-op throughput; the defaults of
+    :class:`~hpcflow.decide.CostModel` elsewhere.  Every learned number goes
+    through :func:`quantise`.
     """
-    default = Link(bandwidth=default_gbit * 1e9 / 8, latency=DEFAULT_LATENCY_S)
-    links = {pair: Link(bandwidth=bw, latency=DEFAULT_LATENCY_S) for pair, bw in learned.items()}
-    load = {v.info.name: int(v.load.get("active", 0)) for v in snapshot.nodes
-            if isinstance(v.load.get("active", 0), int)}
     if objective not in ("bytes", "time"):
         raise InvalidData(f"objective must be 'bytes' or 'time', not {objective!r}")
+    default = Link(bandwidth=default_gbit * 1e9 / 8, latency=DEFAULT_LATENCY_S)
+    links = {pair: Link(bandwidth=quantise(bw), latency=DEFAULT_LATENCY_S)
+             for pair, bw in learned_bandwidth.items() if math.isfinite(bw) and bw > 0}
+    load = {v.info.name: int(v.load.get("active", 0)) for v in snapshot.nodes
+            if isinstance(v.load.get("active", 0), int)}
+    extra: dict[str, Any] = {}
+    if learned is not None:
+        got = learned.costs()
+        extra["call_latency"] = {peer: quantise(s) for peer, s in got.call_latency.items()}
+        extra["throughput"] = {op: quantise(r) for op, r in got.throughput.items()}
+        if got.step_overhead is not None:
+            extra["step_overhead"] = quantise(got.step_overhead)
     return CostModel(objective=objective, default_link=default, links=links,  # type: ignore[arg-type]
-                     load=load)
+                     load=load, **extra)
 
 
 def workflow(steps: Sequence[Step], initiator: str, deliver: Sequence[str]) -> Workflow:
