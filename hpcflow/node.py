@@ -312,7 +312,8 @@ class Node:
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
                 "store": self.store.stats(),
-                "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses}}
+                "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses},
+                "learned": self.worker.learned.to_wire()}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:
         if rec is None:

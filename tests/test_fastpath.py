@@ -88,15 +88,19 @@ def test_plans_are_cached_until_placement_changes(two: Cluster) -> None:
         c.put("P", np.ones((100, 3)))
     wait_for(lambda: "P" in names_on(two["a"]), 10, "P known on a")
     with two["a"].client() as flow:
+        for _ in range(10):  # the first executions teach the node its call latency etc.
+            flow.run("colsum", "P").fetch()
         plans = flow.stats()["plans"]
-        for _ in range(5):
+        for _ in range(10):
             h = flow.run("colsum", "P")
             np.testing.assert_array_equal(h.fetch(), np.full(3, 100.0))
         after = flow.stats()["plans"]
-        assert after["misses"] - plans["misses"] == 1 and after["hits"] - plans["hits"] == 4
+        # Cached; at most one re-plan if a learned cost moved by more than 2x meanwhile.
+        assert after["hits"] - plans["hits"] >= 9, (plans, after)
         # Same op, but the data moved: the cached plan would be wrong, so it is not used.
         with two["b"].client() as c:
             c.delete("P")
+        wait_for(lambda: "P" not in names_on(two["a"]), 10, "the delete to reach a")
         with two["a"].client() as c:
             c.put("P", np.full((100, 3), 2.0))
         wait_for(lambda: any(r.owner == "a" for r in flow.catalog() if r.name == "P"), 10,

@@ -101,7 +101,7 @@ def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
             if isinstance(v.load.get("active", 0), int)}
     extra: dict[str, Any] = {}
     if learned is not None:
-        got = learned.costs()
+        got = learned.stable_costs()
         extra["call_latency"] = {peer: quantise(s) for peer, s in got.call_latency.items()}
         extra["throughput"] = {op: quantise(r) for op, r in got.throughput.items()}
         if got.step_overhead is not None:

@@ -38,9 +38,10 @@ import numpy as np
 from ..catalog.base import locate
 from ..catalog.record import DatasetRecord
 from ..decide import Plan, StepPlan, Work
-from ..errors import HpcflowError, PeerUnavailable
+from ..errors import HpcflowError, PeerUnavailable, from_wire
 from .lifecycle import FlowTag
 from .protocol import MAX_INLINE, PullTask, RunReply, RunTask, Share, ShareReply, Task
+from .share import ShareCancelled
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -226,22 +227,38 @@ class Executor:
     def _run_shares(self, shares: dict[str, Share]) -> None:
         """Hand every node its share at once; on the first failure cancel the others
         (they remove what they made), then raise it."""
+        started = time.monotonic()
         jobs = {node: gevent.spawn(self._call, node, "run_share", share.to_wire())
                 for node, share in shares.items()}
-        failed = None
+        ended: dict[str, float] = {}
+        for node, g in jobs.items():
+            g.link(lambda _, node=node: ended.setdefault(node, time.monotonic()))
+        failed: BaseException | None = None
         pending = set(jobs.values())
+        cancelled = False
         while pending:
             finished = gevent.wait(list(pending), count=1)
             for g in finished:
                 pending.discard(g)
+                bad = g.exception is not None or (isinstance(g.value, dict)
+                                                  and g.value.get("error"))
                 if g.exception is not None and failed is None:
                     failed = g.exception
+                if bad and not cancelled:
+                    cancelled = True
                     for node, other in jobs.items():
                         if not other.ready():
                             gevent.spawn(self._cancel, node)
         for node, g in jobs.items():
             if g.successful():
-                self._absorb(node, ShareReply.from_wire(g.value))
+                reply = ShareReply.from_wire(g.value)
+                self._absorb(node, reply)
+                if node != self.node.name and node in ended:
+                    self.node.worker.learned.observe_call(
+                        node, ended[node] - started - reply.wall_s)
+                if reply.error is not None and (failed is None or isinstance(
+                        failed, ShareCancelled)):
+                    failed = from_wire(*reply.error)
         if failed is not None:
             raise failed
 
@@ -259,7 +276,12 @@ class Executor:
                 d[kind] = d.get(kind, 0.0) + s
         for src, n in reply.moved.items():
             self.ex.moved[(src, node)] += n
+        learned = self.node.worker.learned
         for out in reply.runs:
+            op = out.record.lineage.get("op")
+            if isinstance(op, str) and out.run_s > 0:
+                learned.observe_compute(op, out.nbytes_in, out.compute_s)
+                learned.observe_step(out.run_s - out.compute_s)
             rec = out.record
             self._made[rec.name].append(rec)
             if out.data is not None and rec.name in self._inline:

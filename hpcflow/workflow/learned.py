@@ -61,6 +61,23 @@ class _Smoothed:
         self.values[key] = value if old is None else KEEP * old + (1 - KEEP) * value
 
 
+def _moved(a: float | None, b: float | None, drift: float) -> bool:
+    if a is None or b is None:
+        return a is not b
+    if a <= 0 or b <= 0:
+        return a != b
+    return max(a, b) / min(a, b) > 1 + drift
+
+
+def _drifted(old: LearnedCosts, new: LearnedCosts, drift: float) -> bool:
+    if old.call_latency.keys() != new.call_latency.keys() or (
+            old.throughput.keys() != new.throughput.keys()):
+        return True
+    return (_moved(old.step_overhead, new.step_overhead, drift)
+            or any(_moved(v, new.call_latency[k], drift) for k, v in old.call_latency.items())
+            or any(_moved(v, new.throughput[k], drift) for k, v in old.throughput.items()))
+
+
 def _finite(*values: float) -> bool:
     try:
         return all(math.isfinite(v) for v in values)
@@ -80,10 +97,12 @@ class Learned:
     and pass it to :func:`~hpcflow.workflow.adapter.cost_model`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drift: float = 1.0) -> None:
         self._calls = _Smoothed()
         self._throughput = _Smoothed()
         self._step: float | None = None
+        self.drift = drift
+        self._published: LearnedCosts | None = None
 
     def observe_call(self, peer: str, seconds: float) -> None:
         if not isinstance(peer, str) or not peer or not _finite(seconds):
@@ -114,6 +133,20 @@ class Learned:
             step_overhead=self._step,
             throughput=dict(self._throughput.values),
         )
+
+    def stable_costs(self) -> LearnedCosts:
+        """What the planner should use: the last published costs until some estimate
+        has moved by more than ``drift`` (relative) or a new peer or op appears.
+
+        Plans are cached by the cost model's contents; estimates that wobble with
+        every observation would make every plan new.  A real change (a peer twice as
+        slow) still reaches the planner at once."""
+        now = self.costs()
+        old = self._published
+        if old is None or _drifted(old, now, self.drift):
+            self._published = now
+            return now
+        return old
 
     def to_wire(self) -> dict[str, object]:
         """For stats and debugging: the current estimates."""

@@ -134,9 +134,15 @@ class RunReply:
 
     record: DatasetRecord
     data: bytes | None = None
+    #: Seconds the unit took in all, and in the op itself, over ``nbytes_in`` input bytes
+    #: (what the initiator learns op speeds and per-unit overhead from).
+    run_s: float = 0.0
+    compute_s: float = 0.0
+    nbytes_in: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"record": self.record.to_wire(), "data": self.data}
+        return {"record": self.record.to_wire(), "data": self.data,
+                "timing": [round(self.run_s, 6), round(self.compute_s, 6), self.nbytes_in]}
 
     @classmethod
     def from_wire(cls, d: object) -> RunReply:
@@ -146,7 +152,12 @@ class RunReply:
         data = d.get("data")
         if data is not None and (not isinstance(data, bytes) or len(data) != rec.nbytes):
             raise ProtocolError(f"inline data of {rec.key} does not match its record")
-        return cls(rec, data)
+        timing = d.get("timing") or [0.0, 0.0, 0]
+        try:
+            run_s, compute_s, nbytes_in = float(timing[0]), float(timing[1]), int(timing[2])
+        except (TypeError, ValueError, IndexError):
+            raise ProtocolError(f"malformed timing in the reply for {rec.key}") from None
+        return cls(rec, data, run_s, compute_s, nbytes_in)
 
     def array(self) -> np.ndarray[Any, Any]:
         assert self.data is not None
@@ -275,6 +286,11 @@ class ShareReply:
     runs: list[RunReply] = field(default_factory=list)
     #: Seconds spent per (step, kind): kind is transfer, compute or wait.
     seconds: dict[tuple[int, str], float] = field(default_factory=dict)
+    #: Why the share failed, as (error class name, message); what it created is gone
+    #: then, but what it moved did move and is reported.
+    error: tuple[str, str] | None = None
+    #: Seconds the share took on its node (the rest of the call is the round trip).
+    wall_s: float = 0.0
 
     def spent(self, step: int, kind: str, seconds: float) -> None:
         self.seconds[(step, kind)] = self.seconds.get((step, kind), 0.0) + seconds
@@ -282,7 +298,9 @@ class ShareReply:
     def to_wire(self) -> dict[str, Any]:
         return {"created": [list(c) for c in self.created], "moved": self.moved,
                 "runs": [r.to_wire() for r in self.runs],
-                "seconds": [[k, kind, round(s, 6)] for (k, kind), s in self.seconds.items()]}
+                "seconds": [[k, kind, round(s, 6)] for (k, kind), s in self.seconds.items()],
+                "error": list(self.error) if self.error else None,
+                "wall_s": round(self.wall_s, 6)}
 
     @classmethod
     def from_wire(cls, d: object) -> ShareReply:
@@ -293,9 +311,15 @@ class ShareReply:
             moved = {str(k): int(v) for k, v in d["moved"].items()}
             runs = [RunReply.from_wire(r) for r in d["runs"]]
             seconds = {(int(k), str(kind)): float(s) for k, kind, s in d.get("seconds", [])}
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            err = d.get("error")
+            error = (str(err[0]), str(err[1])) if err else None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ProtocolError(f"malformed share reply: {exc}") from None
-        return cls(created, moved, runs, seconds)
+        try:
+            wall_s = float(d.get("wall_s", 0.0))
+        except (TypeError, ValueError):
+            raise ProtocolError("malformed share reply: wall_s") from None
+        return cls(created, moved, runs, seconds, error, wall_s)
 
 
 __all__ = ["MAX_INLINE", "MODES", "PHASES", "Expect", "InputRef", "PullTask", "RunReply",

@@ -71,7 +71,8 @@ def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]
                                  f"initiator {node.name} ({hint})")
     placement = adapter.placement(snap, adapter.source_names(steps))
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
-    cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned)
+    cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned,
+                              node.worker.learned)
     node_ops = adapter.node_ops(snap)
     cache = node.worker.plans
     key = plan_key(steps, deliver, objective, method, node.name, placement, node_ops, cost,

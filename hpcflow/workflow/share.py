@@ -2,6 +2,9 @@
 
 Steps with tasks here start once the steps they depend on have finished
 here; a step runs its phases in order and the tasks of one phase at once.
+Pulls of data that exists before the execution (inputs, not outputs) start
+at once, whatever step they serve: transfers overlap with earlier steps'
+compute.
 An input made elsewhere in this execution is waited for through the catalog
 (its maker announces it), as long as it takes: the initiator cancels the
 share if another node fails.  On failure or cancellation the share removes
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import gevent.event
 
-from ..errors import DatasetNotFound, HpcflowError, InvalidData
+from ..errors import DatasetNotFound, HpcflowError, InvalidData, to_wire
 from .protocol import PHASES, PullTask, RunTask, Share, ShareReply, Task
 
 if TYPE_CHECKING:
@@ -46,6 +49,7 @@ class Shares:
         if share.execution in self.running:
             raise InvalidData(f"execution {share.execution} already has a share here")
         reply = ShareReply()
+        t0 = time.monotonic()
         g = gevent.spawn(_Runner(self.node, share, reply).run)
         self.running[share.execution] = g
         try:
@@ -54,11 +58,17 @@ class Shares:
             if not g.ready():  # our own call was ended (node stopping): end the share too
                 g.kill()
             self.running.pop(share.execution, None)
-        if isinstance(g.exception, gevent.GreenletExit) or (g.ready() and not g.successful()
-                                                            and g.exception is None):
-            raise ShareCancelled(f"share of {share.execution} on {self.node.name} cancelled")
-        if g.exception is not None:
-            raise g.exception
+        reply.wall_s = time.monotonic() - t0
+        exc = g.exception
+        if isinstance(exc, gevent.GreenletExit) or (g.ready() and not g.successful()
+                                                    and exc is None):
+            exc = ShareCancelled(f"share of {share.execution} on {self.node.name} cancelled")
+        if exc is not None:  # what it made is gone; what it moved is still reported
+            if not isinstance(exc, HpcflowError):
+                log.warning("share of %s failed: %s: %s", share.execution,
+                            type(exc).__name__, exc)
+            reply.error = to_wire(exc)
+            reply.created, reply.runs = [], []
         return reply
 
     def cancel(self, execution: str) -> bool:
@@ -80,30 +90,41 @@ class _Runner:
 
     def run(self) -> None:
         done = {k: gevent.event.Event() for k in self.by_step}
-        greenlets = [gevent.spawn(self._step, k, done) for k in sorted(self.by_step)]
+        # Pulls of pre-existing data depend on nothing: start them all now.
+        early = {k: [gevent.spawn(self._task, t) for t in phases[0] if not t.made_here]
+                 for k, phases in self.by_step.items()}
+        greenlets = [gevent.spawn(self._step, k, done, early[k]) for k in sorted(self.by_step)]
+        everything = greenlets + [g for gs in early.values() for g in gs]
         try:
             gevent.joinall(greenlets, raise_error=True)
         except BaseException:
-            gevent.killall(greenlets)
+            gevent.killall(everything)
             self._remove_created()
             raise
 
-    def _step(self, k: int, done: dict[int, gevent.event.Event]) -> None:
+    def _step(self, k: int, done: dict[int, gevent.event.Event],
+              early: list[gevent.Greenlet]) -> None:
         t0 = time.monotonic()
         for j in self.share.depends[k]:
             if j in done:
                 done[j].wait()
         self.reply.spent(k, "wait", time.monotonic() - t0)
-        for phase in self.by_step[k]:
-            if len(phase) == 1:
-                self._task(phase[0])
-            elif phase:
-                jobs = [gevent.spawn(self._task, t) for t in phase]
-                try:
-                    gevent.joinall(jobs, raise_error=True)
-                finally:
-                    gevent.killall(jobs)
+        first, *rest = self.by_step[k]
+        self._phase([t for t in first if t.made_here])
+        gevent.joinall(early, raise_error=True)
+        for phase in rest:
+            self._phase(phase)
         done[k].set()
+
+    def _phase(self, phase: list[Task]) -> None:
+        if len(phase) == 1:
+            self._task(phase[0])
+        elif phase:
+            jobs = [gevent.spawn(self._task, t) for t in phase]
+            try:
+                gevent.joinall(jobs, raise_error=True)
+            finally:
+                gevent.killall(jobs)
 
     def _task(self, t: Task) -> None:
         wait = MADE_HERE_WAIT_S if t.made_here else None

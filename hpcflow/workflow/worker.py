@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ from ..catalog.base import Location, PartLocation
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .plancache import PlanCache
 from .protocol import RunReply, RunRequest
@@ -103,6 +105,8 @@ class Worker:
         self.registry = registry
         self.book = FlowBook()
         self.plans = PlanCache()
+        #: Fixed costs and op speeds measured here, for this node's plans.
+        self.learned = Learned()
         self.shares = Shares(node)
         self.janitor = Janitor(node)
         # the janitor waits for the node to start, and stops with its other greenlets
@@ -285,13 +289,15 @@ class Worker:
     def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply:
         """Run one unit of a plan on local rows; store and announce the checked output."""
         with self.busy():
+            t0 = time.monotonic()
+            timing: dict[str, float] = {"compute_s": 0.0, "nbytes": 0}
             spec = self.registry.get(req.op)
             if req.op_hash is not None and req.op_hash != spec.definition_hash:
                 raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
                               "than the initiator's")
             result = self._empty_part(req)
             if result is None:
-                result = self._compute(req, spec, wait_s)
+                result = self._compute(req, spec, wait_s, timing)
             lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
                        "mode": req.mode, "inputs": [
                            {"name": i.name, "rows": list(i.rows) if i.rows else None,
@@ -309,12 +315,13 @@ class Worker:
                                             lineage=lineage, overwrite=True,
                                             chunk_bytes=self.node.config.chunk_bytes,
                                             volatile=not keep)
+            times = (time.monotonic() - t0, timing["compute_s"], int(timing["nbytes"]))
             if req.mode == "partial" or arr.nbytes > req.inline:
-                return RunReply(rec)
+                return RunReply(rec, None, *times)
             who = req.initiator
             if who is not None and who != self.node.name:
                 self.node.traffic.sent(who, arr.nbytes)
-            return RunReply(rec, np.ascontiguousarray(arr).tobytes())
+            return RunReply(rec, np.ascontiguousarray(arr).tobytes(), *times)
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the
@@ -327,22 +334,29 @@ class Worker:
         return np.empty(ex.shape, dtype=ex.dtype)
 
     @staticmethod
-    def _off_loop(spec: Any, nbytes: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    def _off_loop(spec: Any, nbytes: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                  timing: dict[str, float]) -> Any:
         """Run op code in the thread pool, so heartbeats go on; a built-in op on small
-        inputs runs right here (the thread hop would cost more than the op)."""
-        if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
-                "hpcflow.ops."):
-            return fn(*args)
-        return gevent.get_hub().threadpool.apply(fn, args)
+        inputs runs right here (the thread hop would cost more than the op).  ``timing``
+        gets the seconds it took and the input bytes."""
+        t0 = time.monotonic()
+        try:
+            if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
+                    "hpcflow.ops."):
+                return fn(*args)
+            return gevent.get_hub().threadpool.apply(fn, args)
+        finally:
+            timing["compute_s"], timing["nbytes"] = time.monotonic() - t0, nbytes
 
-    def _compute(self, req: RunRequest, spec: Any, wait_s: float | None = None) -> Any:
+    def _compute(self, req: RunRequest, spec: Any, wait_s: float | None,
+                 timing: dict[str, float]) -> Any:
         fn: Callable[..., Any]
         if req.mode == "combine":
             partials = [unpack_partial(self.local_rows(i.name, None, wait_s),
                                        self._lineage(i.name))
                         for i in req.inputs]
             return self._off_loop(spec, sum(_nbytes(p) for p in partials), combine_partials,
-                                  (spec, partials, req.params))
+                                  (spec, partials, req.params), timing)
         arrays = [self.local_rows(i.name, i.rows, wait_s) for i in req.inputs]
         nbytes = sum(a.nbytes for a in arrays)
         runners: dict[str, Callable[..., Any]] = {
@@ -352,8 +366,8 @@ class Worker:
             def partial(arrays: list[Any], params: dict[str, Any]) -> Any:
                 first = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
                 return run_partial(spec, first, params)
-            return self._off_loop(spec, nbytes, partial, (arrays, req.params))
-        return self._off_loop(spec, nbytes, fn, (spec, arrays, req.params))
+            return self._off_loop(spec, nbytes, partial, (arrays, req.params), timing)
+        return self._off_loop(spec, nbytes, fn, (spec, arrays, req.params), timing)
 
     def _check(self, req: RunRequest, out: np.ndarray[Any, Any]) -> None:
         """The real output must be what the plan's output model said: an op whose output
