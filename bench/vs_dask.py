@@ -178,8 +178,8 @@ def agent(job_file: str) -> int:
 
 
 def agent_hpcflow(sc: Scenario, job: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    from hpcflow.client.client import connect
     from hpcflow.harness.agent import _fetch_to_initiator, _node_counters, _transport_bytes
-    from hpcflow.rpc.client import connect
 
     nodes: dict[str, str] = job["nodes"]
     namespaces: list[str] = job["netns"]

@@ -17,6 +17,8 @@ Public API::
 from ._version import __version__
 from .catalog.base import CatalogSnapshot, Location, PartLocation
 from .catalog.record import DatasetRecord
+from .client.client import Client, connect
+from .client.flow import Handle, PlanView, gather
 from .config import NodeConfig
 from .errors import (
     ArityError,
@@ -42,8 +44,6 @@ from .errors import (
     UnknownOpError,
 )
 from .ops import op
-from .rpc.client import Client, connect
-from .workflow.flow import Handle, PlanView, gather
 
 __all__ = [
     "ArityError",

@@ -52,7 +52,7 @@ def _record_row(r: dict[str, Any]) -> str:
 
 
 def cmd_node(a: argparse.Namespace) -> int:
-    from .node import run_node
+    from .daemon.node import run_node
 
     overrides = {
         "name": a.name, "data_dir": a.data_dir, "listen": a.listen, "pub": a.pub,
@@ -65,7 +65,7 @@ def cmd_node(a: argparse.Namespace) -> int:
 
 
 def _client(a: argparse.Namespace) -> Any:
-    from .rpc.client import connect
+    from .client.client import connect
 
     return connect(a.node, timeout_s=a.timeout)
 
@@ -82,7 +82,7 @@ def cmd_put(a: argparse.Namespace) -> int:
 
 
 def cmd_get(a: argparse.Namespace) -> int:
-    from .rpc.client import check_output_path, split_h5path
+    from .client.client import check_output_path, split_h5path
 
     out = check_output_path(a.out)  # user errors first, before anything moves
     if out.suffix != ".npy":

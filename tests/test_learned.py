@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from hpcflow.daemon import adapter
+from hpcflow.daemon.learned import MAX_KEYS, MIN_COMPUTE_BYTES, Learned
 from hpcflow.decide import CostModel
-from hpcflow.workflow import adapter
-from hpcflow.workflow.learned import MAX_KEYS, MIN_COMPUTE_BYTES, Learned
 
 
 def snapshot(**loads: int) -> Any:

@@ -391,7 +391,7 @@ def test_reduce_partial_with_a_0d_item_split_over_nodes(shape_ops: Cluster) -> N
 
 
 def test_pack_partial_keeps_every_item_shape() -> None:
-    from hpcflow.workflow.worker import pack_partial, unpack_partial
+    from hpcflow.daemon.worker import pack_partial, unpack_partial
 
     grid = np.arange(12.0).reshape(3, 4)
     partial = (np.array(2.5), np.arange(3, dtype=np.int32), grid.T, np.empty((0, 2)),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rpc.client import connect
+from ..client.client import connect
 from .centralised import Orchestrator
 from .scenario import Scenario, load_scenario
 

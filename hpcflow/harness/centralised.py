@@ -55,8 +55,8 @@ from ..catalog.record import DatasetRecord
 from ..errors import ConfigError
 from ..rpc.bulk import BulkClient, BulkSettings
 from ..rpc.calls import PeerClients
+from ..rpc.messages import RunReply
 from ..rpc.traffic import Traffic
-from ..workflow.protocol import RunReply
 from .scenario import ORCH_HOST, Scenario
 
 log = logging.getLogger("hpcflow.centralised")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..rpc.client import connect
+from ..client.client import connect
 from .local import LocalCluster
 
 

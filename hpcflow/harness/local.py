@@ -123,7 +123,7 @@ class LocalCluster:
 
     def wait_converged(self, timeout_s: float = 30.0) -> None:
         """Until every running node sees every other running node alive."""
-        from ..rpc.client import connect
+        from ..client.client import connect
 
         running = {n for n, p in self.nodes.items() if p.alive()}
         deadline = time.monotonic() + timeout_s * timeout_scale()

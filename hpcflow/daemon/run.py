@@ -29,7 +29,7 @@ from .executor import Execution, Executor, plan_uses
 from .plancache import plan_key
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.run")
 
@@ -165,7 +165,7 @@ def save(node: Node, wf: object, output: object, name: object,
     workflow) but not its flow tag, so no clean-up ever removes it.  The reply
     says which bytes moved from where.
     """
-    from ..node import check_put
+    from .node import check_put
 
     wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
     book = node.worker.book

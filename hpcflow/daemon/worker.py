@@ -1,7 +1,7 @@
 """What a node does when a plan asks it to: make rows local, run an op on local data.
 
 The executor on the initiating node drives every other node through two RPCs
-(see :class:`~hpcflow.rpc.service.NodeService`):
+(see :class:`~hpcflow.daemon.service.NodeService`):
 
 * ``pull(name, lo, hi, src)`` — make rows ``[lo, hi)`` of dataset ``name``
   local, from ``src`` (the source the plan chose) if it can, else from
@@ -37,14 +37,14 @@ from ..catalog.base import Location, PartLocation
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from ..rpc.messages import RunReply, RunRequest
 from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .plancache import PlanCache
-from .protocol import RunReply, RunRequest
 from .share import Shares
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.worker")
 

@@ -8,7 +8,7 @@ live node has (by definition hash), and the cost model (links, learned fixed
 costs, and load under the time objective); the key is exactly those, with
 output names replaced by their step positions.  Learned costs reach the key
 only when they move by more than a factor of two
-(:meth:`~hpcflow.workflow.learned.Learned.stable_costs`).  A
+(:meth:`~hpcflow.daemon.learned.Learned.stable_costs`).  A
 hit returns the cached plan with the outputs renamed; anything that changes
 a part's holders, a node's ops or the learned links is another key.
 """

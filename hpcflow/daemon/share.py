@@ -1,4 +1,4 @@
-"""A node runs its share of an execution (see :mod:`.protocol`), without the initiator.
+"""A node runs its share of an execution (see :mod:`hpcflow.rpc.messages`), without the initiator.
 
 Steps with tasks here start once the steps they depend on have finished
 here; a step runs its phases in order and the tasks of one phase at once.
@@ -22,10 +22,10 @@ import gevent
 import gevent.event
 
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, to_wire
-from .protocol import PHASES, PullTask, RunTask, Share, ShareReply, Task
+from ..rpc.messages import PHASES, PullTask, RunTask, Share, ShareReply, Task
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.share")
 

@@ -6,7 +6,7 @@ over a throughput.  :class:`Learned` smooths what the daemon observes into
 those numbers, the way :meth:`hpcflow.rpc.traffic.Traffic.observe` does for
 link bandwidth (an exponentially weighted moving average, ``0.7 * old + 0.3 *
 new``), and :meth:`Learned.costs` hands them to
-:func:`hpcflow.workflow.adapter.cost_model`.
+:func:`hpcflow.daemon.adapter.cost_model`.
 
 Observations come from the network and from user code's timings, so each one
 is checked: non-finite, negative or absurd values are ignored, and the
@@ -94,7 +94,7 @@ class Learned:
     * :meth:`observe_compute` -- one unit's compute time over ``nbytes_in`` input bytes;
     * :meth:`observe_step` -- one unit's fixed overhead (its run time minus compute);
 
-    and pass it to :func:`~hpcflow.workflow.adapter.cost_model`.
+    and pass it to :func:`~hpcflow.daemon.adapter.cost_model`.
     """
 
     def __init__(self, drift: float = 1.0) -> None:

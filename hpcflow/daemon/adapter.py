@@ -76,7 +76,7 @@ def node_ops(snapshot: CatalogSnapshot) -> dict[str, dict[str, str]]:
 def quantise(value: float) -> float:
     """``value`` to two significant digits: learned numbers wobble from one observation
     to the next, and plans are cached by the cost model's contents
-    (:func:`~hpcflow.workflow.plancache.plan_key`), so only real changes make new keys."""
+    (:func:`~hpcflow.daemon.plancache.plan_key`), so only real changes make new keys."""
     return float(f"{value:.2g}")
 
 

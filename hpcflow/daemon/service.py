@@ -18,11 +18,11 @@ from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
-from ..workflow import run
-from ..workflow.protocol import InputRef, RunRequest, Share
+from ..rpc.messages import InputRef, RunRequest, Share
+from . import run
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.rpc")
 
@@ -35,7 +35,7 @@ def exposed(fn: F) -> F:
 
     Calls are not load by themselves (an idle ``wait`` or an initiator's own
     ``execute`` is no work for the planner to avoid): ops running or queued
-    and transfers count, see :meth:`~hpcflow.workflow.worker.Worker.busy`.
+    and transfers count, see :meth:`~hpcflow.daemon.worker.Worker.busy`.
     """
 
     @functools.wraps(fn)
@@ -52,7 +52,7 @@ def exposed(fn: F) -> F:
 
 
 class NodeService:
-    """Methods callable over RPC.  Thin: the work happens in :class:`~hpcflow.node.Node`."""
+    """Methods callable over RPC.  Thin: the work happens in :class:`~hpcflow.daemon.node.Node`."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -188,7 +188,7 @@ class NodeService:
 
     @exposed
     def run_share(self, share: Any) -> dict[str, Any]:
-        """Run this node's share of an execution (see ``workflow.protocol``)."""
+        """Run this node's share of an execution (see ``rpc.messages``)."""
         return self.node.worker.shares.run(Share.from_wire(share)).to_wire()
 
     @exposed
@@ -200,7 +200,7 @@ class NodeService:
 
     @exposed
     def run_op(self, request: Any) -> dict[str, Any]:
-        """Run an op on local rows and store its output here (see ``workflow.worker``)."""
+        """Run an op on local rows and store its output here (see ``daemon.worker``)."""
         return self.node.worker.run(RunRequest.from_wire(request)).to_wire()  # a RunReply
 
     @exposed

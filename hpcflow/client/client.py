@@ -28,11 +28,11 @@ from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
 from ..config import normalize_endpoint, timeout_scale
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
+from ..rpc.bulk import BulkClient, BulkSettings, Deliver
+from ..rpc.calls import call, new_client, refuses_connections
+from ..rpc.traffic import Traffic
 from ..sources import open_source
-from ..workflow.flow import Flow, Handle
-from .bulk import BulkClient, BulkSettings, Deliver
-from .calls import call, new_client, refuses_connections
-from .traffic import Traffic
+from .flow import Flow, Handle
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")

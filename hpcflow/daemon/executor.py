@@ -1,6 +1,6 @@
 """Carry out a plan on the cluster, from the initiating node, peer to peer.
 
-The plan becomes one share per participating node (:mod:`.protocol`): its
+The plan becomes one share per participating node (:mod:`hpcflow.rpc.messages`): its
 pulls (from the source the plan chose) and its units of work, in plan order.
 Every node gets its share in one call, all at once, and runs it on its own
 (:mod:`.share`): a step starts when the steps it depends on are done there,
@@ -39,12 +39,12 @@ from ..catalog.base import locate
 from ..catalog.record import DatasetRecord
 from ..decide import Plan, StepPlan, Work
 from ..errors import HpcflowError, PeerUnavailable, from_wire
+from ..rpc.messages import MAX_INLINE, PullTask, RunReply, RunTask, Share, ShareReply, Task
 from .lifecycle import FlowTag
-from .protocol import MAX_INLINE, PullTask, RunReply, RunTask, Share, ShareReply, Task
 from .share import ShareCancelled
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.executor")
 
@@ -171,7 +171,7 @@ class Executor:
         return self.ex
 
     def shares(self, plan: Plan, steps: dict[str, Any]) -> dict[str, Share]:
-        """Each participating node's tasks (see :mod:`.protocol`), in plan order."""
+        """Each participating node's tasks (see :mod:`hpcflow.rpc.messages`), in plan order."""
         tasks: dict[str, list[Task]] = defaultdict(list)
         made = {sp.out for sp in plan.steps}  # outputs (and partials) of this execution
         copies: set[tuple[str, str]] = set()  # (node, dataset) copies this execution makes

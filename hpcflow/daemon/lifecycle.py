@@ -43,7 +43,7 @@ from ..catalog.record import DatasetRecord
 from ..errors import DatasetExists, DatasetNotFound, HpcflowError
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from .node import Node
 
 log = logging.getLogger("hpcflow.lifecycle")
 

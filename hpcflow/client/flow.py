@@ -15,7 +15,7 @@ own (with the output's lineage), and closing the flow removes everything else
 it created.  With ``keep=True`` the step outputs stay; reduce partials,
 copies of inputs and the results materialised for fetching still go.  What a
 failed or abandoned execution leaves on a node that was down is dropped by
-that node's janitor (:mod:`hpcflow.workflow.lifecycle`).
+that node's janitor (:mod:`hpcflow.daemon.lifecycle`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..catalog.record import validate_name
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, PlanningError, ProtocolError
 
 if TYPE_CHECKING:
-    from ..rpc.client import Client
+    from .client import Client
 
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses

@@ -21,10 +21,10 @@ import numpy as np
 import zmq
 import zmq.green as zmqg
 
-from .catalog.base import Catalog, PartLocation
-from .catalog.chunking import Payload
-from .catalog.membership import PeerInfo
-from .catalog.record import (
+from ..catalog.base import Catalog, PartLocation
+from ..catalog.chunking import Payload
+from ..catalog.membership import PeerInfo
+from ..catalog.record import (
     DatasetRecord,
     key_of,
     validate_dtype,
@@ -33,10 +33,10 @@ from .catalog.record import (
     validate_part,
     validate_shape,
 )
-from .catalog.replicated import ReplicatedCatalog
-from .catalog.store import Store
-from .config import NodeConfig, advertised
-from .errors import (
+from ..catalog.replicated import ReplicatedCatalog
+from ..catalog.store import Store
+from ..config import NodeConfig, advertised
+from ..errors import (
     ConfigError,
     DatasetExists,
     DatasetNotFound,
@@ -46,13 +46,13 @@ from .errors import (
     PeerUnavailable,
     ProtocolError,
 )
-from .ops import DEFAULT_REGISTRY, OpError, load_op_module
-from .rpc import strict
-from .rpc.bulk import BulkClient, BulkServer, BulkSettings
-from .rpc.calls import PeerClients, refuses_connections
-from .rpc.service import NodeService
-from .rpc.traffic import Traffic
-from .workflow.worker import Worker
+from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
+from ..rpc import strict
+from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
+from ..rpc.calls import PeerClients, refuses_connections
+from ..rpc.traffic import Traffic
+from .service import NodeService
+from .worker import Worker
 
 log = logging.getLogger("hpcflow.node")
 

@@ -1,1 +1,0 @@
-"""Running workflows on the cluster: node-side execution, plan execution, the script API."""
