@@ -24,7 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -32,9 +32,25 @@ import gevent.lock
 
 from ..catalog.record import validate_name
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, PlanningError, ProtocolError
+from ..rpc.traffic import Traffic
 
-if TYPE_CHECKING:
-    from .client import Client
+
+class Connection(Protocol):
+    """What a :class:`Flow` uses of its client (:class:`~hpcflow.client.client.Client`
+    is one): calls to the connected node, a fetch, and the bytes received."""
+
+    @property
+    def node(self) -> str:
+        """The name of the node connected to."""
+        ...
+
+    @property
+    def traffic(self) -> Traffic: ...
+
+    def _call(self, method: str, *args: Any) -> Any: ...
+
+    def fetch(self, name: str, part: int | None = None, progress: Any = None, *,
+              out: Any = None, location: dict[str, Any] | None = None) -> Any: ...
 
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
@@ -121,7 +137,7 @@ def _array(d: dict[str, Any]) -> Any:
 class Flow:
     """Workflow state of one client session."""
 
-    client: Client
+    client: Connection
     keep: bool = False
     objective: str = "bytes"
     method: str = "optimal"  # or a baseline planner ("greedy", "pull_all"), to compare
