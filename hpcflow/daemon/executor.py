@@ -29,7 +29,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import gevent.event
@@ -40,11 +40,10 @@ from ..catalog.record import DatasetRecord
 from ..decide import Plan, StepPlan, Work
 from ..errors import HpcflowError, PeerUnavailable, from_wire
 from ..rpc.messages import MAX_INLINE, PullTask, RunReply, RunTask, Share, ShareReply, Task
+from .learned import Learned
 from .lifecycle import FlowTag
+from .parts import NodeParts
 from .share import ShareCancelled
-
-if TYPE_CHECKING:
-    from .node import Node
 
 log = logging.getLogger("hpcflow.executor")
 
@@ -98,10 +97,13 @@ def plan_uses(plan: Plan, steps: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 class Executor:
-    """Runs one plan; ``node`` is the initiator it runs on, ``tag`` marks what it makes."""
+    """Runs one plan; ``node`` is the initiator it runs on, ``tag`` marks what it makes,
+    ``learned`` gets the fixed costs it observes."""
 
-    def __init__(self, node: Node, workflow_id: str, xid: str, keep: bool = False) -> None:
+    def __init__(self, node: NodeParts, learned: Learned, workflow_id: str, xid: str,
+                 keep: bool = False) -> None:
         self.node = node
+        self.learned = learned
         self.wf = workflow_id
         self.tag = FlowTag(node.name, node.epoch, xid)
         self.keep = keep
@@ -125,7 +127,7 @@ class Executor:
         if the catalog declares the target dead meanwhile, it fails then, not at a timeout."""
         self.ex.calls += 1
         if target == self.node.name:
-            return getattr(self.node.service, method)(*args)
+            return self.node.call_local(method, *args)
         endpoint = self._alive(target)
         if endpoint is None:
             raise PeerUnavailable(f"node {target} is not alive")
@@ -254,7 +256,7 @@ class Executor:
                 reply = ShareReply.from_wire(g.value)
                 self._absorb(node, reply)
                 if node != self.node.name and node in ended:
-                    self.node.worker.learned.observe_call(
+                    self.learned.observe_call(
                         node, ended[node] - started - reply.wall_s)
                 if reply.error is not None and (failed is None or isinstance(
                         failed, ShareCancelled)):
@@ -276,7 +278,7 @@ class Executor:
                 d[kind] = d.get(kind, 0.0) + s
         for src, n in reply.moved.items():
             self.ex.moved[(src, node)] += n
-        learned = self.node.worker.learned
+        learned = self.learned
         for out in reply.runs:
             op = out.record.lineage.get("op")
             if isinstance(op, str) and out.run_s > 0:

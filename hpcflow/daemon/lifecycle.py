@@ -35,15 +35,13 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 
 from ..catalog.record import DatasetRecord
 from ..errors import DatasetExists, DatasetNotFound, HpcflowError
-
-if TYPE_CHECKING:
-    from .node import Node
+from .parts import NodeParts
 
 log = logging.getLogger("hpcflow.lifecycle")
 
@@ -136,8 +134,9 @@ class FlowBook:
 class Janitor:
     """A daemon's sweeper of tagged datasets nobody will clean up (see the module doc)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeParts, book: FlowBook) -> None:
         self.node = node
+        self.book = book  # this node's, for the flows it initiated
         self.swept = 0
 
     @property
@@ -146,7 +145,7 @@ class Janitor:
 
     def run(self) -> None:
         """Sweep forever; waits for the node to start first (it runs from construction)."""
-        while getattr(self.node, "service", None) is None or not hasattr(self.node, "catalog"):
+        while not self.node.ready:
             gevent.sleep(0.05)
         while True:
             try:
@@ -195,7 +194,7 @@ class Janitor:
     def _ask(self, initiator: str, endpoint: str, items: list[Any]) -> list[bool]:
         node = self.node
         if initiator == node.name:
-            return node.worker.book.wanted(node.name, items)
+            return self.book.wanted(node.name, items)
         reply = node.peers.call(endpoint, "flow_status", node.name, items)
         if not isinstance(reply, list) or len(reply) != len(items):
             return [True] * len(items)  # a confused peer: keep everything

@@ -1,5 +1,7 @@
 """The node daemon: store + catalog + bulk channel + RPC, composed and supervised.
 
+The Node wires its parts and starts and stops them; the parts see it only
+through the protocols of :mod:`.parts` (none of them imports this module).
 One process, one gevent loop.  Sockets: the RPC ROUTER (zerorpc's protocol,
 ``rpc/strict.py``), the
 catalog's PUB and SUB, and the bulk ROUTER; each has one owner greenlet.
@@ -17,40 +19,21 @@ from typing import Any
 
 import gevent
 import gevent.event
-import numpy as np
 import zmq
 import zmq.green as zmqg
 
-from ..catalog.base import Catalog, PartLocation
-from ..catalog.chunking import Payload
 from ..catalog.membership import PeerInfo
-from ..catalog.record import (
-    DatasetRecord,
-    key_of,
-    validate_dtype,
-    validate_name,
-    validate_nparts,
-    validate_part,
-    validate_shape,
-)
+from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
 from ..catalog.store import Store
 from ..config import NodeConfig, advertised
-from ..errors import (
-    ConfigError,
-    DatasetExists,
-    DatasetNotFound,
-    HpcflowError,
-    InvalidData,
-    NotOwner,
-    PeerUnavailable,
-    ProtocolError,
-)
+from ..errors import ConfigError, HpcflowError, ProtocolError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
 from ..rpc import strict
 from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
 from ..rpc.calls import PeerClients, refuses_connections
 from ..rpc.traffic import Traffic
+from .datasets import Datasets
 from .service import NodeService
 from .worker import Worker
 
@@ -89,7 +72,10 @@ class Node:
         self._greenlets: list[gevent.Greenlet] = []
         self.me = PeerInfo(self.name, self.epoch, "", "", "")
         self.registry = DEFAULT_REGISTRY
-        self.worker = Worker(self, self.registry)
+        self.datasets = Datasets(self)
+        self.worker = Worker(self, self.datasets, self.registry)
+        # the janitor waits for the node to start, and stops with its other greenlets
+        self._greenlets.append(gevent.spawn(self.worker.janitor.run))
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -103,13 +89,13 @@ class Node:
         self._lock_data_dir()
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
-        self.service = NodeService(self)
+        self.service = NodeService(self, self.worker, self.datasets)
         try:
             self.rpc = strict.Server(self.service, heartbeat=5, context=self.ctx,
                                      name=self.name)
             rpc_ep = self.rpc.bind(cfg.rpc_endpoint)
             self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
-                                   self.settings, admit_put=self._admit_put,
+                                   self.settings, admit_put=self.datasets.admit_put,
                                    on_commit=lambda rec: None)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot bind {cfg.rpc_endpoint} / {cfg.bulk_endpoint}: {exc}"
@@ -289,7 +275,14 @@ class Node:
             return True
         return all(v.alive for v in cat.nodes() if v.info.name == name)
 
-    # -- state for the service ---------------------------------------------------
+    # -- what the parts may use (see parts.py) -------------------------------------
+    @property
+    def ready(self) -> bool:
+        return getattr(self, "service", None) is not None and hasattr(self, "catalog")
+
+    def call_local(self, method: str, *args: Any) -> Any:
+        return getattr(self.service, method)(*args)
+
     def load(self) -> dict[str, Any]:
         return {"active": self.active + self.bulk_active(), "loadavg": os.getloadavg()[0]}
 
@@ -321,139 +314,6 @@ class Node:
         else:
             self.catalog.announce(rec)
 
-    # -- dataset operations --------------------------------------------------------
-    def _admit_put(self, hdr: dict[str, Any]) -> None:
-        """Cluster-wide rules a new dataset (part) must follow, checked against the catalog."""
-        name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
-        dtype = validate_dtype(hdr.get("dtype")).str
-        shape = validate_shape(hdr.get("shape"))
-        check_put(self.catalog, self.name, name, part, shape, dtype)
-
-    def put_array(self, name: str, arr: Any, *, part: int | None = None,
-                  nparts: int | None = None, overwrite: bool = False) -> DatasetRecord:
-        validate_nparts(nparts, validate_part(part))
-        check_put(self.catalog, self.name, name, part, tuple(arr.shape), arr.dtype.str)
-        return self.store.put_array(name, arr, part=part, nparts=nparts, overwrite=overwrite,
-                                    chunk_bytes=self.config.chunk_bytes)
-
-    def delete(self, name: str, part: int | None) -> DatasetRecord:
-        try:
-            return self.store.delete(name, part)
-        except DatasetNotFound:
-            holders = sorted({r.owner for r in self.catalog.records()
-                              if r.name == name and (part is None or r.part == part)})
-            if holders:
-                raise NotOwner(f"{key_of(name, part)} is held by {', '.join(holders)}, not "
-                               f"{self.name}: delete it there") from None
-            raise
-
-    def pull(self, rec: DatasetRecord, deliver: Any) -> None:
-        """Deliver every chunk of ``rec``: from the local store, or over the bulk path."""
-        if rec.owner == self.name:
-            reader = self.store.reader(rec.key, rec.version)
-            for i in range(len(reader)):
-                buf, d = reader.chunk(i)
-                deliver(i, reader.chunking.byte_range(i)[0], Payload([buf]), d)
-                gevent.sleep(0)  # a multi-GB local read must not starve the heartbeats
-            return
-        endpoint = self.bulk_endpoints().get(rec.owner)
-        if endpoint is None:
-            raise PeerUnavailable(f"{rec.owner} (holder of {rec.key}) is not alive")
-        self.bulk_client.fetch(endpoint, rec.owner, rec, deliver)
-
-    def pull_any(self, holders: tuple[DatasetRecord, ...], deliver: Any,
-                 prefer: str | None = None) -> DatasetRecord:
-        """Pull from the first holder that works: ``prefer`` (the source a plan chose)
-        first, then our own copy, then the others in catalog order."""
-        ordered = sorted(holders, key=lambda r: (r.owner != prefer, r.owner != self.name))
-        errors = []
-        for rec in ordered:
-            try:
-                self.pull(rec, deliver)
-                return rec
-            except PeerUnavailable as exc:
-                errors.append(str(exc))
-        raise PeerUnavailable("; ".join(errors) or "no holder")
-
-    def gather(self, name: str, part: int | None = None) -> Any:
-        """The whole dataset (or one part) as one in-memory array."""
-        loc = self.catalog.locate(name)
-        parts = [p for p in loc.parts if part is None or p.part == part]
-        if part is None and not loc.complete:
-            raise DatasetNotFound(f"{name}: parts {list(loc.missing)} are on no live node")
-        if not parts:
-            raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
-        rows = sum(p.row_stop - p.row_start for p in parts)
-        out = np.empty((rows, *loc.shape[1:]) if loc.shape else (), dtype=np.dtype(loc.dtype))
-        flat = out.reshape(-1).view(np.uint8)
-        row_bytes = out.nbytes // max(rows, 1) if loc.shape else out.nbytes
-        base = 0
-        for p in parts:
-            def deliver(i: int, off: int, buf: Payload, d: int, base: int = base) -> None:
-                buf.copy_into(flat, base + off)
-            self.pull_any(p.holders, deliver)
-            base += (p.row_stop - p.row_start) * row_bytes
-        return out
-
-    def replicate(self, name: str, part: int | None) -> list[DatasetRecord]:
-        """Copy a dataset's parts into the local store (copies are catalogued replicas)."""
-        loc = self.catalog.locate(name)
-        out = [self.replicate_part(p)[0] for p in loc.parts if part is None or p.part == part]
-        if not out:
-            raise DatasetNotFound(f"{key_of(name, part)} is on no live node")
-        return out
-
-    def replicate_part(self, p: PartLocation, prefer: str | None = None,
-                       lineage: dict[str, Any] | None = None) -> tuple[DatasetRecord, str | None]:
-        """Copy one part here unless we have it; returns our record and the source used.
-
-        ``prefer`` is tried first (falling back to the other holders if it fails);
-        ``lineage`` entries are added to the copy's (e.g. the workflow that made it).
-        """
-        mine = next((r for r in p.holders if r.owner == self.name), None)
-        if mine is not None:
-            return mine, None
-        src = p.holders[0]
-        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate.
-        writer = self.store.begin(src.name, src.shape, src.dtype, part=src.part,
-                                  nparts=src.nparts, lineage={**src.lineage, **(lineage or {})},
-                                  chunk_bytes=src.chunk_bytes, volatile=bool(lineage))
-        try:
-            used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d),
-                                 prefer)
-            return writer.commit(src.checksum), used.owner
-        except BaseException:
-            writer.abort()
-            raise
-
-
-def check_put(catalog: Catalog, me: str, name: str, part: int | None,
-              shape: tuple[int, ...], dtype: str) -> None:
-    """A user's put must not shadow another node's dataset or break a partitioned one.
-
-    A part must match every sibling part the catalog knows of (ours, other live
-    nodes' and dead members' alike) in dtype and row shape; replacing our own
-    copy of the same part is the store's business (``overwrite``).
-    """
-    known = [r for r in catalog.records(include_dead=True) if r.name == name]
-    live_others = [r for r in catalog.records() if r.name == name and r.owner != me]
-    if part is None:
-        if live_others:
-            raise DatasetExists(f"{name} already exists on {live_others[0].owner}")
-        return
-    whole = [r for r in known if r.part is None and r.owner != me]
-    if whole:
-        raise InvalidData(f"{name} is a whole dataset on {whole[0].owner}; it has no parts")
-    clash = [r for r in live_others if r.part == part]
-    if clash:
-        raise DatasetExists(f"part {part} of {name} already exists on {clash[0].owner}")
-    for ref in (r for r in known if r.part is not None and r.part != part):
-        if ref.dtype != dtype or tuple(ref.shape[1:]) != tuple(shape[1:]):
-            raise InvalidData(
-                f"part {part} of {name} must match its other parts: part {ref.part} on "
-                f"{ref.owner} has dtype {ref.dtype} and rows of shape {list(ref.shape[1:])}, "
-                f"got {dtype} and {list(shape[1:])}")
-
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -471,4 +331,4 @@ def run_node(config: NodeConfig) -> int:
     return node.exit_code
 
 
-__all__ = ["Node", "check_put", "run_node"]
+__all__ = ["Node", "run_node"]

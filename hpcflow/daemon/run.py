@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 
@@ -26,10 +26,10 @@ from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
 from . import adapter
 from .executor import Execution, Executor, plan_uses
+from .parts import NodeParts
 from .plancache import plan_key
-
-if TYPE_CHECKING:
-    from .node import Node
+from .puts import check_put
+from .worker import Worker
 
 log = logging.getLogger("hpcflow.run")
 
@@ -37,7 +37,7 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
     "optimal": optimal_plan, "greedy": greedy_plan, "pull_all": pull_all_plan}
 
 
-def _parse(node: Node, req: object) -> tuple[str, list[Step], list[str], str, str]:
+def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], str, str]:
     if not isinstance(req, dict):
         raise InvalidData("workflow request must be a map")
     wf = validate_name(req.get("wf", "wf"))
@@ -58,7 +58,8 @@ def _parse(node: Node, req: object) -> tuple[str, list[Step], list[str], str, st
     return wf, steps, list(deliver), str(objective), str(method)
 
 
-def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]]:
+def make_plan(node: NodeParts, worker: Worker, req: object
+              ) -> tuple[Plan, str, list[Step], list[str]]:
     """Plan from this node's catalog; the search runs off the event loop."""
     wf, steps, deliver, objective, method = _parse(node, req)
     snap = node.catalog.snapshot()
@@ -72,9 +73,9 @@ def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]
     placement = adapter.placement(snap, adapter.source_names(steps))
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned,
-                              node.worker.learned)
+                              worker.learned)
     node_ops = adapter.node_ops(snap)
-    cache = node.worker.plans
+    cache = worker.plans
     key = plan_key(steps, deliver, objective, method, node.name, placement, node_ops, cost,
                    node.registry)
     plan = cache.get(key, steps)
@@ -88,25 +89,25 @@ def make_plan(node: Node, req: object) -> tuple[Plan, str, list[Step], list[str]
     return plan, wf, steps, deliver
 
 
-def plan(node: Node, req: object) -> dict[str, Any]:
-    return adapter.plan_to_wire(make_plan(node, req)[0])
+def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
+    return adapter.plan_to_wire(make_plan(node, worker, req)[0])
 
 
-def execute(node: Node, req: object) -> dict[str, Any]:
+def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
     """Plan and run; if a node dies mid-way, or an input the plan relied on vanished
     (a copy another flow removed), re-plan once from what the catalog says then.
 
     The reply's execution counts every byte that moved, the failed attempt's too.
     """
     keep = bool(req.get("keep")) if isinstance(req, dict) else False
-    book = node.worker.book
+    book = worker.book
     failed = Execution()
     for attempt in (1, 2):
-        the_plan, wf, steps, deliver = make_plan(node, req)
+        the_plan, wf, steps, deliver = make_plan(node, worker, req)
         log.info("workflow %s: %s", wf, the_plan.summary())
         by_out = {s.out: s for s in steps}
         xid = book.begin(wf, plan_uses(the_plan, by_out))
-        executor = Executor(node, wf, xid, keep)
+        executor = Executor(node, worker.learned, wf, xid, keep)
         try:
             ex = executor.run(the_plan, by_out, deliver)
         except (PeerUnavailable, DatasetNotFound) as exc:
@@ -140,23 +141,23 @@ def _items(created: object) -> list[tuple[str, str, int | None]]:
     return items
 
 
-def cleanup(node: Node, created: object, wf: object = None) -> int:
+def cleanup(node: NodeParts, worker: Worker, created: object, wf: object = None) -> int:
     """Delete what a flow created; with ``wf``, the flow is closed too.
 
     Copies that a running execution on this node still reads are left (the
     holder's janitor drops them once nobody does).
     """
     items = _items(created)
-    book = node.worker.book
+    book = worker.book
     if wf is not None:
         book.close(validate_name(wf))
     base = [(n, name.split(":rows", 1)[0]) for n, name, _ in items]
     mine = [item for item, (n, name) in zip(items, base, strict=True)
             if not book.in_use(n, name)]
-    return Executor(node, "cleanup", "cleanup").cleanup(mine)
+    return Executor(node, worker.learned, "cleanup", "cleanup").cleanup(mine)
 
 
-def save(node: Node, wf: object, output: object, name: object,
+def save(node: NodeParts, worker: Worker, wf: object, output: object, name: object,
          overwrite: object = False) -> dict[str, Any]:
     """Store a flow's output here, durably, under a user's name (kept after the flow).
 
@@ -165,15 +166,13 @@ def save(node: Node, wf: object, output: object, name: object,
     workflow) but not its flow tag, so no clean-up ever removes it.  The reply
     says which bytes moved from where.
     """
-    from .node import check_put
-
     wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
-    book = node.worker.book
+    book = worker.book
     xid = book.begin(wf)
-    executor = Executor(node, wf, xid)
+    executor = Executor(node, worker.learned, wf, xid)
     try:
         executor.pull(node.name, output, None)
-        arr = node.worker.local_rows(output, None)  # piecewise, yielding to heartbeats
+        arr = worker.local_rows(output, None)  # piecewise, yielding to heartbeats
         origin = node.catalog.locate(output).parts[0].holders[0].lineage
         lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
         lineage["saved_from"] = output
@@ -186,7 +185,7 @@ def save(node: Node, wf: object, output: object, name: object,
     return {"record": rec.to_wire(), "moved": executor.ex.to_wire()["moved"]}
 
 
-def flow_status(node: Node, holder: object, items: object) -> list[bool]:
+def flow_status(node: NodeParts, worker: Worker, holder: object, items: object) -> list[bool]:
     """For a holder's janitor: which of its ``[wf, execution, name, keep]`` items are still
     wanted (see :mod:`.lifecycle`)."""
     if not isinstance(holder, str) or not isinstance(items, list) or len(items) > 100_000:
@@ -194,7 +193,7 @@ def flow_status(node: Node, holder: object, items: object) -> list[bool]:
     for item in items:
         if not isinstance(item, list | tuple) or len(item) != 4:
             raise InvalidData("items must be [workflow, execution, name, keep]")
-    return node.worker.book.wanted(holder, items)
+    return worker.book.wanted(holder, items)
 
 
 __all__ = ["cleanup", "execute", "flow_status", "make_plan", "plan", "save"]

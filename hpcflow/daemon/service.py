@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,9 +20,9 @@ from ..catalog.record import validate_dtype, validate_name, validate_part, valid
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
 from ..rpc.messages import InputRef, RunRequest, Share
 from . import run
-
-if TYPE_CHECKING:
-    from .node import Node
+from .datasets import Datasets
+from .parts import ServedNode
+from .worker import Worker
 
 log = logging.getLogger("hpcflow.rpc")
 
@@ -52,10 +52,14 @@ def exposed(fn: F) -> F:
 
 
 class NodeService:
-    """Methods callable over RPC.  Thin: the work happens in :class:`~hpcflow.daemon.node.Node`."""
+    """Methods callable over RPC.  Thin: the work happens in the node's parts
+    (:class:`~hpcflow.daemon.worker.Worker`, :class:`~hpcflow.daemon.datasets.Datasets`,
+    :mod:`.run`)."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: ServedNode, worker: Worker, datasets: Datasets) -> None:
         self.node = node
+        self.worker = worker
+        self.datasets = datasets
 
     @exposed
     def ping(self) -> dict[str, Any]:
@@ -141,8 +145,9 @@ class NodeService:
         if len(data) != int(np.prod(shp, dtype=np.int64)) * dt.itemsize:
             raise InvalidData(f"{len(data)} bytes do not make an array of shape {shp} {dt}")
         arr = np.frombuffer(data, dtype=dt)
-        rec = self.node.put_array(validate_name(name), arr.reshape(shp), part=validate_part(part),
-                                  nparts=nparts, overwrite=bool(overwrite))
+        rec = self.datasets.put_array(validate_name(name), arr.reshape(shp),
+                                      part=validate_part(part), nparts=nparts,
+                                      overwrite=bool(overwrite))
         return rec.to_wire()
 
     @exposed
@@ -153,18 +158,18 @@ class NodeService:
         if loc.nbytes > MAX_RPC_PAYLOAD:
             raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 64 MiB:"
                               " use the bulk path (hpcflow.connect(...).fetch)")
-        arr = self.node.gather(name, part)
+        arr = self.datasets.gather(name, part)
         return {"shape": list(arr.shape), "dtype": arr.dtype.str, "data": arr.tobytes()}
 
     @exposed
     def delete(self, name: Any, part: Any = None) -> dict[str, Any]:
-        return self.node.delete(validate_name(name), validate_part(part)).to_wire()
+        return self.datasets.delete(validate_name(name), validate_part(part)).to_wire()
 
     @exposed
     def replicate(self, name: Any, part: Any = None) -> list[dict[str, Any]]:
         """Pull a copy of ``name`` (or one part) into this node's store."""
-        with self.node.worker.busy():
-            recs = self.node.replicate(validate_name(name), validate_part(part))
+        with self.worker.busy():
+            recs = self.datasets.replicate(validate_name(name), validate_part(part))
         return [r.to_wire() for r in recs]
 
     @exposed
@@ -183,25 +188,25 @@ class NodeService:
             raise InvalidData("src must be a node name")
         if tag is not None and not isinstance(tag, dict):
             raise InvalidData("tag must be a map")
-        created, moved = self.node.worker.pull(ref.name, ref.rows, src, tag)
+        created, moved = self.worker.pull(ref.name, ref.rows, src, tag)
         return {"created": [r.to_wire() for r in created], "moved": moved}
 
     @exposed
     def run_share(self, share: Any) -> dict[str, Any]:
         """Run this node's share of an execution (see ``rpc.messages``)."""
-        return self.node.worker.shares.run(Share.from_wire(share)).to_wire()
+        return self.worker.shares.run(Share.from_wire(share)).to_wire()
 
     @exposed
     def cancel_share(self, execution: Any) -> bool:
         """End this node's share of ``execution`` (it removes what it made)."""
         if not isinstance(execution, str):
             raise InvalidData("execution must be an id")
-        return self.node.worker.shares.cancel(execution)
+        return self.worker.shares.cancel(execution)
 
     @exposed
     def run_op(self, request: Any) -> dict[str, Any]:
         """Run an op on local rows and store its output here (see ``daemon.worker``)."""
-        return self.node.worker.run(RunRequest.from_wire(request)).to_wire()  # a RunReply
+        return self.worker.run(RunRequest.from_wire(request)).to_wire()  # a RunReply
 
     @exposed
     def delete_parts(self, items: Any) -> int:
@@ -223,28 +228,28 @@ class NodeService:
     @exposed
     def plan(self, request: Any) -> dict[str, Any]:
         """Plan a workflow from this node's catalog without running it."""
-        return run.plan(self.node, request)
+        return run.plan(self.node, self.worker, request)
 
     @exposed
     def execute(self, request: Any) -> dict[str, Any]:
         """Plan and run a workflow with this node as the initiator."""
-        return run.execute(self.node, request)
+        return run.execute(self.node, self.worker, request)
 
     @exposed
     def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
         """Keep a flow's output (wherever its parts are) here, durably, under a user's name."""
-        return run.save(self.node, wf, output, name, overwrite)
+        return run.save(self.node, self.worker, wf, output, name, overwrite)
 
     @exposed
     def cleanup(self, created: Any, wf: Any = None) -> int:
         """Delete what earlier executions created (``[node, name, part]`` triples); with
         ``wf``, that flow is closed."""
-        return run.cleanup(self.node, created, wf)
+        return run.cleanup(self.node, self.worker, created, wf)
 
     @exposed
     def flow_status(self, holder: Any, items: Any) -> list[bool]:
         """A holder's janitor asks which of its workflow intermediates are still wanted."""
-        return run.flow_status(self.node, holder, items)
+        return run.flow_status(self.node, self.worker, holder, items)
 
     @exposed
     def stats(self) -> dict[str, Any]:

@@ -16,16 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import gevent.event
 
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, to_wire
 from ..rpc.messages import PHASES, PullTask, RunTask, Share, ShareReply, Task
-
-if TYPE_CHECKING:
-    from .node import Node
+from .parts import NodeParts, RowWork
 
 log = logging.getLogger("hpcflow.share")
 
@@ -41,8 +39,9 @@ class ShareCancelled(HpcflowError):
 class Shares:
     """The shares running on this node, by execution id."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeParts, worker: RowWork) -> None:
         self.node = node
+        self.worker = worker
         self.running: dict[str, gevent.Greenlet] = {}
 
     def run(self, share: Share) -> ShareReply:
@@ -50,7 +49,7 @@ class Shares:
             raise InvalidData(f"execution {share.execution} already has a share here")
         reply = ShareReply()
         t0 = time.monotonic()
-        g = gevent.spawn(_Runner(self.node, share, reply).run)
+        g = gevent.spawn(_Runner(self.node, self.worker, share, reply).run)
         self.running[share.execution] = g
         try:
             g.join()
@@ -80,8 +79,10 @@ class Shares:
 
 
 class _Runner:
-    def __init__(self, node: Node, share: Share, reply: ShareReply) -> None:
+    def __init__(self, node: NodeParts, worker: RowWork, share: Share, reply: ShareReply
+                 ) -> None:
         self.node = node
+        self.worker = worker
         self.share = share
         self.reply = reply
         self.by_step: dict[int, list[list[Task]]] = defaultdict(lambda: [[] for _ in range(PHASES)])
@@ -128,7 +129,7 @@ class _Runner:
 
     def _task(self, t: Task) -> None:
         wait = MADE_HERE_WAIT_S if t.made_here else None
-        worker = self.node.worker
+        worker = self.worker
         t0 = time.monotonic()
         if isinstance(t, PullTask):
             if t.src is not None and t.src != self.node.name and t.made_here:

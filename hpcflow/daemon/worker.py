@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import numpy as np
@@ -38,13 +38,12 @@ from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
 from ..rpc.messages import RunReply, RunRequest
+from .datasets import Datasets
 from .learned import Learned
 from .lifecycle import FlowBook, Janitor
+from .parts import NodeParts
 from .plancache import PlanCache
 from .share import Shares
-
-if TYPE_CHECKING:
-    from .node import Node
 
 log = logging.getLogger("hpcflow.worker")
 
@@ -100,17 +99,17 @@ class Worker:
     results; as an initiator it keeps the :class:`FlowBook`; as a holder its
     :class:`Janitor` sweeps intermediates of finished flows."""
 
-    def __init__(self, node: Node, registry: OpRegistry) -> None:
+    def __init__(self, node: NodeParts, datasets: Datasets, registry: OpRegistry) -> None:
         self.node = node
+        self.datasets = datasets
         self.registry = registry
         self.book = FlowBook()
         self.plans = PlanCache()
         #: Fixed costs and op speeds measured here, for this node's plans.
         self.learned = Learned()
-        self.shares = Shares(node)
-        self.janitor = Janitor(node)
-        # the janitor waits for the node to start, and stops with its other greenlets
-        node._greenlets.append(gevent.spawn(self.janitor.run))
+        self.shares = Shares(node, self)
+        #: Started by the node (it waits for the node to start).
+        self.janitor = Janitor(node, self.book)
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -218,7 +217,7 @@ class Worker:
                     continue  # already here
                 whole = (a, b) == (p.row_start, p.row_stop)
                 if whole and (src is None or src in p.nodes or not self._slices(name, a, b, src)):
-                    rec, used = self.node.replicate_part(p, prefer=src, lineage=tag)
+                    rec, used = self.datasets.replicate_part(p, prefer=src, lineage=tag)
                 else:
                     rec, used = self._pull_slice(name, p, a, b, src, tag)
                 created.append(rec)

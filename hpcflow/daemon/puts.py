@@ -1,0 +1,54 @@
+"""The cluster-wide rules a new dataset (or part) must follow, checked against the catalog.
+
+A node's own store only knows its own copies; these rules look at what the
+catalog says every node holds.  They apply to every way data enters a store:
+an upload over the bulk channel (:func:`admit_put`, before the first byte is
+written), an inline ``put`` and a saved workflow output (:func:`check_put`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..catalog.base import Catalog
+from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
+from ..errors import DatasetExists, InvalidData
+
+
+def check_put(catalog: Catalog, me: str, name: str, part: int | None,
+              shape: tuple[int, ...], dtype: str) -> None:
+    """A user's put must not shadow another node's dataset or break a partitioned one.
+
+    A part must match every sibling part the catalog knows of (ours, other live
+    nodes' and dead members' alike) in dtype and row shape; replacing our own
+    copy of the same part is the store's business (``overwrite``).
+    """
+    known = [r for r in catalog.records(include_dead=True) if r.name == name]
+    live_others = [r for r in catalog.records() if r.name == name and r.owner != me]
+    if part is None:
+        if live_others:
+            raise DatasetExists(f"{name} already exists on {live_others[0].owner}")
+        return
+    whole = [r for r in known if r.part is None and r.owner != me]
+    if whole:
+        raise InvalidData(f"{name} is a whole dataset on {whole[0].owner}; it has no parts")
+    clash = [r for r in live_others if r.part == part]
+    if clash:
+        raise DatasetExists(f"part {part} of {name} already exists on {clash[0].owner}")
+    for ref in (r for r in known if r.part is not None and r.part != part):
+        if ref.dtype != dtype or tuple(ref.shape[1:]) != tuple(shape[1:]):
+            raise InvalidData(
+                f"part {part} of {name} must match its other parts: part {ref.part} on "
+                f"{ref.owner} has dtype {ref.dtype} and rows of shape {list(ref.shape[1:])}, "
+                f"got {dtype} and {list(shape[1:])}")
+
+
+def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]) -> None:
+    """An upload's header (from the network) against :func:`check_put`."""
+    name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
+    dtype = validate_dtype(hdr.get("dtype")).str
+    shape = validate_shape(hdr.get("shape"))
+    check_put(catalog, me, name, part, shape, dtype)
+
+
+__all__ = ["admit_put", "check_put"]
