@@ -12,6 +12,8 @@ import pytest
 import zmq
 
 import hpcflow
+from hpcflow.errors import DatasetNotFound, PeerUnavailable
+from hpcflow.rpc.bulk import from_holders
 from tests.conftest import SCALE, Cluster, names_on, wait_for
 
 MB = 1024 * 1024
@@ -328,3 +330,50 @@ def test_fetch_into_a_reused_array_and_refusals_that_touch_nothing(cluster: Clus
             c.fetch("OUT", out=ro)
         assert np.all(ro == 7.0)
         assert dict(c.traffic.bytes_received) == before  # refused before any byte moved
+
+
+class _Holder:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+
+def test_from_holders_order_skips_and_errors() -> None:
+    """The one failover loop: preferred source, then our copy, then the rest in order;
+    holders without an endpoint are skipped; the error names every holder."""
+    holders = [_Holder(n) for n in ("a", "b", "me", "src", "dead")]
+    endpoints = {"a": "tcp://a", "b": "tcp://b", "me": "tcp://me", "src": "tcp://src"}
+    tried: list[str] = []
+
+    def failing(h: _Holder, ep: str | None) -> None:
+        tried.append(h.owner)
+        raise PeerUnavailable(f"{h.owner} timed out")
+
+    with pytest.raises(PeerUnavailable) as err:
+        from_holders(holders, failing, endpoints.get, what="DS", prefer="src", here="me")
+    assert tried == ["src", "me", "a", "b"]
+    assert "no holder of DS answered" in str(err.value)
+    assert "dead is not alive" in str(err.value) and "b timed out" in str(err.value)
+
+    # the first that works wins; its result comes back with it
+    def second_works(h: _Holder, ep: str | None) -> str:
+        if h.owner == "me":
+            raise PeerUnavailable("busy")
+        return f"{h.owner}@{ep}"
+
+    used, got = from_holders(holders, second_works, endpoints.get, what="DS", here="me")
+    assert (used.owner, got) == ("a", "a@tcp://a")
+
+    # our own copy is read locally (no endpoint needed) with local=True
+    used, got = from_holders(holders, lambda h, ep: ep, {}.get, what="DS", here="me", local=True)
+    assert (used.owner, got) == ("me", None)
+
+    # other errors pass through unless listed in retry_on
+    def missing(h: _Holder, ep: str | None) -> str:
+        if h.owner == "a":
+            raise DatasetNotFound("gone")
+        return h.owner
+
+    with pytest.raises(DatasetNotFound):
+        from_holders(holders, missing, endpoints.get, what="DS")
+    assert from_holders(holders, missing, endpoints.get, what="DS",
+                        retry_on=(PeerUnavailable, DatasetNotFound))[1] == "b"

@@ -28,7 +28,7 @@ from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
 from ..config import normalize_endpoint, timeout_scale
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
-from ..rpc.bulk import BulkClient, BulkSettings, Deliver
+from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import call, new_client, refuses_connections
 from ..rpc.traffic import Traffic
 from ..sources import open_source
@@ -282,23 +282,17 @@ class Client:
         base, done = 0, [0]
         for p in parts:
             holders = [DatasetRecord.from_wire(h) for h in p["holders"]]
-            holders.sort(key=lambda r: r.owner != self.node)  # our node's copy first
             deliver = sink(base)
             if progress is not None:
                 deliver = _counting(deliver, done, total, progress)
-            errors = []
-            for rec in holders:
-                endpoint = bulk.get(rec.owner)
-                if endpoint is None:
-                    continue
-                try:
-                    self.bulk.fetch(endpoint, rec.owner, rec, deliver)
-                    break
-                except PeerUnavailable as exc:
-                    errors.append(str(exc))
-            else:
-                raise PeerUnavailable(f"no holder of part {p['part']} answered: "
-                                      + ("; ".join(errors) or "none alive"))
+
+            def fetch(rec: DatasetRecord, endpoint: str | None, deliver: Deliver = deliver
+                      ) -> int:
+                assert endpoint is not None
+                return self.bulk.fetch(endpoint, rec.owner, rec, deliver)
+
+            # our node's copy first, then the others in the order the node gave them
+            from_holders(holders, fetch, bulk.get, what=f"part {p['part']}", here=self.node)
             base += p["nbytes"]
 
 

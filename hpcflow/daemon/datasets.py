@@ -16,7 +16,8 @@ import numpy as np
 from ..catalog.base import PartLocation
 from ..catalog.chunking import Payload
 from ..catalog.record import DatasetRecord, key_of, validate_nparts, validate_part
-from ..errors import DatasetNotFound, NotOwner, PeerUnavailable
+from ..errors import DatasetNotFound, NotOwner
+from ..rpc.bulk import from_holders
 from .parts import NodeParts
 from .puts import admit_put, check_put
 
@@ -51,8 +52,9 @@ class Datasets:
                                f"{node.name}: delete it there") from None
             raise
 
-    def pull(self, rec: DatasetRecord, deliver: Any) -> None:
-        """Deliver every chunk of ``rec``: from the local store, or over the bulk path."""
+    def pull(self, rec: DatasetRecord, endpoint: str | None, deliver: Any) -> None:
+        """Deliver every chunk of ``rec``: from the local store (our own copy), or over
+        the bulk path from ``endpoint``."""
         node = self.node
         if rec.owner == node.name:
             reader = node.store.reader(rec.key, rec.version)
@@ -61,24 +63,19 @@ class Datasets:
                 deliver(i, reader.chunking.byte_range(i)[0], Payload([buf]), d)
                 gevent.sleep(0)  # a multi-GB local read must not starve the heartbeats
             return
-        endpoint = node.bulk_endpoints().get(rec.owner)
-        if endpoint is None:
-            raise PeerUnavailable(f"{rec.owner} (holder of {rec.key}) is not alive")
+        assert endpoint is not None
         node.bulk_client.fetch(endpoint, rec.owner, rec, deliver)
 
     def pull_any(self, holders: tuple[DatasetRecord, ...], deliver: Any,
                  prefer: str | None = None) -> DatasetRecord:
         """Pull from the first holder that works: ``prefer`` (the source a plan chose)
         first, then our own copy, then the others in catalog order."""
-        ordered = sorted(holders, key=lambda r: (r.owner != prefer, r.owner != self.node.name))
-        errors = []
-        for rec in ordered:
-            try:
-                self.pull(rec, deliver)
-                return rec
-            except PeerUnavailable as exc:
-                errors.append(str(exc))
-        raise PeerUnavailable("; ".join(errors) or "no holder")
+        node = self.node
+        used, _ = from_holders(holders, lambda rec, ep: self.pull(rec, ep, deliver),
+                               lambda owner: node.bulk_endpoints().get(owner),
+                               what=holders[0].key if holders else "the dataset",
+                               prefer=prefer, here=node.name, local=True)
+        return used
 
     def gather(self, name: str, part: int | None = None) -> Any:
         """The whole dataset (or one part) as one in-memory array."""

@@ -37,6 +37,7 @@ from ..catalog.base import Location, PartLocation
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from ..rpc.bulk import from_holders
 from ..rpc.messages import RunReply, RunRequest
 from .datasets import Datasets
 from .learned import Learned
@@ -244,7 +245,6 @@ class Worker:
         sources = [(rec, p.row_start) for rec in p.holders]
         if prefer is not None:
             sources += self._slices(name, glo, ghi, prefer)
-        sources.sort(key=lambda s: (s[0].owner != prefer, s[0].owner != self.node.name))
         first = p.holders[0]
         row_bytes = first.nbytes // max(first.rows, 1)
         shape = (ghi - glo, *first.shape[1:])
@@ -254,32 +254,24 @@ class Worker:
                      **(tag or {})},
             chunk_bytes=self.node.config.chunk_bytes, volatile=True)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
-        errors = []
-        used = ""
+        piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1) * row_bytes)
+
+        def fetch(source: tuple[DatasetRecord, int], endpoint: str | None) -> None:
+            rec, start = source
+            assert endpoint is not None
+            self.node.bulk_client.fetch_range(
+                endpoint, rec.owner, rec, (glo - start) * row_bytes, (ghi - glo) * row_bytes,
+                lambda k, off, buf, d: buf.copy_into(flat, off), piece)
+
         try:
-            for rec, start in sources:
-                endpoint = self.node.bulk_endpoints().get(rec.owner)
-                if endpoint is None:
-                    continue
-                try:
-                    piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1)
-                                * row_bytes)
-                    self.node.bulk_client.fetch_range(
-                        endpoint, rec.owner, rec, (glo - start) * row_bytes,
-                        (ghi - glo) * row_bytes,
-                        lambda k, off, buf, d: buf.copy_into(flat, off),
-                        piece)
-                    used = rec.owner
-                    break
-                except (PeerUnavailable, DatasetNotFound) as exc:
-                    errors.append(str(exc))
-            else:
-                raise PeerUnavailable(f"no holder of {name} rows [{glo}, {ghi}) answered: "
-                                      + ("; ".join(errors) or "none alive"))
+            (used, _), _ = from_holders(
+                sources, fetch, lambda owner: self.node.bulk_endpoints().get(owner),
+                what=f"{name} rows [{glo}, {ghi})", prefer=prefer, here=self.node.name,
+                retry_on=(PeerUnavailable, DatasetNotFound), owner=lambda s: s[0].owner)
             for i in range(len(writer.chunking)):
                 off, length = writer.chunking.byte_range(i)
                 writer.write_chunk(i, flat[off : off + length])
-            return writer.commit(), used
+            return writer.commit(), used.owner
         except BaseException:
             writer.abort()
             raise

@@ -49,9 +49,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 import numpy as np
@@ -93,6 +93,45 @@ MAX_FRAMES = 256
 LIVENESS_POLL_S = 0.25
 Deliver = Callable[[int, int, Payload, int], None]
 """Called with (chunk index, byte offset in the dataset, payload, digest)."""
+
+H = TypeVar("H")
+R = TypeVar("R")
+
+
+def _owner(holder: Any) -> str:
+    return str(holder.owner)
+
+
+def from_holders(holders: Iterable[H], fetch: Callable[[H, str | None], R],
+                 endpoint_of: Callable[[str], str | None], *, what: str,
+                 prefer: str | None = None, here: str | None = None, local: bool = False,
+                 retry_on: tuple[type[Exception], ...] = (PeerUnavailable,),
+                 owner: Callable[[H], str] = _owner) -> tuple[H, R]:
+    """Fetch from the first of a dataset's holders that works: the one place that fails
+    over across holders.  Returns the holder used and what ``fetch`` returned.
+
+    Holders are tried in order: ``prefer`` (the source a plan chose) first, then
+    ``here``'s own copy, then the others in the order given.  ``fetch(holder,
+    endpoint)`` gets the holder's bulk endpoint (``endpoint_of(owner)``, asked just
+    before the attempt); a holder without one (not alive) is skipped, except
+    ``here``'s own copy with ``local=True``, which ``fetch`` reads locally (endpoint
+    None).  A ``fetch`` failing with one of ``retry_on`` moves on to the next holder;
+    when none is left, :class:`PeerUnavailable` says what each holder did.
+    """
+    ordered = sorted(holders, key=lambda h: (owner(h) != prefer, owner(h) != here))
+    errors: list[str] = []
+    for h in ordered:
+        who = owner(h)
+        endpoint = None if local and who == here else endpoint_of(who)
+        if endpoint is None and not (local and who == here):
+            errors.append(f"{who} is not alive")
+            continue
+        try:
+            return h, fetch(h, endpoint)
+        except retry_on as exc:
+            errors.append(str(exc))
+    raise PeerUnavailable(f"no holder of {what} answered: " + ("; ".join(errors) or "none"))
+
 
 
 def _frames(buf: Any) -> list[memoryview]:
