@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import gevent
 import numpy as np
@@ -24,8 +24,15 @@ from ..errors import IntegrityError, InvalidData, StoreError
 from .chunking import Chunking, Payload, chunk_digest, dataset_checksum
 from .record import DatasetRecord
 
-if TYPE_CHECKING:
-    from .store import Store
+
+class Owner(Protocol):
+    """What a :class:`MemoryWriter` asks of the store that made it (the
+    :class:`~hpcflow.catalog.store.Store`): publish the part, or release its name."""
+
+    def _finish_memory(self, w: MemoryWriter, checksum: str, digests: list[int]
+                       ) -> DatasetRecord: ...
+
+    def _release(self, key: str, reserved: int = 0) -> None: ...
 
 #: Chunks at least this big are copied and hashed on a pool thread, off the gevent loop.
 OFFLOAD_BYTES = 256 * 1024
@@ -44,7 +51,7 @@ class MemoryWriter:
 
     durable = False
 
-    def __init__(self, store: Store, rec: DatasetRecord) -> None:
+    def __init__(self, store: Owner, rec: DatasetRecord) -> None:
         self.store = store
         self.proto = rec
         self.chunking = Chunking(rec.shape, np.dtype(rec.dtype).itemsize, rec.chunk_bytes)

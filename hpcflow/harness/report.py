@@ -22,12 +22,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from hpcflow.harness.scenario import Scenario
+
+class Named(Protocol):
+    """What a report uses of a :class:`~hpcflow.harness.scenario.Scenario`: its name."""
+
+    @property
+    def name(self) -> str: ...
+
 
 __all__ = [
     "MATPLOTLIB_REQUIREMENT",
@@ -141,7 +146,7 @@ def _isnan(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.isnan(a) if a.dtype.kind in "fc" else np.zeros(a.shape, dtype=bool)
 
 
-def _name(scenario: Scenario | str) -> str:
+def _name(scenario: Named | str) -> str:
     return scenario if isinstance(scenario, str) else scenario.name
 
 
@@ -150,7 +155,7 @@ def _json_float(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def to_json(scenario: Scenario | str, results: Sequence[ApproachResult]) -> dict[str, Any]:
+def to_json(scenario: Named | str, results: Sequence[ApproachResult]) -> dict[str, Any]:
     """``{"scenario": name, "approaches": {NAME: {bytes_moved, wall_s, links, ...}}}``.
 
     Every field of :class:`ApproachResult` except ``approach`` (the key);
@@ -188,7 +193,7 @@ def _grid(rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def format_table(scenario: Scenario | str, results: Sequence[ApproachResult]) -> str:
+def format_table(scenario: Named | str, results: Sequence[ApproachResult]) -> str:
     """A plain-text report: totals per approach, bytes per link, skipped and failed ones."""
     ran = [r for r in results if r.ran]
     out = [f"scenario {_name(scenario)}"]
