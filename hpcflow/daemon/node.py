@@ -27,13 +27,14 @@ from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
 from ..catalog.store import Store
 from ..config import NodeConfig, advertised
-from ..errors import ConfigError, HpcflowError, ProtocolError
+from ..errors import ConfigError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
 from ..rpc import strict
 from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
-from ..rpc.calls import PeerClients, refuses_connections
+from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
 from .datasets import Datasets
+from .members import REJOIN_FOR_S, Members
 from .service import NodeService
 from .worker import Worker
 
@@ -41,10 +42,6 @@ log = logging.getLogger("hpcflow.node")
 
 #: How long requests still in flight at shutdown get to clean up after being cancelled.
 STOP_GRACE_S = 5.0
-
-MEMBERS_FILE = "members.json"
-#: How long a restarted node keeps trying the members it remembers (they may be gone).
-REJOIN_FOR_S = 60.0
 
 
 class Node:
@@ -73,6 +70,7 @@ class Node:
         self.me = PeerInfo(self.name, self.epoch, "", "", "")
         self.registry = DEFAULT_REGISTRY
         self.datasets = Datasets(self)
+        self.members = Members(self, self._refused)
         self.worker = Worker(self, self.datasets, self.registry)
         # the janitor waits for the node to start, and stops with its other greenlets
         self._greenlets.append(gevent.spawn(self.worker.janitor.run))
@@ -115,11 +113,11 @@ class Node:
         self.bulk.start()
         self._greenlets.append(gevent.spawn(self.rpc.run))
         for ep in cfg.peer_endpoints:
-            self._greenlets.append(gevent.spawn(self._join, ep))
-        remembered = [ep for ep in self._remembered() if ep not in cfg.peer_endpoints]
+            self._greenlets.append(gevent.spawn(self.members.join, ep))
+        remembered = [ep for ep in self.members.remembered() if ep not in cfg.peer_endpoints]
         for ep in remembered:  # a restarted node finds its cluster even without --peer
-            self._greenlets.append(gevent.spawn(self._join, ep, REJOIN_FOR_S))
-        self._greenlets.append(gevent.spawn(self._remember_members))
+            self._greenlets.append(gevent.spawn(self.members.join, ep, REJOIN_FOR_S))
+        self._greenlets.append(gevent.spawn(self.members.remember))
         self._write_node_json()
         if remembered:
             log.info("rejoining through %d remembered member(s)", len(remembered))
@@ -133,8 +131,8 @@ class Node:
             self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
             ops=self.registry.hashes,
-            pub_bind=self.config.pub_endpoint, probe=self.probe,
-            introduce=lambda info: self._hello(info.rpc),
+            pub_bind=self.config.pub_endpoint, probe=self.members.probe,
+            introduce=lambda info: self.members.hello(info.rpc),
             forget_after_s=self.config.forget_dead_s)
 
     def serve_forever(self) -> None:
@@ -188,85 +186,10 @@ class Node:
         tmp.write_text(json.dumps({**self.me.to_wire(), "pid": self.pid}))
         os.replace(tmp, path)
 
-    def _remembered(self) -> list[str]:
-        """RPC endpoints of the members this data dir's last run knew (best effort)."""
-        try:
-            eps = json.loads((self.config.data_dir / MEMBERS_FILE).read_text())
-        except (OSError, ValueError):
-            return []
-        if not isinstance(eps, list):
-            return []
-        return [ep for ep in eps[:64] if isinstance(ep, str) and len(ep) <= 256
-                and ep.startswith(("tcp://", "ipc://")) and ep != self.me.rpc]
-
-    def _remember_members(self) -> None:
-        """Keep ``members.json`` up to date with the live members' RPC endpoints."""
-        path = self.config.data_dir / MEMBERS_FILE
-        last: list[str] | None = None
-        while True:
-            gevent.sleep(2 * self.config.heartbeat_s)
-            eps = sorted(v.info.rpc for v in self.catalog.nodes()
-                         if v.alive and v.info.name != self.name)
-            if eps == last or not eps:
-                continue
-            try:
-                tmp = path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(eps))
-                os.replace(tmp, path)
-                last = eps
-            except OSError as exc:
-                log.warning("cannot write %s: %s", path, exc)
-
-    def _join(self, endpoint: str, give_up_after: float | None = None) -> None:
-        """Introduce ourselves to a peer; retry until it answers (or ``give_up_after`` s,
-        for a remembered member that may be gone for good).
-
-        A peer that refuses us outright (our name is taken) stops this daemon:
-        two nodes with one name would corrupt every catalog.
-        """
-        delay, warned = 0.2, False
-        deadline = None if give_up_after is None else time.monotonic() + give_up_after
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                log.info("remembered member %s did not answer; not trying it again", endpoint)
-                return
-            try:
-                self._hello(endpoint)
-                log.info("joined the cluster through %s", endpoint)
-                return
-            except ConfigError as exc:
-                log.error("cannot join through %s: %s", endpoint, exc)
-                self.exit_code = 2
-                self.stopped.set()
-                return
-            except HpcflowError as exc:
-                if not warned:
-                    log.warning("peer %s not reachable yet (%s); retrying", endpoint, exc)
-                    warned = True
-            gevent.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    def _hello(self, endpoint: str) -> None:
-        """Introduce ourselves at ``endpoint`` and learn the members it knows."""
-        reply = self.peers.call(endpoint, "hello", self.me.to_wire())
-        try:
-            descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
-        except (KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
-        self.catalog.add_peer(descriptors[0], verified=True)  # it answered at that endpoint
-        for info in descriptors[1:]:
-            self.catalog.add_peer(info)
-
-    def probe(self, endpoint: str) -> tuple[str, int] | None:
-        """Who answers at an RPC endpoint now, as ``(name, epoch)``; None when nothing
-        does within the TTL (a refused connection answers at once)."""
-        if refuses_connections(endpoint):
-            return None
-        try:
-            r = self.peers.call(endpoint, "ping", timeout_s=self.config.ttl_s)
-            return str(r["name"]), int(r["epoch"])
-        except (HpcflowError, KeyError, TypeError, ValueError):
-            return None
+    def _refused(self) -> None:
+        """A peer refused us (our name is taken): stop, exit code 2."""
+        self.exit_code = 2
+        self.stopped.set()
 
     def _peer_alive(self, name: str) -> bool:
         """False once the catalog has declared ``name`` dead (unknown names: True)."""

@@ -38,6 +38,11 @@ class NodeParts(Protocol):
         ...
 
     @property
+    def me(self) -> PeerInfo:
+        """Our descriptor (endpoints as advertised), as other nodes see it."""
+        ...
+
+    @property
     def config(self) -> NodeConfig: ...
 
     @property
@@ -79,9 +84,6 @@ class ServedNode(NodeParts, Protocol):
 
     @property
     def pid(self) -> int: ...
-
-    @property
-    def me(self) -> PeerInfo: ...
 
     def load(self) -> dict[str, Any]: ...
 

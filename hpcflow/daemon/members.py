@@ -1,0 +1,119 @@
+"""How a node finds and keeps its cluster: joining through a peer, introducing itself,
+probing who answers at an endpoint, and remembering the live members for the next run.
+
+A node joins through its ``--peer`` endpoints and, after a restart, through the
+members its data dir remembers (``members.json``); the catalog then learns
+the rest from gossip (:mod:`hpcflow.catalog.replicated`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import gevent
+
+from ..catalog.membership import PeerInfo
+from ..errors import ConfigError, HpcflowError, ProtocolError
+from ..rpc.calls import refuses_connections
+from .parts import NodeParts
+
+log = logging.getLogger("hpcflow.node")
+
+MEMBERS_FILE = "members.json"
+#: How long a restarted node keeps trying the members it remembers (they may be gone).
+REJOIN_FOR_S = 60.0
+
+
+class Members:
+    """The node's side of membership; ``refused`` is called when a peer refuses us
+    outright (our name is taken), which must stop the daemon."""
+
+    def __init__(self, node: NodeParts, refused: Callable[[], None]) -> None:
+        self.node = node
+        self.refused = refused
+
+    def remembered(self) -> list[str]:
+        """RPC endpoints of the members this data dir's last run knew (best effort)."""
+        try:
+            eps = json.loads((self.node.config.data_dir / MEMBERS_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(eps, list):
+            return []
+        return [ep for ep in eps[:64] if isinstance(ep, str) and len(ep) <= 256
+                and ep.startswith(("tcp://", "ipc://")) and ep != self.node.me.rpc]
+
+    def remember(self) -> None:
+        """Keep ``members.json`` up to date with the live members' RPC endpoints."""
+        path = self.node.config.data_dir / MEMBERS_FILE
+        last: list[str] | None = None
+        while True:
+            gevent.sleep(2 * self.node.config.heartbeat_s)
+            eps = sorted(v.info.rpc for v in self.node.catalog.nodes()
+                         if v.alive and v.info.name != self.node.name)
+            if eps == last or not eps:
+                continue
+            try:
+                tmp = path.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(eps))
+                os.replace(tmp, path)
+                last = eps
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+
+    def join(self, endpoint: str, give_up_after: float | None = None) -> None:
+        """Introduce ourselves to a peer; retry until it answers (or ``give_up_after`` s,
+        for a remembered member that may be gone for good).
+
+        A peer that refuses us outright (our name is taken) stops this daemon:
+        two nodes with one name would corrupt every catalog.
+        """
+        delay, warned = 0.2, False
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                log.info("remembered member %s did not answer; not trying it again", endpoint)
+                return
+            try:
+                self.hello(endpoint)
+                log.info("joined the cluster through %s", endpoint)
+                return
+            except ConfigError as exc:
+                log.error("cannot join through %s: %s", endpoint, exc)
+                self.refused()
+                return
+            except HpcflowError as exc:
+                if not warned:
+                    log.warning("peer %s not reachable yet (%s); retrying", endpoint, exc)
+                    warned = True
+            gevent.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def hello(self, endpoint: str) -> None:
+        """Introduce ourselves at ``endpoint`` and learn the members it knows."""
+        reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
+        try:
+            descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
+        except (KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
+        self.node.catalog.add_peer(descriptors[0], verified=True)  # it answered at that endpoint
+        for info in descriptors[1:]:
+            self.node.catalog.add_peer(info)
+
+    def probe(self, endpoint: str) -> tuple[str, int] | None:
+        """Who answers at an RPC endpoint now, as ``(name, epoch)``; None when nothing
+        does within the TTL (a refused connection answers at once)."""
+        if refuses_connections(endpoint):
+            return None
+        try:
+            r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
+            return str(r["name"]), int(r["epoch"])
+        except (HpcflowError, KeyError, TypeError, ValueError):
+            return None
+
+
+__all__ = ["MEMBERS_FILE", "REJOIN_FOR_S", "Members"]
