@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import gevent
 import numpy as np
 import pytest
 
@@ -235,3 +236,32 @@ def test_an_intermediate_lost_with_its_node_is_computed_again(two: Cluster) -> N
         h3 = flow.run("scale", h1, factor=0.5)  # needs h1, which is gone
         np.testing.assert_allclose(h3.fetch(), ds * 1.5)
         np.testing.assert_allclose(h1.fetch(), ds * 3)
+
+
+def test_closing_a_flow_with_submissions_in_flight_leaves_nothing(make_cluster: Any,
+                                                                  tmp_path: Path) -> None:
+    """A script that submits and closes without gathering: what the submissions make
+    after the close is dropped by the nodes (the initiator says the flow is closed)."""
+    mod = tmp_path / "nap_ops.py"
+    mod.write_text("import time\nfrom hpcflow import op\n\n"
+                   "@op('nap', kind='rowwise')\ndef nap(x, *, s=0.3):\n"
+                   "    time.sleep(s)\n    return x\n")
+    c: Cluster = make_cluster()
+    c.add("a", extra=["--ops", str(mod)])
+    c.add("b", via="a", extra=["--ops", str(mod)])
+    c.wait_members()
+    with c["b"].client() as cb:
+        cb.put("N", np.ones((10, 2)))
+    wait_for(lambda: "N" in names_on(c["a"]), 10, "N on a")
+    with c["a"].client() as flow:
+        hs = [flow.submit("nap", "N", s=0.5) for _ in range(4)]
+        gevent.sleep(0.1)  # the submissions are running; the script leaves without waiting
+    assert not any(h.executed for h in hs)
+
+    def leftovers() -> list[str]:
+        return [k for n in ("a", "b") for k in names_on(c[n]) if k.startswith("wf-")]
+
+    wait_for(lambda: not leftovers(), 30, "the submissions' outputs to be dropped")
+    for n in ("a", "b"):
+        with c[n].client() as cl:
+            assert cl.stats()["store"]["memory_used"] == 0

@@ -142,6 +142,19 @@ def test_reduce_ops_on_integer_and_3d_input(sizes: list[int], seed: int) -> None
             assert apply(spec, [x], {}).dtype == np.float64  # like np.mean of integers
 
 
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">i4", "<f8"])
+def test_reduce_ops_on_big_endian_input(dtype: str) -> None:
+    """HDF5 files written on other machines are often big-endian; numpy only sums in
+    native byte order, so the ops must not pass the input's dtype through."""
+    x = (np.random.default_rng(3).random((50, 3)) * 10).astype(dtype)
+    for name, want in (("colmean", x.mean(axis=0)), ("colsum", x.sum(axis=0))):
+        spec = get_op(name)
+        got = apply(spec, [x], {})
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        partials = [run_partial(spec, block, {}) for block in (x[:20], x[20:])]
+        np.testing.assert_allclose(combine_partials(spec, partials, {}), want, rtol=1e-6)
+
+
 def test_empty_part_partials_are_zeros_of_the_right_shape() -> None:
     empty = np.empty((0, 3))
     np.testing.assert_array_equal(run_partial(get_op("colsum"), empty, {}), np.zeros(3))

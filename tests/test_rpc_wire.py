@@ -327,3 +327,48 @@ def test_a_silent_server_is_lost_within_heartbeats(served: tuple[strict.Server, 
         with (gevent.Timeout(5 * SCALE, AssertionError("the lost server went unnoticed")),
               pytest.raises(hpcflow.PeerUnavailable, match="heartbeat")):
             call.get()
+
+
+def test_idle_long_polls_cannot_lock_ordinary_calls_out(node: NodeProc) -> None:
+    """Connections cost nothing to open: a local user holding thousands of idle ``wait``
+    calls over many connections must not make the node refuse a ping."""
+    ctx = zmq.Context()
+    socks = []
+    for k in range(5):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(node.rpc)
+        for i in range(1000):  # 5000 in all: over the ordinary calls' total of 4096
+            s.send_multipart([b"", event({"message_id": b"L%d-%d" % (k, i), "v": 3}, "wait",
+                                         ["NEVER", 30.0])])
+        socks.append(s)
+    with node.client() as c:
+        with gevent.Timeout(20 * SCALE, AssertionError("the waits never all arrived")):
+            while c.stats()["rpc"]["in_flight"] < 5000:
+                gevent.sleep(0.05)
+        answered(c)
+    for s in socks:
+        s.close()
+    ctx.term()
+
+
+def test_a_huge_event_is_refused_without_stalling_the_node(node: NodeProc) -> None:
+    """An event of ten million empty arrays: refused by the decoder's item limit at once,
+    not unpacked for seconds on the socket's one reader."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(node.rpc)
+    blob = enc([{"message_id": b"huge", "v": 3}, "ping", Raw(b"\xdd" + struct.pack(">I", 10_000_000)
+                                                           + b"\x90" * 10_000_000)])
+    with node.client() as c:
+        answered(c)
+        s.send_multipart([b"", blob])
+        t0 = time.monotonic()
+        answered(c)
+        assert time.monotonic() - t0 < 2 * SCALE
+        with gevent.Timeout(10 * SCALE):
+            while c.stats()["rpc"]["dropped"].get("malformed", 0) < 1:
+                gevent.sleep(0.05)
+    s.close()
+    ctx.term()

@@ -187,6 +187,11 @@ class Catalog(abc.ABC):
     def wait_changed(self, timeout: float) -> None:
         """Block (cooperatively) until the catalog changes or ``timeout`` passes."""
 
+    def settling(self) -> bool:
+        """True while this replica may still be filling (the node has just started or is
+        syncing a peer): a dataset missing now may be there a moment later."""
+        return False
+
     def locate(self, name: str) -> Location:
         try:
             return locate(name, self.records(), self.records(include_dead=True))

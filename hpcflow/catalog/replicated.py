@@ -84,6 +84,7 @@ class ReplicatedCatalog(Catalog):
         self.fetch_snapshot = fetch_snapshot
         self.heartbeat_s = heartbeat_s
         self.ttl_s = ttl_s
+        self._started = time.monotonic()
         self.load = load
         self.ops = ops
         self.probe = probe
@@ -115,7 +116,13 @@ class ReplicatedCatalog(Catalog):
     def self_name(self) -> str:
         return self.me.name
 
+    def settling(self) -> bool:
+        if time.monotonic() - self._started < 2 * self.ttl_s:
+            return True  # the members we will hear from may not have said hello yet
+        return any(st.alive and not st.synced for st in self.peers.values())
+
     def start(self) -> None:
+        self._started = time.monotonic()
         self._pub = self.ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 100_000)

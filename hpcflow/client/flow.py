@@ -149,6 +149,7 @@ class Flow:
     executions: int = 0
     replans: int = 0
     calls: int = 0
+    closed: bool = False
     #: Measured seconds per step output: transfer, compute and wait, summed over nodes.
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds_total: float = 0.0
@@ -267,6 +268,8 @@ class Flow:
         return lost
 
     def _execute_pending(self, target: Handle, pending: list[Handle]) -> None:
+        if self.closed:
+            raise InvalidData(f"flow {self.id} is closed: start a new one (connect again)")
         reply = self.client._call("execute", self._request(target))
         view, ex = PlanView(reply["plan"]), reply["execution"]
         self.executions += 1
@@ -354,8 +357,11 @@ class Flow:
 
     def close(self) -> int:
         """Close the flow: remove what it created on every node, except (with ``keep``)
-        the step outputs."""
-        if not self.executions and not self.created:
+        the step outputs.  Submissions still running are not waited for: what they
+        make is dropped by the nodes' janitors once they finish (the initiator says
+        the flow is closed)."""
+        self.closed = True
+        if not self.handles and not self.created:
             return 0
         kept = set(self.handles) if self.keep else set()
         items = [c for c in self.created if c[1] not in kept]

@@ -238,19 +238,28 @@ class Executor:
         failed: BaseException | None = None
         pending = set(jobs.values())
         cancelled = False
-        while pending:
-            finished = gevent.wait(list(pending), count=1)
-            for g in finished:
-                pending.discard(g)
-                bad = g.exception is not None or (isinstance(g.value, dict)
-                                                  and g.value.get("error"))
-                if g.exception is not None and failed is None:
-                    failed = g.exception
-                if bad and not cancelled:
-                    cancelled = True
-                    for node, other in jobs.items():
-                        if not other.ready():
-                            gevent.spawn(self._cancel, node)
+        try:
+            while pending:
+                finished = gevent.wait(list(pending), count=1)
+                for g in finished:
+                    pending.discard(g)
+                    bad = g.exception is not None or (isinstance(g.value, dict)
+                                                      and g.value.get("error"))
+                    if g.exception is not None and failed is None:
+                        failed = g.exception
+                    if bad and not cancelled:
+                        cancelled = True
+                        for node, other in jobs.items():
+                            if not other.ready():
+                                gevent.spawn(self._cancel, node)
+        except BaseException:
+            # This execution was abandoned (its script went away, the node is stopping):
+            # the shares still running would otherwise wait for inputs that never come.
+            for node, g in jobs.items():
+                if not g.ready():
+                    gevent.spawn(self._cancel, node)
+            gevent.killall([g for g in jobs.values() if not g.ready()], block=False)
+            raise
         for node, g in jobs.items():
             if g.successful():
                 reply = ShareReply.from_wire(g.value)

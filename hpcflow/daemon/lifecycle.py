@@ -100,7 +100,9 @@ class FlowBook:
     def end(self, wf: str, xid: str, ok: bool) -> None:
         self.uses.pop(xid, None)
         if ok:
-            self.flows.setdefault(wf, {})[xid] = "done"
+            running = self.flows.get(wf)
+            if running is not None:  # a flow closed meanwhile stays closed: its janitors
+                running[xid] = "done"  # drop what this execution made
             return
         self.flows.get(wf, {}).pop(xid, None)
         self.failed[xid] = None

@@ -16,6 +16,7 @@ pool: the daemon's heartbeats and other requests keep flowing meanwhile.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from . import adapter
 from .executor import Execution, Executor, plan_uses
 from .parts import NodeParts
 from .plancache import plan_key
+from .pools import plan_pool
 from .puts import check_put
 from .worker import Worker
 
@@ -70,7 +72,18 @@ def make_plan(node: NodeParts, worker: Worker, req: object
                     f"its module here with --ops") if have else "no live node has it"
             raise UnknownOpError(f"step {step.out!r}: op {step.op!r} is unknown on the "
                                  f"initiator {node.name} ({hint})")
-    placement = adapter.placement(snap, adapter.source_names(steps))
+    sources = adapter.source_names(steps)
+    try:
+        placement = adapter.placement(snap, sources)
+    except DatasetNotFound:
+        if not node.catalog.settling():
+            raise
+        # Just started (or resyncing a peer): the inputs may be announced in a moment.
+        deadline = time.monotonic() + node.config.rpc_timeout_s
+        for name in sources:
+            node.catalog.wait_for(name, max(0.0, deadline - time.monotonic()))
+        snap = node.catalog.snapshot()
+        placement = adapter.placement(snap, sources)
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned,
                               worker.learned)
@@ -84,7 +97,7 @@ def make_plan(node: NodeParts, worker: Worker, req: object
         args = (adapter.workflow(steps, node.name, deliver), placement)
         kwargs = {"registry": node.registry, "node_ops": node_ops, "cost": cost,
                   "models": cache.models}
-        plan = gevent.get_hub().threadpool.apply(lambda: planner(*args, **kwargs))
+        plan = plan_pool().apply(lambda: planner(*args, **kwargs))
         cache.put(key, steps, plan)
     return plan, wf, steps, deliver
 

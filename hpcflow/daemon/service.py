@@ -27,7 +27,8 @@ from .worker import Worker
 log = logging.getLogger("hpcflow.rpc")
 
 F = TypeVar("F", bound=Callable[..., Any])
-MAX_RPC_PAYLOAD = 64 * 1024 * 1024
+#: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
+MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 
 
 def exposed(fn: F) -> F:
@@ -134,11 +135,11 @@ class NodeService:
     @exposed
     def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,
             nparts: Any = None, overwrite: Any = False) -> dict[str, Any]:
-        """Store a small array sent inline (bulk uploads have no size limit; this has 64 MiB)."""
+        """Store a small array sent inline (bulk uploads have no size limit; this has 15 MiB)."""
         if not isinstance(data, bytes):
             raise InvalidData("data must be bytes")
         if len(data) > MAX_RPC_PAYLOAD:
-            raise InvalidData("inline put is limited to 64 MiB: use the bulk path "
+            raise InvalidData("inline put is limited to 15 MiB: use the bulk path "
                               "(hpcflow.connect(...).put)")
         dt = validate_dtype(dtype)
         shp = validate_shape(shape)
@@ -156,7 +157,7 @@ class NodeService:
         name, part = validate_name(name), validate_part(part)
         loc = self.node.catalog.locate(name)
         if loc.nbytes > MAX_RPC_PAYLOAD:
-            raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 64 MiB:"
+            raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 15 MiB:"
                               " use the bulk path (hpcflow.connect(...).fetch)")
         arr = self.datasets.gather(name, part)
         return {"shape": list(arr.shape), "dtype": arr.dtype.str, "data": arr.tobytes()}

@@ -44,9 +44,11 @@ from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .parts import NodeParts
 from .plancache import PlanCache
+from .pools import op_pool
 from .share import Shares
 
 log = logging.getLogger("hpcflow.worker")
+
 
 #: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
 INLINE_COMPUTE_BYTES = 256 * 1024
@@ -335,7 +337,7 @@ class Worker:
             if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
                     "hpcflow.ops."):
                 return fn(*args)
-            return gevent.get_hub().threadpool.apply(fn, args)
+            return op_pool().apply(fn, args)
         finally:
             timing["compute_s"], timing["nbytes"] = time.monotonic() - t0, nbytes
 

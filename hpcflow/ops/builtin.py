@@ -86,7 +86,8 @@ def colmean(x: Array) -> tuple[Array, Array]:
     Integer input is summed in float64 like ``np.mean`` does; float input keeps
     its dtype in the result.
     """
-    acc = np.float64 if x.dtype.kind in "biu" else x.dtype
+    # numpy accumulates in native byte order only (big-endian input is common in HDF5).
+    acc = np.dtype(np.float64) if x.dtype.kind in "biu" else x.dtype.newbyteorder("=")
     return x.sum(axis=0, dtype=acc), np.array(len(x), dtype=np.int64)
 
 

@@ -69,6 +69,8 @@ CONTROL_NAMES = frozenset({"_zpc_hb", "_zpc_more"})
 MAX_ID = 128
 MAX_NAME = 256
 MAX_IDENTITY_FRAMES = 8
+#: Items in one msgpack array or map of an event (a share's tasks are bounded below it).
+MAX_ITEMS = 100_000
 
 
 class Malformed(ProtocolError):
@@ -76,7 +78,12 @@ class Malformed(ProtocolError):
 
 
 class LostRemote(PeerUnavailable):
-    """The other side of a call stopped heartbeating."""
+    """The server of a call stopped heartbeating (raised in the caller)."""
+
+
+class CallerLost(gevent.GreenletExit):
+    """Raised inside a call being served when its caller stopped heartbeating: the work
+    is abandoned (like a cancellation: cleanup runs, nothing is retried)."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,15 @@ class Limits:
     per_connection: int = 1024
     #: Requests being served at once in total.
     total: int = 4096
+    #: Methods that may block for long while costing almost nothing (a ``wait`` for a
+    #: dataset): counted apart, so idle long polls cannot lock ordinary calls out.
+    long_polls: frozenset[str] = frozenset({"wait"})
+    #: Long polls in flight at once in total (per connection: ``per_connection``).
+    long_polls_total: int = 16384
     #: Largest message accepted; a larger one closes the sender's connection (libzmq).
-    max_message_bytes: int = 80 * 1024 * 1024
+    #: Decoding runs on the socket's one reader: 16 MiB of the smallest msgpack objects
+    #: take about half a second, well inside a heartbeat TTL.
+    max_message_bytes: int = 16 * 1024 * 1024
     #: At most one warning per reason per this many seconds.
     log_every_s: float = 10.0
 
@@ -149,7 +163,8 @@ def decode(parts: Sequence[Any], *, router: bool) -> Event:
         identity = []
     blob = parts[-1]
     try:
-        msg = msgpack.unpackb(getattr(blob, "buffer", blob), raw=False)
+        msg = msgpack.unpackb(getattr(blob, "buffer", blob), raw=False,
+                              max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS)
     except Exception as exc:  # msgpack raises several types, all meaning "not msgpack"
         raise Malformed(f"not one msgpack value: {type(exc).__name__}: {exc}") from None
     if not isinstance(msg, list) or len(msg) != 3:
@@ -281,6 +296,7 @@ class _Call:
     started: float
     last_heard: float
     greenlet: gevent.Greenlet | None = None
+    long: bool = False
 
 
 def _public_methods(obj: Any) -> dict[str, Callable[..., Any]]:
@@ -314,7 +330,9 @@ class Server:
         sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         self._io = _Endpoint(sock, heartbeat, limits.log_every_s)
         self.calls: dict[tuple[tuple[bytes, ...], str | bytes], _Call] = {}
-        self._per_connection: Counter[tuple[bytes, ...]] = Counter()
+        # In flight per (connection, long poll?) and in total per kind.
+        self._per_connection: Counter[tuple[tuple[bytes, ...], bool]] = Counter()
+        self._in_flight: Counter[bool] = Counter()
         self.overloaded = 0
         self._stopped = gevent.event.Event()
 
@@ -369,19 +387,24 @@ class Server:
         if key in self.calls:
             raise Malformed(f"request id {ev.message_id!r} is already in use on this connection")
         lim = self.limits
-        if self._per_connection[conn] >= lim.per_connection or len(self.calls) >= lim.total:
+        long = ev.name in lim.long_polls
+        total = lim.long_polls_total if long else lim.total
+        mine = self._per_connection[(conn, long)]
+        if mine >= lim.per_connection or self._in_flight[long] >= total:
             self.overloaded += 1
             self._io.warn("overloaded", "refusing requests over the limit",
                           _peer_address(parts), self.overloaded)
+            kind = "long polls" if long else "requests"
             self._reply(ev.identity, ev.message_id, ev.version, "ERR", self._err(
-                "Overloaded", f"the node is serving {len(self.calls)} requests "
-                f"({self._per_connection[conn]} for this connection; limits "
-                f"{lim.per_connection} and {lim.total}): retry later", ev.version))
+                "Overloaded", f"the node is serving {self._in_flight[long]} {kind} "
+                f"({mine} for this connection; limits {lim.per_connection} and {total}): "
+                "retry later", ev.version))
             return
         now = time.monotonic()
-        call = _Call(key, ev.identity, ev.message_id, ev.version, now, now)
+        call = _Call(key, ev.identity, ev.message_id, ev.version, now, now, long=long)
         self.calls[key] = call
-        self._per_connection[conn] += 1
+        self._per_connection[(conn, long)] += 1
+        self._in_flight[long] += 1
         call.greenlet = gevent.spawn(self._serve, call, ev)
 
     def _serve(self, call: _Call, ev: Event) -> None:
@@ -393,7 +416,7 @@ class Server:
                 if fn is None:
                     raise NameError(ev.name)
                 blob = encode(header, "OK", [fn(*ev.args)])  # unencodable: an error too
-            except (gevent.GreenletExit, LostRemote):
+            except gevent.GreenletExit:
                 return
             except Exception as exc:
                 blob = encode(header, "ERR", self._err(type(exc).__name__, str(exc),
@@ -407,10 +430,11 @@ class Server:
 
     def _forget(self, call: _Call) -> None:
         if self.calls.pop(call.key, None) is not None:
-            conn = call.key[0]
-            self._per_connection[conn] -= 1
-            if self._per_connection[conn] <= 0:
-                del self._per_connection[conn]
+            slot = (call.key[0], call.long)
+            self._per_connection[slot] -= 1
+            self._in_flight[call.long] -= 1
+            if self._per_connection[slot] <= 0:
+                del self._per_connection[slot]
 
     @staticmethod
     def _err(name: str, message: str, version: int) -> list[Any]:
@@ -437,7 +461,7 @@ class Server:
                     continue
                 if call.version >= 2:
                     if now - call.last_heard > 2 * freq + freq and call.greenlet is not None:
-                        call.greenlet.kill(LostRemote("client stopped heartbeating"),
+                        call.greenlet.kill(CallerLost("client stopped heartbeating"),
                                            block=False)
                         continue
                     self._reply(call.identity, call.message_id, call.version, "_zpc_hb", [0])
@@ -573,5 +597,6 @@ class Client:
         self.close()
 
 
-__all__ = ["Client", "Event", "Limits", "LostRemote", "Malformed", "Server", "decode",
+__all__ = ["CallerLost", "Client", "Event", "Limits", "LostRemote", "Malformed", "Server",
+           "decode",
            "encode"]
