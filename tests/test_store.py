@@ -257,3 +257,30 @@ def test_failed_writes_are_typed_and_leave_nothing(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert not list(store.dir.iterdir())
     assert store.put_array("F", np.arange(10)).key == "F"  # nothing stuck as "busy"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "pop"]), st.sampled_from("ABC"),
+                          st.sampled_from([None, 0, 1]), st.booleans()), max_size=40))
+def test_record_table_indexes_match_a_scan(ops: list[tuple[str, str, int | None, bool]]) -> None:
+    """The by-name and slice indexes always say what scanning every record would."""
+    from hpcflow.catalog.record import RecordTable
+
+    table = RecordTable()
+    for what, name, part, is_slice in ops:
+        rec = DatasetRecord(f"{name}:rows0-1" if is_slice else name, None if is_slice else part,
+                            "n1", (1,), "<f8", 8, "x", 4096,
+                            lineage={"slice_of": name, "rows": [0, 1]} if is_slice else {})
+        if what == "set":
+            table[rec.key] = rec
+        elif what == "del" and rec.key in table:
+            del table[rec.key]
+        else:
+            table.pop(rec.key, None)
+        for n in "ABC":
+            assert sorted(r.key for r in table.named(n)) == sorted(
+                r.key for r in table.values() if r.name == n)
+            assert sorted(r.key for r in table.slices_of(n)) == sorted(
+                r.key for r in table.values() if r.lineage.get("slice_of") == n)
+    with pytest.raises(TypeError):
+        table.update({})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,14 @@ class Catalog(abc.ABC):
     def wait_changed(self, timeout: float) -> None:
         """Block (cooperatively) until the catalog changes or ``timeout`` passes."""
 
+    def records_named(self, name: str, include_dead: bool = False) -> list[DatasetRecord]:
+        """The records of dataset ``name`` (implementations index them)."""
+        return [r for r in self.records(include_dead) if r.name == name]
+
+    def slices_of(self, name: str) -> list[DatasetRecord]:
+        """Live slices (``NAME:rowsLO-HI`` copies) of dataset ``name``."""
+        return [r for r in self.records() if r.lineage.get("slice_of") == name]
+
     def settling(self) -> bool:
         """True while this replica may still be filling (the node has just started or is
         syncing a peer): a dataset missing now may be there a moment later."""
@@ -194,7 +203,8 @@ class Catalog(abc.ABC):
 
     def locate(self, name: str) -> Location:
         try:
-            return locate(name, self.records(), self.records(include_dead=True))
+            return locate(name, self.records_named(name),
+                          self.records_named(name, include_dead=True))
         except DatasetNotFound:
             dead = sorted({r.owner for r in self.records(include_dead=True) if r.name == name})
             if dead:
@@ -217,9 +227,16 @@ class Catalog(abc.ABC):
                 raise DatasetNotFound(f"{name} did not appear on a live node within {timeout:g} s")
             self.wait_changed(remaining)
 
-    def snapshot(self) -> CatalogSnapshot:
-        return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()),
-                               tuple(self.records(include_dead=True)))
+    def snapshot(self, names: Iterable[str] | None = None) -> CatalogSnapshot:
+        """An immutable picture; with ``names``, of those datasets' records only (what a
+        plan reads: the whole catalog may hold thousands of intermediates)."""
+        if names is None:
+            return CatalogSnapshot(self.self_name, tuple(self.records()), tuple(self.nodes()),
+                                   tuple(self.records(include_dead=True)))
+        wanted = list(dict.fromkeys(names))
+        live = tuple(r for n in wanted for r in self.records_named(n))
+        known = tuple(r for n in wanted for r in self.records_named(n, include_dead=True))
+        return CatalogSnapshot(self.self_name, live, tuple(self.nodes()), known)
 
     @property
     @abc.abstractmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -182,3 +183,62 @@ def _nonneg(v: object, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ProtocolError(f"{what} must be a non-negative int, got {v!r}")
     return v
+
+
+class RecordTable(dict[str, DatasetRecord]):
+    """Records by key, also indexed by dataset name and by the dataset a slice is of.
+
+    A flow's intermediates stay catalogued until it closes: with thousands of
+    them, finding one dataset's parts by scanning every record cost a visible
+    share of each small op.  Only ``[key] = rec``, ``del [key]`` and ``pop`` change
+    a table (other dict mutators are refused, so the indexes cannot go stale).
+    """
+
+    def __init__(self, records: Iterable[DatasetRecord] = ()) -> None:
+        super().__init__()
+        self._by_name: dict[str, dict[str, DatasetRecord]] = {}
+        self._slices: dict[str, dict[str, DatasetRecord]] = {}
+        for rec in records:
+            self[rec.key] = rec
+
+    def __setitem__(self, key: str, rec: DatasetRecord) -> None:
+        if key in self:
+            self._unindex(key, dict.__getitem__(self, key))
+        super().__setitem__(key, rec)
+        self._by_name.setdefault(rec.name, {})[key] = rec
+        of = rec.lineage.get("slice_of")
+        if isinstance(of, str):
+            self._slices.setdefault(of, {})[key] = rec
+
+    def __delitem__(self, key: str) -> None:
+        self._unindex(key, dict.__getitem__(self, key))
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key in self:
+            rec = dict.__getitem__(self, key)
+            del self[key]
+            return rec
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def _unindex(self, key: str, rec: DatasetRecord) -> None:
+        for index, by in ((self._by_name, rec.name), (self._slices, rec.lineage.get("slice_of"))):
+            if isinstance(by, str) and by in index:
+                index[by].pop(key, None)
+                if not index[by]:
+                    del index[by]
+
+    def named(self, name: str) -> list[DatasetRecord]:
+        """The records (parts) of dataset ``name``."""
+        return list(self._by_name.get(name, {}).values())
+
+    def slices_of(self, name: str) -> list[DatasetRecord]:
+        """The slices (``NAME:rowsLO-HI``) held of dataset ``name``."""
+        return list(self._slices.get(name, {}).values())
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("RecordTable changes only by [key] = rec, del and pop")
+
+    update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]

@@ -43,7 +43,7 @@ from ..logutil import Throttled
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, KVMsg
 from .membership import PeerInfo, PeerState
-from .record import DatasetRecord
+from .record import DatasetRecord, RecordTable
 
 log = logging.getLogger("hpcflow.catalog")
 
@@ -94,9 +94,9 @@ class ReplicatedCatalog(Catalog):
         self._refused: dict[tuple[str, int], float] = {}
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
-        self.own: dict[str, DatasetRecord] = {}
+        self.own: RecordTable = RecordTable()
         self.peers: dict[str, PeerState] = {}
-        self.peer_records: dict[str, dict[str, DatasetRecord]] = {}
+        self.peer_records: dict[str, RecordTable] = {}
         self._pending: dict[str, list[KVMsg]] = {}
         self._syncing: set[str] = set()
         # None in the outbox asks the publisher for a heartbeat now (membership news).
@@ -181,7 +181,7 @@ class ReplicatedCatalog(Catalog):
         if st is None:
             log.info("learned of peer %s at %s", info.name, info.rpc)
             self.peers[info.name] = PeerState(info)
-            self.peer_records[info.name] = {}
+            self.peer_records[info.name] = RecordTable()
             self._sub_cmds.put(("connect", info.pub))
             self._outbox.put(None)
         elif info.epoch > st.info.epoch:
@@ -245,6 +245,20 @@ class ReplicatedCatalog(Catalog):
         views = [NodeView(self.me, True, self.load(), self.ops())]
         views += [NodeView(st.info, st.alive, st.load, st.ops) for st in self.peers.values()]
         return views
+
+    def records_named(self, name: str, include_dead: bool = False) -> list[DatasetRecord]:
+        out = self.own.named(name)
+        for peer, recs in self.peer_records.items():
+            if include_dead or self.peers[peer].alive:
+                out.extend(recs.named(name))
+        return out
+
+    def slices_of(self, name: str) -> list[DatasetRecord]:
+        out = self.own.slices_of(name)
+        for peer, recs in self.peer_records.items():
+            if self.peers[peer].alive:
+                out.extend(recs.slices_of(name))
+        return out
 
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:
         out = list(self.own.values())
@@ -430,7 +444,7 @@ class ReplicatedCatalog(Catalog):
             st = self.peers[name]
             snap = self.fetch_snapshot(st.info)
             epoch, seq = int(snap["epoch"]), int(snap["seq"])
-            recs: dict[str, DatasetRecord] = {}
+            recs = RecordTable()
             for d in snap["records"]:
                 rec = DatasetRecord.from_wire(d)
                 if rec.owner == name:

@@ -56,6 +56,7 @@ from .chunking import (
 from .memory import MemoryReader, MemoryWriter, memory_budget_default
 from .record import (
     DatasetRecord,
+    RecordTable,
     key_of,
     layout_nbytes,
     validate_dtype,
@@ -296,7 +297,7 @@ class Store:
         self.memory_used = 0
         self._memory: dict[str, MemoryReader] = {}
         self._spilled: set[str] = set()
-        self._records: dict[str, DatasetRecord] = {}
+        self._records = RecordTable()
         #: Keys being written, each with an event set when the write ends.
         self._busy: dict[str, gevent.event.Event] = {}
         self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
@@ -372,6 +373,14 @@ class Store:
     def records(self) -> list[DatasetRecord]:
         return list(self._records.values())
 
+    def named(self, name: str) -> list[DatasetRecord]:
+        """The parts of dataset ``name`` held here."""
+        return self._records.named(name)
+
+    def slices_of(self, name: str) -> list[DatasetRecord]:
+        """The slices (``NAME:rowsLO-HI``) of dataset ``name`` held here."""
+        return self._records.slices_of(name)
+
     def get(self, name: str, part: int | None = None) -> DatasetRecord:
         key = key_of(validate_name(name), validate_part(part))
         try:
@@ -436,7 +445,7 @@ class Store:
             raise DatasetExists(f"{key} already exists on {self.owner} (use overwrite)")
         other = key_of(name, None) if part is not None else None
         if other in self._records or (part is None and any(
-                r.name == name and r.part is not None for r in self._records.values())):
+                r.part is not None for r in self._records.named(name))):
             raise InvalidData(f"{name} cannot be both a whole dataset and a partitioned one")
         proto = DatasetRecord(
             name=name, part=part, owner=self.owner, shape=tuple(shape), dtype=dt.str,

@@ -100,6 +100,8 @@ class Handle:
     location: dict[str, Any] | None = None
     value: Any = None  # the result itself when it came back inline (small results)
     executed: bool = False
+    #: Position among the flow's handles (creation order, which is dependency order).
+    seq: int = 0
     #: A running submission (:meth:`Flow.submit`), and the execution claiming this step.
     job: gevent.event.AsyncResult | None = field(default=None, repr=False)
     claim: gevent.event.Event | None = field(default=None, repr=False)
@@ -171,7 +173,7 @@ class Flow:
             raise InvalidData(f"{op} needs at least one input")
         name = f"{self.id}.{len(self.handles) + 1}.{op}"
         validate_name(name)
-        h = Handle(self, name, op, tuple(names), dict(params))
+        h = Handle(self, name, op, tuple(names), dict(params), seq=len(self.handles))
         self.handles[name] = h
         return h
 
@@ -185,7 +187,9 @@ class Flow:
                 continue
             need.add(h.name)
             stack += [i for i in h.inputs if i in self.handles]
-        return [h for n, h in self.handles.items() if n in need]
+        # Creation order is dependency order: sort what is needed by it rather than walk
+        # every handle the flow ever made.
+        return sorted((self.handles[n] for n in need), key=lambda h: h.seq)
 
     def _request(self, target: Handle, method: str | None = None) -> dict[str, Any]:
         steps = [{"out": h.name, "op": h.op, "inputs": list(h.inputs), "params": h.params}

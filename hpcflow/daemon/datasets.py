@@ -45,8 +45,8 @@ class Datasets:
         try:
             return node.store.delete(name, part)
         except DatasetNotFound:
-            holders = sorted({r.owner for r in node.catalog.records()
-                              if r.name == name and (part is None or r.part == part)})
+            holders = sorted({r.owner for r in node.catalog.records_named(name)
+                              if part is None or r.part == part})
             if holders:
                 raise NotOwner(f"{key_of(name, part)} is held by {', '.join(holders)}, not "
                                f"{node.name}: delete it there") from None

@@ -23,8 +23,8 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
     nodes' and dead members' alike) in dtype and row shape; replacing our own
     copy of the same part is the store's business (``overwrite``).
     """
-    known = [r for r in catalog.records(include_dead=True) if r.name == name]
-    live_others = [r for r in catalog.records() if r.name == name and r.owner != me]
+    known = catalog.records_named(name, include_dead=True)
+    live_others = [r for r in catalog.records_named(name) if r.owner != me]
     if part is None:
         if live_others:
             raise DatasetExists(f"{name} already exists on {live_others[0].owner}")

@@ -47,8 +47,7 @@ def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], st
     outs = [validate_name(s.out) for s in steps]
     if len(set(outs)) != len(outs):
         raise InvalidData("step outputs must be unique")
-    existing = {r.name for r in node.catalog.records()}
-    clash = [o for o in outs if o in existing]
+    clash = [o for o in outs if node.catalog.records_named(o)]
     if clash:
         raise DatasetExists(f"step output(s) {', '.join(clash)} already exist as datasets")
     deliver = req.get("deliver") or [steps[-1].out]
@@ -64,7 +63,8 @@ def make_plan(node: NodeParts, worker: Worker, req: object
               ) -> tuple[Plan, str, list[Step], list[str]]:
     """Plan from this node's catalog; the search runs off the event loop."""
     wf, steps, deliver, objective, method = _parse(node, req)
-    snap = node.catalog.snapshot()
+    sources = adapter.source_names(steps)
+    snap = node.catalog.snapshot(sources)
     for step in steps:  # the initiator plans with its own op definitions: it needs them all
         if step.op not in node.registry:
             have = sorted(v.info.name for v in snap.nodes if v.alive and step.op in v.ops)
@@ -72,7 +72,6 @@ def make_plan(node: NodeParts, worker: Worker, req: object
                     f"its module here with --ops") if have else "no live node has it"
             raise UnknownOpError(f"step {step.out!r}: op {step.op!r} is unknown on the "
                                  f"initiator {node.name} ({hint})")
-    sources = adapter.source_names(steps)
     try:
         placement = adapter.placement(snap, sources)
     except DatasetNotFound:
@@ -82,7 +81,7 @@ def make_plan(node: NodeParts, worker: Worker, req: object
         deadline = time.monotonic() + node.config.rpc_timeout_s
         for name in sources:
             node.catalog.wait_for(name, max(0.0, deadline - time.monotonic()))
-        snap = node.catalog.snapshot()
+        snap = node.catalog.snapshot(sources)
         placement = adapter.placement(snap, sources)
     learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned,

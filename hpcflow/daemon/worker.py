@@ -135,13 +135,14 @@ class Worker:
                else self.node.catalog.locate(name))
         starts = {p.part: (p.row_start, p.row_stop) for p in loc.parts}
         pieces = []
-        for rec in self.node.store.records():
-            if rec.name == name and rec.part in starts:
+        store = self.node.store
+        for rec in store.named(name):
+            if rec.part in starts:
                 lo, hi = starts[rec.part]
                 pieces.append((lo, hi, rec))
-            elif rec.lineage.get("slice_of") == name:
-                lo, hi = rec.lineage["rows"]
-                pieces.append((int(lo), int(hi), rec))
+        for rec in store.slices_of(name):
+            lo, hi = rec.lineage["rows"]
+            pieces.append((int(lo), int(hi), rec))
         pieces.sort(key=lambda p: (p[0], -p[1]))
         return loc, pieces
 
@@ -232,8 +233,8 @@ class Worker:
                 ) -> list[tuple[DatasetRecord, int]]:
         """Catalogued slices of ``name`` covering rows ``[lo, hi)`` (with their first row)."""
         out = []
-        for rec in self.node.catalog.records():
-            if rec.lineage.get("slice_of") != name or (owner and rec.owner != owner):
+        for rec in self.node.catalog.slices_of(name):
+            if owner and rec.owner != owner:
                 continue
             rows = rec.lineage.get("rows")
             if isinstance(rows, list) and len(rows) == 2 and rows[0] <= lo and hi <= rows[1]:
@@ -387,7 +388,7 @@ class Worker:
             + fix)
 
     def _lineage(self, name: str) -> dict[str, Any]:
-        recs = [r for r in self.node.store.records() if r.name == name]
+        recs = self.node.store.named(name)
         if not recs:
             raise DatasetNotFound(f"partial {name} is not on {self.node.name}")
         return recs[0].lineage
