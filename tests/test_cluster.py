@@ -361,7 +361,9 @@ def test_get_reports_user_errors_without_tracebacks(cluster: Cluster, tmp_path: 
     with cluster["n2"].client() as c:
         c.put("G", np.arange(12.0).reshape(4, 3))
     with cluster["n3"].client() as c:
+        c.wait_for("G", 10)  # the put's announcement reaches n3 a moment later
         c.replicate("G")  # n2 and n3 hold G; a get through n3 reads n3's own copy
+
     def get(*args: str, json_out: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node",
                                cluster["n3"].rpc, "G", *args, *(["--json"] if json_out else [])],
