@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ..errors import IntegrityError, InvalidData
+
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 #: Chunks of one dataset part: bounds the per-chunk digest tables both ends keep
 #: (16 TiB at the default chunk size).
@@ -149,3 +151,29 @@ class Chunking:
         outer, start, stop = self._locate(i)
         unit = self._unit
         return (outer * self.shape[self._axis] + start) * unit, (stop - start) * unit
+
+
+def chunk_payload(chunking: Chunking, i: int, buf: Any) -> tuple[int, Payload]:
+    """Chunk ``i``'s byte offset and its bytes (as frames); :class:`InvalidData` for an
+    index out of range or a wrong length (what every writer checks first)."""
+    if not 0 <= i < len(chunking):
+        raise InvalidData(f"chunk index {i} out of range (0..{len(chunking) - 1})")
+    off, length = chunking.byte_range(i)
+    payload = buf if isinstance(buf, Payload) else Payload([buf])
+    if payload.nbytes != length:
+        raise InvalidData(f"chunk {i} has {payload.nbytes} bytes, expected {length}")
+    return off, payload
+
+
+def final_checksum(key: str, shape: tuple[int, ...], dtype: str, chunk_bytes: int,
+                   digests: Sequence[int | None], expected: str | None) -> tuple[str, list[int]]:
+    """The dataset checksum once every chunk has arrived, and the digests; InvalidData
+    if some never did, IntegrityError if it is not ``expected``."""
+    missing = sum(d is None for d in digests)
+    if missing:
+        raise InvalidData(f"{key}: {missing} chunks never arrived")
+    got = [int(d) for d in digests if d is not None]
+    checksum = dataset_checksum(shape, dtype, chunk_bytes, got)
+    if expected is not None and checksum != expected:
+        raise IntegrityError(f"{key}: checksum {checksum} does not match expected {expected}")
+    return checksum, got

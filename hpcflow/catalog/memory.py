@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 
 from ..errors import IntegrityError, InvalidData, StoreError
-from .chunking import Chunking, Payload, chunk_digest, dataset_checksum
+from .chunking import Chunking, Payload, chunk_digest, chunk_payload, final_checksum
 from .record import DatasetRecord
 
 
@@ -71,12 +71,8 @@ class MemoryWriter:
         """Copy chunk ``i`` in; :class:`IntegrityError` if ``digest`` does not match."""
         if self._done:
             raise StoreError("writer already finished")
-        if not 0 <= i < len(self.chunking):
-            raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
-        off, length = self.chunking.byte_range(i)
-        payload = buf if isinstance(buf, Payload) else Payload([buf])
-        if payload.nbytes != length:
-            raise InvalidData(f"chunk {i} has {payload.nbytes} bytes, expected {length}")
+        off, payload = chunk_payload(self.chunking, i, buf)
+        length = payload.nbytes
         if length >= OFFLOAD_BYTES:
             actual = gevent.get_hub().threadpool.apply(self._copy_and_hash, (payload, off))
         else:
@@ -91,17 +87,13 @@ class MemoryWriter:
         return chunk_digest(self.buf[off : off + payload.nbytes])
 
     def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
-        missing = [i for i, d in enumerate(self.digests) if d is None]
-        if missing:
-            raise InvalidData(f"{self.proto.key}: {len(missing)} chunks never arrived")
-        digests = [int(d) for d in self.digests if d is not None]
-        checksum = dataset_checksum(self.proto.shape, self.proto.dtype, self.proto.chunk_bytes,
-                                    digests)
-        if expected_checksum is not None and checksum != expected_checksum:
+        p = self.proto
+        try:
+            checksum, digests = final_checksum(p.key, p.shape, p.dtype, p.chunk_bytes,
+                                               self.digests, expected_checksum)
+        except IntegrityError:
             self.abort()
-            raise IntegrityError(
-                f"{self.proto.key}: checksum {checksum} does not match expected {expected_checksum}"
-            )
+            raise
         rec = self.store._finish_memory(self, checksum, digests)
         self._done = True
         return rec

@@ -51,7 +51,9 @@ from .chunking import (
     Chunking,
     Payload,
     chunk_digest,
+    chunk_payload,
     dataset_checksum,
+    final_checksum,
 )
 from .memory import MemoryReader, MemoryWriter, memory_budget_default
 from .record import (
@@ -143,12 +145,8 @@ class DatasetWriter:
         """
         if self._done:
             raise StoreError("writer already finished")
-        if not 0 <= i < len(self.chunking):
-            raise InvalidData(f"chunk index {i} out of range (0..{len(self.chunking) - 1})")
-        off, length = self.chunking.byte_range(i)
-        payload = buf if isinstance(buf, Payload) else Payload([buf])
-        if payload.nbytes != length:
-            raise InvalidData(f"chunk {i} has {payload.nbytes} bytes, expected {length}")
+        off, payload = chunk_payload(self.chunking, i, buf)
+        length = payload.nbytes
         with self._fd_lock:
             self._inflight += 1
         if length >= OFFLOAD_BYTES:
@@ -184,17 +182,13 @@ class DatasetWriter:
 
     def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
         """Verify, fsync, rename into place and register; returns the stored record."""
-        missing = [i for i, d in enumerate(self.digests) if d is None]
-        if missing:
-            raise InvalidData(f"{self.proto.key}: {len(missing)} chunks never arrived")
-        digests = [int(d) for d in self.digests if d is not None]
-        checksum = dataset_checksum(self.proto.shape, self.proto.dtype, self.proto.chunk_bytes,
-                                    digests)
-        if expected_checksum is not None and checksum != expected_checksum:
+        p = self.proto
+        try:
+            checksum, digests = final_checksum(p.key, p.shape, p.dtype, p.chunk_bytes,
+                                               self.digests, expected_checksum)
+        except IntegrityError:
             self.abort()
-            raise IntegrityError(
-                f"{self.proto.key}: checksum {checksum} does not match expected {expected_checksum}"
-            )
+            raise
         rec = self.store._finish(self, checksum, digests)
         self._done = True
         return rec
