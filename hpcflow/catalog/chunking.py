@@ -177,3 +177,36 @@ def final_checksum(key: str, shape: tuple[int, ...], dtype: str, chunk_bytes: in
     if expected is not None and checksum != expected:
         raise IntegrityError(f"{key}: checksum {checksum} does not match expected {expected}")
     return checksum, got
+
+
+class ChunkWriter:
+    """What the store's writers (file and memory) share: the chunk digests received,
+    and ``commit``, which checks them and hands the part to ``_publish``."""
+
+    proto: Any  # the DatasetRecord being written (without its checksum yet)
+    digests: list[int | None]
+    _done: bool
+
+    @property
+    def received(self) -> int:
+        return sum(d is not None for d in self.digests)
+
+    def commit(self, expected_checksum: str | None = None) -> Any:
+        """Verify every chunk arrived and the checksum (``expected_checksum`` if given),
+        then make the part visible; returns its record."""
+        p = self.proto
+        try:
+            checksum, digests = final_checksum(p.key, p.shape, p.dtype, p.chunk_bytes,
+                                               self.digests, expected_checksum)
+        except IntegrityError:
+            self.abort()
+            raise
+        rec = self._publish(checksum, digests)
+        self._done = True
+        return rec
+
+    def _publish(self, checksum: str, digests: list[int]) -> Any:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError

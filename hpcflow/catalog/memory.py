@@ -21,7 +21,7 @@ import gevent
 import numpy as np
 
 from ..errors import IntegrityError, InvalidData, StoreError
-from .chunking import Chunking, Payload, chunk_digest, chunk_payload, final_checksum
+from .chunking import Chunking, ChunkWriter, Payload, chunk_digest, chunk_payload
 from .record import DatasetRecord
 
 
@@ -46,7 +46,7 @@ def memory_budget_default() -> int:
         return 1 << 30
 
 
-class MemoryWriter:
+class MemoryWriter(ChunkWriter):
     """Receives the chunks of one volatile part into memory; commit makes it visible."""
 
     durable = False
@@ -62,10 +62,6 @@ class MemoryWriter:
             raise StoreError(f"cannot hold {rec.key} ({rec.nbytes} bytes) in memory") from exc
         self._done = False
         self.last_activity = time.monotonic()
-
-    @property
-    def received(self) -> int:
-        return sum(d is not None for d in self.digests)
 
     def write_chunk(self, i: int, buf: Any, digest: int | None = None) -> None:
         """Copy chunk ``i`` in; :class:`IntegrityError` if ``digest`` does not match."""
@@ -86,17 +82,8 @@ class MemoryWriter:
         payload.copy_into(self.buf, off)
         return chunk_digest(self.buf[off : off + payload.nbytes])
 
-    def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
-        p = self.proto
-        try:
-            checksum, digests = final_checksum(p.key, p.shape, p.dtype, p.chunk_bytes,
-                                               self.digests, expected_checksum)
-        except IntegrityError:
-            self.abort()
-            raise
-        rec = self.store._finish_memory(self, checksum, digests)
-        self._done = True
-        return rec
+    def _publish(self, checksum: str, digests: list[int]) -> DatasetRecord:
+        return self.store._finish_memory(self, checksum, digests)
 
     def abort(self) -> None:
         if not self._done:

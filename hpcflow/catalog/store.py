@@ -49,11 +49,11 @@ from .chunking import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNKS,
     Chunking,
+    ChunkWriter,
     Payload,
     chunk_digest,
     chunk_payload,
     dataset_checksum,
-    final_checksum,
 )
 from .memory import MemoryReader, MemoryWriter, memory_budget_default
 from .record import (
@@ -102,7 +102,7 @@ def _create_contiguous(f: h5py.File, shape: tuple[int, ...], dtype: np.dtype[Any
     return None if offset is None else int(offset)
 
 
-class DatasetWriter:
+class DatasetWriter(ChunkWriter):
     """Receives the chunks of one dataset part into a temp file; commit makes it visible.
 
     ``durable=False`` (a spilled volatile part) writes into the spill directory and
@@ -132,10 +132,6 @@ class DatasetWriter:
             raise StoreError(f"cannot create {rec.key} ({list(rec.shape)} {rec.dtype}, "
                              f"{rec.nbytes} bytes) in {self.dir}: {exc}") from exc
         self.last_activity = time.monotonic()
-
-    @property
-    def received(self) -> int:
-        return sum(d is not None for d in self.digests)
 
     def write_chunk(self, i: int, buf: Any, digest: int | None = None) -> None:
         """Write chunk ``i``; raise :class:`IntegrityError` if ``digest`` does not match.
@@ -180,18 +176,9 @@ class DatasetWriter:
                 if self._close_pending and not self._inflight:
                     self._close_now()
 
-    def commit(self, expected_checksum: str | None = None) -> DatasetRecord:
-        """Verify, fsync, rename into place and register; returns the stored record."""
-        p = self.proto
-        try:
-            checksum, digests = final_checksum(p.key, p.shape, p.dtype, p.chunk_bytes,
-                                               self.digests, expected_checksum)
-        except IntegrityError:
-            self.abort()
-            raise
-        rec = self.store._finish(self, checksum, digests)
-        self._done = True
-        return rec
+    def _publish(self, checksum: str, digests: list[int]) -> DatasetRecord:
+        """fsync (unless spilled), rename into place and register."""
+        return self.store._finish(self, checksum, digests)
 
     def abort(self) -> None:
         """Drop the temp file; nothing becomes visible."""
