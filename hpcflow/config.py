@@ -20,6 +20,7 @@ import dataclasses
 import fcntl
 import functools
 import logging
+import math
 import os
 import socket
 import struct
@@ -125,6 +126,11 @@ def interface_addresses() -> list[str]:
     return out
 
 
+def _number(name: str, value: float, lo: float, hi: float) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and lo <= value <= hi):
+        raise ConfigError(f"{name} must be a number from {lo:g} to {hi:g}, got {value!r}")
+
+
 @dataclass
 class NodeConfig:
     """Everything a daemon needs; every field can come from TOML or the command line."""
@@ -175,7 +181,15 @@ class NodeConfig:
                               "slashes or whitespace")
         if self.catalog not in CATALOG_MODES:
             raise ConfigError(f"catalog must be one of {CATALOG_MODES}, not {self.catalog!r}")
-        if self.heartbeat_s <= 0 or self.ttl_s <= self.heartbeat_s:
+        # NaN passes every comparison it fails, so ranges are checked as "finite and in".
+        _number("heartbeat_s", self.heartbeat_s, 0.01, 3600)
+        _number("ttl_s", self.ttl_s, 0.02, 86400)
+        _number("rpc_timeout_s", self.rpc_timeout_s, 0.1, 86400)
+        _number("transfer_timeout_s", self.transfer_timeout_s, 0.1, 86400)
+        _number("link_gbit", self.link_gbit, 0.001, 100_000)
+        _number("forget_dead_s", self.forget_dead_s, 0.1, 1e7)
+        _number("fault_write_delay_s", self.fault_write_delay_s, 0, 10)
+        if self.ttl_s <= self.heartbeat_s:
             raise ConfigError("need heartbeat_s > 0 and ttl_s > heartbeat_s")
         if self.forget_dead_s <= self.ttl_s:
             raise ConfigError("need forget_dead_s > ttl_s")

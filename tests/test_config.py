@@ -43,3 +43,26 @@ def test_bad_config_names_file_and_key(tmp_path: Path, text: str, match: str) ->
     f.write_text(text)
     with pytest.raises(ConfigError, match=match):
         NodeConfig.load(f, {})
+
+
+@pytest.mark.parametrize("field", ["heartbeat_s", "ttl_s", "rpc_timeout_s",
+                                   "transfer_timeout_s", "link_gbit", "forget_dead_s",
+                                   "fault_write_delay_s"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0])
+def test_numbers_must_be_finite_and_in_range(tmp_path: Path, field: str, value: float) -> None:
+    """NaN passes every comparison it fails: `--heartbeat nan` flooded heartbeats,
+    `--ttl nan` never expired a peer, `link_gbit = 0` divided by zero in every plan."""
+    if field == "fault_write_delay_s" and value == 0.0:
+        return  # no delay is the default
+    with pytest.raises(ConfigError, match=field):
+        NodeConfig(data_dir=tmp_path, **{field: value})
+
+
+def test_the_cli_refuses_a_nan_heartbeat_clearly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "node", "--data-dir", str(tmp_path),
+                        "--heartbeat", "nan"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "heartbeat_s" in r.stderr and "Traceback" not in r.stderr, r.stderr

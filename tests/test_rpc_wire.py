@@ -372,3 +372,16 @@ def test_a_huge_event_is_refused_without_stalling_the_node(node: NodeProc) -> No
                 gevent.sleep(0.05)
     s.close()
     ctx.term()
+
+
+def test_a_nan_timeout_is_refused_and_the_node_keeps_beating(node: NodeProc) -> None:
+    """``wait(name, NaN)`` used to block forever and stop the node's heartbeats."""
+    with node.client() as c:
+        for bad in (float("nan"), float("inf"), -1.0):
+            with pytest.raises(hpcflow.InvalidData):
+                c.wait_for("D", bad)
+            with pytest.raises(hpcflow.InvalidData):  # straight over RPC, past the client
+                c._call("wait", "D", bad)
+        answered(c)
+    with pytest.raises(hpcflow.InvalidData):
+        hpcflow.connect(node.rpc, timeout_s=float("nan"))

@@ -45,7 +45,7 @@ class Client:
                  settings: BulkSettings | None = None, keep: bool = False,
                  objective: str = "bytes") -> None:
         self.endpoint = normalize_endpoint(address)
-        self.timeout_s = timeout_s * timeout_scale()
+        self.timeout_s = _seconds("timeout_s", timeout_s) * timeout_scale()
         _refuse_fast(self.endpoint, address)
         self._rpc = new_client(self.endpoint, self.timeout_s)
         self.ctx = zmq.Context()
@@ -142,6 +142,7 @@ class Client:
 
     def wait_for(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """Block until every part of ``name`` is on a live node; DatasetNotFound on timeout."""
+        timeout_s = _seconds("timeout_s", timeout_s, allow_zero=True)
         return dict(call(self._rpc, self.endpoint, "wait", validate_name(name), timeout_s,
                          timeout_s=timeout_s + self.timeout_s))
 
@@ -294,6 +295,16 @@ class Client:
             # our node's copy first, then the others in the order the node gave them
             from_holders(holders, fetch, bulk.get, what=f"part {p['part']}", here=self.node)
             base += p["nbytes"]
+
+
+def _seconds(what: str, value: Any, allow_zero: bool = False) -> float:
+    """A duration from the caller: a finite number of seconds (NaN would wait forever)."""
+    ok = (isinstance(value, int | float) and not isinstance(value, bool)
+          and math.isfinite(value) and (value >= 0 if allow_zero else value > 0))
+    if not ok:
+        raise InvalidData(f"{what} must be a finite number of seconds "
+                          f"{'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
 
 
 def _destination(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], name: str) -> Any:

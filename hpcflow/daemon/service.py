@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -118,8 +119,9 @@ class NodeService:
     @exposed
     def wait(self, name: Any, timeout_s: Any = 10.0) -> dict[str, Any]:
         """Block until every part of ``name`` is on a live node (at most ``timeout_s``)."""
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
-            raise InvalidData("timeout_s must be a number")
+        if (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
+                or not math.isfinite(timeout_s) or timeout_s < 0):
+            raise InvalidData(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
         loc = self.node.catalog.wait_for(validate_name(name), min(float(timeout_s), 3600.0))
         return {**loc.to_wire(), "bulk": self.node.bulk_endpoints()}
 
