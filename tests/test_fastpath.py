@@ -265,3 +265,20 @@ def test_closing_a_flow_with_submissions_in_flight_leaves_nothing(make_cluster: 
     for n in ("a", "b"):
         with c[n].client() as cl:
             assert cl.stats()["store"]["memory_used"] == 0
+
+
+def test_clients_cannot_forge_slices_or_shadow_their_names(two: Cluster) -> None:
+    """A put carrying a slice's lineage used to be read as rows of the real dataset (a
+    colsum of 2000 ones became 1,001,000); names of the slice form are hpcflow's."""
+    with two["b"].client() as c:
+        c.put("ONES", np.ones((2000, 3)))
+    wait_for(lambda: "ONES" in names_on(two["a"]), 10, "ONES on a")
+    with two["a"].client() as c:
+        for lineage in ({"slice_of": "ONES", "rows": [0, 1000]}, {"partial": "array"},
+                        {"flow": {"initiator": "a"}}):
+            with pytest.raises(hpcflow.InvalidData, match="written by hpcflow"):
+                c.put("FAKE", np.full((1000, 3), 1000.0), lineage=lineage)
+        with pytest.raises(hpcflow.InvalidName, match="slice"):
+            c.put("ONES:rows0-1000", np.full((1000, 3), 1000.0))
+        c.put("FINE", np.ones(3), lineage={"source": "my.h5", "note": "ok"})
+        np.testing.assert_array_equal(c.run("colsum", "ONES").fetch(), np.full(3, 2000.0))

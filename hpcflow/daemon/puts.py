@@ -8,11 +8,30 @@ written), an inline ``put`` and a saved workflow output (:func:`check_put`).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..catalog.base import Catalog
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
-from ..errors import DatasetExists, InvalidData
+from ..errors import DatasetExists, InvalidData, InvalidName
+
+#: Lineage keys only the daemons write: a slice's rows, a partial's layout, a flow's tag.
+#: The workers trust them, so a client must not be able to forge them.
+INTERNAL_LINEAGE = frozenset({"slice_of", "rows", "source_version", "partial", "layout",
+                              "flow", "workflow"})
+#: How the daemons name a slice of a dataset (``NAME:rowsLO-HI``): reserved.
+SLICE_NAME = re.compile(r":rows\d+-\d+$")
+
+
+def check_user_put(name: str, lineage: Any = None) -> None:
+    """What only the daemons may create: slices (by name) and internal lineage."""
+    if SLICE_NAME.search(name):
+        raise InvalidName(f"{name!r} looks like a slice hpcflow makes (NAME:rowsLO-HI); "
+                          "choose another name")
+    forged = sorted(INTERNAL_LINEAGE & set(lineage or {}))
+    if forged:
+        raise InvalidData(f"lineage keys {', '.join(forged)} are written by hpcflow itself, "
+                          "not by a put")
 
 
 def check_put(catalog: Catalog, me: str, name: str, part: int | None,
@@ -23,6 +42,7 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
     nodes' and dead members' alike) in dtype and row shape; replacing our own
     copy of the same part is the store's business (``overwrite``).
     """
+    check_user_put(name)
     known = catalog.records_named(name, include_dead=True)
     live_others = [r for r in catalog.records_named(name) if r.owner != me]
     if part is None:
@@ -48,7 +68,9 @@ def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]) -> None:
     name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
     dtype = validate_dtype(hdr.get("dtype")).str
     shape = validate_shape(hdr.get("shape"))
+    lineage = hdr.get("lineage")
+    check_user_put(name, lineage if isinstance(lineage, dict) else None)
     check_put(catalog, me, name, part, shape, dtype)
 
 
-__all__ = ["admit_put", "check_put"]
+__all__ = ["INTERNAL_LINEAGE", "admit_put", "check_put", "check_user_put"]
