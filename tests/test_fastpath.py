@@ -267,15 +267,14 @@ def test_closing_a_flow_with_submissions_in_flight_leaves_nothing(make_cluster: 
             assert cl.stats()["store"]["memory_used"] == 0
 
 
-def test_clients_cannot_forge_slices_or_shadow_their_names(two: Cluster) -> None:
-    """A put carrying a slice's lineage used to be read as rows of the real dataset (a
-    colsum of 2000 ones became 1,001,000); names of the slice form are hpcflow's."""
+def test_clients_cannot_forge_internal_lineage_or_take_slice_names(two: Cluster) -> None:
+    """Partials' layouts and flow tags are hpcflow's to write, and names of the slice
+    form too, so a flow's slice can never overwrite a user's dataset."""
     with two["b"].client() as c:
         c.put("ONES", np.ones((2000, 3)))
     wait_for(lambda: "ONES" in names_on(two["a"]), 10, "ONES on a")
     with two["a"].client() as c:
-        for lineage in ({"slice_of": "ONES", "rows": [0, 1000]}, {"partial": "array"},
-                        {"flow": {"initiator": "a"}}):
+        for lineage in ({"partial": "array"}, {"layout": []}, {"flow": {"initiator": "a"}}):
             with pytest.raises(hpcflow.InvalidData, match="written by hpcflow"):
                 c.put("FAKE", np.full((1000, 3), 1000.0), lineage=lineage)
         with pytest.raises(hpcflow.InvalidName, match="slice"):

@@ -15,10 +15,10 @@ from ..catalog.base import Catalog
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import DatasetExists, InvalidData, InvalidName
 
-#: Lineage keys only the daemons write: a slice's rows, a partial's layout, a flow's tag.
-#: The workers trust them, so a client must not be able to forge them.
-INTERNAL_LINEAGE = frozenset({"slice_of", "rows", "source_version", "partial", "layout",
-                              "flow", "workflow"})
+#: Lineage keys only the daemons write: a partial's layout, a flow's tag.  (A slice's
+#: ``slice_of``/``rows`` still come from clients too: the centralised baseline forwards
+#: rows that way.  Refusing them needs authenticated node-only uploads, issue 11.)
+INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "workflow"})
 #: How the daemons name a slice of a dataset (``NAME:rowsLO-HI``): reserved.
 SLICE_NAME = re.compile(r":rows\d+-\d+$")
 

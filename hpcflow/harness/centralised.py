@@ -192,7 +192,8 @@ class Orchestrator:
                     pieces.append((lo, hi, self._once(("fetch", obj.name, lo, hi),
                                                       partial(self._fetch, recs[0]))))
         for lo, hi, arr in pieces:
-            slice_name = f"{self.id}.{node}.{obj.name}:rows{lo}-{hi}"
+            # Found by its lineage; the NAME:rowsLO-HI form is reserved for the daemons.
+            slice_name = f"{self.id}.{node}.{obj.name}.rows{lo}-{hi}"
             self.bulk.upload(self.bulk_ep[node], node, slice_name, arr.shape, arr.dtype,
                              partial(operator.getitem, arr), chunk_bytes=DEFAULT_CHUNK_BYTES,
                              lineage={"slice_of": obj.name, "rows": [lo, hi]})
