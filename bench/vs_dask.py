@@ -61,36 +61,35 @@ Run: ``python bench/vs_dask.py [--scenarios NAME|FILE ...] [--repeats 3] [--link
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from hpcflow import ops
+from hpcflow.errors import HpcflowError
 from hpcflow.harness.local import LocalCluster
 from hpcflow.harness.netns import Topology
 from hpcflow.harness.netns import available as netns_available
 from hpcflow.harness.procs import (
-    claim,
+    claimed_tmpdir,
     die_with_parent,
+    enter_netns,
     guard_process_exit,
+    run_job,
     signals_deferred,
     terminate,
 )
@@ -105,7 +104,6 @@ SCHEDULER_PORT = 8786  # the initiator's namespace has a port space of its own
 TARGET_VS_DASK = 0.8
 TARGET_VS_BOUND = 1.5
 PROGRESS = "vs_dask: "
-_CLONE_NEWNET = 0x40000000
 _TMP_PREFIX = "hpcflow-replay-vsdask-"  # reaped by remove_leftovers() if we are SIGKILLed
 
 Array = np.ndarray[Any, Any]
@@ -131,15 +129,8 @@ def wire_counters(namespaces: Sequence[str]) -> dict[str, int]:
 
     def read() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             for ns in namespaces:
-                fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-                try:
-                    if libc.setns(fd, _CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, f"setns({ns}): {os.strerror(err)}")
-                finally:
-                    os.close(fd)
+                enter_netns(f"/run/netns/{ns}")
                 for line in Path("/proc/thread-self/net/dev").read_text().splitlines()[2:]:
                     dev, fields = line.split(":", 1)
                     if dev.strip() != "lo":
@@ -375,27 +366,8 @@ def _env() -> dict[str, str]:
             "DASK_LOGGING__DISTRIBUTED": "warning"}
 
 
-def _die_hard() -> None:
-    """``preexec_fn`` for Dask's processes: :func:`die_with_parent`, but SIGKILL.
-
-    A worker answers SIGTERM by trying to say goodbye to its scheduler, which
-    may be gone too; nothing of theirs needs a clean exit.
-    """
-    die_with_parent()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _work_dir(stack: ExitStack, name: str) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-"))
-
-    def remove() -> None:
-        with signals_deferred():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    stack.callback(remove)
-    claim(tmp)
-    return tmp
+    return claimed_tmpdir(stack, f"{_TMP_PREFIX}{name}-")
 
 
 def run_agent(system: str, sc: Scenario, topo: Topology, work: Path, job: dict[str, Any],
@@ -403,38 +375,11 @@ def run_agent(system: str, sc: Scenario, topo: Topology, work: Path, job: dict[s
     """Run the script side in the initiator's namespace; relay its progress lines."""
     job = {**job, "system": system, "scenario": str(sc.file),
            "netns": [topo.netns(n) for n in sc.nodes], "result": str(work / f"{system}.npy")}
-    job_file = work / f"{system}.job.json"
-    job_file.write_text(json.dumps(job))
-    out_file = work / f"{system}.agent.out"
-    tail: deque[str] = deque(maxlen=25)
-
-    def relay(stream: IO[str]) -> None:
-        for line in stream:
-            if line.startswith(PROGRESS):
-                progress(f"  {line[len(PROGRESS):].rstrip()}")
-            else:
-                tail.append(line.rstrip())
-
-    proc: subprocess.Popen[str] | None = None
-    try:
-        with open(out_file, "w") as out, signals_deferred():  # see procs.die_with_parent
-            proc = topo.popen(sc.initiator, [sys.executable, str(Path(__file__).resolve()),
-                                             "--agent", str(job_file)],
-                              stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              text=True, env=_env(), preexec_fn=die_with_parent)
-        assert proc.stderr is not None
-        reader = threading.Thread(target=relay, args=(proc.stderr,), daemon=True)
-        reader.start()
-        proc.wait(timeout=timeout_s)
-        reader.join()
-    except BaseException:  # Ctrl-C, SIGTERM, timeout: the script goes first
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise RuntimeError(f"{system} script failed ({proc.returncode}):\n" + "\n".join(tail))
-    doc = json.loads(out_file.read_text().strip().splitlines()[-1])
+    doc = run_job([sys.executable, str(Path(__file__).resolve()), "--agent"], job, system,
+                  work, what=f"{system} script", marker=PROGRESS,
+                  progress=lambda msg: progress(f"  {msg}"), timeout_s=timeout_s,
+                  popen=partial(topo.popen, sc.initiator), tail_lines=25,
+                  stdin=subprocess.DEVNULL, env=_env())
     return np.load(job["result"]), doc["rounds"]
 
 
@@ -463,10 +408,12 @@ def run_dask(sc: Scenario, topo: Topology, work: Path, a: argparse.Namespace,
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(node: str, log_name: str, argv: list[str]) -> None:
+        # SIGKILL when we die: a worker answers SIGTERM by trying to say goodbye to its
+        # scheduler, which may be gone too; nothing of theirs needs a clean exit.
         with open(logs / f"{log_name}.log", "ab") as log, signals_deferred():
             procs.append(topo.popen(node, argv, stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, env=_env(),
-                                    preexec_fn=_die_hard))
+                                    preexec_fn=partial(die_with_parent, signal.SIGKILL)))
 
     try:
         start(sc.initiator, "scheduler", [*dask_cmd, "scheduler", "--host", host, "--port",
@@ -481,10 +428,10 @@ def run_dask(sc: Scenario, topo: Topology, work: Path, a: argparse.Namespace,
             job = {"scheduler": scheduler, "warmup": a.warmup, "repeats": a.repeats,
                    "finalize": a.dask_finalize}
             return run_agent("dask", sc, topo, work, job, progress, a.timeout)
-        except RuntimeError as exc:
+        except HpcflowError as exc:
             dead = [p for p in procs if p.poll() is not None]
             if dead:
-                raise RuntimeError(f"{exc}\n{len(dead)} Dask process(es) exited; logs:\n"
+                raise HpcflowError(f"{exc}\n{len(dead)} Dask process(es) exited; logs:\n"
                                    + _log_tails(logs)) from None
             raise
     finally:

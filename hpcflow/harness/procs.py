@@ -22,14 +22,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 from ..config import timeout_scale
+from ..errors import HpcflowError
 
 _CLONE_NEWNET = 0x40000000
 _DEFERRED = {signal.SIGINT, signal.SIGTERM}
@@ -48,8 +51,10 @@ def terminate(proc: subprocess.Popen[Any], grace: float) -> None:
         proc.wait()
 
 
-def die_with_parent() -> None:
-    """``preexec_fn``: the child gets SIGTERM when the thread that started it dies.
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """``preexec_fn``: the child gets ``sig`` (SIGTERM) when the thread that started it
+    dies (``functools.partial(die_with_parent, signal.SIGKILL)`` for children that
+    need no clean exit).
 
     Linux ``PR_SET_PDEATHSIG``; it survives ``exec`` (also through ``ip netns
     exec``, ``nsenter`` and ``unshare``, which exec without forking), so
@@ -64,8 +69,68 @@ def die_with_parent() -> None:
     in the child.
     """
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED)
+
+
+def claimed_tmpdir(stack: contextlib.ExitStack, prefix: str) -> Path:
+    """A temporary directory claimed by this process (so :func:`reap_stale` removes it
+    if we are SIGKILLed) and removed when ``stack`` closes, signals held back meanwhile."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+
+    def remove() -> None:
+        with signals_deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    stack.callback(remove)
+    claim(tmp)
+    return tmp
+
+
+def run_job(argv: list[str], job: dict[str, Any], name: str, work: Path, *, what: str,
+            marker: str, progress: Callable[[str], None], timeout_s: float,
+            popen: Callable[..., subprocess.Popen[str]] = subprocess.Popen,
+            tail_lines: int = 15, **popen_kw: Any) -> dict[str, Any]:
+    """Run a job process and return the JSON on the last line of its stdout.
+
+    ``job`` goes to ``<work>/<name>.job.json``, whose path is the last argument
+    after ``argv``; stdout goes to ``<work>/<name>.agent.out``.  Its stderr
+    lines starting with ``marker`` are handed to ``progress`` (without the
+    marker); the last ``tail_lines`` others make the error if it fails
+    (:class:`~hpcflow.errors.HpcflowError` "``what`` failed (code)").  Ctrl-C,
+    SIGTERM or ``timeout_s`` kill it first.
+    """
+    job_file = work / f"{name}.job.json"
+    job_file.write_text(json.dumps(job))
+    out_file = work / f"{name}.agent.out"
+    tail: deque[str] = deque(maxlen=tail_lines)
+
+    def relay(stream: IO[str]) -> None:
+        for line in stream:
+            if line.startswith(marker):
+                progress(line[len(marker):].rstrip())
+            else:
+                tail.append(line.rstrip())
+
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with open(out_file, "w") as out, signals_deferred():  # see die_with_parent
+            proc = popen([*argv, str(job_file)], stdout=out, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=die_with_parent, **popen_kw)
+        assert proc.stderr is not None
+        reader = threading.Thread(target=relay, args=(proc.stderr,), daemon=True)
+        reader.start()
+        proc.wait(timeout=timeout_s)
+        reader.join()
+    except BaseException:  # Ctrl-C, SIGTERM, timeout: the job goes first
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise HpcflowError(f"{what} failed ({proc.returncode}):\n" + "\n".join(tail))
+    doc: dict[str, Any] = json.loads(out_file.read_text().strip().splitlines()[-1])
+    return doc
 
 
 @contextlib.contextmanager
@@ -197,6 +262,19 @@ def _await_death(pids: list[int], timeout_s: float) -> None:
         delay = min(delay * 2, 0.05)
 
 
+def enter_netns(ns_path: str) -> None:
+    """Move the calling *thread* into the network namespace at ``ns_path`` (``setns``
+    changes only the calling thread: call it from a throw-away one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(ns_path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def socket_in_netns(ns_path: str | None, family: int = socket.AF_INET,
                     type: int = socket.SOCK_STREAM) -> socket.socket:
     """A socket of this process living in the network namespace at *ns_path* (None: ours).
@@ -210,14 +288,7 @@ def socket_in_netns(ns_path: str | None, family: int = socket.AF_INET,
 
     def create() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(ns_path, os.O_RDONLY)
-            try:
-                if libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
+            enter_netns(ns_path)
             result.append(socket.socket(family, type))
         except BaseException as exc:  # handed to the caller's thread
             result.append(exc)

@@ -30,19 +30,14 @@ directory, an NFS server's, namespaces) is removed by the next replay.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +52,7 @@ from .local import LocalCluster
 from .netns import Topology, remove_stale
 from .netns import available as netns_available
 from .nfs_approach import run_nfs
-from .procs import claim, die_with_parent, guard_process_exit, reap_stale, signals_deferred
+from .procs import claimed_tmpdir, guard_process_exit, reap_stale, run_job
 from .report import ApproachResult, array_checksum, compare, human_bytes
 from .scenario import NFS_HOST, Scenario, generate, load_scenario, reference_result
 
@@ -109,15 +104,7 @@ def remove_leftovers() -> list[str]:
 
 def _work_dir(stack: ExitStack, name: str) -> Path:
     """A claimed temporary directory, removed at the end (signals held back meanwhile)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-"))
-
-    def remove() -> None:
-        with signals_deferred():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    stack.callback(remove)
-    claim(tmp)
-    return tmp
+    return claimed_tmpdir(stack, f"{_TMP_PREFIX}{name}-")
 
 
 def _run_agent(approach: str, scenario: Scenario, cluster: LocalCluster, work: Path,
@@ -128,37 +115,11 @@ def _run_agent(approach: str, scenario: Scenario, cluster: LocalCluster, work: P
            "nodes": {n: p.rpc for n, p in cluster.nodes.items()},
            "initiator": scenario.initiator, "result": str(work / f"{approach}.npy"),
            "threshold": threshold}
-    job_file = work / f"{approach}.job.json"
-    job_file.write_text(json.dumps(job))
-    out_file = work / f"{approach}.agent.out"
-    tail: deque[str] = deque(maxlen=15)
-
-    def relay(stream: IO[str]) -> None:
-        for line in stream:
-            if line.startswith(AGENT_PROGRESS):
-                progress(f"  {approach}: {line[len(AGENT_PROGRESS):].strip()}")
-            else:
-                tail.append(line.rstrip())
-
-    proc: subprocess.Popen[str] | None = None
-    try:
-        with open(out_file, "w") as out, signals_deferred():  # see die_with_parent
-            proc = subprocess.Popen([*prefix, sys.executable, "-m", "hpcflow.harness.agent",
-                                     str(job_file)], stdout=out, stderr=subprocess.PIPE,
-                                    text=True, preexec_fn=die_with_parent)
-        assert proc.stderr is not None
-        reader = threading.Thread(target=relay, args=(proc.stderr,), daemon=True)
-        reader.start()
-        proc.wait(timeout=600 * timeout_scale())
-        reader.join()
-    except BaseException:  # Ctrl-C, SIGTERM, timeout: the agent goes first
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise HpcflowError(f"{approach} agent failed ({proc.returncode}):\n" + "\n".join(tail))
-    return np.load(str(job["result"])), json.loads(out_file.read_text().strip().splitlines()[-1])
+    doc = run_job([*prefix, sys.executable, "-m", "hpcflow.harness.agent"], job, approach,
+                  work, what=f"{approach} agent", marker=AGENT_PROGRESS,
+                  progress=lambda msg: progress(f"  {approach}: {msg.strip()}"),
+                  timeout_s=600 * timeout_scale())
+    return np.load(str(job["result"])), doc
 
 
 def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], reference: Any,
