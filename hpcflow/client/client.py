@@ -29,7 +29,7 @@ from ..catalog.record import DatasetRecord, validate_name, validate_nparts, vali
 from ..config import normalize_endpoint, timeout_scale
 from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
-from ..rpc.calls import call, new_client, refuses_connections
+from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
 from ..sources import open_source
 from .flow import Flow, Handle
@@ -71,7 +71,7 @@ class Client:
 
     def _call(self, method: str, *args: Any) -> Any:
         timeout = 24 * 3600.0 if method in self.LONG_CALLS else None
-        return call(self._rpc, self.endpoint, method, *args, timeout_s=timeout)
+        return self._rpc.call(method, *args, timeout=timeout)
 
     def _peer_alive(self, name: str) -> bool:
         """Asked by a silent transfer: has our node's catalog declared ``name`` dead?
@@ -80,8 +80,7 @@ class Client:
         if now - self._dead_checked >= 1.0:
             self._dead_checked = now
             try:
-                info = call(self._rpc, self.endpoint, "info",
-                            timeout_s=min(2.0, self.timeout_s))
+                info = self._rpc.call("info", timeout=min(2.0, self.timeout_s))
                 self._dead = set(info.get("peers_dead", ()))
             except HpcflowError:
                 self._dead = set()  # cannot tell: the transfer's own timeout decides
@@ -143,8 +142,8 @@ class Client:
     def wait_for(self, name: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """Block until every part of ``name`` is on a live node; DatasetNotFound on timeout."""
         timeout_s = _seconds("timeout_s", timeout_s, allow_zero=True)
-        return dict(call(self._rpc, self.endpoint, "wait", validate_name(name), timeout_s,
-                         timeout_s=timeout_s + self.timeout_s))
+        return dict(self._rpc.call("wait", validate_name(name), timeout_s,
+                                   timeout=timeout_s + self.timeout_s))
 
     def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
         return dict(self._call("describe", validate_name(name), validate_part(part)))

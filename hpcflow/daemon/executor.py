@@ -249,15 +249,11 @@ class Executor:
                         failed = g.exception
                     if bad and not cancelled:
                         cancelled = True
-                        for node, other in jobs.items():
-                            if not other.ready():
-                                gevent.spawn(self._cancel, node)
+                        self._cancel_running(jobs)
         except BaseException:
             # This execution was abandoned (its script went away, the node is stopping):
             # the shares still running would otherwise wait for inputs that never come.
-            for node, g in jobs.items():
-                if not g.ready():
-                    gevent.spawn(self._cancel, node)
+            self._cancel_running(jobs)
             gevent.killall([g for g in jobs.values() if not g.ready()], block=False)
             raise
         for node, g in jobs.items():
@@ -272,6 +268,12 @@ class Executor:
                     failed = from_wire(*reply.error)
         if failed is not None:
             raise failed
+
+    def _cancel_running(self, jobs: dict[str, gevent.Greenlet]) -> None:
+        """Ask every node whose share has not answered yet to cancel it."""
+        for node, g in jobs.items():
+            if not g.ready():
+                gevent.spawn(self._cancel, node)
 
     def _cancel(self, node: str) -> None:
         try:

@@ -156,7 +156,7 @@ class _Runner:
         another holder's bytes, and the link the plan counted would not be the one used)."""
         cat = self.node.catalog
         deadline = time.monotonic() + MADE_HERE_WAIT_S
-        while not _holds(cat.records(), t):
+        while not _holds([*cat.records_named(t.obj), *cat.slices_of(t.obj)], t):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DatasetNotFound(f"{t.src} never held {t.obj}")
@@ -176,9 +176,7 @@ def _holds(records: Any, t: PullTask) -> bool:
     for rec in records:
         if rec.owner != t.src:
             continue
-        if rec.name == t.obj and t.rows is None:
-            return True
-        if rec.name == t.obj:  # a whole copy of a part: is it the part these rows are in?
+        if rec.name == t.obj:  # a copy of (a part of) the dataset itself
             return True
         rows = rec.lineage.get("slice_of") == t.obj and rec.lineage.get("rows")
         if rows and rows[0] <= lo and (hi is None or hi <= rows[1]):

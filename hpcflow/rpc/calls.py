@@ -52,12 +52,6 @@ def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0
     return client
 
 
-def call(client: strict.Client, endpoint: str, method: str, *args: Any,
-         timeout_s: float | None = None) -> Any:
-    """Call ``method`` on ``client`` (connected to ``endpoint``); hpcflow errors only."""
-    return client.call(method, *args, timeout=timeout_s)
-
-
 class PeerClients:
     """One client per peer endpoint, reused; dropped after a failure."""
 
@@ -73,7 +67,7 @@ class PeerClients:
             client = self._clients[endpoint] = new_client(endpoint, self.timeout_s,
                                                           self.heartbeat_s)
         try:
-            return call(client, endpoint, method, *args, timeout_s=timeout_s)
+            return client.call(method, *args, timeout=timeout_s)
         except PeerUnavailable:
             self._clients.pop(endpoint, None)
             client.close()

@@ -232,6 +232,11 @@ class _Endpoint:
         self._last_warned: dict[str, float] = {}
         self._greenlets: list[gevent.Greenlet] = []
 
+    def reply_header(self, response_to: str | bytes) -> dict[str, Any]:
+        """The header of an event sent on the call ``response_to``, with a fresh id."""
+        return {"message_id": self.ids.next(), "v": PROTOCOL_VERSION,
+                "response_to": response_to}
+
     def send(self, identity: Sequence[bytes], header: dict[str, Any], name: str,
              args: Any) -> None:
         self.send_blob(identity, encode(header, name, args))
@@ -409,8 +414,7 @@ class Server:
 
     def _serve(self, call: _Call, ev: Event) -> None:
         try:
-            header = {"message_id": self._io.ids.next(), "v": PROTOCOL_VERSION,
-                      "response_to": call.message_id}
+            header = self._io.reply_header(call.message_id)
             try:
                 fn = self.methods.get(ev.name)
                 if fn is None:
@@ -442,10 +446,8 @@ class Server:
 
     def _reply(self, identity: list[bytes], message_id: str | bytes, version: int, name: str,
                args: Any) -> None:
-        header = {"message_id": self._io.ids.next(), "v": PROTOCOL_VERSION,
-                  "response_to": message_id}
         try:
-            self._io.send(identity, header, name, args)
+            self._io.send(identity, self._io.reply_header(message_id), name, args)
         except zmq.ZMQError as exc:  # the socket is closing
             log.debug("rpc: cannot reply: %s", exc)
 
@@ -573,8 +575,7 @@ class Client:
                         f"for {now - p.last_heard:.0f} s)")))
                     continue
                 try:
-                    self._io.send((), {"message_id": self._io.ids.next(), "v": PROTOCOL_VERSION,
-                                       "response_to": msgid}, "_zpc_hb", [0])
+                    self._io.send((), self._io.reply_header(msgid), "_zpc_hb", [0])
                 except zmq.ZMQError:
                     return
 
