@@ -16,9 +16,11 @@ a part's holders, a node's ops or the learned links is another key.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
+
+import gevent.event
 
 from ..decide import CostModel, Placement, Plan, Step
 from ..ops import ModelCache, OpRegistry
@@ -66,6 +68,7 @@ class PlanCache:
         self.models = ModelCache()
         self.hits = 0
         self.misses = 0
+        self._making: dict[tuple[Any, ...], gevent.event.Event] = {}
 
     def get(self, key: tuple[Any, ...] | None, steps: Sequence[Step]) -> Plan | None:
         found = self._plans.get(key) if key is not None else None
@@ -76,6 +79,27 @@ class PlanCache:
         self.hits += 1
         plan, outs = found
         return plan.renamed(dict(zip(outs, (s.out for s in steps), strict=True)))
+
+    def get_or_make(self, key: tuple[Any, ...] | None, steps: Sequence[Step],
+                    make: Callable[[], Plan]) -> Plan:
+        """The cached plan for ``key``, else ``make()``'s (then cached).  Requests for a
+        key being planned wait for that plan rather than plan it again: a script that
+        submits hundreds of the same op at once pays for one search, not hundreds."""
+        while key is not None and key in self._making:
+            self._making[key].wait()
+        plan = self.get(key, steps)
+        if plan is not None:
+            return plan
+        if key is None:
+            return make()
+        done = self._making[key] = gevent.event.Event()
+        try:
+            plan = make()
+            self.put(key, steps, plan)
+            return plan
+        finally:
+            del self._making[key]
+            done.set()
 
     def put(self, key: tuple[Any, ...] | None, steps: Sequence[Step], plan: Plan) -> None:
         if key is None:

@@ -90,15 +90,15 @@ def make_plan(node: NodeParts, worker: Worker, req: object
     cache = worker.plans
     key = plan_key(steps, deliver, objective, method, node.name, placement, node_ops, cost,
                    node.registry)
-    plan = cache.get(key, steps)
-    if plan is None:
-        planner = PLANNERS[method]
+    planner = PLANNERS[method]
+
+    def search() -> Plan:
         args = (adapter.workflow(steps, node.name, deliver), placement)
         kwargs = {"registry": node.registry, "node_ops": node_ops, "cost": cost,
                   "models": cache.models}
-        plan = plan_pool().apply(lambda: planner(*args, **kwargs))
-        cache.put(key, steps, plan)
-    return plan, wf, steps, deliver
+        return plan_pool().apply(lambda: planner(*args, **kwargs))
+
+    return cache.get_or_make(key, steps, search), wf, steps, deliver
 
 
 def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
