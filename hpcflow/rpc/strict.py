@@ -58,6 +58,7 @@ import zmq
 import zmq.green as zmqg
 
 from ..errors import PeerUnavailable, ProtocolError, from_wire
+from . import greenio
 
 log = logging.getLogger("hpcflow.rpc")
 
@@ -244,7 +245,7 @@ class _Endpoint:
     def send_blob(self, identity: Sequence[bytes], blob: bytes) -> None:
         # Zero-copy only pays for big messages: a zmq.Frame costs more than copying 64 KiB.
         with self._send_lock:  # one writer at a time on a zmq.green socket
-            self.sock.send_multipart([*identity, b"", blob], copy=len(blob) < 65536)
+            greenio.send_multipart(self.sock, [*identity, b"", blob], copy=len(blob) < 65536)
 
     def drop(self, reason: str, detail: str, peer: str) -> None:
         self.dropped[reason] += 1
@@ -262,7 +263,7 @@ class _Endpoint:
         """The socket's one reader: decode and route each message, whatever it is."""
         while True:
             try:
-                parts = self.sock.recv_multipart(copy=False)
+                parts = greenio.recv_multipart(self.sock)
             except zmq.ContextTerminated:
                 return
             except zmq.ZMQError as exc:
