@@ -40,6 +40,7 @@ import zmq.green as zmq
 
 from ..errors import HpcflowError, ProtocolError
 from ..logutil import Throttled
+from ..rpc import greenio
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, KVMsg
 from .membership import PeerInfo, PeerState
@@ -51,6 +52,8 @@ SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
 #: Who answers at an RPC endpoint right now: ``(name, epoch)``, or None when nothing does.
 Prober = Callable[[str], "tuple[str, int] | None"]
 MAX_PENDING = 10_000
+#: Messages the subscriber handles per poll before it looks at its commands again.
+SUB_BURST = 256
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
 INTRODUCE_AFTER = 3
@@ -285,7 +288,7 @@ class ReplicatedCatalog(Catalog):
             if msg is None:
                 msg = self._heartbeat()
                 next_hb = time.monotonic() + self.heartbeat_s
-            self._pub.send_multipart(msg.encode())
+            greenio.send_multipart(self._pub, msg.encode())
             self.stats["published"] += 1
 
     def _heartbeat(self) -> KVMsg:
@@ -308,13 +311,17 @@ class ReplicatedCatalog(Catalog):
                     log.warning("catalog: cannot %s %s: %s", cmd, endpoint, exc)
             if not sub.poll(100):
                 continue
-            frames = sub.recv_multipart()
-            self.stats["received"] += 1
-            try:
-                self._handle(KVMsg.decode(frames))
-            except ProtocolError as exc:
-                self.stats["malformed"] += 1
-                self._garbage_log.warning("catalog: dropped malformed message: %s", exc)
+            # Everything that has arrived, before polling again (one poll per burst).
+            for _ in range(SUB_BURST):
+                frames = greenio.recv_ready(sub)
+                if frames is None:
+                    break
+                self.stats["received"] += 1
+                try:
+                    self._handle(KVMsg.decode(frames))
+                except ProtocolError as exc:
+                    self.stats["malformed"] += 1
+                    self._garbage_log.warning("catalog: dropped malformed message: %s", exc)
 
     def _handle(self, msg: KVMsg) -> None:
         if msg.sender == self.me.name:
