@@ -122,3 +122,17 @@ def test_bad_learned_bandwidth_is_ignored() -> None:
     cost = adapter.cost_model(snapshot(), "bytes", 10.0,
                               {("n2", "n1"): 0.0, ("n3", "n1"): float("nan")})
     assert cost.links == {}
+
+
+def test_link_bandwidth_reaches_the_planner_only_when_it_really_moves() -> None:
+    """Each transfer updates a link's measured bandwidth; the planner (and so the plan
+    cache's key) sees a new value only past the drift (2x), else every run re-plans."""
+    learned = Learned()
+    link = ("n2", "n1")
+    assert learned.stable_links({link: 1.0e8}) == {link: 1.0e8}
+    for measured in (0.6e8, 1.9e8, 1.4e8):  # wobbles within 2x: the published value holds
+        assert learned.stable_links({link: measured}) == {link: 1.0e8}
+    assert learned.stable_links({link: 2.5e8}) == {link: 2.5e8}  # a real change: at once
+    assert learned.stable_links({link: 2.5e8, ("n3", "n1"): 5e7}) == {
+        link: 2.5e8, ("n3", "n1"): 5e7}
+    assert learned.stable_links({link: float("nan"), ("n3", "n1"): -1.0}) == {}

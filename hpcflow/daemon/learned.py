@@ -18,6 +18,7 @@ builds, since plans are cached by the cost model's contents.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 #: Weight of the previous estimate in each update (as for learned bandwidth).
@@ -103,6 +104,7 @@ class Learned:
         self._step: float | None = None
         self.drift = drift
         self._published: LearnedCosts | None = None
+        self._links: dict[tuple[str, str], float] = {}
 
     def observe_call(self, peer: str, seconds: float) -> None:
         if not isinstance(peer, str) or not peer or not _finite(seconds):
@@ -147,6 +149,21 @@ class Learned:
             self._published = now
             return now
         return old
+
+    def stable_links(self, measured: Mapping[tuple[str, str], float]
+                     ) -> dict[tuple[str, str], float]:
+        """Link bandwidths (bytes/s, as :class:`~hpcflow.rpc.traffic.Traffic` measures
+        them) for the planner, held like :meth:`stable_costs`: a link's published value
+        changes only when its measurement moves by more than ``drift``, so a plan made
+        after one transfer is still the cached plan after the next."""
+        published = {}
+        for link, bw in measured.items():
+            if not _finite(bw) or bw <= 0:
+                continue
+            old = self._links.get(link)
+            published[link] = bw if old is None or _moved(old, bw, self.drift) else old
+        self._links = published
+        return dict(published)
 
     def to_wire(self) -> dict[str, object]:
         """For stats and debugging: the current estimates."""

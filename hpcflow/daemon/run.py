@@ -83,7 +83,8 @@ def make_plan(node: NodeParts, worker: Worker, req: object
             node.catalog.wait_for(name, max(0.0, deadline - time.monotonic()))
         snap = node.catalog.snapshot(sources)
         placement = adapter.placement(snap, sources)
-    learned = {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()}
+    learned = worker.learned.stable_links(
+        {(peer, node.name): bw for peer, bw in node.traffic.bandwidth.items()})
     cost = adapter.cost_model(snap, objective, node.config.link_gbit, learned,
                               worker.learned)
     node_ops = adapter.node_ops(snap)
