@@ -206,6 +206,12 @@ def agent_hpcflow(sc: Scenario, job: dict[str, Any]) -> tuple[Any, list[dict[str
                        "transport_bytes": _transport_bytes(before, after),
                        "replans": report["replans"]})
         _progress(f"hpcflow round {k + 1}: {wall * 1000:.0f} ms")
+        if job.get("detail") and k == job["warmup"] + job["repeats"] - 1:
+            if target is not None and target.plan is not None:
+                _progress(target.plan.explain())
+            for out, kinds in report["seconds"].items():
+                _progress(f"{out}: " + ", ".join(f"{kind} {s * 1000:.1f} ms"
+                                                 for kind, s in kinds.items()))
     return result, rounds
 
 
@@ -394,7 +400,7 @@ def run_hpcflow(sc: Scenario, data: dict[str, Any], topo: Topology, work: Path,
                         prefix=["ip", "netns", "exec", topo.netns(node)])
         progress(f"  hpcflow: {len(sc.nodes)} daemons up")
         job = {"nodes": {n: p.rpc for n, p in cluster.nodes.items()},
-               "warmup": a.warmup, "repeats": a.repeats}
+               "warmup": a.warmup, "repeats": a.repeats, "detail": a.detail}
         return run_agent("hpcflow", sc, topo, work, job, progress, a.timeout)
 
 
@@ -685,6 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="gather Dask's result with plain .compute(), which first concatenates "
                          "the chunks on one worker (default: the script gathers every chunk "
                          "straight from the worker that made it, Dask's cheaper way)")
+    ap.add_argument("--detail", action="store_true",
+                    help="print hpcflow's plan and measured seconds per step (last round)")
     ap.add_argument("--agent", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.agent:
