@@ -208,7 +208,8 @@ def agent_hpcflow(sc: Scenario, job: dict[str, Any]) -> tuple[Any, list[dict[str
         _progress(f"hpcflow round {k + 1}: {wall * 1000:.0f} ms")
         if job.get("detail") and k == job["warmup"] + job["repeats"] - 1:
             if target is not None and target.plan is not None:
-                _progress(target.plan.explain())
+                for line in target.plan.explain().splitlines():
+                    _progress(line)
             for out, kinds in report["seconds"].items():
                 _progress(f"{out}: " + ", ".join(f"{kind} {s * 1000:.1f} ms"
                                                  for kind, s in kinds.items()))
