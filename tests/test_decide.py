@@ -717,3 +717,18 @@ def test_explain_shows_seconds_next_to_bytes_and_both_totals() -> None:
     assert "96 B" in deliver_row and "µs" in deliver_row  # delivery has its time too
     assert lines[-1].startswith("optimal plan (bytes objective): 96 B moved, ~")
     assert lines[-1].endswith("estimated")
+
+
+def test_a_sort_over_several_holders_sorts_where_the_parts_are_and_merges() -> None:
+    """sort_rows' partial (a sorted run) is as big as its rows: the same bytes move either
+    way, so the holders sort in parallel and only the merge runs on the combiner."""
+    pl = placement(dataset("S", [300_000, 200_000, 100_000], ["n2", "n3", "n4"]))
+    workflow = Workflow([Step("R", "sort_rows", ["S"])], "n1", ("R",))
+    plan = optimal_plan(workflow, pl)
+    step = plan.step("R")
+    assert step.strategy == "split" and step.combiner == "n1"
+    assert sorted(t.kind for t in step.transfers) == ["partial"] * 3
+    assert plan.bytes_moved == 600_000 * ROW  # exactly the rows, as gathering them would move
+    # Tiny parts: fixed per-call costs outweigh the parallel sorting, so they are gathered.
+    small = placement(dataset("S", [300, 200, 100], ["n2", "n3", "n4"]))
+    assert optimal_plan(workflow, small).step("R").strategy == "fetch"

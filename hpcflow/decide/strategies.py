@@ -252,7 +252,7 @@ class _Run:
         for node, parts in groups.items():
             partial = info.model.partial_nbytes(sum(p.rows for p in parts))
             raw = sum(self._missing(name, p.lo, p.hi, combiner) for p in parts)
-            if node != combiner and partial < raw:
+            if node != combiner and partial <= raw:
                 span = (parts[0].lo, parts[-1].hi)
                 self._send(Transfer(node, combiner, name, span, partial, "partial"))
                 work[node] += sum(p.nbytes for p in parts)
@@ -290,7 +290,8 @@ class _Run:
     def _partial_node(self, info: StepInfo, x: Holding, part: PartGeom, combiner: str) -> str:
         """Where a part's partial is computed: the combiner if it has the rows or no
         capable home exists, else the home that gets a partial there soonest.
-        Each node sends one partial over all its parts (unless raw rows are smaller)."""
+        Each node sends one partial over all its parts (unless raw rows are smaller;
+        a partial as big as the rows is still computed there, in parallel)."""
         homes = [n for n in part.homes if n in info.capable and n != combiner]
         if not homes or covers(x.at(combiner), part.lo, part.hi):
             return combiner
