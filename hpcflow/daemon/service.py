@@ -64,8 +64,9 @@ class NodeService:
         self.node = node
         self.worker = worker
         self.datasets = datasets
-        #: Bytes of inline fetch replies being built or still queued for their clients.
-        self.inline = ByteQuota("inline fetch", node.config.max_inline_bytes_per_connection,
+        #: Bytes of inline puts being stored and of inline fetch replies being built or
+        #: still queued for their clients.
+        self.inline = ByteQuota("inline put/fetch", node.config.max_inline_bytes_per_connection,
                                 node.config.max_inline_bytes)
 
     @exposed
@@ -142,12 +143,17 @@ class NodeService:
     @exposed
     def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,
             nparts: Any = None, overwrite: Any = False) -> dict[str, Any]:
-        """Store a small array sent inline (bulk uploads have no size limit; this has 15 MiB)."""
+        """Store a small array sent inline (bulk uploads have no size limit; this has 15 MiB).
+
+        Its bytes count against the inline quota while the put runs (see ``fetch``)."""
         if not isinstance(data, bytes):
             raise InvalidData("data must be bytes")
         if len(data) > MAX_RPC_PAYLOAD:
             raise InvalidData("inline put is limited to 15 MiB: use the bulk path "
                               "(hpcflow.connect(...).put)")
+        release = self.inline.reserve(strict.current_connection(), len(data))
+        if not strict.after_reply(release):
+            release()  # not served over RPC
         dt = validate_dtype(dtype)
         shp = validate_shape(shape)
         if len(data) != int(np.prod(shp, dtype=np.int64)) * dt.itemsize:
@@ -269,4 +275,4 @@ class NodeService:
 
     @exposed
     def stats(self) -> dict[str, Any]:
-        return {**self.node.stats(), "inline_fetch": self.inline.stats()}
+        return {**self.node.stats(), "inline": self.inline.stats()}
