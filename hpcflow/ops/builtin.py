@@ -104,6 +104,8 @@ def _histogram_splittable(params: Params) -> bool:
 #: Most bins a histogram may count.  numpy takes about 24 bytes a bin (edges, counts and
 #: its binning): 1.5e8 bins took a daemon to 3.5 GB and 1e9 killed it.
 MAX_BINS = 1 << 20
+#: Most quantiles one call may ask for: each is a row of the output as wide as the input's.
+MAX_QUANTILES = 4096
 
 
 def _bin_rules() -> dict[str, Any]:
@@ -205,6 +207,9 @@ def quantiles(x: Array, *, q: Any) -> Array:
     qs = np.asarray(q, dtype=np.float64)
     if qs.ndim > 1 or np.any((qs < 0) | (qs > 1)) or np.any(np.isnan(qs)):
         raise ParamError(f"quantiles: q must be a scalar or 1-d in [0, 1], got {q!r}")
+    if qs.size > MAX_QUANTILES:  # the output has len(q) rows as wide as the input's
+        raise ParamError(f"quantiles: {qs.size} values of q are more than the "
+                         f"{MAX_QUANTILES} one call may ask for")
     return np.quantile(x, qs, axis=0)
 
 
