@@ -161,7 +161,8 @@ def fetch_request(i: int, name: str) -> list[bytes]:
 def test_inline_fetch_bytes_are_bounded(node: NodeProc) -> None:
     """A client that asks for 15 MiB inline fetches and never reads the replies holds at
     most its connection's quota; another at most the rest; then everyone else gets
-    Overloaded for big inline fetches at once, while small ones and the bulk path work,
+    Overloaded for big inline fetches (and puts) at once, while small ones and the bulk
+    path work,
     and closing the hostile sockets frees the quota."""
     big = np.random.default_rng(0).random((15 * MiB - 4096) // 8)
     with node.client() as c:
@@ -180,25 +181,30 @@ def test_inline_fetch_bytes_are_bounded(node: NodeProc) -> None:
                 s.send_multipart(fetch_request(i, "BIG"))
             hostile.append(s)
         # One reply per connection (16 MiB quota each) is queued; the other 78 are refused.
-        wait_for(lambda: stats(node)["inline_fetch"]["refused"] == 78, 30, "the refusals")
-        st = stats(node)["inline_fetch"]
+        wait_for(lambda: stats(node)["inline"]["refused"] == 78, 30, "the refusals")
+        st = stats(node)["inline"]
         assert st["bytes"] == 2 * big.nbytes and st["holders"] == 2
         # Unbounded, 80 queued replies of 15 MiB took over a GiB.
         assert rss(node) - before < 200 * MiB, (before, rss(node))
         with node.client() as c:
-            with pytest.raises(Overloaded, match="inline fetch"):
+            with pytest.raises(Overloaded, match="inline put/fetch"):
                 c._call("fetch", "BIG")
             small = c._call("fetch", "SMALL")
             assert np.frombuffer(small["data"], dtype=small["dtype"]).tolist() == list(
                 np.arange(100.0))
             assert np.array_equal(c.fetch("BIG"), big)  # the bulk path is not affected
+            ten = np.ones(10 * MiB // 8)
+            with pytest.raises(Overloaded, match="inline put/fetch"):
+                c._call("put", "TEN", ten.tobytes(), [ten.size], "<f8")
+            c._call("put", "TINY", np.arange(4.0).tobytes(), [4], "<f8")
+            assert c.fetch("TINY").tolist() == [0, 1, 2, 3]
         for s in hostile:
             s.close(linger=0)  # libzmq drops the queued replies with the connections
-        wait_for(lambda: stats(node)["inline_fetch"]["bytes"] == 0, 20, "the quota freed")
+        wait_for(lambda: stats(node)["inline"]["bytes"] == 0, 20, "the quota freed")
         with node.client() as c:
             got = c._call("fetch", "BIG")
             assert np.array_equal(np.frombuffer(got["data"], dtype=got["dtype"]), big)
-        assert stats(node)["inline_fetch"]["bytes"] == 0
+        assert stats(node)["inline"]["bytes"] == 0
     finally:
         ctx.destroy(linger=0)
 
@@ -218,6 +224,18 @@ def test_histogram_bins_are_bounded(node: NodeProc, bins: int) -> None:
         counts = c.run("histogram", "H", bins=1000, range=[0, 1]).fetch()
         assert counts.sum() == 400
     assert node.alive()
+
+
+def test_quantile_count_is_bounded(node: NodeProc) -> None:
+    """quantiles' output has a row per q: more than MAX_QUANTILES is a ParamError."""
+    from hpcflow.ops.builtin import MAX_QUANTILES
+
+    with node.client() as c:
+        c.put("Q", np.random.default_rng(2).random((50, 3)))
+        with pytest.raises(ParamError, match="quantiles"):
+            c.explain(c.run("quantiles", "Q", q=[0.5] * (MAX_QUANTILES + 1)))
+        got = c.run("quantiles", "Q", q=[0.5] * MAX_QUANTILES).fetch()
+        assert got.shape == (MAX_QUANTILES, 3)
 
 
 def test_histogram_bins_from_a_rule_are_bounded(node: NodeProc) -> None:
