@@ -90,7 +90,7 @@ def test_put_headers_are_bounded(node: NodeProc) -> None:
         one = ctx.socket(zmq.DEALER)
         one.connect(node.info["bulk"])
         for i in range(1000):
-            one.send_multipart(put_header(i, f"A{i}", 64 * MiB))
+            one.send_multipart(put_header(i, f"A{i}", MiB))
         got = replies(one, 1000)
         ok = [h for v, h in got if v == b"OK"]
         refused = [h for v, h in got if v == b"ERR"]
@@ -104,7 +104,7 @@ def test_put_headers_are_bounded(node: NodeProc) -> None:
         for k, s in enumerate(many):
             s.connect(node.info["bulk"])
             for i in range(25):
-                s.send_multipart(put_header(i, f"B{k}-{i}", 64 * MiB))
+                s.send_multipart(put_header(i, f"B{k}-{i}", MiB))
         ok2 = sum(v == b"OK" for s in many for v, _ in replies(s, 25))
         assert ok2 == 40 - 16
         # uploads, connections, and a few for the datasets just served
