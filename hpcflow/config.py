@@ -158,6 +158,14 @@ class NodeConfig:
     memory_budget: int | None = None
     #: Members dead this long that hold no datasets are dropped from the membership.
     forget_dead_s: float = 600.0
+    #: Bulk uploads open at once, in total and per connection (each holds a file
+    #: descriptor and a temp file); more are refused with Overloaded.
+    max_uploads: int = 128
+    max_uploads_per_connection: int = 16
+    #: Bytes of inline fetch replies (at most 15 MiB each) being built or queued for
+    #: their clients, in total and per connection; more are refused with Overloaded.
+    max_inline_bytes: int = 64 * 1024 * 1024
+    max_inline_bytes_per_connection: int = 32 * 1024 * 1024
     #: Fault injection for tests and drills: corrupt the next N chunks this node sends
     #: (receivers must detect and re-request them).  Never set it in production.
     fault_corrupt_chunks: int = 0
@@ -199,6 +207,10 @@ class NodeConfig:
             raise ConfigError("chunk_bytes must be between 4 KiB and 256 MiB")
         if self.memory_budget is not None and self.memory_budget < 0:
             raise ConfigError("memory_budget must be >= 0 bytes")
+        if not 1 <= self.max_uploads_per_connection <= self.max_uploads <= 100_000:
+            raise ConfigError("need 1 <= max_uploads_per_connection <= max_uploads <= 100000")
+        if not 0 <= self.max_inline_bytes_per_connection <= self.max_inline_bytes:
+            raise ConfigError("need 0 <= max_inline_bytes_per_connection <= max_inline_bytes")
         if self.window < 1 or self.chunk_retries < 0:
             raise ConfigError("window must be >= 1 and chunk_retries >= 0")
 

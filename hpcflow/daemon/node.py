@@ -59,7 +59,9 @@ class Node:
         self.store.fault_write_delay_s = config.fault_write_delay_s
         self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
                                      retries=config.chunk_retries,
-                                     corrupt_chunks=config.fault_corrupt_chunks)
+                                     corrupt_chunks=config.fault_corrupt_chunks,
+                                     max_uploads=config.max_uploads,
+                                     max_uploads_per_connection=config.max_uploads_per_connection)
         self.peers = PeerClients(config.rpc_timeout_s)
         self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings,
                                       is_alive=self._peer_alive)
@@ -227,6 +229,7 @@ class Node:
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
+                "uploads_refused": self.bulk.refused,
                 "store": self.store.stats(),
                 "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses},
                 "learned": self.worker.learned.to_wire()}

@@ -19,7 +19,9 @@ from .._version import __version__
 from ..catalog.membership import PeerInfo
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
+from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
+from ..rpc.quota import ByteQuota
 from . import run
 from .datasets import Datasets
 from .parts import ServedNode
@@ -62,6 +64,10 @@ class NodeService:
         self.node = node
         self.worker = worker
         self.datasets = datasets
+        #: Bytes of inline puts being stored and of inline fetch replies being built or
+        #: still queued for their clients.
+        self.inline = ByteQuota("inline put/fetch", node.config.max_inline_bytes_per_connection,
+                                node.config.max_inline_bytes)
 
     @exposed
     def ping(self) -> dict[str, Any]:
@@ -137,12 +143,17 @@ class NodeService:
     @exposed
     def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,
             nparts: Any = None, overwrite: Any = False) -> dict[str, Any]:
-        """Store a small array sent inline (bulk uploads have no size limit; this has 15 MiB)."""
+        """Store a small array sent inline (bulk uploads have no size limit; this has 15 MiB).
+
+        Its bytes count against the inline quota while the put runs (see ``fetch``)."""
         if not isinstance(data, bytes):
             raise InvalidData("data must be bytes")
         if len(data) > MAX_RPC_PAYLOAD:
             raise InvalidData("inline put is limited to 15 MiB: use the bulk path "
                               "(hpcflow.connect(...).put)")
+        release = self.inline.reserve(strict.current_connection(), len(data))
+        if not strict.after_reply(release):
+            release()  # not served over RPC
         dt = validate_dtype(dtype)
         shp = validate_shape(shape)
         if len(data) != int(np.prod(shp, dtype=np.int64)) * dt.itemsize:
@@ -155,14 +166,22 @@ class NodeService:
 
     @exposed
     def fetch(self, name: Any, part: Any = None) -> dict[str, Any]:
-        """Return a small dataset inline (gathered from its holders if needed)."""
+        """Return a small dataset inline (gathered from its holders if needed).
+
+        Its bytes count against the inline quota (per connection and in total) from
+        before the gather until the reply has left the process: over it, ``Overloaded``."""
         name, part = validate_name(name), validate_part(part)
         loc = self.node.catalog.locate(name)
         if loc.nbytes > MAX_RPC_PAYLOAD:
             raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 15 MiB:"
                               " use the bulk path (hpcflow.connect(...).fetch)")
+        release = self.inline.reserve(strict.current_connection(), loc.nbytes)
+        if not strict.after_reply(release):
+            release()  # not served over RPC: no reply to wait for
         arr = self.datasets.gather(name, part)
-        return {"shape": list(arr.shape), "dtype": arr.dtype.str, "data": arr.tobytes()}
+        # A view, not a copy: msgpack packs it as bytes.
+        return {"shape": list(arr.shape), "dtype": arr.dtype.str,
+                "data": np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data}
 
     @exposed
     def delete(self, name: Any, part: Any = None) -> dict[str, Any]:
@@ -256,4 +275,4 @@ class NodeService:
 
     @exposed
     def stats(self) -> dict[str, Any]:
-        return self.node.stats()
+        return {**self.node.stats(), "inline": self.inline.stats()}

@@ -7,6 +7,8 @@ applied to the gathered (row-concatenated) input.
 
 from __future__ import annotations
 
+import importlib
+import math
 from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
@@ -99,13 +101,61 @@ def _histogram_splittable(params: Params) -> bool:
     return not isinstance(bins, str)
 
 
+#: Most bins a histogram may count.  numpy takes about 24 bytes a bin (edges, counts and
+#: its binning): 1.5e8 bins took a daemon to 3.5 GB and 1e9 killed it.
+MAX_BINS = 1 << 20
+#: Most quantiles one call may ask for: each is a row of the output as wide as the input's.
+MAX_QUANTILES = 4096
+
+
+def _bin_rules() -> dict[str, Any]:
+    """numpy's bin-width rules by name (numpy >= 2 keeps them in
+    ``numpy.lib._histograms_impl``, numpy 1 in ``numpy.lib.histograms``)."""
+    for module in ("numpy.lib._histograms_impl", "numpy.lib.histograms"):
+        try:
+            return dict(getattr(importlib.import_module(module), "_hist_bin_selectors", {}))
+        except ImportError:
+            continue
+    return {}
+
+
+_BIN_RULES = _bin_rules()
+
+
+def _rule_bins(x: Array, rule: str, range: Any) -> int | None:
+    """How many bins numpy's rule ``rule`` ('fd', 'auto', ...) would make for ``x``,
+    without making them (numpy allocates the edges first); None when numpy will
+    refuse the rule or the data by itself (or its rules are not where we look)."""
+    select = _BIN_RULES.get(rule)
+    if select is None:
+        return None
+    a = np.asarray(x).ravel()
+    if range is not None:
+        lo, hi = float(range[0]), float(range[1])
+        a = a[(a >= lo) & (a <= hi)]
+    elif a.size:
+        lo, hi = float(a.min()), float(a.max())
+    else:
+        return 1
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5  # numpy widens an empty range the same way
+    if a.size == 0:
+        return 1
+    width = float(select(a, (lo, hi)))
+    return math.ceil((hi - lo) / width) if width > 0 and math.isfinite(width) else 1
+
+
 @op("histogram", kind="reduce", splittable=_histogram_splittable)
 def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
     """``np.histogram(x, bins, range)[0]``: counts over all values.
 
     With an integer ``bins`` and no ``range`` the edges depend on the global
     min/max, so the op is not split (the planner runs it on one node); give
-    ``range`` or explicit edges to let holders count independently.
+    ``range`` or explicit edges to let holders count independently.  At most
+    ``MAX_BINS`` bins, checked before numpy allocates them (for a rule such as
+    ``'fd'`` from the data's own spread): ``ParamError`` past it.
     """
     if isinstance(bins, (Integral, np.integer)) and bins < 1:
         raise ParamError(f"histogram: bins must be >= 1, got {bins}")
@@ -113,6 +163,16 @@ def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
         raise ParamError(f"histogram: range must be (lo, hi) with lo < hi, got {range!r}")
     if np.iscomplexobj(x):
         raise InputError("histogram: complex input is not supported")
+    if isinstance(bins, (Integral, np.integer)):
+        count: int | None = int(bins)
+    elif isinstance(bins, str):
+        count = _rule_bins(x, bins, range)
+    else:
+        count = max(0, np.size(bins) - 1)
+    if count is not None and count > MAX_BINS:
+        rule = f" from the rule {bins!r}" if isinstance(bins, str) else ""
+        raise ParamError(f"histogram: {count} bins{rule} are more than the {MAX_BINS} a "
+                         "histogram may have: give fewer bins (or a narrower range)")
     return np.histogram(x, bins=bins, range=range)[0]
 
 
@@ -147,6 +207,9 @@ def quantiles(x: Array, *, q: Any) -> Array:
     qs = np.asarray(q, dtype=np.float64)
     if qs.ndim > 1 or np.any((qs < 0) | (qs > 1)) or np.any(np.isnan(qs)):
         raise ParamError(f"quantiles: q must be a scalar or 1-d in [0, 1], got {q!r}")
+    if qs.size > MAX_QUANTILES:  # the output has len(q) rows as wide as the input's
+        raise ParamError(f"quantiles: {qs.size} values of q are more than the "
+                         f"{MAX_QUANTILES} one call may ask for")
     return np.quantile(x, qs, axis=0)
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 import uuid
@@ -61,6 +62,7 @@ from ..catalog.chunking import Chunking, Payload, chunk_digest, dataset_checksum
 from ..catalog.record import (
     DatasetRecord,
     key_of,
+    layout_nbytes,
     validate_dtype,
     validate_nparts,
     validate_part,
@@ -71,8 +73,10 @@ from ..errors import (
     HpcflowError,
     IntegrityError,
     InvalidData,
+    Overloaded,
     PeerUnavailable,
     ProtocolError,
+    StoreError,
     from_wire,
     to_wire,
 )
@@ -166,6 +170,13 @@ class BulkSettings:
     timeout_s: float = 30.0
     retries: int = 3
     corrupt_chunks: int = 0  # fault injection for tests: corrupt the next N chunks sent
+    #: Uploads open at once (each holds a file descriptor and a sparse temp file) in
+    #: total and per connection (one client socket: a transfer uses its own).
+    max_uploads: int = 128
+    max_uploads_per_connection: int = 16
+    #: Free disk space an upload may not claim: what open uploads have yet to write
+    #: plus a new one must fit in the data directory's free space minus this.
+    disk_reserve_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -174,6 +185,9 @@ class _Upload:
     peer: str
     ident: bytes
     started: float
+    #: Bytes the finished dataset will take, and payload bytes written so far.
+    nbytes: int = 0
+    received: int = 0
 
 
 class BulkServer:
@@ -201,6 +215,8 @@ class BulkServer:
         self.uploads: dict[str, _Upload] = {}
         self.active = 0
         self.malformed = 0
+        #: Uploads refused over a limit (count or disk space).
+        self.refused = 0
         self._garbage_log = Throttled(log)
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -306,6 +322,8 @@ class BulkServer:
         lineage = hdr.get("lineage") or {}
         if not isinstance(lineage, dict):
             raise ProtocolError("lineage must be a map")
+        nbytes = layout_nbytes(shape, dtype)
+        self._admit_upload(ident, nbytes)
         self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str})
         writer = self.store.begin(
             _str(hdr, "name"), shape, dtype,
@@ -313,8 +331,35 @@ class BulkServer:
             overwrite=bool(hdr.get("overwrite", False)), chunk_bytes=_int(hdr, "chunk_bytes"),
         )
         u = uuid.uuid4().hex
-        self.uploads[u] = _Upload(writer, by, ident, time.monotonic())
+        self.uploads[u] = _Upload(writer, by, ident, time.monotonic(), nbytes)
         self.sock.send_multipart([ident, b"OK", pack({"r": r, "u": u})])
+
+    def _admit_upload(self, ident: bytes, nbytes: int) -> None:
+        """Refuse, before any file is created, an upload over the limits: too many open
+        (``Overloaded``), bigger than the free disk (``StoreError``), or not fitting
+        beside what the open uploads have yet to write (``Overloaded``)."""
+        st = self.settings
+        mine = sum(1 for up in self.uploads.values() if up.ident == ident)
+        if mine >= st.max_uploads_per_connection or len(self.uploads) >= st.max_uploads:
+            self.refused += 1
+            raise Overloaded(f"{len(self.uploads)} uploads are open ({mine} on this "
+                             f"connection; limits {st.max_uploads_per_connection} and "
+                             f"{st.max_uploads}): retry later")
+        try:
+            vfs = os.statvfs(self.store.dir)
+        except OSError as exc:
+            raise StoreError(f"cannot tell the free space of {self.store.dir}: {exc}") from exc
+        free = vfs.f_bavail * vfs.f_frsize - st.disk_reserve_bytes
+        claimed = sum(max(0, up.nbytes - up.received) for up in self.uploads.values())
+        if nbytes > free:
+            self.refused += 1
+            raise StoreError(f"an upload of {nbytes} bytes does not fit in the "
+                             f"{max(0, free)} bytes free on {self.store.owner}")
+        if claimed + nbytes > free:
+            self.refused += 1
+            raise Overloaded(f"{len(self.uploads)} open uploads still claim {claimed} of the "
+                             f"{free} bytes free on {self.store.owner}: an upload of {nbytes} "
+                             "bytes does not fit beside them: retry later")
 
     def _upload(self, ident: bytes, hdr: dict[str, Any]) -> tuple[str, _Upload]:
         u = _str(hdr, "u")
@@ -329,6 +374,7 @@ class BulkServer:
         self.traffic.received(up.peer, payload.nbytes)
         try:
             up.writer.write_chunk(i, payload, d)
+            up.received += payload.nbytes
         except IntegrityError as exc:
             self.sock.send_multipart([ident, b"NACK", pack({"r": r, "u": u, "i": i,
                                                              "why": str(exc)})])

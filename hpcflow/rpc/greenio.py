@@ -36,12 +36,16 @@ def _state_changed(sock: Any) -> None:
     sock._Socket__state_changed()  # zmq.green's wake-up of waiting readers and writers
 
 
-def send_multipart(sock: Any, parts: Sequence[Any], copy: bool = True) -> None:
-    """Send ``parts`` as one message, blocking only the calling greenlet."""
+def send_multipart(sock: Any, parts: Sequence[Any], copy: bool = True,
+                   track: bool = False) -> zmq.MessageTracker | None:
+    """Send ``parts`` as one message, blocking only the calling greenlet.  With ``track``
+    (and ``copy=False``), returns the last frame's tracker: done once libzmq let go of it."""
     last = len(parts) - 1
+    tracker = None
     while True:
         try:
-            _raw_send(sock, parts[0], _MORE if last else _NOBLOCK, copy, False)
+            tracker = _raw_send(sock, parts[0], _MORE if last else _NOBLOCK, copy,
+                                track and not last)
         except zmq.Again:
             sock._wait_write()
             continue
@@ -51,9 +55,11 @@ def send_multipart(sock: Any, parts: Sequence[Any], copy: bool = True) -> None:
         break
     try:
         for i in range(1, last + 1):
-            _raw_send(sock, parts[i], _MORE if i < last else _NOBLOCK, copy, False)
+            tracker = _raw_send(sock, parts[i], _MORE if i < last else _NOBLOCK, copy,
+                                track and i == last)
     finally:
         _state_changed(sock)
+    return tracker if isinstance(tracker, zmq.MessageTracker) else None
 
 
 def recv_multipart(sock: Any) -> list[zmq.Frame]:

@@ -41,6 +41,7 @@ The accepted wire (zerorpc protocol v1-v3)::
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import os
@@ -242,10 +243,16 @@ class _Endpoint:
              args: Any) -> None:
         self.send_blob(identity, encode(header, name, args))
 
-    def send_blob(self, identity: Sequence[bytes], blob: bytes) -> None:
+    def send_blob(self, identity: Sequence[bytes], blob: bytes,
+                  track: bool = False) -> zmq.MessageTracker | None:
+        """Send; with ``track``, a big (zero-copy) blob's tracker tells when libzmq let
+        go of it (sent, or dropped with its connection).  None: nothing left to wait for."""
         # Zero-copy only pays for big messages: a zmq.Frame costs more than copying 64 KiB.
+        copy = len(blob) < 65536
         with self._send_lock:  # one writer at a time on a zmq.green socket
-            greenio.send_multipart(self.sock, [*identity, b"", blob], copy=len(blob) < 65536)
+            tracker = greenio.send_multipart(self.sock, [*identity, b"", blob], copy=copy,
+                                             track=track and not copy)
+        return tracker
 
     def drop(self, reason: str, detail: str, peer: str) -> None:
         self.dropped[reason] += 1
@@ -303,6 +310,34 @@ class _Call:
     last_heard: float
     greenlet: gevent.Greenlet | None = None
     long: bool = False
+    #: Run once the reply has left the process (see :func:`after_reply`).
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
+
+
+#: The call the current greenlet is serving (each call runs in its own greenlet).
+_CURRENT: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("rpc_call",
+                                                                       default=None)
+#: How often a reply still queued for its client is checked (backing off to the maximum).
+_TRACK_POLL_S = (0.002, 0.1)
+
+
+def current_connection() -> tuple[bytes, ...] | None:
+    """The connection (client socket identity) of the call being served, if any."""
+    call = _CURRENT.get()
+    return call.key[0] if call is not None else None
+
+
+def after_reply(fn: Callable[[], None]) -> bool:
+    """Run ``fn`` once the reply of the call being served has left this process: handed
+    to the network, or dropped with its connection (a client that never reads keeps it
+    queued in libzmq until then), or at once when the call ends without one.  For
+    releasing what the reply's bytes were counted against.  False (and ``fn`` is not
+    kept) when no call is being served."""
+    call = _CURRENT.get()
+    if call is None:
+        return False
+    call.after_reply.append(fn)
+    return True
 
 
 def _public_methods(obj: Any) -> dict[str, Callable[..., Any]]:
@@ -414,6 +449,8 @@ class Server:
         call.greenlet = gevent.spawn(self._serve, call, ev)
 
     def _serve(self, call: _Call, ev: Event) -> None:
+        _CURRENT.set(call)
+        tracker = None
         try:
             header = self._io.reply_header(call.message_id)
             try:
@@ -427,11 +464,33 @@ class Server:
                 blob = encode(header, "ERR", self._err(type(exc).__name__, str(exc),
                                                        call.version))
             try:
-                self._io.send_blob(call.identity, blob)
+                tracker = self._io.send_blob(call.identity, blob, track=bool(call.after_reply))
             except zmq.ZMQError as exc:  # the socket is closing
                 log.debug("rpc: cannot reply: %s", exc)
         finally:
             self._forget(call)
+            if call.after_reply:
+                if tracker is None or tracker.done:
+                    self._run_after_reply(call)
+                else:
+                    # Not kept for close(): once the socket closes, libzmq drops the reply.
+                    gevent.spawn(self._await_sent, call, tracker)
+
+    def _await_sent(self, call: _Call, tracker: zmq.MessageTracker) -> None:
+        delay = _TRACK_POLL_S[0]
+        while not tracker.done:
+            gevent.sleep(delay)
+            delay = min(_TRACK_POLL_S[1], delay * 2)
+        self._run_after_reply(call)
+
+    @staticmethod
+    def _run_after_reply(call: _Call) -> None:
+        for fn in call.after_reply:
+            try:
+                fn()
+            except Exception:  # one failing callback must not keep the others from running
+                log.exception("rpc: after-reply callback failed")
+        call.after_reply.clear()
 
     def _forget(self, call: _Call) -> None:
         if self.calls.pop(call.key, None) is not None:
@@ -600,5 +659,5 @@ class Client:
 
 
 __all__ = ["CallerLost", "Client", "Event", "Limits", "LostRemote", "Malformed", "Server",
-           "decode",
+           "after_reply", "current_connection", "decode",
            "encode"]
