@@ -78,6 +78,7 @@ from ..errors import (
 )
 from ..logutil import Throttled
 from ..wire import pack, unpack_map
+from .auth import role_of
 from .heap import tune_heap
 from .traffic import Traffic
 
@@ -201,6 +202,7 @@ class BulkServer:
         self.uploads: dict[str, _Upload] = {}
         self.active = 0
         self.malformed = 0
+        self.caller: str | None = None
         self._garbage_log = Throttled(log)
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -223,6 +225,7 @@ class BulkServer:
                 self.malformed += 1
                 continue
             hdr: dict[str, Any] = {}
+            self.caller = role_of(frames[-1])  # ZAP's role for the sender (None: no keys)
             try:
                 verb = frames[1].bytes
                 hdr = _unpack_header(frames[2].bytes)
@@ -306,7 +309,8 @@ class BulkServer:
         lineage = hdr.get("lineage") or {}
         if not isinstance(lineage, dict):
             raise ProtocolError("lineage must be a map")
-        self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str})
+        self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str,
+                        "role": self.caller})
         writer = self.store.begin(
             _str(hdr, "name"), shape, dtype,
             part=part, nparts=nparts, lineage=lineage,
