@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import gevent
+import gevent.event
 import numpy as np
 import pytest
 import zerorpc
@@ -171,6 +172,20 @@ def test_clients_without_the_clusters_keys_fail_fast(keyed: Cluster, keys: Path,
         assert "keys" in str(err.value)
     assert "refused our key" in str(err.value)  # the node's ZAP said no to the stranger
     assert "refused a connection" in keyed["n1"].log_path.read_text()
+    # Every socket the node binds (RPC, catalog PUB, bulk) refuses plain ZeroMQ.
+    eps = json.loads((keyed["n1"].data_dir / "node.json").read_text())
+    ctx = zmqg.Context()
+    try:
+        for kind, sock_type in (("rpc", zmq.DEALER), ("pub", zmq.SUB), ("bulk", zmq.DEALER)):
+            sock = ctx.socket(sock_type)
+            failed = gevent.event.Event()
+            watch = auth.HandshakeWatch(sock, eps[kind], lambda exc, ev=failed: ev.set())
+            sock.connect(eps[kind])
+            assert failed.wait(FAST_S), f"{kind}: no handshake failure seen"
+            watch.close()
+            sock.close(linger=0)
+    finally:
+        ctx.destroy(linger=0)
     with keyed_client(keyed["n1"], keys) as c:  # and the node serves its cluster as before
         assert c.ping()["name"] == "n1"
 

@@ -43,6 +43,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import AuthenticationError, ConfigError
+from ..logutil import Throttled
 
 log = logging.getLogger("hpcflow.auth")
 
@@ -207,6 +208,7 @@ class ZapHandler:
         if keys.client is not None:
             self.keys[z85.decode(keys.client)] = CLIENT
         self.refused = 0
+        self._log = Throttled(log)  # a refused client retries every 100 ms
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(ZAP_ENDPOINT)
@@ -230,9 +232,10 @@ class ZapHandler:
         role = self.keys.get(creds[0]) if mechanism == b"CURVE" and creds else None
         if role is None:
             self.refused += 1
-            log.warning("refused a connection from %s: %s", address.decode(errors="replace"),
-                        "unknown CURVE key" if mechanism == b"CURVE"
-                        else f"mechanism {mechanism.decode(errors='replace')}")
+            self._log.warning("refused a connection from %s: %s",
+                              address.decode(errors="replace"),
+                              "unknown CURVE key" if mechanism == b"CURVE"
+                              else f"mechanism {mechanism.decode(errors='replace')}")
             return [version, request_id, b"400", b"unknown key", b"", b""]
         return [version, request_id, b"200", b"OK", role.encode(), b""]
 
