@@ -42,6 +42,12 @@ from tests.conftest import SCALE, Cluster, NodeProc, wait_for
 FAST_S = 2.0 * SCALE  # "quickly": well under any RPC timeout (15 s here)
 
 
+@pytest.fixture(autouse=True)
+def no_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"No keys" must mean none here, whatever the shell running the tests exports."""
+    monkeypatch.delenv(auth.KEYS_ENV, raising=False)
+
+
 def keyed_client(node: NodeProc, keys: Path, **kw: Any) -> hpcflow.Client:
     return node.client(keys=str(keys), **kw)
 
@@ -316,3 +322,15 @@ def test_unkeyed_node_talks_to_anyone_and_warns_off_loopback(tmp_path: Path,
         assert time.monotonic() - t0 < FAST_S
     finally:
         c.stop()
+
+
+def test_cli_with_and_without_keys(keyed: Cluster, keys: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rpc = keyed["n1"].rpc
+    assert main(["ls", "--node", rpc, "--keys", str(keys), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {(d["name"], d["part"]) for d in listed["datasets"]} >= {("D", 0), ("D", 1)}
+    t0 = time.monotonic()
+    assert main(["ls", "--node", rpc, "--json"]) == 1
+    assert time.monotonic() - t0 < FAST_S
+    assert json.loads(capsys.readouterr().out)["error"]["type"] == "AuthenticationError"

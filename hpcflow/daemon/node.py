@@ -28,7 +28,7 @@ from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
 from ..catalog.store import Store
-from ..config import NodeConfig, advertised, is_local_only
+from ..config import NodeConfig, advertised
 from ..errors import ConfigError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
 from ..rpc import auth, strict
@@ -269,7 +269,7 @@ class Node:
 def _loopback(endpoint: str) -> bool:
     """A tcp:// endpoint only this host can reach (the wildcard is not one)."""
     host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    return host in ("localhost", "::1") or (host.startswith("127.") and is_local_only(host))
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def setup_logging(level: str) -> None:
