@@ -22,6 +22,7 @@ from typing import Any
 
 import gevent
 import gevent.event
+import msgpack
 import numpy as np
 import pytest
 import zerorpc
@@ -37,7 +38,7 @@ from hpcflow.daemon.service import NODE_ONLY
 from hpcflow.errors import AuthenticationError, ConfigError, PermissionDenied
 from hpcflow.harness.centralised import Orchestrator
 from hpcflow.rpc import auth, strict
-from tests.conftest import SCALE, Cluster, NodeProc, wait_for
+from tests.conftest import SCALE, Cluster, FakePeer, NodeProc, names_on, wait_for
 
 FAST_S = 2.0 * SCALE  # "quickly": well under any RPC timeout (15 s here)
 
@@ -334,3 +335,45 @@ def test_cli_with_and_without_keys(keyed: Cluster, keys: Path,
     assert main(["ls", "--node", rpc, "--json"]) == 1
     assert time.monotonic() - t0 < FAST_S
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "AuthenticationError"
+
+
+# -- catalog streams are bound to their peer (issue 11, item 3 b) -------------------------
+
+def test_a_peer_cannot_publish_as_another_node(tmp_path: Path) -> None:
+    """A process that joined as "evil" publishes n2's next update (n2's epoch, n2's next
+    sequence number).  Accepted, it would make n2's real update a duplicate, dropped
+    everywhere for good; on evil's own stream it is dropped instead."""
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        n2 = c.add("n2", via="n1")
+        c.wait_members()
+        snap = strict.Client(timeout=10 * SCALE)
+        snap.connect(n2.rpc)
+        state = snap.call("snapshot")
+        snap.close()
+        epoch, seq = state["epoch"], state["seq"]
+        with FakePeer("evil", n1) as evil:
+            def evil_alive() -> bool:  # heartbeats until n1 has subscribed (slow joiner)
+                evil.send([b"HB", msgpack.packb({"s": "evil", "e": 1, "q": 0, "p": {}})])
+                with n1.client() as k:
+                    return any(n["name"] == "evil" and n["alive"] for n in k.nodes())
+
+            wait_for(evil_alive, 10, "evil's heartbeats to arrive")
+            forged = {"name": "FORGED", "part": None, "owner": "n2", "shape": [1],
+                      "dtype": "<f8", "nbytes": 8, "checksum": "xxh3:0", "chunk_bytes": 4096,
+                      "version": 1}
+
+            def forged_dropped() -> bool:
+                evil.send([b"KV", msgpack.packb({"s": "n2", "e": epoch, "q": seq + 1,
+                                                 "k": "FORGED", "v": forged})])
+                with n1.client() as k:
+                    return bool(k.stats()["catalog"]["foreign"] >= 1)
+
+            wait_for(forged_dropped, 10, "n1 to drop the forged update")
+            with n2.client() as k:
+                k.put("REAL", np.arange(3.0))  # n2's real update seq + 1
+            wait_for(lambda: "REAL" in names_on(n1), 10, "n2's real update on n1")
+            assert "FORGED" not in names_on(n1)
+    finally:
+        c.stop()
