@@ -58,16 +58,27 @@ def cmd_node(a: argparse.Namespace) -> int:
         "name": a.name, "data_dir": a.data_dir, "listen": a.listen, "pub": a.pub,
         "bulk": a.bulk, "advertise": a.advertise, "peers": a.peer, "catalog": a.catalog,
         "heartbeat_s": a.heartbeat, "ttl_s": a.ttl, "ops": a.ops, "log_level": a.log_level,
-        "memory_budget": a.memory_budget,
+        "memory_budget": a.memory_budget, "keys": a.keys,
     }
     config = NodeConfig.load(a.config, overrides)
     return run_node(config)
 
 
+def cmd_keygen(a: argparse.Namespace) -> int:
+    from .rpc.auth import keygen
+
+    written = keygen(a.keydir)
+    for path in written:
+        print(path)
+    print(f"nodes need node.key_secret and client.key, clients client.key_secret and "
+          f"node.key: start every node with --keys {a.keydir}", file=sys.stderr)
+    return 0
+
+
 def _client(a: argparse.Namespace) -> Any:
     from .client.client import connect
 
-    return connect(a.node, timeout_s=a.timeout)
+    return connect(a.node, timeout_s=a.timeout, keys=a.keys)
 
 
 def cmd_put(a: argparse.Namespace) -> int:
@@ -318,13 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--memory-budget", type=int, metavar="BYTES",
                    help="bytes of workflow intermediates held in memory; more are spilled "
                         "to unsynced files (default: a quarter of RAM)")
+    n.add_argument("--keys", metavar="KEYDIR", help="the cluster's CURVE keys (hpcflow "
+                   "keygen); env HPCFLOW_KEYS; without: no authentication")
     n.set_defaults(fn=cmd_node)
+
+    k = sub.add_parser("keygen", help="make a cluster's CURVE keys (node and client keypairs)")
+    k.add_argument("keydir", type=Path, help="directory to write them into (made 0700)")
+    k.set_defaults(fn=cmd_keygen)
 
     def client_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--node", default=os.environ.get("HPCFLOW_NODE", "127.0.0.1:7101"),
                         help="RPC endpoint of the node to talk to (env HPCFLOW_NODE)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+        sp.add_argument("--keys", metavar="KEYDIR", help="the cluster's keys (needs "
+                        "client.key_secret and node.key; env HPCFLOW_KEYS)")
 
     s = sub.add_parser("put", help="store an array from .npy or HDF5 on a node")
     client_opts(s)

@@ -152,6 +152,9 @@ class NodeConfig:
     window: int = 8
     chunk_retries: int = 3
     ops: list[str] = field(default_factory=list)
+    #: Directory of the cluster's CURVE keys (``hpcflow keygen``); None: ``$HPCFLOW_KEYS``,
+    #: and without that no authentication (see README, Security).
+    keys: str | None = None
     log_level: str = "INFO"
     #: Bytes of workflow intermediates held in memory (None: a quarter of RAM); more are
     #: spilled to unsynced files under data_dir/spill.

@@ -30,6 +30,8 @@ Tree::
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
         ├── Overloaded           the peer is at a limit (requests in flight ...): retry later
+        ├── AuthenticationError  the CURVE handshake failed: wrong, missing or unexpected keys
+        │   └── PermissionDenied a client's key asked for what only nodes may do
         └── RemoteError          an unexpected failure inside a peer
 """
 
@@ -124,6 +126,17 @@ class PeerUnavailable(TransportError):
 
 class Overloaded(TransportError):
     """A peer refused a request because it is at one of its limits; retrying later may work."""
+
+
+class AuthenticationError(TransportError):
+    """The security handshake with a peer failed: it refused our keys, or we refused its
+    (different clusters' keys, keys on one side only).  Raised as soon as the handshake
+    fails, not at a timeout; retrying with the same keys cannot help."""
+
+
+class PermissionDenied(AuthenticationError):
+    """An authenticated caller asked for something its role may not do: a script's
+    client key calling a node-to-node RPC, or uploading what only nodes create."""
 
 
 class RemoteError(TransportError):

@@ -18,11 +18,22 @@
   daemons with one name would otherwise take over each other's identity.
   Members dead for ``forget_after_s`` that hold no entries are forgotten.
 
+Each peer's stream is bound to that peer: it is read on a SUB socket of its
+own, connected only to the PUB endpoint the peer gave in its descriptor
+(from its hello, its snapshot or a member's gossip), and a message on it
+whose sender is another node is dropped (``stats["foreign"]``).  So a
+process can only ever speak for the name it joined under: it cannot publish
+as another node, with that node's epoch and next sequence number, and make
+the real updates look like duplicates.  With keys (``rpc/auth.py``) only a
+holder of the node key can be a PUB a node's SUB accepts, and only a node
+key can say hello.
+
 Sockets and greenlets: the PUB socket is owned by the publisher greenlet
-(others hand it messages through a queue); the SUB socket by the subscriber
-greenlet (connect/disconnect requests go through a queue too).  Snapshot
-fetches run in short-lived greenlets that only touch plain Python state, so
-no socket is shared.
+(others hand it messages through a queue); each peer's SUB socket by that
+peer's stream greenlet, which makes, reads and closes it (following another
+endpoint, or forgetting the peer, ends the greenlet).  Snapshot fetches run
+in short-lived greenlets that only touch plain Python state, so no socket is
+shared.
 """
 
 from __future__ import annotations
@@ -52,14 +63,15 @@ SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
 #: Who answers at an RPC endpoint right now: ``(name, epoch)``, or None when nothing does.
 Prober = Callable[[str], "tuple[str, int] | None"]
 MAX_PENDING = 10_000
-#: Messages the subscriber handles per poll before it looks at its commands again.
-SUB_BURST = 256
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
 INTRODUCE_AFTER = 3
 INTRODUCE_EVERY = 5
 #: A refused name claim is not probed again for this long (it arrives with every gossip).
 RECHECK_REFUSED_S = 30.0
+#: A stream greenlet yields to the others after this many messages in a row (a green
+#: recv does not yield while messages are queued).
+STREAM_BATCH = 64
 #: Name claims being checked at once (each costs one probe of a member).
 MAX_VERIFYING = 16
 
@@ -104,15 +116,16 @@ class ReplicatedCatalog(Catalog):
         self._syncing: set[str] = set()
         # None in the outbox asks the publisher for a heartbeat now (membership news).
         self._outbox: gevent.queue.Queue[KVMsg | None] = gevent.queue.Queue()
-        self._sub_cmds: gevent.queue.Queue[tuple[str, str]] = gevent.queue.Queue()
+        #: peer name -> (PUB endpoint, the greenlet reading it on its own SUB socket)
+        self._streams: dict[str, tuple[str, gevent.Greenlet]] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._garbage_log = Throttled(log)
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
-                      "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0}
+                      "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
+                      "foreign": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
-        self._sub: zmq.Socket | None = None
 
     # -- Catalog interface -----------------------------------------------------
     @property
@@ -131,13 +144,8 @@ class ReplicatedCatalog(Catalog):
         self._pub.setsockopt(zmq.SNDHWM, 100_000)
         self._pub.bind(self._pub_bind)
         self.pub_endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._sub = self.ctx.socket(zmq.SUB)
-        self._sub.setsockopt(zmq.LINGER, 0)
-        self._sub.setsockopt(zmq.RCVHWM, 100_000)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._greenlets = [
             gevent.spawn(self._publisher),
-            gevent.spawn(self._subscriber),
             gevent.spawn(self._monitor),
         ]
 
@@ -154,13 +162,13 @@ class ReplicatedCatalog(Catalog):
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
+        gevent.killall([g for _, g in self._streams.values()])  # each closes its socket
+        self._streams.clear()
         if self._pub is not None:  # its owner greenlet is gone: say goodbye ourselves
             with contextlib.suppress(zmq.ZMQError):
                 self._pub.send_multipart(KVMsg(BYE, self.me.name, self.me.epoch,
                                                self.seq).encode())
             self._pub.close(linger=200)
-        if self._sub is not None:
-            self._sub.close(linger=0)
 
     def announce(self, rec: DatasetRecord) -> None:
         self.own[rec.key] = rec
@@ -185,7 +193,7 @@ class ReplicatedCatalog(Catalog):
             log.info("learned of peer %s at %s", info.name, info.rpc)
             self.peers[info.name] = PeerState(info)
             self.peer_records[info.name] = RecordTable()
-            self._sub_cmds.put(("connect", info.pub))
+            self._follow(info.name, info.pub)
             self._outbox.put(None)
         elif info.epoch > st.info.epoch:
             if not verified and st.alive and info.rpc != st.info.rpc:
@@ -193,8 +201,7 @@ class ReplicatedCatalog(Catalog):
                 return
             log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
             if info.pub != st.info.pub:
-                self._sub_cmds.put(("disconnect", st.info.pub))
-                self._sub_cmds.put(("connect", info.pub))
+                self._follow(info.name, info.pub)
             st.info = info
             st.synced = False
 
@@ -298,30 +305,62 @@ class ReplicatedCatalog(Catalog):
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
                      props={"load": self.load(), "members": members, "ops": self.ops()})
 
-    # -- subscriber ---------------------------------------------------------------
-    def _subscriber(self) -> None:
-        assert self._sub is not None
-        sub = self._sub
-        while True:
-            while not self._sub_cmds.empty():
-                cmd, endpoint = self._sub_cmds.get()
-                try:
-                    getattr(sub, cmd)(endpoint)
-                except zmq.ZMQError as exc:
-                    log.warning("catalog: cannot %s %s: %s", cmd, endpoint, exc)
-            if not sub.poll(100):
-                continue
-            # Everything that has arrived, before polling again (one poll per burst).
-            for _ in range(SUB_BURST):
-                frames = greenio.recv_ready(sub)
-                if frames is None:
-                    break
+    # -- subscribers ----------------------------------------------------------------
+    def _follow(self, name: str, endpoint: str) -> None:
+        """Read ``name``'s stream at ``endpoint`` (instead of any earlier endpoint)."""
+        old = self._streams.get(name)
+        if old is not None and old[0] == endpoint:
+            return
+        self._unfollow(name)
+        self._streams[name] = (endpoint, gevent.spawn(self._stream, name, endpoint))
+
+    def _unfollow(self, name: str) -> None:
+        old = self._streams.pop(name, None)
+        if old is not None:
+            old[1].kill(block=False)  # may be the current greenlet: it ends at its next switch
+
+    def _stream(self, name: str, endpoint: str) -> None:
+        """The one owner of the SUB socket for ``name``'s stream: everything on it must
+        come from ``name``."""
+        sub = self.ctx.socket(zmq.SUB)
+        try:
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.RCVHWM, 100_000)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("catalog: cannot follow %s at %s: %s", name, endpoint, exc)
+            sub.close(linger=0)
+            return
+        try:
+            n = 0
+            while True:
+                n += 1
+                if n % STREAM_BATCH == 0:
+                    gevent.sleep(0)
+                frames = [f.bytes for f in greenio.recv_multipart(sub)]
                 self.stats["received"] += 1
                 try:
-                    self._handle(KVMsg.decode(frames))
+                    msg = KVMsg.decode(frames)
                 except ProtocolError as exc:
                     self.stats["malformed"] += 1
-                    self._garbage_log.warning("catalog: dropped malformed message: %s", exc)
+                    self._garbage_log.warning("catalog: dropped malformed message from %s: %s",
+                                              name, exc)
+                    continue
+                if msg.sender != name:
+                    self.stats["foreign"] += 1
+                    self._garbage_log.warning("catalog: dropped a message from %s's stream "
+                                              "that claims to come from %s", name,
+                                              msg.sender[:64])
+                    continue
+                try:
+                    self._handle(msg)
+                except Exception:  # a bug must not end the stream: log it, read on
+                    log.exception("catalog: error handling a message from %s", name)
+        except zmq.ZMQError as exc:  # the context is going away
+            log.debug("catalog: stream of %s ended: %s", name, exc)
+        finally:
+            sub.close(linger=0)
 
     def _handle(self, msg: KVMsg) -> None:
         if msg.sender == self.me.name:
@@ -506,6 +545,6 @@ class ReplicatedCatalog(Catalog):
         del self.peers[name]
         self.peer_records.pop(name, None)
         self._pending.pop(name, None)
-        self._sub_cmds.put(("disconnect", st.info.pub))
+        self._unfollow(name)
         self.stats["forgotten"] += 1
         self._notify()

@@ -22,12 +22,19 @@ from typing import Any
 
 import h5py
 import numpy as np
-import zmq.green as zmq
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
 from ..config import normalize_endpoint, timeout_scale
-from ..errors import DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable, StoreError
+from ..errors import (
+    AuthenticationError,
+    DatasetNotFound,
+    HpcflowError,
+    InvalidData,
+    PeerUnavailable,
+    StoreError,
+)
+from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
@@ -43,12 +50,14 @@ class Client:
 
     def __init__(self, address: str, *, timeout_s: float = 30.0,
                  settings: BulkSettings | None = None, keep: bool = False,
-                 objective: str = "bytes") -> None:
+                 objective: str = "bytes", keys: str | os.PathLike[str] | None = None) -> None:
         self.endpoint = normalize_endpoint(address)
         self.timeout_s = _seconds("timeout_s", timeout_s) * timeout_scale()
+        self.keys = auth.load(keys, auth.CLIENT)  # keys=None: $HPCFLOW_KEYS, else none
         _refuse_fast(self.endpoint, address)
-        self._rpc = new_client(self.endpoint, self.timeout_s)
-        self.ctx = zmq.Context()
+        self.ctx = auth.context(self.keys)
+        self._rpc = new_client(self.endpoint, self.timeout_s,
+                               context=self.ctx if self.keys is not None else None)
         self.traffic = Traffic()
         self.flow = Flow(self, keep=keep, objective=objective)
         self._dead: set[str] = set()
@@ -59,6 +68,9 @@ class Client:
             self.close()
             raise PeerUnavailable(f"no hpcflow node answers at {address} "
                                   "(is `hpcflow node` running there?)") from None
+        except AuthenticationError:
+            self.close()
+            raise
         self.node = str(hello["name"])
         self.node_bulk = str(hello["endpoints"]["bulk"])
         self.bulk = BulkClient(self.ctx, self.traffic, f"client@{self.node}",
@@ -380,7 +392,10 @@ def _counting(deliver: Deliver, done: list[int], total: int, progress: Progress)
 
 
 def connect(address: str = "127.0.0.1:7101", **kw: Any) -> Client:
-    """Connect to the hpcflow node at ``address`` (``HOST:PORT``, ``tcp://`` or ``ipc://``)."""
+    """Connect to the hpcflow node at ``address`` (``HOST:PORT``, ``tcp://`` or ``ipc://``).
+
+    ``keys=KEYDIR`` (default ``$HPCFLOW_KEYS``) authenticates with the cluster's client
+    key; a node with other keys, or none, refuses at once with ``AuthenticationError``."""
     if not isinstance(address, str):
         raise InvalidData("address must be a string like '127.0.0.1:7101'")
     return Client(address, **kw)

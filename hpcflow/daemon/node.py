@@ -5,6 +5,9 @@ through the protocols of :mod:`.parts` (none of them imports this module).
 One process, one gevent loop.  Sockets: the RPC ROUTER (zerorpc's protocol,
 ``rpc/strict.py``), the
 catalog's PUB and SUB, and the bulk ROUTER; each has one owner greenlet.
+With keys (``--keys``) every one of them is CURVE-secured through the
+node's context and a ZAP handler admits only the cluster's keys
+(``rpc/auth.py``); node-to-node calls are refused to client keys.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from typing import Any
 import gevent
 import gevent.event
 import zmq
-import zmq.green as zmqg
 
 from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
@@ -29,13 +31,13 @@ from ..catalog.store import Store
 from ..config import NodeConfig, advertised
 from ..errors import ConfigError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
-from ..rpc import strict
+from ..rpc import auth, strict
 from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
 from .datasets import Datasets
 from .members import REJOIN_FOR_S, Members
-from .service import NodeService
+from .service import NODE_ONLY, NodeService
 from .worker import Worker
 
 log = logging.getLogger("hpcflow.node")
@@ -54,7 +56,9 @@ class Node:
         self.epoch = time.time_ns()
         self.active = 0
         self.traffic = Traffic()
-        self.ctx = zmqg.Context()
+        self.keys = auth.load(config.keys, auth.NODE)  # ConfigError naming a bad key file
+        self.ctx = auth.context(self.keys)
+        self.zap: auth.ZapHandler | None = None
         self.store = Store(config.data_dir, self.name, config.memory_budget)
         self.store.fault_write_delay_s = config.fault_write_delay_s
         self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
@@ -62,7 +66,8 @@ class Node:
                                      corrupt_chunks=config.fault_corrupt_chunks,
                                      max_uploads=config.max_uploads,
                                      max_uploads_per_connection=config.max_uploads_per_connection)
-        self.peers = PeerClients(config.rpc_timeout_s)
+        self.peers = PeerClients(config.rpc_timeout_s,
+                                 context=self.ctx if self.keys is not None else None)
         self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings,
                                       is_alive=self._peer_alive)
         self.stopped = gevent.event.Event()
@@ -90,9 +95,11 @@ class Node:
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
         self.service = NodeService(self, self.worker, self.datasets)
+        self._secure()
         try:
             self.rpc = strict.Server(self.service, heartbeat=5, context=self.ctx,
-                                     name=self.name)
+                                     name=self.name,
+                                     node_only=NODE_ONLY if self.keys else frozenset())
             rpc_ep = self.rpc.bind(cfg.rpc_endpoint)
             self.bulk = BulkServer(self.ctx, self.store, cfg.bulk_endpoint, self.traffic,
                                    self.settings, admit_put=self.datasets.admit_put,
@@ -125,6 +132,25 @@ class Node:
             log.info("rejoining through %d remembered member(s)", len(remembered))
         log.info("node %s ready: rpc=%s pub=%s bulk=%s, %d datasets, peers=%s", self.name,
                  self.me.rpc, self.me.pub, self.me.bulk, len(records), cfg.peers or "none")
+
+    def _secure(self) -> None:
+        """With keys, serve ZAP before any socket binds; without, warn when other hosts
+        can reach this node (anyone there can read and delete its data)."""
+        cfg = self.config
+        if self.keys is not None:
+            self.zap = auth.ZapHandler(self.ctx, self.keys)
+            self.zap.start()
+            log.info("CURVE keys from %s: only this cluster's node and client keys are "
+                     "admitted", self.keys.directory)
+            return
+        exposed = [ep for ep in (cfg.rpc_endpoint, cfg.pub_endpoint, cfg.bulk_endpoint)
+                   if ep.startswith("tcp://") and not _loopback(ep)]
+        if exposed:
+            log.warning("!!! NO AUTHENTICATION: listening on %s without --keys: any process "
+                        "that reaches these ports can read, overwrite and delete this "
+                        "cluster's data and run its node-to-node calls. Make keys with "
+                        "`hpcflow keygen KEYDIR` and start every node with --keys KEYDIR "
+                        "(README, Security) !!!", ", ".join(exposed))
 
     def _make_catalog(self) -> ReplicatedCatalog:
         if self.config.catalog != "replicated":
@@ -161,6 +187,8 @@ class Node:
             self.rpc.close()
         self.peers.close()
         self.store.close()
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.destroy(linger=0)
         (self.config.data_dir / "node.json").unlink(missing_ok=True)
         if self._lock_fd >= 0:
@@ -239,6 +267,12 @@ class Node:
             self.catalog.retract(key)
         else:
             self.catalog.announce(rec)
+
+
+def _loopback(endpoint: str) -> bool:
+    """A tcp:// endpoint only this host can reach (the wildcard is not one)."""
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def setup_logging(level: str) -> None:

@@ -13,12 +13,16 @@ from typing import Any
 
 from ..catalog.base import Catalog
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
-from ..errors import DatasetExists, InvalidData, InvalidName
+from ..errors import DatasetExists, InvalidData, InvalidName, PermissionDenied
+from ..rpc.auth import CLIENT
 
-#: Lineage keys only the daemons write: a partial's layout, a flow's tag.  (A slice's
-#: ``slice_of``/``rows`` still come from clients too: the centralised baseline forwards
-#: rows that way.  Refusing them needs authenticated node-only uploads, issue 11.)
+#: Lineage keys only the daemons write: a partial's layout, a flow's tag.
 INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "workflow"})
+#: A slice's lineage: workflows read such a dataset as rows of ``slice_of``.  Uploads
+#: carrying it come from nodes and from the centralised baseline (which forwards rows
+#: that way, holding the node key); with keys, a client key may not send it.  Without
+#: keys nobody can tell a script from the baseline, so it stays open (README, Security).
+SLICE_LINEAGE = frozenset({"slice_of", "rows"})
 #: How the daemons name a slice of a dataset (``NAME:rowsLO-HI``): reserved.
 SLICE_NAME = re.compile(r":rows\d+-\d+$")
 
@@ -64,13 +68,17 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
 
 
 def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]) -> None:
-    """An upload's header (from the network) against :func:`check_put`."""
+    """An upload's header (from the network) against :func:`check_put`; ``role`` is the
+    uploader's authenticated role (set by the bulk server, None without keys)."""
     name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
     dtype = validate_dtype(hdr.get("dtype")).str
     shape = validate_shape(hdr.get("shape"))
     lineage = hdr.get("lineage")
+    if hdr.get("role") == CLIENT and isinstance(lineage, dict) and SLICE_LINEAGE & set(lineage):
+        raise PermissionDenied(f"uploads of {name!r}: a slice's lineage (slice_of, rows) is "
+                               "written by nodes; a client key may not send it")
     check_user_put(name, lineage if isinstance(lineage, dict) else None)
     check_put(catalog, me, name, part, shape, dtype)
 
 
-__all__ = ["INTERNAL_LINEAGE", "admit_put", "check_put", "check_user_put"]
+__all__ = ["INTERNAL_LINEAGE", "SLICE_LINEAGE", "admit_put", "check_put", "check_user_put"]

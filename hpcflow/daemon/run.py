@@ -25,8 +25,10 @@ import gevent
 from ..catalog.record import validate_name
 from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
+from ..rpc import auth, strict
 from . import adapter
 from .executor import Execution, Executor, plan_uses
+from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
 from .pools import plan_pool
@@ -158,16 +160,30 @@ def cleanup(node: NodeParts, worker: Worker, created: object, wf: object = None)
     """Delete what a flow created; with ``wf``, the flow is closed too.
 
     Copies that a running execution on this node still reads are left (the
-    holder's janitor drops them once nobody does).
+    holder's janitor drops them once nobody does).  A caller holding a client key
+    (with keys) may only remove what flow ``wf`` made: items the catalog does not show
+    tagged with ``wf`` are skipped (their holders' janitors drop them if they are).
     """
     items = _items(created)
     book = worker.book
     if wf is not None:
         book.close(validate_name(wf))
+    if strict.caller_role() == auth.CLIENT:
+        items = [it for it in items if wf is not None and _made_by(node, it, str(wf))]
     base = [(n, name.split(":rows", 1)[0]) for n, name, _ in items]
     mine = [item for item, (n, name) in zip(items, base, strict=True)
             if not book.in_use(n, name)]
     return Executor(node, worker.learned, "cleanup", "cleanup").cleanup(mine)
+
+
+def _made_by(node: NodeParts, item: tuple[str, str, int | None], wf: str) -> bool:
+    """Whether the catalog shows ``item`` (node, name, part) tagged as made by flow ``wf``."""
+    holder, name, part = item
+    for rec in node.catalog.records_named(name):
+        tagged = FlowTag.of(rec)
+        if rec.owner == holder and rec.part == part and tagged is not None and tagged[0] == wf:
+            return True
+    return False
 
 
 def save(node: NodeParts, worker: Worker, wf: object, output: object, name: object,

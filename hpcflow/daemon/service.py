@@ -30,6 +30,12 @@ from .worker import Worker
 log = logging.getLogger("hpcflow.rpc")
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Calls only nodes make of each other (or the centralised baseline, holding the node
+#: key): with keys, a client key making one gets PermissionDenied (``rpc/strict.py``).
+#: ``cleanup`` and ``replicate`` stay open to scripts (``Flow.close``, ``Client.replicate``);
+#: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``).
+NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
+                       "delete_parts", "flow_status"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
 MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 

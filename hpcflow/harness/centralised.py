@@ -32,6 +32,10 @@ ran.  It reuses the daemons' node-side primitives (``run_op`` on local data,
 bulk fetch and upload) but none of the decentralised catalog or planner.
 Outputs and forwarded input slices are held in the orchestrator's memory
 (scenario sizes); a production orchestrator would spool them to disk.
+
+On a cluster with keys the orchestrator is part of the cluster, not a script:
+it holds the node key (``keys``, default ``$HPCFLOW_KEYS``), which ``run_op``,
+``delete_parts`` and uploads of slices (lineage ``slice_of``/``rows``) need.
 """
 
 from __future__ import annotations
@@ -48,11 +52,11 @@ from typing import Any
 import gevent
 import gevent.event
 import numpy as np
-import zmq.green as zmq
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import DatasetRecord
 from ..errors import ConfigError
+from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.messages import RunReply
@@ -95,13 +99,15 @@ class _Object:
 
 class Orchestrator:
     def __init__(self, nodes: dict[str, str], initiator: str, *,
-                 threshold: int = DEFAULT_THRESHOLD, timeout_s: float = 60.0) -> None:
+                 threshold: int = DEFAULT_THRESHOLD, timeout_s: float = 60.0,
+                 keys: str | auth.Keys | None = None) -> None:
         self.nodes, self.initiator = nodes, initiator
         self.threshold = check_threshold(threshold)
-        self.ctx = zmq.Context()
+        self.keys = auth.load(keys, auth.NODE)
+        self.ctx = auth.context(self.keys)
         self.traffic = Traffic()
         self.bulk = BulkClient(self.ctx, self.traffic, ORCH, BulkSettings(timeout_s=timeout_s))
-        self.rpc = PeerClients(timeout_s)
+        self.rpc = PeerClients(timeout_s, context=self.ctx if self.keys is not None else None)
         self.bulk_ep: dict[str, str] = {}
         self.objects: dict[str, _Object] = {}
         self.active: defaultdict[str, int] = defaultdict(int)

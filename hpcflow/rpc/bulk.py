@@ -82,6 +82,7 @@ from ..errors import (
 )
 from ..logutil import Throttled
 from ..wire import pack, unpack_map
+from .auth import role_of
 from .heap import tune_heap
 from .traffic import Traffic
 
@@ -217,6 +218,7 @@ class BulkServer:
         self.malformed = 0
         #: Uploads refused over a limit (count or disk space).
         self.refused = 0
+        self.caller: str | None = None
         self._garbage_log = Throttled(log)
         self._greenlets: list[gevent.Greenlet] = []
 
@@ -239,6 +241,7 @@ class BulkServer:
                 self.malformed += 1
                 continue
             hdr: dict[str, Any] = {}
+            self.caller = role_of(frames[-1])  # ZAP's role for the sender (None: no keys)
             try:
                 verb = frames[1].bytes
                 hdr = _unpack_header(frames[2].bytes)
@@ -324,7 +327,8 @@ class BulkServer:
             raise ProtocolError("lineage must be a map")
         nbytes = layout_nbytes(shape, dtype)
         self._admit_upload(ident, nbytes)
-        self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str})
+        self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str,
+                        "role": self.caller})
         writer = self.store.begin(
             _str(hdr, "name"), shape, dtype,
             part=part, nparts=nparts, lineage=lineage,

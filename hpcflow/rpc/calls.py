@@ -11,7 +11,7 @@ from typing import Any
 
 import gevent.socket
 
-from ..errors import PeerUnavailable
+from ..errors import AuthenticationError, PeerUnavailable
 from . import strict
 
 
@@ -45,9 +45,10 @@ def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
-def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0
-               ) -> strict.Client:
-    client = strict.Client(timeout=timeout_s, heartbeat=heartbeat_s)
+def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0,
+               context: Any = None) -> strict.Client:
+    """A client of ``endpoint``; ``context`` (see ``auth.context``) carries the keys."""
+    client = strict.Client(timeout=timeout_s, heartbeat=heartbeat_s, context=context)
     client.connect(endpoint)
     return client
 
@@ -55,9 +56,10 @@ def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0
 class PeerClients:
     """One client per peer endpoint, reused; dropped after a failure."""
 
-    def __init__(self, timeout_s: float, heartbeat_s: float = 5.0) -> None:
+    def __init__(self, timeout_s: float, heartbeat_s: float = 5.0, context: Any = None) -> None:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
+        self.context = context
         self._clients: dict[str, strict.Client] = {}
 
     def call(self, endpoint: str, method: str, *args: Any,
@@ -65,10 +67,10 @@ class PeerClients:
         client = self._clients.get(endpoint)
         if client is None:
             client = self._clients[endpoint] = new_client(endpoint, self.timeout_s,
-                                                          self.heartbeat_s)
+                                                          self.heartbeat_s, self.context)
         try:
             return client.call(method, *args, timeout=timeout_s)
-        except PeerUnavailable:
+        except (PeerUnavailable, AuthenticationError):
             self._clients.pop(endpoint, None)
             client.close()
             raise

@@ -58,8 +58,8 @@ import msgpack
 import zmq
 import zmq.green as zmqg
 
-from ..errors import PeerUnavailable, ProtocolError, from_wire
-from . import greenio
+from ..errors import AuthenticationError, PeerUnavailable, ProtocolError, from_wire
+from . import auth, greenio
 
 log = logging.getLogger("hpcflow.rpc")
 
@@ -81,6 +81,13 @@ class Malformed(ProtocolError):
 
 class LostRemote(PeerUnavailable):
     """The server of a call stopped heartbeating (raised in the caller)."""
+
+
+def caller_role() -> str | None:
+    """Inside a call being served: the role ZAP gave its caller (``node`` or
+    ``client``; None on a server without keys, or outside a served call)."""
+    call = _CURRENT.get()
+    return call.role if call is not None else None
 
 
 class CallerLost(gevent.GreenletExit):
@@ -310,6 +317,7 @@ class _Call:
     last_heard: float
     greenlet: gevent.Greenlet | None = None
     long: bool = False
+    role: str | None = None
     #: Run once the reply has left the process (see :func:`after_reply`).
     after_reply: list[Callable[[], None]] = field(default_factory=list)
 
@@ -352,11 +360,16 @@ class Server:
 
     ``bind`` then ``run`` (blocks; run it in a greenlet); ``stop`` ends the
     requests in flight (their greenlets get GreenletExit); ``close`` the socket.
+    Methods in ``node_only`` are refused (:class:`~hpcflow.errors.PermissionDenied`)
+    to callers whose ZAP role is not ``node``: give it only on a keyed socket.
     """
 
     def __init__(self, methods: Any, *, heartbeat: float = 5.0, limits: Limits = Limits(),
-                 context: Any = None, name: str | None = None) -> None:
+                 context: Any = None, name: str | None = None,
+                 node_only: frozenset[str] = frozenset()) -> None:
         self.limits = limits
+        self.node_only = node_only
+        self.denied = 0
         self.name = name or type(methods).__name__
         self.methods = _public_methods(methods)
         self.methods.update({
@@ -401,7 +414,7 @@ class Server:
     def stats(self) -> dict[str, Any]:
         """Requests in flight, refused over the limits, and events dropped by reason."""
         return {"in_flight": len(self.calls), "overloaded": self.overloaded,
-                "dropped": dict(self._io.dropped)}
+                "denied": self.denied, "dropped": dict(self._io.dropped)}
 
     # -- routing ---------------------------------------------------------------------
     def _route(self, parts: Sequence[Any]) -> None:
@@ -441,8 +454,18 @@ class Server:
                 f"({mine} for this connection; limits {lim.per_connection} and {total}): "
                 "retry later", ev.version))
             return
+        role = auth.role_of(parts[-1])
+        if ev.name in self.node_only and role != auth.NODE:
+            self.denied += 1
+            self._io.warn("denied", f"{ev.name} from a {role or 'anonymous'} caller",
+                          _peer_address(parts), self.denied)
+            self._reply(ev.identity, ev.message_id, ev.version, "ERR", self._err(
+                "PermissionDenied", f"{ev.name} is a node-to-node call: a {role or 'anonymous'}"
+                " key may not make it", ev.version))
+            return
         now = time.monotonic()
-        call = _Call(key, ev.identity, ev.message_id, ev.version, now, now, long=long)
+        call = _Call(key, ev.identity, ev.message_id, ev.version, now, now, long=long,
+                     role=role)
         self.calls[key] = call
         self._per_connection[(conn, long)] += 1
         self._in_flight[long] += 1
@@ -552,8 +575,10 @@ class _Pending:
 class Client:
     """Calls a zerorpc-protocol server: ``client.method(*args, timeout=s)``.
 
-    Errors are hpcflow's: the server's error class by name (``from_wire``), or
-    :class:`~hpcflow.errors.PeerUnavailable` on a timeout or a lost server.
+    Errors are hpcflow's: the server's error class by name (``from_wire``),
+    :class:`~hpcflow.errors.PeerUnavailable` on a timeout or a lost server, or
+    :class:`~hpcflow.errors.AuthenticationError` as soon as the security handshake
+    fails (keys on one side only, or another cluster's keys).
     """
 
     def __init__(self, timeout: float = 30.0, heartbeat: float | None = 5.0,
@@ -567,10 +592,17 @@ class Client:
         self.endpoint = ""
         self._started = False
         self._closed = False
+        self._watch: auth.HandshakeWatch | None = None
 
     def connect(self, endpoint: str) -> None:
-        self._io.sock.connect(endpoint)
         self.endpoint = endpoint
+        self._watch = auth.HandshakeWatch(self._io.sock, endpoint, self._refused)
+        self._io.sock.connect(endpoint)
+
+    def _refused(self, exc: AuthenticationError) -> None:
+        for p in self.pending.values():
+            if not p.result.ready():
+                p.result.set((False, exc))
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("__"):
@@ -580,6 +612,8 @@ class Client:
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         if self._closed:
             raise PeerUnavailable(f"client of {self.endpoint} is closed")
+        if self._watch is not None and self._watch.error is not None:
+            raise self._watch.error
         if not self._started:
             self._started = True
             self._io.spawn(self._io.receive_loop, self._route)
@@ -649,6 +683,8 @@ class Client:
         for p in self.pending.values():
             if not p.result.ready():
                 p.result.set((False, PeerUnavailable(f"client of {self.endpoint} closed")))
+        if self._watch is not None:
+            self._watch.close()
         self._io.close()
 
     def __enter__(self) -> Client:
@@ -659,5 +695,4 @@ class Client:
 
 
 __all__ = ["CallerLost", "Client", "Event", "Limits", "LostRemote", "Malformed", "Server",
-           "after_reply", "current_connection", "decode",
-           "encode"]
+           "after_reply", "caller_role", "current_connection", "decode", "encode"]
