@@ -1,0 +1,163 @@
+"""The ``hpcflow`` command on bad input: one line on stderr naming the problem, a
+non-zero exit, no traceback, and nothing half-written left behind.
+
+Every case is the real command in a subprocess against real daemons.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import hpcflow
+from hpcflow.config import MAX_TOML_DEPTH
+from hpcflow.harness.scenario import MAX_PARTS
+
+from .conftest import SCALE, Cluster
+
+
+def hpcflow_cli(*args: str, cwd: Path | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hpcflow", *args], capture_output=True,
+                          text=True, timeout=timeout * SCALE, cwd=cwd)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The command failed with exactly one ``hpcflow: error:`` line mentioning ``words``."""
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpcflow: error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cli-errors"))
+    try:
+        c.add("n1")
+        yield c
+    finally:
+        c.stop()
+
+
+def test_put_of_unreadable_sources_is_one_line(node: Cluster, tmp_path: Path) -> None:
+    rpc = node["n1"].rpc
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "magic.npy").write_bytes(b"\x93NUMPY")  # cut inside the magic string
+    with h5py.File(tmp_path / "null.h5", "w") as f:
+        f.create_dataset("x", data=h5py.Empty("f8"))  # H5S_NULL: a type and no data
+    with h5py.File(tmp_path / "loop.h5", "w") as f:
+        f["a"] = h5py.SoftLink("/b")
+        f["b"] = h5py.SoftLink("/a")
+        f["ok"] = np.arange(3.0)
+        f["dangling"] = h5py.ExternalLink("nowhere.h5", "/x")
+    cases = [
+        (["empty.npy"], ["empty.npy", "empty file"]),
+        (["magic.npy"], ["magic.npy", "not a readable .npy"]),
+        (["null.h5"], ["null.h5:/x", "null dataspace"]),
+        (["null.h5", "--dataset", "/x"], ["null dataspace"]),
+        (["loop.h5", "--dataset", "/a"], ["loop.h5:/a", "cannot be opened"]),
+        (["loop.h5", "--dataset", "/dangling"], ["loop.h5", "no dataset '/dangling'"]),
+    ]
+    for args, words in cases:
+        r = hpcflow_cli("put", "--node", rpc, "BAD", *args, cwd=tmp_path)
+        one_line_error(r, "(InvalidData)", *words)
+        r = hpcflow_cli("put", "--node", rpc, "BAD", *args, "--json", cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert json.loads(r.stdout)["error"]["type"] == "InvalidData"
+    with hpcflow.connect(rpc) as c:  # nothing was stored, half or whole
+        assert "BAD" not in {r.name for r in c.catalog()}
+        assert c.stats()["uploads_in_progress"] == 0
+    # the real dataset next to the loop is still readable
+    r = hpcflow_cli("put", "--node", rpc, "OKAY", "loop.h5", "--dataset", "/ok", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_timeout_must_be_a_finite_positive_number(node: Cluster, value: str) -> None:
+    r = hpcflow_cli("ls", "--node", node["n1"].rpc, "--timeout", value)
+    one_line_error(r, "timeout_s must be a finite number of seconds > 0", "(InvalidData)")
+
+
+@pytest.mark.parametrize("body,shows", [
+    ("import sys\nsys.exit(0)\n", "sys.exit(0)"),
+    ("import sys\nsys.exit(3)\n", "sys.exit(3)"),
+    ("raise SystemExit('bye')\n", "sys.exit('bye')"),
+])
+def test_an_ops_module_calling_sys_exit_stops_the_daemon_loudly(tmp_path: Path, body: str,
+                                                                 shows: str) -> None:
+    mod = tmp_path / "quitter.py"
+    mod.write_text(body)
+    r = hpcflow_cli("node", "--name", "q", "--data-dir", str(tmp_path / "q"), "--listen",
+                    "127.0.0.1:0", "--ops", str(mod))
+    one_line_error(r, "--ops", "quitter.py", "called " + shows, "(ConfigError)")
+    assert r.returncode == 1
+
+
+def _scenario(parts: str, extra: str = "") -> str:
+    return f'''name = "s"
+nodes = ["n1", "n2"]
+initiator = "n1"
+result = "M"
+{extra}
+[datasets.D]
+shape = [{parts.count("node")}, 2]
+dtype = "float64"
+parts = [{parts}]
+[[steps]]
+out = "M"
+op = "colsum"
+inputs = ["D"]
+params = {{}}
+'''
+
+
+def test_scenarios_too_deep_or_too_big_fail_before_anything_runs(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"  # tomllib recurses once per level: a RecursionError
+    deep.write_text(_scenario('{ node = "n1", rows = 1 }', "x = " + "[" * 5000 + "]" * 5000))
+    nested = tmp_path / "nested.toml"  # within Python's limit, beyond ours
+    depth = MAX_TOML_DEPTH + 1
+    nested.write_text(_scenario('{ node = "n1", rows = 1 }', "x = " + "[" * depth + "]" * depth))
+    dotted = tmp_path / "dotted.toml"  # dotted keys nest too
+    dotted.write_text(_scenario('{ node = "n1", rows = 1 }', "y" + ".y" * 5000 + " = 1"))
+    many = tmp_path / "many.toml"  # passes every other check; used to fail mid-replay
+    many.write_text(_scenario(", ".join(f'{{ node = "n{1 + i % 2}", rows = 1 }}'
+                                        for i in range(200_000))))
+    for path, words in ((deep, ["deep.toml", "nested more than"]),
+                        (nested, ["nested.toml", "nested more than"]),
+                        (dotted, ["dotted.toml", "nested more than"]),
+                        (many, ["many.toml", "datasets.D.parts", f"at most {MAX_PARTS}"])):
+        t0 = time.monotonic()
+        r = hpcflow_cli("replay", "--approach", "decentralised", str(path))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert lines[-1].endswith("scenario file(s) invalid; nothing was run"), r.stderr
+        assert len(lines) == 2 and all(w in lines[0] for w in words), r.stderr
+        assert r.stdout == ""  # no replay started: it would print its progress and table
+        assert time.monotonic() - t0 < 30 * SCALE
+    # at the limit the nesting is accepted, and the next check speaks (x is no scenario key)
+    at_limit = tmp_path / "at-limit.toml"
+    brackets = MAX_TOML_DEPTH - 1  # the top-level table is the first level
+    at_limit.write_text(_scenario('{ node = "n1", rows = 1 }',
+                                  "x = " + "[" * brackets + "]" * brackets))
+    r = hpcflow_cli("replay", "--approach", "decentralised", str(at_limit))
+    assert r.returncode == 1 and "x: unknown key" in r.stderr, r.stderr
+    assert "nested" not in r.stderr
+
+
+def test_node_config_nested_too_deep_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("name = " + "[" * 3000 + "]" * 3000 + "\n")
+    r = hpcflow_cli("node", "--config", str(cfg), "--data-dir", str(tmp_path / "d"))
+    one_line_error(r, "node.toml", "nested more than", "(ConfigError)")
