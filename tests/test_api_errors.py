@@ -1,19 +1,23 @@
 """The script API on wrong arguments: a typed hpcflow error (never numpy's, msgpack's or
-Python's TypeError), nothing stored or overwritten.
+Python's TypeError), nothing stored or overwritten; and the daemon logging a user's
+planning errors as one line, keeping tracebacks for its own bugs.
 
 Against a real daemon over real sockets.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent.threadpool
 import numpy as np
 import pytest
 
 import hpcflow
+from hpcflow.daemon.pools import run_in
 from hpcflow.errors import InvalidData, ParamError
 
 from .conftest import Cluster, NodeProc
@@ -117,3 +121,51 @@ def test_wrong_argument_types_are_typed(client: hpcflow.Client, tmp_path: Path) 
     for call, words in cases:
         raises(InvalidData, call, words)
     assert "B" not in names(client) and list(tmp_path.iterdir()) == []
+
+
+def test_planning_errors_from_user_input_are_one_log_line(node: NodeProc,
+                                                          client: hpcflow.Client) -> None:
+    before = node.log_path.read_text()
+    bad: list[tuple[Callable[[], Any], type[Exception]]] = [
+        (lambda: client.run("histogram", "A", bins=-3).fetch(), hpcflow.ParamError),
+        (lambda: client.run("colsum", "A", foo=1).fetch(), hpcflow.ParamError),
+        (lambda: client.run("add", "A", "A", "A").fetch(), hpcflow.ArityError),
+        (lambda: client.run("nosuchop", "A").fetch(), hpcflow.UnknownOpError),
+        (lambda: client.run("colsum", "NOPE").fetch(), hpcflow.DatasetNotFound),
+        (lambda: client.explain(client.run("histogram", "A", bins=0)), hpcflow.ParamError),
+    ]
+    for call, exc in bad:
+        with pytest.raises(exc):
+            call()
+    # the last reply came after the daemon logged it: its log is complete
+    new = node.log_path.read_text()[len(before):]
+    assert "Traceback" not in new and "ThreadPoolWorker" not in new, new
+    failed = [line for line in new.splitlines() if "failed:" in line]
+    assert len(failed) == len(bad), new
+    for line, (_, exc) in zip(failed, bad, strict=True):
+        assert f"failed: {exc.__name__}: " in line, line
+
+
+def test_pool_errors_raise_in_the_caller_and_bugs_keep_their_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    pool = gevent.threadpool.ThreadPool(1)
+    try:
+        assert run_in(pool, lambda x: x * 2, 21) == 42
+
+        def user_error() -> None:
+            raise ParamError("bins must be >= 1")
+
+        def bug() -> None:
+            {}["missing"]
+
+        with caplog.at_level(logging.ERROR, logger="hpcflow.pools"):
+            with pytest.raises(ParamError):
+                run_in(pool, user_error)
+            assert caplog.records == []  # the caller logs it, as one line
+            with pytest.raises(KeyError):
+                run_in(pool, bug)
+        (rec,) = caplog.records
+        assert rec.exc_info is not None and "bug" in rec.getMessage()
+        assert "{}[\"missing\"]" in caplog.text  # the traceback, down to the faulty line
+    finally:
+        pool.kill()
