@@ -7,6 +7,7 @@ Every case is the real command in a subprocess against real daemons.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import hpcflow
 from hpcflow.config import MAX_TOML_DEPTH
 from hpcflow.harness.scenario import MAX_PARTS
 
-from .conftest import SCALE, Cluster
+from .conftest import SCALE, Cluster, NodeProc, wait_for
 
 
 def hpcflow_cli(*args: str, cwd: Path | None = None,
@@ -88,6 +89,74 @@ def test_put_of_unreadable_sources_is_one_line(node: Cluster, tmp_path: Path) ->
 def test_timeout_must_be_a_finite_positive_number(node: Cluster, value: str) -> None:
     r = hpcflow_cli("ls", "--node", node["n1"].rpc, "--timeout", value)
     one_line_error(r, "timeout_s must be a finite number of seconds > 0", "(InvalidData)")
+
+
+def test_get_of_an_empty_dataset_says_so(node: Cluster, tmp_path: Path) -> None:
+    with hpcflow.connect(node["n1"].rpc) as c:
+        c.put("EMPTY", np.empty((0, 3)), overwrite=True)
+    for out in ("e.h5", "e.npy"):
+        r = hpcflow_cli("get", "--node", node["n1"].rpc, "EMPTY", out, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"wrote {out} (0x3 float64: empty, nothing to transfer)"
+    assert np.load(tmp_path / "e.npy").shape == (0, 3)
+    with h5py.File(tmp_path / "e.h5") as f:
+        assert f["/data"].shape == (0, 3)
+    r = hpcflow_cli("get", "--node", node["n1"].rpc, "EMPTY", "j.h5", "--json", cwd=tmp_path)
+    doc = json.loads(r.stdout)
+    assert (doc["bytes"], doc["from"], doc["shape"], doc["dtype"]) == (0, [], [0, 3], "<f8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.h5", "e.npy", "j.h5"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("out", ["big.h5", "big.npy"])
+def test_a_killed_get_leaves_no_partial_file(make_cluster, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                             sig: signal.Signals, out: str) -> None:
+    """The holder is stopped (SIGSTOP), so the get is caught mid-transfer; long TTLs keep
+    the node from giving up on the holder first."""
+    c: Cluster = make_cluster()
+    c.add("n1", extra=["--ttl", str(60 * SCALE)])
+    holder = c.add("n2", via="n1", extra=["--ttl", str(60 * SCALE)])
+    with holder.client() as cl:
+        cl.put("BIG", np.ones((2000, 64)))
+    with c["n1"].client() as cl:
+        cl.wait_for("BIG", 10 * SCALE)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert holder.proc is not None
+    holder.proc.send_signal(signal.SIGSTOP)
+    try:
+        get = subprocess.Popen([sys.executable, "-m", "hpcflow", "get", "--node", c["n1"].rpc,
+                                "BIG", out], cwd=work, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            if out.endswith(".h5"):  # the HDF5 output is created before the pull starts
+                partial = wait_for(lambda: list(work.glob(f"{out}.partial-{get.pid}")), 20,
+                                   "the partial output file")
+                assert partial
+            else:  # the .npy is written after the pull: catch it connected and waiting
+                wait_for(lambda: _connected_to(get.pid, holder), 20, "the get's connection")
+            t0 = time.monotonic()
+            get.send_signal(sig)
+            _, err = get.communicate(timeout=20 * SCALE)
+        finally:
+            if get.poll() is None:
+                get.kill()
+                get.wait()
+        assert get.returncode == 128 + sig, err
+        assert time.monotonic() - t0 < 10 * SCALE
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert list(work.iterdir()) == []
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+
+
+def _connected_to(pid: int, holder: NodeProc) -> bool:
+    """Whether process ``pid`` has a TCP connection to the holder's bulk port."""
+    bulk = holder.info["bulk"]
+    port = int(bulk.rsplit(":", 1)[1])
+    r = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+                       capture_output=True, text=True)
+    return f"pid={pid}," in r.stdout
 
 
 @pytest.mark.parametrize("body,shows", [
