@@ -8,6 +8,7 @@ Against a real daemon over real sockets.
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,29 @@ def test_planning_errors_from_user_input_are_one_log_line(node: NodeProc,
     assert len(failed) == len(bad), new
     for line, (_, exc) in zip(failed, bad, strict=True):
         assert f"failed: {exc.__name__}: " in line, line
+
+
+def test_an_op_calling_sys_exit_is_an_op_error_not_the_end_of_the_node(
+        make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    mod = tmp_path / "quitting_ops.py"
+    mod.write_text(textwrap.dedent("""
+        import sys
+        from hpcflow import op
+
+        @op("quit_on_big", kind="global")
+        def quit_on_big(x):
+            if x.shape[0] > 100:  # not on the planner's tiny samples: on the real run
+                sys.exit(0)
+            return x
+    """))
+    c: Cluster = make_cluster()
+    node = c.add("q", extra=["--ops", str(mod)])
+    with node.client() as cl:
+        cl.put("BIG", np.ones((1000, 3)))
+        raises(hpcflow.OpError, lambda: cl.run("quit_on_big", "BIG").fetch(),
+               "'quit_on_big' called sys.exit(0)")
+        assert cl.ping()["name"] == "q"  # still serving
+    assert node.alive()
 
 
 def test_pool_errors_raise_in_the_caller_and_bugs_keep_their_traceback(
