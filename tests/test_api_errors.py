@@ -64,6 +64,7 @@ def test_overwrite_must_be_a_bool(client: hpcflow.Client, flag: object) -> None:
                                              None, None, flag), "overwrite must be")
     assert np.array_equal(client.fetch("A"), ARR)
     client.put("A", ARR, overwrite=np.True_)  # numpy's bool is a bool
+    raises(InvalidData, lambda: hpcflow.connect(client.endpoint, keep=flag), "keep must be")
 
 
 def test_what_put_cannot_store_faithfully_is_refused(client: hpcflow.Client) -> None:

@@ -51,6 +51,7 @@ class Client:
     def __init__(self, address: str, *, timeout_s: float = 30.0,
                  settings: BulkSettings | None = None, keep: bool = False,
                  objective: str = "bytes") -> None:
+        keep = validate_flag(keep, "keep")  # keep="no" would keep every output
         self.endpoint = normalize_endpoint(address)
         self.timeout_s = _seconds("timeout_s", timeout_s) * timeout_scale()
         _refuse_fast(self.endpoint, address)
