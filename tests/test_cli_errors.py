@@ -20,7 +20,7 @@ import pytest
 
 import hpcflow
 from hpcflow.config import MAX_TOML_DEPTH
-from hpcflow.harness.scenario import MAX_PARTS
+from hpcflow.harness.scenario import MAX_FILE_BYTES, MAX_PARTS
 
 from .conftest import SCALE, Cluster, NodeProc, wait_for
 
@@ -74,9 +74,9 @@ def test_put_of_unreadable_sources_is_one_line(node: Cluster, tmp_path: Path) ->
     for args, words in cases:
         r = hpcflow_cli("put", "--node", rpc, "BAD", *args, cwd=tmp_path)
         one_line_error(r, "(InvalidData)", *words)
-        r = hpcflow_cli("put", "--node", rpc, "BAD", *args, "--json", cwd=tmp_path)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-        assert json.loads(r.stdout)["error"]["type"] == "InvalidData"
+    r = hpcflow_cli("put", "--node", rpc, "BAD", "empty.npy", "--json", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(r.stdout)["error"]["type"] == "InvalidData"
     with hpcflow.connect(rpc) as c:  # nothing was stored, half or whole
         assert "BAD" not in {r.name for r in c.catalog()}
         assert c.stats()["uploads_in_progress"] == 0
@@ -107,31 +107,38 @@ def test_get_of_an_empty_dataset_says_so(node: Cluster, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.h5", "e.npy", "j.h5"]
 
 
+@pytest.fixture(scope="module")
+def stoppable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """n2 holds BIG; a test stops n2 (SIGSTOP) to catch a get of BIG mid-transfer.  Long
+    TTLs keep n1 from giving up on the stopped holder first."""
+    c = Cluster(tmp_path_factory.mktemp("stoppable"))
+    try:
+        c.add("n1", extra=["--ttl", str(60 * SCALE)])
+        c.add("n2", via="n1", extra=["--ttl", str(60 * SCALE)])
+        with c["n2"].client() as cl:
+            cl.put("BIG", np.ones((2000, 64)))
+        with c["n1"].client() as cl:
+            cl.wait_for("BIG", 10 * SCALE)
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("out", ["big.h5", "big.npy"])
-def test_a_killed_get_leaves_no_partial_file(make_cluster, tmp_path: Path,  # type: ignore[no-untyped-def]
+def test_a_killed_get_leaves_no_partial_file(stoppable: Cluster, tmp_path: Path,
                                              sig: signal.Signals, out: str) -> None:
-    """The holder is stopped (SIGSTOP), so the get is caught mid-transfer; long TTLs keep
-    the node from giving up on the holder first."""
-    c: Cluster = make_cluster()
-    c.add("n1", extra=["--ttl", str(60 * SCALE)])
-    holder = c.add("n2", via="n1", extra=["--ttl", str(60 * SCALE)])
-    with holder.client() as cl:
-        cl.put("BIG", np.ones((2000, 64)))
-    with c["n1"].client() as cl:
-        cl.wait_for("BIG", 10 * SCALE)
-    work = tmp_path / "work"
-    work.mkdir()
+    holder = stoppable["n2"]
     assert holder.proc is not None
     holder.proc.send_signal(signal.SIGSTOP)
     try:
-        get = subprocess.Popen([sys.executable, "-m", "hpcflow", "get", "--node", c["n1"].rpc,
-                                "BIG", out], cwd=work, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+        get = subprocess.Popen([sys.executable, "-m", "hpcflow", "get", "--node",
+                                stoppable["n1"].rpc, "BIG", out], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             if out.endswith(".h5"):  # the HDF5 output is created before the pull starts
-                partial = wait_for(lambda: list(work.glob(f"{out}.partial-{get.pid}")), 20,
-                                   "the partial output file")
+                partial = wait_for(lambda: list(tmp_path.glob(f"{out}.partial-{get.pid}")),
+                                   20, "the partial output file")
                 assert partial
             else:  # the .npy is written after the pull: catch it connected and waiting
                 wait_for(lambda: _connected_to(get.pid, holder), 20, "the get's connection")
@@ -145,7 +152,7 @@ def test_a_killed_get_leaves_no_partial_file(make_cluster, tmp_path: Path,  # ty
         assert get.returncode == 128 + sig, err
         assert time.monotonic() - t0 < 10 * SCALE
         assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-        assert list(work.iterdir()) == []
+        assert list(tmp_path.iterdir()) == []
     finally:
         holder.proc.send_signal(signal.SIGCONT)
 
@@ -200,21 +207,29 @@ def test_scenarios_too_deep_or_too_big_fail_before_anything_runs(tmp_path: Path)
     nested.write_text(_scenario('{ node = "n1", rows = 1 }', "x = " + "[" * depth + "]" * depth))
     dotted = tmp_path / "dotted.toml"  # dotted keys nest too
     dotted.write_text(_scenario('{ node = "n1", rows = 1 }', "y" + ".y" * 5000 + " = 1"))
-    many = tmp_path / "many.toml"  # passes every other check; used to fail mid-replay
-    many.write_text(_scenario(", ".join(f'{{ node = "n{1 + i % 2}", rows = 1 }}'
-                                        for i in range(200_000))))
-    for path, words in ((deep, ["deep.toml", "nested more than"]),
-                        (nested, ["nested.toml", "nested more than"]),
-                        (dotted, ["dotted.toml", "nested more than"]),
-                        (many, ["many.toml", "datasets.D.parts", f"at most {MAX_PARTS}"])):
-        t0 = time.monotonic()
-        r = hpcflow_cli("replay", "--approach", "decentralised", str(path))
-        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert lines[-1].endswith("scenario file(s) invalid; nothing was run"), r.stderr
-        assert len(lines) == 2 and all(w in lines[0] for w in words), r.stderr
-        assert r.stdout == ""  # no replay started: it would print its progress and table
-        assert time.monotonic() - t0 < 30 * SCALE
+    def parts(n: int) -> str:
+        return ", ".join(f'{{ node = "n{1 + i % 2}", rows = 1 }}' for i in range(n))
+
+    huge = tmp_path / "huge.toml"  # 200,000 parts passed validation and failed mid-replay
+    huge.write_text(_scenario(parts(200_000)))
+    many = tmp_path / "many.toml"  # too many parts in a file of a reasonable size
+    many.write_text(_scenario(parts(MAX_PARTS + 1)))
+    assert many.stat().st_size < MAX_FILE_BYTES < huge.stat().st_size
+    expected = ((deep, ["deep.toml", "nested more than"]),
+                (nested, ["nested.toml", "nested more than"]),
+                (dotted, ["dotted.toml", "nested more than"]),
+                (huge, ["huge.toml", "a scenario file may have at most 1 MiB"]),
+                (many, ["many.toml", "datasets.D.parts", f"at most {MAX_PARTS}"]))
+    t0 = time.monotonic()  # every file is checked and reported, one line each
+    r = hpcflow_cli("replay", "--approach", "decentralised", *(str(p) for p, _ in expected))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1] == "hpcflow: 5 of 5 scenario file(s) invalid; nothing was run", r.stderr
+    assert len(lines) == 6, r.stderr
+    for line, (_, words) in zip(lines, expected, strict=False):
+        assert line.startswith("hpcflow: error:") and all(w in line for w in words), line
+    assert r.stdout == ""  # no replay started: it would print its progress and table
+    assert time.monotonic() - t0 < 30 * SCALE
     # at the limit the nesting is accepted, and the next check speaks (x is no scenario key)
     at_limit = tmp_path / "at-limit.toml"
     brackets = MAX_TOML_DEPTH - 1  # the top-level table is the first level

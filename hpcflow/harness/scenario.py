@@ -43,8 +43,9 @@ Gbit/s), every dataset and step output small enough to hold in memory
 (:func:`memory_limit`: the replay generates every dataset in memory), and a
 row of at most :data:`MAX_ROW_BYTES` (output shapes are inferred by running
 the op on a few sample rows), at most :data:`MAX_NODES` nodes, :data:`MAX_PARTS`
-dataset parts and :data:`MAX_STEPS` steps, and arrays or tables nested at most
-:data:`~hpcflow.config.MAX_TOML_DEPTH` levels deep.
+dataset parts and :data:`MAX_STEPS` steps, arrays or tables nested at most
+:data:`~hpcflow.config.MAX_TOML_DEPTH` levels deep, and a file of at most
+:data:`MAX_FILE_BYTES`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from hpcflow.harness.report import human_bytes
 from hpcflow.sources import open_source
 
 __all__ = [
+    "MAX_FILE_BYTES",
     "MAX_NODES",
     "MAX_PARTS",
     "MAX_ROW_BYTES",
@@ -105,6 +107,8 @@ MAX_PARTS = 4096
 """Most dataset parts in a scenario, all datasets together (each is a put, ~10 ms)."""
 MAX_STEPS = 1024
 """Most steps in a scenario."""
+MAX_FILE_BYTES = 1 << 20
+"""Largest scenario file (the shipped ones are about 1 KiB)."""
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # what netns.Topology accepts
 _TOP_KEYS = {"name", "description", "nodes", "initiator", "result", "seed", "ops", "links",
@@ -304,6 +308,10 @@ def load_scenario(path: str | Path) -> Scenario:
     file = Path(path).resolve()
     w = _Where(file)
     try:
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:  # parsing 6 MB of TOML takes seconds, and it is no scenario
+            raise ConfigError(f"{file}: {human_bytes(size)}; a scenario file may have at most "
+                              f"{human_bytes(MAX_FILE_BYTES)}")
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such scenario file") from None
