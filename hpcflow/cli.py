@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -92,6 +93,29 @@ def cmd_put(a: argparse.Namespace) -> int:
     return 0
 
 
+def _signal_unwinds(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM end the command through the ``finally`` clauses that remove a
+    half-written output (SIGTERM's default action would leave it behind); as SystemExit,
+    which gevent's hub passes on to the main greenlet without printing it."""
+    raise SystemExit(128 + signum)
+
+
+def _save_npy(out: Path, arr: Any) -> None:
+    from .client.client import partial_path
+
+    tmp = partial_path(out)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise StoreError(f"cannot write {out}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cmd_get(a: argparse.Namespace) -> int:
     from .client.client import check_output_path, split_h5path
 
@@ -100,22 +124,29 @@ def cmd_get(a: argparse.Namespace) -> int:
         split_h5path(a.h5path)
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _signal_unwinds)
     with _client(a) as c:
         if out.suffix == ".npy":
             arr = c.fetch(a.name, part=a.part, progress=show)
-            try:
-                np.save(out, arr)
-            except OSError as exc:
-                raise StoreError(f"cannot write {out}: {exc}") from exc
+            _save_npy(out, arr)
+            shape, dtype = arr.shape, arr.dtype
         else:
+            import h5py
+
             c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show)
+            with h5py.File(out, "r") as f:
+                shape, dtype = f[a.h5path].shape, f[a.h5path].dtype
         received = sum(c.traffic.bytes_received.values())
         # the holders the bytes actually came from (after any fail-over)
         holders = sorted(k for k, v in c.traffic.bytes_received.items() if v)
     result = {"name": a.name, "path": str(out), "bytes": received, "from": holders,
+              "shape": list(shape), "dtype": dtype.str,
               "seconds": round(time.monotonic() - t0, 3), "checksum_verified": True}
+    what = f"{'x'.join(map(str, shape)) or 'scalar'} {dtype}"
     print(json.dumps(result) if a.json else
-          f"wrote {out} ({_size(received)} from {', '.join(holders)}, checksum verified)")
+          f"wrote {out} ({what}, {_size(received)} from {', '.join(holders)}, checksum verified)"
+          if holders else f"wrote {out} ({what}: empty, nothing to transfer)")
     return 0
 
 

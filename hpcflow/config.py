@@ -241,15 +241,40 @@ class NodeConfig:
         return d
 
 
+MAX_TOML_DEPTH = 32
+"""Deepest nesting of arrays and tables accepted in a config or scenario file."""
+
+
+def parse_toml(text: str, where: object) -> dict[str, Any]:
+    """Parse TOML; bad syntax and nesting deeper than :data:`MAX_TOML_DEPTH` levels are
+    a :class:`ConfigError` naming ``where`` (tomllib recurses once per level, so a few
+    thousand would be a RecursionError)."""
+    too_deep = ConfigError(f"{where}: arrays or tables nested more than {MAX_TOML_DEPTH} "
+                           "levels deep")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    stack: list[tuple[object, int]] = [(data, 1)]
+    while stack:  # no recursion of our own: dotted keys nest without limit in tomllib
+        value, depth = stack.pop()
+        if depth > MAX_TOML_DEPTH:
+            raise too_deep
+        children = list(value.values()) if isinstance(value, dict) else value
+        if isinstance(children, list):
+            stack += [(c, depth + 1) for c in children if isinstance(c, dict | list)]
+    return data
+
+
 def read_toml(path: Path, known: set[str]) -> dict[str, Any]:
     """Read a TOML config file; unknown keys and bad syntax name the file and the key."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    data = parse_toml(text, path)
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: "

@@ -30,6 +30,9 @@ class Source:
 
 
 def open_source(data: Any, dataset: str | None = None) -> Source:
+    if dataset is not None and not isinstance(dataset, str):
+        raise InvalidData(f"dataset must be a path inside an HDF5 file (a string), got "
+                          f"{type(dataset).__name__}")
     if isinstance(data, str | Path):
         path = Path(data)
         if not path.exists():
@@ -37,8 +40,18 @@ def open_source(data: Any, dataset: str | None = None) -> Source:
         if path.suffix == ".npy":
             return _npy(path)
         return _hdf5(path, dataset)
+    if dataset is not None:  # silently ignoring it would store something else than asked
+        raise InvalidData(f"dataset={dataset!r} names an array inside an HDF5 file, but the "
+                          f"data is a {type(data).__name__}, not a path to one")
+    if isinstance(data, np.ma.MaskedArray):  # np.asarray would drop the mask silently
+        raise InvalidData("masked arrays are not supported: the mask would be lost; store "
+                          "arr.filled(value) and the mask (np.ma.getmaskarray(arr)) separately")
     if isinstance(data, np.ndarray) or np.isscalar(data) or isinstance(data, list | tuple):
-        arr = np.asarray(data)
+        try:
+            arr = np.asarray(data)
+        except ValueError as exc:  # ragged lists
+            raise InvalidData(f"cannot make an array of this {type(data).__name__}: {exc}"
+                              ) from None
         validate_dtype(arr.dtype)
         return Source(arr.shape, arr.dtype, lambda slab: arr[slab], lambda: None, "array")
     raise InvalidData(f"cannot put a {type(data).__name__}: give a numpy array, a .npy path or "
@@ -48,6 +61,8 @@ def open_source(data: Any, dataset: str | None = None) -> Source:
 def _npy(path: Path) -> Source:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:  # numpy's word for an empty file
+        raise InvalidData(f"{path}: empty file, not a .npy array") from None
     except (ValueError, OSError) as exc:
         raise InvalidData(f"{path}: not a readable .npy file ({exc})") from exc
     validate_dtype(arr.dtype)
@@ -69,6 +84,9 @@ def _hdf5(path: Path, dataset: str | None) -> Source:
     try:
         ds = _pick(f, path, dataset)
         dtype = validate_dtype(ds.dtype)
+        if ds.shape is None:  # H5S_NULL: a dataset with a type but no data at all
+            raise InvalidData(f"{path}:{ds.name} has a null dataspace (no data, not even "
+                              "an empty array)")
         shape = tuple(int(n) for n in ds.shape)
     except BaseException:
         f.close()
@@ -94,11 +112,13 @@ def _pick(f: h5py.File, path: Path, dataset: str | None) -> h5py.Dataset:
                           f"(datasets: {listing})")
     try:
         obj = f[dataset]
+        if isinstance(obj, h5py.Group) and isinstance(obj.get("value"), h5py.Dataset):
+            return obj["value"]  # an H5MD element: its data is in "value"
     except (KeyError, ValueError):
         listing = ", ".join(found[:20]) or "none"
         raise InvalidData(f"{path} has no dataset {dataset!r} (datasets: {listing})") from None
-    if isinstance(obj, h5py.Group) and isinstance(obj.get("value"), h5py.Dataset):
-        return obj["value"]  # an H5MD element: its data is in "value"
+    except (RuntimeError, OSError) as exc:  # a soft-link loop, a dangling external link ...
+        raise InvalidData(f"{path}:{dataset} cannot be opened: {exc}") from None
     if not isinstance(obj, h5py.Dataset):
         raise InvalidData(f"{path}:{dataset} is a group, not a dataset")
     return obj

@@ -18,6 +18,18 @@ def pack(d: dict[str, Any]) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
+def unencodable(value: Any) -> str | None:
+    """Why msgpack cannot encode ``value`` (a set, a numpy array or integer ...), or None.
+
+    Checked where a caller's values enter the wire (op params, lineage), so the
+    caller gets a typed error naming the value rather than msgpack's TypeError."""
+    try:
+        msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return None
+
+
 def unpack_map(raw: bytes, limit: int, what: str) -> dict[str, Any]:
     """Decode ``raw`` (at most ``limit`` bytes) into a map with string keys."""
     if len(raw) > limit:

@@ -384,4 +384,4 @@ def test_get_reports_user_errors_without_tracebacks(cluster: Cluster, tmp_path: 
     assert json.loads(r.stdout)["from"] == ["n3"]  # the holder actually used
     with h5py.File(tmp_path / "ok.h5") as f:
         assert f["/data"].shape == (4, 3)
-    assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(tmp_path.glob("*.partial-*"))

@@ -156,7 +156,7 @@ def test_fetch_to_file_and_npy_sources(cluster: Cluster, tmp_path: Path) -> None
         out = c.fetch_to("NPY", tmp_path / "out.h5", h5path="/deep/group/arr")
     with h5py.File(out) as f:
         assert np.array_equal(f["/deep/group/arr"][...], arr)
-    assert not list(tmp_path.glob(".out.h5.tmp*"))
+    assert not list(tmp_path.glob("out.h5.partial-*"))
 
 
 @pytest.mark.parametrize("name,path", [

@@ -42,6 +42,14 @@ def validate_name(name: object) -> str:
     return name
 
 
+def validate_flag(value: object, what: str) -> bool:
+    """A yes/no option must be a bool: ``overwrite="no"`` is truthy, so a string or a
+    number would silently mean yes."""
+    if not isinstance(value, bool | np.bool_):
+        raise InvalidData(f"{what} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def validate_part(part: object) -> int | None:
     """Parts are non-negative ints; ``None`` means an unpartitioned dataset."""
     if part is None:

@@ -24,7 +24,13 @@ import h5py
 import numpy as np
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
-from ..catalog.record import DatasetRecord, validate_name, validate_nparts, validate_part
+from ..catalog.record import (
+    DatasetRecord,
+    validate_flag,
+    validate_name,
+    validate_nparts,
+    validate_part,
+)
 from ..config import normalize_endpoint, timeout_scale
 from ..errors import (
     AuthenticationError,
@@ -39,6 +45,7 @@ from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
 from ..sources import open_source
+from ..wire import unencodable
 from .flow import Flow, Handle
 
 Progress = Callable[[int, int], None]
@@ -51,6 +58,7 @@ class Client:
     def __init__(self, address: str, *, timeout_s: float = 30.0,
                  settings: BulkSettings | None = None, keep: bool = False,
                  objective: str = "bytes", keys: str | os.PathLike[str] | None = None) -> None:
+        keep = validate_flag(keep, "keep")  # keep="no" would keep every output
         self.endpoint = normalize_endpoint(address)
         self.timeout_s = _seconds("timeout_s", timeout_s) * timeout_scale()
         self.keys = auth.load(keys, auth.CLIENT)  # keys=None: $HPCFLOW_KEYS, else none
@@ -186,6 +194,11 @@ class Client:
         validate_name(name)
         part = validate_part(part)
         nparts = validate_nparts(nparts, part)
+        overwrite = validate_flag(overwrite, "overwrite")
+        _check_lineage(lineage)
+        _check_progress(progress)
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+            raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
         src = open_source(data, dataset)
         try:
             return self.bulk.upload(
@@ -208,6 +221,7 @@ class Client:
         ``location`` (a ``locate`` answer with bulk endpoints, as a workflow
         execution returns for its results) saves asking the node where the parts are.
         """
+        _check_progress(progress)
         plan = self._parts(name, part, location)
         shape, dtype, total = plan[0], np.dtype(plan[1]), plan[2]
         if out is None:
@@ -230,9 +244,10 @@ class Client:
         """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end."""
         path = check_output_path(path)
         group, leaf = split_h5path(h5path)
+        _check_progress(progress)
         shape, dtype_s, total, parts, bulk = self._parts(name, part)
         dtype = np.dtype(dtype_s)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = partial_path(path)
         try:
             with h5py.File(tmp, "w") as f:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -343,12 +358,38 @@ def split_h5path(h5path: str) -> tuple[str, str]:
 
 def check_output_path(path: str | Path) -> Path:
     """An output file path whose directory exists and that is not itself a directory."""
+    if not isinstance(path, str | os.PathLike):
+        raise InvalidData(f"output path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         raise InvalidData(f"cannot write {path}: it is a directory")
     if not path.parent.is_dir():
         raise InvalidData(f"cannot write {path}: directory {path.parent} does not exist")
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where a file being written goes until it is complete (renamed then): next to it,
+    so the rename is atomic, and not hidden, so a leftover of a SIGKILLed writer is
+    seen and obviously incomplete (SIGINT and SIGTERM remove it)."""
+    return path.with_name(f"{path.name}.partial-{os.getpid()}")
+
+
+def _check_lineage(lineage: object) -> None:
+    if lineage is None:
+        return
+    if not isinstance(lineage, dict) or not all(isinstance(k, str) for k in lineage):
+        raise InvalidData(f"lineage must be a dict with str keys, got {type(lineage).__name__}")
+    why = unencodable(lineage)
+    if why is not None:
+        raise InvalidData(f"lineage cannot be sent ({why}): use numbers, strings, booleans, "
+                          "lists and dicts")
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidData(f"progress must be a callable(done, total) or None, got "
+                          f"{type(progress).__name__}")
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14

@@ -30,9 +30,17 @@ import gevent
 import gevent.event
 import gevent.lock
 
-from ..catalog.record import validate_name
-from ..errors import DatasetNotFound, InvalidData, PeerUnavailable, PlanningError, ProtocolError
+from ..catalog.record import validate_flag, validate_name
+from ..errors import (
+    DatasetNotFound,
+    InvalidData,
+    ParamError,
+    PeerUnavailable,
+    PlanningError,
+    ProtocolError,
+)
 from ..rpc.traffic import Traffic
+from ..wire import unencodable
 
 
 class Connection(Protocol):
@@ -116,7 +124,7 @@ class Handle:
 
     def save(self, name: str, overwrite: bool = False) -> str:
         """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
-        return self.flow._save(self, validate_name(name), overwrite)
+        return self.flow._save(self, validate_name(name), validate_flag(overwrite, "overwrite"))
 
     def __repr__(self) -> str:
         state = "done" if self.executed else "pending"
@@ -171,6 +179,12 @@ class Flow:
                 names.append(validate_name(x))
         if not names:
             raise InvalidData(f"{op} needs at least one input")
+        for key, value in params.items():  # refused here, not as msgpack's TypeError later
+            why = unencodable(value)
+            if why is not None:
+                hint = f" (numpy: pass {key}.tolist())" if hasattr(value, "tolist") else ""
+                raise ParamError(f"{op}: parameter {key!r} cannot be sent ({why}): use "
+                                 f"numbers, strings, booleans, lists and dicts{hint}")
         name = f"{self.id}.{len(self.handles) + 1}.{op}"
         validate_name(name)
         h = Handle(self, name, op, tuple(names), dict(params), seq=len(self.handles))
@@ -199,11 +213,13 @@ class Flow:
 
     def explain(self, target: Handle, method: str | None = None) -> str:
         """The plan for everything ``target`` still needs, without running it."""
+        _handle(target)
         if target.executed:
             return f"{target.name} is already computed"
         return PlanView(self.client._call("plan", self._request(target, method))).explain()
 
     def plan(self, target: Handle, method: str | None = None) -> PlanView:
+        _handle(target)
         return PlanView(self.client._call("plan", self._request(target, method)))
 
     def submit(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
@@ -374,10 +390,20 @@ class Flow:
         return removed
 
 
+def _handle(value: object) -> Handle:
+    if not isinstance(value, Handle):
+        raise InvalidData(f"expected a handle (from run or submit), got {type(value).__name__}")
+    return value
+
+
 def gather(handles: Iterable[Handle]) -> list[Any]:
     """The results of ``handles`` (submitted or not), in order; the first error raises
     once every submission has finished."""
-    hs = list(handles)
+    try:
+        hs = [_handle(h) for h in handles]
+    except TypeError:
+        raise InvalidData(f"gather wants an iterable of handles, got {type(handles).__name__}"
+                          ) from None
     jobs = [h.job for h in hs if h.job is not None]
     gevent.wait(jobs)
     return [h.fetch() for h in hs]

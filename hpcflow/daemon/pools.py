@@ -7,10 +7,16 @@ hold up the planning of an unrelated flow or the arrival of a transfer.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import gevent.threadpool
 
+from ..errors import HpcflowError
+
+log = logging.getLogger("hpcflow.pools")
 _POOLS: dict[str, gevent.threadpool.ThreadPool] = {}
 
 
@@ -28,3 +34,25 @@ def plan_pool() -> gevent.threadpool.ThreadPool:
     if pool is None:
         pool = _POOLS["plan"] = gevent.threadpool.ThreadPool(2)
     return pool
+
+
+def run_in(pool: gevent.threadpool.ThreadPool, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on ``pool``; its exception is raised here, in the calling greenlet.
+
+    An exception raised on a pool thread itself is printed with its traceback by
+    gevent's hub before it reaches the caller: every planning error a user's input
+    causes (an unknown dataset, bad op params) would be a traceback in the log.  The
+    callers log typed errors as one line; anything else is a bug, logged here with
+    its traceback."""
+    def guarded() -> tuple[bool, Any]:
+        try:
+            return True, fn(*args)
+        except Exception as exc:
+            return False, exc
+
+    ok, value = pool.apply(guarded)
+    if ok:
+        return value
+    if not isinstance(value, HpcflowError):
+        log.error("unexpected error in %s", getattr(fn, "__qualname__", fn), exc_info=value)
+    raise value

@@ -22,7 +22,7 @@ from typing import Any
 
 import gevent
 
-from ..catalog.record import validate_name
+from ..catalog.record import validate_flag, validate_name
 from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
 from ..rpc import auth, strict
@@ -31,7 +31,7 @@ from .executor import Execution, Executor, plan_uses
 from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
-from .pools import plan_pool
+from .pools import plan_pool, run_in
 from .puts import check_put
 from .worker import Worker
 
@@ -99,7 +99,7 @@ def make_plan(node: NodeParts, worker: Worker, req: object
         args = (adapter.workflow(steps, node.name, deliver), placement)
         kwargs = {"registry": node.registry, "node_ops": node_ops, "cost": cost,
                   "models": cache.models}
-        return plan_pool().apply(lambda: planner(*args, **kwargs))
+        return run_in(plan_pool(), lambda: planner(*args, **kwargs))
 
     return cache.get_or_make(key, steps, search), wf, steps, deliver
 
@@ -196,6 +196,7 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
     says which bytes moved from where.
     """
     wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
+    overwrite = validate_flag(overwrite, "overwrite")
     book = worker.book
     xid = book.begin(wf)
     executor = Executor(node, worker.learned, wf, xid)
@@ -206,7 +207,7 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
         lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
         lineage["saved_from"] = output
         check_put(node.catalog, node.name, name, None, tuple(arr.shape), arr.dtype.str)
-        rec = node.store.put_array(name, arr, overwrite=bool(overwrite), lineage=lineage,
+        rec = node.store.put_array(name, arr, overwrite=overwrite, lineage=lineage,
                                    chunk_bytes=node.config.chunk_bytes)
     finally:
         book.end(wf, xid, ok=True)

@@ -17,7 +17,13 @@ import numpy as np
 
 from .._version import __version__
 from ..catalog.membership import PeerInfo
-from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
+from ..catalog.record import (
+    validate_dtype,
+    validate_flag,
+    validate_name,
+    validate_part,
+    validate_shape,
+)
 from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
 from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
@@ -167,7 +173,7 @@ class NodeService:
         arr = np.frombuffer(data, dtype=dt)
         rec = self.datasets.put_array(validate_name(name), arr.reshape(shp),
                                       part=validate_part(part), nparts=nparts,
-                                      overwrite=bool(overwrite))
+                                      overwrite=validate_flag(overwrite, "overwrite"))
         return rec.to_wire()
 
     @exposed

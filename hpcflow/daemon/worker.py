@@ -44,7 +44,7 @@ from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .parts import NodeParts
 from .plancache import PlanCache
-from .pools import op_pool
+from .pools import op_pool, run_in
 from .share import Shares
 
 log = logging.getLogger("hpcflow.worker")
@@ -338,7 +338,7 @@ class Worker:
             if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
                     "hpcflow.ops."):
                 return fn(*args)
-            return op_pool().apply(fn, args)
+            return run_in(op_pool(), fn, *args)
         finally:
             timing["compute_s"], timing["nbytes"] = time.monotonic() - t0, nbytes
 

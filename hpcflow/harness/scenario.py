@@ -42,7 +42,10 @@ bandwidths within what ``tc tbf`` shapes correctly
 Gbit/s), every dataset and step output small enough to hold in memory
 (:func:`memory_limit`: the replay generates every dataset in memory), and a
 row of at most :data:`MAX_ROW_BYTES` (output shapes are inferred by running
-the op on a few sample rows).
+the op on a few sample rows), at most :data:`MAX_NODES` nodes, :data:`MAX_PARTS`
+dataset parts and :data:`MAX_STEPS` steps, arrays or tables nested at most
+:data:`~hpcflow.config.MAX_TOML_DEPTH` levels deep, and a file of at most
+:data:`MAX_FILE_BYTES`.
 """
 
 from __future__ import annotations
@@ -51,7 +54,6 @@ import importlib.util
 import math
 import os
 import re
-import tomllib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,13 +65,18 @@ import numpy as np
 
 from hpcflow import ops
 from hpcflow.catalog.record import validate_dtype, validate_name
+from hpcflow.config import parse_toml
 from hpcflow.errors import ConfigError, InvalidData, InvalidName
 from hpcflow.harness.netns import MAX_GBIT, MIN_GBIT
 from hpcflow.harness.report import human_bytes
 from hpcflow.sources import open_source
 
 __all__ = [
+    "MAX_FILE_BYTES",
+    "MAX_NODES",
+    "MAX_PARTS",
     "MAX_ROW_BYTES",
+    "MAX_STEPS",
     "NFS_HOST",
     "ORCH_HOST",
     "DatasetSpec",
@@ -94,6 +101,14 @@ _RESERVED = {NFS_HOST: "the NFS server", ORCH_HOST: "the centralised orchestrato
 MAX_ROW_BYTES = 16 * 2**20
 """Largest row of a dataset or step output (shape inference runs ops on 2-5 sample rows)."""
 _MAX_DIMS = 32
+MAX_NODES = 256
+"""Most nodes in a scenario (each is a daemon process, and a host with ``--netns``)."""
+MAX_PARTS = 4096
+"""Most dataset parts in a scenario, all datasets together (each is a put, ~10 ms)."""
+MAX_STEPS = 1024
+"""Most steps in a scenario."""
+MAX_FILE_BYTES = 1 << 20
+"""Largest scenario file (the shipped ones are about 1 KiB)."""
 
 _NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # what netns.Topology accepts
 _TOP_KEYS = {"name", "description", "nodes", "initiator", "result", "seed", "ops", "links",
@@ -293,13 +308,16 @@ def load_scenario(path: str | Path) -> Scenario:
     file = Path(path).resolve()
     w = _Where(file)
     try:
-        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:  # parsing 6 MB of TOML takes seconds, and it is no scenario
+            raise ConfigError(f"{file}: {human_bytes(size)}; a scenario file may have at most "
+                              f"{human_bytes(MAX_FILE_BYTES)}")
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such scenario file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: invalid TOML: {exc}") from None
+    raw = parse_toml(text, file)
     top = w.table(raw, "", _TOP_KEYS)
 
     name = w.get(top, "name", "", str)
@@ -309,6 +327,9 @@ def load_scenario(path: str | Path) -> Scenario:
     nodes_raw = w.get(top, "nodes", "", list)
     if not nodes_raw:
         raise w.fail("nodes", "must list at least one node")
+    if len(nodes_raw) > MAX_NODES:
+        raise w.fail("nodes", f"{len(nodes_raw)} nodes; at most {MAX_NODES} are supported "
+                     "(each is a daemon process)")
     nodes = tuple(w.name(n, f"nodes[{i}]", _check_node_name) for i, n in enumerate(nodes_raw))
     if len(set(nodes)) != len(nodes):
         dup = next(n for n in nodes if nodes.count(n) > 1)
@@ -330,6 +351,10 @@ def load_scenario(path: str | Path) -> Scenario:
         datasets[ds_name] = _dataset(w, ds_name, ds_raw, nodes, file)
     if not datasets:
         raise w.fail("datasets", "empty: declare at least one dataset")
+    nparts = sum(len(ds.parts) for ds in datasets.values())
+    if nparts > MAX_PARTS:
+        raise w.fail("datasets", f"{nparts} parts in all; at most {MAX_PARTS} are supported "
+                     "(each is a put into a node's store)")
 
     steps = _steps(w, w.get(top, "steps", "", list, []), datasets)
     result = w.get(top, "result", "", str)
@@ -422,6 +447,9 @@ def _dataset(w: _Where, name: str, raw: object, nodes: tuple[str, ...],
     parts_raw = w.get(tbl, "parts", prefix, list)
     if not parts_raw:
         raise w.fail(f"{prefix}.parts", "must list at least one part")
+    if len(parts_raw) > MAX_PARTS:  # before checking each of them
+        raise w.fail(f"{prefix}.parts", f"{len(parts_raw)} parts; at most {MAX_PARTS} are "
+                     "supported in a scenario (each is a put into a node's store)")
     parts = []
     for i, part_raw in enumerate(parts_raw):
         where = f"{prefix}.parts[{i}]"
@@ -529,6 +557,8 @@ def _undefined_input(w: _Where, key: str, out: str, name: str,
 def _steps(w: _Where, raw: list[Any], datasets: Mapping[str, DatasetSpec]) -> tuple[StepSpec, ...]:
     known: dict[str, tuple[Shape, np.dtype[Any]]] = {
         name: (ds.shape, np.dtype(ds.dtype)) for name, ds in datasets.items()}
+    if len(raw) > MAX_STEPS:
+        raise w.fail("steps", f"{len(raw)} steps; at most {MAX_STEPS} are supported")
     graph = _later_outputs(raw)
     steps = []
     for i, step_raw in enumerate(raw):

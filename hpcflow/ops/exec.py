@@ -157,6 +157,8 @@ def _call(spec: OpSpec, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except HpcflowError:
         raise
+    except SystemExit as exc:  # on a pool thread it would end the daemon without a word
+        raise OpError(f"op {spec.name!r} called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise OpError(f"op {spec.name!r} failed: {type(exc).__name__}: {exc}") from exc
 

@@ -148,6 +148,9 @@ def load_op_module(module: str | Path) -> tuple[str, ...]:
             importlib.import_module(str(module))
     except OpError:
         raise
+    except SystemExit as exc:  # would end the daemon with the module's code, 0 looking fine
+        raise OpError(f"cannot load op module {str(module)!r}: it called sys.exit("
+                      f"{exc.code!r}) while being imported") from None
     except Exception as exc:
         raise OpError(f"cannot load op module {str(module)!r}: {exc}") from exc
     after = DEFAULT_REGISTRY.hashes()

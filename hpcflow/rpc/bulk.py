@@ -64,6 +64,7 @@ from ..catalog.record import (
     key_of,
     layout_nbytes,
     validate_dtype,
+    validate_flag,
     validate_nparts,
     validate_part,
     validate_shape,
@@ -325,6 +326,7 @@ class BulkServer:
         lineage = hdr.get("lineage") or {}
         if not isinstance(lineage, dict):
             raise ProtocolError("lineage must be a map")
+        overwrite = validate_flag(hdr.get("overwrite", False), "overwrite")
         nbytes = layout_nbytes(shape, dtype)
         self._admit_upload(ident, nbytes)
         self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str,
@@ -332,7 +334,7 @@ class BulkServer:
         writer = self.store.begin(
             _str(hdr, "name"), shape, dtype,
             part=part, nparts=nparts, lineage=lineage,
-            overwrite=bool(hdr.get("overwrite", False)), chunk_bytes=_int(hdr, "chunk_bytes"),
+            overwrite=overwrite, chunk_bytes=_int(hdr, "chunk_bytes"),
         )
         u = uuid.uuid4().hex
         self.uploads[u] = _Upload(writer, by, ident, time.monotonic(), nbytes)
