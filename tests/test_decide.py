@@ -732,3 +732,15 @@ def test_a_sort_over_several_holders_sorts_where_the_parts_are_and_merges() -> N
     # Tiny parts: fixed per-call costs outweigh the parallel sorting, so they are gathered.
     small = placement(dataset("S", [300, 200, 100], ["n2", "n3", "n4"]))
     assert optimal_plan(workflow, small).step("R").strategy == "fetch"
+
+
+def test_a_plan_read_back_from_the_wire_is_the_same_plan() -> None:
+    """execute replies leave the explain table out; the client rebuilds the plan from
+    the wire and formats it, so the two must agree exactly."""
+    workflow, pl = thesis("colsum")
+    for plan in (optimal_plan(workflow, pl), greedy_plan(workflow, pl)):
+        wire = plan.to_wire(explain=False)
+        assert "explain" not in wire
+        back = Plan.from_wire(wire)
+        assert back == plan
+        assert back.explain() == plan.to_wire()["explain"] == plan.explain()

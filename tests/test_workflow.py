@@ -55,6 +55,9 @@ def test_thesis_rowwise_fetches_raw_inputs(thesis: tuple[Cluster, Any, Any]) -> 
         assert np.allclose(got, np.fft.fft(d1, axis=1) + np.fft.fft(d2, axis=1))
         # fft doubles the bytes: cheapest is to pull both raw inputs to n1 once.
         assert c.plan is not None and c.plan.bytes_moved == d1.nbytes + d2.nbytes
+        # The executed plan's table (formatted in the script: execute leaves it out) is
+        # the table the node gave for the same plan before it ran.
+        assert c.plan.explain().splitlines()[1:] == text.splitlines()[1:]
         report = flow.report()
         assert report["moved"] == {"n2->n1": d1.nbytes, "n3->n1": d2.nbytes}
         assert report["bytes_moved"] == report["bytes_planned"]

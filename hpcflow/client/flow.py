@@ -31,6 +31,7 @@ import gevent.event
 import gevent.lock
 
 from ..catalog.record import validate_flag, validate_name
+from ..decide.plan import Plan
 from ..errors import (
     DatasetNotFound,
     InvalidData,
@@ -88,6 +89,13 @@ class PlanView:
         return str(next(s for s in self.steps if s["out"] == handle.name)["strategy"])
 
     def explain(self) -> str:
+        """The explain table: as the node sent it (``plan``), or formatted here from the
+        plan (``execute`` replies leave it out)."""
+        if "explain" not in self.raw:
+            try:
+                self.raw["explain"] = Plan.from_wire(self.raw).explain()
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ProtocolError(f"malformed plan from the node: {exc!r}") from None
         return str(self.raw["explain"])
 
     def __str__(self) -> str:

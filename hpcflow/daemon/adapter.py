@@ -114,5 +114,8 @@ def workflow(steps: Sequence[Step], initiator: str, deliver: Sequence[str]) -> W
     return Workflow(tuple(steps), initiator, tuple(deliver))
 
 
-def plan_to_wire(plan: Any) -> dict[str, Any]:
-    return dict(plan.to_wire())
+def plan_to_wire(plan: Any, explain: bool = True) -> dict[str, Any]:
+    """The plan for a reply; ``execute`` leaves the explain table out (the client
+    formats it from the plan when asked: it costs the initiator more than the rest of
+    a small op's reply)."""
+    return dict(plan.to_wire(explain=explain))

@@ -140,7 +140,8 @@ def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
             raise
         book.end(wf, xid, ok=True)
         ex.absorb(failed)
-        return {"plan": adapter.plan_to_wire(the_plan), "execution": ex.to_wire(),
+        return {"plan": adapter.plan_to_wire(the_plan, explain=False),
+                "execution": ex.to_wire(),
                 "replanned": attempt > 1}
     raise AssertionError("unreachable")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 Strategy = Literal["local", "fetch", "delegate", "split"]
 
@@ -122,14 +122,47 @@ class Plan:
     def step(self, out: str) -> StepPlan:
         return next(step for step in self.steps if step.out == out)
 
-    def to_wire(self) -> dict[str, object]:
+    def to_wire(self, explain: bool = True) -> dict[str, object]:
         """The plan as plain data (what ``plan``/``execute`` answer), with its totals and
-        the explain table."""
-        return {"method": self.method, "objective": self.objective,
-                "initiator": self.initiator, "steps": [s.to_wire() for s in self.steps],
-                "delivery": [t.to_wire() for t in self.delivery],
-                "delivery_seconds": self.delivery_seconds, "bytes_moved": self.bytes_moved,
-                "seconds": self.seconds, "explain": self.explain()}
+        (``explain``) the explain table; :meth:`from_wire` reads it back."""
+        wire: dict[str, object] = {
+            "method": self.method, "objective": self.objective,
+            "initiator": self.initiator, "steps": [s.to_wire() for s in self.steps],
+            "delivery": [t.to_wire() for t in self.delivery],
+            "delivery_seconds": self.delivery_seconds, "bytes_moved": self.bytes_moved,
+            "seconds": self.seconds}
+        if explain:
+            wire["explain"] = self.explain()
+        return wire
+
+    @classmethod
+    def from_wire(cls, d: Mapping[str, Any]) -> Plan:
+        """The plan :meth:`to_wire` described (KeyError, TypeError or ValueError if the
+        data is not one)."""
+        def transfer(t: Mapping[str, Any]) -> Transfer:
+            lo, hi = t["rows"]
+            return Transfer(str(t["src"]), str(t["dst"]), str(t["obj"]), (int(lo), int(hi)),
+                            int(t["nbytes"]), t.get("kind", "data"))
+
+        def work(w: Mapping[str, Any]) -> Work:
+            out = w.get("out_rows")
+            shape = w.get("shape")
+            return Work(str(w["node"]), w["mode"], tuple((int(a), int(b)) for a, b in w["rows"]),
+                        None if out is None else (int(out[0]), int(out[1])),
+                        None if shape is None else tuple(int(x) for x in shape))
+
+        steps = tuple(StepPlan(
+            out=str(s["out"]), op=str(s["op"]), strategy=s["strategy"],
+            nodes=tuple(str(n) for n in s["nodes"]), combiner=s.get("combiner"),
+            transfers=tuple(transfer(t) for t in s["transfers"]), nbytes=int(s["nbytes"]),
+            seconds=float(s["seconds"]), reason=str(s["reason"]),
+            work=tuple(work(w) for w in s.get("work", ())),
+            broadcast=tuple(str(b) for b in s.get("broadcast", ())),
+            dtype=str(s.get("dtype", ""))) for s in d["steps"])
+        return cls(method=str(d["method"]), objective=str(d["objective"]),
+                   initiator=str(d["initiator"]), steps=steps,
+                   delivery=tuple(transfer(t) for t in d["delivery"]),
+                   delivery_seconds=float(d["delivery_seconds"]))
 
     def summary(self) -> str:
         """The last line of :meth:`explain`: method, objective, bytes and time."""
