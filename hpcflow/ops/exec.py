@@ -8,7 +8,6 @@ validates inputs and params first and wraps failures inside the op function in
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -119,7 +118,7 @@ def _check_call(spec: OpSpec, inputs: Sequence[Array], params: Params) -> None:
 
 def _check_params(spec: OpSpec, params: Params) -> None:
     try:
-        inspect.signature(spec.fn).bind(*([None] * spec.arity), **params)
+        spec.signature.bind(*([None] * spec.arity), **params)
     except TypeError as exc:
         raise ParamError(f"op {spec.name!r}: bad params {sorted(params)}: {exc}") from None
 

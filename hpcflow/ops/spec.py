@@ -60,6 +60,9 @@ class OpSpec:
     out_dtype: np.dtype[Any] | None = None
     splittable: SplitPredicate | None = None
     definition_hash: str = field(init=False, compare=False)
+    #: The op function's signature, taken once: checking a call's parameters against it
+    #: is done for every unit of work, and ``inspect.signature`` costs tens of µs.
+    signature: inspect.Signature = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -75,6 +78,11 @@ class OpSpec:
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", np.dtype(self.out_dtype))
         object.__setattr__(self, "definition_hash", definition_hash(self))
+        try:
+            object.__setattr__(self, "signature", inspect.signature(self.fn))
+        except (TypeError, ValueError) as exc:
+            raise RegistrationError(f"op {self.name!r}: its function has no signature to "
+                                    f"check parameters against ({exc}); wrap it in a def") from None
 
     def can_split(self, params: Params) -> bool:
         """True if the op may run per part (rowwise) or per holder (reduce)."""
