@@ -88,6 +88,7 @@ class NodeService:
         live member, including one other than us (checked by pinging that member)."""
         info = PeerInfo.from_wire(descriptor)
         if info.name == self.node.name and info.epoch != self.node.epoch:
+            self.node.catalog.add_peer(info)  # checks which of us two started first
             raise ConfigError(f"the node name {info.name!r} is already used by the node at "
                               f"{self.node.me.rpc}: give every node a unique --name")
         owner = self.node.catalog.claim_conflict(info)
