@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -129,3 +130,42 @@ def test_twins_accepted_by_two_members_meet_and_the_later_leaves(make_cluster,
     time.sleep(TTL * SCALE + 0.5)  # and it stays so past a TTL
     for n in (a, b, bridge):
         assert _view(n)["twin"] == want
+
+
+def test_twins_started_at_once_through_two_members(cluster: Cluster, tmp_path: Path) -> None:
+    """Two ``twin`` daemons started at the same instant, one through n1, one through n3:
+    however the race falls, exactly one keeps running and every member agrees on it."""
+    logs = [tmp_path / "twin0.log", tmp_path / "twin1.log"]
+    procs = []
+    for i, via in enumerate(("n1", "n3")):
+        with open(logs[i], "w") as log:  # the child keeps its own copy of the fd
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "hpcflow", "node", "--name", "twin", "--data-dir",
+                 str(tmp_path / f"twin{i}"), "--listen", "127.0.0.1:0", "--peer",
+                 cluster[via].rpc, "--heartbeat", "0.2", "--ttl", str(TTL * SCALE)],
+                stdout=subprocess.DEVNULL, stderr=log))
+    try:
+        def one_left() -> int | None:
+            codes = [p.poll() for p in procs]
+            return codes.index(None) if codes.count(None) == 1 else None
+
+        wait_for(lambda: one_left() is not None, 30, "one twin to exit")
+        i = one_left()
+        assert i is not None
+        err = logs[1 - i].read_text()
+        assert procs[1 - i].returncode == 2 and "already used" in err, err[-2000:]
+        info = json.loads((tmp_path / f"twin{i}" / "node.json").read_text())
+        for n in ("n1", "n2", "n3"):
+            wait_for(lambda n=n: _view(cluster[n]).get("twin") == (info["epoch"], info["rpc"],
+                                                                    True),
+                     10 + TTL, f"{n} to know the surviving twin")
+        assert procs[i].poll() is None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=30 * SCALE)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
