@@ -88,6 +88,7 @@ class Node:
         self.epoch = next_epoch(cfg.data_dir)
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
+        self.store.before_commit = self.datasets.claims.gate
         self.service = NodeService(self, self.worker, self.datasets)
         try:
             self.rpc = strict.Server(self.service, heartbeat=5, context=self.ctx,
@@ -230,6 +231,7 @@ class Node:
                 "uploads_in_progress": len(self.bulk.uploads),
                 "store": self.store.stats(),
                 "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses},
+                "claims": dict(self.datasets.claims.stats),
                 "learned": self.worker.learned.to_wire()}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:

@@ -155,6 +155,12 @@ class NodeService:
         return rec.to_wire()
 
     @exposed
+    def claim(self, request: Any) -> bool:
+        """Another node is about to create a name (or part): grant it, or refuse with
+        ``DatasetExists``/``InvalidData`` (see ``daemon/claims.py``)."""
+        return self.datasets.claims.answer(request)
+
+    @exposed
     def fetch(self, name: Any, part: Any = None) -> dict[str, Any]:
         """Return a small dataset inline (gathered from its holders if needed)."""
         name, part = validate_name(name), validate_part(part)
