@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ import pytest
 from hpcflow.daemon.epoch import EPOCH_FILE, next_epoch
 from hpcflow.errors import ConfigError
 from tests.conftest import SCALE, TTL, Cluster, NodeProc, names_on, wait_for
+
+MakeCluster = Callable[[], Cluster]
 
 
 def _faketime_env(offset: str) -> list[str]:
@@ -43,8 +46,8 @@ def _view(node: NodeProc) -> dict[str, tuple[int, str, bool]]:
         return {n["name"]: (n["epoch"], n["rpc"], n["alive"]) for n in c.nodes()}
 
 
-def test_restart_with_the_clock_behind_is_still_heard(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c: Cluster = make_cluster()
+def test_restart_with_the_clock_behind_is_still_heard(make_cluster: MakeCluster) -> None:
+    c = make_cluster()
     n1 = c.add("n1")
     n2 = NodeProc("n2", c.root / "n2", [n1.rpc], [])
     n2.prefix = _faketime_env("+1h")  # its first run's clock is an hour ahead
@@ -90,12 +93,12 @@ def test_unreadable_epoch_file_stops_the_daemon_with_a_clear_error(tmp_path: Pat
 
 
 @pytest.mark.parametrize("first_side", ["a", "b"])
-def test_twins_accepted_by_two_members_meet_and_the_later_leaves(make_cluster,
-                                                                 first_side: str) -> None:  # type: ignore[no-untyped-def]
+def test_twins_accepted_by_two_members_meet_and_the_later_leaves(
+        make_cluster: MakeCluster, first_side: str) -> None:
     """Members ``a`` and ``b`` do not know each other yet; each lets in a node named
     ``twin``; then ``bridge`` joins through both.  The twin started later (on
     ``first_side``'s other side) must exit with status 2; the earlier one stays."""
-    c: Cluster = make_cluster()
+    c = make_cluster()
     a, b = c.add("a"), c.add("b")
     sides = [first_side, "b" if first_side == "a" else "a"]
     twins: dict[str, NodeProc] = {}
@@ -150,8 +153,9 @@ def test_twins_started_at_once_through_two_members(cluster: Cluster, tmp_path: P
             return codes.index(None) if codes.count(None) == 1 else None
 
         wait_for(lambda: one_left() is not None, 30, "one twin to exit")
-        i = one_left()
-        assert i is not None
+        left = one_left()
+        assert left is not None
+        i = left
         err = logs[1 - i].read_text()
         assert procs[1 - i].returncode == 2 and "already used" in err, err[-2000:]
         info = json.loads((tmp_path / f"twin{i}" / "node.json").read_text())

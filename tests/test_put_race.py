@@ -11,6 +11,7 @@ read once they meet, never one side's bytes in place of the other's.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -20,6 +21,8 @@ import pytest
 import hpcflow
 from hpcflow.errors import DatasetConflict
 from tests.conftest import TTL, Cluster, NodeProc, names_on, wait_for
+
+MakeCluster = Callable[[], Cluster]
 
 ROUNDS = 12
 
@@ -136,12 +139,14 @@ def test_a_name_whose_holder_is_down_is_not_taken(cluster: Cluster) -> None:
         np.testing.assert_array_equal(c.fetch("PARTED"), np.vstack([mine, np.ones((3, 4))]))
 
 
-def test_a_name_taken_on_both_sides_of_a_partition_is_a_conflict(make_cluster) -> None:  # type: ignore[no-untyped-def]
-    c: Cluster = make_cluster()
+def test_a_name_taken_on_both_sides_of_a_partition_is_a_conflict(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster()
     a, b = c.add("a"), c.add("b")  # two clusters that do not know each other
     with a.client() as ca, b.client() as cb:
         ca.put("SPLIT", np.ones(4))
         cb.put("SPLIT", np.zeros(4))
+        assert ca.stats()["claims"]["rounds"] == 0  # a node alone asks nobody
     bridge = NodeProc("bridge", c.root / "bridge", [a.rpc, b.rpc], [])
     c.nodes["bridge"] = bridge
     bridge.start()
