@@ -11,6 +11,7 @@ read once they meet, never one side's bytes in place of the other's.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 import hpcflow
 from hpcflow.errors import DatasetConflict
-from tests.conftest import TTL, Cluster, NodeProc, names_on, wait_for
+from tests.conftest import SCALE, TTL, Cluster, NodeProc, names_on, wait_for
 
 MakeCluster = Callable[[], Cluster]
 
@@ -163,3 +164,24 @@ def test_a_name_taken_on_both_sides_of_a_partition_is_a_conflict(
         wait_for(lambda: len([r for r in cl.catalog() if r.name == "SPLIT"]) == 1, 10,
                  "b's copy gone")
         np.testing.assert_array_equal(cl.fetch("SPLIT"), np.ones(4))
+
+
+def test_a_put_while_a_member_is_frozen_completes_once_it_is_declared_dead(
+        cluster: Cluster) -> None:
+    """n3 stops answering (SIGSTOP) just before a put through n1: the claim cannot be
+    asked of n3, so the put waits until n3 is declared dead (a TTL), not forever."""
+    n1, n3 = cluster["n1"], cluster["n3"]
+    assert n3.proc is not None
+    n3.proc.send_signal(signal.SIGSTOP)
+    try:
+        with n1.client() as c:
+            t0 = time.monotonic()
+            c.put("FROZEN", np.arange(6.0))
+            took = time.monotonic() - t0
+            assert not {n["name"]: n["alive"] for n in c.nodes()}["n3"]
+        assert took < 4 * TTL * SCALE + 5, took
+    finally:
+        n3.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: "FROZEN" in names_on(n3), 10 + TTL, "n3 back, with n1's put")
+    with n3.client() as c:
+        np.testing.assert_array_equal(c.fetch("FROZEN"), np.arange(6.0))
