@@ -135,7 +135,9 @@ class Claims:
         claim = self._mine.get(proto.key)
         if claim is None:
             return  # not a put (a copy, a flow's intermediate): nothing was claimed
-        claim.done.wait()  # the round ends within the RPC timeout
+        if not claim.done.wait(self.node.config.rpc_timeout_s + 5.0):  # the round's bound
+            self._settle(claim, PeerUnavailable(f"cannot put {proto.key}: its claim was not "
+                                                "settled in time; try again"))
         if claim.error is not None:
             self._mine.pop(proto.key, None)
             raise claim.error
@@ -152,6 +154,15 @@ class Claims:
             del self._mine[key]
 
     def _round(self, claim: Claim, peers: list[PeerInfo]) -> None:
+        error: HpcflowError | None = PeerUnavailable(f"cannot put {claim.key}: its claim "
+                                                     "was interrupted; try again")
+        try:
+            error = self._ask(claim, peers)
+        finally:  # whatever happens, the put waiting at the gate gets an answer
+            self._settle(claim, error)
+
+    def _ask(self, claim: Claim, peers: list[PeerInfo]) -> HpcflowError | None:
+        """Ask every peer for ``claim`` at once; the first refusal, or None."""
         request = {"name": claim.name, "part": claim.part, "shape": list(claim.shape),
                    "dtype": claim.dtype, "by": claim.token[1], "token": claim.token[0]}
         timeout = self.node.config.rpc_timeout_s
@@ -181,7 +192,7 @@ class Claims:
                         error = PeerUnavailable(f"cannot put {claim.key}: {peer} did not "
                                                 "answer its claim; try again")
         gevent.killall(list(calls.values()), block=False)
-        self._settle(claim, error)
+        return error
 
     def drop(self, claim: Claim) -> None:
         """The put failed before it was written: forget its claim now."""
@@ -193,6 +204,8 @@ class Claims:
         return not any(v.alive for v in self.node.catalog.nodes() if v.info.name == peer)
 
     def _settle(self, claim: Claim, error: HpcflowError | None) -> None:
+        if claim.done.is_set():
+            return  # settled already (the gate gave up waiting)
         if error is None:
             error = claim.yielded
         claim.error, claim.won = error, error is None
