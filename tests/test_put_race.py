@@ -185,3 +185,23 @@ def test_a_put_while_a_member_is_frozen_completes_once_it_is_declared_dead(
     wait_for(lambda: "FROZEN" in names_on(n3), 10 + TTL, "n3 back, with n1's put")
     with n3.client() as c:
         np.testing.assert_array_equal(c.fetch("FROZEN"), np.arange(6.0))
+
+
+def test_a_put_right_after_a_member_crashed_does_not_wait_for_it(
+        make_cluster: MakeCluster) -> None:
+    """With a long TTL, n2 still counts a SIGKILLed n3 as alive: its claim cannot be
+    answered, but n3's endpoint refuses connections, so n3 is skipped at once."""
+    c = make_cluster()
+    slow = ["--ttl", "60"]  # given after the fixture's --ttl, so it wins
+    n1, n2 = c.add("n1", extra=slow), c.add("n2", via="n1", extra=slow)
+    n3 = c.add("n3", via="n1", extra=slow)
+    c.wait_members()
+    n3.kill(signal.SIGKILL)
+    with n2.client() as cl:
+        t0 = time.monotonic()
+        cl.put("AFTERCRASH", np.arange(4.0))
+        took = time.monotonic() - t0
+        assert {n["name"]: n["alive"] for n in cl.nodes()}["n3"]  # not declared dead yet
+    assert took < 5 * SCALE, took
+    with n1.client() as cl:
+        wait_for(lambda: "AFTERCRASH" in {r.name for r in cl.catalog()}, 10, "the put on n1")

@@ -26,9 +26,10 @@ ask each other, it is enough that one of them knows the other is alive.
 
 Uncontended, a put costs one round trip to every live member, concurrent with
 the upload (nothing at all on a node alone).  A member that does not answer
-is skipped once the catalog declares it dead, otherwise the put fails with
-``PeerUnavailable``.  Members that do not see each other at all (a partition)
-can each grant a name: once they meet, both copies are reported on read as a
+is skipped once the catalog declares it dead or its RPC port refuses
+connections (it crashed), otherwise the put fails with ``PeerUnavailable``.
+Members that do not see each other at all (a partition) can each grant a
+name: once they meet, both copies are reported on read as a
 ``DatasetConflict`` until one is deleted (see :func:`hpcflow.catalog.base.locate`).
 """
 
@@ -58,6 +59,7 @@ from ..errors import (
     PeerUnavailable,
     TransportError,
 )
+from ..rpc.calls import refuses_connections
 from .parts import NodeParts
 from .puts import check_put
 
@@ -162,12 +164,25 @@ class Claims:
             self._settle(claim, error)
 
     def _ask(self, claim: Claim, peers: list[PeerInfo]) -> HpcflowError | None:
-        """Ask every peer for ``claim`` at once; the first refusal, or None."""
+        """Ask every peer for ``claim`` at once; the first refusal, or None.
+
+        A peer is skipped once the catalog declares it dead, or as soon as its RPC
+        endpoint refuses connections (it crashed: its claims died with it), checked
+        for peers that have not answered within half a heartbeat.
+        """
         request = {"name": claim.name, "part": claim.part, "shape": list(claim.shape),
                    "dtype": claim.dtype, "by": claim.token[1], "token": claim.token[0]}
         timeout = self.node.config.rpc_timeout_s
+        rpc_of = {p.name: p.rpc for p in peers}
         calls = {p.name: gevent.spawn(self.node.peers.call, p.rpc, "claim", request,
                                       timeout_s=timeout) for p in peers}
+        probes: dict[str, gevent.Greenlet[Any]] = {}
+
+        def gone(peer: str) -> bool:
+            probe = probes.get(peer)
+            return (probe is not None and probe.ready() and probe.value is True) \
+                or self._gone(peer)
+
         error: HpcflowError | None = None
         deadline = time.monotonic() + timeout + 1.0
         while calls and error is None:
@@ -177,7 +192,7 @@ class Claims:
                 if g.ready():
                     del calls[peer]
                     exc = g.exception
-                    if exc is None or self._gone(peer):
+                    if exc is None or gone(peer):
                         continue
                     if isinstance(exc, HpcflowError) and not isinstance(exc, TransportError):
                         error = exc  # a refusal: DatasetExists, InvalidData ...
@@ -185,13 +200,15 @@ class Claims:
                         why = exc if isinstance(exc, HpcflowError) else repr(exc)
                         error = PeerUnavailable(f"cannot put {claim.key}: {peer} did not "
                                                 f"confirm the name is free ({why}); try again")
-                elif self._gone(peer) or time.monotonic() > deadline:
+                elif peer not in probes:
+                    probes[peer] = gevent.spawn(refuses_connections, rpc_of[peer], 1.0)
+                elif gone(peer) or time.monotonic() > deadline:
                     g.kill(block=False)
                     del calls[peer]
-                    if not self._gone(peer):
+                    if not gone(peer):
                         error = PeerUnavailable(f"cannot put {claim.key}: {peer} did not "
                                                 "answer its claim; try again")
-        gevent.killall(list(calls.values()), block=False)
+        gevent.killall([*calls.values(), *probes.values()], block=False)
         return error
 
     def drop(self, claim: Claim) -> None:
