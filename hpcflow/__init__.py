@@ -23,6 +23,7 @@ from .config import NodeConfig
 from .errors import (
     ArityError,
     ConfigError,
+    DatasetConflict,
     DatasetExists,
     DatasetNotFound,
     HpcflowError,
@@ -50,6 +51,7 @@ __all__ = [
     "CatalogSnapshot",
     "Client",
     "ConfigError",
+    "DatasetConflict",
     "DatasetExists",
     "DatasetNotFound",
     "DatasetRecord",

@@ -15,7 +15,10 @@ Tree::
     ├── InvalidName              dataset name that is path-like, empty, too long ...
     ├── InvalidData              wrong dtype/shape/parts, unreadable or truncated input
     ├── DatasetNotFound          no live node holds it
-    ├── DatasetExists            put would overwrite without overwrite=True
+    ├── DatasetExists            put would overwrite without overwrite=True, or another
+    │   │                        node holds (or is putting) the name
+    │   └── DatasetConflict      two nodes hold different data under one name (both puts
+    │                            were acknowledged during a partition): delete one
     ├── NotOwner                 delete of a dataset this node does not hold
     ├── IntegrityError           checksum mismatch that retries could not fix
     ├── StoreError               the local HDF5 store failed (disk full, permissions)
@@ -64,7 +67,13 @@ class DatasetNotFound(HpcflowError, KeyError):
 
 
 class DatasetExists(HpcflowError):
-    """A put would replace an existing dataset and ``overwrite`` was not given."""
+    """A put would replace an existing dataset and ``overwrite`` was not given, or the
+    name (part) is held by another node, alive or down, or being put by one right now."""
+
+
+class DatasetConflict(DatasetExists):
+    """Two nodes hold different data under one name and version: each was acknowledged
+    a put while they could not see each other.  Reads fail until one is deleted."""
 
 
 class NotOwner(HpcflowError):

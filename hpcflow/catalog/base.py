@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DatasetNotFound, InvalidData
+from ..errors import DatasetConflict, DatasetNotFound, InvalidData
 from .membership import PeerInfo
 from .record import DatasetRecord, validate_name
 
@@ -113,6 +113,7 @@ def locate(name: str, records: Records, known: Records = ()) -> Location:
         by_part.setdefault(r.part, []).append(r)
     for holders in by_part.values():  # newest version first, then by owner for determinism
         holders.sort(key=lambda r: (-r.version, r.owner))
+        check_no_conflict(holders)
     if None in by_part:
         whole = by_part[None]
         rec = whole[0]
@@ -134,6 +135,23 @@ def locate(name: str, records: Records, known: Records = ()) -> Location:
     first = by_part[indices[0]][0]
     shape = (row, *first.shape[1:]) if first.shape else (row,)
     return Location(name, tuple(parts), missing, shape, first.dtype)
+
+
+def check_no_conflict(holders: list[DatasetRecord]) -> None:
+    """Holders of one part, newest first: copies of the newest must be identical.
+
+    Two nodes holding different bytes under one name and version were each
+    acknowledged a put while they could not see each other (a partition, see
+    ``daemon/claims.py``).  Neither is served in place of the other: reads fail
+    with :class:`DatasetConflict` until one of them is deleted.
+    """
+    top = holders[0]
+    other = {r.owner for r in holders if r.version == top.version and r.checksum != top.checksum}
+    if other:
+        owners = sorted(other | {top.owner})
+        raise DatasetConflict(f"{top.key} holds different data on {', '.join(owners)} (each "
+                              "was acknowledged while they could not see each other): delete "
+                              "all but one of them")
 
 
 def check_parts_agree(name: str, parts: list[DatasetRecord]) -> None:

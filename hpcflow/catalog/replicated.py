@@ -16,6 +16,13 @@
   descriptor that claims the name of a live member at another endpoint is
   only accepted once that member no longer answers there as itself: two
   daemons with one name would otherwise take over each other's identity.
+  A descriptor with an *older* epoch than the member we know is accepted only
+  once that member is dead and the older run answers at its endpoint as
+  itself (the earlier of two same-named daemons, after the later one left).
+  A descriptor with *our* name and another epoch that answers as itself is a
+  second daemon with our name: the later of the two (larger epoch, then
+  endpoint) is told through ``duplicate`` and must stop, whichever members
+  let each in (two members can each accept one before they hear of the other).
   Members dead for ``forget_after_s`` that hold no entries are forgotten.
 
 Each peer's stream is bound to that peer: it is read on a SUB socket of its
@@ -93,6 +100,7 @@ class ReplicatedCatalog(Catalog):
         probe: Prober = lambda endpoint: None,
         introduce: Callable[[PeerInfo], None] = lambda info: None,
         forget_after_s: float = 600.0,
+        duplicate: Callable[[PeerInfo], None] = lambda info: None,
     ) -> None:
         self.me = me
         self.ctx = ctx
@@ -105,6 +113,7 @@ class ReplicatedCatalog(Catalog):
         self.probe = probe
         self.introduce = introduce
         self.forget_after_s = forget_after_s
+        self.duplicate = duplicate
         self._verifying: set[tuple[str, int]] = set()
         self._refused: dict[tuple[str, int], float] = {}
         self._pub_bind = pub_bind or me.pub
@@ -187,6 +196,8 @@ class ReplicatedCatalog(Catalog):
         """Learn of a peer.  A newer run of a known live member at another endpoint is
         checked first (in the background) unless ``verified`` (see :meth:`claim_conflict`)."""
         if info.name == self.me.name:
+            if info.epoch != self.me.epoch and info.rpc != self.me.rpc:
+                self._verify_later(info)  # a second daemon with our name, or our last run
             return
         st = self.peers.get(info.name)
         if st is None:
@@ -195,10 +206,14 @@ class ReplicatedCatalog(Catalog):
             self.peer_records[info.name] = RecordTable()
             self._follow(info.name, info.pub)
             self._outbox.put(None)
-        elif info.epoch > st.info.epoch:
-            if not verified and st.alive and info.rpc != st.info.rpc:
-                self._verify_later(info)
-                return
+        elif info.epoch != st.info.epoch:
+            newer = info.epoch > st.info.epoch
+            if not verified and (st.alive or not newer):
+                if newer and info.rpc != st.info.rpc:
+                    self._verify_later(info)
+                elif not newer and not st.alive:
+                    self._verify_later(info)  # an older run: only if it answers as itself
+                return  # an older run while the newer lives: a late gossip, or a twin
             log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
             if info.pub != st.info.pub:
                 self._follow(info.name, info.pub)
@@ -238,6 +253,14 @@ class ReplicatedCatalog(Catalog):
 
         def verify() -> None:
             try:
+                if info.name == self.me.name:
+                    self._check_twin(info)
+                    return
+                st = self.peers.get(info.name)
+                if st is not None and info.epoch < st.info.epoch:
+                    if self.probe(info.rpc) == (info.name, info.epoch) and not st.alive:
+                        self.add_peer(info, verified=True)
+                    return
                 owner = self.claim_conflict(info)
                 if owner is None:
                     self.add_peer(info, verified=True)
@@ -250,6 +273,23 @@ class ReplicatedCatalog(Catalog):
                 self._verifying.discard(claim)
 
         gevent.spawn(verify)
+
+    def _check_twin(self, info: PeerInfo) -> None:
+        """``info`` has our name: if it answers as itself it is a second daemon, and the
+        later of us two (larger epoch, then endpoint) must go."""
+        if self.probe(info.rpc) != (info.name, info.epoch):
+            return  # our own previous run, gone (or a stale or false descriptor)
+        self._refused[(info.name, info.epoch)] = time.monotonic()
+        if (self.me.epoch, self.me.rpc) > (info.epoch, info.rpc):
+            log.error("the node name %r is already used by the node at %s (epoch %d), which "
+                      "started first and is still running: give every node a unique --name",
+                      info.name, info.rpc, info.epoch)
+            self.duplicate(info)
+        else:  # it may not hear of us by itself (its members refuse our claim): tell it
+            log.error("a second node named %s runs at %s (started later, epoch %d): telling "
+                      "it to stop", info.name, info.rpc, info.epoch)
+            with contextlib.suppress(HpcflowError):
+                self.introduce(info)  # it refuses our hello, and checks us as above
 
     def nodes(self) -> list[NodeView]:
         views = [NodeView(self.me, True, self.load(), self.ops())]

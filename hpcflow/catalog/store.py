@@ -283,6 +283,9 @@ class Store:
         self._busy: dict[str, gevent.event.Event] = {}
         self._readers: OrderedDict[tuple[str, int], DatasetReader] = OrderedDict()
         self.listeners: list[Callable[[str, DatasetRecord | None], None]] = []
+        #: Called with a file-backed part about to become visible; raising keeps it
+        #: invisible (the writer is aborted).  The daemon checks its claim on the name.
+        self.before_commit: Callable[[DatasetRecord], None] = lambda rec: None
         #: Fault injection for tests: every chunk write blocks this long, as a disk under
         #: dirty-page throttling does.
         self.fault_write_delay_s = 0.0
@@ -444,6 +447,7 @@ class Store:
         return writer
 
     def _finish(self, w: DatasetWriter, checksum: str, digests: list[int]) -> DatasetRecord:
+        self.before_commit(w.proto)
         rec = DatasetRecord(**{**w.proto.__dict__, "checksum": checksum})
         try:
             w._close_fd()

@@ -18,6 +18,7 @@ from ..catalog.chunking import Payload
 from ..catalog.record import DatasetRecord, key_of, validate_nparts, validate_part
 from ..errors import DatasetNotFound, NotOwner
 from ..rpc.bulk import from_holders
+from .claims import Claims
 from .parts import NodeParts
 from .puts import admit_put, check_put
 
@@ -27,18 +28,28 @@ class Datasets:
 
     def __init__(self, node: NodeParts) -> None:
         self.node = node
+        self.claims = Claims(node)
 
     def admit_put(self, hdr: dict[str, Any]) -> None:
-        """Cluster-wide rules a new dataset (part) must follow, checked against the catalog."""
-        admit_put(self.node.catalog, self.node.name, hdr)
+        """Cluster-wide rules a new dataset (part) must follow, checked against the catalog;
+        then the name is claimed with every live member while the bytes arrive."""
+        name, part, shape, dtype = admit_put(self.node.catalog, self.node.name, hdr)
+        self.claims.open(name, part, shape, dtype)
 
     def put_array(self, name: str, arr: Any, *, part: int | None = None,
-                  nparts: int | None = None, overwrite: bool = False) -> DatasetRecord:
+                  nparts: int | None = None, overwrite: bool = False,
+                  lineage: dict[str, Any] | None = None) -> DatasetRecord:
+        """Store ``arr`` here under a user's name, following the put rules and claims."""
         node = self.node
         validate_nparts(nparts, validate_part(part))
         check_put(node.catalog, node.name, name, part, tuple(arr.shape), arr.dtype.str)
-        return node.store.put_array(name, arr, part=part, nparts=nparts, overwrite=overwrite,
-                                    chunk_bytes=node.config.chunk_bytes)
+        claim = self.claims.open(name, part, tuple(arr.shape), arr.dtype.str)
+        try:
+            return node.store.put_array(name, arr, part=part, nparts=nparts,
+                                        overwrite=overwrite, lineage=lineage,
+                                        chunk_bytes=node.config.chunk_bytes)
+        finally:
+            self.claims.drop(claim)  # stored and announced, or failed: either way over
 
     def delete(self, name: str, part: int | None) -> DatasetRecord:
         node = self.node

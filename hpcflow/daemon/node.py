@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import time
 from typing import Any
 
 import gevent
@@ -36,6 +35,7 @@ from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
 from .datasets import Datasets
+from .epoch import next_epoch
 from .members import REJOIN_FOR_S, Members
 from .service import NODE_ONLY, NodeService
 from .worker import Worker
@@ -53,7 +53,7 @@ class Node:
         self.config = config
         self.name = config.name
         self.pid = os.getpid()
-        self.epoch = time.time_ns()
+        self.epoch = 0  # set by start(), once the data dir is ours (see epoch.py)
         self.active = 0
         self.traffic = Traffic()
         self.keys = auth.load(config.keys, auth.NODE)  # ConfigError naming a bad key file
@@ -92,8 +92,10 @@ class Node:
                 raise ConfigError(f"--ops {module}: {exc}") from exc
             log.info("loaded ops from %s: %s", module, ", ".join(added) or "(none new)")
         self._lock_data_dir()
+        self.epoch = next_epoch(cfg.data_dir)
         records = self.store.open()
         self.store.listeners.append(self._store_changed)
+        self.store.before_commit = self.datasets.claims.gate
         self.service = NodeService(self, self.worker, self.datasets)
         self._secure()
         try:
@@ -161,7 +163,7 @@ class Node:
             ops=self.registry.hashes,
             pub_bind=self.config.pub_endpoint, probe=self.members.probe,
             introduce=lambda info: self.members.hello(info.rpc),
-            forget_after_s=self.config.forget_dead_s)
+            forget_after_s=self.config.forget_dead_s, duplicate=lambda info: self._refused())
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM."""
@@ -260,6 +262,7 @@ class Node:
                 "uploads_refused": self.bulk.refused,
                 "store": self.store.stats(),
                 "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses},
+                "claims": dict(self.datasets.claims.stats),
                 "learned": self.worker.learned.to_wire()}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:

@@ -44,14 +44,22 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
 
     A part must match every sibling part the catalog knows of (ours, other live
     nodes' and dead members' alike) in dtype and row shape; replacing our own
-    copy of the same part is the store's business (``overwrite``).
+    copy of the same part is the store's business (``overwrite``).  A name (part)
+    held only by a member that is down now is not free either: it comes back with
+    its data, and two different datasets would then share one name.
     """
     check_user_put(name)
     known = catalog.records_named(name, include_dead=True)
     live_others = [r for r in catalog.records_named(name) if r.owner != me]
+    live = {(r.owner, r.key) for r in live_others}
+    mine = {r.key for r in known if r.owner == me}
+    down = [r for r in known if r.owner != me and (r.owner, r.key) not in live]
     if part is None:
         if live_others:
             raise DatasetExists(f"{name} already exists on {live_others[0].owner}")
+        if down and name not in mine:
+            raise DatasetExists(f"{name} already exists on {down[0].owner}, which is not alive "
+                                "now: delete it there once it is back, or choose another name")
         return
     whole = [r for r in known if r.part is None and r.owner != me]
     if whole:
@@ -59,6 +67,11 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
     clash = [r for r in live_others if r.part == part]
     if clash:
         raise DatasetExists(f"part {part} of {name} already exists on {clash[0].owner}")
+    gone = [r for r in down if r.part == part and r.key not in mine]
+    if gone:
+        raise DatasetExists(f"part {part} of {name} already exists on {gone[0].owner}, which is "
+                            "not alive now: delete it there once it is back, or choose another "
+                            "name")
     for ref in (r for r in known if r.part is not None and r.part != part):
         if ref.dtype != dtype or tuple(ref.shape[1:]) != tuple(shape[1:]):
             raise InvalidData(
@@ -67,9 +80,11 @@ def check_put(catalog: Catalog, me: str, name: str, part: int | None,
                 f"got {dtype} and {list(shape[1:])}")
 
 
-def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]) -> None:
+def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]
+              ) -> tuple[str, int | None, tuple[int, ...], str]:
     """An upload's header (from the network) against :func:`check_put`; ``role`` is the
-    uploader's authenticated role (set by the bulk server, None without keys)."""
+    uploader's authenticated role (set by the bulk server, None without keys).  Returns
+    its validated name, part, shape and dtype."""
     name, part = validate_name(hdr.get("name")), validate_part(hdr.get("part"))
     dtype = validate_dtype(hdr.get("dtype")).str
     shape = validate_shape(hdr.get("shape"))
@@ -79,6 +94,7 @@ def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]) -> None:
                                "written by nodes; a client key may not send it")
     check_user_put(name, lineage if isinstance(lineage, dict) else None)
     check_put(catalog, me, name, part, shape, dtype)
+    return name, part, shape, dtype
 
 
 __all__ = ["INTERNAL_LINEAGE", "SLICE_LINEAGE", "admit_put", "check_put", "check_user_put"]

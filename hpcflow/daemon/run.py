@@ -32,7 +32,6 @@ from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
 from .pools import plan_pool, run_in
-from .puts import check_put
 from .worker import Worker
 
 log = logging.getLogger("hpcflow.run")
@@ -207,9 +206,7 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
         origin = node.catalog.locate(output).parts[0].holders[0].lineage
         lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
         lineage["saved_from"] = output
-        check_put(node.catalog, node.name, name, None, tuple(arr.shape), arr.dtype.str)
-        rec = node.store.put_array(name, arr, overwrite=overwrite, lineage=lineage,
-                                   chunk_bytes=node.config.chunk_bytes)
+        rec = worker.datasets.put_array(name, arr, overwrite=overwrite, lineage=lineage)
     finally:
         book.end(wf, xid, ok=True)
         executor.cleanup(executor.ex.created)

@@ -41,7 +41,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: ``cleanup`` and ``replicate`` stay open to scripts (``Flow.close``, ``Client.replicate``);
 #: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``).
 NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
-                       "delete_parts", "flow_status"})
+                       "delete_parts", "flow_status", "claim"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
 MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 
@@ -106,6 +106,7 @@ class NodeService:
         live member, including one other than us (checked by pinging that member)."""
         info = PeerInfo.from_wire(descriptor)
         if info.name == self.node.name and info.epoch != self.node.epoch:
+            self.node.catalog.add_peer(info)  # checks which of us two started first
             raise ConfigError(f"the node name {info.name!r} is already used by the node at "
                               f"{self.node.me.rpc}: give every node a unique --name")
         owner = self.node.catalog.claim_conflict(info)
@@ -175,6 +176,12 @@ class NodeService:
                                       part=validate_part(part), nparts=nparts,
                                       overwrite=validate_flag(overwrite, "overwrite"))
         return rec.to_wire()
+
+    @exposed
+    def claim(self, request: Any) -> bool:
+        """Another node is about to create a name (or part): grant it, or refuse with
+        ``DatasetExists``/``InvalidData`` (see ``daemon/claims.py``)."""
+        return self.datasets.claims.answer(request)
 
     @exposed
     def fetch(self, name: Any, part: Any = None) -> dict[str, Any]:
