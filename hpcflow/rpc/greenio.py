@@ -20,7 +20,7 @@ the others are there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -36,23 +36,26 @@ def _state_changed(sock: Any) -> None:
     sock._Socket__state_changed()  # zmq.green's wake-up of waiting readers and writers
 
 
+def _first(sock: Any, wait: Callable[[], None], op: Callable[[], Any]) -> Any:
+    """``op`` (a non-blocking send or receive of a message's first frame), retried after
+    the green socket's own ``wait`` until it is not ``EAGAIN``."""
+    while True:
+        try:
+            return op()
+        except zmq.Again:
+            wait()
+        except BaseException:
+            _state_changed(sock)
+            raise
+
+
 def send_multipart(sock: Any, parts: Sequence[Any], copy: bool = True,
                    track: bool = False) -> zmq.MessageTracker | None:
     """Send ``parts`` as one message, blocking only the calling greenlet.  With ``track``
     (and ``copy=False``), returns the last frame's tracker: done once libzmq let go of it."""
     last = len(parts) - 1
-    tracker = None
-    while True:
-        try:
-            tracker = _raw_send(sock, parts[0], _MORE if last else _NOBLOCK, copy,
-                                track and not last)
-        except zmq.Again:
-            sock._wait_write()
-            continue
-        except BaseException:
-            _state_changed(sock)
-            raise
-        break
+    tracker = _first(sock, sock._wait_write, lambda: _raw_send(
+        sock, parts[0], _MORE if last else _NOBLOCK, copy, track and not last))
     try:
         for i in range(1, last + 1):
             tracker = _raw_send(sock, parts[i], _MORE if i < last else _NOBLOCK, copy,
@@ -64,16 +67,7 @@ def send_multipart(sock: Any, parts: Sequence[Any], copy: bool = True,
 
 def recv_multipart(sock: Any) -> list[zmq.Frame]:
     """Receive one whole message as frames (zero-copy), blocking only the calling greenlet."""
-    while True:
-        try:
-            frame = _raw_recv(sock, _NOBLOCK, False, False)
-        except zmq.Again:
-            sock._wait_read()
-            continue
-        except BaseException:
-            _state_changed(sock)
-            raise
-        break
+    frame = _first(sock, sock._wait_read, lambda: _raw_recv(sock, _NOBLOCK, False, False))
     try:
         parts = [frame]
         while frame.more:
@@ -84,23 +78,4 @@ def recv_multipart(sock: Any) -> list[zmq.Frame]:
         _state_changed(sock)
 
 
-def recv_ready(sock: Any) -> list[bytes] | None:
-    """One whole message if one is there now (as bytes), else None; never blocks."""
-    try:
-        frame = _raw_recv(sock, _NOBLOCK, True, False)
-    except zmq.Again:
-        _state_changed(sock)
-        return None
-    except BaseException:
-        _state_changed(sock)
-        raise
-    try:
-        parts = [frame]
-        while sock.rcvmore:
-            parts.append(_raw_recv(sock, _NOBLOCK, True, False))
-        return parts
-    finally:
-        _state_changed(sock)
-
-
-__all__ = ["recv_multipart", "recv_ready", "send_multipart"]
+__all__ = ["recv_multipart", "send_multipart"]
