@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -106,6 +107,12 @@ class RawReqRep:
         self.green.close(linger=0)
         self.ctx.term()
         self.gctx.term()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_op(c: hpcflow.Client, expected: np.ndarray) -> float:  # type: ignore[type-arg]
@@ -245,6 +252,9 @@ def main() -> None:
             # (one batch at least): a single short batch is at the mercy of one hiccup.
             rates: list[float] = []
             drift = ""
+            assert a_node.proc is not None and b_node.proc is not None
+            pids = {"a": a_node.proc.pid, "b": b_node.proc.pid, "script": os.getpid()}
+            cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
             t_tp = time.perf_counter()
             while not rates or time.perf_counter() - t_tp < a.tp_seconds:
                 with hpcflow.connect(a_node.rpc) as c:
@@ -252,6 +262,8 @@ def main() -> None:
                     tally(c)
                 rates.append(rate)
                 drift = drift or d
+            cpu_ms = {k: (cpu_seconds(pid) - cpu0[k]) / (len(rates) * a.ops) * 1e3
+                      for k, pid in pids.items()}
     finally:
         raw.close()
     elapsed = time.perf_counter() - t_start
@@ -283,6 +295,10 @@ def main() -> None:
     print(f"  {ops_s:.0f} ops/s ({1e3 / ops_s:.2f} ms/op), median of {len(rates)} batches "
           f"(range {min(rates):.0f}-{max(rates):.0f})"
           + (f"; within the first batch's flow: {drift}" if drift else ""))
+    total, cores = sum(cpu_ms.values()), os.cpu_count() or 1
+    print("  CPU per op: " + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu_ms.items())
+          + f"; {total:.2f} ms in all, so at most {cores * 1e3 / total:.0f} ops/s on "
+          f"{cores} cores ({ops_s * total / (cores * 1e3):.0%} of that reached)")
     checks = ((f"op p50 <= {TARGET_P50_S * ms:g} ms", f"{p('op', 50) * ms:.2f} ms",
                p("op", 50) <= TARGET_P50_S),
               (f"op p99 <= {TARGET_P99_S * ms:g} ms", f"{p('op', 99) * ms:.2f} ms",
