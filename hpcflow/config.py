@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import peers as allocation
 from .catalog.chunking import DEFAULT_CHUNK_BYTES
 from .errors import ConfigError
+from .peers import read_peers_file, select_peers, slurm_hosts, this_host
 
 CATALOG_MODES = ("replicated", "dht")
 DEFAULT_LISTEN = "127.0.0.1:7101"
@@ -192,7 +192,7 @@ class NodeConfig:
         if self.peers_from == "slurm":
             if self.listen == DEFAULT_LISTEN:  # every host of the job, on one port
                 self.listen = f"0.0.0.0:{DEFAULT_LISTEN.rsplit(':', 1)[1]}"
-            self.name = self.name or allocation.this_host()
+            self.name = self.name or this_host()
         self.rpc_endpoint = normalize_endpoint(self.listen)
         self.pub_endpoint = normalize_endpoint(self.pub) if self.pub else derive_endpoint(
             self.rpc_endpoint, 1, ".pub")
@@ -245,14 +245,14 @@ class NodeConfig:
             raise ConfigError("--peers-from/--peers-file need a fixed TCP port in --listen "
                               "(every node of the job listens on the same one)")
         if self.peers_from == "slurm" and not self.advertise and host in WILDCARD_HOSTS:
-            self.advertise = allocation.this_host()  # how the job's node list names this host
-        me = {allocation.this_host(), socket.gethostname(), host}
+            self.advertise = this_host()  # how the job's node list names this host
+        me = {this_host(), socket.gethostname(), host}
         if self.advertise:
             me.add(self.advertise)
-        entries = allocation.slurm_hosts() if self.peers_from == "slurm" else []
+        entries = slurm_hosts() if self.peers_from == "slurm" else []
         if self.peers_file:
-            entries += allocation.read_peers_file(self.peers_file)
-        return allocation.select_peers(entries, me, int(port))
+            entries += read_peers_file(self.peers_file)
+        return select_peers(entries, me, int(port))
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
