@@ -101,7 +101,10 @@ def make_plan(node: NodeParts, worker: Worker, req: object
                   "models": cache.models}
         return run_in(plan_pool(), lambda: planner(*args, **kwargs))
 
-    return cache.get_or_make(key, steps, search), wf, steps, deliver
+    t0 = time.monotonic()  # a cached plan is counted too: what a request waits for
+    made = cache.get_or_make(key, steps, search)
+    worker.events.planned(time.monotonic() - t0)
+    return made, wf, steps, deliver
 
 
 def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
