@@ -35,6 +35,7 @@ from ..rpc import auth, strict
 from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
+from . import opcheck
 from .datasets import Datasets
 from .members import REJOIN_FOR_S, Members
 from .metrics import MetricsServer, NodeCollector
@@ -133,6 +134,7 @@ class Node:
         for ep in remembered:  # a restarted node finds its cluster even without --peer
             self._greenlets.append(gevent.spawn(self.members.join, ep, REJOIN_FOR_S))
         self._greenlets.append(gevent.spawn(self.members.remember))
+        self._greenlets.append(gevent.spawn(opcheck.watch, self, 2 * cfg.heartbeat_s))
         self._write_node_json()
         if remembered:
             log.info("rejoining through %d remembered member(s)", len(remembered))
