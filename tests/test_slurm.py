@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import hpcflow
+from hpcflow.config import NodeConfig
 from hpcflow.errors import ConfigError
 from hpcflow.peers import expand_hostlist, read_peers_file, select_peers
 
@@ -106,6 +107,23 @@ def test_peers_file_errors(tmp_path: Path) -> None:
     r = hpcflow_cli("node", "--data-dir", str(tmp_path / "d"), "--peers-from", "slurm",
                     timeout=30)
     assert r.returncode == 1 and "SLURM_JOB_NODELIST is not set" in r.stderr
+
+
+def test_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for kw, msg in (({"peers_from": "pbs"}, "peers_from must be"),
+                    ({"metrics": "nohost"}, "not HOST:PORT"),
+                    ({"metrics": "ipc:///tmp/m"}, "metrics must be HOST:PORT"),
+                    ({"peers_file": str(tmp_path / "none"), "listen": "ipc:///tmp/x"},
+                     "fixed TCP port")):
+        with pytest.raises(ConfigError, match=msg):
+            NodeConfig(data_dir=tmp_path, **kw)
+    toml = tmp_path / "node.toml"
+    toml.write_text('peers_from = "slurm"\nlisten = "127.0.0.9:7500"\n')
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "127.0.0.[8-9],127.0.0.10")
+    monkeypatch.setenv("SLURMD_NODENAME", "127.0.0.9")
+    cfg = NodeConfig.load(toml, {"data_dir": str(tmp_path)})
+    assert cfg.name == "127.0.0.9"
+    assert cfg.peer_endpoints == ["tcp://127.0.0.8:7500", "tcp://127.0.0.10:7500"]
 
 
 def test_fake_slurm_job(tmp_path: Path) -> None:
