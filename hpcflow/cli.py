@@ -60,6 +60,7 @@ def cmd_node(a: argparse.Namespace) -> int:
         "bulk": a.bulk, "advertise": a.advertise, "peers": a.peer, "catalog": a.catalog,
         "heartbeat_s": a.heartbeat, "ttl_s": a.ttl, "ops": a.ops, "log_level": a.log_level,
         "memory_budget": a.memory_budget, "keys": a.keys,
+        "peers_from": a.peers_from, "peers_file": a.peers_file, "metrics": a.metrics,
     }
     config = NodeConfig.load(a.config, overrides)
     return run_node(config)
@@ -196,6 +197,52 @@ def cmd_info(a: argparse.Namespace) -> int:
               f"received {_size(t['bytes_received'].get(peer, 0)):>10}")
     if t["chunk_retries"]:
         print(f"  chunks re-requested after a failed checksum: {t['chunk_retries']}")
+    ops = info.get("ops") or {}
+    print(f"  ops ({len(ops)}): " + ", ".join(f"{k} {v[:8]}" for k, v in sorted(ops.items())))
+    return 0
+
+
+def cmd_wait_ready(a: argparse.Namespace) -> int:
+    from .client.status import wait_ready
+
+    if not (a.timeout > 0 and a.timeout < float("inf")):
+        raise InvalidData(f"--timeout must be a positive number of seconds, not {a.timeout}")
+    info = wait_ready(a.addr, a.timeout, keys=a.keys, members=a.members)
+    print(json.dumps({"name": info["name"], "ready": True,
+                      "members_alive": info["members_alive"]}) if a.json else
+          f"node {info['name']} ready ({info['members_alive']} members alive)")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from .client.status import cluster_status
+
+    with _client(a) as c:
+        st = cluster_status(c, keys=a.keys, timeout_s=min(a.timeout, 5.0))
+    if a.json:
+        print(json.dumps(st))
+        return 0
+    print(f"cluster seen from {st['node']} (catalog {st['catalog_mode']}): "
+          f"{st['alive']} alive, {st['dead']} dead")
+    print(f"  {'NODE':<16} {'STATE':<5} {'LOAD':>4} {'DATASETS':>8} {'HELD':>10}  "
+          f"{'CATALOG':<10} {'OPS':>3}  RPC")
+    for m in st["members"]:
+        load = m["load"].get("active", "-") if m["alive"] else "-"
+        print(f"  {m['name']:<16} {'alive' if m['alive'] else 'dead':<5} {load:>4} "
+              f"{m['datasets']:>8} {_size(m['bytes_held']):>10}  "
+              f"{m.get('catalog_mode') or '-':<10} {len(m['ops']):>3}  {m['rpc']}")
+    for m in st["members"]:
+        if m.get("error"):
+            print(f"  {m['name']}: did not answer: {m['error']}")
+    for name, ops in st["ops_differ"].items():
+        print(f"  ops that differ on {name}: "
+              + ", ".join(f"{op} ({why})" for op, why in sorted(ops.items()))
+              + "; the planner sends it no step using them")
+    for m in st["members"]:
+        peers = sorted(set(m.get("sent", {})) | set(m.get("received", {})))
+        for peer in peers:
+            print(f"  {m['name']:<16} -> {peer:<16} sent {_size(m['sent'].get(peer, 0)):>10}"
+                  f"   received {_size(m['received'].get(peer, 0)):>10}")
     return 0
 
 
@@ -362,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "to unsynced files (default: a quarter of RAM)")
     n.add_argument("--keys", metavar="KEYDIR", help="the cluster's CURVE keys (hpcflow "
                    "keygen); env HPCFLOW_KEYS; without: no authentication")
+    n.add_argument("--peers-from", choices=["slurm"], help="peers are the other hosts of "
+                   "this SLURM job (SLURM_JOB_NODELIST), on this node's port; the name "
+                   "defaults to the host name, --listen to 0.0.0.0:7101")
+    n.add_argument("--peers-file", metavar="PATH", help="file of peers, HOST or HOST:PORT "
+                   "per line (e.g. written by a job script)")
+    n.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over "
+                   "HTTP there (/metrics)")
     n.set_defaults(fn=cmd_node)
 
     k = sub.add_parser("keygen", help="make a cluster's CURVE keys (node and client keypairs)")
@@ -403,6 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="node status, load, peers and traffic counters")
     client_opts(i)
     i.set_defaults(fn=cmd_info)
+
+    w = sub.add_parser("wait-ready", help="block until a node answers (exit status 0), or "
+                       "give up after --timeout (exit status 1)")
+    w.add_argument("addr", nargs="?", default=os.environ.get("HPCFLOW_NODE", "127.0.0.1:7101"),
+                   help="RPC endpoint of the node (env HPCFLOW_NODE)")
+    w.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    w.add_argument("--members", type=int, default=0, metavar="N",
+                   help="also wait until the node sees N members alive (itself included)")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+    w.add_argument("--keys", metavar="KEYDIR", help="the cluster's keys (env HPCFLOW_KEYS)")
+    w.set_defaults(fn=cmd_wait_ready)
+
+    st = sub.add_parser("status", help="the whole cluster from one node: members, load, "
+                        "data held, ops, traffic")
+    client_opts(st)
+    st.set_defaults(fn=cmd_status)
 
     r = sub.add_parser("rm", help="delete a dataset held by this node")
     client_opts(r)

@@ -31,8 +31,10 @@ from typing import Any
 
 from .catalog.chunking import DEFAULT_CHUNK_BYTES
 from .errors import ConfigError
+from .peers import read_peers_file, select_peers, slurm_hosts, this_host
 
 CATALOG_MODES = ("replicated", "dht")
+DEFAULT_LISTEN = "127.0.0.1:7101"
 WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
 log = logging.getLogger("hpcflow.config")
 
@@ -137,11 +139,18 @@ class NodeConfig:
 
     data_dir: Path
     name: str = ""
-    listen: str = "127.0.0.1:7101"
+    listen: str = DEFAULT_LISTEN
     pub: str | None = None
     bulk: str | None = None
     advertise: str | None = None
     peers: list[str] = field(default_factory=list)
+    #: ``"slurm"``: peers are the job's other hosts (``SLURM_JOB_NODELIST``), all on this
+    #: node's port; the name defaults to the host name and ``listen`` to 0.0.0.0:7101.
+    peers_from: str | None = None
+    #: A file of peers (``HOST`` or ``HOST:PORT`` per line), e.g. written by a job script.
+    peers_file: str | None = None
+    #: ``HOST:PORT`` to serve Prometheus metrics on (HTTP ``/metrics``); None: no endpoint.
+    metrics: str | None = None
     catalog: str = "replicated"
     heartbeat_s: float = 1.0
     ttl_s: float = 3.5
@@ -178,12 +187,24 @@ class NodeConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
+        if self.peers_from not in (None, "slurm"):
+            raise ConfigError(f"peers_from must be \"slurm\", not {self.peers_from!r}")
+        if self.peers_from == "slurm":
+            if self.listen == DEFAULT_LISTEN:  # every host of the job, on one port
+                self.listen = f"0.0.0.0:{DEFAULT_LISTEN.rsplit(':', 1)[1]}"
+            self.name = self.name or this_host()
         self.rpc_endpoint = normalize_endpoint(self.listen)
         self.pub_endpoint = normalize_endpoint(self.pub) if self.pub else derive_endpoint(
             self.rpc_endpoint, 1, ".pub")
         self.bulk_endpoint = normalize_endpoint(self.bulk) if self.bulk else derive_endpoint(
             self.rpc_endpoint, 2, ".bulk")
-        self.peer_endpoints = [normalize_endpoint(p) for p in self.peers]
+        if self.peers_from or self.peers_file:
+            self.peers = [*self.peers, *self._allocation_peers()]
+        self.peer_endpoints = list(dict.fromkeys(normalize_endpoint(p) for p in self.peers))
+        if self.metrics is not None:
+            normalize_endpoint(self.metrics)  # HOST:PORT, checked before anything starts
+            if not self.metrics.rpartition(":")[0] or "://" in self.metrics:
+                raise ConfigError(f"metrics must be HOST:PORT, not {self.metrics!r}")
         if not self.name:
             tail = self.rpc_endpoint.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
             self.name = f"{socket.gethostname()}-{tail}"
@@ -216,6 +237,22 @@ class NodeConfig:
             raise ConfigError("need 0 <= max_inline_bytes_per_connection <= max_inline_bytes")
         if self.window < 1 or self.chunk_retries < 0:
             raise ConfigError("window must be >= 1 and chunk_retries >= 0")
+
+    def _allocation_peers(self) -> list[str]:
+        """Peers from SLURM's node list and/or the peers file (see :mod:`hpcflow.peers`)."""
+        host, _, port = self.rpc_endpoint[len("tcp://"):].rpartition(":")
+        if not self.rpc_endpoint.startswith("tcp://") or port == "0":
+            raise ConfigError("--peers-from/--peers-file need a fixed TCP port in --listen "
+                              "(every node of the job listens on the same one)")
+        if self.peers_from == "slurm" and not self.advertise and host in WILDCARD_HOSTS:
+            self.advertise = this_host()  # how the job's node list names this host
+        me = {this_host(), socket.gethostname(), host}
+        if self.advertise:
+            me.add(self.advertise)
+        entries = slurm_hosts() if self.peers_from == "slurm" else []
+        if self.peers_file:
+            entries += read_peers_file(self.peers_file)
+        return select_peers(entries, me, int(port))
 
     @classmethod
     def load(cls, path: Path | None, overrides: dict[str, Any]) -> NodeConfig:

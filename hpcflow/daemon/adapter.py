@@ -16,6 +16,7 @@ from typing import Any
 from ..catalog.base import CatalogSnapshot
 from ..decide import CostModel, Link, PartLoc, Placement, Step, Workflow
 from ..errors import DatasetNotFound, InvalidData
+from ..ops import OpRegistry
 from .learned import Learned
 
 DEFAULT_LATENCY_S = 1e-4
@@ -71,6 +72,36 @@ def placement(snapshot: CatalogSnapshot, names: Sequence[str]) -> Placement:
 
 def node_ops(snapshot: CatalogSnapshot) -> dict[str, dict[str, str]]:
     return {v.info.name: dict(v.ops) for v in snapshot.nodes if v.alive}
+
+
+def exclusions(steps: Sequence[Step], ops: Mapping[str, Mapping[str, str]],
+               registry: OpRegistry) -> dict[str, dict[str, str]]:
+    """Per step output, the live nodes the planner may not send it to, and why: the op
+    is missing there, or its definition differs from the initiator's (whose definitions
+    the plan is made with).  Steps every node can run are left out."""
+    out: dict[str, dict[str, str]] = {}
+    for step in steps:
+        if step.op not in registry:
+            continue  # the initiator's own UnknownOpError says so
+        mine = registry.get(step.op).definition_hash
+        why = {}
+        for node, table in sorted(ops.items()):
+            theirs = table.get(step.op)
+            if theirs is None:
+                why[node] = f"op {step.op!r} missing"
+            elif theirs != mine:
+                why[node] = (f"op {step.op!r} defined differently ({theirs[:8]}, "
+                             f"initiator's {mine[:8]})")
+        if why:
+            out[step.out] = why
+    return out
+
+
+def describe_exclusions(excluded: Mapping[str, Mapping[str, str]]) -> str:
+    """Lines for the explain table: ``excluded for STEP: NODE (why), ...``."""
+    return "\n".join(f"excluded for {out}: "
+                     + ", ".join(f"{n} ({why})" for n, why in nodes.items())
+                     for out, nodes in excluded.items())
 
 
 def quantise(value: float) -> float:

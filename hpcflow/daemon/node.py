@@ -34,9 +34,11 @@ from ..rpc import auth, strict
 from ..rpc.bulk import BulkClient, BulkServer, BulkSettings
 from ..rpc.calls import PeerClients
 from ..rpc.traffic import Traffic
+from . import opcheck
 from .datasets import Datasets
 from .epoch import next_epoch
 from .members import REJOIN_FOR_S, Members
+from .metrics import MetricsServer, NodeCollector
 from .service import NODE_ONLY, NodeService
 from .worker import Worker
 
@@ -59,6 +61,7 @@ class Node:
         self.keys = auth.load(config.keys, auth.NODE)  # ConfigError naming a bad key file
         self.ctx = auth.context(self.keys)
         self.zap: auth.ZapHandler | None = None
+        self.metrics: MetricsServer | None = None
         self.store = Store(config.data_dir, self.name, config.memory_budget)
         self.store.fault_write_delay_s = config.fault_write_delay_s
         self.settings = BulkSettings(window=config.window, timeout_s=config.transfer_timeout_s,
@@ -122,6 +125,10 @@ class Node:
         for rec in records:
             self.catalog.announce(rec)
         self.bulk.start()
+        if cfg.metrics:
+            self.metrics = MetricsServer(cfg.metrics, NodeCollector(
+                self, self.worker.events, self.bulk_active))
+            self.metrics.start()
         self._greenlets.append(gevent.spawn(self.rpc.run))
         for ep in cfg.peer_endpoints:
             self._greenlets.append(gevent.spawn(self.members.join, ep))
@@ -129,6 +136,7 @@ class Node:
         for ep in remembered:  # a restarted node finds its cluster even without --peer
             self._greenlets.append(gevent.spawn(self.members.join, ep, REJOIN_FOR_S))
         self._greenlets.append(gevent.spawn(self.members.remember))
+        self._greenlets.append(gevent.spawn(opcheck.watch, self, 2 * cfg.heartbeat_s))
         self._write_node_json()
         if remembered:
             log.info("rejoining through %d remembered member(s)", len(remembered))
@@ -181,7 +189,7 @@ class Node:
             # long ``execute`` (whose cleanup runs on GreenletExit) within STOP_GRACE_S.
             rpc.stop(STOP_GRACE_S)
         gevent.killall(self._greenlets)
-        for part in ("catalog", "bulk"):
+        for part in ("catalog", "bulk", "metrics"):
             obj = getattr(self, part, None)
             if obj is not None:
                 obj.stop()
@@ -215,7 +223,8 @@ class Node:
     def _write_node_json(self) -> None:
         path = self.config.data_dir / "node.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**self.me.to_wire(), "pid": self.pid}))
+        metrics = {"metrics": self.metrics.url} if self.metrics else {}
+        tmp.write_text(json.dumps({**self.me.to_wire(), "pid": self.pid, **metrics}))
         os.replace(tmp, path)
 
     def _refused(self) -> None:

@@ -21,6 +21,7 @@ from ..rpc.bulk import BulkClient
 from ..rpc.calls import PeerClients
 from ..rpc.messages import RunReply, RunRequest
 from ..rpc.traffic import Traffic
+from .events import Events
 
 
 class NodeParts(Protocol):
@@ -94,6 +95,9 @@ class ServedNode(NodeParts, Protocol):
 
 class RowWork(Protocol):
     """What a share's tasks ask of the node's worker (:class:`~hpcflow.daemon.worker.Worker`)."""
+
+    #: Where a share's step times are counted (for the metrics endpoint).
+    events: Events
 
     def pull(self, name: str, rows: tuple[int, int] | None, src: str | None = None,
              tag: dict[str, Any] | None = None, wait_s: float | None = None

@@ -100,11 +100,23 @@ def make_plan(node: NodeParts, worker: Worker, req: object
                   "models": cache.models}
         return run_in(plan_pool(), lambda: planner(*args, **kwargs))
 
-    return cache.get_or_make(key, steps, search), wf, steps, deliver
+    t0 = time.monotonic()  # a cached plan is counted too: what a request waits for
+    made = cache.get_or_make(key, steps, search)
+    worker.events.planned(time.monotonic() - t0)
+    return made, wf, steps, deliver
 
 
 def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
-    return adapter.plan_to_wire(make_plan(node, worker, req)[0])
+    """The plan, with the live nodes each step may not go to and why (``excluded``, and
+    a line per such step under the explain table)."""
+    the_plan, _, steps, _ = make_plan(node, worker, req)
+    out = adapter.plan_to_wire(the_plan)
+    ops = {v.info.name: v.ops for v in node.catalog.nodes() if v.alive}
+    excluded = adapter.exclusions(steps, ops, node.registry)
+    out["excluded"] = excluded
+    if excluded:
+        out["explain"] = f"{out['explain']}\n{adapter.describe_exclusions(excluded)}"
+    return out
 
 
 def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class NodeService:
             "catalog_entries": len(n.catalog.records()),
             "peers_alive": sorted(v.info.name for v in nodes if v.alive and v.info.name != n.name),
             "peers_dead": sorted(v.info.name for v in nodes if not v.alive),
+            "ops": n.registry.hashes(),
         }
 
     @exposed

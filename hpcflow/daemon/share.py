@@ -58,6 +58,8 @@ class Shares:
                 g.kill()
             self.running.pop(share.execution, None)
         reply.wall_s = time.monotonic() - t0
+        for (_, phase), seconds in reply.seconds.items():
+            self.worker.events.step(phase, seconds)
         exc = g.exception
         if isinstance(exc, gevent.GreenletExit) or (g.ready() and not g.successful()
                                                     and exc is None):

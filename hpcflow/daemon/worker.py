@@ -40,6 +40,7 @@ from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run
 from ..rpc.bulk import from_holders
 from ..rpc.messages import RunReply, RunRequest
 from .datasets import Datasets
+from .events import Events
 from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .parts import NodeParts
@@ -110,6 +111,8 @@ class Worker:
         self.plans = PlanCache()
         #: Fixed costs and op speeds measured here, for this node's plans.
         self.learned = Learned()
+        #: Ops run and failed, plans, step phases: read by the metrics endpoint.
+        self.events = Events()
         self.shares = Shares(node, self)
         #: Started by the node (it waits for the node to start).
         self.janitor = Janitor(node, self.book)
@@ -200,7 +203,7 @@ class Worker:
         a row range from its copy or from a slice it holds; other holders are
         the fallback.  ``tag`` is added to the lineage of what is created.
         """
-        with self.busy():
+        with self.busy(), self.events.pulling():
             loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
             total = loc.shape[0] if loc.shape else 1
             lo, hi = rows if rows is not None else (0, total)
@@ -281,7 +284,20 @@ class Worker:
 
     # -- ops -------------------------------------------------------------------
     def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply:
-        """Run one unit of a plan on local rows; store and announce the checked output."""
+        """Run one unit of a plan on local rows; store and announce the checked output.
+        Counted by op in :attr:`events` (a cancellation is no failure)."""
+        t0 = time.monotonic()
+        try:
+            reply = self._run_unit(req, wait_s)
+        except gevent.GreenletExit:
+            raise
+        except BaseException:
+            self.events.op_failed(req.op)
+            raise
+        self.events.op_ran(req.op, time.monotonic() - t0)
+        return reply
+
+    def _run_unit(self, req: RunRequest, wait_s: float | None) -> RunReply:
         with self.busy():
             t0 = time.monotonic()
             timing: dict[str, float] = {"compute_s": 0.0, "nbytes": 0}
