@@ -206,13 +206,15 @@ def agent_hpcflow(sc: Scenario, job: dict[str, Any]) -> tuple[Any, list[dict[str
                        "transport_bytes": _transport_bytes(before, after),
                        "replans": report["replans"]})
         _progress(f"hpcflow round {k + 1}: {wall * 1000:.0f} ms")
-        if job.get("detail") and k == job["warmup"] + job["repeats"] - 1:
-            if target is not None and target.plan is not None:
+        if job.get("detail"):
+            if k == job["warmup"] + job["repeats"] - 1 and target is not None and (
+                    target.plan is not None):
                 for line in target.plan.explain().splitlines():
                     _progress(line)
-            for out, kinds in report["seconds"].items():
-                _progress(f"{out}: " + ", ".join(f"{kind} {s * 1000:.1f} ms"
-                                                 for kind, s in kinds.items()))
+            _progress(f"  on the initiator {report['seconds_total'] * 1000:.1f} ms; " + "; ".join(
+                f"{out.split('.', 1)[-1]}: " + ", ".join(f"{kind} {s * 1000:.1f}"
+                                                        for kind, s in kinds.items())
+                for out, kinds in report["seconds"].items()))
     return result, rounds
 
 
@@ -693,7 +695,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "the chunks on one worker (default: the script gathers every chunk "
                          "straight from the worker that made it, Dask's cheaper way)")
     ap.add_argument("--detail", action="store_true",
-                    help="print hpcflow's plan and measured seconds per step (last round)")
+                    help="print hpcflow's measured seconds per step (every round) and its "
+                    "plan (last round)")
     ap.add_argument("--agent", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.agent:

@@ -126,7 +126,8 @@ def test_concurrent_submissions_of_one_op_plan_it_once(two: Cluster) -> None:
         after = flow.stats()["plans"]
     # One miss for the burst; a learned cost moving by 2x meanwhile may add a few more.
     assert after["misses"] - before["misses"] <= 5, (before, after)
-    assert after["hits"] - before["hits"] >= 55, (before, after)
+    served = after["hits"] + after["stale"] - before["hits"] - before["stale"]
+    assert served >= 55, (before, after)  # stale: cached while learned costs moved
 
 
 def test_submissions_run_concurrently_and_share_steps(two: Cluster) -> None:

@@ -270,7 +270,8 @@ class Node:
                 "uploads_in_progress": len(self.bulk.uploads),
                 "uploads_refused": self.bulk.refused,
                 "store": self.store.stats(),
-                "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses},
+                "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses,
+                          "stale": self.worker.plans.stale},
                 "claims": dict(self.datasets.claims.stats),
                 "learned": self.worker.learned.to_wire()}
 

@@ -8,23 +8,30 @@ live node has (by definition hash), and the cost model (links, learned fixed
 costs, and load under the time objective); the key is exactly those, with
 output names replaced by their step positions.  Learned costs reach the key
 only when they move by more than a factor of two
-(:meth:`~hpcflow.daemon.learned.Learned.stable_costs`).  A
-hit returns the cached plan with the outputs renamed; anything that changes
-a part's holders, a node's ops or the learned links is another key.
+(:meth:`~hpcflow.daemon.learned.Learned.stable_costs`).  A hit returns the
+cached plan with the outputs renamed; anything that changes a part's holders,
+a node's ops or the learned links is another key.  Under the bytes objective,
+a plan whose key differs only in the learned costs is served at once while
+the search under the new costs runs in the background
+(:meth:`PlanCache.get_or_make`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import gevent
 import gevent.event
 
 from ..decide import CostModel, Placement, Plan, Step
 from ..ops import ModelCache, OpRegistry
 from ..ops.spec import constant_bytes
+
+log = logging.getLogger("hpcflow.plancache")
 
 
 def _step_key(steps: Sequence[Step]) -> tuple[Any, ...] | None:
@@ -69,6 +76,11 @@ class PlanCache:
         self.hits = 0
         self.misses = 0
         self._making: dict[tuple[Any, ...], gevent.event.Event] = {}
+        #: Plans served while a re-plan under moved costs ran in the background.
+        self.stale = 0
+        #: The newest key of each (steps, data, ops) under the bytes objective: a key
+        #: without its last item, the cost model's fingerprint.
+        self._latest: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def get(self, key: tuple[Any, ...] | None, steps: Sequence[Step]) -> Plan | None:
         found = self._plans.get(key) if key is not None else None
@@ -77,14 +89,25 @@ class PlanCache:
             return None
         self._plans.move_to_end(key)
         self.hits += 1
-        plan, outs = found
-        return plan.renamed(dict(zip(outs, (s.out for s in steps), strict=True)))
+        return _renamed(found, steps)
 
     def get_or_make(self, key: tuple[Any, ...] | None, steps: Sequence[Step],
-                    make: Callable[[], Plan]) -> Plan:
+                    make: Callable[[], Plan], stale_ok: bool = True) -> Plan:
         """The cached plan for ``key``, else ``make()``'s (then cached).  Requests for a
         key being planned wait for that plan rather than plan it again: a script that
-        submits hundreds of the same op at once pays for one search, not hundreds."""
+        submits hundreds of the same op at once pays for one search, not hundreds.
+
+        Under the bytes objective, when only the learned costs moved since a plan for the
+        same steps, data and ops was made, that plan is returned at once (it still moves
+        the fewest bytes: costs only break ties between equal-byte plans) and the search
+        under the new costs runs in the background, for the next request."""
+        if stale_ok and key is not None and key not in self._plans and _bytes(key):
+            stale = self._plans.get(self._latest.get(key[:-1], ()))
+            if stale is not None:
+                self.stale += 1
+                if key not in self._making:  # else its search is under way already
+                    gevent.spawn(self._refresh, key, list(steps), make)
+                return _renamed(stale, steps)
         while key is not None and key in self._making:
             self._making[key].wait()
         plan = self.get(key, steps)
@@ -101,12 +124,32 @@ class PlanCache:
             del self._making[key]
             done.set()
 
+    def _refresh(self, key: tuple[Any, ...], steps: list[Step],
+                 make: Callable[[], Plan]) -> None:
+        try:
+            self.get_or_make(key, steps, make, stale_ok=False)
+        except Exception as exc:  # the next request plans (and reports) it itself
+            log.info("background re-plan failed: %s: %s", type(exc).__name__, exc)
+
     def put(self, key: tuple[Any, ...] | None, steps: Sequence[Step], plan: Plan) -> None:
         if key is None:
             return
         self._plans[key] = (plan, tuple(s.out for s in steps))
+        if _bytes(key):
+            self._latest[key[:-1]] = key
         while len(self._plans) > self.size:
-            self._plans.popitem(last=False)
+            old, _ = self._plans.popitem(last=False)
+            if self._latest.get(old[:-1]) == old:
+                del self._latest[old[:-1]]
+
+
+def _bytes(key: tuple[Any, ...]) -> bool:
+    return key[2] == "bytes"  # see plan_key: (steps, deliver, objective, ..., cost)
+
+
+def _renamed(found: tuple[Plan, tuple[str, ...]], steps: Sequence[Step]) -> Plan:
+    plan, outs = found
+    return plan.renamed(dict(zip(outs, (s.out for s in steps), strict=True)))
 
 
 __all__ = ["PlanCache", "plan_key"]
