@@ -68,3 +68,24 @@ def test_other_data_or_steps_are_never_served_an_old_plan() -> None:
     moved[5] = "other placement"
     assert cache.get_or_make(tuple(moved), steps2, lambda: plan2) is plan2
     assert cache.stale == 0
+
+
+def test_background_replans_are_rate_limited() -> None:
+    """Learned costs wobble under load; each search takes CPU from running executions."""
+    cache = PlanCache(refresh_every_s=3600)
+    steps1, plan1 = _plan("wf.1.colsum")
+    cache.put(_key("bytes", "costs-1"), steps1, plan1)
+    searched: list[str] = []
+
+    def search(costs: str, out: str) -> Plan:
+        searched.append(costs)
+        return _plan(out)[1]
+
+    for i, costs in enumerate(("costs-2", "costs-3", "costs-4")):
+        out = f"wf.{i + 2}.colsum"
+        steps, _ = _plan(out)
+        got = cache.get_or_make(_key("bytes", costs), steps,
+                                lambda c=costs, o=out: search(c, o))  # type: ignore[misc]
+        assert got.steps[0].out == out
+        gevent.sleep(0.01)
+    assert searched == ["costs-2"] and cache.stale == 3

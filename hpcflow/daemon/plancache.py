@@ -12,13 +12,14 @@ only when they move by more than a factor of two
 cached plan with the outputs renamed; anything that changes a part's holders,
 a node's ops or the learned links is another key.  Under the bytes objective,
 a plan whose key differs only in the learned costs is served at once while
-the search under the new costs runs in the background
+the search under the new costs runs in the background, at most every 10 s
 (:meth:`PlanCache.get_or_make`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -69,7 +70,7 @@ def plan_key(steps: Sequence[Step], deliver: Sequence[str], objective: str, meth
 class PlanCache:
     """The last ``size`` plans by :func:`plan_key`, and the op output models they used."""
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, size: int = 256, refresh_every_s: float = 10.0) -> None:
         self.size = size
         self._plans: OrderedDict[tuple[Any, ...], tuple[Plan, tuple[str, ...]]] = OrderedDict()
         self.models = ModelCache()
@@ -81,6 +82,9 @@ class PlanCache:
         #: The newest key of each (steps, data, ops) under the bytes objective: a key
         #: without its last item, the cost model's fingerprint.
         self._latest: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        #: At most one background re-plan per (steps, data, ops) this often (seconds).
+        self.refresh_every_s = refresh_every_s
+        self._refresh_at: dict[tuple[Any, ...], float] = {}
 
     def get(self, key: tuple[Any, ...] | None, steps: Sequence[Step]) -> Plan | None:
         found = self._plans.get(key) if key is not None else None
@@ -100,12 +104,18 @@ class PlanCache:
         Under the bytes objective, when only the learned costs moved since a plan for the
         same steps, data and ops was made, that plan is returned at once (it still moves
         the fewest bytes: costs only break ties between equal-byte plans) and the search
-        under the new costs runs in the background, for the next request."""
+        under the new costs runs in the background for later requests, at most once every
+        ``refresh_every_s`` per steps, data and ops (learned costs wobble under load, and
+        each search takes CPU from the executions this node runs)."""
         if stale_ok and key is not None and key not in self._plans and _bytes(key):
             stale = self._plans.get(self._latest.get(key[:-1], ()))
             if stale is not None:
                 self.stale += 1
-                if key not in self._making:  # else its search is under way already
+                now = time.monotonic()
+                # One search at a time, and not often: it runs beside the executions this
+                # node serves (and takes the GIL from them), for a tie-break.
+                if key not in self._making and now >= self._refresh_at.get(key[:-1], 0.0):
+                    self._refresh_at[key[:-1]] = now + self.refresh_every_s
                     gevent.spawn(self._refresh, key, list(steps), make)
                 return _renamed(stale, steps)
         while key is not None and key in self._making:
@@ -141,6 +151,7 @@ class PlanCache:
             old, _ = self._plans.popitem(last=False)
             if self._latest.get(old[:-1]) == old:
                 del self._latest[old[:-1]]
+                self._refresh_at.pop(old[:-1], None)
 
 
 def _bytes(key: tuple[Any, ...]) -> bool:
