@@ -96,8 +96,10 @@ def test_plans_are_cached_until_placement_changes(two: Cluster) -> None:
             h = flow.run("colsum", "P")
             np.testing.assert_array_equal(h.fetch(), np.full(3, 100.0))
         after = flow.stats()["plans"]
-        # Cached; at most one re-plan if a learned cost moved by more than 2x meanwhile.
-        assert after["hits"] - plans["hits"] >= 9, (plans, after)
+        # Cached: a hit, or (a learned cost moved past 2x meanwhile) the same shape's last
+        # plan while the re-plan runs in the background.
+        served = after["hits"] + after["stale"] - plans["hits"] - plans["stale"]
+        assert served >= 9, (plans, after)
         # Same op, but the data moved: the cached plan would be wrong, so it is not used.
         with two["b"].client() as c:
             c.delete("P")
