@@ -190,6 +190,11 @@ class Catalog(abc.ABC):
         to the name was already checked against a live member of that name."""
 
     @abc.abstractmethod
+    def answers_as(self, info: PeerInfo) -> bool:
+        """Whether ``info.rpc`` answers now with exactly this descriptor (name, epoch and
+        endpoints): the only proof a node is what a descriptor says (blocks for a probe)."""
+
+    @abc.abstractmethod
     def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
         """The live member already using ``info.name``, if it still answers as itself
         (``info`` is then a second daemon with the same name, not a restart)."""

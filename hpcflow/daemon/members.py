@@ -100,18 +100,20 @@ class Members:
             descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
-        self.node.catalog.add_peer(descriptors[0], verified=True)  # it answered at that endpoint
+        # It answered at that endpoint: its own descriptor is believed if it names it.
+        self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
         for info in descriptors[1:]:
             self.node.catalog.add_peer(info)
 
-    def probe(self, endpoint: str) -> tuple[str, int] | None:
-        """Who answers at an RPC endpoint now, as ``(name, epoch)``; None when nothing
-        does within the TTL (a refused connection answers at once)."""
+    def probe(self, endpoint: str) -> PeerInfo | None:
+        """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
+        epoch, endpoints); None when nothing does within the TTL (a refused connection
+        answers at once) or the answer is malformed."""
         if refuses_connections(endpoint):
             return None
         try:
             r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
-            return str(r["name"]), int(r["epoch"])
+            return PeerInfo.from_wire(r["self"])
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
 

@@ -1,0 +1,145 @@
+"""A rogue "peer" as a real process (issue 11, item 3 a and c), without keys: what the
+attack needs is only to say hello and run a PUB socket (``tests/rogue.py``).
+
+* (c) It gossips, says hello with, and heartbeats as, a descriptor of member ``v``
+  with a huge epoch (or one just ahead of the clock), v's own RPC endpoint and the
+  rogue's PUB.  Believed, every node read v's catalog from the rogue and ignored the
+  real v, even after v restarted.  Now a descriptor is believed only when its own RPC
+  endpoint answers with exactly it, and an epoch a day ahead of the clock never is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from tests.conftest import SCALE, TTL, Cluster, FakePeer, NodeProc, names_on, wait_for
+
+
+class Rogue(NodeProc):
+    """``python -m tests.rogue``: a real daemon changed as ``conf`` says."""
+
+    def __init__(self, name: str, data_dir: Path, peers: list[str], conf: dict[str, object]
+                 ) -> None:
+        super().__init__(name, data_dir, peers, [])
+        self.prefix = ["env", "HPCFLOW_ROGUE=" + json.dumps(conf)]
+
+    def argv(self) -> list[str]:
+        args = super().argv()
+        i = args.index("hpcflow")  # "-m hpcflow node" -> "-m tests.rogue"
+        return [*args[:i], "tests.rogue", *args[i + 2:]]
+
+
+def _view(node: NodeProc, name: str) -> tuple[int, str, bool] | None:
+    with node.client() as c:
+        for n in c.nodes():
+            if n["name"] == name:
+                return n["epoch"], n["pub"], n["alive"]
+    return None
+
+
+def _refused(node: NodeProc) -> int:
+    """Forged descriptors ``node`` has refused so far (not confirmed, or from the future)."""
+    with node.client() as c:
+        cat = c.stats()["catalog"]
+    return int(cat["unverified"]) + int(cat["future_epochs"])
+
+
+@pytest.mark.parametrize("ahead", [None, 60.0], ids=["huge-epoch", "epoch-a-minute-ahead"])
+def test_a_rogue_cannot_take_over_a_members_name(tmp_path: Path, ahead: float | None) -> None:
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        v = c.add("v", via="n1")
+        n3 = c.add("n3", via="v")
+        c.wait_members()
+        honest = (n1, n3)
+        conf: dict[str, object] = {"impersonate": "v"}
+        if ahead is not None:
+            conf["epoch_ahead_s"] = ahead
+        rogue = Rogue("evil", tmp_path / "evil", [n1.rpc], conf)
+        c.nodes["evil"] = rogue
+        rogue.start()
+        real = (v.info["epoch"], v.info["pub"], True)
+
+        def refused_more(node: NodeProc, than: int) -> bool:
+            return _refused(node) >= than + 2
+
+        # While v lives: the rogue's hellos, gossip and heartbeats as v change nothing.
+        for n in honest:
+            wait_for(lambda n=n: refused_more(n, 0), 10, f"{n.name} to refuse the forgeries")
+            assert _view(n, "v") == real
+            assert _view(n, "evil") is not None  # it did join, under its own name
+        with v.client() as cl:
+            cl.put("BEFORE", np.arange(3.0))
+        for n in honest:
+            wait_for(lambda n=n: "BEFORE" in names_on(n), 10, f"v's put on {n.name}")
+
+        # v is killed: the rogue's descriptor must not be taken while v is silent.
+        v.kill(signal.SIGKILL)
+        for n in honest:
+            wait_for(lambda n=n: _view(n, "v") == (*real[:2], False), 10 + TTL,
+                     f"{n.name} to see v dead")
+        counts = {n.name: _refused(n) for n in honest}
+        for n in honest:
+            wait_for(lambda n=n: refused_more(n, counts[n.name]), 10,
+                     f"{n.name} to refuse forgeries while v is down")
+            assert _view(n, "v") == (*real[:2], False)
+
+        # v restarts (a larger epoch than its last, smaller than the rogue's): heard by all.
+        v.start()
+        again = (v.info["epoch"], v.info["pub"], True)
+        assert again[0] > real[0]
+        with v.client() as cl:
+            cl.put("AFTER", np.arange(4.0))
+        for n in honest:
+            wait_for(lambda n=n: _view(n, "v") == again, 10, f"{n.name} to hear v again")
+            wait_for(lambda n=n: "AFTER" in names_on(n), 10, f"v's new put on {n.name}")
+        time.sleep(TTL * SCALE + 0.5)  # and it stays so past a TTL of the rogue's beats
+        for n in honest:
+            assert _view(n, "v") == again
+            with n.client() as cl:
+                assert cl.fetch("AFTER").tolist() == [0.0, 1.0, 2.0, 3.0]
+        assert rogue.alive()  # the rogue kept at it all along
+    finally:
+        c.stop()
+
+
+def test_gossiped_members_must_answer_before_they_cost_anything(tmp_path: Path) -> None:
+    """A "peer" gossips 2000 made-up members every beat.  Each used to become a member
+    with a SUB socket and a greenlet on every node (2000 more file descriptors per beat
+    of new names); now each is probed first and, answering nothing, ignored."""
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        assert n1.proc is not None
+        fd_dir = Path(f"/proc/{n1.proc.pid}/fd")
+        fds = len(os.listdir(fd_dir))
+        with n1.client() as cl:
+            cl.put("STILL", np.arange(2.0))
+        with FakePeer("gossip", n1) as g:
+            fakes = [{"name": f"fake{i}", "epoch": 1, "rpc": f"tcp://127.0.0.1:{20000 + i}",
+                      "pub": f"tcp://127.0.0.1:{40000 + i}", "bulk": "tcp://127.0.0.1:9"}
+                     for i in range(2000)]
+            beat = msgpack.packb({"s": "gossip", "e": 1, "q": 0,
+                                  "p": {"members": [g.info, *fakes]}})
+
+            def probed_many() -> bool:
+                g.send([b"HB", beat])
+                with n1.client() as cl:
+                    return bool(cl.stats()["catalog"]["unverified"] >= 100)
+
+            wait_for(probed_many, 20, "n1 to probe the gossiped members")
+            with n1.client() as cl:
+                assert {v["name"] for v in cl.nodes()} == {"n1", "gossip"}
+                assert cl.fetch("STILL").tolist() == [0.0, 1.0]
+            assert len(os.listdir(fd_dir)) < fds + 50
+    finally:
+        c.stop()
