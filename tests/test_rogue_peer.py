@@ -6,6 +6,10 @@ attack needs is only to say hello and run a PUB socket (``tests/rogue.py``).
   rogue's PUB.  Believed, every node read v's catalog from the rogue and ignored the
   real v, even after v restarted.  Now a descriptor is believed only when its own RPC
   endpoint answers with exactly it, and an epoch a day ahead of the clock never is.
+* (a) It announces, under a name a live node holds, its own bytes with a higher
+  version (valid digests: it is a real node that skips the put rules).  Fetches used
+  to return its bytes through every node.  Now two holders of one name with different
+  bytes are a ``DatasetConflict`` at any version: the rogue's bytes are never served.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from hpcflow.errors import DatasetConflict
 from tests.conftest import SCALE, TTL, Cluster, FakePeer, NodeProc, names_on, wait_for
 
 
@@ -108,6 +113,52 @@ def test_a_rogue_cannot_take_over_a_members_name(tmp_path: Path, ahead: float | 
             with n.client() as cl:
                 assert cl.fetch("AFTER").tolist() == [0.0, 1.0, 2.0, 3.0]
         assert rogue.alive()  # the rogue kept at it all along
+    finally:
+        c.stop()
+
+
+def test_a_rogue_announcement_never_shadows_a_live_holders_dataset(tmp_path: Path) -> None:
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        n2 = c.add("n2", via="n1")
+        c.wait_members()
+        with n1.client() as cl:
+            real = cl.put("X", np.ones((50, 2)))
+        rogue = Rogue("evil", tmp_path / "evil", [n1.rpc], {"no_rules": True})
+        c.nodes["evil"] = rogue
+        rogue.start()
+        with rogue.client() as cl:  # its own bytes under X, three versions above n1's
+            for i in range(3):
+                fake = cl.put("X", np.zeros((50, 2)), overwrite=bool(i))
+        assert fake.version > real.version and fake.checksum != real.checksum
+
+        def sees_fake(n: NodeProc) -> bool:
+            with n.client() as cl:
+                return any(r.owner == "evil" and r.version == fake.version
+                           for r in cl.catalog() if r.name == "X")
+
+        for n in (n1, n2):
+            wait_for(lambda n=n: sees_fake(n), 10, f"{n.name} to hear evil's X")
+            with n.client() as cl:  # the rogue's bytes are never served as X
+                with pytest.raises(DatasetConflict, match="evil"):
+                    cl.fetch("X")
+                with pytest.raises(DatasetConflict):
+                    cl.run("colsum", "X").fetch()
+        # Once the rogue is gone, X is n1's again everywhere, and a copy of it (same
+        # bytes on another node: a replica, not a conflict) is served too.
+        rogue.kill(signal.SIGKILL)
+        for n in (n1, n2):
+            with n.client() as cl:
+                wait_for(lambda cl=cl: not [v for v in cl.nodes()
+                                            if v["name"] == "evil" and v["alive"]],
+                         10 + TTL, f"{n.name} to see evil dead")
+                assert cl.fetch("X").tolist() == np.ones((50, 2)).tolist()
+        with n2.client() as cl:
+            assert [r.owner for r in cl.replicate("X")] == ["n2"]
+            loc = cl.locate("X")
+            assert sorted(h["owner"] for h in loc["parts"][0]["holders"]) == ["n1", "n2"]
+            assert cl.run("colsum", "X").fetch().tolist() == [50.0, 50.0]
     finally:
         c.stop()
 
