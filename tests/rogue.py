@@ -13,6 +13,10 @@ Run as ``python -m tests.rogue NODE-ARGS...``; ``HPCFLOW_ROGUE`` (JSON) says wha
   stores and announces any name, even one another node holds, and a client can bump
   its version with ``overwrite=True`` (issue 11, item 3 a).
 
+* ``"refuse_hello": true`` -- answers every ``hello`` with the error a member gives a
+  node whose name is taken (``ConfigError``), to make a node that says hello to it
+  believe it is a duplicate and stop.
+
 It talks the real protocols with the real code: what it sends is exactly what a
 patched daemon would send.
 """
@@ -31,7 +35,7 @@ import gevent
 from hpcflow.catalog import replicated
 from hpcflow.catalog.kvmsg import HB, KVMsg
 from hpcflow.daemon import claims, datasets, members
-from hpcflow.errors import HpcflowError
+from hpcflow.errors import ConfigError, HpcflowError
 from hpcflow.rpc import greenio
 
 CONF: dict[str, Any] = json.loads(os.environ.get("HPCFLOW_ROGUE", "{}"))
@@ -93,11 +97,23 @@ def _no_rules() -> None:
     claims.Claims.gate = lambda self, proto: None  # type: ignore[method-assign]
 
 
+def _refuse_hello() -> None:
+    from hpcflow.daemon import service
+
+    def hello(self: Any, descriptor: Any) -> dict[str, Any]:
+        raise ConfigError("the node name is already used by the node here: give every node "
+                          "a unique --name")
+
+    service.NodeService.hello = hello  # type: ignore[method-assign]
+
+
 def main() -> int:
     if "impersonate" in CONF:
         ahead = CONF.get("epoch_ahead_s")
         epoch = time.time_ns() + int(ahead * 1e9) if ahead is not None else 2**62
         _impersonate(str(CONF["impersonate"]), epoch)
+    if CONF.get("refuse_hello"):
+        _refuse_hello()
     if CONF.get("no_rules"):
         _no_rules()
     from hpcflow.cli import main as cli

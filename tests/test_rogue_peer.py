@@ -194,3 +194,31 @@ def test_gossiped_members_must_answer_before_they_cost_anything(tmp_path: Path) 
             assert len(os.listdir(fd_dir)) < fds + 50
     finally:
         c.stop()
+
+
+def test_a_remembered_member_cannot_make_a_restarted_node_stop(tmp_path: Path) -> None:
+    """A restarted node says hello to the members its data dir remembers.  One of them,
+    a rogue, answers that the node's name is taken: that used to stop the node (exit 2)
+    on every restart.  Only a peer the node is told to join through (``--peer``) can."""
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        n2 = c.add("n2", via="n1")
+        rogue = Rogue("evil", tmp_path / "evil", [n1.rpc], {"refuse_hello": True})
+        c.nodes["evil"] = rogue
+        rogue.start()
+        remembered = n2.data_dir / "members.json"
+        wait_for(lambda: remembered.exists() and rogue.rpc in json.loads(
+            remembered.read_text()), 10, "n2 to remember evil")
+        n2.kill(signal.SIGTERM)
+        n2.start()
+        wait_for(lambda: "remembered member" in n2.log_path.read_text()
+                 and rogue.rpc in n2.log_path.read_text().rsplit("node n2 ready", 1)[-1],
+                 10, "n2 to be refused by evil")
+        time.sleep(TTL * SCALE)
+        assert n2.alive(), n2.log_tail()
+        with n1.client() as cl:
+            wait_for(lambda: any(v["name"] == "n2" and v["alive"] for v in cl.nodes()), 10,
+                     "n1 to see n2 back")
+    finally:
+        c.stop()

@@ -83,6 +83,11 @@ class Members:
                 log.info("joined the cluster through %s", endpoint)
                 return
             except ConfigError as exc:
+                if give_up_after is not None and not self.name_taken(endpoint):
+                    log.error("remembered member %s refused us (%s), but no node it knows "
+                              "answers as %s: not stopping, not trying it again", endpoint,
+                              exc, self.node.name)
+                    return
                 log.error("cannot join through %s: %s", endpoint, exc)
                 self.refused()
                 return
@@ -92,6 +97,24 @@ class Members:
                     warned = True
             gevent.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def name_taken(self, endpoint: str) -> bool:
+        """Whether the member at ``endpoint`` knows a live node with our name that answers
+        as itself (not as us): a remembered member's word alone is not enough to stop us,
+        since any process that was once a member is remembered."""
+        try:
+            nodes = self.node.peers.call(endpoint, "catalog")["nodes"]
+            twins = [PeerInfo.from_wire(d) for d in nodes[:4096]
+                     if isinstance(d, dict) and d.get("name") == self.node.name
+                     and d.get("alive") is True]
+        except (HpcflowError, KeyError, TypeError):
+            return False
+        for info in twins[:4]:
+            answer = self.probe(info.rpc)
+            if (answer is not None and answer.name == self.node.name
+                    and answer.epoch != self.node.epoch):
+                return True
+        return False
 
     def hello(self, endpoint: str) -> None:
         """Introduce ourselves at ``endpoint`` and learn the members it knows."""
