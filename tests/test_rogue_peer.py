@@ -222,3 +222,59 @@ def test_a_remembered_member_cannot_make_a_restarted_node_stop(tmp_path: Path) -
                      "n1 to see n2 back")
     finally:
         c.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_huge_catalog_messages_are_refused_before_they_are_allocated(tmp_path: Path) -> None:
+    """A member's PUB sends 64 MiB messages (a catalog message is at most 4 MiB): each
+    used to be received whole into the node's memory (580 MB for a few seconds of them,
+    up to 2 GB for one) before decode refused it.  Now libzmq drops the connection first
+    and the member is cut off (then dead); a message over 4 MiB but within the SUB's
+    limit is dropped as malformed as before, and the stream goes on."""
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1")
+        n2 = c.add("n2", via="n1")
+        c.wait_members()
+        assert n1.proc is not None
+        with FakePeer("flood", n1) as f:
+            def beat() -> bool:
+                f.send([b"HB", msgpack.packb({"s": "flood", "e": 1, "q": 0, "p": {}})])
+                with n1.client() as cl:
+                    return any(v["name"] == "flood" and v["alive"] for v in cl.nodes())
+
+            wait_for(beat, 10, "flood's heartbeats")
+            f.send([b"HB", b"x" * (5 << 20)])  # too big to decode, not to receive
+
+            def malformed_then_alive() -> bool:
+                with n1.client() as cl:
+                    return bool(cl.stats()["catalog"]["malformed"] >= 1) and beat()
+
+            wait_for(malformed_then_alive, 10, "the 5 MiB message dropped, the stream on")
+            before = _rss_kib(n1.proc.pid)
+            big = b"x" * (64 << 20)
+            for _ in range(12):
+                f.send([b"HB", big])
+            for _ in range(3):
+                f.send([b"HB", msgpack.packb({"s": "flood", "e": 1, "q": 0, "p": {}})])
+
+            def flood_dead() -> bool:
+                with n1.client() as cl:
+                    return not any(v["name"] == "flood" and v["alive"] for v in cl.nodes())
+
+            wait_for(flood_dead, 10 + TTL, "the flooding member to be cut off")
+            assert _rss_kib(n1.proc.pid) - before < 40 * 1024
+            with n1.client() as cl:
+                assert cl.stats()["catalog"]["malformed"] == 1  # the big ones never decoded
+                assert any(v["name"] == "n2" and v["alive"] for v in cl.nodes())
+            with n2.client() as cl:
+                cl.put("AFTER", np.arange(2.0))
+            wait_for(lambda: "AFTER" in names_on(n1), 10, "n2's put on n1")
+    finally:
+        c.stop()

@@ -66,7 +66,7 @@ from ..errors import HpcflowError, ProtocolError
 from ..logutil import Throttled
 from ..rpc import greenio
 from .base import Catalog, NodeView
-from .kvmsg import BYE, HB, KV, KVMsg
+from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
 from .membership import MAX_EPOCH_AHEAD_S, PeerInfo, PeerState, epoch_ahead_s
 from .record import DatasetRecord, RecordTable
 
@@ -90,6 +90,8 @@ RECHECK_UNVERIFIED = 5
 STREAM_BATCH = 64
 #: Name claims being checked at once (each costs one probe of a member).
 MAX_VERIFYING = 16
+#: The largest catalog message a SUB socket takes at all (see ``_stream``).
+MAX_SUB_MESSAGE = 4 * MAX_BODY + 1024
 #: Members at most (each costs a SUB socket, a file descriptor and a greenlet here).
 MAX_MEMBERS = 1024
 
@@ -402,6 +404,13 @@ class ReplicatedCatalog(Catalog):
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, 100_000)
+            # libzmq drops a connection that sends a larger message before allocating it,
+            # and does not reconnect it: a peer cannot queue GBs here (64 MiB messages
+            # took a node to 580 MB).  Between MAX_BODY (what decode takes) and this,
+            # a message is dropped as malformed and a resync follows, as before: a
+            # node's own updates can be that large (a record's lineage holds the op's
+            # parameters, which one RPC message of at most 16 MiB brought).
+            sub.setsockopt(zmq.MAXMSGSIZE, MAX_SUB_MESSAGE)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.connect(endpoint)
         except zmq.ZMQError as exc:
