@@ -94,6 +94,9 @@ def test_lineage_msgpack_cannot_encode_is_typed(client: hpcflow.Client, lineage:
     ({"bins": np.array([0.0, 5.0, 12.0])}, ["'bins'", "numpy.ndarray", "bins.tolist()"]),
     ({"factor": np.int64(2)}, ["'factor'", "numpy.int64", "factor.tolist()"]),
     ({"factor": object()}, ["'factor' cannot be sent"]),
+    # more items than a node decodes in one message: it used to drop the call unanswered
+    # and the script waited 20 s for LostRemote
+    ({"bins": [float(i) for i in range(100_001)]}, ["'bins' cannot be sent", "100000 items"]),
 ])
 def test_params_msgpack_cannot_encode_are_param_errors(client: hpcflow.Client,
                                                        params: dict[str, Any],
