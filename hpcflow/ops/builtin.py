@@ -166,6 +166,9 @@ def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
     if isinstance(bins, (Integral, np.integer)):
         count: int | None = int(bins)
     elif isinstance(bins, str):
+        if _BIN_RULES and bins not in _BIN_RULES:  # numpy's ValueError would be an OpError
+            raise ParamError(f"histogram: bins {bins[:64]!r} is not an int, a list of edges "
+                             f"or one of numpy's rules ({', '.join(sorted(_BIN_RULES))})")
         count = _rule_bins(x, bins, range)
     else:
         count = max(0, np.size(bins) - 1)
