@@ -18,7 +18,8 @@ Tree::
     ├── DatasetExists            put would overwrite without overwrite=True, or another
     │   │                        node holds (or is putting) the name
     │   └── DatasetConflict      two nodes hold different data under one name (both puts
-    │                            were acknowledged during a partition): delete one
+    │                            were acknowledged during a partition, or one node
+    │                            announced a name another held): delete one
     ├── NotOwner                 delete of a dataset this node does not hold
     ├── IntegrityError           checksum mismatch that retries could not fix
     ├── StoreError               the local HDF5 store failed (disk full, permissions)
@@ -72,8 +73,10 @@ class DatasetExists(HpcflowError):
 
 
 class DatasetConflict(DatasetExists):
-    """Two nodes hold different data under one name and version: each was acknowledged
-    a put while they could not see each other.  Reads fail until one is deleted."""
+    """Two nodes hold different data under one name, whatever their versions: each was
+    acknowledged a put while they could not see each other, or one of them announced a
+    name the other held (a rogue "peer", issue 11 item 3 a).  Reads fail until all but
+    one are deleted; neither copy is ever served in place of the other."""
 
 
 class NotOwner(HpcflowError):

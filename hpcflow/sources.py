@@ -37,6 +37,8 @@ def open_source(data: Any, dataset: str | None = None) -> Source:
         path = Path(data)
         if not path.exists():
             raise InvalidData(f"{path}: no such file")
+        if path.is_dir():
+            raise InvalidData(f"{path} is a directory, not a .npy or HDF5 file")
         if path.suffix == ".npy":
             return _npy(path)
         return _hdf5(path, dataset)

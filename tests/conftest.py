@@ -93,7 +93,7 @@ class FakePeer:
                 return {"epoch": 1, "seq": 0, "records": [], "self": info}
 
             def ping(self) -> dict[str, Any]:
-                return {"name": info["name"], "epoch": 1}
+                return {"name": info["name"], "epoch": 1, "self": info}
 
         self.server = zerorpc.Server(RPC())
         self.server.bind("tcp://127.0.0.1:0")

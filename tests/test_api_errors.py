@@ -94,6 +94,9 @@ def test_lineage_msgpack_cannot_encode_is_typed(client: hpcflow.Client, lineage:
     ({"bins": np.array([0.0, 5.0, 12.0])}, ["'bins'", "numpy.ndarray", "bins.tolist()"]),
     ({"factor": np.int64(2)}, ["'factor'", "numpy.int64", "factor.tolist()"]),
     ({"factor": object()}, ["'factor' cannot be sent"]),
+    # more items than a node decodes in one message: it used to drop the call unanswered
+    # and the script waited 20 s for LostRemote
+    ({"bins": [float(i) for i in range(100_001)]}, ["'bins' cannot be sent", "100000 items"]),
 ])
 def test_params_msgpack_cannot_encode_are_param_errors(client: hpcflow.Client,
                                                        params: dict[str, Any],
@@ -130,6 +133,8 @@ def test_planning_errors_from_user_input_are_one_log_line(node: NodeProc,
     before = node.log_path.read_text()
     bad: list[tuple[Callable[[], Any], type[Exception]]] = [
         (lambda: client.run("histogram", "A", bins=-3).fetch(), hpcflow.ParamError),
+        # a rule numpy does not know (the CLI's --param bins=nan) was an OpError
+        (lambda: client.run("histogram", "A", bins="nan").fetch(), hpcflow.ParamError),
         (lambda: client.run("colsum", "A", foo=1).fetch(), hpcflow.ParamError),
         (lambda: client.run("add", "A", "A", "A").fetch(), hpcflow.ArityError),
         (lambda: client.run("nosuchop", "A").fetch(), hpcflow.UnknownOpError),

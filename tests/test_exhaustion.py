@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 import hpcflow
-from hpcflow.errors import Overloaded, ParamError, StoreError
+from hpcflow.errors import InputError, Overloaded, ParamError, StoreError
 from tests.conftest import SCALE, Cluster, NodeProc, wait_for
 
 MiB = 1024 * 1024
@@ -236,6 +236,23 @@ def test_quantile_count_is_bounded(node: NodeProc) -> None:
             c.explain(c.run("quantiles", "Q", q=[0.5] * (MAX_QUANTILES + 1)))
         got = c.run("quantiles", "Q", q=[0.5] * MAX_QUANTILES).fetch()
         assert got.shape == (MAX_QUANTILES, 3)
+
+
+def test_gram_columns_are_bounded(node: NodeProc) -> None:
+    """gram's output is columns x columns: 200 000 columns (a 3 MB input) asked for a
+    320 GB output.  More than MAX_GRAM_COLS is an InputError before numpy allocates."""
+    from hpcflow.ops.builtin import MAX_GRAM_COLS
+
+    with node.client() as c:
+        c.put("WIDE", np.ones((2, 200_000), dtype=np.float32))
+        with pytest.raises(InputError, match="columns"):
+            c.explain(c.run("gram", "WIDE"))
+        with pytest.raises(InputError, match="columns"):
+            c.run("gram", "WIDE").fetch()
+        c.put("EDGE", np.ones((2, 64)))
+        assert c.run("gram", "EDGE").fetch().shape == (64, 64)
+    assert MAX_GRAM_COLS * MAX_GRAM_COLS * 8 <= 1 << 30
+    assert node.alive()
 
 
 def test_histogram_bins_from_a_rule_are_bounded(node: NodeProc) -> None:

@@ -89,6 +89,13 @@ def test_cost_model_without_learned_keeps_working() -> None:
     assert cost.default_call_latency == defaults.default_call_latency
 
 
+def test_cost_model_keeps_heartbeated_load_in_range() -> None:
+    """Load comes from peers' heartbeats: a negative one would make a node's time look
+    below zero to the search, a huge one is capped."""
+    cost = adapter.cost_model(snapshot(n1=-(2**63), n2=2**63 - 1), "time", 10.0, {})
+    assert cost.load == {"n1": 0, "n2": adapter.MAX_LOAD}
+
+
 def test_cost_model_uses_learned_values_quantised() -> None:
     learned = Learned()
     learned.observe_call("n2", 0.000_512_3)

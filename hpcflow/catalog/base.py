@@ -138,20 +138,25 @@ def locate(name: str, records: Records, known: Records = ()) -> Location:
 
 
 def check_no_conflict(holders: list[DatasetRecord]) -> None:
-    """Holders of one part, newest first: copies of the newest must be identical.
+    """Holders of one part, newest first: every copy must be identical.
 
-    Two nodes holding different bytes under one name and version were each
-    acknowledged a put while they could not see each other (a partition, see
-    ``daemon/claims.py``).  Neither is served in place of the other: reads fail
-    with :class:`DatasetConflict` until one of them is deleted.
+    Two nodes holding different bytes under one name were each acknowledged a
+    put while they could not see each other (a partition, see
+    ``daemon/claims.py``), or one of them is not a node that follows the put
+    rules (it announced a name another node holds).  Neither is served in place
+    of the other, whatever their versions say (a version is the holder's own
+    count of its overwrites, not an order between nodes: a rogue's higher one
+    used to shadow the real dataset everywhere): reads fail with
+    :class:`DatasetConflict` until all but one of them are deleted.
     """
     top = holders[0]
-    other = {r.owner for r in holders if r.version == top.version and r.checksum != top.checksum}
+    other = {r.owner for r in holders if r.checksum != top.checksum}
     if other:
         owners = sorted(other | {top.owner})
         raise DatasetConflict(f"{top.key} holds different data on {', '.join(owners)} (each "
-                              "was acknowledged while they could not see each other): delete "
-                              "all but one of them")
+                              "was acknowledged while they could not see each other, or one "
+                              "of them announced a name the other held): delete all but one "
+                              "of them")
 
 
 def check_parts_agree(name: str, parts: list[DatasetRecord]) -> None:
@@ -188,6 +193,11 @@ class Catalog(abc.ABC):
     def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
         """Learn of a peer (from ``--peer``, a hello, or gossip); ``verified``: its claim
         to the name was already checked against a live member of that name."""
+
+    @abc.abstractmethod
+    def answers_as(self, info: PeerInfo) -> bool:
+        """Whether ``info.rpc`` answers now with exactly this descriptor (name, epoch and
+        endpoints): the only proof a node is what a descriptor says (blocks for a probe)."""
 
     @abc.abstractmethod
     def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:

@@ -14,6 +14,16 @@ from typing import Any
 
 from ..errors import ProtocolError
 
+#: An epoch (a run's start, ``time_ns`` on its host) further ahead of this host's clock
+#: is refused: it would outrank every later real run of that name.  Generous, because
+#: hosts' clocks differ and a data dir's epochs only ever grow (``daemon/epoch.py``).
+MAX_EPOCH_AHEAD_S = 86_400.0
+
+
+def epoch_ahead_s(epoch: int) -> float:
+    """How many seconds ``epoch`` lies ahead of this host's clock (negative: behind)."""
+    return (epoch - time.time_ns()) / 1e9
+
 
 @dataclass(frozen=True)
 class PeerInfo:

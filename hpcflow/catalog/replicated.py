@@ -13,6 +13,12 @@
   (the Clone pattern serves its last state, never an empty one).
 * Membership: a live peer whose heartbeats keep omitting us (it restarted,
   or was started without ``--peer``) gets a hello from us, rate-limited.  A
+  descriptor new to us (a name, or a run of a name: an epoch, from a hello, a
+  gossip, a snapshot or a peer's own stream) is believed only once its own RPC
+  endpoint answers ``ping`` with exactly that descriptor, and never when its
+  epoch is more than a day ahead of our clock: otherwise any process could
+  gossip a member's name with a huge epoch and its own PUB, and every node would
+  follow it and ignore the real member, even after a restart.  A
   descriptor that claims the name of a live member at another endpoint is
   only accepted once that member no longer answers there as itself: two
   daemons with one name would otherwise take over each other's identity.
@@ -60,15 +66,15 @@ from ..errors import HpcflowError, ProtocolError
 from ..logutil import Throttled
 from ..rpc import greenio
 from .base import Catalog, NodeView
-from .kvmsg import BYE, HB, KV, KVMsg
-from .membership import PeerInfo, PeerState
+from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
+from .membership import MAX_EPOCH_AHEAD_S, PeerInfo, PeerState, epoch_ahead_s
 from .record import DatasetRecord, RecordTable
 
 log = logging.getLogger("hpcflow.catalog")
 
 SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
-#: Who answers at an RPC endpoint right now: ``(name, epoch)``, or None when nothing does.
-Prober = Callable[[str], "tuple[str, int] | None"]
+#: Who answers at an RPC endpoint right now: the descriptor it gives of itself, or None.
+Prober = Callable[[str], "PeerInfo | None"]
 MAX_PENDING = 10_000
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
@@ -76,11 +82,18 @@ INTRODUCE_AFTER = 3
 INTRODUCE_EVERY = 5
 #: A refused name claim is not probed again for this long (it arrives with every gossip).
 RECHECK_REFUSED_S = 30.0
+#: A descriptor its RPC endpoint did not confirm is not probed again for this many
+#: heartbeat periods (a rogue repeats it every beat; a real one may just have been slow).
+RECHECK_UNVERIFIED = 5
 #: A stream greenlet yields to the others after this many messages in a row (a green
 #: recv does not yield while messages are queued).
 STREAM_BATCH = 64
 #: Name claims being checked at once (each costs one probe of a member).
 MAX_VERIFYING = 16
+#: The largest catalog message a SUB socket takes at all (see ``_stream``).
+MAX_SUB_MESSAGE = 4 * MAX_BODY + 1024
+#: Members at most (each costs a SUB socket, a file descriptor and a greenlet here).
+MAX_MEMBERS = 1024
 
 
 class ReplicatedCatalog(Catalog):
@@ -131,7 +144,7 @@ class ReplicatedCatalog(Catalog):
         self._garbage_log = Throttled(log)
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
                       "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
-                      "foreign": 0}
+                      "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
@@ -193,32 +206,49 @@ class ReplicatedCatalog(Catalog):
         self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
 
     def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
-        """Learn of a peer.  A newer run of a known live member at another endpoint is
-        checked first (in the background) unless ``verified`` (see :meth:`claim_conflict`)."""
+        """Learn of a peer.  A descriptor that is new to us (another name, or another run
+        of a name) is believed only once its own RPC endpoint answers with exactly it, and
+        a newer run of a live member at another endpoint only once that member no longer
+        answers as itself: both are checked in the background, unless ``verified`` (the
+        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`)."""
         if info.name == self.me.name:
             if info.epoch != self.me.epoch and info.rpc != self.me.rpc:
                 self._verify_later(info)  # a second daemon with our name, or our last run
             return
+        ahead = epoch_ahead_s(info.epoch)
+        if ahead > MAX_EPOCH_AHEAD_S:
+            self.stats["future_epochs"] += 1
+            self._garbage_log.warning("catalog: ignoring %s with an epoch %.0f s ahead of our "
+                                      "clock", info.name[:64], ahead)
+            return
         st = self.peers.get(info.name)
+        if st is not None and info.epoch == st.info.epoch:
+            return  # a run's endpoints never change: another descriptor of it is false
+        if st is not None and info.epoch < st.info.epoch and st.alive and not verified:
+            return  # an older run while the newer lives: a late gossip, or a twin
+        if not verified:
+            self._verify_later(info)
+            return
         if st is None:
+            if len(self.peers) >= MAX_MEMBERS:
+                self.stats["too_many_members"] += 1
+                self._garbage_log.warning("catalog: not following %s: %d members already",
+                                          info.name[:64], len(self.peers))
+                return
             log.info("learned of peer %s at %s", info.name, info.rpc)
             self.peers[info.name] = PeerState(info)
             self.peer_records[info.name] = RecordTable()
             self._follow(info.name, info.pub)
             self._outbox.put(None)
-        elif info.epoch != st.info.epoch:
-            newer = info.epoch > st.info.epoch
-            if not verified and (st.alive or not newer):
-                if newer and info.rpc != st.info.rpc:
-                    self._verify_later(info)
-                elif not newer and not st.alive:
-                    self._verify_later(info)  # an older run: only if it answers as itself
-                return  # an older run while the newer lives: a late gossip, or a twin
-            log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
-            if info.pub != st.info.pub:
-                self._follow(info.name, info.pub)
-            st.info = info
-            st.synced = False
+            return
+        log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
+        if info.pub != st.info.pub:
+            self._follow(info.name, info.pub)
+        st.info = info
+        st.synced = False
+
+    def answers_as(self, info: PeerInfo) -> bool:
+        return self.probe(info.rpc) == info
 
     def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
         """The live member whose name ``info`` claims, if it still answers as itself.
@@ -234,19 +264,19 @@ class ReplicatedCatalog(Catalog):
             return None  # one endpoint cannot be bound twice: the same daemon, restarted
         answer = self.probe(st.info.rpc)
         current = self.peers.get(info.name)
-        if answer == (st.info.name, st.info.epoch) and current is st:
+        if answer is not None and (answer.name, answer.epoch) == (st.info.name, st.info.epoch) \
+                and current is st:
             return st.info
         return None
 
     def _verify_later(self, info: PeerInfo) -> None:
         claim, now = (info.name, info.epoch), time.monotonic()
-        refused = self._refused.get(claim)
+        until = self._refused.get(claim)
         if (claim in self._verifying or len(self._verifying) >= MAX_VERIFYING
-                or (refused is not None and now - refused < RECHECK_REFUSED_S)):
+                or (until is not None and now < until)):
             return  # gossip repeats every heartbeat: a claim skipped now comes back
         if len(self._refused) > 1024:  # claims come from peers: keep the memory bounded
-            self._refused = {k: t for k, t in self._refused.items()
-                             if now - t < RECHECK_REFUSED_S}
+            self._refused = {k: t for k, t in self._refused.items() if now < t}
             if len(self._refused) > 1024:
                 self._refused.clear()  # re-probing costs a ping, never correctness
         self._verifying.add(claim)
@@ -256,16 +286,24 @@ class ReplicatedCatalog(Catalog):
                 if info.name == self.me.name:
                     self._check_twin(info)
                     return
+                if not self.answers_as(info):  # a stale, or false, descriptor
+                    self.stats["unverified"] += 1
+                    self._refused[claim] = (time.monotonic()
+                                            + RECHECK_UNVERIFIED * self.heartbeat_s)
+                    self._garbage_log.warning(
+                        "catalog: ignoring a descriptor of %s (epoch %d) that %s does not "
+                        "answer with", info.name[:64], info.epoch, info.rpc[:64])
+                    return
                 st = self.peers.get(info.name)
                 if st is not None and info.epoch < st.info.epoch:
-                    if self.probe(info.rpc) == (info.name, info.epoch) and not st.alive:
+                    if not st.alive:  # the earlier of two twins, after the later one left
                         self.add_peer(info, verified=True)
                     return
                 owner = self.claim_conflict(info)
                 if owner is None:
                     self.add_peer(info, verified=True)
                     return
-                self._refused[claim] = time.monotonic()
+                self._refused[claim] = time.monotonic() + RECHECK_REFUSED_S
                 self.stats["refused_claims"] += 1
                 log.error("ignoring a second node named %s at %s: %s still answers at %s "
                           "(duplicate --name?)", info.name, info.rpc, owner.name, owner.rpc)
@@ -277,9 +315,9 @@ class ReplicatedCatalog(Catalog):
     def _check_twin(self, info: PeerInfo) -> None:
         """``info`` has our name: if it answers as itself it is a second daemon, and the
         later of us two (larger epoch, then endpoint) must go."""
-        if self.probe(info.rpc) != (info.name, info.epoch):
+        if not self.answers_as(info):
             return  # our own previous run, gone (or a stale or false descriptor)
-        self._refused[(info.name, info.epoch)] = time.monotonic()
+        self._refused[(info.name, info.epoch)] = time.monotonic() + RECHECK_REFUSED_S
         if (self.me.epoch, self.me.rpc) > (info.epoch, info.rpc):
             log.error("the node name %r is already used by the node at %s (epoch %d), which "
                       "started first and is still running: give every node a unique --name",
@@ -366,6 +404,13 @@ class ReplicatedCatalog(Catalog):
         try:
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.RCVHWM, 100_000)
+            # libzmq drops a connection that sends a larger message before allocating it,
+            # and does not reconnect it: a peer cannot queue GBs here (64 MiB messages
+            # took a node to 580 MB).  Between MAX_BODY (what decode takes) and this,
+            # a message is dropped as malformed and a resync follows, as before: a
+            # node's own updates can be that large (a record's lineage holds the op's
+            # parameters, which one RPC message of at most 16 MiB brought).
+            sub.setsockopt(zmq.MAXMSGSIZE, MAX_SUB_MESSAGE)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -419,10 +464,10 @@ class ReplicatedCatalog(Catalog):
                 self._notify()
             return
         if msg.epoch != st.info.epoch:
-            if msg.epoch < st.info.epoch:
-                return  # late message from a previous run
-            st.info = PeerInfo(st.info.name, msg.epoch, st.info.rpc, st.info.pub, st.info.bulk)
-            st.synced = False
+            if msg.epoch > st.info.epoch:  # a new run here: believed once its RPC says so
+                self.add_peer(PeerInfo(st.info.name, msg.epoch, st.info.rpc, st.info.pub,
+                                       st.info.bulk))
+            return  # a late message from a previous run, or one not yet verified
         st.last_seen = time.monotonic()
         if not st.alive:
             st.alive = True

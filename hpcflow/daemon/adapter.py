@@ -20,6 +20,8 @@ from ..ops import OpRegistry
 from .learned import Learned
 
 DEFAULT_LATENCY_S = 1e-4
+#: The most ops a heartbeat may say a node has running or queued (the planner's load).
+MAX_LOAD = 1_000_000
 
 
 def parse_steps(raw: object) -> list[Step]:
@@ -128,8 +130,10 @@ def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
     default = Link(bandwidth=default_gbit * 1e9 / 8, latency=DEFAULT_LATENCY_S)
     links = {pair: Link(bandwidth=quantise(bw), latency=DEFAULT_LATENCY_S)
              for pair, bw in learned_bandwidth.items() if math.isfinite(bw) and bw > 0}
-    load = {v.info.name: int(v.load.get("active", 0)) for v in snapshot.nodes
-            if isinstance(v.load.get("active", 0), int)}
+    # A peer's load comes from its heartbeats: kept in range, a negative one would make
+    # its time look below zero to the search (whose bounds assume none is).
+    load = {v.info.name: min(max(int(v.load.get("active", 0)), 0), MAX_LOAD)
+            for v in snapshot.nodes if isinstance(v.load.get("active", 0), int)}
     extra: dict[str, Any] = {}
     if learned is not None:
         got = learned.stable_costs()

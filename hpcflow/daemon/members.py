@@ -83,6 +83,11 @@ class Members:
                 log.info("joined the cluster through %s", endpoint)
                 return
             except ConfigError as exc:
+                if give_up_after is not None and not self.name_taken(endpoint):
+                    log.error("remembered member %s refused us (%s), but no node it knows "
+                              "answers as %s: not stopping, not trying it again", endpoint,
+                              exc, self.node.name)
+                    return
                 log.error("cannot join through %s: %s", endpoint, exc)
                 self.refused()
                 return
@@ -93,6 +98,24 @@ class Members:
             gevent.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def name_taken(self, endpoint: str) -> bool:
+        """Whether the member at ``endpoint`` knows a live node with our name that answers
+        as itself (not as us): a remembered member's word alone is not enough to stop us,
+        since any process that was once a member is remembered."""
+        try:
+            nodes = self.node.peers.call(endpoint, "catalog")["nodes"]
+            twins = [PeerInfo.from_wire(d) for d in nodes[:4096]
+                     if isinstance(d, dict) and d.get("name") == self.node.name
+                     and d.get("alive") is True]
+        except (HpcflowError, KeyError, TypeError):
+            return False
+        for info in twins[:4]:
+            answer = self.probe(info.rpc)
+            if (answer is not None and answer.name == self.node.name
+                    and answer.epoch != self.node.epoch):
+                return True
+        return False
+
     def hello(self, endpoint: str) -> None:
         """Introduce ourselves at ``endpoint`` and learn the members it knows."""
         reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
@@ -100,18 +123,20 @@ class Members:
             descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
-        self.node.catalog.add_peer(descriptors[0], verified=True)  # it answered at that endpoint
+        # It answered at that endpoint: its own descriptor is believed if it names it.
+        self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
         for info in descriptors[1:]:
             self.node.catalog.add_peer(info)
 
-    def probe(self, endpoint: str) -> tuple[str, int] | None:
-        """Who answers at an RPC endpoint now, as ``(name, epoch)``; None when nothing
-        does within the TTL (a refused connection answers at once)."""
+    def probe(self, endpoint: str) -> PeerInfo | None:
+        """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
+        epoch, endpoints); None when nothing does within the TTL (a refused connection
+        answers at once) or the answer is malformed."""
         if refuses_connections(endpoint):
             return None
         try:
             r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
-            return str(r["name"]), int(r["epoch"])
+            return PeerInfo.from_wire(r["self"])
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
 

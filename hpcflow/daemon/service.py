@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .._version import __version__
-from ..catalog.membership import PeerInfo
+from ..catalog.membership import MAX_EPOCH_AHEAD_S, PeerInfo, epoch_ahead_s
 from ..catalog.record import (
     validate_dtype,
     validate_flag,
@@ -24,7 +24,7 @@ from ..catalog.record import (
     validate_part,
     validate_shape,
 )
-from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData
+from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable
 from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
 from ..rpc.quota import ByteQuota
@@ -83,7 +83,10 @@ class NodeService:
 
     @exposed
     def ping(self) -> dict[str, Any]:
-        return {"name": self.node.name, "epoch": self.node.epoch}
+        """Who answers here; ``self`` (the whole descriptor) is what peers check a
+        descriptor they were told of against before they believe it."""
+        return {"name": self.node.name, "epoch": self.node.epoch,
+                "self": self.node.me.to_wire()}
 
     @exposed
     def info(self) -> dict[str, Any]:
@@ -106,6 +109,14 @@ class NodeService:
         """A node introduces itself; refused (ConfigError) when its name is taken by a
         live member, including one other than us (checked by pinging that member)."""
         info = PeerInfo.from_wire(descriptor)
+        ahead = epoch_ahead_s(info.epoch)
+        if ahead > MAX_EPOCH_AHEAD_S:
+            raise ConfigError(f"{info.name}'s epoch is {ahead:.0f} s ahead of this node's "
+                              "clock: check the clocks of both hosts")
+        if info.name != self.node.name and not self.node.catalog.answers_as(info):
+            raise PeerUnavailable(f"hello from {info.name!r}: nothing answers as that node "
+                                  f"(epoch {info.epoch}, with the endpoints it gave) at "
+                                  f"{info.rpc}")
         if info.name == self.node.name and info.epoch != self.node.epoch:
             self.node.catalog.add_peer(info)  # checks which of us two started first
             raise ConfigError(f"the node name {info.name!r} is already used by the node at "

@@ -106,6 +106,9 @@ def _histogram_splittable(params: Params) -> bool:
 MAX_BINS = 1 << 20
 #: Most quantiles one call may ask for: each is a row of the output as wide as the input's.
 MAX_QUANTILES = 4096
+#: Columns at most for ``gram``, whose output is columns x columns (8192: 512 MiB of
+#: float64): a 3 MB input of 200 000 columns asked for a 320 GB output.
+MAX_GRAM_COLS = 8192
 
 
 def _bin_rules() -> dict[str, Any]:
@@ -166,6 +169,9 @@ def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
     if isinstance(bins, (Integral, np.integer)):
         count: int | None = int(bins)
     elif isinstance(bins, str):
+        if _BIN_RULES and bins not in _BIN_RULES:  # numpy's ValueError would be an OpError
+            raise ParamError(f"histogram: bins {bins[:64]!r} is not an int, a list of edges "
+                             f"or one of numpy's rules ({', '.join(sorted(_BIN_RULES))})")
         count = _rule_bins(x, bins, range)
     else:
         count = max(0, np.size(bins) - 1)
@@ -183,8 +189,12 @@ def _flat_rows(x: Array) -> Array:
 
 @op("gram", kind="reduce")
 def gram(x: Array) -> Array:
-    """``X.T @ X`` with ``X = x.reshape(len(x), -1)``; partials are summed."""
+    """``X.T @ X`` with ``X = x.reshape(len(x), -1)``; partials are summed.  At most
+    ``MAX_GRAM_COLS`` columns, checked before numpy allocates the output."""
     flat = _flat_rows(x)
+    if flat.shape[1] > MAX_GRAM_COLS:
+        raise InputError(f"gram: {flat.shape[1]} columns make a {flat.shape[1]}x"
+                         f"{flat.shape[1]} output; at most {MAX_GRAM_COLS} columns")
     return flat.T @ flat
 
 
