@@ -36,6 +36,7 @@ Tree::
         ├── Overloaded           the peer is at a limit (requests in flight ...): retry later
         ├── AuthenticationError  the CURVE handshake failed: wrong, missing or unexpected keys
         │   └── PermissionDenied a client's key asked for what only nodes may do
+        │       └── NotFlowOwner run, save or close of a flow without its secret
         └── RemoteError          an unexpected failure inside a peer
 """
 
@@ -149,6 +150,12 @@ class AuthenticationError(TransportError):
 class PermissionDenied(AuthenticationError):
     """An authenticated caller asked for something its role may not do: a script's
     client key calling a node-to-node RPC, or uploading what only nodes create."""
+
+
+class NotFlowOwner(PermissionDenied):
+    """``execute``, ``save`` or ``cleanup`` of a flow without that flow's secret (or with
+    another's): only the script that created a flow may run, save or close it, with or
+    without keys (see :class:`~hpcflow.rpc.messages.FlowSecret`)."""
 
 
 class RemoteError(TransportError):

@@ -13,6 +13,10 @@ Run as ``python -m tests.rogue NODE-ARGS...``; ``HPCFLOW_ROGUE`` (JSON) says wha
   stores and announces any name, even one another node holds, and a client can bump
   its version with ``overwrite=True`` (issue 11, item 3 a).
 
+* ``"silent_claims": true`` -- never answers a ``claim`` (the call stays open, with
+  heartbeats, while the node goes on heartbeating as a healthy member), to hold
+  every other node's puts at their commit.
+
 * ``"refuse_hello": true`` -- answers every ``hello`` with the error a member gives a
   node whose name is taken (``ConfigError``), to make a node that says hello to it
   believe it is a duplicate and stop.
@@ -107,6 +111,16 @@ def _refuse_hello() -> None:
     service.NodeService.hello = hello  # type: ignore[method-assign]
 
 
+def _silent_claims() -> None:
+    from hpcflow.daemon import service
+
+    def claim(self: Any, request: Any) -> bool:
+        gevent.sleep(86400)  # answers nothing, ever (its heartbeats keep the call open)
+        return True
+
+    service.NodeService.claim = claim  # type: ignore[method-assign]
+
+
 def main() -> int:
     if "impersonate" in CONF:
         ahead = CONF.get("epoch_ahead_s")
@@ -116,6 +130,8 @@ def main() -> int:
         _refuse_hello()
     if CONF.get("no_rules"):
         _no_rules()
+    if CONF.get("silent_claims"):
+        _silent_claims()
     from hpcflow.cli import main as cli
 
     return cli(["node", *sys.argv[1:]])

@@ -216,7 +216,9 @@ def test_client_key_is_refused_node_only_calls_and_slices(keyed: Cluster, keys: 
         with pytest.raises(PermissionDenied, match="slice"):
             c.put("FAKE", np.full((10, 3), 1000.0), lineage={"slice_of": "D", "rows": [0, 10]})
         # ... and cleanup naming another node's user dataset removes nothing.
-        assert c._call("cleanup", [["n2", "D", 1], ["n1", "D", 0]], "wf-not-mine") == 0
+        # (its own flow's, with the flow's secret: the node checks that before anything)
+        assert c._call("cleanup", [["n2", "D", 1], ["n1", "D", 0]], c.flow.id,
+                       c.flow.secret.to_wire()) == 0
         assert {(r.name, r.part) for r in c.catalog()} == {("D", 0), ("D", 1)}
         assert c.run("colsum", "D").fetch().tolist() == [1000.0] * 3
 

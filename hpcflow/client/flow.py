@@ -10,17 +10,22 @@
         print(c.plan.bytes_moved, flow.report())
 
 Every step's output is a dataset named ``<workflow id>.<n>.<op>``, kept on the
-node that made it; ``handle.save("NAME")`` keeps a copy under a name of your
+node that made it (names of that form are reserved for flows: a put of one is
+refused); ``handle.save("NAME")`` keeps a copy under a name of your
 own (with the output's lineage), and closing the flow removes everything else
 it created.  With ``keep=True`` the step outputs stay; reduce partials,
 copies of inputs and the results materialised for fetching still go.  What a
 failed or abandoned execution leaves on a node that was down is dropped by
 that node's janitor (:mod:`hpcflow.daemon.lifecycle`).
+
+A flow's id is a hash of a secret only this flow object knows
+(:class:`~hpcflow.rpc.messages.FlowSecret`), sent to the node with ``execute``,
+``save`` and ``cleanup``: other scripts see the id (in the catalog's lineage)
+but cannot run steps in, save from, clean up or close this flow.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +45,7 @@ from ..errors import (
     PlanningError,
     ProtocolError,
 )
+from ..rpc.messages import FlowSecret
 from ..rpc.traffic import Traffic
 from ..wire import unencodable
 
@@ -159,7 +165,10 @@ class Flow:
     keep: bool = False
     objective: str = "bytes"
     method: str = "optimal"  # or a baseline planner ("greedy", "pull_all"), to compare
-    id: str = field(default_factory=lambda: f"wf-{uuid.uuid4().hex[:10]}")
+    #: Proves to the node that requests for this flow come from this script.
+    secret: FlowSecret = field(default_factory=FlowSecret.new, repr=False)
+    #: ``wf-`` and a hash of the secret (set from it).
+    id: str = field(init=False)
     handles: dict[str, Handle] = field(default_factory=dict)
     created: list[list[Any]] = field(default_factory=list)
     planned: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -173,6 +182,9 @@ class Flow:
     seconds_total: float = 0.0
     _slots: gevent.lock.BoundedSemaphore = field(
         default_factory=lambda: gevent.lock.BoundedSemaphore(SUBMIT_CONCURRENCY), repr=False)
+
+    def __post_init__(self) -> None:
+        self.id = self.secret.flow_id
 
     def run(self, op: str, *inputs: Handle | str, **params: Any) -> Handle:
         if not isinstance(op, str) or not op:
@@ -298,7 +310,8 @@ class Flow:
     def _execute_pending(self, target: Handle, pending: list[Handle]) -> None:
         if self.closed:
             raise InvalidData(f"flow {self.id} is closed: start a new one (connect again)")
-        reply = self.client._call("execute", self._request(target))
+        req = {**self._request(target), "secret": self.secret.to_wire()}
+        reply = self.client._call("execute", req)
         view, ex = PlanView(reply["plan"]), reply["execution"]
         self.executions += 1
         self.replans += int(bool(reply.get("replanned")))
@@ -358,7 +371,8 @@ class Flow:
 
     def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
         self._done(target)
-        reply = self.client._call("save", self.id, target.name, name, overwrite)
+        reply = self.client._call("save", self.id, target.name, name, overwrite,
+                                  self.secret.to_wire())
         for link, n in reply["moved"].items():
             self.moved[link] += n
             self.planned[link] += n
@@ -393,7 +407,7 @@ class Flow:
             return 0
         kept = set(self.handles) if self.keep else set()
         items = [c for c in self.created if c[1] not in kept]
-        removed = int(self.client._call("cleanup", items, self.id))
+        removed = int(self.client._call("cleanup", items, self.id, self.secret.to_wire()))
         self.created = []
         return removed
 

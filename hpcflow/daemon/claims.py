@@ -27,7 +27,11 @@ ask each other, it is enough that one of them knows the other is alive.
 Uncontended, a put costs one round trip to every live member, concurrent with
 the upload (nothing at all on a node alone).  A member that does not answer
 is skipped once the catalog declares it dead or its RPC port refuses
-connections (it crashed), otherwise the put fails with ``PeerUnavailable``.
+connections (it crashed), otherwise the put fails with ``PeerUnavailable``
+(after ``rpc_timeout_s`` and a second for a member that heartbeats but leaves
+the claim unanswered).  The wait is the committing upload's alone: the bulk
+channel commits each upload in a greenlet of its own and serves every other
+transfer meanwhile.
 Members that do not see each other at all (a partition) can each grant a
 name: once they meet, both copies are reported on read as a
 ``DatasetConflict`` until one is deleted (see :func:`hpcflow.catalog.base.locate`).
@@ -107,7 +111,8 @@ class Claims:
     def __init__(self, node: NodeParts) -> None:
         self.node = node
         self._mine: dict[str, Claim] = {}
-        self.stats = {"rounds": 0, "granted": 0, "refused": 0, "lost": 0}
+        #: ``waiting``: puts whose bytes are all here, waiting for their claim's round.
+        self.stats = {"rounds": 0, "granted": 0, "refused": 0, "lost": 0, "waiting": 0}
 
     # -- our own puts --------------------------------------------------------------
     def open(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str) -> Claim:
@@ -137,7 +142,12 @@ class Claims:
         claim = self._mine.get(proto.key)
         if claim is None:
             return  # not a put (a copy, a flow's intermediate): nothing was claimed
-        if not claim.done.wait(self.node.config.rpc_timeout_s + 5.0):  # the round's bound
+        self.stats["waiting"] += 1
+        try:
+            settled = claim.done.wait(self.node.config.rpc_timeout_s + 5.0)  # the round's bound
+        finally:
+            self.stats["waiting"] -= 1
+        if not settled:
             self._settle(claim, PeerUnavailable(f"cannot put {proto.key}: its claim was not "
                                                 "settled in time; try again"))
         if claim.error is not None:

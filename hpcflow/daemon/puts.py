@@ -15,6 +15,7 @@ from ..catalog.base import Catalog
 from ..catalog.record import validate_dtype, validate_name, validate_part, validate_shape
 from ..errors import DatasetExists, InvalidData, InvalidName, PermissionDenied
 from ..rpc.auth import CLIENT
+from ..rpc.messages import FLOW_ID
 
 #: Lineage keys only the daemons write: a partial's layout, a flow's tag.
 INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "workflow"})
@@ -25,13 +26,21 @@ INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "wo
 SLICE_LINEAGE = frozenset({"slice_of", "rows"})
 #: How the daemons name a slice of a dataset (``NAME:rowsLO-HI``): reserved.
 SLICE_NAME = re.compile(r":rows\d+-\d+$")
+#: What flows name what they make (``wf-<24 hex>.<n>.<op>``, its partials and copies):
+#: reserved, so nobody can take a flow's next output name before the flow gets there.
+FLOW_NAME = re.compile(FLOW_ID.pattern + r"\.")
 
 
 def check_user_put(name: str, lineage: Any = None) -> None:
-    """What only the daemons may create: slices (by name) and internal lineage."""
+    """What only the daemons may create: slices and flow outputs (by name) and internal
+    lineage."""
     if SLICE_NAME.search(name):
         raise InvalidName(f"{name!r} looks like a slice hpcflow makes (NAME:rowsLO-HI); "
                           "choose another name")
+    if FLOW_NAME.match(name):
+        raise InvalidName(f"{name!r} looks like a workflow output (wf-<24 hex digits>.<n>.<op>):"
+                          " such names are reserved for flows; choose another name (save a "
+                          "flow's output with handle.save)")
     forged = sorted(INTERNAL_LINEAGE & set(lineage or {}))
     if forged:
         raise InvalidData(f"lineage keys {', '.join(forged)} are written by hpcflow itself, "
@@ -97,4 +106,5 @@ def admit_put(catalog: Catalog, me: str, hdr: dict[str, Any]
     return name, part, shape, dtype
 
 
-__all__ = ["INTERNAL_LINEAGE", "SLICE_LINEAGE", "admit_put", "check_put", "check_user_put"]
+__all__ = ["FLOW_NAME", "INTERNAL_LINEAGE", "SLICE_LINEAGE", "admit_put", "check_put",
+           "check_user_put"]

@@ -2,12 +2,16 @@
 
 A request (from the script API or the CLI) is a map::
 
-    {"wf": "wf-1a2b3c", "steps": [{"out", "op", "inputs", "params"}, ...],
+    {"wf": "wf-<24 hex>", "steps": [{"out", "op", "inputs", "params"}, ...],
      "deliver": ["..."], "objective": "bytes" | "time",
-     "method": "optimal" | "greedy" | "pull_all", "keep": false}
+     "method": "optimal" | "greedy" | "pull_all", "keep": false, "secret": "<64 hex>"}
 
 Inputs are dataset names; outputs of earlier requests of the same flow are
 datasets by then, so every request is planned from the current catalog.
+Every output is named ``<wf>.<n>.<op>`` (a form users may not put, see
+:mod:`.puts`).  ``execute``, ``save`` and ``cleanup`` need the flow's secret,
+whose hash the flow id is (:class:`~hpcflow.rpc.messages.FlowSecret`): only the
+script that created a flow can add to it, save from it or close it.
 
 Planning is pure (and runs op code on samples), so it runs in gevent's thread
 pool: the daemon's heartbeats and other requests keep flowing meanwhile.
@@ -24,8 +28,16 @@ import gevent
 
 from ..catalog.record import validate_flag, validate_name
 from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
-from ..errors import DatasetExists, DatasetNotFound, InvalidData, PeerUnavailable, UnknownOpError
+from ..errors import (
+    DatasetExists,
+    DatasetNotFound,
+    InvalidData,
+    InvalidName,
+    PeerUnavailable,
+    UnknownOpError,
+)
 from ..rpc import auth, strict
+from ..rpc.messages import FLOW_ID, FlowSecret
 from . import adapter
 from .executor import Execution, Executor, plan_uses
 from .lifecycle import FlowTag
@@ -43,9 +55,17 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
 def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], str, str]:
     if not isinstance(req, dict):
         raise InvalidData("workflow request must be a map")
-    wf = validate_name(req.get("wf", "wf"))
+    wf = req.get("wf")
+    if not isinstance(wf, str) or not FLOW_ID.fullmatch(wf):
+        raise InvalidData(f"wf must be a flow id (wf- and 24 hex digits), got {str(wf)[:60]!r}")
     steps = adapter.parse_steps(req.get("steps"))
     outs = [validate_name(s.out) for s in steps]
+    for s in steps:  # a flow makes only names of its own, which users may not put
+        n = s.out[len(wf) + 1:].split(".", 1)[0]
+        if (not s.out.startswith(f"{wf}.") or not n.isdigit() or not n.isascii()
+                or s.out != f"{wf}.{int(n)}.{s.op}"):
+            raise InvalidName(f"step output {s.out!r} must be named {wf}.<n>.{s.op} "
+                              "(the request's flow, a step number, the op)")
     if len(set(outs)) != len(outs):
         raise InvalidData("step outputs must be unique")
     clash = [o for o in outs if node.catalog.records_named(o)]
@@ -125,7 +145,10 @@ def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
 
     The reply's execution counts every byte that moved, the failed attempt's too.
     """
-    keep = bool(req.get("keep")) if isinstance(req, dict) else False
+    if not isinstance(req, dict):
+        raise InvalidData("workflow request must be a map")
+    FlowSecret.from_wire(req.get("secret"), req.get("wf"))  # NotFlowOwner unless its script
+    keep = bool(req.get("keep"))
     book = worker.book
     failed = Execution()
     for attempt in (1, 2):
@@ -168,18 +191,24 @@ def _items(created: object) -> list[tuple[str, str, int | None]]:
     return items
 
 
-def cleanup(node: NodeParts, worker: Worker, created: object, wf: object = None) -> int:
+def cleanup(node: NodeParts, worker: Worker, created: object, wf: object = None,
+            secret: object = None) -> int:
     """Delete what a flow created; with ``wf``, the flow is closed too.
 
-    Copies that a running execution on this node still reads are left (the
-    holder's janitor drops them once nobody does).  A caller holding a client key
-    (with keys) may only remove what flow ``wf`` made: items the catalog does not show
-    tagged with ``wf`` are skipped (their holders' janitors drop them if they are).
+    Closing flow ``wf`` takes its secret (NotFlowOwner otherwise), and items the
+    catalog shows as anything but flow ``wf``'s are skipped.  A caller holding a
+    client key (with keys) may only remove what flow ``wf`` made: items the catalog
+    does not show tagged with ``wf`` are skipped too (their holders' janitors drop
+    them if they are).  Copies that a running execution on this node still reads
+    are left (the holder's janitor drops them once nobody does).
     """
     items = _items(created)
     book = worker.book
     if wf is not None:
-        book.close(validate_name(wf))
+        FlowSecret.from_wire(secret, wf)  # before anything is closed or removed
+        flow = str(wf)
+        book.close(flow)
+        items = [it for it in items if not _made_by_other(node, it, flow)]
     if strict.caller_role() == auth.CLIENT:
         items = [it for it in items if wf is not None and _made_by(node, it, str(wf))]
     base = [(n, name.split(":rows", 1)[0]) for n, name, _ in items]
@@ -198,16 +227,32 @@ def _made_by(node: NodeParts, item: tuple[str, str, int | None], wf: str) -> boo
     return False
 
 
+def _made_by_other(node: NodeParts, item: tuple[str, str, int | None], wf: str) -> bool:
+    """Whether the catalog shows ``item`` held as anything but flow ``wf``'s (a user's
+    dataset, another flow's intermediate): a flow's clean-up leaves it alone."""
+    holder, name, part = item
+    for rec in node.catalog.records_named(name):
+        if rec.owner == holder and rec.part == part:
+            tagged = FlowTag.of(rec)
+            if tagged is None or tagged[0] != wf:
+                return True
+    return False
+
+
 def save(node: NodeParts, worker: Worker, wf: object, output: object, name: object,
-         overwrite: object = False) -> dict[str, Any]:
+         overwrite: object = False, secret: object = None) -> dict[str, Any]:
     """Store a flow's output here, durably, under a user's name (kept after the flow).
 
     The output's parts are pulled here first (as volatile copies, removed
     after); the saved dataset keeps the output's lineage (op, params, inputs,
     workflow) but not its flow tag, so no clean-up ever removes it.  The reply
-    says which bytes moved from where.
+    says which bytes moved from where.  Only flow ``wf``'s script (its secret) may
+    save, and only that flow's outputs.
     """
+    FlowSecret.from_wire(secret, wf)
     wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
+    if not output.startswith(f"{wf}."):
+        raise InvalidData(f"{output} is not an output of flow {wf}")
     overwrite = validate_flag(overwrite, "overwrite")
     book = worker.book
     xid = book.begin(wf)

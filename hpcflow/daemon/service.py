@@ -39,7 +39,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Calls only nodes make of each other (or the centralised baseline, holding the node
 #: key): with keys, a client key making one gets PermissionDenied (``rpc/strict.py``).
 #: ``cleanup`` and ``replicate`` stay open to scripts (``Flow.close``, ``Client.replicate``);
-#: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``).
+#: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``, with the
+#: flow's secret).
 NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
                        "delete_parts", "flow_status", "claim"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
@@ -289,15 +290,17 @@ class NodeService:
         return run.execute(self.node, self.worker, request)
 
     @exposed
-    def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False) -> dict[str, Any]:
-        """Keep a flow's output (wherever its parts are) here, durably, under a user's name."""
-        return run.save(self.node, self.worker, wf, output, name, overwrite)
+    def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False,
+             secret: Any = None) -> dict[str, Any]:
+        """Keep a flow's output (wherever its parts are) here, durably, under a user's name
+        (``secret``: the flow's, see ``rpc.messages.FlowSecret``)."""
+        return run.save(self.node, self.worker, wf, output, name, overwrite, secret)
 
     @exposed
-    def cleanup(self, created: Any, wf: Any = None) -> int:
+    def cleanup(self, created: Any, wf: Any = None, secret: Any = None) -> int:
         """Delete what earlier executions created (``[node, name, part]`` triples); with
-        ``wf``, that flow is closed."""
-        return run.cleanup(self.node, self.worker, created, wf)
+        ``wf`` and its ``secret``, that flow is closed."""
+        return run.cleanup(self.node, self.worker, created, wf, secret)
 
     @exposed
     def flow_status(self, holder: Any, items: Any) -> list[bool]:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gevent
+import gevent.lock
 import numpy as np
 import zmq.green as zmq
 
@@ -222,12 +223,18 @@ class BulkServer:
         self.caller: str | None = None
         self._garbage_log = Throttled(log)
         self._greenlets: list[gevent.Greenlet] = []
+        #: Uploads being committed, each in a greenlet of its own (see ``_end``); they
+        #: count against the upload limits until they are done.
+        self.committing: dict[str, _Upload] = {}
+        self._commits: set[gevent.Greenlet] = set()
+        #: The loop is the socket's one reader; it and the commits send, one at a time.
+        self._send_lock = gevent.lock.Semaphore()
 
     def start(self) -> None:
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._reaper)]
 
     def stop(self) -> None:
-        gevent.killall(self._greenlets)
+        gevent.killall([*self._greenlets, *self._commits])  # a killed commit aborts
         for up in list(self.uploads.values()):
             up.writer.abort()
         self.uploads.clear()
@@ -259,10 +266,14 @@ class BulkServer:
                 log.exception("bulk: unexpected error")
                 self._error(ident, hdr, exc)
 
+    def _send(self, frames: list[Any], copy: bool = True) -> None:
+        with self._send_lock:
+            self.sock.send_multipart(frames, copy=copy)
+
     def _error(self, ident: bytes, hdr: dict[str, Any], exc: BaseException) -> None:
         r = hdr.get("r") if isinstance(hdr.get("r"), int) else 0
         name, msg = to_wire(exc)
-        self.sock.send_multipart([ident, b"ERR", pack({"r": r, "type": name, "msg": msg})])
+        self._send([ident, b"ERR", pack({"r": r, "type": name, "msg": msg})])
 
     def _dispatch(self, ident: bytes, verb: bytes, hdr: dict[str, Any],
                   payload: Payload | None) -> None:
@@ -300,7 +311,7 @@ class BulkServer:
             bad[0] ^= 0xFF
             buf = bad
             log.warning("bulk: fault injection corrupted chunk %d of %s", i, key)
-        self.sock.send_multipart(
+        self._send(
             [ident, b"CHUNK", pack({"r": r, "i": i, "d": digest}), *_frames(buf)], copy=False
         )
         self.traffic.sent(by, memoryview(buf).nbytes)
@@ -312,7 +323,7 @@ class BulkServer:
         if n > MAX_RANGE:
             raise InvalidData(f"range requests are limited to {MAX_RANGE} bytes")
         buf = self.store.reader(key, version).byte_range(off, n)
-        self.sock.send_multipart(
+        self._send(
             [ident, b"CHUNK", pack({"r": r, "i": off, "d": chunk_digest(buf)}), *_frames(buf)],
             copy=False)
         self.traffic.sent(by, n)
@@ -338,17 +349,18 @@ class BulkServer:
         )
         u = uuid.uuid4().hex
         self.uploads[u] = _Upload(writer, by, ident, time.monotonic(), nbytes)
-        self.sock.send_multipart([ident, b"OK", pack({"r": r, "u": u})])
+        self._send([ident, b"OK", pack({"r": r, "u": u})])
 
     def _admit_upload(self, ident: bytes, nbytes: int) -> None:
         """Refuse, before any file is created, an upload over the limits: too many open
         (``Overloaded``), bigger than the free disk (``StoreError``), or not fitting
         beside what the open uploads have yet to write (``Overloaded``)."""
         st = self.settings
-        mine = sum(1 for up in self.uploads.values() if up.ident == ident)
-        if mine >= st.max_uploads_per_connection or len(self.uploads) >= st.max_uploads:
+        open_ = [*self.uploads.values(), *self.committing.values()]
+        mine = sum(1 for up in open_ if up.ident == ident)
+        if mine >= st.max_uploads_per_connection or len(open_) >= st.max_uploads:
             self.refused += 1
-            raise Overloaded(f"{len(self.uploads)} uploads are open ({mine} on this "
+            raise Overloaded(f"{len(open_)} uploads are open ({mine} on this "
                              f"connection; limits {st.max_uploads_per_connection} and "
                              f"{st.max_uploads}): retry later")
         try:
@@ -382,26 +394,49 @@ class BulkServer:
             up.writer.write_chunk(i, payload, d)
             up.received += payload.nbytes
         except IntegrityError as exc:
-            self.sock.send_multipart([ident, b"NACK", pack({"r": r, "u": u, "i": i,
-                                                             "why": str(exc)})])
+            self._send([ident, b"NACK", pack({"r": r, "u": u, "i": i, "why": str(exc)})])
             return
         except BaseException:  # disk full, bad chunk index ...: the upload is over
             self.uploads.pop(u, None)
             up.writer.abort()
             raise
-        self.sock.send_multipart([ident, b"ACK", pack({"r": r, "u": u, "i": i})])
+        self._send([ident, b"ACK", pack({"r": r, "u": u, "i": i})])
 
     def _end(self, ident: bytes, hdr: dict[str, Any]) -> None:
+        """Commit in a greenlet of its own: the store waits there for the put's claim (a
+        round trip to every live member; for one that does not answer, up to
+        ``rpc_timeout_s``) and for fsync, and the channel serves everyone else meanwhile."""
         r = _int(hdr, "r")
         u, up = self._upload(ident, hdr)
         del self.uploads[u]
         try:
-            rec = up.writer.commit(_str(hdr, "checksum"))
+            checksum = _str(hdr, "checksum")
         except BaseException:
             up.writer.abort()
             raise
-        self.on_commit(rec)
-        self.sock.send_multipart([ident, b"DONE", pack({"r": r, "record": rec.to_wire()})])
+        self.committing[u] = up
+        g = gevent.spawn(self._commit, ident, r, u, up, checksum)
+        self._commits.add(g)
+        g.link(self._commits.discard)
+
+    def _commit(self, ident: bytes, r: int, u: str, up: _Upload, checksum: str) -> None:
+        try:
+            try:
+                rec = up.writer.commit(checksum)
+            except BaseException:
+                up.writer.abort()
+                raise
+            self.on_commit(rec)
+        except HpcflowError as exc:
+            self._error(ident, {"r": r}, exc)
+            return
+        except Exception as exc:  # as in the loop: an unexpected error is still answered
+            log.exception("bulk: unexpected error")
+            self._error(ident, {"r": r}, exc)
+            return
+        finally:
+            self.committing.pop(u, None)
+        self._send([ident, b"DONE", pack({"r": r, "record": rec.to_wire()})])
 
     def _reaper(self) -> None:
         """Abandoned uploads (dead or silent client) are dropped, temp file and all."""

@@ -22,6 +22,10 @@ ends.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,13 +38,65 @@ from ..catalog.record import (
     validate_part,
     validate_shape,
 )
-from ..errors import InvalidData, ProtocolError
+from ..errors import InvalidData, NotFlowOwner, ProtocolError
 
 MODES = ("whole", "part", "partial", "combine")
 #: The most bytes of an output a ``run_op`` reply may carry inline (see RunRequest.inline).
 MAX_INLINE = 1 << 20
 PHASES = 4
 MAX_TASKS = 100_000
+
+
+#: A flow's id: ``wf-`` and 24 hex digits (96 bits) of a hash of the flow's secret.
+FLOW_ID = re.compile(r"wf-[0-9a-f]{24}")
+_SECRET = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FlowSecret:
+    """What proves a request comes from the script that created a flow.
+
+    The script draws 32 random bytes (:meth:`new`) and names its flow after a hash
+    of them (:attr:`flow_id`, ``wf-`` and 24 hex digits): the id, which every
+    client can read in the catalog (the lineage of the flow's datasets), reveals
+    nothing of the secret, and nobody can pick a secret for a given id.  The
+    script sends the secret to its node with ``execute``, ``save`` and
+    ``cleanup``; the node checks it against the request's flow id
+    (:meth:`check`) and keeps it nowhere.  It never reaches other nodes, the
+    catalog or a log (``repr`` hides it).
+    """
+
+    value: str = field(repr=False)
+
+    @classmethod
+    def new(cls) -> FlowSecret:
+        return cls(secrets.token_hex(32))
+
+    @property
+    def flow_id(self) -> str:
+        digest = hashlib.sha256(b"hpcflow flow id\0" + self.value.encode()).hexdigest()
+        return f"wf-{digest[:24]}"
+
+    def to_wire(self) -> str:
+        return self.value
+
+    @classmethod
+    def from_wire(cls, d: object, wf: object) -> FlowSecret:
+        """The secret sent for flow ``wf``: NotFlowOwner if it is missing or not
+        that flow's (InvalidData if ``wf`` is no flow id)."""
+        if not isinstance(wf, str) or not FLOW_ID.fullmatch(wf):
+            raise InvalidData(f"{str(wf)[:60]!r} is not a flow id (wf- and 24 hex digits, "
+                              "from hpcflow.connect)")
+        if d is None:
+            raise NotFlowOwner(f"flow {wf}: the request carries no flow secret; only the "
+                               "script that created a flow may run, save or close it")
+        if not isinstance(d, str) or not _SECRET.fullmatch(d):
+            raise InvalidData("a flow secret is 64 lowercase hex digits")
+        secret = cls(d)
+        if not hmac.compare_digest(secret.flow_id, wf):
+            raise NotFlowOwner(f"flow {wf} belongs to another script: only the script "
+                               "that created a flow may run, save or close it")
+        return secret
 
 
 @dataclass(frozen=True)
@@ -322,5 +378,5 @@ class ShareReply:
         return cls(created, moved, runs, seconds, error, wall_s)
 
 
-__all__ = ["MAX_INLINE", "MODES", "PHASES", "Expect", "InputRef", "PullTask", "RunReply",
-           "RunRequest", "RunTask", "Share", "ShareReply", "Task"]
+__all__ = ["FLOW_ID", "MAX_INLINE", "MODES", "PHASES", "Expect", "FlowSecret", "InputRef",
+           "PullTask", "RunReply", "RunRequest", "RunTask", "Share", "ShareReply", "Task"]
