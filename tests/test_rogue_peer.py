@@ -281,6 +281,13 @@ def test_huge_catalog_messages_are_refused_before_they_are_allocated(tmp_path: P
             with n1.client() as cl:
                 assert cl.stats()["catalog"]["malformed"] == 1  # the big ones never decoded
                 assert any(v["name"] == "n2" and v["alive"] for v in cl.nodes())
+            # n2 cuts flood off in its own time; a put claims its name with every member n2
+            # still counts alive (and flood, a fake, answers no claims).
+            def flood_dead_on_n2() -> bool:
+                with n2.client() as cl:
+                    return not any(v["name"] == "flood" and v["alive"] for v in cl.nodes())
+
+            wait_for(flood_dead_on_n2, 10 + TTL, "n2 to cut the flooding member off too")
             with n2.client() as cl:
                 cl.put("AFTER", np.arange(2.0))
             wait_for(lambda: "AFTER" in names_on(n1), 10, "n2's put on n1")
