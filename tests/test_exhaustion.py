@@ -281,3 +281,29 @@ def test_limits_are_typed_config() -> None:
     with pytest.raises(ConfigError, match="max_inline_bytes"):
         NodeConfig(data_dir=Path("x"), max_inline_bytes=-1)
     assert hpcflow.Overloaded is Overloaded
+
+
+def test_inline_results_of_execute_count_against_the_inline_quota(tmp_path: Path) -> None:
+    """A script that sends executions and never reads the replies could queue their
+    inline results in the node; past the quota a result comes back as its location
+    (the script pulls it from its holder) instead of riding in the reply."""
+    conf = tmp_path / "node.toml"
+    conf.write_text("max_inline_bytes = 8192\nmax_inline_bytes_per_connection = 4096\n")
+    c = Cluster(tmp_path)
+    try:
+        n1 = c.add("n1", extra=["--config", str(conf)])
+        wide = np.random.default_rng(3).random((50, 1000))  # colsum: 8000 B, over 4096
+        narrow = np.random.default_rng(4).random((50, 8))   # colsum: 64 B
+        with n1.client() as cl:
+            cl.put("WIDE", wide)
+            cl.put("NARROW", narrow)
+            before = cl.stats()["inline"]["refused"]
+            big, small = cl.run("colsum", "WIDE"), cl.run("colsum", "NARROW")
+            np.testing.assert_allclose(big.fetch(), wide.sum(axis=0))
+            np.testing.assert_allclose(small.fetch(), narrow.sum(axis=0))
+            assert big.value is None and big.location is not None  # pulled from its holder
+            assert small.value is not None  # inline, within the quota
+            assert cl.stats()["inline"]["refused"] == before + 1
+        wait_for(lambda: stats(n1)["inline"]["bytes"] == 0, 10, "the inline bytes freed")
+    finally:
+        c.stop()

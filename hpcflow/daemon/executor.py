@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,9 +151,12 @@ class Executor:
         for source, nbytes in reply["moved"].items():
             self.ex.moved[(source, dst)] += int(nbytes)
 
-    def run(self, plan: Plan, steps: dict[str, Any], deliver: list[str]) -> Execution:
+    def run(self, plan: Plan, steps: dict[str, Any], deliver: list[str],
+            admit_inline: Callable[[int], bool] | None = None) -> Execution:
         """Execute ``plan``; ``steps`` maps each output name to its step (op, inputs,
-        params); ``deliver`` names the results the script wants."""
+        params); ``deliver`` names the results the script wants.  A small result comes
+        back in the reply if ``admit_inline`` (given its bytes) agrees, else as its
+        location (the script pulls it from its holders)."""
         t0 = time.monotonic()
         self._inline = {sp.out: {} for sp in plan.steps
                         if sp.out in deliver and _inline_size(sp) <= INLINE_TOTAL}
@@ -162,7 +166,8 @@ class Executor:
             inline = {name for name, got in self._inline.items()
                       if got and len(got) == self._units.get(name)}
             for name in deliver:
-                if name in inline:
+                if name in inline and (admit_inline is None or admit_inline(
+                        sum(len(u.data or b"") for u in self._inline[name].values()))):
                     self.ex.values[name] = self._assemble(name)
                 else:
                     self.ex.results[name] = self.location(name)

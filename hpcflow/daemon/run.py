@@ -139,11 +139,14 @@ def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
     return out
 
 
-def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
+def execute(node: NodeParts, worker: Worker, req: object,
+            admit_inline: Callable[[int], bool] | None = None) -> dict[str, Any]:
     """Plan and run; if a node dies mid-way, or an input the plan relied on vanished
     (a copy another flow removed), re-plan once from what the catalog says then.
 
     The reply's execution counts every byte that moved, the failed attempt's too.
+    ``admit_inline``: whether a small result's bytes may ride in the reply (see
+    :meth:`Executor.run`).
     """
     if not isinstance(req, dict):
         raise InvalidData("workflow request must be a map")
@@ -158,7 +161,7 @@ def execute(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
         xid = book.begin(wf, plan_uses(the_plan, by_out))
         executor = Executor(node, worker.learned, wf, xid, keep)
         try:
-            ex = executor.run(the_plan, by_out, deliver)
+            ex = executor.run(the_plan, by_out, deliver, admit_inline)
         except (PeerUnavailable, DatasetNotFound) as exc:
             book.end(wf, xid, ok=False)
             failed.absorb(executor.ex)

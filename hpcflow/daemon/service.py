@@ -24,7 +24,14 @@ from ..catalog.record import (
     validate_part,
     validate_shape,
 )
-from ..errors import ConfigError, DatasetNotFound, HpcflowError, InvalidData, PeerUnavailable
+from ..errors import (
+    ConfigError,
+    DatasetNotFound,
+    HpcflowError,
+    InvalidData,
+    Overloaded,
+    PeerUnavailable,
+)
 from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
 from ..rpc.quota import ByteQuota
@@ -286,8 +293,19 @@ class NodeService:
 
     @exposed
     def execute(self, request: Any) -> dict[str, Any]:
-        """Plan and run a workflow with this node as the initiator."""
-        return run.execute(self.node, self.worker, request)
+        """Plan and run a workflow with this node as the initiator.  Small results ride
+        in the reply while the inline quota (per connection and in total, as ``fetch``)
+        has room until the reply has left; past it they come back as locations."""
+        return run.execute(self.node, self.worker, request, self._admit_inline)
+
+    def _admit_inline(self, nbytes: int) -> bool:
+        try:
+            release = self.inline.reserve(strict.current_connection(), nbytes)
+        except Overloaded:
+            return False
+        if not strict.after_reply(release):
+            release()  # not served over RPC: no reply to wait for
+        return True
 
     @exposed
     def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False,
