@@ -89,6 +89,11 @@ def test_another_script_cannot_close_clean_up_save_or_extend_a_flow(
                 b._call("execute", execute_request(wf, f"{wf}.2.colsum", "colsum", ["D"],
                                                    secret))
         assert isinstance(NotFlowOwner("x"), PermissionDenied)
+        # Nor delete A's intermediate where it lies (the input of A's next step).
+        for owner, name, part in items:
+            with keyed[owner].client(keys=str(keys)) as at_holder, pytest.raises(
+                    NotFlowOwner, match="intermediate of flow"):
+                at_holder.delete(name, part)
         # B's own flow may not save A's outputs, nor clean them up (they are not B's).
         with pytest.raises(InvalidData, match="not an output of flow"):
             b._call("save", b.flow.id, scaled.name, "STOLEN", False, mine)

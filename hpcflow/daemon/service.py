@@ -29,6 +29,7 @@ from ..errors import (
     DatasetNotFound,
     HpcflowError,
     InvalidData,
+    NotFlowOwner,
     Overloaded,
     PeerUnavailable,
 )
@@ -224,7 +225,19 @@ class NodeService:
 
     @exposed
     def delete(self, name: Any, part: Any = None) -> dict[str, Any]:
-        return self.datasets.delete(validate_name(name), validate_part(part)).to_wire()
+        """Delete a dataset (or one part) held here.  A flow's intermediate (tagged with
+        its flow and not kept) is refused: only its flow's clean-up removes it (the
+        flow's script closes it with the flow's secret), so one script cannot pull the
+        inputs from under another's running steps."""
+        name, part = validate_name(name), validate_part(part)
+        for rec in self.node.store.named(name):
+            tag = rec.lineage.get("flow")
+            if (part is None or rec.part == part) and isinstance(tag, dict) and (
+                    not tag.get("keep")):
+                raise NotFlowOwner(f"{rec.key} is an intermediate of flow "
+                                   f"{rec.lineage.get('workflow')}: it goes when that flow's "
+                                   "script closes it")
+        return self.datasets.delete(name, part).to_wire()
 
     @exposed
     def replicate(self, name: Any, part: Any = None) -> list[dict[str, Any]]:
