@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import numpy as np
 import pytest
 import zerorpc
 import zmq
@@ -21,6 +22,7 @@ import zmq
 import hpcflow
 from hpcflow.config import timeout_scale
 from hpcflow.harness.local import LocalCluster, NodeProcess
+from hpcflow.rpc import auth
 
 SCALE = timeout_scale()
 HEARTBEAT = 0.2
@@ -172,3 +174,30 @@ def real_h5md() -> Path:
     except ImportError:
         pytest.skip("real H5MD files unavailable: set HPCFLOW_REAL_H5MD (see .ci/run) or "
                     "pip install MDAnalysisTests")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys") / "cluster"
+    auth.keygen(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Iterator[Cluster]:
+    """Two keyed nodes (n2 joined through n1) holding parts 0 (on n1) and 1 (on n2) of D
+    (ones), for the tests of keys and of flows' secrets."""
+    c = Cluster(tmp_path_factory.mktemp("keyed"))
+    try:
+        c.add("n1", extra=["--keys", str(keys)])
+        c.add("n2", via="n1", extra=["--keys", str(keys)])
+        with c["n1"].client(keys=str(keys)) as k:
+            wait_for(lambda: {n["name"] for n in k.nodes() if n["alive"]} == {"n1", "n2"},
+                     15, "the keyed nodes to see each other")
+            k.put("D", np.ones((600, 3)), part=0, nparts=2)
+        with c["n2"].client(keys=str(keys)) as k:
+            k.put("D", np.ones((400, 3)), part=1, nparts=2)
+            k.wait_for("D", 10 * SCALE)
+        yield c
+    finally:
+        c.stop()

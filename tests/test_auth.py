@@ -15,7 +15,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,32 +50,6 @@ def no_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def keyed_client(node: NodeProc, keys: Path, **kw: Any) -> hpcflow.Client:
     return node.client(keys=str(keys), **kw)
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("keys") / "cluster"
-    auth.keygen(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Iterator[Cluster]:
-    """Two keyed nodes, n2 joined through n1, holding parts 0 and 1 of D (ones)."""
-    c = Cluster(tmp_path_factory.mktemp("keyed"))
-    try:
-        c.add("n1", extra=["--keys", str(keys)])
-        c.add("n2", via="n1", extra=["--keys", str(keys)])
-        with keyed_client(c["n1"], keys) as k:
-            wait_for(lambda: {n["name"] for n in k.nodes() if n["alive"]} == {"n1", "n2"},
-                     15, "the keyed nodes to see each other")
-            k.put("D", np.ones((600, 3)), part=0, nparts=2)
-        with keyed_client(c["n2"], keys) as k:
-            k.put("D", np.ones((400, 3)), part=1, nparts=2)
-            k.wait_for("D", 10 * SCALE)
-        yield c
-    finally:
-        c.stop()
 
 
 # -- keys on disk -------------------------------------------------------------------------

@@ -10,7 +10,6 @@ they guard against accidents).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +26,6 @@ from tests.conftest import SCALE, Cluster, NodeProc, wait_for
 @pytest.fixture(autouse=True)
 def no_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(auth.KEYS_ENV, raising=False)
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("keys") / "cluster"
-    auth.keygen(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def keyed(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Iterator[Cluster]:
-    """Two keyed nodes holding parts 0 (on n1) and 1 (on n2) of D (ones)."""
-    c = Cluster(tmp_path_factory.mktemp("keyed"))
-    try:
-        c.add("n1", extra=["--keys", str(keys)])
-        c.add("n2", via="n1", extra=["--keys", str(keys)])
-        with c["n1"].client(keys=str(keys)) as k:
-            wait_for(lambda: {n["name"] for n in k.nodes() if n["alive"]} == {"n1", "n2"},
-                     15, "the keyed nodes to see each other")
-            k.put("D", np.ones((600, 3)), part=0, nparts=2)
-        with c["n2"].client(keys=str(keys)) as k:
-            k.put("D", np.ones((400, 3)), part=1, nparts=2)
-            k.wait_for("D", 10 * SCALE)
-        yield c
-    finally:
-        c.stop()
 
 
 def flow_items(c: hpcflow.Client, wf: str) -> list[list[Any]]:
