@@ -70,6 +70,11 @@ REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
     "median": ({}, lambda x: np.median(x, axis=0), True),
     "quantiles": ({"q": [0.1, 0.5, 0.9]}, lambda x: np.quantile(x, [0.1, 0.5, 0.9], axis=0), True),
     "sort_rows": ({}, _lexsorted, False),
+    "min": ({}, lambda x: x.min(axis=0), True),
+    "max": ({}, lambda x: x.max(axis=0), True),
+    "var": ({}, lambda x: x.var(axis=0), True),
+    "std": ({}, lambda x: x.std(axis=0), True),
+    "select": ({"index": [0, -1, 0]}, lambda x: x[:, [0, -1, 0]], False),
 }
 
 part_sizes = st.lists(st.sampled_from([0, 0, 1, 1, 2, 3, 7]), min_size=1, max_size=5)
@@ -101,6 +106,8 @@ def test_builtins_are_registered() -> None:
     assert kinds["scale"] == kinds["add"] == kinds["fft"] == "rowwise"
     assert kinds["colsum"] == kinds["colmean"] == kinds["histogram"] == kinds["gram"] == "reduce"
     assert kinds["sort_rows"] == "reduce"  # sorted runs where the parts are, merged
+    assert kinds["min"] == kinds["max"] == kinds["var"] == kinds["std"] == "reduce"
+    assert kinds["select"] == "rowwise"
     assert kinds["median"] == kinds["quantiles"] == "global"
 
 
@@ -462,3 +469,39 @@ def test_definition_hash_covers_constants_and_metadata(tmp_path: Path) -> None:
     ]
     digests = {base.definition_hash, *(v.definition_hash for v in variants)}
     assert len(digests) == 1 + len(variants)
+
+
+def test_statistics_accumulate_in_float64_and_var_is_stable_when_split() -> None:
+    """float32 input: colmean, var and std are float64 (a float32 sum drifts); var over
+    parts far from zero (mean 1e8, spread 1) matches numpy's two-pass float64 var where
+    raw sums of squares would cancel; ddof is honoured and needs enough rows."""
+    rng = np.random.default_rng(7)
+    x32 = rng.normal(size=(5000, 3)).astype(np.float32)
+    for name, want in (("colmean", x32.astype(np.float64).mean(axis=0)),
+                       ("var", x32.astype(np.float64).var(axis=0)),
+                       ("std", x32.astype(np.float64).std(axis=0))):
+        spec = get_op(name)
+        got = combine_partials(spec, [run_partial(spec, b, {}) for b in _split(x32, [3000, 2000])],
+                               {})
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    far = 1e8 + rng.normal(size=(3000, 2))
+    spec = get_op("var")
+    parts = [run_partial(spec, b, {"ddof": 1}) for b in _split(far, [1000, 0, 1500, 500])]
+    # float64 holds 1e8 to ~1e-8: both algorithms round there (a naive sum of squares
+    # minus the squared sum, ~1e16 each, would lose every digit of a variance of 1)
+    np.testing.assert_allclose(combine_partials(spec, parts, {"ddof": 1}),
+                               far.var(axis=0, ddof=1), rtol=1e-7)
+    with pytest.raises(OpError, match="needs more than ddof=1 rows"):
+        combine_partials(spec, [run_partial(spec, far[:1], {"ddof": 1})], {"ddof": 1})
+    with pytest.raises(OpError, match="ddof"):
+        run_partial(spec, far, {"ddof": -1})
+
+
+def test_select_picks_positions_of_the_second_axis() -> None:
+    frames = np.arange(4 * 5 * 3, dtype=np.float64).reshape(4, 5, 3)  # frames x atoms x xyz
+    spec = get_op("select")
+    np.testing.assert_array_equal(apply(spec, [frames], {"index": [4, 1]}), frames[:, [4, 1]])
+    for bad in ([], [5], [1.5], "0"):
+        with pytest.raises(OpError, match="index"):
+            apply(spec, [frames], {"index": bad})

@@ -491,6 +491,11 @@ OPS_UNDER_TEST = [  # every built-in op; add gets the dataset twice
     ("median", {}, lambda x: np.median(x, axis=0)),
     ("quantiles", {"q": [0.1, 0.5, 0.9]}, lambda x: np.quantile(x, [0.1, 0.5, 0.9], axis=0)),
     ("sort_rows", {}, lambda x: x[np.lexsort(x.T[::-1])]),
+    ("min", {}, lambda x: x.min(axis=0)),
+    ("max", {}, lambda x: x.max(axis=0)),
+    ("var", {}, lambda x: x.var(axis=0)),
+    ("std", {}, lambda x: x.std(axis=0)),
+    ("select", {"index": [2, 0]}, lambda x: x[:, [2, 0]]),
 ]
 
 

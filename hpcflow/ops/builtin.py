@@ -70,6 +70,18 @@ def colsum(x: Array) -> Array:
     return np.asarray(x.sum(axis=0))
 
 
+def _accumulator(x: Array) -> np.dtype[Any]:
+    """The dtype sums over ``x``'s rows accumulate in: float64 for integer and real
+    float input (float32 sums drift by ~1e-5 over a trajectory), complex128 for
+    complex; native byte order (numpy accumulates in native order only, and
+    big-endian input is common in HDF5)."""
+    if x.dtype.kind == "c":
+        return np.dtype(np.complex128)
+    if x.dtype.kind in "biuf":
+        return np.dtype(np.float64)
+    raise InputError(f"needs numeric input, got {x.dtype}")
+
+
 def _combine_mean(parts: Sequence[Partial]) -> Array:
     sums = [p[0] for p in parts if isinstance(p, tuple)]
     counts = [p[1] for p in parts if isinstance(p, tuple)]
@@ -77,20 +89,114 @@ def _combine_mean(parts: Sequence[Partial]) -> Array:
     count = np.sum(counts)
     if count == 0:
         raise InputError("colmean: needs at least one row")
-    mean = np.asarray(total / count)
-    return mean.astype(total.dtype if total.dtype.kind in "fc" else np.float64)
+    return np.asarray(total / count)
 
 
 @op("colmean", kind="reduce", combine=_combine_mean)
 def colmean(x: Array) -> tuple[Array, Array]:
-    """``x.mean(axis=0)``; the partial is ``(column sums, row count)``.
+    """``x.mean(axis=0, dtype=float64)`` (complex128 for complex input); the partial is
+    ``(column sums, row count)``.  Sums accumulate in float64 whatever the input's
+    precision, so a float32 trajectory's mean is the float64 mean of its values."""
+    return x.sum(axis=0, dtype=_accumulator(x)), np.array(len(x), dtype=np.int64)
 
-    Integer input is summed in float64 like ``np.mean`` does; float input keeps
-    its dtype in the result.
-    """
-    # numpy accumulates in native byte order only (big-endian input is common in HDF5).
-    acc = np.dtype(np.float64) if x.dtype.kind in "biu" else x.dtype.newbyteorder("=")
-    return x.sum(axis=0, dtype=acc), np.array(len(x), dtype=np.int64)
+
+def _extreme(name: str, pick: Any) -> Any:
+    """A per-column min or max op: partial ``(row count, extremes)``; an empty part's
+    extremes are placeholders the combine skips."""
+
+    def partial(x: Array) -> tuple[Array, Array]:
+        if np.iscomplexobj(x):
+            raise InputError(f"{name}: complex input has no order")
+        ext = pick(x, axis=0) if len(x) else np.zeros(x.shape[1:], x.dtype)
+        return np.array(len(x), dtype=np.int64), np.asarray(ext)
+
+    def combine(parts: Sequence[Partial]) -> Array:
+        found = [p[1] for p in parts if isinstance(p, tuple) and int(p[0]) > 0]
+        if not found:
+            raise InputError(f"{name}: needs at least one row")
+        return np.asarray(pick(np.stack(found), axis=0))
+
+    partial.__doc__ = f"``x.{name}(axis=0)`` (per column; NaN wins, as in numpy)."
+    return partial, combine
+
+
+_min, _combine_min = _extreme("min", np.min)
+_max, _combine_max = _extreme("max", np.max)
+op("min", kind="reduce", combine=_combine_min)(_min)
+op("max", kind="reduce", combine=_combine_max)(_max)
+
+
+def _moments(x: Array, ddof: Any) -> tuple[Array, Array, Array, Array]:
+    """``(row count, column means, column sums of squared deviations, ddof)`` in
+    float64: the partial of var and std (a partial carries all its combine needs),
+    merged with Chan et al.'s pairwise update (stable where subtracting raw sums of
+    squares would cancel)."""
+    if isinstance(ddof, bool) or not isinstance(ddof, (Integral, np.integer)) or ddof < 0:
+        raise ParamError(f"var/std: ddof must be an integer >= 0, got {ddof!r}")
+    if np.iscomplexobj(x):
+        raise InputError("var/std: complex input is not supported")
+    acc = _accumulator(x)
+    n, dd = np.array(len(x), dtype=np.int64), np.array(int(ddof), dtype=np.int64)
+    if len(x) == 0:
+        zero = np.zeros(x.shape[1:], acc)
+        return n, zero, zero.copy(), dd
+    mean = x.mean(axis=0, dtype=acc)
+    dev = x - mean
+    return n, mean, np.sum(dev * dev, axis=0, dtype=acc), dd
+
+
+def _variance(parts: Sequence[Partial]) -> Array:
+    n, mean, m2, ddof = 0, None, None, 0
+    for p in parts:
+        if not isinstance(p, tuple) or len(p) != 4:
+            raise InputError("var/std: partials must be (count, mean, M2, ddof)")
+        nb, ddof = int(p[0]), int(p[3])
+        if nb == 0:
+            continue
+        mb, m2b = np.asarray(p[1], np.float64), np.asarray(p[2], np.float64)
+        if mean is None or m2 is None:
+            n, mean, m2 = nb, mb, m2b
+            continue
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta * delta * (n * nb / total)
+        n = total
+    if mean is None or m2 is None or n <= ddof:
+        raise InputError(f"var/std: needs more than ddof={ddof} rows, got {n}")
+    return np.asarray(m2 / (n - ddof))
+
+
+def _std(parts: Sequence[Partial]) -> Array:
+    return np.sqrt(_variance(parts))
+
+
+@op("var", kind="reduce", combine=_variance)
+def var(x: Array, *, ddof: int = 0) -> tuple[Array, Array, Array, Array]:
+    """``x.var(axis=0, ddof=ddof)`` in float64 (per column).  Each holder sends its
+    row count, column means and sums of squared deviations; the combiner merges them
+    pairwise (Chan et al.), so no raw sums of squares cancel."""
+    return _moments(x, ddof)
+
+
+@op("std", kind="reduce", combine=_std)
+def std(x: Array, *, ddof: int = 0) -> tuple[Array, Array, Array, Array]:
+    """``x.std(axis=0, ddof=ddof)`` in float64 (per column); partials as for ``var``."""
+    return _moments(x, ddof)
+
+
+@op("select", kind="rowwise")
+def select(x: Array, *, index: Any) -> Array:
+    """``x[:, index]``: the listed positions along the second axis (columns of a table;
+    atoms of an H5MD frames x atoms x 3 position array), in the order given."""
+    if x.ndim < 2:
+        raise InputError(f"select: needs at least 2 dimensions, got shape {x.shape}")
+    idx = np.asarray(index)
+    if idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+        raise ParamError(f"select: index must be a non-empty list of integers, got {index!r}")
+    if idx.min() < -x.shape[1] or idx.max() >= x.shape[1]:
+        raise ParamError(f"select: index out of range for {x.shape[1]} positions: {index!r}")
+    return x[:, idx]
 
 
 def _histogram_splittable(params: Params) -> bool:
