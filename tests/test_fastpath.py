@@ -57,6 +57,9 @@ def test_a_small_delegated_result_comes_back_inline(two: Cluster) -> None:
         assert h.name in names_on(two["b"])
         got[0] = -1  # the caller's copy: fetching again gives the result again
         np.testing.assert_array_equal(h.fetch(), ds.sum(axis=0))
+        as_array = np.asarray(h)  # numpy sees the result, not an object wrapping the handle
+        assert as_array.dtype == np.float64 and as_array.shape == (12,)
+        np.testing.assert_array_equal(as_array, ds.sum(axis=0))
     wait_for(lambda: h.name not in names_on(two["b"]), 10, "the flow's output removed")
 
 

@@ -131,6 +131,11 @@ class Handle:
     def fetch(self) -> Any:
         return self.flow._fetch(self)
 
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        """``np.asarray(handle)``: the result, fetched (it used to be a 0-d object array)."""
+        arr = self.fetch()
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""
         self.flow._done(self)
