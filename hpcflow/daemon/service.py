@@ -185,9 +185,7 @@ class NodeService:
         if len(data) > MAX_RPC_PAYLOAD:
             raise InvalidData("inline put is limited to 15 MiB: use the bulk path "
                               "(hpcflow.connect(...).put)")
-        release = self.inline.reserve(strict.current_connection(), len(data))
-        if not strict.after_reply(release):
-            release()  # not served over RPC
+        self._hold_inline(len(data))
         dt = validate_dtype(dtype)
         shp = validate_shape(shape)
         if len(data) != int(np.prod(shp, dtype=np.int64)) * dt.itemsize:
@@ -215,9 +213,7 @@ class NodeService:
         if loc.nbytes > MAX_RPC_PAYLOAD:
             raise InvalidData(f"{name} has {loc.nbytes} bytes; inline fetch is limited to 15 MiB:"
                               " use the bulk path (hpcflow.connect(...).fetch)")
-        release = self.inline.reserve(strict.current_connection(), loc.nbytes)
-        if not strict.after_reply(release):
-            release()  # not served over RPC: no reply to wait for
+        self._hold_inline(loc.nbytes)
         arr = self.datasets.gather(name, part)
         # A view, not a copy: msgpack packs it as bytes.
         return {"shape": list(arr.shape), "dtype": arr.dtype.str,
@@ -311,13 +307,18 @@ class NodeService:
         has room until the reply has left; past it they come back as locations."""
         return run.execute(self.node, self.worker, request, self._admit_inline)
 
-    def _admit_inline(self, nbytes: int) -> bool:
-        try:
-            release = self.inline.reserve(strict.current_connection(), nbytes)
-        except Overloaded:
-            return False
+    def _hold_inline(self, nbytes: int) -> None:
+        """Count ``nbytes`` against the inline quota of this call's connection (and in
+        total) until its reply has left the process; ``Overloaded`` past the quota."""
+        release = self.inline.reserve(strict.current_connection(), nbytes)
         if not strict.after_reply(release):
             release()  # not served over RPC: no reply to wait for
+
+    def _admit_inline(self, nbytes: int) -> bool:
+        try:
+            self._hold_inline(nbytes)
+        except Overloaded:
+            return False
         return True
 
     @exposed
