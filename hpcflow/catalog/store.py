@@ -73,6 +73,8 @@ FORMAT_VERSION = 1
 _NONE = -1  # HDF5 attributes cannot hold None
 #: Chunks at least this big are hashed and written on a pool thread, off the gevent loop.
 OFFLOAD_BYTES = 256 * 1024
+#: Arrays from this size on are adopted rather than copied by ``put_array(adopt=True)``.
+ADOPT_BYTES = 64 * 1024
 
 
 def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
@@ -520,11 +522,20 @@ class Store:
             done.set()
         self.memory_used -= reserved
 
-    def put_array(self, name: str, arr: Any, **kw: Any) -> DatasetRecord:
-        """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks)."""
+    def put_array(self, name: str, arr: Any, *, adopt: bool = False, **kw: Any
+                  ) -> DatasetRecord:
+        """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks).
+
+        ``adopt``: the caller hands ``arr`` over (nobody else holds it, e.g. an op's fresh
+        output): a volatile part kept in memory then keeps ``arr``'s own bytes, made
+        read-only, instead of a copy."""
         a = np.asarray(arr)
         writer = self.begin(name, a.shape, a.dtype, **kw)
         try:
+            if adopt and isinstance(writer, MemoryWriter) and a.flags.owndata and (
+                    a.flags.c_contiguous and a.flags.writeable and a.nbytes >= ADOPT_BYTES):
+                writer.adopt(a)
+                return writer.commit()
             for i in range(len(writer.chunking)):
                 writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)], a.dtype))
                 if len(writer.chunking) > 1:

@@ -60,6 +60,10 @@ def _nbytes(partial: Any) -> int:
     return sum(int(np.asarray(x).nbytes) for x in items)
 
 
+def _builtin(spec: Any) -> bool:
+    return bool(getattr(spec.fn, "__module__", "").startswith("hpcflow.ops."))
+
+
 def slice_name(name: str, lo: int, hi: int) -> str:
     return f"{name}:rows{lo}-{hi}"
 
@@ -321,10 +325,12 @@ class Worker:
             arr = np.asarray(result)
             # An intermediate (kept only in memory) unless the flow keeps its outputs.
             keep = isinstance(req.lineage.get("flow"), dict) and req.lineage["flow"].get("keep")
+            # A built-in op's output is a fresh array nobody else holds: the memory store
+            # keeps it as it is (a user op might return an array it keeps and changes).
             rec = self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
                                             lineage=lineage, overwrite=True,
                                             chunk_bytes=self.node.config.chunk_bytes,
-                                            volatile=not keep)
+                                            volatile=not keep, adopt=_builtin(spec))
             times = (time.monotonic() - t0, timing["compute_s"], int(timing["nbytes"]))
             if req.mode == "partial" or arr.nbytes > req.inline:
                 return RunReply(rec, None, *times)
@@ -351,8 +357,7 @@ class Worker:
         gets the seconds it took and the input bytes."""
         t0 = time.monotonic()
         try:
-            if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
-                    "hpcflow.ops."):
+            if nbytes <= INLINE_COMPUTE_BYTES and _builtin(spec):
                 return fn(*args)
             return run_in(op_pool(), fn, *args)
         finally:
