@@ -27,16 +27,25 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gevent
+import gevent.pool
 import numpy as np
 
 from ..catalog.base import Location, PartLocation
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
-from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from ..ops import (
+    OpError,
+    OpRegistry,
+    apply,
+    combine_partials,
+    run_partial,
+    run_rowwise_into,
+    run_rowwise_part,
+)
 from ..rpc.bulk import from_holders
 from ..rpc.messages import RunReply, RunRequest
 from .datasets import Datasets
@@ -47,12 +56,15 @@ from .parts import NodeParts
 from .plancache import PlanCache
 from .pools import op_pool, run_in
 from .share import Shares
+from .stream import Arrivals, Block, Feed, row_blocks
 
 log = logging.getLogger("hpcflow.worker")
 
 
 #: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
 INLINE_COMPUTE_BYTES = 256 * 1024
+#: A rowwise unit on at least this many input bytes runs block by block (:mod:`.stream`).
+STREAM_MIN_BYTES = 1 << 20
 
 
 def _nbytes(partial: Any) -> int:
@@ -117,6 +129,8 @@ class Worker:
         self.learned = Learned()
         #: Ops run and failed, plans, step phases: read by the metrics endpoint.
         self.events = Events()
+        #: Pulls landing here, for units that start on their first row blocks.
+        self.arrivals = Arrivals()
         self.shares = Shares(node, self)
         #: Started by the node (it waits for the node to start).
         self.janitor = Janitor(node, self.book)
@@ -227,10 +241,16 @@ class Worker:
                 if any(plo <= a and b <= phi for plo, phi, _ in pieces):
                     continue  # already here
                 whole = (a, b) == (p.row_start, p.row_stop)
-                if whole and (src is None or src in p.nodes or not self._slices(name, a, b, src)):
-                    rec, used = self.datasets.replicate_part(p, prefer=src, lineage=tag)
-                else:
-                    rec, used = self._pull_slice(name, p, a, b, src, tag)
+                feed = self.arrivals.feed(name, a)
+                try:
+                    if whole and (src is None or src in p.nodes
+                                  or not self._slices(name, a, b, src)):
+                        rec, used = self.datasets.replicate_part(p, prefer=src, lineage=tag,
+                                                                 feed=feed)
+                    else:
+                        rec, used = self._pull_slice(name, p, a, b, src, tag, feed)
+                finally:
+                    feed.close()
                 created.append(rec)
                 if used is not None:
                     moved[used] = moved.get(used, 0) + rec.nbytes
@@ -249,7 +269,8 @@ class Worker:
         return out
 
     def _pull_slice(self, name: str, p: PartLocation, glo: int, ghi: int, prefer: str | None,
-                    tag: dict[str, Any] | None) -> tuple[DatasetRecord, str]:
+                    tag: dict[str, Any] | None, feed: Feed | None = None
+                    ) -> tuple[DatasetRecord, str]:
         """Rows ``[glo, ghi)`` of part ``p`` as a local slice: from ``prefer``'s copy or
         slice first, then the part's other holders."""
         sources = [(rec, p.row_start) for rec in p.holders]
@@ -265,13 +286,20 @@ class Worker:
             chunk_bytes=self.node.config.chunk_bytes, volatile=True)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
         piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1) * row_bytes)
+        if feed is not None:
+            feed.open(flat, first.dtype, shape)
+
+        def landed(k: int, off: int, buf: Any, d: int) -> None:
+            buf.copy_into(flat, off)
+            if feed is not None:
+                feed.landed(off, buf.nbytes)
 
         def fetch(source: tuple[DatasetRecord, int], endpoint: str | None) -> None:
             rec, start = source
             assert endpoint is not None
             self.node.bulk_client.fetch_range(
                 endpoint, rec.owner, rec, (glo - start) * row_bytes, (ghi - glo) * row_bytes,
-                lambda k, off, buf, d: buf.copy_into(flat, off), piece)
+                landed, piece)
 
         try:
             (used, _), _ = from_holders(
@@ -287,12 +315,16 @@ class Worker:
             raise
 
     # -- ops -------------------------------------------------------------------
-    def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply:
+    def run(self, req: RunRequest, wait_s: float | None = None,
+            feeding: Sequence[gevent.Greenlet] = ()) -> RunReply:
         """Run one unit of a plan on local rows; store and announce the checked output.
-        Counted by op in :attr:`events` (a cancellation is no failure)."""
+        Counted by op in :attr:`events` (a cancellation is no failure).
+
+        ``feeding``: pulls still bringing this unit's rows here.  A rowwise unit starts
+        on the rows that have landed (:mod:`.stream`); any other waits for them."""
         t0 = time.monotonic()
         try:
-            reply = self._run_unit(req, wait_s)
+            reply = self._run_unit(req, wait_s, feeding)
         except gevent.GreenletExit:
             raise
         except BaseException:
@@ -301,7 +333,8 @@ class Worker:
         self.events.op_ran(req.op, time.monotonic() - t0)
         return reply
 
-    def _run_unit(self, req: RunRequest, wait_s: float | None) -> RunReply:
+    def _run_unit(self, req: RunRequest, wait_s: float | None,
+                  feeding: Sequence[gevent.Greenlet] = ()) -> RunReply:
         with self.busy():
             t0 = time.monotonic()
             timing: dict[str, float] = {"compute_s": 0.0, "nbytes": 0}
@@ -310,7 +343,10 @@ class Worker:
                 raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
                               "than the initiator's")
             result = self._empty_part(req)
+            if result is None and self._streams(req, spec):
+                result = self._compute_streamed(req, spec, wait_s, timing, feeding)
             if result is None:
+                self._settle(feeding)
                 result = self._compute(req, spec, wait_s, timing)
             lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
                        "mode": req.mode, "inputs": [
@@ -330,7 +366,8 @@ class Worker:
             rec = self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
                                             lineage=lineage, overwrite=True,
                                             chunk_bytes=self.node.config.chunk_bytes,
-                                            volatile=not keep, adopt=_builtin(spec))
+                                            volatile=not keep,
+                                            adopt=_builtin(spec) or bool(timing.get("ours")))
             times = (time.monotonic() - t0, timing["compute_s"], int(timing["nbytes"]))
             if req.mode == "partial" or arr.nbytes > req.inline:
                 return RunReply(rec, None, *times)
@@ -338,6 +375,103 @@ class Worker:
             if who is not None and who != self.node.name:
                 self.node.traffic.sent(who, arr.nbytes)
             return RunReply(rec, np.ascontiguousarray(arr).tobytes(), *times)
+
+    def _settle(self, feeding: Sequence[gevent.Greenlet]) -> None:
+        """Wait for the pulls bringing a unit's rows (their errors are the share's)."""
+        gevent.joinall(list(feeding))
+
+    def _streams(self, req: RunRequest, spec: Any) -> bool:
+        """A unit runs block by block when its op is rowwise with one input, each input
+        row makes one output row, and the input is big enough to be worth it."""
+        ex, inputs = req.expect, req.inputs
+        if spec.kind != "rowwise" or req.mode not in ("whole", "part") or len(inputs) != 1:
+            return False
+        if ex is None or not ex.shape or (inputs[0].rows is None and req.mode == "part"):
+            return False
+        try:
+            loc = self.node.catalog.locate(inputs[0].name)
+        except DatasetNotFound:
+            return False
+        if len(loc.shape) < 2:
+            return False
+        lo, hi = inputs[0].rows if inputs[0].rows is not None else (0, loc.shape[0])
+        row_bytes = np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:])
+        return ex.shape[0] == hi - lo and (hi - lo) * row_bytes >= STREAM_MIN_BYTES
+
+    def _local_blocks(self, name: str, wait_s: float | None) -> list[Block]:
+        """Row ranges of ``name`` committed here, as read-only arrays (views where the
+        store can: memory, or a mapped HDF5 file)."""
+        loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
+        dt = np.dtype(loc.dtype)
+        out = []
+        for plo, phi, rec in pieces:
+            reader = self.node.store.reader(rec.key)
+            raw = reader.byte_range(0, rec.nbytes)
+            arr = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8).view(dt)
+            arr = arr.reshape((phi - plo, *loc.shape[1:]))
+            arr.flags.writeable = False
+            out.append((plo, phi, arr))
+        return out
+
+    def _compute_streamed(self, req: RunRequest, spec: Any, wait_s: float | None,
+                          timing: dict[str, float], feeding: Sequence[gevent.Greenlet]
+                          ) -> np.ndarray[Any, Any] | None:
+        """A rowwise unit block by block, on the op pool, as its rows become local
+        (:mod:`.stream`): each block writes its rows of a preallocated output.  ``None``
+        when a block's output does not have the rows the plan's model says (the unit
+        then runs whole, and its output check explains)."""
+        ex = req.expect
+        assert ex is not None
+        inp = req.inputs[0]
+        name = inp.name
+        lo, hi = inp.rows if inp.rows is not None else (0, ex.shape[0])
+        out = np.empty(ex.shape, dtype=np.dtype(ex.dtype))
+        trailing, dtype = tuple(ex.shape[1:]), np.dtype(ex.dtype)
+        copy_in = not _builtin(spec)  # a user op may change its input: give it its own rows
+
+        def one(a: int, b: int, x: np.ndarray[Any, Any]) -> tuple[bool, float]:
+            t = time.monotonic()
+            if spec.into is not None:  # straight into the result
+                run_rowwise_into(spec, [np.array(x) if copy_in else x], req.params,
+                                 out[a - lo : b - lo])
+                return True, time.monotonic() - t
+            y = run_rowwise_part(spec, [np.array(x) if copy_in else x], req.params)
+            if y.shape != (b - a, *trailing) or y.dtype != dtype:
+                return False, 0.0
+            out[a - lo : b - lo] = y
+            return True, time.monotonic() - t
+
+        for g in feeding:
+            g.link(lambda _g: self.arrivals.poke())
+        loc = self.node.catalog.wait_for(name, self._wait(wait_s))
+        row_bytes = np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:])
+        block_rows = max(1, self.node.config.chunk_bytes // max(row_bytes, 1))
+        blocks = row_blocks(name, lo, hi, local=lambda: self._local_blocks(name, wait_s),
+                            arrivals=self.arrivals, block_rows=block_rows,
+                            pending=lambda: any(not g.ready() for g in feeding))
+        pool = gevent.pool.Pool(op_pool().maxsize)
+        jobs: list[gevent.Greenlet] = []
+        try:
+            streamed = self.events.streamed
+            for a, b, x in blocks:
+                jobs.append(pool.spawn(run_in, op_pool(), one, a, b, x))
+                streamed["blocks"] += 1
+                if any(not g.ready() for g in feeding):
+                    streamed["early_blocks"] += 1
+                for g in jobs:
+                    if g.ready() and not g.successful():
+                        raise g.exception
+            gevent.joinall(jobs, raise_error=True)
+        except BaseException:
+            pool.kill()
+            raise
+        timing["compute_s"] = sum(g.value[1] for g in jobs)
+        timing["nbytes"] = (hi - lo) * row_bytes
+        if not all(g.value[0] for g in jobs):
+            return None
+        self.events.streamed["units"] += 1
+        timing["ours"] = 1.0  # our own array: the store keeps it without a copy
+        return out
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the

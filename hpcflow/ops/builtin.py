@@ -20,11 +20,20 @@ from hpcflow.ops.registry import op
 from hpcflow.ops.spec import Array, Params, Partial
 
 
-@op("scale", kind="rowwise")
-def scale(x: Array, *, factor: float) -> Array:
-    """``x * factor``."""
+def _check_factor(factor: Any) -> None:
     if not isinstance(factor, (Real, complex, np.number)):
         raise ParamError(f"scale: factor must be a number, got {factor!r}")
+
+
+def _scale_into(x: Array, *, out: Array, factor: float) -> None:
+    _check_factor(factor)
+    np.multiply(x, factor, out=out)
+
+
+@op("scale", kind="rowwise", into=_scale_into)
+def scale(x: Array, *, factor: float) -> Array:
+    """``x * factor``."""
+    _check_factor(factor)
     return x * factor
 
 
@@ -56,11 +65,20 @@ def _describe(a: Array, b: Array) -> str:
                        else f"an operand of shape {x.shape}" for x in (a, b))
 
 
-@op("fft", kind="rowwise")
-def fft(x: Array) -> Array:
-    """``np.fft.fft(x, axis=1)``: complex128, twice the bytes of float64 input."""
+def _check_fft(x: Array) -> None:
     if x.ndim < 2:
         raise InputError(f"fft: needs at least 2 dimensions (rows, samples), got shape {x.shape}")
+
+
+def _fft_into(x: Array, *, out: Array) -> None:
+    _check_fft(x)
+    np.fft.fft(x, axis=1, out=out)
+
+
+@op("fft", kind="rowwise", into=_fft_into)
+def fft(x: Array) -> Array:
+    """``np.fft.fft(x, axis=1)``: complex128, twice the bytes of float64 input."""
+    _check_fft(x)
     return np.fft.fft(x, axis=1)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hpcflow.ops.errors import OpError, RegistrationError, UnknownOpError
-from hpcflow.ops.spec import CombineFn, Kind, OpSpec, ShapeFn, SplitPredicate
+from hpcflow.ops.spec import CombineFn, IntoFn, Kind, OpSpec, ShapeFn, SplitPredicate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +82,7 @@ class OpRegistry:
         out_shape: ShapeFn | None = None,
         out_dtype: npt.DTypeLike | None = None,
         splittable: SplitPredicate | None = None,
+        into: IntoFn | None = None,
         replace: bool = False,
     ) -> Callable[[F], F]:
         """Decorator registering a function as op ``name``.
@@ -100,6 +101,7 @@ class OpRegistry:
                 out_shape=out_shape,
                 out_dtype=None if out_dtype is None else np.dtype(out_dtype),
                 splittable=splittable,
+                into=into,
             )
             self.register(spec, replace=replace)
             return fn

@@ -45,6 +45,8 @@ ShapeFn = Callable[[Sequence[Shape], Params], Shape]
 #: Whether a reduce op can be split for the given params (e.g. histogram needs
 #: a fixed ``range``); ``None`` means always.
 SplitPredicate = Callable[[Params], bool]
+#: Writes a rowwise op's output for its inputs into ``out`` (see :attr:`OpSpec.into`).
+IntoFn = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class OpSpec:
     out_shape: ShapeFn | None = None
     out_dtype: np.dtype[Any] | None = None
     splittable: SplitPredicate | None = None
+    #: A rowwise op may also say how to write its output into a given array:
+    #: ``into(*inputs, out=block, **params)`` fills ``block`` with what ``fn`` would
+    #: return, so a node computing row block by block writes straight into the result.
+    into: IntoFn | None = None
     definition_hash: str = field(init=False, compare=False)
     #: The op function's signature, taken once: checking a call's parameters against it
     #: is done for every unit of work, and ``inspect.signature`` costs tens of µs.
@@ -73,6 +79,8 @@ class OpSpec:
             raise RegistrationError(f"op {self.name!r}: arity must be >= 1, got {self.arity}")
         if self.kind == "reduce" and self.arity != 1:
             raise RegistrationError(f"op {self.name!r}: reduce ops take exactly one input")
+        if self.into is not None and self.kind != "rowwise":
+            raise RegistrationError(f"op {self.name!r}: only rowwise ops take an into function")
         if self.combine is not None and self.kind != "reduce":
             raise RegistrationError(f"op {self.name!r}: only reduce ops take a combine function")
         if self.out_dtype is not None:
@@ -111,7 +119,8 @@ def definition_hash(spec: OpSpec) -> str:
     dtype = None if spec.out_dtype is None else spec.out_dtype.str
     digest.update(f"kind={spec.kind};arity={spec.arity};out_dtype={dtype};".encode())
     for label, fn in (("fn", spec.fn), ("combine", spec.combine),
-                      ("splittable", spec.splittable), ("out_shape", spec.out_shape)):
+                      ("splittable", spec.splittable), ("out_shape", spec.out_shape),
+                      ("into", spec.into)):
         digest.update(f";{label}=".encode())
         if fn is not None:
             digest.update(_fingerprint(fn, set()))
