@@ -129,6 +129,22 @@ def test_an_fft_runs_on_the_blocks_of_pulled_parts_and_equals_numpy(
     assert after.get("blocks", 0) - before.get("blocks", 0) >= 8
 
 
+def test_ops_over_several_inputs_run_block_by_block_too(
+        split: tuple[Cluster, np.ndarray]) -> None:
+    """add over two row inputs made here, and over a row input and a broadcast operand."""
+    cl, x = split
+    before = _streamed(cl["n1"]).get("units", 0)
+    with cl["n1"].client() as flow:
+        f = flow.run("fft", "X")
+        both = flow.run("add", f, flow.run("fft", "X"))
+        np.testing.assert_allclose(both.fetch(), 2 * np.fft.fft(x, axis=1))
+        shifted = flow.run("add", flow.run("colsum", "X"), "X")  # broadcast operand first
+        np.testing.assert_allclose(shifted.fetch(), x + x.sum(0))
+        assert all(s["nodes"] == ["n1"] for s in both.plan.steps)  # type: ignore[union-attr]
+    # two ffts, their add, and the add with the broadcast column sums
+    assert _streamed(cl["n1"]).get("units", 0) - before == 4
+
+
 def test_a_user_op_that_changes_its_input_changes_no_stored_copy(
         split: tuple[Cluster, np.ndarray]) -> None:
     cl, x = split

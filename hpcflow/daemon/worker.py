@@ -42,6 +42,7 @@ from ..ops import (
     OpRegistry,
     apply,
     combine_partials,
+    row_roles,
     run_partial,
     run_rowwise_into,
     run_rowwise_part,
@@ -74,6 +75,14 @@ def _nbytes(partial: Any) -> int:
 
 def _builtin(spec: Any) -> bool:
     return bool(getattr(spec.fn, "__module__", "").startswith("hpcflow.ops."))
+
+
+#: A streamed unit's inputs: ``(name, lo, hi, is_row_input)`` each.
+Layout = list[tuple[str, int, int, bool]]
+
+
+def _always(x: np.ndarray[Any, Any]) -> Callable[[int, int], np.ndarray[Any, Any]]:
+    return lambda a, b: x
 
 
 def slice_name(name: str, lo: int, hi: int) -> str:
@@ -343,8 +352,9 @@ class Worker:
                 raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
                               "than the initiator's")
             result = self._empty_part(req)
-            if result is None and self._streams(req, spec):
-                result = self._compute_streamed(req, spec, wait_s, timing, feeding)
+            layout = self._streams(req, spec) if result is None else None
+            if layout is not None:
+                result = self._compute_streamed(req, spec, layout, wait_s, timing, feeding)
             if result is None:
                 self._settle(feeding)
                 result = self._compute(req, spec, wait_s, timing)
@@ -380,23 +390,39 @@ class Worker:
         """Wait for the pulls bringing a unit's rows (their errors are the share's)."""
         gevent.joinall(list(feeding))
 
-    def _streams(self, req: RunRequest, spec: Any) -> bool:
-        """A unit runs block by block when its op is rowwise with one input, each input
-        row makes one output row, and the input is big enough to be worth it."""
-        ex, inputs = req.expect, req.inputs
-        if spec.kind != "rowwise" or req.mode not in ("whole", "part") or len(inputs) != 1:
-            return False
-        if ex is None or not ex.shape or (inputs[0].rows is None and req.mode == "part"):
-            return False
+    def _streams(self, req: RunRequest, spec: Any) -> Layout | None:
+        """How a unit runs block by block, if it does: its op is rowwise, each row of its
+        (first) row input makes one output row, and that input is big enough to be worth
+        it.  ``[(name, lo, hi, is_row_input)]`` per input (broadcast operands go whole
+        to every block)."""
+        ex = req.expect
+        if spec.kind != "rowwise" or req.mode not in ("whole", "part"):
+            return None
+        if ex is None or not ex.shape:
+            return None
+        layout, shapes = [], []
+        for i in req.inputs:
+            try:
+                loc = self.node.catalog.locate(i.name)
+            except DatasetNotFound:
+                return None
+            if not loc.shape:
+                return None
+            lo, hi = i.rows if i.rows is not None else (0, loc.shape[0])
+            layout.append((i.name, lo, hi))
+            shapes.append((hi - lo, *loc.shape[1:]))
         try:
-            loc = self.node.catalog.locate(inputs[0].name)
-        except DatasetNotFound:
-            return False
-        if len(loc.shape) < 2:
-            return False
-        lo, hi = inputs[0].rows if inputs[0].rows is not None else (0, loc.shape[0])
-        row_bytes = np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:])
-        return ex.shape[0] == hi - lo and (hi - lo) * row_bytes >= STREAM_MIN_BYTES
+            roles = row_roles(spec, shapes)
+        except OpError:
+            return None  # the unit's own run says what is wrong
+        first = roles.index(True)
+        rows = shapes[first][0]
+        if len(shapes[first]) < 2 or ex.shape[0] != rows:
+            return None
+        loc = self.node.catalog.locate(layout[first][0])
+        if rows * np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:]) < STREAM_MIN_BYTES:
+            return None
+        return [(*x, r) for x, r in zip(layout, roles, strict=True)]
 
     def _local_blocks(self, name: str, wait_s: float | None) -> list[Block]:
         """Row ranges of ``name`` committed here, as read-only arrays (views where the
@@ -413,29 +439,43 @@ class Worker:
             out.append((plo, phi, arr))
         return out
 
-    def _compute_streamed(self, req: RunRequest, spec: Any, wait_s: float | None,
-                          timing: dict[str, float], feeding: Sequence[gevent.Greenlet]
-                          ) -> np.ndarray[Any, Any] | None:
-        """A rowwise unit block by block, on the op pool, as its rows become local
-        (:mod:`.stream`): each block writes its rows of a preallocated output.  ``None``
-        when a block's output does not have the rows the plan's model says (the unit
-        then runs whole, and its output check explains)."""
+    def _compute_streamed(self, req: RunRequest, spec: Any, layout: Layout,
+                          wait_s: float | None, timing: dict[str, float],
+                          feeding: Sequence[gevent.Greenlet]) -> np.ndarray[Any, Any] | None:
+        """A rowwise unit block by block, on the op pool, as the rows of its first row
+        input become local (:mod:`.stream`); its other inputs must be here (their rows
+        for each block, broadcast operands whole).  Each block writes its rows of a
+        preallocated output.  ``None`` when a block's output does not have the rows the
+        plan's model says (the unit then runs whole, and its output check explains)."""
         ex = req.expect
         assert ex is not None
-        inp = req.inputs[0]
-        name = inp.name
-        lo, hi = inp.rows if inp.rows is not None else (0, ex.shape[0])
+        first = next(k for k, x in enumerate(layout) if x[3])
+        name, lo, hi, _ = layout[first]
+        if len(layout) > 1:
+            self._settle(feeding)  # the other inputs whole first: then stream the first
+            feeding = ()
+        others: list[Callable[[int, int], np.ndarray[Any, Any]]] = []
+        for k, (other, olo, ohi, is_row) in enumerate(layout):
+            if k == first:
+                continue
+            if is_row:
+                others.append(self._rows_of(other, olo - lo, wait_s))
+            else:
+                others.append(_always(self.local_rows(other, (olo, ohi), wait_s)))
         out = np.empty(ex.shape, dtype=np.dtype(ex.dtype))
         trailing, dtype = tuple(ex.shape[1:]), np.dtype(ex.dtype)
         copy_in = not _builtin(spec)  # a user op may change its input: give it its own rows
 
         def one(a: int, b: int, x: np.ndarray[Any, Any]) -> tuple[bool, float]:
             t = time.monotonic()
+            args = [x, *(get(a, b) for get in others)]
+            args.insert(first, args.pop(0))
+            if copy_in:
+                args = [np.array(y) for y in args]
             if spec.into is not None:  # straight into the result
-                run_rowwise_into(spec, [np.array(x) if copy_in else x], req.params,
-                                 out[a - lo : b - lo])
+                run_rowwise_into(spec, args, req.params, out[a - lo : b - lo])
                 return True, time.monotonic() - t
-            y = run_rowwise_part(spec, [np.array(x) if copy_in else x], req.params)
+            y = run_rowwise_part(spec, args, req.params)
             if y.shape != (b - a, *trailing) or y.dtype != dtype:
                 return False, 0.0
             out[a - lo : b - lo] = y
@@ -472,6 +512,28 @@ class Worker:
         self.events.streamed["units"] += 1
         timing["ours"] = 1.0  # our own array: the store keeps it without a copy
         return out
+
+    def _rows_of(self, name: str, shift: int, wait_s: float | None
+                 ) -> Callable[[int, int], np.ndarray[Any, Any]]:
+        """Rows ``[a + shift, b + shift)`` of ``name`` from the pieces here now: a view of
+        one piece, or the pieces' rows joined."""
+        pieces = self._local_blocks(name, wait_s)
+
+        def get(a: int, b: int) -> np.ndarray[Any, Any]:
+            a, b = a + shift, b + shift
+            for plo, phi, arr in pieces:
+                if plo <= a and b <= phi:
+                    return arr[a - plo : b - plo]
+            parts, pos = [], a
+            for plo, phi, arr in pieces:
+                if plo <= pos < phi:
+                    take = min(phi, b)
+                    parts.append(arr[pos - plo : take - plo])
+                    pos = take
+            if pos < b:
+                raise DatasetNotFound(f"rows [{pos}, {b}) of {name} are not on {self.node.name}")
+            return np.concatenate(parts)
+        return get
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the

@@ -37,15 +37,12 @@ def scale(x: Array, *, factor: float) -> Array:
     return x * factor
 
 
-@op("add", kind="rowwise")
-def add(a: Array, b: Array) -> Array:
-    """``a + b``: row blocks that line up, or one operand broadcast to every row.
+def _add_into(a: Array, b: Array, *, out: Array) -> None:
+    _check_add(a, b)
+    np.add(a, b, out=out)
 
-    Follows numpy: ``b`` may be a row-aligned array of the same shape as ``a``
-    or one numpy broadcasts against each row of ``a`` without changing its
-    shape, such as a column vector ``(cols,)`` or ``(1, cols)`` (e.g. the
-    ``colsum`` of another dataset), and the other way round.
-    """
+
+def _check_add(a: Array, b: Array) -> None:
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -54,6 +51,18 @@ def add(a: Array, b: Array) -> Array:
         raise InputError(f"add: shapes differ: {_describe(a, b)}; they need equal row counts "
                          "and row shapes, or one must broadcast against every row of the "
                          "other (numpy rules)")
+
+
+@op("add", kind="rowwise", into=_add_into)
+def add(a: Array, b: Array) -> Array:
+    """``a + b``: row blocks that line up, or one operand broadcast to every row.
+
+    Follows numpy: ``b`` may be a row-aligned array of the same shape as ``a``
+    or one numpy broadcasts against each row of ``a`` without changing its
+    shape, such as a column vector ``(cols,)`` or ``(1, cols)`` (e.g. the
+    ``colsum`` of another dataset), and the other way round.
+    """
+    _check_add(a, b)
     return np.add(a, b)
 
 
