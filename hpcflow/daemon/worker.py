@@ -398,6 +398,8 @@ class Worker:
         ex = req.expect
         if spec.kind != "rowwise" or req.mode not in ("whole", "part"):
             return None
+        if getattr(spec, "rows", None) is not None:  # selects rows by their global index
+            return None
         if ex is None or not ex.shape:
             return None
         layout, shapes = [], []

@@ -119,11 +119,12 @@ def definition_hash(spec: OpSpec) -> str:
     dtype = None if spec.out_dtype is None else spec.out_dtype.str
     digest.update(f"kind={spec.kind};arity={spec.arity};out_dtype={dtype};".encode())
     for label, fn in (("fn", spec.fn), ("combine", spec.combine),
-                      ("splittable", spec.splittable), ("out_shape", spec.out_shape),
-                      ("into", spec.into)):
+                      ("splittable", spec.splittable), ("out_shape", spec.out_shape)):
         digest.update(f";{label}=".encode())
         if fn is not None:
             digest.update(_fingerprint(fn, set()))
+    if spec.into is not None:  # only then: ops without one keep the hashes they had
+        digest.update(b";into=" + _fingerprint(spec.into, set()))
     return digest.hexdigest()
 
 
