@@ -184,9 +184,27 @@ class Lineage:
     def nbytes(self) -> int:
         return len(json.dumps(self.to_wire()))
 
+    def depth(self) -> int:
+        """Levels of lineage: 1, plus those of the deepest saved source's own."""
+        return 1 + max((s.lineage.depth() for s in self.sources if s.lineage is not None),
+                       default=0)
+
+    def _within(self, levels: int) -> Lineage:
+        """Saved sources' lineages cut below ``levels`` levels (marked ``omitted``)."""
+        sources = tuple(
+            s if s.lineage is None else
+            replace(s, lineage=s.lineage._within(levels - 1)) if levels > 1 else
+            replace(s, lineage=None, omitted=f"its own lineage was left out: nested deeper "
+                    f"than {MAX_DEPTH} levels (see hpcflow lineage {s.name})")
+            for s in self.sources)
+        return replace(self, sources=sources)
+
     def bounded(self, limit: int = MAX_LINEAGE_BYTES) -> Lineage:
-        """This lineage within ``limit`` JSON bytes: saved sources' own lineages dropped
-        first (marked ``omitted``), then the steps (marked ``truncated``)."""
+        """This lineage within ``limit`` JSON bytes and :data:`MAX_DEPTH` nested levels:
+        saved sources' own lineages dropped first (marked ``omitted``), then the steps
+        (marked ``truncated``)."""
+        if self.depth() > MAX_DEPTH + 1:
+            return self._within(MAX_DEPTH + 1).bounded(limit)
         size = self.nbytes()
         if size <= limit and len(self.steps) <= MAX_STEPS:
             return self
@@ -250,4 +268,4 @@ def _text(v: object, what: str) -> str:
     return v
 
 
-__all__ = ["MAX_LINEAGE_BYTES", "Lineage", "Source", "Step", "source_digest"]
+__all__ = ["MAX_DEPTH", "MAX_LINEAGE_BYTES", "Lineage", "Source", "Step", "source_digest"]
