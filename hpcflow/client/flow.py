@@ -141,9 +141,17 @@ class Handle:
         self.flow._done(self)
         return self
 
-    def save(self, name: str, overwrite: bool = False) -> str:
-        """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
-        return self.flow._save(self, validate_name(name), validate_flag(overwrite, "overwrite"))
+    def save(self, name: str, overwrite: bool = False, partitioned: bool | None = None) -> str:
+        """Keep this output under ``name`` beyond the flow's life, with its whole lineage.
+
+        ``partitioned=True`` keeps each part on the node that made it, as the parts of
+        one saved dataset (nothing moves); ``False`` gathers it whole on the initiator;
+        the default is ``True`` when the output is split (more than one part)."""
+        if partitioned is not None:
+            partitioned = validate_flag(partitioned, "partitioned")
+        self.flow._save(self, validate_name(name), validate_flag(overwrite, "overwrite"),
+                        partitioned)
+        return name
 
     def __repr__(self) -> str:
         state = "done" if self.executed else "pending"
@@ -374,14 +382,16 @@ class Flow:
                     self.planned[link] += got
         return arr
 
-    def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
+    def _save(self, target: Handle, name: str, overwrite: bool = False,
+              partitioned: bool | None = None, restore: bool = False) -> dict[str, Any]:
         self._done(target)
-        reply = self.client._call("save", self.id, target.name, name, overwrite,
-                                  self.secret.to_wire())
+        reply: dict[str, Any] = self.client._call(
+            "save", self.id, target.name, name, overwrite, self.secret.to_wire(),
+            {"partitioned": partitioned, "restore": restore})
         for link, n in reply["moved"].items():
             self.moved[link] += n
             self.planned[link] += n
-        return name
+        return reply
 
     def report(self) -> dict[str, Any]:
         """Planned vs actually moved bytes per link, over every execution so far.
