@@ -37,17 +37,28 @@ from hpcflow.errors import (
 from .conftest import Cluster, wait_for
 
 ROWS, COLS = 600, 8
+#: An op that is not deterministic: what it made cannot be recomputed.
+NOISY_OPS = """
+import numpy as np
+from hpcflow import op
+
+@op("jitter", kind="rowwise")
+def jitter(x):
+    return x + np.random.default_rng().random(x.shape)
+"""
 HALF = ROWS // 2
 
 
 @pytest.fixture
 def split(tmp_path: Path) -> Iterator[Cluster]:
     """n1 (the initiator, holds V), n2 and n3 (a part of X each), n4 (spare)."""
-    c = Cluster(tmp_path)
+    ops = tmp_path / "noisy_ops.py"
+    ops.write_text(NOISY_OPS)
+    c = Cluster(tmp_path / "cluster")
     try:
-        c.add("n1")
+        c.add("n1", extra=["--ops", str(ops)])
         for n in ("n2", "n3", "n4"):
-            c.add(n, via="n1")
+            c.add(n, via="n1", extra=["--ops", str(ops)])
         c.wait_members()
         yield c
     finally:
@@ -91,7 +102,7 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
     with split["n1"].client() as c:
         h = c.run("select", c.run("add", c.run("scale", "X", factor=2.0), "V"), index=[0, 2, 5])
         assert np.array_equal(h.fetch(), expected)
-        made = c.locate(h.name)["parts"]
+        made = c.wait_for(h.name, 10)["parts"]
         assert len(made) == 2
         made_on = {p["part"]: {r["owner"] for r in p["holders"]} for p in made}
         before_report, before_nodes = c.report()["bytes_moved"], _received(split)
@@ -114,8 +125,14 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
         with pytest.raises(InvalidName):
             h.save(h.name)
         h.save("RESULT", overwrite=True)  # a new version of each part, where it was
+        # (the save returns once the initiator's catalog shows every part it wrote)
         assert {r.version for r in c.catalog() if r.name == "RESULT"} == {2}
         assert _received(split) == after
+        noisy = c.run("select", c.run("jitter", h), index=[0])  # on h's parts, where they are
+        noisy.fetch()
+        noisy.save("NOISY")
+        assert ({p["part"]: p["holders"][0]["owner"] for p in c.locate("NOISY")["parts"]}
+                == {p["part"]: p["holders"][0]["owner"] for p in c.locate(h.name)["parts"]})
         sums = c.run("colsum", h)  # a reduce over the flow's output: its partials' inputs
         sums.save("SUMS")
         assert np.allclose(c.fetch("SUMS"), expected.sum(axis=0))
@@ -188,6 +205,15 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
         assert c.locate("RESULT")["missing"] == [1]
         c.delete("V")
         c.put("V", v)  # the same data again (from its source): recompute may run
+        # an op that is not deterministic: the recomputed part differs, nothing is stored
+        assert c.locate("NOISY")["missing"] == [1]
+        with pytest.raises(LineageError, match="part 1 of NOISY differs from the saved one"):
+            c.recompute("NOISY")
+        assert c.locate("NOISY")["missing"] == [1]
+        with split[survivor].client() as cs:  # its own records: nothing was written there
+            assert not [r for r in cs.catalog() if r.name == "NOISY" and r.owner == survivor]
+        wait_for(lambda: not [r for r in c.catalog() if r.name.startswith("wf-")], 10,
+                 "the recomputing flow's intermediates gone")
     out = _cli(split, "recompute", "RESULT", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["restored"] == [1]
@@ -198,8 +224,15 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
         assert c.recompute("RESULT")["restored"] == []  # nothing lost any more
         with pytest.raises(LineageError, match="put, not saved"):
             c.recompute("X")
+    bad = _cli(split, "recompute", "X")  # one typed line from the shell
+    assert bad.returncode == 1 and "(LineageError)" in bad.stderr, bad.stderr
+    bad = _cli(split, "lineage", "NOPE", "--json")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["error"]["type"] == "DatasetNotFound"
+    with split["n1"].client() as c:
         # the flow that recomputed it left nothing behind
-        assert not [r for r in c.catalog() if r.name.startswith("wf-")]
+        wait_for(lambda: not [r for r in c.catalog() if r.name.startswith("wf-")], 10,
+                 "the recomputing flow's intermediates gone")
 
 
 def _now(c: hpcflow.Client, name: str) -> tuple[set[int], str]:

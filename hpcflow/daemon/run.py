@@ -281,6 +281,7 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
             partitioned = len(loc.parts) > 1
         if partitioned:
             recs = saving.save_in_place(node, executor, output, loc, name, overwrite, lineage)
+            saving.until_known(node.catalog, recs, node.config.rpc_timeout_s)
             return {"record": recs[0].to_wire(), "records": [r.to_wire() for r in recs],
                     "moved": executor.ex.to_wire()["moved"]}
         executor.pull(node.name, output, None)

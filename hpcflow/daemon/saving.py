@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import gevent
@@ -159,6 +160,21 @@ def save_in_place(node: NodeParts, executor: Executor, output: str, loc: Locatio
     return [rec for _, rec in saved]
 
 
+def until_known(catalog: Catalog, recs: list[DatasetRecord], timeout: float) -> None:
+    """Wait until this node's catalog shows every record of ``recs`` (their holders
+    announce them): a script may locate or fetch a saved dataset through its node as
+    soon as the save returns.  Best effort: after ``timeout`` the reply goes anyway."""
+    deadline = time.monotonic() + timeout
+    want = {(r.owner, r.key, r.version) for r in recs}
+    while True:
+        names = {r.name for r in recs}
+        have = {(r.owner, r.key, r.version) for n in names for r in catalog.records_named(n)}
+        left = deadline - time.monotonic()
+        if want <= have or left <= 0:
+            return
+        catalog.wait_changed(left)
+
+
 def restore(node: NodeParts, executor: Executor, output: str, name: str) -> dict[str, Any]:
     """Write the parts of saved dataset ``name`` that no live node holds from the
     recomputed ``output``; each must match the lost part's checksum (else
@@ -207,6 +223,7 @@ def restore(node: NodeParts, executor: Executor, output: str, name: str) -> dict
                "nparts": rec.nparts, "lineage": rec.lineage, "overwrite": False,
                "replica": {"checksum": rec.checksum, "chunk_bytes": rec.chunk_bytes}}
         restored.append(DatasetRecord.from_wire(executor._call(holder, "save_part", req)))
+    until_known(cat, restored, node.config.rpc_timeout_s)
     return {"restored": [r.part for r in restored], "records": [r.to_wire() for r in restored],
             "moved": executor.ex.to_wire()["moved"]}
 
@@ -288,4 +305,5 @@ __all__ = [
     "save_in_place",
     "save_part",
     "saved_lineage",
+    "until_known",
 ]
