@@ -27,6 +27,7 @@ import hpcflow
 from hpcflow.catalog.lineage import MAX_DEPTH, MAX_LINEAGE_BYTES, Lineage, Source, Step
 from hpcflow.errors import (
     DatasetExists,
+    DatasetNotFound,
     InputChanged,
     InputMissing,
     InvalidData,
@@ -293,3 +294,35 @@ def test_lineage_nested_past_the_depth_limit_is_cut_with_a_marker() -> None:
     assert cut.depth() == MAX_DEPTH + 1
     assert Lineage.from_wire(cut.to_wire()) == cut
     assert "nested deeper than" in json.dumps(cut.to_wire())
+
+
+def test_bad_save_and_lineage_requests_are_typed_errors(make_cluster: Any) -> None:
+    cluster: Cluster = make_cluster()
+    cluster.add("n1")
+    cluster.wait_members()
+    with cluster["n1"].client() as c:
+        c.put("D", np.arange(30.0).reshape(10, 3))
+        h = c.run("scale", "D", factor=2.0)
+        h.fetch()
+        with pytest.raises(InvalidData, match="partitioned"):
+            h.save("S", partitioned="yes")  # type: ignore[arg-type]
+        flow, secret = c.flow.id, c.flow.secret.to_wire()
+        for options, error in (({"partitioned": "yes"}, InvalidData), ("x", InvalidData),
+                               ({"restore": 1}, InvalidData),
+                               ({"restore": True}, DatasetNotFound)):  # no such saved dataset
+            with pytest.raises(error):
+                c._call("save", flow, h.name, "S", False, secret, options)
+        for req in ("x", {}, {"output": h.name, "name": "S", "replica": {"checksum": 3}},
+                    {"output": h.name, "name": "S", "lineage": "x"}):
+            with pytest.raises((InvalidData, InvalidName)):
+                c._call("save_part", req)  # node-only with keys; checked without
+        with pytest.raises(InvalidName):
+            c.lineage("../etc")
+        with pytest.raises(DatasetNotFound):
+            c.lineage("NOPE")
+        with pytest.raises(DatasetNotFound):
+            c.recompute("NOPE")
+        assert "S" not in {r.name for r in c.catalog()}  # nothing stored by any of them
+        h.save("S")  # and the node goes on: a whole result, gathered (here)
+        assert np.array_equal(c.fetch("S"), np.arange(30.0).reshape(10, 3) * 2)
+        assert c.lineage("S") is not None and c.recompute("S")["restored"] == []
