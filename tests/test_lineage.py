@@ -134,6 +134,14 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
         noisy.save("NOISY")
         assert ({p["part"]: p["holders"][0]["owner"] for p in c.locate("NOISY")["parts"]}
                 == {p["part"]: p["holders"][0]["owner"] for p in c.locate(h.name)["parts"]})
+        # saved without being fetched: planned to stay where it is made, so the fft (twice
+        # the bytes) runs on X's holders; delivered, it would pull X to n1 first
+        assert c.flow.plan(c.run("fft", "X")).bytes_moved >= x.nbytes // 2
+        spec, before = c.run("fft", "X"), (c.report()["bytes_moved"], _received(split))
+        spec.save("SPEC")
+        assert (c.report()["bytes_moved"], _received(split)) == before
+        assert len(c.locate("SPEC")["parts"]) == 2
+        assert np.allclose(c.fetch("SPEC"), np.fft.fft(x, axis=1))
         sums = c.run("colsum", h)  # a reduce over the flow's output: its partials' inputs
         sums.save("SUMS")
         assert np.allclose(c.fetch("SUMS"), expected.sum(axis=0))

@@ -8,6 +8,8 @@ A request (from the script API or the CLI) is a map::
 
 Inputs are dataset names; outputs of earlier requests of the same flow are
 datasets by then, so every request is planned from the current catalog.
+``deliver`` (default: the last output) is what must reach the initiator; ``[]``
+plans for the results to stay where they are made (a partitioned save).
 Every output is named ``<wf>.<n>.<op>`` (a form users may not put, see
 :mod:`.puts`).  ``execute``, ``save`` and ``cleanup`` need the flow's secret,
 whose hash the flow id is (:class:`~hpcflow.rpc.messages.FlowSecret`): only the
@@ -71,7 +73,9 @@ def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], st
     clash = [o for o in outs if node.catalog.records_named(o)]
     if clash:
         raise DatasetExists(f"step output(s) {', '.join(clash)} already exist as datasets")
-    deliver = req.get("deliver") or [steps[-1].out]
+    deliver = req.get("deliver")  # [] (a partitioned save): nothing, results stay put
+    if deliver is None:
+        deliver = [steps[-1].out]
     if not isinstance(deliver, list) or not all(d in outs for d in deliver):
         raise InvalidData("deliver must list outputs of the request's steps")
     objective, method = req.get("objective", "bytes"), req.get("method", "optimal")
