@@ -144,7 +144,8 @@ class Client:
 
     def lineage(self, name: str) -> Lineage | None:
         """How saved dataset ``name`` was derived, back to the datasets that were put
-        (None for a dataset that was put); ``str(...)``/``render`` draws the tree."""
+        (None for a dataset that was put); ``"\n".join(lin.render(name))`` draws the
+        tree, as ``hpcflow lineage`` prints it."""
         return lineage_calls.lineage(self, name)
 
     def recompute(self, name: str) -> dict[str, Any]:
