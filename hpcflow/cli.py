@@ -281,7 +281,7 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
             return 0
         arr = h.fetch()
         if a.save:
-            h.save(a.save, overwrite=a.overwrite)
+            h.save(a.save, overwrite=a.overwrite, partitioned=a.partitioned)
         if a.output:
             np.save(a.output, arr)
         report = c.report()
@@ -300,6 +300,43 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
                   + (f"; written to {a.output}" if a.output else ""))
             if not a.output and arr.size <= 20:
                 print(arr)
+    return 0
+
+
+def cmd_lineage(a: argparse.Namespace) -> int:
+    from .catalog.lineage import Lineage
+    from .client.lineage import describe
+
+    with _client(a) as c:
+        info = describe(c, a.name)
+    if a.json:
+        print(json.dumps(info))
+        return 0
+    d = info["derivation"]
+    if d is None:
+        print(f"{a.name}: put, not derived (no lineage)")
+    else:
+        print("\n".join(Lineage.from_wire(d).render(a.name)))
+    for p in info["parts"]:
+        held = ", ".join(h["node"] + ("" if h["alive"] else " (dead)") for h in p["holders"])
+        print(f"  part {'whole' if p['part'] is None else p['part']}: rows {p['rows']}, "
+              f"checksum {p['checksum'][:16]}, on {held}")
+    if info["missing"]:
+        print(f"  lost (no live holder): parts {info['missing']}: hpcflow recompute {a.name}")
+    return 0
+
+
+def cmd_recompute(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        reply = c.recompute(a.name)
+    if a.json:
+        print(json.dumps({"name": a.name, "restored": reply["restored"],
+                          "moved": reply["moved"]}))
+    elif not reply["restored"]:
+        print(f"{a.name}: every part has a live holder, nothing to recompute")
+    else:
+        print(f"{a.name}: recomputed and stored parts {reply['restored']} "
+              f"({_size(sum(reply['moved'].values()))} moved to store them)")
     return 0
 
 
@@ -497,7 +534,25 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--overwrite", action="store_true",
                             help="with --save: replace an existing dataset of that name")
             sp.add_argument("--output", help="write the result to this .npy file")
+            how = sp.add_mutually_exclusive_group()
+            how.add_argument("--partitioned", dest="partitioned", action="store_true",
+                             default=None, help="with --save: keep each part on the node that "
+                             "made it (the default for a split result)")
+            how.add_argument("--gather", dest="partitioned", action="store_false",
+                             help="with --save: store the result whole on the node connected to")
         sp.set_defaults(fn=fn)
+
+    ln = sub.add_parser("lineage", help="how a saved dataset was derived (the tree back to "
+                        "the datasets that were put) and where its parts are")
+    client_opts(ln)
+    ln.add_argument("name")
+    ln.set_defaults(fn=cmd_lineage)
+
+    rc = sub.add_parser("recompute", help="re-derive the parts of a saved dataset whose "
+                        "holders are gone, from its lineage")
+    client_opts(rc)
+    rc.add_argument("name")
+    rc.set_defaults(fn=cmd_recompute)
 
     from .harness.report import MESSAGES
 

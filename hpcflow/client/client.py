@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
+from ..catalog.lineage import Lineage
 from ..catalog.record import (
     DatasetRecord,
     validate_flag,
@@ -46,6 +47,7 @@ from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
 from ..sources import open_source
 from ..wire import unencodable
+from . import lineage as lineage_calls
 from .flow import Flow, Handle
 
 Progress = Callable[[int, int], None]
@@ -139,6 +141,20 @@ class Client:
     def report(self) -> dict[str, Any]:
         """Planned vs actually moved bytes per link for this flow."""
         return self.flow.report()
+
+    def lineage(self, name: str) -> Lineage | None:
+        """How saved dataset ``name`` was derived, back to the datasets that were put
+        (None for a dataset that was put); ``"\n".join(lin.render(name))`` draws the
+        tree, as ``hpcflow lineage`` prints it."""
+        return lineage_calls.lineage(self, name)
+
+    def recompute(self, name: str) -> dict[str, Any]:
+        """Re-derive the parts of saved dataset ``name`` whose holders are gone, from its
+        lineage; :class:`~hpcflow.errors.InputChanged` or
+        :class:`~hpcflow.errors.InputMissing` (naming the input) if an input is not the
+        data it was derived from.  Returns ``restored`` (the parts written), ``moved``
+        and the recomputing flow's ``report``."""
+        return lineage_calls.recompute(self, name)
 
     # -- metadata -----------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

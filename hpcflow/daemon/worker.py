@@ -35,6 +35,7 @@ import gevent.pool
 import numpy as np
 
 from ..catalog.base import Location, PartLocation
+from ..catalog.lineage import source_digest
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import (
@@ -361,7 +362,7 @@ class Worker:
             lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
                        "mode": req.mode, "inputs": [
                            {"name": i.name, "rows": list(i.rows) if i.rows else None,
-                            "versions": self._versions(i.name)} for i in req.inputs],
+                            **self._versions(i.name)} for i in req.inputs],
                        **req.lineage}
             if req.mode == "partial":
                 result, how = pack_partial(result)
@@ -612,9 +613,12 @@ class Worker:
             raise DatasetNotFound(f"partial {name} is not on {self.node.name}")
         return recs[0].lineage
 
-    def _versions(self, name: str) -> list[int]:
+    def _versions(self, name: str) -> dict[str, Any]:
+        """The versions and whole-dataset checksum an input has as the op reads it (a saved
+        result's lineage records them, see :mod:`hpcflow.catalog.lineage`)."""
         try:
-            return sorted({h.version for p in self.node.catalog.locate(name).parts
-                           for h in p.holders})
+            parts = self.node.catalog.locate(name).parts
         except DatasetNotFound:
-            return []
+            return {"versions": []}
+        return {"versions": sorted({h.version for p in parts for h in p.holders}),
+                "checksum": source_digest((p.part, p.holders[0].checksum) for p in parts)}
