@@ -38,13 +38,15 @@ from ..errors import (
     HpcflowError,
     InvalidData,
     PeerUnavailable,
+    ProtocolError,
     StoreError,
 )
+from ..h5md import AXES, unpack_axis
 from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
-from ..sources import open_source
+from ..sources import open_source, source_metadata
 from ..wire import unencodable
 from .flow import Flow, Handle
 
@@ -168,6 +170,15 @@ class Client:
     def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
         return dict(self._call("describe", validate_name(name), validate_part(part)))
 
+    def metadata(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Any]:
+        """H5MD metadata of ``name`` (rows ``[lo, hi)`` of it, default all): ``unit`` (of
+        the values), ``element`` (its H5MD path when put), ``time_unit``, ``step`` and
+        ``time`` (numpy arrays, one entry per row, or None), ``sources`` (file, path,
+        rows per part) and ``of`` (for a per-frame op result: the dataset whose time
+        axis it has).  See :mod:`hpcflow.h5md`."""
+        return metadata_from_wire(self._call("metadata", validate_name(name),
+                                             _row_range(rows)))
+
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
@@ -201,10 +212,12 @@ class Client:
             raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
         src = open_source(data, dataset)
         try:
+            found, aux = source_metadata(data, dataset)  # a file's path, H5MD units and times
             return self.bulk.upload(
                 self.node_bulk, self.node, name, src.shape, src.dtype, src.read,
-                part=part, nparts=nparts, overwrite=overwrite, lineage=lineage,
-                chunk_bytes=chunk_bytes, progress=progress)
+                part=part, nparts=nparts, overwrite=overwrite,
+                lineage={**(lineage or {}), **found},
+                chunk_bytes=chunk_bytes, progress=progress, aux=aux)
         finally:
             src.close()
 
@@ -373,6 +386,23 @@ def partial_path(path: Path) -> Path:
     so the rename is atomic, and not hidden, so a leftover of a SIGKILLed writer is
     seen and obviously incomplete (SIGINT and SIGTERM remove it)."""
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
+
+
+def _row_range(rows: object) -> list[int] | None:
+    if rows is None:
+        return None
+    if (not isinstance(rows, list | tuple) or len(rows) != 2 or not all(
+            isinstance(r, int | np.integer) and not isinstance(r, bool) for r in rows)):
+        raise InvalidData(f"rows must be (lo, hi), got {rows!r}")
+    return [int(rows[0]), int(rows[1])]
+
+
+def metadata_from_wire(d: Any) -> dict[str, Any]:
+    """A ``metadata`` answer with its step and time as numpy arrays."""
+    if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or len(d["rows"]) != 2:
+        raise ProtocolError("malformed metadata reply")
+    n = int(d["rows"][1]) - int(d["rows"][0])
+    return {**d, **{k: unpack_axis(d.get(k), n, k) for k in AXES}}
 
 
 def _check_lineage(lineage: object) -> None:

