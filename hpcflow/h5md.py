@@ -187,12 +187,12 @@ def unpack_axis(d: Any, rows: int, what: str) -> np.ndarray[Any, Any] | None:
     return np.frombuffer(d["data"], dtype=dt).copy()
 
 
-def write_element(f: h5py.File, element: str, unit: str | None,
+def write_element(f: h5py.File, element: str,
                   step: np.ndarray[Any, Any] | None, time: np.ndarray[Any, Any] | None,
                   time_unit: str | None, *, author: str = "N/A",
                   creator_version: str = "") -> str:
     """Lay out an H5MD file around one time-dependent element; returns the path of its
-    ``value``, which the caller creates (and fills).
+    ``value``, which the caller creates (and fills, and gives its ``unit``).
 
     ``/h5md`` gets ``version`` and ``author``/``creator``; an element under
     ``/particles/GROUP`` gets the ``box`` group H5MD requires there (``dimension`` 3,
@@ -223,10 +223,5 @@ def write_element(f: h5py.File, element: str, unit: str | None,
     return f"{el.name}/value"
 
 
-def set_value_unit(f: h5py.File, value_path: str, unit: str | None) -> None:
-    if unit:
-        f[value_path].attrs["unit"] = unit
-
-
 __all__ = ["AXES", "MAX_AXIS_ROWS", "axis_values", "element_of", "pack_axis", "read_element",
-           "set_value_unit", "unpack_axis", "write_element"]
+           "unpack_axis", "write_element"]

@@ -7,6 +7,9 @@ Real files nobody here wrote (MDAnalysisTests' ``cobrotoxin.h5md`` in nm, ZnH5MD
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -15,7 +18,7 @@ import pytest
 
 from hpcflow.errors import InvalidData
 
-from .conftest import Cluster
+from .conftest import SCALE, Cluster
 
 POS = "/particles/trajectory/position"
 
@@ -108,3 +111,87 @@ def test_malformed_element_is_refused_and_nothing_stored(cluster: Cluster, tmp_p
         assert not list((cluster["n1"].data_dir).glob("**/BAD*"))
 
 
+
+
+def _frames(path: Path) -> list[tuple[np.ndarray, float, int]]:
+    """What MDAnalysis reads from an H5MD file: positions (Angstrom), time, step per frame."""
+    from MDAnalysis.coordinates.H5MD import H5MDReader
+
+    r = H5MDReader(str(path))
+    try:
+        return [(ts.positions.copy(), float(ts.time), int(ts.data["step"])) for ts in r]
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("name, element", [("cobrotoxin.h5md", POS),
+                                           ("cu.h5md", "/particles/atoms/position")])
+def test_h5md_out_reads_in_mdanalysis_as_the_original(cluster: Cluster, real_h5md: Path,
+                                                      tmp_path: Path, name: str,
+                                                      element: str) -> None:
+    pytest.importorskip("MDAnalysis")
+    src = real_h5md / name
+    with cluster["n2"].client() as c:
+        c.put("TRAJ", src, dataset=element)
+    out = tmp_path / "out.h5md"
+    with cluster["n3"].client() as c:
+        c.wait_for("TRAJ", timeout_s=30)
+        assert c.fetch_to("TRAJ", out) == out
+    with h5py.File(out) as f, h5py.File(src) as g:
+        assert list(f["h5md"].attrs["version"]) == [1, 1]
+        assert f["h5md/creator"].attrs["name"] == "hpcflow"
+        assert f["h5md/author"].attrs["name"]
+        assert f[f"{element}/value"].attrs["unit"] == g[f"{element}/value"].attrs["unit"]
+        assert f[f"{element}/time"].attrs["unit"] == g[f"{element}/time"].attrs["unit"]
+        np.testing.assert_array_equal(f[f"{element}/step"][...], g[f"{element}/step"][...])
+    ours, theirs = _frames(out), _frames(src)
+    assert len(ours) == len(theirs) > 1
+    for (p, t, s), (p0, t0, s0) in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(p, p0, rtol=1e-6)
+        assert t == pytest.approx(t0) and s == s0
+    if name == "cobrotoxin.h5md":  # nm in the file: MDAnalysis converted ours too
+        with h5py.File(src) as g:
+            np.testing.assert_allclose(ours[1][0], g[f"{element}/value"][1] * 10, rtol=1e-6)
+
+
+def test_cli_get_h5md_and_plain(cluster: Cluster, real_h5md: Path, tmp_path: Path) -> None:
+    src = real_h5md / "cobrotoxin.h5md"
+    with cluster["n1"].client() as c:
+        c.put("COB", src, dataset=POS)
+    node = cluster["n1"].rpc
+    out = tmp_path / "cob.h5md"
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", node, "--json",
+                        "COB", str(out)], capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shape"] == [3, 19385, 3]
+    with h5py.File(out) as f:
+        np.testing.assert_allclose(f[f"{POS}/time"][...], [0, 50, 100])
+        assert f[f"{POS}/value"].attrs["unit"] == "nm"
+    plain = tmp_path / "cob.h5"  # not .h5md: the array at /data as before, unless --h5md
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", node, "COB",
+                        str(plain)], capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(plain) as f:
+        assert list(f) == ["data"]
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", node, "--h5md",
+                        "--h5path", "/particles/p/position", "COB", str(plain)],
+                       capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(plain) as f:
+        assert f["/particles/p/position/value"].shape == (3, 19385, 3)
+        assert f["/particles/p/box"].attrs["dimension"] == 3
+
+
+def test_h5md_out_of_a_plain_dataset_numbers_its_frames(cluster: Cluster,
+                                                       tmp_path: Path) -> None:
+    with cluster["n1"].client() as c:
+        c.put("OBS", np.arange(6.0).reshape(3, 2))
+        out = c.fetch_to("OBS", tmp_path / "obs.h5md")
+        with pytest.raises(InvalidData):
+            c.fetch_to("OBS", tmp_path / "bad.h5md", h5path="/particles/../x")
+        assert not list(tmp_path.glob("bad.h5md*"))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["/observables/OBS/value"][...],
+                                      np.arange(6.0).reshape(3, 2))
+        np.testing.assert_array_equal(f["/observables/OBS/step"][...], [0, 1, 2])
+        assert "time" not in f["/observables/OBS"]

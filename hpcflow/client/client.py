@@ -23,6 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._version import __version__
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
 from ..catalog.record import (
     DatasetRecord,
@@ -41,7 +42,7 @@ from ..errors import (
     ProtocolError,
     StoreError,
 )
-from ..h5md import AXES, unpack_axis
+from ..h5md import AXES, MAX_AXIS_ROWS, unpack_axis, write_element
 from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
@@ -176,8 +177,19 @@ class Client:
         ``time`` (numpy arrays, one entry per row, or None), ``sources`` (file, path,
         rows per part) and ``of`` (for a per-frame op result: the dataset whose time
         axis it has).  See :mod:`hpcflow.h5md`."""
-        return metadata_from_wire(self._call("metadata", validate_name(name),
-                                             _row_range(rows)))
+        rng = _row_range(rows)
+        if rng is None:
+            shape = self._call("locate", validate_name(name))["shape"]
+            rng = [0, shape[0] if shape else 1]
+        pages = [metadata_from_wire(self._call("metadata", validate_name(name), [a, b]))
+                 for a, b in _pages(*rng)]
+        if len(pages) == 1:
+            return pages[0]
+        out = {**pages[0], "rows": rng}
+        for k in AXES:  # an axis some rows lack is no axis
+            got = [p[k] for p in pages]
+            out[k] = None if any(g is None for g in got) else np.concatenate(got)
+        return out
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
@@ -253,16 +265,31 @@ class Client:
         return out
 
     def fetch_to(self, name: str, path: str | Path, *, part: int | None = None,
-                 h5path: str = "/data", progress: Progress | None = None) -> Path:
-        """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end."""
+                 h5path: str | None = None, progress: Progress | None = None,
+                 h5md: bool | None = None) -> Path:
+        """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end.
+
+        The array goes to ``h5path`` (default ``/data``).  As H5MD (``h5md=True``, the
+        default for a ``.h5md`` file): an H5MD file with the dataset as the ``value`` of
+        the element ``h5path`` (default: the element it was put from, else
+        ``/observables/NAME``), with its step, time and units (see :mod:`hpcflow.h5md`)."""
         path = check_output_path(path)
-        group, leaf = split_h5path(h5path)
+        h5md = path.suffix == ".h5md" if h5md is None else validate_flag(h5md, "h5md")
+        if not h5md:
+            group, leaf = split_h5path("/data" if h5path is None else h5path)
+        elif h5path is not None:
+            split_h5path(h5path)  # a user error before anything moves
         _check_progress(progress)
         shape, dtype_s, total, parts, bulk = self._parts(name, part)
         dtype = np.dtype(dtype_s)
         tmp = partial_path(path)
         try:
             with h5py.File(tmp, "w") as f:
+                if h5md:
+                    lo = parts[0]["row_start"] if shape else 0
+                    value, unit = h5md_layout(f, name, self.metadata(
+                        name, (lo, lo + shape[0])) if shape else None, h5path, shape)
+                    group, leaf = split_h5path(value)
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 if total:
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -272,6 +299,8 @@ class Client:
                                        h5py.h5s.create_simple(shape), dcpl=dcpl)
                 offset = dsid.get_offset() if total else 0
                 f[f"{group.rstrip('/')}/{leaf}"].attrs["hpcflow_name"] = name
+                if h5md and unit:
+                    f[f"{group.rstrip('/')}/{leaf}"].attrs["unit"] = unit
             fd = os.open(tmp, os.O_RDWR)
             try:
                 def sink(base: int) -> Deliver:
@@ -386,6 +415,29 @@ def partial_path(path: Path) -> Path:
     so the rename is atomic, and not hidden, so a leftover of a SIGKILLed writer is
     seen and obviously incomplete (SIGINT and SIGTERM remove it)."""
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
+
+
+def h5md_layout(f: h5py.File, name: str, meta: dict[str, Any] | None, element: str | None,
+                shape: tuple[int, ...]) -> tuple[str, str | None]:
+    """Lay out file ``f`` as H5MD around dataset ``name`` (``meta``: its metadata for the
+    rows written) and return where its ``value`` goes and its unit.  H5MD requires a
+    step per frame: without one known, frames are numbered from 0."""
+    meta = meta or {}
+    if element is None:
+        element = meta.get("element") or f"/observables/{name}"
+    elif element.rstrip("/").endswith("/value"):
+        element = element.rstrip("/")[: -len("/value")]
+    if not shape:
+        raise InvalidData(f"{name} is a scalar: an H5MD element has one row per frame")
+    step = meta.get("step")
+    return write_element(f, element, np.arange(shape[0]) if step is None else step,
+                         meta.get("time"), meta.get("time_unit"),
+                         creator_version=__version__), meta.get("unit")
+
+
+def _pages(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` in ranges one metadata reply can carry."""
+    return [(a, min(hi, a + MAX_AXIS_ROWS)) for a in range(lo, hi, MAX_AXIS_ROWS)] or [(lo, hi)]
 
 
 def _row_range(rows: object) -> list[int] | None:
