@@ -16,9 +16,10 @@ import h5py
 import numpy as np
 import pytest
 
+import hpcflow
 from hpcflow.errors import InvalidData
 
-from .conftest import SCALE, Cluster
+from .conftest import SCALE, Cluster, wait_for
 
 POS = "/particles/trajectory/position"
 
@@ -195,3 +196,80 @@ def test_h5md_out_of_a_plain_dataset_numbers_its_frames(cluster: Cluster,
                                       np.arange(6.0).reshape(3, 2))
         np.testing.assert_array_equal(f["/observables/OBS/step"][...], [0, 1, 2])
         assert "time" not in f["/observables/OBS"]
+
+
+def _element_file(path: Path, frames: range) -> np.ndarray:
+    """An H5MD file whose position element holds ``frames`` of a 12-frame trajectory
+    (step 10 i, time 0.5 i ps, positions in nm)."""
+    rng = np.random.default_rng(7)
+    full = rng.random((12, 5, 3)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        el = f.create_group("/particles/all/position")
+        el["value"] = full[frames.start:frames.stop]
+        el["value"].attrs["unit"] = "nm"
+        el["step"] = 10 * np.arange(frames.start, frames.stop)
+        el["time"] = 0.5 * np.arange(frames.start, frames.stop)
+        el["time"].attrs["unit"] = "ps"
+    return full
+
+
+def test_source_metadata_cuts_time_and_step_to_the_rows_put(tmp_path: Path) -> None:
+    from hpcflow.sources import source_metadata
+
+    path = tmp_path / "t.h5md"
+    _element_file(path, range(0, 12))
+    lineage, aux = source_metadata(path, "/particles/all/position", rows=(3, 7))
+    np.testing.assert_array_equal(aux["step"], [30, 40, 50, 60])
+    np.testing.assert_allclose(aux["time"], [1.5, 2.0, 2.5, 3.0])
+    assert lineage["source"]["rows"] == [3, 7]
+    with pytest.raises(InvalidData):
+        source_metadata(path, "/particles/all/position", rows=(3, 13))
+
+
+def test_per_frame_results_carry_the_time_axis(cluster: Cluster, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.h5md", tmp_path / "b.h5md"
+    full = _element_file(a, range(0, 7))
+    _element_file(b, range(7, 12))
+    with cluster["n1"].client() as c:
+        c.put("SPLIT", a, dataset="/particles/all/position", part=0, nparts=2)
+    with cluster["n2"].client() as c:
+        c.put("SPLIT", b, dataset="/particles/all/position", part=1, nparts=2)
+    times, steps = 0.5 * np.arange(12), 10 * np.arange(12)
+    with cluster["n3"].client() as c:
+        c.wait_for("SPLIT", timeout_s=30)
+        meta = c.metadata("SPLIT")  # parts from two holders, neither of them asked
+        np.testing.assert_allclose(meta["time"], times)
+        np.testing.assert_array_equal(meta["step"], steps)
+        assert [s["part"] for s in meta["sources"]] == [0, 1]
+        sel = c.run("select", "SPLIT", index=[0, 2])  # per frame: rows stay frames
+        scaled = c.run("scale", sel, factor=10.0)  # and again, from a result
+        mean = c.run("colmean", "SPLIT")  # a reduction: no frames left
+        np.testing.assert_allclose(scaled.fetch(), full[:, [0, 2]] * 10, rtol=1e-6)
+        for h in (sel, scaled):
+            m = h.metadata()
+            np.testing.assert_allclose(m["time"], times)
+            np.testing.assert_array_equal(m["step"], steps)
+            assert m["time_unit"] == "ps" and m["of"] == "SPLIT"
+            assert m["unit"] is None  # values changed: their unit is not claimed
+        m = mean.metadata()
+        assert m["time"] is None and m["step"] is None
+        scaled.save("SCALED")
+        saved = c.metadata("SCALED")
+        np.testing.assert_allclose(saved["time"], times)
+        out = c.fetch_to("SCALED", tmp_path / "scaled.h5md")
+        with h5py.File(out) as f:
+            np.testing.assert_allclose(f["/observables/SCALED/time"][...], times)
+            assert f["/observables/SCALED/time"].attrs["unit"] == "ps"
+            np.testing.assert_allclose(f["/observables/SCALED/value"][...],
+                                       full[:, [0, 2]] * 10, rtol=1e-6)
+    with cluster["n2"].client() as c:  # the input changes: the saved axis is not trusted
+        c.put("SPLIT", b, dataset="/particles/all/position", part=1, nparts=2,
+              overwrite=True)
+    with cluster["n3"].client() as c:
+        wait_for(lambda: _changed(c), what="n3 to see SPLIT's new version")
+        with pytest.raises(InvalidData, match="changed"):
+            c.metadata("SCALED")
+
+
+def _changed(c: hpcflow.Client) -> bool:
+    return any(r.name == "SPLIT" and r.version == 2 for r in c.catalog())

@@ -40,6 +40,7 @@ from ..rpc import auth, strict
 from ..rpc.messages import FLOW_ID, FlowSecret
 from . import adapter
 from .executor import Execution, Executor, plan_uses
+from .h5mdmeta import result_axis
 from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
@@ -266,6 +267,9 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
         origin = node.catalog.locate(output).parts[0].holders[0].lineage
         lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
         lineage["saved_from"] = output
+        lineage.pop("axis", None)  # part 0's: the whole output's time axis, if it has one
+        lineage.update(result_axis(node.catalog, [(output, None)], arr.shape[0] if arr.ndim
+                                   else None) or {})
         rec = worker.datasets.put_array(name, arr, overwrite=overwrite, lineage=lineage)
     finally:
         book.end(wf, xid, ok=True)
