@@ -423,6 +423,10 @@ class Store:
         dt = validate_dtype(dtype)
         if aux and volatile:
             raise InvalidData("per-row metadata (aux) is kept for stored datasets only")
+        rows = shape[0] if shape else 1
+        for key, arr in (aux or {}).items():
+            if not key.isidentifier() or np.ndim(arr) != 1 or len(arr) != rows:
+                raise InvalidData(f"per-row array {key!r} must have one entry per row ({rows})")
         nparts = validate_nparts(nparts, part)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not (
                 4096 <= chunk_bytes <= 256 * 1024 * 1024):

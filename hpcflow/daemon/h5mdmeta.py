@@ -94,6 +94,25 @@ def _stored(node: NodeParts, holders: tuple[DatasetRecord, ...], lo: int, hi: in
     raise DatasetNotFound("no holder has the per-frame metadata: " + "; ".join(errors))
 
 
+def copy_axes(node: NodeParts, holders: tuple[DatasetRecord, ...]
+              ) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The per-frame arrays a durable copy of a part keeps beside its data (taken from a
+    holder that has them), or None when the part has none stored or no holder can
+    send them (the copy is then made without: its metadata comes from the others)."""
+    h5 = holders[0].lineage.get("h5md")
+    if not isinstance(h5, dict) or not any(
+            isinstance(h5.get(k), dict) and h5[k].get("form") == "array" for k in AXES):
+        return None
+    rows = holders[0].rows
+    try:
+        pages = [_stored(node, holders, a, min(rows, a + MAX_AXIS_ROWS))
+                 for a in range(0, rows, MAX_AXIS_ROWS)] or [_stored(node, holders, 0, 0)]
+    except HpcflowError as exc:
+        log.warning("copy of %s made without its step/time: %s", holders[0].key, exc)
+        return None
+    return {k: np.concatenate([p[k] for p in pages]) for k in pages[0]}
+
+
 def metadata(node: NodeParts, name: str, rows: Any = None, depth: int = 0) -> dict[str, Any]:
     """What the ``metadata`` call answers for rows ``rows`` (default all) of ``name``:
     ``{"name", "rows", "unit", "element", "time_unit", "step", "time", "sources",
@@ -248,4 +267,4 @@ def result_axis(catalog: Catalog, inputs: list[tuple[str, tuple[int, int] | None
     return None
 
 
-__all__ = ["local_aux", "metadata", "result_axis"]
+__all__ = ["copy_axes", "local_aux", "metadata", "result_axis"]
