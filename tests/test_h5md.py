@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
 import hpcflow
 from hpcflow.errors import InvalidData
@@ -24,12 +27,27 @@ from .conftest import SCALE, Cluster, wait_for
 POS = "/particles/trajectory/position"
 
 
-def test_put_keeps_units_time_step_and_source(cluster: Cluster, real_h5md: Path) -> None:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three nodes for the whole module (n2 joins through n1, n3 through n2): every
+    test uses its own dataset names.  A test that kills a node makes its own."""
+    c = Cluster(tmp_path_factory.mktemp("h5md"))
+    try:
+        c.add("n1")
+        c.add("n2", via="n1")
+        c.add("n3", via="n2")
+        c.wait_members()
+        yield c
+    finally:
+        c.stop()
+
+
+def test_put_keeps_units_time_step_and_source(shared: Cluster, real_h5md: Path) -> None:
     src = real_h5md / "cobrotoxin.h5md"
     with h5py.File(src) as f:
         want = f[f"{POS}/value"][...]
         t, step = f[f"{POS}/time"][...], f[f"{POS}/step"][...]
-    with cluster["n2"].client() as c:
+    with shared["n2"].client() as c:
         rec = c.put("COBRO", src, dataset=POS)
         assert rec.lineage["source"]["file"] == str(src.resolve())
         assert rec.lineage["source"]["path"] == f"{POS}/value"
@@ -38,7 +56,7 @@ def test_put_keeps_units_time_step_and_source(cluster: Cluster, real_h5md: Path)
         assert rec.lineage["h5md"]["time"]["unit"] == "ps"
         # the per-frame arrays stay out of the catalog's records
         assert "data" not in str(rec.lineage["h5md"]["time"])
-    with cluster["n1"].client() as c:  # asked from another node: the holder sends them
+    with shared["n1"].client() as c:  # asked from another node: the holder sends them
         c.wait_for("COBRO", timeout_s=30)
         meta = c.metadata("COBRO")
         assert meta["unit"] == "nm" and meta["time_unit"] == "ps"
@@ -53,7 +71,7 @@ def test_put_keeps_units_time_step_and_source(cluster: Cluster, real_h5md: Path)
         np.testing.assert_array_equal(c.fetch("COBRO"), want)
 
 
-def test_fixed_interval_step_and_time(cluster: Cluster, tmp_path: Path) -> None:
+def test_fixed_interval_step_and_time(shared: Cluster, tmp_path: Path) -> None:
     """H5MD's scalar form: frame i at offset + i * interval, for the rows put."""
     path = tmp_path / "fixed.h5md"
     with h5py.File(path, "w") as f:
@@ -65,7 +83,7 @@ def test_fixed_interval_step_and_time(cluster: Cluster, tmp_path: Path) -> None:
         el["time"] = np.float64(0.5)
         el["time"].attrs["offset"] = np.float64(2.0)
         el["time"].attrs["unit"] = "ps"
-    with cluster["n1"].client() as c:
+    with shared["n1"].client() as c:
         rec = c.put("FIXED", path, dataset="/particles/all/position")
         assert rec.lineage["h5md"]["step"]["form"] == "linear"
         meta = c.metadata("FIXED")
@@ -75,11 +93,11 @@ def test_fixed_interval_step_and_time(cluster: Cluster, tmp_path: Path) -> None:
         np.testing.assert_allclose(c.metadata("FIXED", rows=(7, 10))["time"], [5.5, 6.0, 6.5])
 
 
-def test_plain_array_and_plain_dataset_have_no_axis(cluster: Cluster, tmp_path: Path) -> None:
+def test_plain_array_and_plain_dataset_have_no_axis(shared: Cluster, tmp_path: Path) -> None:
     path = tmp_path / "plain.h5"
     with h5py.File(path, "w") as f:
         f["/data"] = np.ones((4, 2))
-    with cluster["n1"].client() as c:
+    with shared["n1"].client() as c:
         c.put("MEM", np.ones((3, 2)))
         meta = c.metadata("MEM")
         assert meta["time"] is None and meta["step"] is None and meta["unit"] is None
@@ -90,28 +108,31 @@ def test_plain_array_and_plain_dataset_have_no_axis(cluster: Cluster, tmp_path: 
         assert c.metadata("PLAIN")["time"] is None
 
 
-@pytest.mark.parametrize("bad", ["short_time", "text_time", "unit_number"])
-def test_malformed_element_is_refused_and_nothing_stored(cluster: Cluster, tmp_path: Path,
-                                                         bad: str) -> None:
-    path = tmp_path / f"{bad}.h5md"
-    with h5py.File(path, "w") as f:
-        el = f.create_group("/particles/all/position")
-        el["value"] = np.zeros((5, 2, 3))
-        el["step"] = np.arange(5)
-        if bad == "short_time":
-            el["time"] = np.arange(4.0)
-        elif bad == "text_time":
-            el["time"] = np.array([b"a"] * 5)
-        else:
+def test_malformed_element_is_refused_and_nothing_stored(shared: Cluster,
+                                                         tmp_path: Path) -> None:
+    for bad in ("short_time", "text_time", "unit_number", "step_group"):
+        path = tmp_path / f"{bad}.h5md"
+        with h5py.File(path, "w") as f:
+            el = f.create_group("/particles/all/position")
+            el["value"] = np.zeros((5, 2, 3))
             el["time"] = np.arange(5.0)
-            el["value"].attrs["unit"] = 3
-    with cluster["n1"].client() as c:
-        with pytest.raises(InvalidData):
-            c.put("BAD", path, dataset="/particles/all/position")
-        assert not [r for r in c.catalog() if r.name == "BAD"]
-        assert not list((cluster["n1"].data_dir).glob("**/BAD*"))
-
-
+            if bad == "step_group":
+                el.create_group("step")
+            else:
+                el["step"] = np.arange(5)
+            if bad == "short_time":
+                del el["time"]
+                el["time"] = np.arange(4.0)
+            elif bad == "text_time":
+                del el["time"]
+                el["time"] = np.array([b"a"] * 5)
+            elif bad == "unit_number":
+                el["value"].attrs["unit"] = 3
+        with shared["n1"].client() as c:
+            with pytest.raises(InvalidData):
+                c.put("BAD", path, dataset="/particles/all/position")
+            assert not [r for r in c.catalog() if r.name == "BAD"], bad
+        assert not list((shared["n1"].data_dir).glob("**/BAD*"))
 
 
 def _frames(path: Path) -> list[tuple[np.ndarray, float, int]]:
@@ -127,17 +148,18 @@ def _frames(path: Path) -> list[tuple[np.ndarray, float, int]]:
 
 @pytest.mark.parametrize("name, element", [("cobrotoxin.h5md", POS),
                                            ("cu.h5md", "/particles/atoms/position")])
-def test_h5md_out_reads_in_mdanalysis_as_the_original(cluster: Cluster, real_h5md: Path,
+def test_h5md_out_reads_in_mdanalysis_as_the_original(shared: Cluster, real_h5md: Path,
                                                       tmp_path: Path, name: str,
                                                       element: str) -> None:
     pytest.importorskip("MDAnalysis")
     src = real_h5md / name
-    with cluster["n2"].client() as c:
-        c.put("TRAJ", src, dataset=element)
+    ds = "TRAJ_" + name.split(".")[0]
+    with shared["n2"].client() as c:
+        c.put(ds, src, dataset=element)
     out = tmp_path / "out.h5md"
-    with cluster["n3"].client() as c:
-        c.wait_for("TRAJ", timeout_s=30)
-        assert c.fetch_to("TRAJ", out) == out
+    with shared["n3"].client() as c:
+        c.wait_for(ds, timeout_s=30)
+        assert c.fetch_to(ds, out) == out
     with h5py.File(out) as f, h5py.File(src) as g:
         assert list(f["h5md"].attrs["version"]) == [1, 1]
         assert f["h5md/creator"].attrs["name"] == "hpcflow"
@@ -155,11 +177,11 @@ def test_h5md_out_reads_in_mdanalysis_as_the_original(cluster: Cluster, real_h5m
             np.testing.assert_allclose(ours[1][0], g[f"{element}/value"][1] * 10, rtol=1e-6)
 
 
-def test_cli_get_h5md_and_plain(cluster: Cluster, real_h5md: Path, tmp_path: Path) -> None:
+def test_cli_get_h5md_and_plain(shared: Cluster, real_h5md: Path, tmp_path: Path) -> None:
     src = real_h5md / "cobrotoxin.h5md"
-    with cluster["n1"].client() as c:
+    with shared["n1"].client() as c:
         c.put("COB", src, dataset=POS)
-    node = cluster["n1"].rpc
+    node = shared["n1"].rpc
     out = tmp_path / "cob.h5md"
     r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", node, "--json",
                         "COB", str(out)], capture_output=True, text=True, timeout=60 * SCALE)
@@ -183,9 +205,9 @@ def test_cli_get_h5md_and_plain(cluster: Cluster, real_h5md: Path, tmp_path: Pat
         assert f["/particles/p/box"].attrs["dimension"] == 3
 
 
-def test_h5md_out_of_a_plain_dataset_numbers_its_frames(cluster: Cluster,
+def test_h5md_out_of_a_plain_dataset_numbers_its_frames(shared: Cluster,
                                                        tmp_path: Path) -> None:
-    with cluster["n1"].client() as c:
+    with shared["n1"].client() as c:
         c.put("OBS", np.arange(6.0).reshape(3, 2))
         out = c.fetch_to("OBS", tmp_path / "obs.h5md")
         with pytest.raises(InvalidData):
@@ -226,16 +248,16 @@ def test_source_metadata_cuts_time_and_step_to_the_rows_put(tmp_path: Path) -> N
         source_metadata(path, "/particles/all/position", rows=(3, 13))
 
 
-def test_per_frame_results_carry_the_time_axis(cluster: Cluster, tmp_path: Path) -> None:
+def test_per_frame_results_carry_the_time_axis(shared: Cluster, tmp_path: Path) -> None:
     a, b = tmp_path / "a.h5md", tmp_path / "b.h5md"
     full = _element_file(a, range(0, 7))
     _element_file(b, range(7, 12))
-    with cluster["n1"].client() as c:
+    with shared["n1"].client() as c:
         c.put("SPLIT", a, dataset="/particles/all/position", part=0, nparts=2)
-    with cluster["n2"].client() as c:
+    with shared["n2"].client() as c:
         c.put("SPLIT", b, dataset="/particles/all/position", part=1, nparts=2)
     times, steps = 0.5 * np.arange(12), 10 * np.arange(12)
-    with cluster["n3"].client() as c:
+    with shared["n3"].client() as c:
         c.wait_for("SPLIT", timeout_s=30)
         meta = c.metadata("SPLIT")  # parts from two holders, neither of them asked
         np.testing.assert_allclose(meta["time"], times)
@@ -262,10 +284,10 @@ def test_per_frame_results_carry_the_time_axis(cluster: Cluster, tmp_path: Path)
             assert f["/observables/SCALED/time"].attrs["unit"] == "ps"
             np.testing.assert_allclose(f["/observables/SCALED/value"][...],
                                        full[:, [0, 2]] * 10, rtol=1e-6)
-    with cluster["n2"].client() as c:  # the input changes: the saved axis is not trusted
+    with shared["n2"].client() as c:  # the input changes: the saved axis is not trusted
         c.put("SPLIT", b, dataset="/particles/all/position", part=1, nparts=2,
               overwrite=True)
-    with cluster["n3"].client() as c:
+    with shared["n3"].client() as c:
         wait_for(lambda: _changed(c), what="n3 to see SPLIT's new version")
         with pytest.raises(InvalidData, match="changed"):
             c.metadata("SCALED")
@@ -273,3 +295,75 @@ def test_per_frame_results_carry_the_time_axis(cluster: Cluster, tmp_path: Path)
 
 def _changed(c: hpcflow.Client) -> bool:
     return any(r.name == "SPLIT" and r.version == 2 for r in c.catalog())
+
+
+def test_a_replica_keeps_the_axes_after_the_original_holder_is_gone(
+        cluster: Cluster, tmp_path: Path) -> None:
+    path = tmp_path / "t.h5md"
+    _element_file(path, range(0, 12))
+    with cluster["n1"].client() as c:
+        c.put("REP", path, dataset="/particles/all/position")
+    with cluster["n2"].client() as c:
+        c.wait_for("REP", timeout_s=30)
+        c.replicate("REP")
+    cluster["n1"].kill()
+    with cluster["n3"].client() as c:
+        wait_for(lambda: {r.owner for r in c.catalog() if r.name == "REP"} == {"n2"},
+                 what="n1's copy to be withdrawn")
+        meta = c.metadata("REP")
+        np.testing.assert_allclose(meta["time"], 0.5 * np.arange(12))
+        np.testing.assert_array_equal(meta["step"], 10 * np.arange(12))
+
+
+def test_a_client_cannot_forge_a_result_axis(shared: Cluster) -> None:
+    with shared["n1"].client() as c:
+        with pytest.raises(InvalidData, match="axis"):
+            c.put("FORGED", np.ones((3, 2)), lineage={"axis": {"of": "X", "rows": [0, 3]}})
+        # a client may label its own array's units: nothing stored beside it is claimed
+        c.put("LABELLED", np.ones((3, 2)), lineage={"h5md": {"unit": "nm"}})
+        assert c.metadata("LABELLED")["unit"] == "nm"
+
+
+def _raw_put(bulk: str, hdr: dict[str, object], payload: list[bytes]) -> tuple[bytes, dict]:  # type: ignore[type-arg]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(bulk)
+    try:
+        s.send_multipart([b"PUT", msgpack.packb({
+            "r": 1, "part": None, "dtype": "<f8", "chunk_bytes": 1 << 20, "by": "raw",
+            **hdr}), *payload])
+        assert s.poll(10_000 * SCALE), "no answer to PUT"
+        verb, reply = s.recv_multipart()
+        return verb, msgpack.unpackb(reply)
+    finally:
+        s.close()
+        ctx.term()
+
+
+#: (aux in the PUT header, payload frames, error type expected): 3 rows of float64
+HOSTILE = [
+    ([["time", "<f8", 4]], [np.zeros(3).tobytes()], "InvalidData"),   # 3 rows, says 4
+    ([["time", "<f8", 3]], [np.zeros(2).tobytes()], "ProtocolError"),  # payload short
+    ([["time", "<f8", 3]], [np.zeros(4).tobytes()], "ProtocolError"),  # payload long
+    ([["time", "|O", 3]], [np.zeros(3).tobytes()], "InvalidData"),     # not a number
+    ([["../x", "<f8", 3]], [np.zeros(3).tobytes()], "ProtocolError"),  # not a key
+    ([["time", "<f8", 3]] * 2, [np.zeros(6).tobytes()], "ProtocolError"),  # twice
+    ([["time", "<f8", 3]] * 5, [np.zeros(15).tobytes()], "ProtocolError"),  # too many
+    ("time", [np.zeros(3).tobytes()], "ProtocolError"),
+    (None, [np.zeros(3).tobytes()], "ProtocolError"),                  # payload, no aux
+]
+
+
+def test_hostile_put_aux_is_refused_and_leaves_nothing(shared: Cluster) -> None:
+    n = shared["n1"]
+    for aux, payload, error in HOSTILE:
+        hdr: dict[str, object] = {"name": "HOSTILE", "shape": [3, 2]}
+        if aux is not None:
+            hdr["aux"] = aux
+        verb, reply = _raw_put(n.info["bulk"], hdr, payload)
+        assert verb == b"ERR" and reply["type"] == error, (aux, reply)
+        assert not list((n.data_dir / "datasets").glob(".tmp-*"))
+    with n.client() as c:  # the node still serves, and stored nothing
+        assert "HOSTILE" not in {r.name for r in c.catalog()}
+        c.put("AFTER", np.ones(2))
