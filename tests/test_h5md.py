@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 import hpcflow
-from hpcflow.errors import InvalidData
+from hpcflow.errors import DatasetNotFound, InvalidData
 
 from .conftest import SCALE, Cluster, wait_for
 
@@ -290,6 +290,14 @@ def test_per_frame_results_carry_the_time_axis(shared: Cluster, tmp_path: Path) 
     with shared["n3"].client() as c:
         wait_for(lambda: _changed(c), what="n3 to see SPLIT's new version")
         with pytest.raises(InvalidData, match="changed"):
+            c.metadata("SCALED")
+    for node, part in (("n1", 0), ("n2", 1)):  # the input is gone: so is the axis
+        with shared[node].client() as c:
+            c.delete("SPLIT", part)
+    with shared["n3"].client() as c:
+        wait_for(lambda: not any(r.name == "SPLIT" for r in c.catalog()),
+                 what="n3 to see SPLIT deleted")
+        with pytest.raises(DatasetNotFound, match="gone"):
             c.metadata("SCALED")
 
 

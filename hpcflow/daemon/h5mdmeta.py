@@ -172,11 +172,13 @@ def _part_axes(node: NodeParts, holders: tuple[DatasetRecord, ...], lineage: dic
                 or span[1] - span[0] != holders[0].rows):
             raise InvalidData(f"malformed time axis pointer in {holders[0].key}: "
                               f"{str(axis)[:120]}")
-        versions = axis.get("versions")
-        if versions is not None and versions != _versions(node.catalog, of):
+        versions, now = axis.get("versions"), _versions(node.catalog, of)
+        if not now:
+            raise DatasetNotFound(f"{of}, whose frames {holders[0].key} was computed from, "
+                                  "is gone, and its time axis with it")
+        if versions is not None and versions != now:
             raise InvalidData(f"{of} changed since {holders[0].key} was computed from it "
-                              f"(versions {versions}, now {_versions(node.catalog, of)}): "
-                              "its time axis is gone")
+                              f"(versions {versions}, now {now}): its time axis is gone")
         src = metadata(node, of, [span[0] + a, span[0] + b], depth + 1)
         out.update(time_unit=src["time_unit"], of=src["of"] or of)
         for k in AXES:
