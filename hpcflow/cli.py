@@ -123,6 +123,8 @@ def cmd_get(a: argparse.Namespace) -> int:
     out = check_output_path(a.out)  # user errors first, before anything moves
     if out.suffix != ".npy" and a.h5path is not None:
         split_h5path(a.h5path)
+    if out.suffix == ".npy" and a.h5md:
+        raise InvalidData(f"{out} is a .npy file: --h5md writes HDF5 (name it .h5md)")
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):

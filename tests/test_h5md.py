@@ -203,6 +203,11 @@ def test_cli_get_h5md_and_plain(shared: Cluster, real_h5md: Path, tmp_path: Path
     with h5py.File(plain) as f:
         assert f["/particles/p/position/value"].shape == (3, 19385, 3)
         assert f["/particles/p/box"].attrs["dimension"] == 3
+    r = subprocess.run([sys.executable, "-m", "hpcflow", "get", "--node", node, "--h5md",
+                        "COB", str(tmp_path / "cob.npy")],
+                       capture_output=True, text=True, timeout=60 * SCALE)
+    assert r.returncode == 1 and "--h5md" in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("cob.npy*"))
 
 
 def test_h5md_out_of_a_plain_dataset_numbers_its_frames(shared: Cluster,
