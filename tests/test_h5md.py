@@ -20,7 +20,7 @@ import pytest
 import zmq
 
 import hpcflow
-from hpcflow.errors import DatasetNotFound, InvalidData
+from hpcflow.errors import DatasetNotFound, InvalidData, PermissionDenied
 
 from .conftest import SCALE, Cluster, wait_for
 
@@ -380,3 +380,16 @@ def test_hostile_put_aux_is_refused_and_leaves_nothing(shared: Cluster) -> None:
     with n.client() as c:  # the node still serves, and stored nothing
         assert "HOSTILE" not in {r.name for r in c.catalog()}
         c.put("AFTER", np.ones(2))
+
+
+def test_with_keys_nodes_send_the_axes_and_clients_cannot_ask_for_them(
+        keyed: Cluster, keys: Path, tmp_path: Path) -> None:
+    path = tmp_path / "k.h5md"
+    _element_file(path, range(0, 12))
+    with keyed["n1"].client(keys=str(keys)) as c:
+        c.put("KEYED_T", path, dataset="/particles/all/position")
+        with pytest.raises(PermissionDenied, match="node-to-node"):
+            c._rpc.call("aux", "KEYED_T", 1, 0, 12)
+    with keyed["n2"].client(keys=str(keys)) as c:  # n2 asks n1 with the node key
+        c.wait_for("KEYED_T", timeout_s=30)
+        np.testing.assert_allclose(c.metadata("KEYED_T")["time"], 0.5 * np.arange(12))
