@@ -241,6 +241,7 @@ def _element_file(path: Path, frames: range) -> np.ndarray:
 
 
 def test_source_metadata_cuts_time_and_step_to_the_rows_put(tmp_path: Path) -> None:
+    from hpcflow.h5md import axis_values
     from hpcflow.sources import source_metadata
 
     path = tmp_path / "t.h5md"
@@ -251,6 +252,20 @@ def test_source_metadata_cuts_time_and_step_to_the_rows_put(tmp_path: Path) -> N
     assert lineage["source"]["rows"] == [3, 7]
     with pytest.raises(InvalidData):
         source_metadata(path, "/particles/all/position", rows=(3, 13))
+    with h5py.File(path) as f:  # an open dataset (item 4's put of an h5py dataset) too
+        lineage, aux = source_metadata(f["/particles/all/position/value"], rows=(10, 12))
+    assert lineage["source"]["file"] == str(path.resolve())
+    assert lineage["h5md"]["unit"] == "nm" and lineage["h5md"]["time"]["unit"] == "ps"
+    np.testing.assert_array_equal(aux["step"], [100, 110])
+    fixed = tmp_path / "fixed.h5md"  # the scalar form: the offset moves to the first row
+    with h5py.File(fixed, "w") as f:
+        el = f.create_group("/particles/all/position")
+        el["value"] = np.zeros((10, 2, 3))
+        el["step"] = np.int64(100)
+        el["step"].attrs["offset"] = np.int64(1000)
+    lineage, aux = source_metadata(fixed, "/particles/all/position", rows=(3, 5))
+    assert aux == {} and "time" not in lineage["h5md"]
+    np.testing.assert_array_equal(axis_values(lineage["h5md"]["step"], 2, None), [1300, 1400])
 
 
 def test_per_frame_results_carry_the_time_axis(shared: Cluster, tmp_path: Path) -> None:
