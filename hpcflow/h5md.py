@@ -118,8 +118,9 @@ def read_element(ds: h5py.Dataset, rows: tuple[int, int] | None = None
             dt = validate_dtype(obj.dtype)
         except InvalidData:
             raise InvalidData(f"{where}/{key} has dtype {obj.dtype}, not a number") from None
-        if dt.kind not in "iuf":
-            raise InvalidData(f"{where}/{key} has dtype {dt}, not an integer or float")
+        if dt.kind not in "iuf" or dt.itemsize > 8:  # 8 bytes: see MAX_AXIS_ROWS
+            raise InvalidData(f"{where}/{key} has dtype {dt}, not an integer or float of "
+                              "at most 64 bits")
         axis: dict[str, Any] = {"dtype": dt.str}
         if obj.shape == ():  # a fixed interval: frame i at offset + i * interval
             every = _number(obj[()], f"{where}/{key}")
@@ -182,7 +183,7 @@ def unpack_axis(d: Any, rows: int, what: str) -> np.ndarray[Any, Any] | None:
     if not isinstance(d, dict) or not isinstance(d.get("data"), bytes):
         raise ProtocolError(f"malformed {what}")
     dt = validate_dtype(d.get("dtype"))
-    if dt.kind not in "iuf" or len(d["data"]) != rows * dt.itemsize:
+    if dt.kind not in "iuf" or dt.itemsize > 8 or len(d["data"]) != rows * dt.itemsize:
         raise ProtocolError(f"{what} is not {rows} numbers")
     return np.frombuffer(d["data"], dtype=dt).copy()
 
