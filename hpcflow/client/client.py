@@ -212,7 +212,9 @@ class Client:
 
         ``data`` is a numpy array, a ``.npy`` path, or an HDF5 path with
         ``dataset`` naming the array inside it.  ``part``/``nparts`` make it one
-        row-part of a dataset partitioned across nodes.
+        row-part of a dataset partitioned across nodes.  A file's path, HDF5 path and
+        rows are recorded in the lineage (``source``), and an H5MD element's units,
+        step and time are kept (:meth:`metadata`).
         """
         validate_name(name)
         part = validate_part(part)
