@@ -212,14 +212,11 @@ def _versions(catalog: Catalog, name: str) -> list[int]:
         return []
 
 
-def _origin(catalog: Catalog, name: str, lo: int, hi: int) -> tuple[str, int, int] | None:
-    """Rows ``[lo, hi)`` of dataset ``name`` as one row range of a dataset with a time
+def _origin(loc: Location, lo: int, hi: int) -> tuple[str, int, int] | None:
+    """Rows ``[lo, hi)`` of dataset ``loc`` as one row range of a dataset with a time
     axis (itself, when it was put from an H5MD element; the dataset a per-frame result
     was computed from), or None."""
-    try:
-        loc = catalog.locate(name)
-    except DatasetNotFound:
-        return None
+    name = loc.name
     found: tuple[str, int, int] | None = None
     for p in loc.parts:
         a, b = max(lo, p.row_start), min(hi, p.row_stop)
@@ -262,7 +259,7 @@ def result_axis(catalog: Catalog, inputs: list[tuple[str, tuple[int, int] | None
         lo, hi = rows if rows is not None else (0, loc.shape[0])
         if hi - lo != out_rows or len(loc.shape) < 1:
             continue
-        found = _origin(catalog, name, lo, hi)
+        found = _origin(loc, lo, hi)
         if found is not None:
             of, a, b = found
             return {"axis": {"of": of, "rows": [a, b], "versions": _versions(catalog, of)}}
