@@ -408,3 +408,26 @@ def test_with_keys_nodes_send_the_axes_and_clients_cannot_ask_for_them(
     with keyed["n2"].client(keys=str(keys)) as c:  # n2 asks n1 with the node key
         c.wait_for("KEYED_T", timeout_s=30)
         np.testing.assert_allclose(c.metadata("KEYED_T")["time"], 0.5 * np.arange(12))
+
+
+def test_store_keeps_per_row_arrays_across_a_restart(tmp_path: Path) -> None:
+    from hpcflow.catalog.store import Store
+
+    store = Store(tmp_path, "me")
+    store.open()
+    arr = np.arange(12.0).reshape(6, 2)
+    t = 0.25 * np.arange(6)
+    w = store.begin("AUX", arr.shape, arr.dtype, aux={"time": t})
+    w.write_chunk(0, arr.tobytes())
+    rec = w.commit()
+    reopened = Store(tmp_path, "me")
+    assert [r.key for r in reopened.open()] == ["AUX"]
+    np.testing.assert_array_equal(reopened.read_aux("AUX", rec.version)["time"], t)
+    np.testing.assert_array_equal(reopened.read_array("AUX"), arr)
+    for bad in ({"time": t[:5]}, {"time": t.reshape(3, 2)}, {"../t": t}):
+        with pytest.raises(InvalidData):
+            reopened.begin("AUX2", arr.shape, arr.dtype, aux=bad)
+    with pytest.raises(InvalidData):
+        reopened.begin("AUX3", arr.shape, arr.dtype, aux={"time": t}, volatile=True)
+    assert not list(tmp_path.glob("**/.tmp-*"))
+    assert reopened.put_array("PLAIN", arr) and reopened.read_aux("PLAIN") == {}
