@@ -294,7 +294,9 @@ def test_per_frame_results_carry_the_time_axis(shared: Cluster, tmp_path: Path) 
             assert m["time_unit"] == "ps" and m["of"] == "SPLIT"
             assert m["unit"] is None  # values changed: their unit is not claimed
         m = mean.metadata()
-        assert m["time"] is None and m["step"] is None
+        assert m["time"] is None and m["step"] is None and mean.times() is None
+        np.testing.assert_allclose(c.metadata(sel)["time"], times)  # a handle, too
+        np.testing.assert_allclose(sel.times(), times)
         scaled.save("SCALED")
         saved = c.metadata("SCALED")
         np.testing.assert_allclose(saved["time"], times)

@@ -171,12 +171,16 @@ class Client:
     def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
         return dict(self._call("describe", validate_name(name), validate_part(part)))
 
-    def metadata(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Any]:
-        """H5MD metadata of ``name`` (rows ``[lo, hi)`` of it, default all): ``unit`` (of
-        the values), ``element`` (its H5MD path when put), ``time_unit``, ``step`` and
-        ``time`` (numpy arrays, one entry per row, or None), ``sources`` (file, path,
-        rows per part) and ``of`` (for a per-frame op result: the dataset whose time
-        axis it has).  See :mod:`hpcflow.h5md`."""
+    def metadata(self, name: str | Handle, rows: tuple[int, int] | None = None
+                 ) -> dict[str, Any]:
+        """H5MD metadata of ``name`` (a dataset or a flow's handle; rows ``[lo, hi)`` of
+        it, default all): ``unit`` (of the values), ``element`` (its H5MD path when
+        put), ``time_unit``, ``step`` and ``time`` (numpy arrays, one entry per row, or
+        None), ``sources`` (file, path, rows per part) and ``of`` (for a per-frame op
+        result: the dataset whose time axis it has).  See :mod:`hpcflow.h5md`."""
+        if isinstance(name, Handle):
+            name.flow._done(name)  # computed first, if need be
+            name = name.name
         rng = _row_range(rows)
         if rng is None:
             shape = self._call("locate", validate_name(name))["shape"]

@@ -145,6 +145,11 @@ class Handle:
         self.flow._done(self)
         return self.flow.client.metadata(self.name)
 
+    def times(self) -> Any:
+        """The time of each row of the output (a numpy array), or None when it has no
+        time axis (a reduction, data put without one)."""
+        return self.metadata()["time"]
+
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""
         self.flow._done(self)
