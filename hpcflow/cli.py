@@ -121,8 +121,10 @@ def cmd_get(a: argparse.Namespace) -> int:
     from .client.client import check_output_path, split_h5path
 
     out = check_output_path(a.out)  # user errors first, before anything moves
-    if out.suffix != ".npy":
+    if out.suffix != ".npy" and a.h5path is not None:
         split_h5path(a.h5path)
+    if out.suffix == ".npy" and a.h5md:
+        raise InvalidData(f"{out} is a .npy file: --h5md writes HDF5 (name it .h5md)")
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,9 +137,13 @@ def cmd_get(a: argparse.Namespace) -> int:
         else:
             import h5py
 
-            c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show)
-            with h5py.File(out, "r") as f:
-                shape, dtype = f[a.h5path].shape, f[a.h5path].dtype
+            c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show,
+                       h5md=True if a.h5md else None)
+            with h5py.File(out, "r") as f:  # the one dataset fetch_to tagged with its name
+                found: list[Any] = []
+                f.visititems(lambda _, o: found.append(o) if isinstance(o, h5py.Dataset)
+                             and o.attrs.get("hpcflow_name") == a.name else None)
+                shape, dtype = found[0].shape, found[0].dtype
         received = sum(c.traffic.bytes_received.values())
         # the holders the bytes actually came from (after any fail-over)
         holders = sorted(k for k, v in c.traffic.bytes_received.items() if v)
@@ -482,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("name")
     g.add_argument("out", help="output file: .npy, or HDF5 for anything else")
     g.add_argument("--part", type=int)
-    g.add_argument("--h5path", default="/data", help="dataset path in the output HDF5 file")
+    g.add_argument("--h5path", help="dataset path in the output HDF5 file (default /data); "
+                   "with H5MD, the element (default: the one it was put from)")
+    g.add_argument("--h5md", action="store_true",
+                   help="write an H5MD element with step, time and units (default for .h5md)")
     g.set_defaults(fn=cmd_get)
 
     ls = sub.add_parser("ls", help="list every dataset on every live node")

@@ -67,6 +67,8 @@ class Connection(Protocol):
     def fetch(self, name: str, part: int | None = None, progress: Any = None, *,
               out: Any = None, location: dict[str, Any] | None = None) -> Any: ...
 
+    def metadata(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Any]: ...
+
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
 #: more than its per-connection limit of requests at once).
@@ -135,6 +137,18 @@ class Handle:
         """``np.asarray(handle)``: the result, fetched (it used to be a 0-d object array)."""
         arr = self.fetch()
         return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def metadata(self) -> dict[str, Any]:
+        """The output's H5MD metadata (computing it first if need be): a per-frame result
+        (a rowwise op's, one row per input frame) has the time and step of the frames it
+        was computed from; see :meth:`~hpcflow.client.client.Client.metadata`."""
+        self.flow._done(self)
+        return self.flow.client.metadata(self.name)
+
+    def times(self) -> Any:
+        """The time of each row of the output (a numpy array), or None when it has no
+        time axis (a reduction, data put without one)."""
+        return self.metadata()["time"]
 
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""

@@ -19,6 +19,7 @@ from ..catalog.record import DatasetRecord, key_of, validate_nparts, validate_pa
 from ..errors import DatasetNotFound, NotOwner
 from ..rpc.bulk import from_holders
 from .claims import Claims
+from .h5mdmeta import copy_axes
 from .parts import NodeParts
 from .puts import admit_put, check_put
 from .stream import Feed
@@ -130,11 +131,13 @@ class Datasets:
         if mine is not None:
             return mine, None
         src = p.holders[0]
-        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate.
+        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate;
+        # a durable copy keeps the part's step/time beside it too (see h5mdmeta).
         writer = self.node.store.begin(src.name, src.shape, src.dtype, part=src.part,
                                        nparts=src.nparts,
                                        lineage={**src.lineage, **(lineage or {})},
-                                       chunk_bytes=src.chunk_bytes, volatile=bool(lineage))
+                                       chunk_bytes=src.chunk_bytes, volatile=bool(lineage),
+                                       aux=None if lineage else copy_axes(self.node, p.holders))
         buf = getattr(writer, "buf", None)
         if feed is not None and isinstance(buf, np.ndarray):
             feed.open(buf, src.dtype, src.shape)

@@ -42,6 +42,7 @@ from ..rpc import auth, strict
 from ..rpc.messages import FLOW_ID, FlowSecret
 from . import adapter, saving
 from .executor import Execution, Executor, plan_uses
+from .h5mdmeta import result_axis
 from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
@@ -290,6 +291,10 @@ def save(node: NodeParts, worker: Worker, wf: object, output: object, name: obje
                     "moved": executor.ex.to_wire()["moved"]}
         executor.pull(node.name, output, None)
         arr = worker.local_rows(output, None)  # piecewise, yielding to heartbeats
+        lineage = dict(lineage)
+        lineage.pop("axis", None)  # the whole output's time axis, if it has one
+        lineage.update(result_axis(node.catalog, [(output, None)], arr.shape[0] if arr.ndim
+                                   else None) or {})
         rec = worker.datasets.put_array(name, arr, overwrite=overwrite, lineage=lineage)
     finally:
         book.end(wf, xid, ok=True)

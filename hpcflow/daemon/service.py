@@ -36,7 +36,7 @@ from ..errors import (
 from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
 from ..rpc.quota import ByteQuota
-from . import run, saving
+from . import h5mdmeta, run, saving
 from .datasets import Datasets
 from .parts import ServedNode
 from .worker import Worker
@@ -50,7 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``, with the
 #: flow's secret).
 NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
-                       "delete_parts", "flow_status", "claim", "save_part"})
+                       "delete_parts", "flow_status", "claim", "save_part", "aux"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
 MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 
@@ -173,6 +173,17 @@ class NodeService:
         if not parts:
             raise InvalidData(f"{name} has no part {part}")
         return {**loc.to_wire(), "records": [h.to_wire() for p in parts for h in p.holders]}
+
+    @exposed
+    def metadata(self, name: Any, rows: Any = None) -> dict[str, Any]:
+        """H5MD metadata of rows ``rows`` (default all) of ``name``: units, source, step
+        and time (gathered from the holders; see ``daemon/h5mdmeta.py``)."""
+        return h5mdmeta.metadata(self.node, validate_name(name), rows)
+
+    @exposed
+    def aux(self, key: Any, version: Any, lo: Any, hi: Any) -> dict[str, Any]:
+        """Rows of the per-frame arrays kept here beside a part (for ``metadata``)."""
+        return h5mdmeta.local_aux(self.node, key, version, lo, hi)
 
     @exposed
     def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,

@@ -52,6 +52,7 @@ from ..rpc.bulk import from_holders
 from ..rpc.messages import RunReply, RunRequest
 from .datasets import Datasets
 from .events import Events
+from .h5mdmeta import result_axis
 from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .parts import NodeParts
@@ -370,6 +371,10 @@ class Worker:
             else:
                 self._check(req, np.asarray(result))
             arr = np.asarray(result)
+            if spec.kind == "rowwise" and req.mode in ("part", "whole") and arr.ndim:
+                # one row per input frame: the frames' time axis (see h5mdmeta)
+                lineage.update(result_axis(self.node.catalog, [
+                    (i.name, i.rows) for i in req.inputs], arr.shape[0]) or {})
             # An intermediate (kept only in memory) unless the flow keeps its outputs.
             keep = isinstance(req.lineage.get("flow"), dict) and req.lineage["flow"].get("keep")
             # A built-in op's output is a fresh array nobody else holds: the memory store
