@@ -14,7 +14,8 @@ server's ROUTER adds the peer identity in front.
 client     header                            server replies
 =========  ================================  ============================
 ``GET``    r, key, v (version), i, by        ``CHUNK`` r, i, d + payload frames
-``RANGE``  r, key, v, o (offset), n, by      ``CHUNK`` r, i=o, d + payload frames
+``RANGE``  r, key, v, o (offset), n, by,     ``CHUNK`` r, i=o, d + payload frames
+           c (checksum, optional)
 ``PUT``    r, name, part, nparts, shape,     ``OK`` r, u
            dtype, chunk_bytes, overwrite,
            lineage, by
@@ -72,6 +73,7 @@ from ..catalog.record import (
 )
 from ..catalog.store import Store, Writer
 from ..errors import (
+    DatasetChanged,
     HpcflowError,
     IntegrityError,
     InvalidData,
@@ -322,7 +324,13 @@ class BulkServer:
         key, by = _str(hdr, "key"), _str(hdr, "by")
         if n > MAX_RANGE:
             raise InvalidData(f"range requests are limited to {MAX_RANGE} bytes")
-        buf = self.store.reader(key, version).byte_range(off, n)
+        reader = self.store.reader(key, version)
+        if "c" in hdr and _str(hdr, "c") != reader.rec.checksum:
+            # deleted and put again: the same version number, other bytes
+            raise DatasetChanged(f"{key} version {version} on {self.store.owner} is not the "
+                                 f"one asked for (checksum {reader.rec.checksum}, not "
+                                 f"{_str(hdr, 'c')})")
+        buf = reader.byte_range(off, n)
         self._send(
             [ident, b"CHUNK", pack({"r": r, "i": off, "d": chunk_digest(buf)}), *_frames(buf)],
             copy=False)
@@ -604,6 +612,30 @@ class BulkClient:
         self._pull(endpoint, peer, f"rows of {rec.key}", starts, request, size,
                    lambda o, buf, d: deliver((o - off) // piece, o - off, buf, d))
         return length
+
+    def fetch_ranges(self, endpoint: str, peer: str, rec: DatasetRecord,
+                     ranges: list[tuple[int, int]], deliver: Callable[[int, Payload], None],
+                     piece: int) -> int:
+        """Pull several byte ranges ``(offset, length)`` of ``rec`` (disjoint, each cut in
+        pieces of at most ``piece`` bytes) over one socket and one credit window;
+        ``deliver(offset, payload)`` gets each piece with its offset in the part.
+
+        Each piece is digest-checked (and retried); the holder refuses with
+        :class:`DatasetChanged` when its copy is not ``rec`` (version and checksum), so
+        bytes of another version are never delivered.  Returns the bytes received."""
+        piece = max(1, min(piece, MAX_RANGE))
+        sizes: dict[int, int] = {}
+        for off, length in ranges:
+            for o in range(off, off + length, piece):
+                sizes[o] = min(piece, off + length - o)
+
+        def request(o: int) -> tuple[bytes, dict[str, Any]]:
+            return b"RANGE", {"key": rec.key, "v": rec.version, "c": rec.checksum, "o": o,
+                              "n": sizes[o], "by": self.me}
+
+        self._pull(endpoint, peer, f"rows of {rec.key}", list(sizes), request, sizes.__getitem__,
+                   lambda o, buf, d: deliver(o, buf))
+        return sum(sizes.values())
 
     def upload(
         self,
