@@ -47,6 +47,7 @@ from ..rpc.traffic import Traffic
 from ..sources import open_source
 from ..wire import unencodable
 from .flow import Flow, Handle
+from .lazy import LazyArray
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")
@@ -277,6 +278,13 @@ class Client:
             tmp.unlink(missing_ok=True)
             raise
         return path
+
+    def array(self, name: str, *, location: dict[str, Any] | None = None) -> LazyArray:
+        """A lazy view of dataset ``name``: ``shape``, ``dtype``, numpy indexing and
+        ``__array__``, reading only the rows (and column span) indexed, straight from the
+        parts' holders (see :mod:`hpcflow.client.lazy`).  Works with
+        ``dask.array.from_array`` and xarray.  Unknown name: DatasetNotFound."""
+        return LazyArray(self, name, location)
 
     def _parts(self, name: str, part: int | None,
                loc: dict[str, Any] | None = None) -> tuple[Any, ...]:

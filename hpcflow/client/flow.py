@@ -67,6 +67,8 @@ class Connection(Protocol):
     def fetch(self, name: str, part: int | None = None, progress: Any = None, *,
               out: Any = None, location: dict[str, Any] | None = None) -> Any: ...
 
+    def array(self, name: str, *, location: dict[str, Any] | None = None) -> Any: ...
+
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
 #: more than its per-connection limit of requests at once).
@@ -135,6 +137,13 @@ class Handle:
         """``np.asarray(handle)``: the result, fetched (it used to be a 0-d object array)."""
         arr = self.fetch()
         return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def array(self) -> Any:
+        """The result as a lazy array (:meth:`Client.array <hpcflow.Client.array>`): runs
+        what it still needs, then reads only what is indexed, from the result's holders.
+        A small result that came back inline is here already: a numpy array (a copy).
+        A step's output lives as long as the flow (or its client) unless saved or kept."""
+        return self.flow._lazy(self)
 
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""
@@ -373,6 +382,20 @@ class Flow:
                 if not planned:  # no plan said it would move: it moves as asked
                     self.planned[link] += got
         return arr
+
+    def _lazy(self, target: Handle) -> Any:
+        self._done(target)
+        if target.value is not None:
+            return target.value.copy()
+        try:
+            return self.client.array(target.name, location=target.location)
+        except DatasetNotFound:
+            if not self._forget_lost([target]):
+                raise
+            self._execute(target)  # its node lost it: compute it again
+            if target.value is not None:
+                return target.value.copy()
+            return self.client.array(target.name, location=target.location)
 
     def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
         self._done(target)
