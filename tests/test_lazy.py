@@ -83,11 +83,18 @@ def test_metadata_without_reading(client: hpcflow.Client) -> None:
     assert received(client) - before == 2 * 8  # two reads of the scalar, 8 bytes each
 
 
-def test_unknown_and_invalid_names_are_typed(client: hpcflow.Client) -> None:
+def test_unknown_and_invalid_names_are_typed(lazy_cluster: Cluster,
+                                             client: hpcflow.Client) -> None:
     with pytest.raises(hpcflow.DatasetNotFound):
         client.array("NO_SUCH")
     with pytest.raises(hpcflow.InvalidName):
         client.array("../etc")
+    with lazy_cluster["n3"].client() as c:
+        a = c.array("ONE")
+        np.testing.assert_array_equal(a[3], np.arange(12, 16))
+    with pytest.raises(hpcflow.InvalidData, match="closed"):
+        a[3]
+    assert a[3:3].shape == (0, 4)  # nothing to read: no client needed
 
 
 INDEXES: list[Any] = [

@@ -41,7 +41,7 @@ import numpy as np
 
 from ..catalog.chunking import Payload
 from ..catalog.record import DatasetRecord, validate_name
-from ..errors import DatasetChanged, DatasetNotFound, PeerUnavailable
+from ..errors import DatasetChanged, DatasetNotFound, InvalidData, PeerUnavailable
 from ..rpc.bulk import MAX_RANGE, BulkClient, from_holders
 from ..rpc.calls import refuses_connections
 from ..rpc.traffic import Traffic
@@ -183,6 +183,9 @@ class LazyArray:
         block = np.empty(block_shape, dtype=self.dtype)
         if block.nbytes == 0:
             return block
+        if self._bulk_client.ctx.closed:
+            raise InvalidData(f"the client that made this array of {self.name} is closed: "
+                              "read it before closing, or connect again")
         flat = block.reshape(len(rows), -1).view(np.uint8)
         jobs = []
         for part in self._parts:
