@@ -187,12 +187,17 @@ def test_dask_from_array_equals_numpy(client: hpcflow.Client) -> None:
     da = pytest.importorskip("dask.array")
     a = client.array("BIG")
     d = da.from_array(a, chunks=(100_000, 3))
+    fine = da.from_array(a, chunks=(1_000, 3))
     assert float(d.sum(dtype=np.float64).compute()) == BIG.sum(dtype=np.float64)
     np.testing.assert_array_equal(d[10:20, 1:].compute(), BIG[10:20, 1:])
     before = received(client)
     np.testing.assert_array_equal(a.to_dask()[-1000:].mean(axis=0).compute(),
                                   BIG[-1000:].mean(axis=0))
     assert received(client) - before == 1000 * ROW  # only the chunk it needs, only its rows
+    before = received(client)  # 40 chunks read by dask's worker threads, each counted once
+    assert float(fine[:40_000].sum(dtype=np.float64).compute()) == BIG[:40_000].sum(
+        dtype=np.float64)
+    assert received(client) - before == 40_000 * ROW
     t = client.array("T")
     np.testing.assert_allclose(da.from_array(t, chunks=(7, 20, 3)).std(axis=0).compute(),
                                T.std(axis=0))

@@ -50,6 +50,8 @@ from ..rpc.traffic import Traffic
 GAP_BYTES = 64 * 1024
 #: At most this many byte ranges are asked of one part in one read (closest merged first).
 MAX_RANGES = 4096
+#: Held while a read from another thread adds its traffic to the client's counters.
+_COUNTING = threading.Lock()
 
 
 class Source(Protocol):
@@ -97,7 +99,6 @@ class LazyArray:
             _Part(p["part"], int(p["row_start"]), int(p["row_stop"]),
                   tuple(DatasetRecord.from_wire(h) for h in p["holders"]))
             for p in parts]
-        self._starts = [p.start for p in self._parts]
         # one client per array: its liveness check must not make RPC calls from the
         # worker threads of dask (the RPC socket belongs to the thread that connected)
         b = self._source.bulk
@@ -193,10 +194,17 @@ class LazyArray:
             b = int(np.searchsorted(rows, part.stop))
             if a < b:
                 jobs.append((part, rows[a:b] - part.start, flat[a:b]))
+        if threading.get_ident() == self._owner:
+            bulk, counted = self._bulk_client, None
+        else:  # another thread (dask's): its own counters, added to the client's after
+            counted = Traffic()
+            own = self._bulk_client
+            bulk = BulkClient(own.ctx, counted, own.me, own.settings, is_alive=self._alive)
+
         def read(job: tuple[_Part, np.ndarray[Any, Any], np.ndarray[Any, Any]]
                  ) -> Exception | None:
             try:  # returned, not raised: a failed greenlet would be printed by the hub
-                self._read_part(*job, row_bytes, b0, width)
+                self._read_part(bulk, *job, row_bytes, b0, width)
             except Exception as exc:
                 return exc
             return None
@@ -206,13 +214,16 @@ class LazyArray:
             gevent.joinall(reads)
         finally:
             gevent.killall(reads)
+            if counted is not None:
+                with _COUNTING:
+                    self._source.traffic.add(counted)
         for g in reads:
             if g.value is not None:
                 raise g.value
         return block
 
-    def _read_part(self, part: _Part, local: np.ndarray[Any, Any], dest: np.ndarray[Any, Any],
-                   row_bytes: int, b0: int, width: int) -> None:
+    def _read_part(self, bulk: BulkClient, part: _Part, local: np.ndarray[Any, Any],
+                   dest: np.ndarray[Any, Any], row_bytes: int, b0: int, width: int) -> None:
         """Rows ``local`` of one part (bytes ``[b0, b0 + width)`` of each) into ``dest``
         (one row of ``width`` bytes per entry), from the first holder that answers."""
         groups = _merge(local, row_bytes, b0, width)
@@ -246,8 +257,7 @@ class LazyArray:
             assert endpoint is not None
             try:
                 piece = max(min(rec.chunk_bytes, MAX_RANGE), 1)
-                return self._bulk_client.fetch_ranges(endpoint, rec.owner, rec, ranges,
-                                                      deliver, piece)
+                return bulk.fetch_ranges(endpoint, rec.owner, rec, ranges, deliver, piece)
             except (PeerUnavailable, DatasetNotFound) as exc:
                 errors.append(exc)
                 raise PeerUnavailable(f"{rec.owner}: {exc}") from exc
