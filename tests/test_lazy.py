@@ -133,6 +133,35 @@ def test_values_equal_numpy_for_generated_indexes(lazy_cluster: Cluster, data: A
         np.testing.assert_array_equal(a[key], T[key])
 
 
+T_INDEXES: list[Any] = [
+    slice(None), slice(None, None, 2), (slice(None), 5), (slice(3, 80, 3), slice(2, 9)),
+    (slice(None, None, -1), [19, 0, 7]), ([0, 1, 2, 40, 41, 89, 3], slice(None), 2),
+    (np.arange(90) % 4 == 1, slice(None, None, -2)), (slice(10, 70), slice(5, 6), [2, 0]),
+    (Ellipsis, 1), (88, slice(None)), ([5, 5, 5, 6],),
+]
+
+
+@pytest.mark.parametrize(("piece", "gap", "ranges", "max_range"), [
+    (1000, 64 * 1024, 4096, 64 << 20),  # pieces of 2 rows: a run picked from many pieces
+    (1, 64 * 1024, 4096, 64 << 20),     # pieces of 1 row
+    (1000, 0, 4096, 64 << 20),          # nothing read through: a range per row
+    (1000, 0, 3, 64 << 20),             # at most 3 ranges a part: widest gaps kept
+    (1000, 64 * 1024, 4096, 100),       # rows larger than a range request: one range each
+], ids=["piece2", "piece1", "nogap", "3ranges", "hugerows"])
+def test_reads_cut_in_pieces_and_ranges_equal_numpy(
+        client: hpcflow.Client, monkeypatch: pytest.MonkeyPatch, piece: int, gap: int,
+        ranges: int, max_range: int) -> None:
+    from hpcflow.client import lazy
+
+    monkeypatch.setattr(lazy, "PIECE_BYTES", piece)
+    monkeypatch.setattr(lazy, "GAP_BYTES", gap)
+    monkeypatch.setattr(lazy, "MAX_RANGES", ranges)
+    monkeypatch.setattr(lazy, "MAX_RANGE", max_range)
+    a = client.array("T")  # rows of 480 bytes
+    for key in T_INDEXES:
+        np.testing.assert_array_equal(a[key], T[key], err_msg=repr(key))
+
+
 BAD: list[Any] = [ROWS, -ROWS - 1, (0, 3), (0, -4), 1.5, "a", (0, 0, 0), [ROWS], (..., ...),
                   (slice(0, 2), [5]), slice(0, 2.5), np.array([1.0]), {"a": 1},
                   np.ones(7, dtype=bool), (0, slice("a", None))]

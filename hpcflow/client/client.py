@@ -284,7 +284,7 @@ class Client:
         ``__array__``, reading only the rows (and column span) indexed, straight from the
         parts' holders (see :mod:`hpcflow.client.lazy`).  Works with
         ``dask.array.from_array`` and xarray.  Unknown name: DatasetNotFound."""
-        return LazyArray(self, name, location)
+        return LazyArray(self, name, location, prefault=prefault)
 
     def _parts(self, name: str, part: int | None,
                loc: dict[str, Any] | None = None) -> tuple[Any, ...]:

@@ -50,6 +50,8 @@ from ..rpc.traffic import Traffic
 GAP_BYTES = 64 * 1024
 #: At most this many byte ranges are asked of one part in one read (closest merged first).
 MAX_RANGES = 4096
+#: Bytes asked for in one piece of a range (rounded to whole rows when read through).
+PIECE_BYTES = 4 * 1024 * 1024
 #: Held while a read from another thread adds its traffic to the client's counters.
 _COUNTING = threading.Lock()
 
@@ -81,10 +83,12 @@ class LazyArray:
     """A dataset on the cluster, read by the rows and columns indexed (see the module
     docstring).  ``np.asarray(arr)`` or ``arr[...]`` reads all of it."""
 
-    def __init__(self, source: Source, name: str, location: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, source: Source, name: str, location: dict[str, Any] | None = None,
+                 *, prefault: Callable[[np.ndarray[Any, Any]], None] | None = None) -> None:
         self.name = validate_name(name)
         self._source = source
+        #: Faults in a large fresh block's pages beside the transfer (the client's).
+        self._prefault = prefault
         self._owner = threading.get_ident()
         self._pin(location)
 
@@ -166,13 +170,13 @@ class LazyArray:
     # -- reading -----------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
         if not self.shape:  # a 0-d dataset: its one element, indexed by numpy
-            return self._read(np.arange(1), 0, 1, (1,)).reshape(())[key]
+            return self._read(range(1), 0, 1, (1,)).reshape(())[key]
         rows, span, new_key = _plan(key, self.shape)
         lo, hi = span
         block = self._read(rows, lo, hi, self.shape)
         return block[new_key]
 
-    def _read(self, rows: np.ndarray[Any, Any], lo: int, hi: int, shape: tuple[int, ...]
+    def _read(self, rows: Rows, lo: int, hi: int, shape: tuple[int, ...]
               ) -> np.ndarray[Any, Any]:
         """Rows ``rows`` (sorted, unique) with ``[lo, hi)`` of the second axis, as one
         block ``(len(rows), hi - lo, *shape[2:])``; the 0-d case comes as ``(1,)``."""
@@ -188,12 +192,13 @@ class LazyArray:
             raise InvalidData(f"the client that made this array of {self.name} is closed: "
                               "read it before closing, or connect again")
         flat = block.reshape(len(rows), -1).view(np.uint8)
+        if self._prefault is not None:
+            self._prefault(flat.reshape(-1))
         jobs = []
         for part in self._parts:
-            a = int(np.searchsorted(rows, part.start))
-            b = int(np.searchsorted(rows, part.stop))
+            a, b = _position(rows, part.start), _position(rows, part.stop)
             if a < b:
-                jobs.append((part, rows[a:b] - part.start, flat[a:b]))
+                jobs.append((part, _shift(rows[a:b], -part.start), flat[a:b]))
         if threading.get_ident() == self._owner:
             bulk, counted = self._bulk_client, None
         else:  # another thread (dask's): its own counters, added to the client's after
@@ -201,8 +206,7 @@ class LazyArray:
             own = self._bulk_client
             bulk = BulkClient(own.ctx, counted, own.me, own.settings, is_alive=self._alive)
 
-        def read(job: tuple[_Part, np.ndarray[Any, Any], np.ndarray[Any, Any]]
-                 ) -> Exception | None:
+        def read(job: tuple[_Part, Rows, np.ndarray[Any, Any]]) -> Exception | None:
             try:  # returned, not raised: a failed greenlet would be printed by the hub
                 self._read_part(bulk, *job, row_bytes, b0, width)
             except Exception as exc:
@@ -222,42 +226,42 @@ class LazyArray:
                 raise g.value
         return block
 
-    def _read_part(self, bulk: BulkClient, part: _Part, local: np.ndarray[Any, Any],
+    def _read_part(self, bulk: BulkClient, part: _Part, local: Rows,
                    dest: np.ndarray[Any, Any], row_bytes: int, b0: int, width: int) -> None:
         """Rows ``local`` of one part (bytes ``[b0, b0 + width)`` of each) into ``dest``
-        (one row of ``width`` bytes per entry), from the first holder that answers."""
-        groups = _merge(local, row_bytes, b0, width)
-        targets: list[tuple[int, np.ndarray[Any, Any]]] = []
-        finish: list[Callable[[], None]] = []
+        (one row of ``width`` bytes per entry), from the first holder that answers.
+
+        A run of rows read through (gaps, or a column span) arrives in pieces of whole
+        rows (:func:`_piece`); each piece's wanted rows are picked into ``dest`` as it
+        arrives, so nothing but the block itself is held."""
+        piece = _piece(row_bytes)
+        targets: list[tuple[int, Callable[[int, Payload], None]]] = []
+        ranges: list[tuple[int, int]] = []
         pos = 0
-        for first, last, n in groups:
-            sel = local[pos:pos + n]
+        for first, last, n in _merge(local, row_bytes, width, merge=piece is not None):
             out = dest[pos:pos + n]
-            contiguous = last - first + 1 == n and ((b0 == 0 and width == row_bytes) or n == 1)
-            if contiguous:  # the bytes land where they belong
-                targets.append((first * row_bytes + b0, out.reshape(-1)))
-            else:  # rows with gaps (or a column span): land in a window, then picked
-                window = np.empty((last - first + 1, row_bytes), dtype=np.uint8)
-                flat = window.reshape(-1)
-                targets.append((first * row_bytes + b0,
-                                flat[b0:(last - first) * row_bytes + b0 + width]))
-                finish.append(_picker(window, sel - first, b0, width, out))
+            start = first * row_bytes + b0
+            if last - first + 1 == n and (width == row_bytes or n == 1):
+                targets.append((start, _landing(out.reshape(-1))))
+                ranges.append((start, n * width))
+            else:  # rows with gaps, or a column span: picked from each piece
+                targets.append((start, _picking(out, _shift(local[pos:pos + n], -first),
+                                                row_bytes, width)))
+                ranges.append((start, (last - first) * row_bytes + width))
             pos += n
         offsets = [t[0] for t in targets]
-        ranges = [(off, buf.nbytes) for off, buf in targets]
 
         def deliver(off: int, payload: Payload) -> None:
-            k = bisect.bisect_right(offsets, off) - 1
-            start, buf = targets[k]
-            payload.copy_into(buf, off - start)
+            start, land = targets[bisect.bisect_right(offsets, off) - 1]
+            land(off - start, payload)
 
         errors: list[Exception] = []
 
         def fetch(rec: DatasetRecord, endpoint: str | None) -> int:
             assert endpoint is not None
             try:
-                piece = max(min(rec.chunk_bytes, MAX_RANGE), 1)
-                return bulk.fetch_ranges(endpoint, rec.owner, rec, ranges, deliver, piece)
+                return bulk.fetch_ranges(endpoint, rec.owner, rec, ranges, deliver,
+                                         piece or PIECE_BYTES)
             except (PeerUnavailable, DatasetNotFound) as exc:
                 errors.append(exc)
                 raise PeerUnavailable(f"{rec.owner}: {exc}") from exc
@@ -274,8 +278,6 @@ class LazyArray:
             if errors and all(isinstance(e, DatasetNotFound) for e in errors):
                 raise DatasetNotFound(f"{self.name} is gone: {exc}") from None
             raise
-        for pick in finish:
-            pick()
 
     def _alive(self, peer: str) -> bool:
         """Is ``peer`` still worth waiting for?  The node's catalog says, from the thread
@@ -286,27 +288,79 @@ class LazyArray:
         return endpoint is None or not refuses_connections(endpoint, timeout_s=1.0)
 
 
-def _picker(window: np.ndarray[Any, Any], at: np.ndarray[Any, Any], b0: int, width: int,
-            out: np.ndarray[Any, Any]) -> Callable[[], None]:
-    def pick() -> None:
-        out[...] = window[at, b0:b0 + width]
+Rows = range | np.ndarray[Any, Any]
+"""Sorted unique row indices: a ``range`` for a slice (no index array for a[:] of a
+billion rows), an array otherwise."""
+
+
+def _position(rows: Rows, x: int) -> int:
+    """Where ``x`` would go in ``rows`` (the first index not below it)."""
+    if isinstance(rows, range):
+        return bisect.bisect_left(rows, x)
+    return int(np.searchsorted(rows, x))
+
+
+def _shift(rows: Rows, d: int) -> Rows:
+    if isinstance(rows, range):
+        return range(rows.start + d, rows.stop + d, rows.step)
+    return rows + d
+
+
+def _piece(row_bytes: int) -> int | None:
+    """Size of the pieces a run of rows is asked for in: whole rows, about
+    :data:`PIECE_BYTES`; None when one row is larger than a range request may be
+    (such rows are then never read through, each is a range of its own)."""
+    if row_bytes > MAX_RANGE:
+        return None
+    return max(1, PIECE_BYTES // row_bytes) * row_bytes
+
+
+def _landing(buf: np.ndarray[Any, Any]) -> Callable[[int, Payload], None]:
+    """Pieces of a contiguous run land where they belong in ``buf``."""
+    def land(rel: int, payload: Payload) -> None:
+        payload.copy_into(buf, rel)
+    return land
+
+
+def _picking(out: np.ndarray[Any, Any], at: Rows, row_bytes: int, width: int
+             ) -> Callable[[int, Payload], None]:
+    """Pieces of a run read through: each starts at a whole row (``rel`` is a multiple
+    of ``row_bytes``); the rows ``at`` (relative to the run's first) that it holds are
+    copied into ``out`` (``width`` bytes each, from the start of each row's window)."""
+    def pick(rel: int, payload: Payload) -> None:
+        r0, count = rel // row_bytes, -(-payload.nbytes // row_bytes)
+        scratch = np.empty(count * row_bytes, dtype=np.uint8)
+        payload.copy_into(scratch, 0)  # the last row of the run may be cut after width
+        rows = scratch.reshape(count, row_bytes)[:, :width]
+        i0, i1 = _position(at, r0), _position(at, r0 + count)
+        sel = _shift(at[i0:i1], -r0)
+        out[i0:i1] = rows[slice(sel.start, sel.stop, sel.step) if isinstance(sel, range)
+                          else sel]
     return pick
 
 
-def _merge(local: np.ndarray[Any, Any], row_bytes: int, b0: int, width: int
+def _merge(local: Rows, row_bytes: int, width: int, merge: bool = True
            ) -> list[tuple[int, int, int]]:
     """Group sorted row indices into runs read as one byte range each: ``(first row, last
     row, rows in it)``.  Neighbours whose gap is at most :data:`GAP_BYTES` share a range,
-    and the widest gaps split them until at most :data:`MAX_RANGES` remain."""
-    if len(local) == 0:
+    and the widest gaps split them until at most :data:`MAX_RANGES` remain; with
+    ``merge=False`` every row is a range of its own."""
+    n = len(local)
+    if n == 0:
         return []
-    gaps = (local[1:] - local[:-1]) * row_bytes - width  # bytes between two wanted ranges
+    if n == 1 or (merge and isinstance(local, range)
+                  and local.step * row_bytes - width <= GAP_BYTES):
+        return [(int(local[0]), int(local[-1]), n)]
+    if not merge:
+        return [(int(r), int(r), 1) for r in local]
+    rows = np.asarray(local)
+    gaps = (rows[1:] - rows[:-1]) * row_bytes - width  # bytes between two wanted ranges
     limit = GAP_BYTES
     if np.count_nonzero(gaps > limit) >= MAX_RANGES:
         limit = int(np.partition(gaps, len(gaps) - MAX_RANGES + 1)[len(gaps) - MAX_RANGES + 1])
     cuts = np.flatnonzero(gaps > limit) + 1
-    bounds = [0, *cuts.tolist(), len(local)]
-    return [(int(local[a]), int(local[b - 1]), b - a) for a, b in itertools.pairwise(bounds)]
+    bounds = [0, *cuts.tolist(), n]
+    return [(int(rows[a]), int(rows[b - 1]), b - a) for a, b in itertools.pairwise(bounds)]
 
 
 # -- indexing -------------------------------------------------------------------------------
@@ -321,8 +375,7 @@ def _is_int(k: Any) -> bool:
     return not isinstance(k, np.ndarray)
 
 
-def _plan(key: Any, shape: tuple[int, ...]
-          ) -> tuple[np.ndarray[Any, Any], tuple[int, int], tuple[Any, ...]]:
+def _plan(key: Any, shape: tuple[int, ...]) -> tuple[Rows, tuple[int, int], tuple[Any, ...]]:
     """What ``arr[key]`` needs: the sorted unique rows, the span ``[lo, hi)`` of the
     second axis, and the key to apply to that block so the result is numpy's.
 
@@ -367,7 +420,7 @@ def _plan(key: Any, shape: tuple[int, ...]
     probe = np.broadcast_to(np.empty((), dtype="V0"), tuple(probe_shape))
     probe[tuple(items)]  # raises IndexError/TypeError exactly as numpy would
 
-    rows: np.ndarray[Any, Any] = np.arange(shape[0])
+    rows: Rows = range(shape[0])
     lo, hi = 0, shape[1] if len(shape) > 1 else 1
     for i, (k, n, axis) in enumerate(zip(items, kinds, axis_of, strict=True)):
         if axis == 0 and n == 1:
@@ -379,18 +432,18 @@ def _plan(key: Any, shape: tuple[int, ...]
     return rows, (lo, hi), tuple(items)
 
 
-def _rows(k: Any, n: int) -> tuple[np.ndarray[Any, Any], Any]:
+def _rows(k: Any, n: int) -> tuple[Rows, Any]:
     """The rows an index of the first axis needs (sorted, unique) and the index that
     picks them from a block of just those rows."""
     if isinstance(k, slice):
         r = range(*k.indices(n))
-        rows = np.arange(r.start, r.stop, r.step)
         if r.step < 0:
-            return rows[::-1], slice(None, None, -1)
-        return rows, slice(None)
+            return r[::-1], slice(None, None, -1)
+        return r, slice(None)
     if _is_int(k):
         i = operator.index(k)
-        return np.array([i + n if i < 0 else i]), 0
+        i = i + n if i < 0 else i
+        return range(i, i + 1), 0
     a = np.asarray(k)
     if a.dtype == np.bool_:
         rows = np.flatnonzero(a)
