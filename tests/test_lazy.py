@@ -270,6 +270,11 @@ def test_xarray_backend_opens_lazily(lazy_cluster: Cluster) -> None:
         assert received(c) - before <= 10 * ROW
         with xr.open_dataset(a, engine=HpcflowBackendEntrypoint) as ds:
             np.testing.assert_array_equal(ds["BIG"][0].values, BIG[0])
+        one = c.array("ONE")
+        before = received(c)
+        whole = xr.DataArray(one)  # not lazy: xarray reads what is no duck array at once
+        assert received(c) - before == one.nbytes
+        np.testing.assert_array_equal(whole.isel(dim_0=3), np.arange(12, 16))
 
 
 def test_handle_array_of_a_result_read_from_its_holders(client: hpcflow.Client) -> None:

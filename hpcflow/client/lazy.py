@@ -10,8 +10,11 @@ bytes straight from each part's holders over the bulk channel (``RANGE``
 requests: byte ranges of the part, never across parts), every part at once.
 Rows close together are read through (a gap up to :data:`GAP_BYTES`) rather
 than asked for apart, and at most :data:`MAX_RANGES` ranges are asked of one
-part; what is not asked for never moves.  The numpy indexing of the fetched
-block happens here.
+part; what is not asked for never moves.  A run read through arrives in
+pieces of whole rows and the rows wanted are copied out of each piece as it
+arrives, so a read holds its result block and a few pieces, never the span.
+The numpy indexing of the fetched block (the order asked for, repeats,
+broadcasting) happens here, on that block.
 
 A holder that is dead or silent is replaced by another holder of the same
 part.  Every request names the version and checksum pinned: a holder whose
@@ -22,7 +25,9 @@ rows of two versions; :meth:`LazyArray.refresh` pins the new one.
 Reads may come from any thread (dask's threaded scheduler calls
 ``__getitem__`` from its workers): each read makes its own sockets in the
 calling thread's gevent hub and makes no RPC call, except that in the thread
-that made the array a silent holder is checked against the node's catalog.
+that made the array a silent holder is checked against the node's catalog
+(elsewhere: whether its port still listens).  Bytes read in another thread
+are counted apart and added to the client's ``traffic`` when the read ends.
 """
 
 from __future__ import annotations
