@@ -80,7 +80,11 @@ def test_metadata_without_reading(client: hpcflow.Client) -> None:
     assert s.shape == () and s.ndim == 0 and s[()] == 7.5 and float(np.asarray(s)) == 7.5
     with pytest.raises(TypeError):
         len(s)
-    assert received(client) - before == 2 * 8  # two reads of the scalar, 8 bytes each
+    with pytest.raises(TypeError):
+        iter(s)
+    rows = list(client.array("ONE"))
+    assert len(rows) == 50 and rows[7].tolist() == [28, 29, 30, 31]
+    assert received(client) - before == 2 * 8 + 200 * 4  # the scalar twice, ONE's rows
 
 
 def test_unknown_and_invalid_names_are_typed(lazy_cluster: Cluster,

@@ -37,7 +37,7 @@ import itertools
 import math
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -151,6 +151,12 @@ class LazyArray:
         if not self.shape:
             raise TypeError("len() of unsized object")
         return self.shape[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Row by row, one read each (slice it for fewer, larger reads)."""
+        if not self.shape:
+            raise TypeError("iteration over a 0-d array")
+        return (self[i] for i in range(self.shape[0]))
 
     def __repr__(self) -> str:
         return (f"<LazyArray {self.name} {self.shape} {self.dtype} in "
