@@ -8,13 +8,16 @@ read from the client's traffic counter and from the holders' own stats.
 
 from __future__ import annotations
 
+import configparser
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -363,3 +366,69 @@ def test_a_newer_version_is_reported_never_mixed(lazy_cluster: Cluster,
     with pytest.raises(hpcflow.DatasetChanged):
         a[:5]
     np.testing.assert_array_equal(a.refresh()[:5], data[:5] * 3)
+
+
+def test_hostile_range_requests_get_typed_refusals(lazy_cluster: Cluster) -> None:
+    """RANGE requests as a hostile client would write them, on a raw socket: each is
+    refused with its own error type and the holder goes on serving good ones."""
+    with lazy_cluster["n2"].client() as c:
+        rec = hpcflow.DatasetRecord.from_wire(c.describe("ONE")["records"][0])
+    good = {"key": rec.key, "v": rec.version, "c": rec.checksum, "o": 16, "n": 16, "by": "x"}
+    cases = [
+        ({"n": (64 << 20) + 1}, "InvalidData"),        # larger than a range may be
+        ({"o": rec.nbytes - 8}, "InvalidData"),        # past the end of the part
+        ({"c": "0" * 32}, "DatasetChanged"),           # another copy's checksum
+        ({"v": rec.version + 1}, "DatasetChanged"),    # a version it does not hold
+        ({"key": "NO_SUCH"}, "DatasetNotFound"),
+        ({"c": 5}, "ProtocolError"),
+        ({"o": -1}, "ProtocolError"),
+    ]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(lazy_cluster["n2"].info["bulk"])
+
+    def ask(r: int, hdr: dict[str, Any]) -> list[bytes]:
+        s.send_multipart([b"RANGE", msgpack.packb({"r": r, **hdr})])
+        assert s.poll(10_000 * SCALE), f"no answer to {hdr}"
+        return s.recv_multipart()
+
+    try:
+        for r, (change, error) in enumerate(cases):
+            reply = ask(r, {**good, **change})
+            assert reply[0] == b"ERR", change
+            assert msgpack.unpackb(reply[1])["type"] == error, (change, reply)
+        reply = ask(99, good)
+        assert reply[0] == b"CHUNK"
+        assert b"".join(reply[2:]) == np.arange(200, dtype=np.int32).tobytes()[16:32]
+    finally:
+        s.close()
+        ctx.term()
+
+
+def test_engine_hpcflow_through_an_installed_entry_point(
+        lazy_cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine="hpcflow"`` as xarray finds it: the entry point from setup.cfg, installed
+    as package metadata on sys.path (the editable install may predate it)."""
+    xr = pytest.importorskip("xarray")
+    from xarray.backends import plugins
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    spec = cfg["options.entry_points"]["xarray.backends"].strip()
+    dist = tmp_path / "hpcflow_lazy_entry-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hpcflow-lazy-entry\n"
+                                   "Version: 0\n")
+    (dist / "entry_points.txt").write_text(f"[xarray.backends]\n{spec}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins.list_engines.cache_clear()
+    try:
+        url = f"hpcflow://{lazy_cluster['n1'].rpc.removeprefix('tcp://')}/T"
+        with xr.open_dataset(url, engine="hpcflow", dims=("frame", "atom", "xyz")) as ds:
+            np.testing.assert_array_equal(ds["T"].isel(frame=slice(15, 20), atom=[3, 1]),
+                                          T[15:20][:, [3, 1]])
+        assert xr.backends.plugins.guess_engine(url) == "hpcflow"
+    finally:
+        monkeypatch.undo()
+        plugins.list_engines.cache_clear()
