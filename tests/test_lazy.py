@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h5py
 import msgpack
 import numpy as np
 import pytest
@@ -432,3 +433,27 @@ def test_engine_hpcflow_through_an_installed_entry_point(
     finally:
         monkeypatch.undo()
         plugins.list_engines.cache_clear()
+
+
+def test_corruption_at_rest_is_reported_by_a_partial_read(lazy_cluster: Cluster,
+                                                           client: hpcflow.Client) -> None:
+    """The holder checks each stored chunk a range touches against its stored digest:
+    rows of a corrupted chunk are refused (IntegrityError), rows of a sound one served."""
+    data = np.arange(1_000_000, dtype=np.float64)  # 8 MB: two chunks of 4 MiB
+    with lazy_cluster["n3"].client() as o:
+        o.put("ROT", data)
+    client.wait_for("ROT", 10 * SCALE)
+    path = lazy_cluster["n3"].data_dir / "datasets" / "ROT.h5"
+    with h5py.File(path, "r") as f:
+        offset = f["data"].id.get_offset()
+    with open(path, "r+b") as fh:  # a bit flip on disk in chunk 0, behind the daemon's back
+        fh.seek(offset + 123_456)
+        b = fh.read(1)
+        fh.seek(offset + 123_456)
+        fh.write(bytes([b[0] ^ 0x01]))
+    a = client.array("ROT")
+    with pytest.raises(hpcflow.IntegrityError, match="corrupted"):
+        a[10:20]  # not the flipped bytes, but their chunk
+    np.testing.assert_array_equal(a[-10:], data[-10:])  # chunk 1 is sound
+    with lazy_cluster["n3"].client() as o:
+        o.delete("ROT")

@@ -34,7 +34,9 @@ Any request can be answered with ``ERR`` r, type, msg: the client raises the
 same hpcflow error type.  A failed upload (bad header, disk full) always
 removes its temp file before the error is sent.  ``d`` is the xxh3-64 digest of the payload; the
 client also checks the whole-dataset checksum of the record at the end, so
-corruption in flight (retried) and at rest (reported) are both caught.
+corruption in flight (retried) and at rest (reported) are both caught.  A
+``RANGE`` reply's digest is computed as it is sent, so the server first checks
+the stored chunks the range touches against their stored digests (IntegrityError).
 
 Both ends yield to the gevent hub after every message: a zmq.green receive
 returns without yielding when a message is already queued, so a fast
@@ -51,6 +53,7 @@ import os
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -231,6 +234,10 @@ class BulkServer:
         self._commits: set[gevent.Greenlet] = set()
         #: The loop is the socket's one reader; it and the commits send, one at a time.
         self._send_lock = gevent.lock.Semaphore()
+        #: Per part version served by RANGE: its chunks' byte offsets and the chunks
+        #: already checked against their stored digests (see ``_check_at_rest``).
+        self._checked: OrderedDict[tuple[str, int, str], tuple[np.ndarray[Any, Any], set[int]]]
+        self._checked = OrderedDict()
 
     def start(self) -> None:
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._reaper)]
@@ -331,10 +338,42 @@ class BulkServer:
                                  f"one asked for (checksum {reader.rec.checksum}, not "
                                  f"{_str(hdr, 'c')})")
         buf = reader.byte_range(off, n)
+        self._check_at_rest(reader, off, n)
         self._send(
             [ident, b"CHUNK", pack({"r": r, "i": off, "d": chunk_digest(buf)}), *_frames(buf)],
             copy=False)
         self.traffic.sent(by, n)
+
+    def _check_at_rest(self, reader: Any, off: int, n: int) -> None:
+        """Check every stored chunk that bytes ``[off, off+n)`` touch against its stored
+        digest, once per chunk of a part version: a range's digest is computed here on
+        the fly, so without this a copy corrupted at rest would be served as good (a
+        reader of part of a part cannot check the part's checksum).  IntegrityError,
+        as a fetch of a corrupted copy gets."""
+        rec = reader.rec
+        if n == 0:
+            return
+        ck = (rec.key, rec.version, rec.checksum)
+        entry = self._checked.get(ck)
+        if entry is None:
+            ch = reader.chunking
+            starts = np.fromiter((ch.byte_range(i)[0] for i in range(len(ch))),
+                                 dtype=np.int64, count=len(ch))
+            entry = self._checked[ck] = (starts, set())
+            while len(self._checked) > 256:
+                self._checked.popitem(last=False)
+        self._checked.move_to_end(ck)
+        starts, done = entry
+        first = int(np.searchsorted(starts, off, side="right")) - 1
+        last = int(np.searchsorted(starts, off + n - 1, side="right")) - 1
+        for i in range(first, last + 1):
+            if i not in done:
+                buf, digest = reader.chunk(i)
+                if chunk_digest(buf) != digest:
+                    raise IntegrityError(
+                        f"chunk {i} of {rec.key} on {self.store.owner} does not match its "
+                        "stored digest: the stored copy is corrupted")
+                done.add(i)
 
     def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
         r, by = _int(hdr, "r"), _str(hdr, "by")
