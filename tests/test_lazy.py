@@ -86,6 +86,8 @@ def test_metadata_without_reading(client: hpcflow.Client) -> None:
         len(s)
     with pytest.raises(TypeError):
         iter(s)
+    with pytest.raises(ValueError, match="never viewed"):
+        np.asarray(s, copy=False)
     rows = list(client.array("ONE"))
     assert len(rows) == 50 and rows[7].tolist() == [28, 29, 30, 31]
     assert received(client) - before == 2 * 8 + 200 * 4  # the scalar twice, ONE's rows

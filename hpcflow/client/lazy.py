@@ -116,7 +116,8 @@ class LazyArray:
 
     def refresh(self) -> LazyArray:
         """Pin the dataset as the catalog lists it now (after a :class:`DatasetChanged`,
-        to read the new version; its shape may differ).  Returns ``self``."""
+        to read the new version; its shape may differ).  Returns ``self``.  It asks the
+        node: call it in the thread that made the array (the client's RPC socket's)."""
         self._pin(None)
         return self
 
@@ -168,6 +169,9 @@ class LazyArray:
                 tuple((p.start, p.stop, p.holders[0].checksum) for p in self._parts))
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray[Any, Any]:
+        if copy is False:  # numpy 2: a view was demanded; the bytes are on other nodes
+            raise ValueError(f"{self.name} is read from its holders, never viewed: "
+                             "np.asarray(arr, copy=False) cannot be honoured")
         arr = self[...]
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
