@@ -19,10 +19,12 @@ from .catalog.base import CatalogSnapshot, Location, PartLocation
 from .catalog.record import DatasetRecord
 from .client.client import Client, connect
 from .client.flow import Handle, PlanView, gather
+from .client.lazy import LazyArray
 from .config import NodeConfig
 from .errors import (
     ArityError,
     ConfigError,
+    DatasetChanged,
     DatasetConflict,
     DatasetExists,
     DatasetNotFound,
@@ -51,6 +53,7 @@ __all__ = [
     "CatalogSnapshot",
     "Client",
     "ConfigError",
+    "DatasetChanged",
     "DatasetConflict",
     "DatasetExists",
     "DatasetNotFound",
@@ -61,6 +64,7 @@ __all__ = [
     "IntegrityError",
     "InvalidData",
     "InvalidName",
+    "LazyArray",
     "Location",
     "NodeConfig",
     "NotOwner",

@@ -15,6 +15,8 @@ Tree::
     ├── InvalidName              dataset name that is path-like, empty, too long ...
     ├── InvalidData              wrong dtype/shape/parts, unreadable or truncated input
     ├── DatasetNotFound          no live node holds it
+    │   └── DatasetChanged       the version being read was replaced (overwritten, or
+    │                            deleted and put again) while a lazy array read it
     ├── DatasetExists            put would overwrite without overwrite=True, or another
     │   │                        node holds (or is putting) the name
     │   └── DatasetConflict      two nodes hold different data under one name (both puts
@@ -72,6 +74,14 @@ class DatasetNotFound(HpcflowError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else "dataset not found"
+
+
+class DatasetChanged(DatasetNotFound):
+    """The version of a dataset (part) a reader pinned is gone: it was overwritten, or
+    deleted and put again, while being read.  A lazy array reports this rather than mix
+    rows of two versions; open it again (``refresh()``) to read the new one.  A kind of
+    :class:`DatasetNotFound` (the version asked for is on no node), so code that fails
+    over to another holder on that keeps doing so."""
 
 
 class DatasetExists(HpcflowError):

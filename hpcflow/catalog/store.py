@@ -44,7 +44,14 @@ import gevent.event
 import h5py
 import numpy as np
 
-from ..errors import DatasetExists, DatasetNotFound, IntegrityError, InvalidData, StoreError
+from ..errors import (
+    DatasetChanged,
+    DatasetExists,
+    DatasetNotFound,
+    IntegrityError,
+    InvalidData,
+    StoreError,
+)
 from .chunking import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNKS,
@@ -567,7 +574,7 @@ class Store:
         if rec is None:
             raise DatasetNotFound(f"{key} is not stored on {self.owner}")
         if version is not None and version != rec.version:
-            raise DatasetNotFound(
+            raise DatasetChanged(
                 f"{key} version {version} is gone from {self.owner} (now version {rec.version})"
             )
         held = self._memory.get(key)

@@ -52,6 +52,7 @@ from ..sources import open_source, source_metadata
 from ..wire import unencodable
 from . import lineage as lineage_calls
 from .flow import Flow, Handle
+from .lazy import LazyArray
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")
@@ -341,6 +342,13 @@ class Client:
             tmp.unlink(missing_ok=True)
             raise
         return path
+
+    def array(self, name: str, *, location: dict[str, Any] | None = None) -> LazyArray:
+        """A lazy view of dataset ``name``: ``shape``, ``dtype``, numpy indexing and
+        ``__array__``, reading only the rows (and column span) indexed, straight from the
+        parts' holders (see :mod:`hpcflow.client.lazy`).  Works with
+        ``dask.array.from_array`` and xarray.  Unknown name: DatasetNotFound."""
+        return LazyArray(self, name, location, prefault=prefault)
 
     def _parts(self, name: str, part: int | None,
                loc: dict[str, Any] | None = None) -> tuple[Any, ...]:

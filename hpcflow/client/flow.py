@@ -68,6 +68,7 @@ class Connection(Protocol):
               out: Any = None, location: dict[str, Any] | None = None) -> Any: ...
 
     def metadata(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Any]: ...
+    def array(self, name: str, *, location: dict[str, Any] | None = None) -> Any: ...
 
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
@@ -149,6 +150,12 @@ class Handle:
         """The time of each row of the output (a numpy array), or None when it has no
         time axis (a reduction, data put without one)."""
         return self.metadata()["time"]
+    def array(self) -> Any:
+        """The result as a lazy array (:meth:`Client.array <hpcflow.Client.array>`): runs
+        what it still needs, then reads only what is indexed, from the result's holders.
+        A small result that came back inline is here already: a numpy array (a copy).
+        A step's output lives as long as the flow (or its client) unless saved or kept."""
+        return self.flow._lazy(self)
 
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""
@@ -400,6 +407,20 @@ class Flow:
                 if not planned:  # no plan said it would move: it moves as asked
                     self.planned[link] += got
         return arr
+
+    def _lazy(self, target: Handle) -> Any:
+        self._done(target)
+        if target.value is not None:
+            return target.value.copy()
+        try:
+            return self.client.array(target.name, location=target.location)
+        except DatasetNotFound:
+            if not self._forget_lost([target]):
+                raise
+            self._execute(target)  # its node lost it: compute it again
+            if target.value is not None:
+                return target.value.copy()
+            return self.client.array(target.name, location=target.location)
 
     def _save(self, target: Handle, name: str, overwrite: bool = False,
               partitioned: bool | None = None, restore: bool = False) -> dict[str, Any]:

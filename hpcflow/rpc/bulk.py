@@ -14,7 +14,8 @@ server's ROUTER adds the peer identity in front.
 client     header                            server replies
 =========  ================================  ============================
 ``GET``    r, key, v (version), i, by        ``CHUNK`` r, i, d + payload frames
-``RANGE``  r, key, v, o (offset), n, by      ``CHUNK`` r, i=o, d + payload frames
+``RANGE``  r, key, v, o (offset), n, by,     ``CHUNK`` r, i=o, d + payload frames
+           c (checksum, optional)
 ``PUT``    r, name, part, nparts, shape,     ``OK`` r, u
            dtype, chunk_bytes, overwrite,
            lineage, by, (aux + payload)
@@ -37,7 +38,9 @@ Any request can be answered with ``ERR`` r, type, msg: the client raises the
 same hpcflow error type.  A failed upload (bad header, disk full) always
 removes its temp file before the error is sent.  ``d`` is the xxh3-64 digest of the payload; the
 client also checks the whole-dataset checksum of the record at the end, so
-corruption in flight (retried) and at rest (reported) are both caught.
+corruption in flight (retried) and at rest (reported) are both caught.  A
+``RANGE`` reply's digest is computed as it is sent, so the server first checks
+the stored chunks the range touches against their stored digests (IntegrityError).
 
 Both ends yield to the gevent hub after every message: a zmq.green receive
 returns without yielding when a message is already queued, so a fast
@@ -54,6 +57,7 @@ import os
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -74,8 +78,9 @@ from ..catalog.record import (
     validate_part,
     validate_shape,
 )
-from ..catalog.store import Store, Writer
+from ..catalog.store import OFFLOAD_BYTES, Store, Writer
 from ..errors import (
+    DatasetChanged,
     HpcflowError,
     IntegrityError,
     InvalidData,
@@ -272,6 +277,10 @@ class BulkServer:
         self._commits: set[gevent.Greenlet] = set()
         #: The loop is the socket's one reader; it and the commits send, one at a time.
         self._send_lock = gevent.lock.Semaphore()
+        #: Per part version served by RANGE: its chunks' byte offsets and the chunks
+        #: already checked against their stored digests (see ``_check_at_rest``).
+        self._checked: OrderedDict[tuple[str, int, str], tuple[np.ndarray[Any, Any], set[int]]]
+        self._checked = OrderedDict()
 
     def start(self) -> None:
         self._greenlets = [gevent.spawn(self._loop), gevent.spawn(self._reaper)]
@@ -365,11 +374,52 @@ class BulkServer:
         key, by = _str(hdr, "key"), _str(hdr, "by")
         if n > MAX_RANGE:
             raise InvalidData(f"range requests are limited to {MAX_RANGE} bytes")
-        buf = self.store.reader(key, version).byte_range(off, n)
+        reader = self.store.reader(key, version)
+        if "c" in hdr and _str(hdr, "c") != reader.rec.checksum:
+            # deleted and put again: the same version number, other bytes
+            raise DatasetChanged(f"{key} version {version} on {self.store.owner} is not the "
+                                 f"one asked for (checksum {reader.rec.checksum}, not "
+                                 f"{_str(hdr, 'c')})")
+        buf = reader.byte_range(off, n)
+        self._check_at_rest(reader, off, n)
         self._send(
             [ident, b"CHUNK", pack({"r": r, "i": off, "d": chunk_digest(buf)}), *_frames(buf)],
             copy=False)
         self.traffic.sent(by, n)
+
+    def _check_at_rest(self, reader: Any, off: int, n: int) -> None:
+        """Check every stored chunk that bytes ``[off, off+n)`` touch against its stored
+        digest, once per chunk of a part version: a range's digest is computed here on
+        the fly, so without this a copy corrupted at rest would be served as good (a
+        reader of part of a part cannot check the part's checksum).  IntegrityError,
+        as a fetch of a corrupted copy gets."""
+        rec = reader.rec
+        if n == 0:
+            return
+        ck = (rec.key, rec.version, rec.checksum)
+        entry = self._checked.get(ck)
+        if entry is None:
+            ch = reader.chunking
+            starts = np.fromiter((ch.byte_range(i)[0] for i in range(len(ch))),
+                                 dtype=np.int64, count=len(ch))
+            entry = self._checked[ck] = (starts, set())
+            while len(self._checked) > 256:
+                self._checked.popitem(last=False)
+        self._checked.move_to_end(ck)
+        starts, done = entry
+        first = int(np.searchsorted(starts, off, side="right")) - 1
+        last = int(np.searchsorted(starts, off + n - 1, side="right")) - 1
+        for i in range(first, last + 1):
+            if i not in done:
+                buf, digest = reader.chunk(i)
+                # a big chunk (maybe read from disk) is hashed off the loop: heartbeats go on
+                got = (chunk_digest(buf) if memoryview(buf).nbytes < OFFLOAD_BYTES else
+                       gevent.get_hub().threadpool.apply(chunk_digest, (buf,)))
+                if got != digest:
+                    raise IntegrityError(
+                        f"chunk {i} of {rec.key} on {self.store.owner} does not match its "
+                        "stored digest: the stored copy is corrupted")
+                done.add(i)
 
     def _put(self, ident: bytes, hdr: dict[str, Any], payload: Payload | None = None) -> None:
         r, by = _int(hdr, "r"), _str(hdr, "by")
@@ -648,6 +698,30 @@ class BulkClient:
         self._pull(endpoint, peer, f"rows of {rec.key}", starts, request, size,
                    lambda o, buf, d: deliver((o - off) // piece, o - off, buf, d))
         return length
+
+    def fetch_ranges(self, endpoint: str, peer: str, rec: DatasetRecord,
+                     ranges: list[tuple[int, int]], deliver: Callable[[int, Payload], None],
+                     piece: int) -> int:
+        """Pull several byte ranges ``(offset, length)`` of ``rec`` (disjoint, each cut in
+        pieces of at most ``piece`` bytes) over one socket and one credit window;
+        ``deliver(offset, payload)`` gets each piece with its offset in the part.
+
+        Each piece is digest-checked (and retried); the holder refuses with
+        :class:`DatasetChanged` when its copy is not ``rec`` (version and checksum), so
+        bytes of another version are never delivered.  Returns the bytes received."""
+        piece = max(1, min(piece, MAX_RANGE))
+        sizes: dict[int, int] = {}
+        for off, length in ranges:
+            for o in range(off, off + length, piece):
+                sizes[o] = min(piece, off + length - o)
+
+        def request(o: int) -> tuple[bytes, dict[str, Any]]:
+            return b"RANGE", {"key": rec.key, "v": rec.version, "c": rec.checksum, "o": o,
+                              "n": sizes[o], "by": self.me}
+
+        self._pull(endpoint, peer, f"rows of {rec.key}", list(sizes), request, sizes.__getitem__,
+                   lambda o, buf, d: deliver(o, buf))
+        return sum(sizes.values())
 
     def upload(
         self,

@@ -47,6 +47,17 @@ class Traffic:
         _count(self.bytes_received, peer, nbytes)
         self.messages_received += 1
 
+    def add(self, other: Traffic) -> None:
+        """Count ``other``'s bytes and messages here too (a transfer counted apart, e.g. in
+        another thread, joining the totals)."""
+        for peer, n in other.bytes_sent.items():
+            _count(self.bytes_sent, peer, n)
+        for peer, n in other.bytes_received.items():
+            _count(self.bytes_received, peer, n)
+        self.messages_sent += other.messages_sent
+        self.messages_received += other.messages_received
+        self.chunk_retries += other.chunk_retries
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "bytes_sent": dict(self.bytes_sent),
