@@ -44,7 +44,7 @@ from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
-from ..sources import open_source
+from ..sources import open_source, row_range
 from ..wire import unencodable
 from .flow import Flow, Handle
 
@@ -171,9 +171,50 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
-    def delete(self, name: str, part: int | None = None) -> DatasetRecord:
-        return DatasetRecord.from_wire(self._call("delete", validate_name(name),
-                                                  validate_part(part)))
+    def delete(self, name: str, part: int | None = None, *,
+               all_parts: bool = False) -> Any:
+        """Delete ``name`` (or its part ``part``) from the connected node, which must hold
+        it; returns its record.  ``all_parts=True`` deletes every part of a split dataset
+        (and every copy) from every holder, asking each one in turn, and returns their
+        records; refused before anything is deleted while a holder is down."""
+        name = validate_name(name)
+        if not validate_flag(all_parts, "all_parts"):
+            return DatasetRecord.from_wire(self._call("delete", name, validate_part(part)))
+        if part is not None:
+            raise InvalidData("give part or all_parts=True, not both")
+        return self._delete_everywhere(name)
+
+    def _delete_everywhere(self, name: str) -> list[DatasetRecord]:
+        recs = [r for r in self.catalog(include_dead=True) if r.name == name]
+        if not recs:
+            raise DatasetNotFound(f"{name} is held by no node")
+        nparts = max((r.nparts or 0 for r in recs), default=0)
+        if len({r.part for r in recs if r.part is not None}) < nparts:
+            # parts just put elsewhere may not have reached our node's catalog yet
+            self.wait_for(name, self.timeout_s)
+            recs = [r for r in self.catalog(include_dead=True) if r.name == name]
+        members = {n["name"]: n for n in self.nodes()}
+        down = sorted({r.owner for r in recs if not members.get(r.owner, {}).get("alive")})
+        if down:
+            raise PeerUnavailable(f"{name} has parts on {', '.join(down)}, which "
+                                  f"{'is' if len(down) == 1 else 'are'} not alive now: nothing "
+                                  "deleted; retry once back (or rm --part K on each live holder)")
+        out = []
+        for rec in recs:  # one RPC to each holder: it deletes its own copy, by the usual rules
+            out.append(DatasetRecord.from_wire(
+                self._call_on(rec.owner, members[rec.owner]["rpc"], "delete", name, rec.part)))
+        return out
+
+    def _call_on(self, node: str, endpoint: str, method: str, *args: Any) -> Any:
+        """``method`` on the member ``node`` (our own node through our connection)."""
+        if node == self.node:
+            return self._call(method, *args)
+        rpc = new_client(endpoint, self.timeout_s,
+                         context=self.ctx if self.keys is not None else None)
+        try:
+            return rpc.call(method, *args)
+        finally:
+            rpc.close()
 
     def replicate(self, name: str, part: int | None = None) -> list[DatasetRecord]:
         """Ask the connected node to keep its own copy of ``name``."""
@@ -182,14 +223,17 @@ class Client:
 
     # -- data -------------------------------------------------------------------------
     def put(self, name: str, data: Any, *, part: int | None = None, nparts: int | None = None,
-            dataset: str | None = None, overwrite: bool = False,
+            dataset: str | None = None, rows: Any = None, overwrite: bool = False,
             lineage: dict[str, Any] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             progress: Progress | None = None) -> DatasetRecord:
         """Store ``data`` on the connected node and announce it to the cluster.
 
-        ``data`` is a numpy array, a ``.npy`` path, or an HDF5 path with
-        ``dataset`` naming the array inside it.  ``part``/``nparts`` make it one
-        row-part of a dataset partitioned across nodes.
+        ``data`` is a numpy array, a ``.npy`` path, an HDF5 path with ``dataset``
+        naming the array inside it, or an open ``h5py.Dataset`` (or H5MD element
+        group).  ``rows=(lo, hi)`` (or ``slice(lo, hi)``; ``hi`` None for the end)
+        stores only rows ``[lo, hi)`` of it, reading nothing else.  ``part``/``nparts``
+        make it one row-part of a dataset partitioned across nodes.
+        ``progress(done_bytes, total_bytes)`` is called as the bytes are acknowledged.
         """
         validate_name(name)
         part = validate_part(part)
@@ -197,9 +241,8 @@ class Client:
         overwrite = validate_flag(overwrite, "overwrite")
         _check_lineage(lineage)
         _check_progress(progress)
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-            raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
-        src = open_source(data, dataset)
+        _check_chunk_bytes(chunk_bytes)
+        src = open_source(data, dataset, rows)
         try:
             return self.bulk.upload(
                 self.node_bulk, self.node, name, src.shape, src.dtype, src.read,
@@ -207,6 +250,74 @@ class Client:
                 chunk_bytes=chunk_bytes, progress=progress)
         finally:
             src.close()
+
+    def put_split(self, name: str, data: Any, *, nodes: list[str], nparts: int,
+                  dataset: str | None = None, rows: Any = None, overwrite: bool = False,
+                  lineage: dict[str, Any] | None = None,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  progress: Progress | None = None) -> list[DatasetRecord]:
+        """Spread ``data``'s rows (or ``rows=(lo, hi)`` of them) over ``nodes`` as ``nparts``
+        row-parts of ``name``: part ``k`` holds rows ``[k*R//nparts, (k+1)*R//nparts)`` of
+        the ``R`` rows and goes to ``nodes[k % len(nodes)]``, streamed from the source
+        straight to that node's bulk channel.  ``progress(done_bytes, total_bytes)``
+        counts all parts.  If a part fails, the parts already stored are deleted again
+        and the error is raised: nothing of the put remains."""
+        validate_name(name)
+        nparts_ = validate_nparts(nparts, 0)
+        if nparts_ is None:
+            raise InvalidData("nparts must be given: how many parts to split the rows into")
+        if (not isinstance(nodes, list | tuple) or not nodes
+                or not all(isinstance(n, str) for n in nodes)):
+            raise InvalidData(f"nodes must be a non-empty list of node names, got {nodes!r}")
+        if len(set(nodes)) != len(nodes):
+            raise InvalidData(f"nodes lists a node twice: {list(nodes)}")
+        overwrite = validate_flag(overwrite, "overwrite")
+        _check_lineage(lineage)
+        _check_progress(progress)
+        _check_chunk_bytes(chunk_bytes)
+        members = {n["name"]: n for n in self.nodes()}
+        for n in nodes:
+            if n not in members:
+                raise InvalidData(f"no member is named {n!r} (members: "
+                                  f"{', '.join(sorted(members))})")
+            if not members[n]["alive"]:
+                raise PeerUnavailable(f"{n} is not alive: cannot put a part there")
+        src = open_source(data, dataset, rows)
+        stored: list[DatasetRecord] = []
+        try:
+            if not src.shape:
+                raise InvalidData(f"{src.origin} is a scalar: it has no rows to split")
+            if src.shape[0] < nparts_:
+                raise InvalidData(f"{src.origin} has {src.shape[0]} rows: too few for "
+                                  f"nparts={nparts_} (every part needs a row)")
+        except BaseException:
+            src.close()
+            raise
+        total_rows = src.shape[0]
+        total = math.prod(src.shape) * src.dtype.itemsize
+        row_bytes = math.prod(src.shape[1:]) * src.dtype.itemsize
+        try:
+            for k in range(nparts_):
+                lo, hi = k * total_rows // nparts_, (k + 1) * total_rows // nparts_
+                node = nodes[k % len(nodes)]
+                sub = row_range(src, (lo, hi))
+                shown = None if progress is None else _offset(progress, lo * row_bytes, total)
+                stored.append(self.bulk.upload(
+                    members[node]["bulk"], node, name, sub.shape, sub.dtype, sub.read,
+                    part=k, nparts=nparts_, overwrite=overwrite, lineage=lineage,
+                    chunk_bytes=chunk_bytes, progress=shown))
+        except BaseException:
+            for rec in stored:  # take back what was stored: no half-split dataset is left
+                try:
+                    self._call_on(rec.owner, members[rec.owner]["rpc"], "delete", name,
+                                  rec.part)
+                except HpcflowError as exc:
+                    log.warning("could not delete part %s of %s from %s after the split put "
+                                "failed: %s", rec.part, name, rec.owner, exc)
+            raise
+        finally:
+            src.close()
+        return stored
 
     def fetch(self, name: str, part: int | None = None,
               progress: Progress | None = None, *, out: Any = None,
@@ -388,8 +499,20 @@ def _check_lineage(lineage: object) -> None:
 
 def _check_progress(progress: object) -> None:
     if progress is not None and not callable(progress):
-        raise InvalidData(f"progress must be a callable(done, total) or None, got "
+        raise InvalidData(f"progress must be a callable(done_bytes, total_bytes) or None, got "
                           f"{type(progress).__name__}")
+
+
+def _check_chunk_bytes(chunk_bytes: object) -> None:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
+
+
+def _offset(progress: Progress, base: int, total: int) -> Progress:
+    """``progress`` of one part's bytes as bytes of the whole (the part starts at ``base``)."""
+    def shown(done: int, _part_total: int) -> None:
+        progress(base + done, total)
+    return shown
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
