@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import textwrap
 from collections.abc import Callable
@@ -75,6 +76,7 @@ REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
     "var": ({}, lambda x: x.var(axis=0), True),
     "std": ({}, lambda x: x.std(axis=0), True),
     "select": ({"index": [0, -1, 0]}, lambda x: x[:, [0, -1, 0]], False),
+    "frames": ({"start": 1, "stop": -1, "step": 3}, lambda x: x[1:-1:3], False),
 }
 
 part_sizes = st.lists(st.sampled_from([0, 0, 1, 1, 2, 3, 7]), min_size=1, max_size=5)
@@ -107,7 +109,7 @@ def test_builtins_are_registered() -> None:
     assert kinds["colsum"] == kinds["colmean"] == kinds["histogram"] == kinds["gram"] == "reduce"
     assert kinds["sort_rows"] == "reduce"  # sorted runs where the parts are, merged
     assert kinds["min"] == kinds["max"] == kinds["var"] == kinds["std"] == "reduce"
-    assert kinds["select"] == "rowwise"
+    assert kinds["select"] == kinds["frames"] == "rowwise"
     assert kinds["median"] == kinds["quantiles"] == "global"
 
 
@@ -126,7 +128,9 @@ def test_split_execution_equals_numpy(name: str, sizes: list[int], cols: int, se
     _assert_same(apply(spec, inputs, params), want)
     pieces = [_split(x, sizes) for x in inputs]
     if spec.kind == "rowwise":
-        outs = [run_rowwise_part(spec, list(block), params) for block in zip(*pieces, strict=True)]
+        ends = np.cumsum([0, *sizes]).tolist()  # each block where it lies (frames needs it)
+        outs = [run_rowwise_part(spec, list(block), params, (lo, hi, ends[-1]))
+                for block, lo, hi in zip(zip(*pieces, strict=True), ends, ends[1:], strict=False)]
         _assert_same(np.concatenate(outs), want)
     elif spec.kind == "reduce":
         partials = [run_partial(spec, block, params) for block in pieces[0]]
@@ -505,3 +509,32 @@ def test_select_picks_positions_of_the_second_axis() -> None:
     for bad in ([], [5], [1.5], "0"):
         with pytest.raises(OpError, match="index"):
             apply(spec, [frames], {"index": bad})
+
+
+def test_frames_keeps_the_stride_across_parts_and_its_model_counts_every_part() -> None:
+    """Every part keeps the rows of the global selection that lie in it, whatever the
+    cuts; the output model (what the planner uses) gives each part's rows exactly,
+    though ceil(rows / step) is not affine; bad params are ParamErrors."""
+    x = np.arange(2 * 97, dtype=np.float32).reshape(97, 2)
+    spec = get_op("frames")
+    cases = [{}, {"step": 4}, {"start": 5, "stop": 80, "step": 7}, {"start": -20, "step": 3},
+             {"stop": 3}, {"start": 200}, {"start": None, "stop": None, "step": 96}]
+    for params in cases:
+        want = x[params.get("start", 0):params.get("stop"):params.get("step", 1)]
+        _assert_same(apply(spec, [x], params), want)
+        model = output_model(spec, [(2,)], [x.dtype], params)
+        assert model.shape(97) == want.shape
+        for cuts in ([0, 97], [0, 1, 2, 50, 51, 97], [0, 30, 30, 64, 97], list(range(0, 98, 9))):
+            cuts = sorted({*cuts, 97})
+            outs = [run_rowwise_part(spec, [x[lo:hi]], params, (lo, hi, 97))
+                    for lo, hi in itertools.pairwise(cuts)]
+            _assert_same(np.concatenate(outs), want)
+            assert [model.part_shape(lo, hi, 97) for lo, hi in itertools.pairwise(cuts)
+                    ] == [o.shape for o in outs]
+    for bad in ({"step": 0}, {"step": -1}, {"step": 1.5}, {"start": "a"}, {"stop": True}):
+        with pytest.raises(ParamError):
+            apply(spec, [x], bad)
+        with pytest.raises(ParamError):
+            output_model(spec, [(2,)], [x.dtype], bad)
+    with pytest.raises(OpError, match="cannot be rows"):
+        run_rowwise_part(spec, [x[:10]], {}, (0, 11, 97))

@@ -496,6 +496,7 @@ OPS_UNDER_TEST = [  # every built-in op; add gets the dataset twice
     ("var", {}, lambda x: x.var(axis=0)),
     ("std", {}, lambda x: x.std(axis=0)),
     ("select", {"index": [2, 0]}, lambda x: x[:, [2, 0]]),
+    ("frames", {"start": 1, "step": 3}, lambda x: x[1::3]),
 ]
 
 

@@ -199,6 +199,33 @@ def select(x: Array, *, index: Any) -> Array:
     return x[:, idx]
 
 
+def _frame_slice(params: Params, total: int) -> slice:
+    """``slice(start, stop, step)`` of ``frames``' params, checked (numpy's meaning:
+    negative ``start``/``stop`` count from the end, None is the end)."""
+    start, stop, step = params.get("start", 0), params.get("stop"), params.get("step", 1)
+    for what, v in (("start", start), ("stop", stop)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (Integral, np.integer))):
+            raise ParamError(f"frames: {what} must be an integer or None, got {v!r}")
+    if isinstance(step, bool) or not isinstance(step, (Integral, np.integer)) or step < 1:
+        raise ParamError(f"frames: step must be an integer >= 1, got {step!r}")
+    return slice(None if start is None else int(start), None if stop is None else int(stop),
+                 int(step))
+
+
+@op("frames", kind="rowwise", rows=_frame_slice)
+def frames(x: Array, *, start: int | None = 0, stop: int | None = None,
+           step: int = 1) -> Array:
+    """``x[start:stop:step]``: a range of frames (rows), every ``step``-th.
+
+    Split over row parts, each part keeps the rows of the global selection that
+    fall in it (the executors tell it where the part lies), so the stride runs on
+    across part boundaries and the parts of the output are exactly the rows numpy
+    selects; the planner counts every part's output rows from the same selection.
+    ``x`` here is already those rows.
+    """
+    return x
+
+
 def _histogram_splittable(params: Params) -> bool:
     """Exact per-part counting needs data-independent bin edges."""
     bins = params.get("bins", 10)

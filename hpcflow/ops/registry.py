@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hpcflow.ops.errors import OpError, RegistrationError, UnknownOpError
-from hpcflow.ops.spec import CombineFn, Kind, OpSpec, ShapeFn, SplitPredicate
+from hpcflow.ops.spec import CombineFn, Kind, OpSpec, RowSelect, ShapeFn, SplitPredicate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,12 +82,15 @@ class OpRegistry:
         out_shape: ShapeFn | None = None,
         out_dtype: npt.DTypeLike | None = None,
         splittable: SplitPredicate | None = None,
+        rows: RowSelect | None = None,
         replace: bool = False,
     ) -> Callable[[F], F]:
         """Decorator registering a function as op ``name``.
 
         Without ``arity`` the inputs are the leading positional parameters that
         have no default; everything else is a parameter.
+        ``rows`` (rowwise ops of one input): ``(params, total_rows) -> slice`` of the
+        input rows the op keeps (see :mod:`hpcflow.ops.spec`).
         """
 
         def decorate(fn: F) -> F:
@@ -100,6 +103,7 @@ class OpRegistry:
                 out_shape=out_shape,
                 out_dtype=None if out_dtype is None else np.dtype(out_dtype),
                 splittable=splittable,
+                rows=rows,
             )
             self.register(spec, replace=replace)
             return fn
