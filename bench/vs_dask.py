@@ -314,7 +314,8 @@ def dask_step(sc: Scenario, step: Any, ins: list[Any]) -> Any:
         return da.median(x, axis=0)
     spec = ops.get_op(step.op)
     if step.op == "histogram" and spec.can_split(p):
-        return da.histogram(x, bins=p.get("bins", 10), range=p.get("range"))[0]
+        counts, edges = da.histogram(x, bins=p.get("bins", 10), range=p.get("range"))
+        return da.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
     return _by_kind(sc, step, spec, ins)
 
 

@@ -321,7 +321,7 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
         result = {"op": a.op, "inputs": a.inputs, "shape": list(arr.shape), "dtype": arr.dtype.str,
                   "bytes_planned": report["bytes_planned"], "bytes_moved": report["bytes_moved"],
                   "moved": report["moved"], "saved_as": a.save, "output": a.output,
-                  "plan": h.plan.raw}
+                  "values": None if a.output else _json_values(arr), "plan": h.plan.raw}
         if a.json:
             print(json.dumps(result))
         else:
@@ -330,9 +330,19 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
                   f"{_size(report['bytes_moved'])} (planned {_size(report['bytes_planned'])})"
                   + (f"; saved as {a.save}" if a.save else "")
                   + (f"; written to {a.output}" if a.output else ""))
-            if not a.output and arr.size <= 20:
-                print(arr)
+            if not a.output:
+                print(arr)  # numpy's summary past 1000 values
+                if arr.size > np.get_printoptions()["threshold"]:
+                    print("(every value: --json, or --output FILE.npy)")
     return 0
+
+
+def _json_values(arr: np.ndarray[Any, Any]) -> Any:
+    """Every value of ``arr`` as nested JSON lists (``{"real": ..., "imag": ...}`` for a
+    complex array; NaN and infinities as Python's json writes them: NaN, Infinity)."""
+    if arr.dtype.kind == "c":
+        return {"real": arr.real.tolist(), "imag": arr.imag.tolist()}
+    return arr.tolist()
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -538,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--save", help="keep the result as a dataset with this name")
             sp.add_argument("--overwrite", action="store_true",
                             help="with --save: replace an existing dataset of that name")
-            sp.add_argument("--output", help="write the result to this .npy file")
+            sp.add_argument("--output", help="write the result to this .npy file (else "
+                            "--json prints every value)")
         sp.set_defaults(fn=fn)
 
     from .harness.report import MESSAGES

@@ -36,6 +36,7 @@ from hpcflow.ops import (
     run_partial,
     run_rowwise_part,
 )
+from hpcflow.ops.builtin import histogram_counts_edges
 
 Array = np.ndarray[Any, Any]
 
@@ -64,7 +65,7 @@ REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
     "colmean": ({}, lambda x: x.mean(axis=0), True),
     "histogram": (
         {"bins": 7, "range": (-2.0, 2.0)},
-        lambda x: np.histogram(x, bins=7, range=(-2.0, 2.0))[0],
+        lambda x: _table(*np.histogram(x, bins=7, range=(-2.0, 2.0))),
         False,
     ),
     "gram": ({}, _gram, False),
@@ -171,19 +172,45 @@ def test_empty_part_partials_are_zeros_of_the_right_shape() -> None:
     empty = np.empty((0, 3))
     np.testing.assert_array_equal(run_partial(get_op("colsum"), empty, {}), np.zeros(3))
     np.testing.assert_array_equal(run_partial(get_op("gram"), empty, {}), np.zeros((3, 3)))
-    counts = run_partial(get_op("histogram"), empty, {"bins": 4, "range": (0, 1)})
+    counts = run_partial(get_op("histogram"), empty, {"bins": 4, "range": (0, 1)})[0]
     np.testing.assert_array_equal(counts, np.zeros(4, dtype=np.int64))
 
 
-def test_histogram_without_range_is_not_split_but_still_exact() -> None:
+def _table(counts: Array, edges: Array) -> Array:
+    """histogram's result: bins x [left edge, right edge, count], float64."""
+    return np.column_stack([edges[:-1], edges[1:], counts]).astype(np.float64)
+
+
+def test_histogram_gives_numpys_edges_and_needs_a_range_for_equal_bins() -> None:
+    """Counts and edges equal np.histogram's (edges in the dtype numpy computes them in,
+    float32 input included) whether split or not; an integer bins without range is
+    refused, saying why, rather than gathering every value on one node; numpy's rules
+    still run on one node."""
     spec = get_op("histogram")
+    for dtype in (np.float32, np.float64, np.int16):
+        x = (np.random.default_rng(1).normal(size=(40, 2)) * 9).astype(dtype)
+        for params in ({"bins": 5, "range": (-7.3, 6.1)}, {"bins": [-20, -1.5, 0, 2, 30]},
+                       {"bins": 1, "range": (0, 1)}):
+            counts, edges = np.histogram(x, params["bins"], params.get("range"))
+            parts = [run_partial(spec, b, params) for b in _split(x, [13, 0, 27])]
+            got = combine_partials(spec, parts, params)
+            _assert_same(got, _table(counts, edges))
+            back = histogram_counts_edges(got)
+            np.testing.assert_array_equal(back[0], counts)
+            np.testing.assert_array_equal(back[1], edges.astype(np.float64))
+    assert spec.can_split({"bins": [0.0, 0.5, 1.0]}) and spec.can_split({"bins": 5})
+    assert not spec.can_split({"bins": "fd"})
     x = np.random.default_rng(1).normal(size=(20, 2))
-    assert not spec.can_split({"bins": 5})
-    assert spec.can_split({"bins": [0.0, 0.5, 1.0]})
-    assert spec.can_split({"bins": 5, "range": (0, 1)})
-    with pytest.raises(ParamError):
-        run_partial(spec, x, {"bins": 5})
-    np.testing.assert_array_equal(apply(spec, [x], {"bins": 5}), np.histogram(x, 5)[0])
+    with pytest.raises(ParamError, match=r"give range=\(lo, hi\) .* gather all of it"):
+        apply(spec, [x], {"bins": 5})
+    with pytest.raises(ParamError, match="give range"):
+        apply(spec, [x], {})
+    _assert_same(apply(spec, [x], {"bins": "auto"}), _table(*np.histogram(x, "auto")))
+    with pytest.raises(OpError, match="different bins"):
+        combine_partials(spec, [run_partial(spec, x, {"bins": 2, "range": (0, 1)}),
+                                run_partial(spec, x, {"bins": 2, "range": (0, 2)})], {})
+    with pytest.raises(OpError, match="not a histogram table"):
+        histogram_counts_edges(np.zeros((3, 2)))
 
 
 def test_fft_doubles_bytes_of_float64() -> None:
