@@ -191,18 +191,41 @@ def test_failed_split_put_leaves_nothing(trio: Cluster, tmp_path: Path) -> None:
                  10, f"no HALF on {n}")
 
 
-def test_progress_in_bytes_for_put_and_fetch(trio: Cluster) -> None:
+def test_progress_in_bytes_for_put_and_fetch(trio: Cluster, tmp_path: Path) -> None:
     arr = np.arange(50_000, dtype=np.float64).reshape(5000, 10)
     puts: list[tuple[int, int]] = []
     fetches: list[tuple[int, int]] = []
+    to_file: list[tuple[int, int]] = []
     with hpcflow.connect(trio["n2"].rpc, timeout_s=15) as c:
         c.put("PROG", arr, chunk_bytes=64 * 1024,
               progress=lambda d, t: puts.append((d, t)))
         got = c.fetch("PROG", progress=lambda d, t: fetches.append((d, t)))
+        c.fetch_to("PROG", tmp_path / "p.h5", progress=lambda d, t: to_file.append((d, t)))
         c.delete("PROG")
     assert np.array_equal(got, arr)
-    for seen in (puts, fetches):
+    with h5py.File(tmp_path / "p.h5", "r") as f:
+        assert np.array_equal(f["/data"][()], arr)
+    for seen in (puts, fetches, to_file):
         assert len(seen) == 7  # 400 000 bytes in 64 KiB chunks
         assert {t for _, t in seen} == {arr.nbytes}
         assert [d for d, _ in seen] == sorted(d for d, _ in seen)
         assert seen[-1][0] == arr.nbytes
+
+
+def test_split_put_and_rm_all_parts_with_keys(keyed: Cluster, keys: Path) -> None:
+    """With keys the client reaches the other holders (bulk uploads, deletes) with its
+    client key; without keys it reaches nothing and nothing is stored or deleted."""
+    with keyed["n1"].client(keys=str(keys)) as c:
+        recs = c.put_split("KSPL", DATA, nodes=["n2", "n1"], nparts=3)
+        assert [(r.part, r.owner) for r in recs] == [(0, "n2"), (1, "n1"), (2, "n2")]
+        c.wait_for("KSPL", 10)
+        assert np.array_equal(c.fetch("KSPL"), DATA)
+    r = _cli("rm", "--node", keyed["n2"].rpc, "KSPL", "--all-parts", ok=False)
+    assert "AuthenticationError" in r.stderr
+    with keyed["n2"].client(keys=str(keys)) as c:
+        assert sorted(r.part for r in c.delete("KSPL", all_parts=True)) == [0, 1, 2]
+    def left(n: str) -> set[str]:
+        with keyed[n].client(keys=str(keys)) as c:
+            return {r.key for r in c.catalog(include_dead=True) if r.name == "KSPL"}
+    for n in ("n1", "n2"):
+        wait_for(lambda n=n: not left(n), 10, f"KSPL gone on {n}")
