@@ -48,6 +48,7 @@ from ..sources import open_source, row_range
 from ..wire import unencodable
 from .flow import Flow, Handle
 
+#: ``progress(done_bytes, total_bytes)``, for put, put_split, fetch and fetch_to alike.
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")
 
