@@ -147,6 +147,16 @@ def test_put_split_over_nodes_and_rm_all_parts(trio: Cluster, tmp_path: Path) ->
         assert {t for _, t in seen} == {DATA.nbytes}
         assert [d for d, _ in seen] == sorted(d for d, _ in seen)
         assert seen[-1] == (DATA.nbytes, DATA.nbytes) and len(seen) > 4
+        # overwritten with as many parts: replaced; with fewer, refused (part 3 would stay)
+        again = c.put_split("SPL", DATA.reshape(ROWS, 4, 2) * 2, nodes=["n2", "n3", "n1"],
+                            nparts=4, overwrite=True)
+        assert [r.version for r in again] == [2, 2, 2, 2]
+        with pytest.raises(InvalidData, match=r"SPL has part 3 on the cluster, which 3 parts "
+                           r"would not replace: delete it first \(rm SPL --all-parts\)"):
+            c.put_split("SPL", DATA.reshape(ROWS, 4, 2), nodes=["n1"], nparts=3, overwrite=True)
+        wait_for(lambda: {r.version for r in c.catalog() if r.name == "SPL"} == {2}, 10,
+                 "the new versions known on n1")
+        assert np.array_equal(c.fetch("SPL"), DATA.reshape(ROWS, 4, 2) * 2)
         with pytest.raises(NotOwner, match=r"SPL is split over n1, n2, n3 \(4 parts\): use "
                            r"--all-parts .* or --part K on each holder"):
             c.delete("SPL")

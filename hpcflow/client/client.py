@@ -283,6 +283,14 @@ class Client:
                                   f"{', '.join(sorted(members))})")
             if not members[n]["alive"]:
                 raise PeerUnavailable(f"{n} is not alive: cannot put a part there")
+        if overwrite:  # parts the new layout would not replace: refused, nothing lost
+            stale = sorted({"whole" if r.part is None else f"part {r.part}"
+                            for r in self.catalog(include_dead=True)
+                            if r.name == name and (r.part is None or r.part >= nparts_)})
+            if stale:
+                raise InvalidData(f"{name} has {', '.join(stale)} on the cluster, which "
+                                  f"{nparts_} parts would not replace: delete it first "
+                                  f"(rm {name} --all-parts)")
         src = open_source(data, dataset, rows)
         stored: list[DatasetRecord] = []
         try:
