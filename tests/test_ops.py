@@ -209,6 +209,9 @@ def test_histogram_gives_numpys_edges_and_needs_a_range_for_equal_bins() -> None
     with pytest.raises(OpError, match="different bins"):
         combine_partials(spec, [run_partial(spec, x, {"bins": 2, "range": (0, 1)}),
                                 run_partial(spec, x, {"bins": 2, "range": (0, 2)})], {})
+    for bad in ([0, "a"], [0, float("inf")], [1, 0], [0, 1, 2], "01", [True, 2]):
+        with pytest.raises(ParamError, match="range must be"):
+            apply(spec, [x], {"bins": 3, "range": bad})
     with pytest.raises(OpError, match="not a histogram table"):
         histogram_counts_edges(np.zeros((3, 2)))
 

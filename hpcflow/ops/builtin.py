@@ -294,8 +294,12 @@ def _histogram_partial(x: Array, *, bins: Any = 10, range: Any = None
             "depend on every value of the input, so one node would have to gather all of "
             "it (the min and max ops give the range in one split pass; or pass the edges "
             "as bins=[...])")
-    if range is not None and (np.size(range) != 2 or not range[0] < range[1]):
-        raise ParamError(f"histogram: range must be (lo, hi) with lo < hi, got {range!r}")
+    if range is not None and not (
+            isinstance(range, (list, tuple)) and len(range) == 2
+            and all(isinstance(v, (Real, np.number)) and not isinstance(v, bool)
+                    and math.isfinite(v) for v in range) and range[0] < range[1]):
+        raise ParamError(f"histogram: range must be (lo, hi), finite numbers with lo < hi, "
+                         f"got {range!r}")
     if np.iscomplexobj(x):
         raise InputError("histogram: complex input is not supported")
     if isinstance(bins, (Integral, np.integer)):
