@@ -315,7 +315,8 @@ def _histogram_partial(x: Array, *, bins: Any = 10, range: Any = None
         rule = f" from the rule {bins!r}" if isinstance(bins, str) else ""
         raise ParamError(f"histogram: {count} bins{rule} are more than the {MAX_BINS} a "
                          "histogram may have: give fewer bins (or a narrower range)")
-    counts, edges = np.histogram(x, bins=bins, range=range)
+    outer = None if range is None else (range[0], range[1])
+    counts, edges = np.histogram(x, bins=bins, range=outer)
     marker = np.empty(0, edges.dtype)
     if isinstance(bins, (Integral, np.integer)):  # equal bins: the outer edges suffice
         return counts.astype(np.int64), np.array(range, dtype=np.float64), marker
