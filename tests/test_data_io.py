@@ -8,6 +8,8 @@ chunks outside the range are corrupted on disk, so reading any of them fails.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -239,3 +241,35 @@ def test_split_put_and_rm_all_parts_with_keys(keyed: Cluster, keys: Path) -> Non
             return {r.key for r in c.catalog(include_dead=True) if r.name == "KSPL"}
     for n in ("n1", "n2"):
         wait_for(lambda n=n: not left(n), 10, f"KSPL gone on {n}")
+
+
+def test_cli_put_shows_progress_in_bytes_on_a_terminal(trio: Cluster, tmp_path: Path) -> None:
+    """On a terminal (a real pty as stderr) put prints bytes of bytes, ending at the
+    file's size: it used to print chunk counts as bytes ('47 B / 120 B')."""
+    arr = np.random.default_rng(2).random((40_000, 10))  # 3.1 MiB
+    np.save(tmp_path / "big.npy", arr)
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run([sys.executable, "-m", "hpcflow", "put", "--node", trio["n1"].rpc,
+                            "TTY", str(tmp_path / "big.npy")], stdout=subprocess.PIPE,
+                           stderr=slave, text=True, timeout=60 * SCALE)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                got = os.read(master, 65536)
+            except OSError:  # EIO: the pty's other side is closed and drained
+                break
+            if not got:
+                break
+            shown += got
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert r.returncode == 0, shown
+    assert "stored TTY on n1" in r.stdout
+    assert "put TTY: 3.1 MiB / 3.1 MiB (100%" in shown.decode()
+    with trio["n1"].client() as c:
+        c.delete("TTY")
