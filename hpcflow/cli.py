@@ -146,8 +146,10 @@ def cmd_get(a: argparse.Namespace) -> int:
     from .client.client import check_output_path, split_h5path
 
     out = check_output_path(a.out)  # user errors first, before anything moves
-    if out.suffix != ".npy":
+    if out.suffix != ".npy" and a.h5path is not None:
         split_h5path(a.h5path)
+    if out.suffix == ".npy" and a.h5md:
+        raise InvalidData(f"{out} is a .npy file: --h5md writes HDF5 (name it .h5md)")
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -160,9 +162,13 @@ def cmd_get(a: argparse.Namespace) -> int:
         else:
             import h5py
 
-            c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show)
-            with h5py.File(out, "r") as f:
-                shape, dtype = f[a.h5path].shape, f[a.h5path].dtype
+            c.fetch_to(a.name, out, part=a.part, h5path=a.h5path, progress=show,
+                       h5md=True if a.h5md else None)
+            with h5py.File(out, "r") as f:  # the one dataset fetch_to tagged with its name
+                found: list[Any] = []
+                f.visititems(lambda _, o: found.append(o) if isinstance(o, h5py.Dataset)
+                             and o.attrs.get("hpcflow_name") == a.name else None)
+                shape, dtype = found[0].shape, found[0].dtype
         received = sum(c.traffic.bytes_received.values())
         # the holders the bytes actually came from (after any fail-over)
         holders = sorted(k for k, v in c.traffic.bytes_received.items() if v)
@@ -313,7 +319,7 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
             return 0
         arr = h.fetch()
         if a.save:
-            h.save(a.save, overwrite=a.overwrite)
+            h.save(a.save, overwrite=a.overwrite, partitioned=a.partitioned)
         if a.output:
             np.save(a.output, arr)
         report = c.report()
@@ -343,6 +349,43 @@ def _json_values(arr: np.ndarray[Any, Any]) -> Any:
     if arr.dtype.kind == "c":
         return {"real": arr.real.tolist(), "imag": arr.imag.tolist()}
     return arr.tolist()
+
+
+def cmd_lineage(a: argparse.Namespace) -> int:
+    from .catalog.lineage import Lineage
+    from .client.lineage import describe
+
+    with _client(a) as c:
+        info = describe(c, a.name)
+    if a.json:
+        print(json.dumps(info))
+        return 0
+    d = info["derivation"]
+    if d is None:
+        print(f"{a.name}: put, not derived (no lineage)")
+    else:
+        print("\n".join(Lineage.from_wire(d).render(a.name)))
+    for p in info["parts"]:
+        held = ", ".join(h["node"] + ("" if h["alive"] else " (dead)") for h in p["holders"])
+        print(f"  part {'whole' if p['part'] is None else p['part']}: rows {p['rows']}, "
+              f"checksum {p['checksum'][:16]}, on {held}")
+    if info["missing"]:
+        print(f"  lost (no live holder): parts {info['missing']}: hpcflow recompute {a.name}")
+    return 0
+
+
+def cmd_recompute(a: argparse.Namespace) -> int:
+    with _client(a) as c:
+        reply = c.recompute(a.name)
+    if a.json:
+        print(json.dumps({"name": a.name, "restored": reply["restored"],
+                          "moved": reply["moved"]}))
+    elif not reply["restored"]:
+        print(f"{a.name}: every part has a live holder, nothing to recompute")
+    else:
+        print(f"{a.name}: recomputed and stored parts {reply['restored']} "
+              f"({_size(sum(reply['moved'].values()))} moved to store them)")
+    return 0
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -494,7 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("name")
     g.add_argument("out", help="output file: .npy, or HDF5 for anything else")
     g.add_argument("--part", type=int)
-    g.add_argument("--h5path", default="/data", help="dataset path in the output HDF5 file")
+    g.add_argument("--h5path", help="dataset path in the output HDF5 file (default /data); "
+                   "with H5MD, the element (default: the one it was put from)")
+    g.add_argument("--h5md", action="store_true",
+                   help="write an H5MD element with step, time and units (default for .h5md)")
     g.set_defaults(fn=cmd_get)
 
     ls = sub.add_parser("ls", help="list every dataset on every live node")
@@ -550,7 +596,25 @@ def build_parser() -> argparse.ArgumentParser:
                             help="with --save: replace an existing dataset of that name")
             sp.add_argument("--output", help="write the result to this .npy file (else "
                             "--json prints every value)")
+            how = sp.add_mutually_exclusive_group()
+            how.add_argument("--partitioned", dest="partitioned", action="store_true",
+                             default=None, help="with --save: keep each part on the node that "
+                             "made it (the default for a split result)")
+            how.add_argument("--gather", dest="partitioned", action="store_false",
+                             help="with --save: store the result whole on the node connected to")
         sp.set_defaults(fn=fn)
+
+    ln = sub.add_parser("lineage", help="how a saved dataset was derived (the tree back to "
+                        "the datasets that were put) and where its parts are")
+    client_opts(ln)
+    ln.add_argument("name")
+    ln.set_defaults(fn=cmd_lineage)
+
+    rc = sub.add_parser("recompute", help="re-derive the parts of a saved dataset whose "
+                        "holders are gone, from its lineage")
+    client_opts(rc)
+    rc.add_argument("name")
+    rc.set_defaults(fn=cmd_recompute)
 
     from .harness.report import MESSAGES
 

@@ -30,6 +30,12 @@ Tree::
     │   ├── InputError           input shapes or dtypes do not fit the op
     │   └── ParamError           missing, unknown or out-of-range op parameters
     ├── PlanningError            no valid plan: unknown input, no node can run a step
+    ├── LineageError             a saved dataset cannot be re-derived from its lineage (none
+    │   │                        recorded, truncated, an op's definition changed, or the
+    │   │                        recomputed data differs from what was saved)
+    │   ├── InputChanged         an input the lineage names differs now (checksum or version)
+    │   └── InputMissing         an input the lineage names is gone (no live node holds all
+    │                            of it)
     └── TransportError           anything on the wire
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
@@ -123,6 +129,23 @@ class ParamError(OpError):
 
 class PlanningError(HpcflowError, ValueError):
     """The workflow cannot be planned: unknown inputs, or no node can run a step."""
+
+
+class LineageError(HpcflowError):
+    """A saved dataset cannot be re-derived from its recorded lineage: it has none (it was
+    put, not saved), the lineage was truncated past its size limit, an op it names is
+    defined differently now, or the recomputed data differs from what was saved.  Nothing
+    is stored when this is raised."""
+
+
+class InputChanged(LineageError):
+    """An input the lineage names is not the data it was derived from: its checksum or
+    versions differ from the recorded ones (the message names the input)."""
+
+
+class InputMissing(LineageError):
+    """An input the lineage names is gone: no live node holds it, or some of its parts
+    (the message names the input)."""
 
 
 class TransportError(HpcflowError):

@@ -20,6 +20,7 @@ import numpy as np
 
 from .catalog.record import validate_dtype
 from .errors import InvalidData
+from .h5md import read_element
 
 
 @dataclass
@@ -227,3 +228,56 @@ def _pick(f: h5py.File, path: Path, dataset: str | None) -> h5py.Dataset:
     if not isinstance(obj, h5py.Dataset):
         raise InvalidData(f"{path}:{dataset} is a group, not a dataset")
     return obj
+
+
+def source_metadata(data: Any, dataset: str | None = None,
+                    rows: tuple[int, int] | None = None
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a put of ``data`` records about where its rows came from, and the per-frame
+    arrays to keep beside them: ``(lineage entries, aux arrays)``.
+
+    Lineage: ``source`` = ``{"file", "path", "rows", "size", "mtime"}`` for a file or an
+    open ``h5py.Dataset`` (the rows' checksum is the record's own: the xxh3-128 of
+    exactly the rows read), and for an H5MD element also ``h5md`` (units, step and
+    time: see :mod:`.h5md`).  ``rows`` (default all) is the row range put; step/time
+    are cut to the same rows.  An array from memory records nothing.  Call after
+    :func:`open_source` has accepted ``data``.
+    """
+    if isinstance(data, h5py.Dataset):
+        return _dataset_metadata(data, _source_of(Path(data.file.filename)), rows)
+    if not isinstance(data, str | Path):
+        return {}, {}
+    path = Path(data)
+    source = _source_of(path)
+    if path.suffix == ".npy":
+        if rows is not None:
+            source["rows"] = list(rows)
+        return {"source": source}, {}
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise InvalidData(f"{path}: cannot open as HDF5 ({exc})") from exc
+    with f:
+        return _dataset_metadata(_pick(f, path, dataset), source, rows)
+
+
+def _source_of(path: Path) -> dict[str, Any]:
+    path = path.resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise InvalidData(f"{path}: {exc}") from exc
+    return {"file": str(path)[:4096], "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _dataset_metadata(ds: h5py.Dataset, source: dict[str, Any],
+                      rows: tuple[int, int] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    frames = int(ds.shape[0]) if ds.shape else 1
+    source["path"] = ds.name
+    source["rows"] = list(rows) if rows is not None else [0, frames]
+    lineage: dict[str, Any] = {"source": source}
+    found = read_element(ds, rows) if ds.shape else None
+    if found is None:
+        return lineage, {}
+    lineage["h5md"], aux = found
+    return lineage, aux

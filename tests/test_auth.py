@@ -175,7 +175,8 @@ def node_only_args(name: str) -> list[Any]:
                        "pub": "tcp://127.0.0.1:9", "bulk": "tcp://127.0.0.1:9"}],
             "snapshot": [], "pull": ["D"], "run_share": [{}], "cancel_share": ["x-1"],
             "run_op": [{}], "delete_parts": [[["D", 0]]],
-            "flow_status": ["n2", [["wf", "x", "D", False]]], "claim": [{}]}[name]
+            "flow_status": ["n2", [["wf", "x", "D", False]]], "claim": [{}],
+            "save_part": [{}], "aux": ["D@0", 1, 0, 1]}[name]
 
 
 def test_client_key_is_refused_node_only_calls_and_slices(keyed: Cluster, keys: Path) -> None:

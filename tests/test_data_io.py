@@ -273,3 +273,34 @@ def test_cli_put_shows_progress_in_bytes_on_a_terminal(trio: Cluster, tmp_path: 
     assert "put TTY: 3.1 MiB / 3.1 MiB (100%" in shown.decode()
     with trio["n1"].client() as c:
         c.delete("TTY")
+
+
+def test_row_ranges_keep_their_own_source_rows_and_h5md_times(trio: Cluster,
+                                                               tmp_path: Path) -> None:
+    """A put of rows [lo, hi) records those rows of the file and their step and time;
+    each part of a split put records its own (of the whole file's numbering)."""
+    path = tmp_path / "el.h5md"
+    with h5py.File(path, "w") as f:
+        el = f.create_group("/particles/all/position")
+        el["value"] = DATA.reshape(ROWS, 4, 2)
+        el["value"].attrs["unit"] = "nm"
+        el["step"] = 10 * np.arange(ROWS)
+        el["time"] = 0.5 * np.arange(ROWS)
+        el["time"].attrs["unit"] = "ps"
+    with trio["n1"].client() as c:
+        rec = c.put("EL", path, dataset="/particles/all/position", rows=(50, 90))
+        assert rec.lineage["source"]["rows"] == [50, 90]
+        m = c.metadata("EL")
+        assert m["unit"] == "nm" and m["time_unit"] == "ps"
+        np.testing.assert_array_equal(m["step"], 10 * np.arange(50, 90))
+        with h5py.File(path, "r") as f:  # the element group itself, from the open file
+            recs = c.put_split("ELS", f["/particles/all/position"], rows=(100, 400),
+                               nodes=["n2", "n3"], nparts=3)
+        assert [r.lineage["source"]["rows"] for r in recs] == [[100, 200], [200, 300],
+                                                              [300, 400]]
+        c.wait_for("ELS", 10)
+        m = c.metadata("ELS")
+        np.testing.assert_allclose(m["time"], 0.5 * np.arange(100, 400))
+        assert np.array_equal(c.fetch("ELS"), DATA.reshape(ROWS, 4, 2)[100:400])
+        c.delete("EL")
+        c.delete("ELS", all_parts=True)

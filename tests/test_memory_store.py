@@ -43,6 +43,31 @@ def test_a_volatile_part_lives_in_memory_and_reads_back_exactly(tmp_path: Path) 
     assert events == [("I", True), ("D", True), ("I", False)]
 
 
+def test_an_adopted_array_is_kept_without_a_copy_and_cannot_change_behind_the_catalog(
+        tmp_path: Path) -> None:
+    s = opened(tmp_path)
+    a = np.arange(40_000, dtype=np.float64).reshape(8000, 5).copy()  # 320 kB, 5 chunks
+    expected = a.copy()
+    rec = s.put_array("A", a, volatile=True, chunk_bytes=65536, adopt=True)
+    held = s.reader("A").array()
+    assert np.shares_memory(held, a), "an adopted array must be kept, not copied"
+    assert not a.flags.writeable, "the caller's array must not change the stored part"
+    with pytest.raises(ValueError):
+        a[0, 0] = -1.0
+    np.testing.assert_array_equal(s.read_array("A"), expected)  # digests verified
+    # The same checksum as a copied write of the same bytes.
+    assert s.put_array("C", expected, volatile=True, chunk_bytes=65536).checksum == rec.checksum
+    assert s.memory_used == 2 * a.nbytes
+    # Views, non-contiguous arrays and durable parts are copied as before.
+    base = np.arange(40_000, dtype=np.float64)
+    s.put_array("V", base[:20_000], volatile=True, adopt=True)
+    s.put_array("T", expected.T, volatile=True, adopt=True)
+    s.put_array("D", base, adopt=True)
+    assert base.flags.writeable and not np.shares_memory(s.reader("V").array(), base)
+    np.testing.assert_array_equal(s.read_array("T"), expected.T)
+    np.testing.assert_array_equal(s.read_array("D"), base)
+
+
 def test_past_the_budget_volatile_parts_spill_unsynced_and_are_gone_after_restart(
         tmp_path: Path) -> None:
     s = opened(tmp_path, budget=10_000)

@@ -161,9 +161,11 @@ def test_eager_use_and_save(thesis: tuple[Cluster, Any, Any]) -> None:
         assert np.allclose(c.fetch("KEPT"), 3 * d1 + d2)
         lineage = c.describe("KEPT")["records"][0]["lineage"]
     assert all(not n.startswith("wf-") for n in names_on(cluster["n1"]))
-    # the saved copy says what it is: the add of the scaled DS1 and DS2, in which flow
+    # the saved copy says what it is: the add of the scaled DS1 and DS2, in which flow,
+    # back to the datasets that were put (never the flow's own names, which go)
     assert lineage["op"] == "add" and lineage["workflow"] == wf
-    assert [i["name"] for i in lineage["inputs"]] == [a.name, "DS2"]
+    steps = lineage["derivation"]["steps"]
+    assert [(s["op"], s["inputs"]) for s in steps] == [("scale", ["DS1"]), ("add", [0, "DS2"])]
     assert lineage["saved_from"] == b.name and "flow" not in lineage  # never cleaned up
 
 

@@ -78,6 +78,24 @@ class MemoryWriter(ChunkWriter):
         self.digests[i] = actual
         self.last_activity = time.monotonic()
 
+    def adopt(self, a: np.ndarray[Any, Any]) -> None:
+        """Take the C-contiguous array ``a``'s own bytes as the part's, without a copy:
+        only the chunk digests are computed.  ``a`` is made read-only, so whoever made it
+        cannot change the part behind the catalog's back (a view taken of it earlier
+        could: callers hand over arrays nobody else holds, like an op's fresh output)."""
+        if self._done or self.received:
+            raise StoreError("writer already started")
+        if not a.flags.c_contiguous or a.nbytes != self.proto.nbytes:
+            raise InvalidData(f"cannot adopt {a.shape} {a.dtype} as {self.proto.key}")
+        a.flags.writeable = False
+        self.buf = a.reshape(-1).view(np.uint8)
+        for i in range(len(self.chunking)):
+            off, length = self.chunking.byte_range(i)
+            chunk = self.buf[off : off + length]
+            self.digests[i] = (gevent.get_hub().threadpool.apply(chunk_digest, (chunk,))
+                               if length >= OFFLOAD_BYTES else chunk_digest(chunk))
+        self.last_activity = time.monotonic()
+
     def _copy_and_hash(self, payload: Payload, off: int) -> int:
         payload.copy_into(self.buf, off)
         return chunk_digest(self.buf[off : off + payload.nbytes])

@@ -71,8 +71,13 @@ log = logging.getLogger("hpcflow.store")
 
 FORMAT_VERSION = 1
 _NONE = -1  # HDF5 attributes cannot hold None
+#: Group of a part's file holding per-frame arrays kept beside the data (H5MD step and
+#: time, see :mod:`hpcflow.h5md`): bulky metadata stays out of the catalog's records.
+AUX_GROUP = "aux"
 #: Chunks at least this big are hashed and written on a pool thread, off the gevent loop.
 OFFLOAD_BYTES = 256 * 1024
+#: Arrays from this size on are adopted rather than copied by ``put_array(adopt=True)``.
+ADOPT_BYTES = 64 * 1024
 
 
 def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
@@ -108,7 +113,8 @@ class DatasetWriter(ChunkWriter):
     ``durable=False`` (a spilled volatile part) writes into the spill directory and
     commits without fsync."""
 
-    def __init__(self, store: Store, rec: DatasetRecord, durable: bool = True) -> None:
+    def __init__(self, store: Store, rec: DatasetRecord, durable: bool = True,
+                 aux: dict[str, np.ndarray[Any, Any]] | None = None) -> None:
         self.store = store
         self.proto = rec
         self.durable = durable
@@ -126,6 +132,8 @@ class DatasetWriter(ChunkWriter):
         try:
             with h5py.File(self.tmp, "w") as f:
                 self.offset = _create_contiguous(f, rec.shape, np.dtype(rec.dtype))
+                for key, arr in (aux or {}).items():  # per-frame metadata (H5MD step, time)
+                    f.create_dataset(f"{AUX_GROUP}/{key}", data=arr)
             self.fd = os.open(self.tmp, os.O_RDWR)
         except Exception as exc:  # h5py raises OSError, RuntimeError, ValueError ...
             self._unlink()
@@ -405,13 +413,22 @@ class Store:
         overwrite: bool = False,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         volatile: bool = False,
+        aux: dict[str, np.ndarray[Any, Any]] | None = None,
     ) -> Writer:
         """Start writing a dataset part; it stays invisible until ``commit``.
 
         ``volatile`` parts (intermediates) go to memory while the budget allows,
-        else to an unsynced spill file; either way a restart forgets them."""
+        else to an unsynced spill file; either way a restart forgets them.  ``aux``:
+        1-D arrays of one entry per row kept in the part's file beside the data
+        (:meth:`read_aux`), for durable parts only."""
         name, part = validate_name(name), validate_part(part)
         dt = validate_dtype(dtype)
+        if aux and volatile:
+            raise InvalidData("per-row metadata (aux) is kept for stored datasets only")
+        rows = shape[0] if shape else 1
+        for key, arr in (aux or {}).items():
+            if not key.isidentifier() or np.ndim(arr) != 1 or len(arr) != rows:
+                raise InvalidData(f"per-row array {key!r} must have one entry per row ({rows})")
         nparts = validate_nparts(nparts, part)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or not (
                 4096 <= chunk_bytes <= 256 * 1024 * 1024):
@@ -442,7 +459,7 @@ class Store:
             writer = MemoryWriter(self, proto)
             self.memory_used += nbytes
         else:
-            writer = DatasetWriter(self, proto, durable=not volatile)
+            writer = DatasetWriter(self, proto, durable=not volatile, aux=aux)
         self._busy[key] = gevent.event.Event()
         return writer
 
@@ -520,11 +537,20 @@ class Store:
             done.set()
         self.memory_used -= reserved
 
-    def put_array(self, name: str, arr: Any, **kw: Any) -> DatasetRecord:
-        """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks)."""
+    def put_array(self, name: str, arr: Any, *, adopt: bool = False, **kw: Any
+                  ) -> DatasetRecord:
+        """Store a numpy array (chunk by chunk, yielding to other greenlets between chunks).
+
+        ``adopt``: the caller hands ``arr`` over (nobody else holds it, e.g. an op's fresh
+        output): a volatile part kept in memory then keeps ``arr``'s own bytes, made
+        read-only, instead of a copy."""
         a = np.asarray(arr)
         writer = self.begin(name, a.shape, a.dtype, **kw)
         try:
+            if adopt and isinstance(writer, MemoryWriter) and a.flags.owndata and (
+                    a.flags.c_contiguous and a.flags.writeable and a.nbytes >= ADOPT_BYTES):
+                writer.adopt(a)
+                return writer.commit()
             for i in range(len(writer.chunking)):
                 writer.write_chunk(i, np.ascontiguousarray(a[writer.chunking.slab(i)], a.dtype))
                 if len(writer.chunking) > 1:
@@ -574,6 +600,24 @@ class Store:
             raise IntegrityError(
                 f"{rec.key} on {self.owner} failed its checksum (disk corruption?)")
         return out
+
+    def read_aux(self, key: str, version: int | None = None) -> dict[str, Any]:
+        """The per-row arrays kept beside part ``key`` (empty when it has none: a replica,
+        an intermediate, a plain dataset)."""
+        rec = self._records.get(key)
+        if rec is None or (version is not None and version != rec.version):
+            raise DatasetNotFound(f"{key} (version {version}) is not stored on {self.owner}")
+        if key in self._memory:
+            return {}
+        try:
+            with h5py.File(self.path_of(key), "r") as f:
+                grp = f.get(AUX_GROUP)
+                if not isinstance(grp, h5py.Group):
+                    return {}
+                return {k: np.asarray(v[...]) for k, v in grp.items()
+                        if isinstance(v, h5py.Dataset)}
+        except (OSError, KeyError, ValueError) as exc:
+            raise StoreError(f"cannot read the metadata of {key}: {exc}") from exc
 
     def iter_keys(self) -> Iterator[str]:
         return iter(list(self._records))

@@ -23,7 +23,9 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .._version import __version__
 from ..catalog.chunking import DEFAULT_CHUNK_BYTES, Payload
+from ..catalog.lineage import Lineage
 from ..catalog.record import (
     DatasetRecord,
     validate_flag,
@@ -38,14 +40,17 @@ from ..errors import (
     HpcflowError,
     InvalidData,
     PeerUnavailable,
+    ProtocolError,
     StoreError,
 )
+from ..h5md import AXES, MAX_AXIS_ROWS, unpack_axis, write_element
 from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
-from ..sources import open_source, row_range
+from ..sources import open_source, parse_rows, row_range, source_metadata
 from ..wire import unencodable
+from . import lineage as lineage_calls
 from .flow import Flow, Handle
 
 #: ``progress(done_bytes, total_bytes)``, for put, put_split, fetch and fetch_to alike.
@@ -141,6 +146,20 @@ class Client:
         """Planned vs actually moved bytes per link for this flow."""
         return self.flow.report()
 
+    def lineage(self, name: str) -> Lineage | None:
+        """How saved dataset ``name`` was derived, back to the datasets that were put
+        (None for a dataset that was put); ``"\n".join(lin.render(name))`` draws the
+        tree, as ``hpcflow lineage`` prints it."""
+        return lineage_calls.lineage(self, name)
+
+    def recompute(self, name: str) -> dict[str, Any]:
+        """Re-derive the parts of saved dataset ``name`` whose holders are gone, from its
+        lineage; :class:`~hpcflow.errors.InputChanged` or
+        :class:`~hpcflow.errors.InputMissing` (naming the input) if an input is not the
+        data it was derived from.  Returns ``restored`` (the parts written), ``moved``
+        and the recomputing flow's ``report``."""
+        return lineage_calls.recompute(self, name)
+
     # -- metadata -----------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
         return dict(self._call("ping"))
@@ -168,6 +187,30 @@ class Client:
 
     def describe(self, name: str, part: int | None = None) -> dict[str, Any]:
         return dict(self._call("describe", validate_name(name), validate_part(part)))
+
+    def metadata(self, name: str | Handle, rows: tuple[int, int] | None = None
+                 ) -> dict[str, Any]:
+        """H5MD metadata of ``name`` (a dataset or a flow's handle; rows ``[lo, hi)`` of
+        it, default all): ``unit`` (of the values), ``element`` (its H5MD path when
+        put), ``time_unit``, ``step`` and ``time`` (numpy arrays, one entry per row, or
+        None), ``sources`` (file, path, rows per part) and ``of`` (for a per-frame op
+        result: the dataset whose time axis it has).  See :mod:`hpcflow.h5md`."""
+        if isinstance(name, Handle):
+            name.flow._done(name)  # computed first, if need be
+            name = name.name
+        rng = _row_range(rows)
+        if rng is None:
+            shape = self._call("locate", validate_name(name))["shape"]
+            rng = [0, shape[0] if shape else 1]
+        pages = [metadata_from_wire(self._call("metadata", validate_name(name), [a, b]))
+                 for a, b in _pages(*rng)]
+        if len(pages) == 1:
+            return pages[0]
+        out = {**pages[0], "rows": rng}
+        for k in AXES:  # an axis some rows lack is no axis
+            got = [p[k] for p in pages]
+            out[k] = None if any(g is None for g in got) else np.concatenate(got)
+        return out
 
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
@@ -233,7 +276,9 @@ class Client:
         naming the array inside it, or an open ``h5py.Dataset`` (or H5MD element
         group).  ``rows=(lo, hi)`` (or ``slice(lo, hi)``; ``hi`` None for the end)
         stores only rows ``[lo, hi)`` of it, reading nothing else.  ``part``/``nparts``
-        make it one row-part of a dataset partitioned across nodes.
+        make it one row-part of a dataset partitioned across nodes.  A file's path,
+        HDF5 path and rows are recorded in the lineage (``source``), and an H5MD
+        element's units, step and time (of those rows) are kept (:meth:`metadata`).
         ``progress(done_bytes, total_bytes)`` is called as the bytes are acknowledged.
         """
         validate_name(name)
@@ -245,10 +290,13 @@ class Client:
         _check_chunk_bytes(chunk_bytes)
         src = open_source(data, dataset, rows)
         try:
+            # a file's path and rows, H5MD units and times (of those rows)
+            found, aux = _metadata(data, dataset, _span(rows, src.shape))
             return self.bulk.upload(
                 self.node_bulk, self.node, name, src.shape, src.dtype, src.read,
-                part=part, nparts=nparts, overwrite=overwrite, lineage=lineage,
-                chunk_bytes=chunk_bytes, progress=progress)
+                part=part, nparts=nparts, overwrite=overwrite,
+                lineage={**(lineage or {}), **found},
+                chunk_bytes=chunk_bytes, progress=progress, aux=aux)
         finally:
             src.close()
 
@@ -262,7 +310,8 @@ class Client:
         the ``R`` rows and goes to ``nodes[k % len(nodes)]``, streamed from the source
         straight to that node's bulk channel.  ``progress(done_bytes, total_bytes)``
         counts all parts.  If a part fails, the parts already stored are deleted again
-        and the error is raised: nothing of the put remains."""
+        and the error is raised: nothing of the put remains.  Returns once the connected
+        node's catalog has every part (so the next call through it sees them all)."""
         validate_name(name)
         nparts_ = validate_nparts(nparts, 0)
         if nparts_ is None:
@@ -305,16 +354,20 @@ class Client:
         total_rows = src.shape[0]
         total = math.prod(src.shape) * src.dtype.itemsize
         row_bytes = math.prod(src.shape[1:]) * src.dtype.itemsize
+        first = (_span(rows, src.shape) or (0, 0))[0]  # the source's rows start here
         try:
             for k in range(nparts_):
                 lo, hi = k * total_rows // nparts_, (k + 1) * total_rows // nparts_
                 node = nodes[k % len(nodes)]
                 sub = row_range(src, (lo, hi))
                 shown = None if progress is None else _offset(progress, lo * row_bytes, total)
+                # each part records its own rows of the file (and their H5MD step/time)
+                found, aux = _metadata(data, dataset, (first + lo, first + hi))
                 stored.append(self.bulk.upload(
                     members[node]["bulk"], node, name, sub.shape, sub.dtype, sub.read,
-                    part=k, nparts=nparts_, overwrite=overwrite, lineage=lineage,
-                    chunk_bytes=chunk_bytes, progress=shown))
+                    part=k, nparts=nparts_, overwrite=overwrite,
+                    lineage={**(lineage or {}), **found},
+                    chunk_bytes=chunk_bytes, progress=shown, aux=aux))
         except BaseException:
             for rec in stored:  # take back what was stored: no half-split dataset is left
                 try:
@@ -326,6 +379,9 @@ class Client:
             raise
         finally:
             src.close()
+        # the connected node's catalog hears of the other nodes' parts a moment later:
+        # return once it has them all, so the next call through it sees the whole dataset
+        self.wait_for(name, self.timeout_s)
         return stored
 
     def fetch(self, name: str, part: int | None = None,
@@ -360,16 +416,31 @@ class Client:
         return out
 
     def fetch_to(self, name: str, path: str | Path, *, part: int | None = None,
-                 h5path: str = "/data", progress: Progress | None = None) -> Path:
-        """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end."""
+                 h5path: str | None = None, progress: Progress | None = None,
+                 h5md: bool | None = None) -> Path:
+        """Write the dataset into a new HDF5 file with bounded memory; atomic rename at the end.
+
+        The array goes to ``h5path`` (default ``/data``).  As H5MD (``h5md=True``, the
+        default for a ``.h5md`` file): an H5MD file with the dataset as the ``value`` of
+        the element ``h5path`` (default: the element it was put from, else
+        ``/observables/NAME``), with its step, time and units (see :mod:`hpcflow.h5md`)."""
         path = check_output_path(path)
-        group, leaf = split_h5path(h5path)
+        h5md = path.suffix == ".h5md" if h5md is None else validate_flag(h5md, "h5md")
+        if not h5md:
+            group, leaf = split_h5path("/data" if h5path is None else h5path)
+        elif h5path is not None:
+            split_h5path(h5path)  # a user error before anything moves
         _check_progress(progress)
         shape, dtype_s, total, parts, bulk = self._parts(name, part)
         dtype = np.dtype(dtype_s)
         tmp = partial_path(path)
         try:
             with h5py.File(tmp, "w") as f:
+                if h5md:
+                    lo = parts[0]["row_start"] if shape else 0
+                    value, unit = h5md_layout(f, name, self.metadata(
+                        name, (lo, lo + shape[0])) if shape else None, h5path, shape)
+                    group, leaf = split_h5path(value)
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 if total:
                     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -379,6 +450,8 @@ class Client:
                                        h5py.h5s.create_simple(shape), dcpl=dcpl)
                 offset = dsid.get_offset() if total else 0
                 f[f"{group.rstrip('/')}/{leaf}"].attrs["hpcflow_name"] = name
+                if h5md and unit:
+                    f[f"{group.rstrip('/')}/{leaf}"].attrs["unit"] = unit
             fd = os.open(tmp, os.O_RDWR)
             try:
                 def sink(base: int) -> Deliver:
@@ -495,6 +568,46 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.partial-{os.getpid()}")
 
 
+def h5md_layout(f: h5py.File, name: str, meta: dict[str, Any] | None, element: str | None,
+                shape: tuple[int, ...]) -> tuple[str, str | None]:
+    """Lay out file ``f`` as H5MD around dataset ``name`` (``meta``: its metadata for the
+    rows written) and return where its ``value`` goes and its unit.  H5MD requires a
+    step per frame: without one known, frames are numbered from 0."""
+    meta = meta or {}
+    if element is None:
+        element = meta.get("element") or f"/observables/{name}"
+    elif element.rstrip("/").endswith("/value"):
+        element = element.rstrip("/")[: -len("/value")]
+    if not shape:
+        raise InvalidData(f"{name} is a scalar: an H5MD element has one row per frame")
+    step = meta.get("step")
+    return write_element(f, element, np.arange(shape[0]) if step is None else step,
+                         meta.get("time"), meta.get("time_unit"),
+                         creator_version=__version__), meta.get("unit")
+
+
+def _pages(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` in ranges one metadata reply can carry."""
+    return [(a, min(hi, a + MAX_AXIS_ROWS)) for a in range(lo, hi, MAX_AXIS_ROWS)] or [(lo, hi)]
+
+
+def _row_range(rows: object) -> list[int] | None:
+    if rows is None:
+        return None
+    if (not isinstance(rows, list | tuple) or len(rows) != 2 or not all(
+            isinstance(r, int | np.integer) and not isinstance(r, bool) for r in rows)):
+        raise InvalidData(f"rows must be (lo, hi), got {rows!r}")
+    return [int(rows[0]), int(rows[1])]
+
+
+def metadata_from_wire(d: Any) -> dict[str, Any]:
+    """A ``metadata`` answer with its step and time as numpy arrays."""
+    if not isinstance(d, dict) or not isinstance(d.get("rows"), list) or len(d["rows"]) != 2:
+        raise ProtocolError("malformed metadata reply")
+    n = int(d["rows"][1]) - int(d["rows"][0])
+    return {**d, **{k: unpack_axis(d.get(k), n, k) for k in AXES}}
+
+
 def _check_lineage(lineage: object) -> None:
     if lineage is None:
         return
@@ -515,6 +628,24 @@ def _check_progress(progress: object) -> None:
 def _check_chunk_bytes(chunk_bytes: object) -> None:
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
         raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
+
+
+def _span(rows: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The row range ``rows`` (checked already) of a source that ``open_source`` cut to
+    ``shape``, as ``(lo, hi)`` of the whole source; None when no range was given."""
+    if rows is None:
+        return None
+    lo = parse_rows(rows)[0]
+    return lo, lo + (shape[0] if shape else 0)
+
+
+def _metadata(data: Any, dataset: str | None, rows: tuple[int, int] | None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`source_metadata` of a put's source (an H5MD element group given as an open
+    h5py object: of its ``value`` dataset)."""
+    if isinstance(data, h5py.Group) and isinstance(data.get("value"), h5py.Dataset):
+        data = data["value"]
+    return source_metadata(data, dataset, rows)
 
 
 def _offset(progress: Progress, base: int, total: int) -> Progress:

@@ -67,6 +67,8 @@ class Connection(Protocol):
     def fetch(self, name: str, part: int | None = None, progress: Any = None, *,
               out: Any = None, location: dict[str, Any] | None = None) -> Any: ...
 
+    def metadata(self, name: str, rows: tuple[int, int] | None = None) -> dict[str, Any]: ...
+
 
 #: Submitted executions one flow keeps in flight; more wait their turn (a node refuses
 #: more than its per-connection limit of requests at once).
@@ -136,14 +138,34 @@ class Handle:
         arr = self.fetch()
         return arr if dtype is None else arr.astype(dtype, copy=False)
 
+    def metadata(self) -> dict[str, Any]:
+        """The output's H5MD metadata (computing it first if need be): a per-frame result
+        (a rowwise op's, one row per input frame) has the time and step of the frames it
+        was computed from; see :meth:`~hpcflow.client.client.Client.metadata`."""
+        self.flow._done(self)
+        return self.flow.client.metadata(self.name)
+
+    def times(self) -> Any:
+        """The time of each row of the output (a numpy array), or None when it has no
+        time axis (a reduction, data put without one)."""
+        return self.metadata()["time"]
+
     def wait(self) -> Handle:
         """Block until this handle's submission (if any) has run; raise its error."""
         self.flow._done(self)
         return self
 
-    def save(self, name: str, overwrite: bool = False) -> str:
-        """Keep this output under ``name`` (on the initiator) beyond the flow's life."""
-        return self.flow._save(self, validate_name(name), validate_flag(overwrite, "overwrite"))
+    def save(self, name: str, overwrite: bool = False, partitioned: bool | None = None) -> str:
+        """Keep this output under ``name`` beyond the flow's life, with its whole lineage.
+
+        ``partitioned=True`` keeps each part on the node that made it, as the parts of
+        one saved dataset (nothing moves); ``False`` gathers it whole on the initiator;
+        the default is ``True`` when the output is split (more than one part)."""
+        if partitioned is not None:
+            partitioned = validate_flag(partitioned, "partitioned")
+        self.flow._save(self, validate_name(name), validate_flag(overwrite, "overwrite"),
+                        partitioned)
+        return name
 
     def __repr__(self) -> str:
         state = "done" if self.executed else "pending"
@@ -230,10 +252,13 @@ class Flow:
         # every handle the flow ever made.
         return sorted((self.handles[n] for n in need), key=lambda h: h.seq)
 
-    def _request(self, target: Handle, method: str | None = None) -> dict[str, Any]:
+    def _request(self, target: Handle, method: str | None = None,
+                 deliver: bool = True) -> dict[str, Any]:
+        """``deliver=False``: plan for ``target`` to stay where it is made (no delivery to
+        the initiator is counted, none inline): a save of a result not fetched."""
         steps = [{"out": h.name, "op": h.op, "inputs": list(h.inputs), "params": h.params}
                  for h in self._pending(target)]
-        return {"wf": self.id, "steps": steps, "deliver": [target.name],
+        return {"wf": self.id, "steps": steps, "deliver": [target.name] if deliver else [],
                 "objective": self.objective, "method": method or self.method, "keep": self.keep}
 
     def explain(self, target: Handle, method: str | None = None) -> str:
@@ -265,7 +290,7 @@ class Flow:
         gevent.spawn(go)
         return h
 
-    def _execute(self, target: Handle) -> None:
+    def _execute(self, target: Handle, deliver: bool = True) -> None:
         """Plan and run what ``target`` still needs.  Steps another execution of this
         flow is running (a concurrent submission) are waited for, not run twice.
 
@@ -285,7 +310,7 @@ class Flow:
             for h in pending:
                 h.claim = claim
             try:
-                self._execute_pending(target, pending)
+                self._execute_pending(target, pending, deliver)
                 return
             except (DatasetNotFound, PlanningError):
                 inputs = {i for h in pending for i in h.inputs if i in self.handles}
@@ -312,10 +337,11 @@ class Flow:
                 lost = True
         return lost
 
-    def _execute_pending(self, target: Handle, pending: list[Handle]) -> None:
+    def _execute_pending(self, target: Handle, pending: list[Handle],
+                         deliver: bool = True) -> None:
         if self.closed:
             raise InvalidData(f"flow {self.id} is closed: start a new one (connect again)")
-        req = {**self._request(target), "secret": self.secret.to_wire()}
+        req = {**self._request(target, deliver=deliver), "secret": self.secret.to_wire()}
         reply = self.client._call("execute", req)
         view, ex = PlanView(reply["plan"]), reply["execution"]
         self.executions += 1
@@ -337,15 +363,16 @@ class Flow:
         inline = ex.get("inline") or {}
         if target.name in inline:
             target.value = _array(inline[target.name])
-        else:
-            target.location = ex["results"][target.name]
+        else:  # not delivered (deliver=False): located in the catalog when fetched
+            target.location = ex["results"].get(target.name)
 
-    def _done(self, target: Handle) -> None:
-        """Wait for a submission of ``target``, or run what it still needs."""
+    def _done(self, target: Handle, deliver: bool = True) -> None:
+        """Wait for a submission of ``target``, or run what it still needs (``deliver``:
+        planned to reach the initiator, as for a fetch)."""
         if target.job is not None:
             target.job.get()
         if not target.executed:
-            self._execute(target)
+            self._execute(target, deliver)
 
     def _fetch(self, target: Handle) -> Any:
         self._done(target)
@@ -374,14 +401,30 @@ class Flow:
                     self.planned[link] += got
         return arr
 
-    def _save(self, target: Handle, name: str, overwrite: bool = False) -> str:
-        self._done(target)
-        reply = self.client._call("save", self.id, target.name, name, overwrite,
-                                  self.secret.to_wire())
+    def _save(self, target: Handle, name: str, overwrite: bool = False,
+              partitioned: bool | None = None, restore: bool = False) -> dict[str, Any]:
+        # Not run yet, and saved in parts: planned to stay where it is made, so a step
+        # that grows its data (fft) runs on the holders instead of pulling its input
+        # to the initiator for a delivery nobody asked for.
+        self._done(target, deliver=not (partitioned or (
+            partitioned is None and self._splits_in_place(target))))
+        reply: dict[str, Any] = self.client._call(
+            "save", self.id, target.name, name, overwrite, self.secret.to_wire(),
+            {"partitioned": partitioned, "restore": restore})
         for link, n in reply["moved"].items():
             self.moved[link] += n
             self.planned[link] += n
-        return name
+        return reply
+
+    def _splits_in_place(self, target: Handle) -> bool:
+        """Whether ``target``, not run yet, would be made in several parts if it stays
+        where it is made (then a save keeps it partitioned; the plan is cached for the
+        execution that follows)."""
+        if target.executed or target.job is not None:
+            return False
+        plan = self.client._call("plan", self._request(target, deliver=False))
+        step = next((s for s in plan["steps"] if s["out"] == target.name), None)
+        return step is not None and sum(w["mode"] == "part" for w in step["work"]) > 1
 
     def report(self) -> dict[str, Any]:
         """Planned vs actually moved bytes per link, over every execution so far.

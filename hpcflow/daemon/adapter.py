@@ -146,7 +146,8 @@ def cost_model(snapshot: CatalogSnapshot, objective: str, default_gbit: float,
 
 
 def workflow(steps: Sequence[Step], initiator: str, deliver: Sequence[str]) -> Workflow:
-    return Workflow(tuple(steps), initiator, tuple(deliver))
+    """No ``deliver`` (an empty list): the results stay where they are made."""
+    return Workflow(tuple(steps), initiator, tuple(deliver), stay=not deliver)
 
 
 def plan_to_wire(plan: Any, explain: bool = True) -> dict[str, Any]:

@@ -19,8 +19,10 @@ from ..catalog.record import DatasetRecord, key_of, validate_nparts, validate_pa
 from ..errors import DatasetNotFound, NotOwner
 from ..rpc.bulk import from_holders
 from .claims import Claims
+from .h5mdmeta import copy_axes
 from .parts import NodeParts
 from .puts import admit_put, check_put
+from .stream import Feed
 
 
 class Datasets:
@@ -124,24 +126,36 @@ class Datasets:
         return out
 
     def replicate_part(self, p: PartLocation, prefer: str | None = None,
-                       lineage: dict[str, Any] | None = None) -> tuple[DatasetRecord, str | None]:
+                       lineage: dict[str, Any] | None = None, feed: Feed | None = None
+                       ) -> tuple[DatasetRecord, str | None]:
         """Copy one part here unless we have it; returns our record and the source used.
 
         ``prefer`` is tried first (falling back to the other holders if it fails);
         ``lineage`` entries are added to the copy's (e.g. the workflow that made it).
+        ``feed`` hears of each verified chunk of an in-memory copy as it lands.
         """
         mine = next((r for r in p.holders if r.owner == self.node.name), None)
         if mine is not None:
             return mine, None
         src = p.holders[0]
-        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate.
+        # A copy a workflow makes (its lineage carries the flow tag) is an intermediate;
+        # a durable copy keeps the part's step/time beside it too (see h5mdmeta).
         writer = self.node.store.begin(src.name, src.shape, src.dtype, part=src.part,
                                        nparts=src.nparts,
                                        lineage={**src.lineage, **(lineage or {})},
-                                       chunk_bytes=src.chunk_bytes, volatile=bool(lineage))
+                                       chunk_bytes=src.chunk_bytes, volatile=bool(lineage),
+                                       aux=None if lineage else copy_axes(self.node, p.holders))
+        buf = getattr(writer, "buf", None)
+        if feed is not None and isinstance(buf, np.ndarray):
+            feed.open(buf, src.dtype, src.shape)
+
+        def landed(i: int, off: int, payload: Payload, d: int) -> None:
+            writer.write_chunk(i, payload, d)
+            if feed is not None:
+                feed.landed(off, payload.nbytes)
+
         try:
-            used = self.pull_any(p.holders, lambda i, off, buf, d: writer.write_chunk(i, buf, d),
-                                 prefer)
+            used = self.pull_any(p.holders, landed, prefer)
             return writer.commit(src.checksum), used.owner
         except BaseException:
             writer.abort()

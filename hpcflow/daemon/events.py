@@ -54,6 +54,9 @@ class Events:
     #: Seconds of each share step on this node by phase: transfer, compute, wait.
     steps: dict[str, Histogram] = field(default_factory=dict)
     pulls_in_flight: int = 0
+    #: Units run block by block, their blocks, and the blocks computed while the
+    #: unit's pulls were still landing (transfer and compute overlapping).
+    streamed: Counter[str] = field(default_factory=Counter)
 
     def _op(self, op: str, counter: Counter[str]) -> str:
         return op if op in counter or len(counter) < MAX_OPS else OTHER_OP

@@ -70,6 +70,13 @@ class NodeCollector:
             for op, count in sorted(counter.items()):
                 fam.add_metric([op], count)
             yield fam
+        fam = CounterMetricFamily("hpcflow_streamed",
+                                  "Rowwise units run block by block as their rows landed: "
+                                  "units, blocks, and blocks computed while pulls still ran",
+                                  labels=["what"])
+        for what in ("units", "blocks", "early_blocks"):
+            fam.add_metric([what], ev.streamed[what])
+        yield fam
         h = HistogramMetricFamily("hpcflow_op_duration_seconds",
                                   "Seconds of one op unit (inputs local, compute, store)")
         h.add_metric([], ev.op_seconds.cumulative(), ev.op_seconds.total)

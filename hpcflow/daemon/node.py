@@ -273,7 +273,8 @@ class Node:
                 "plans": {"hits": self.worker.plans.hits, "misses": self.worker.plans.misses,
                           "stale": self.worker.plans.stale},
                 "claims": dict(self.datasets.claims.stats),
-                "learned": self.worker.learned.to_wire()}
+                "learned": self.worker.learned.to_wire(),
+                "streamed": dict(self.worker.events.streamed)}
 
     def _store_changed(self, key: str, rec: DatasetRecord | None) -> None:
         if rec is None:

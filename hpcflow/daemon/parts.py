@@ -9,6 +9,7 @@ the Node imports ``node.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..catalog.base import Catalog
@@ -103,7 +104,8 @@ class RowWork(Protocol):
              tag: dict[str, Any] | None = None, wait_s: float | None = None
              ) -> tuple[list[DatasetRecord], dict[str, int]]: ...
 
-    def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply: ...
+    def run(self, req: RunRequest, wait_s: float | None = None,
+            feeding: Sequence[Any] = ()) -> RunReply: ...
 
 
 __all__ = ["NodeParts", "RowWork", "ServedNode"]

@@ -17,8 +17,9 @@ from ..errors import DatasetExists, InvalidData, InvalidName, PermissionDenied
 from ..rpc.auth import CLIENT
 from ..rpc.messages import FLOW_ID
 
-#: Lineage keys only the daemons write: a partial's layout, a flow's tag.
-INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "workflow"})
+#: Lineage keys only the daemons write: a partial's layout, a flow's tag, a per-frame
+#: result's time axis (see daemon/h5mdmeta.py).
+INTERNAL_LINEAGE = frozenset({"source_version", "partial", "layout", "flow", "workflow", "axis"})
 #: A slice's lineage: workflows read such a dataset as rows of ``slice_of``.  Uploads
 #: carrying it come from nodes and from the centralised baseline (which forwards rows
 #: that way, holding the node key); with keys, a client key may not send it.  Without

@@ -8,6 +8,8 @@ A request (from the script API or the CLI) is a map::
 
 Inputs are dataset names; outputs of earlier requests of the same flow are
 datasets by then, so every request is planned from the current catalog.
+``deliver`` (default: the last output) is what must reach the initiator; ``[]``
+plans for the results to stay where they are made (a partitioned save).
 Every output is named ``<wf>.<n>.<op>`` (a form users may not put, see
 :mod:`.puts`).  ``execute``, ``save`` and ``cleanup`` need the flow's secret,
 whose hash the flow id is (:class:`~hpcflow.rpc.messages.FlowSecret`): only the
@@ -38,8 +40,9 @@ from ..errors import (
 )
 from ..rpc import auth, strict
 from ..rpc.messages import FLOW_ID, FlowSecret
-from . import adapter
+from . import adapter, saving
 from .executor import Execution, Executor, plan_uses
+from .h5mdmeta import result_axis
 from .lifecycle import FlowTag
 from .parts import NodeParts
 from .plancache import plan_key
@@ -71,7 +74,9 @@ def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], st
     clash = [o for o in outs if node.catalog.records_named(o)]
     if clash:
         raise DatasetExists(f"step output(s) {', '.join(clash)} already exist as datasets")
-    deliver = req.get("deliver") or [steps[-1].out]
+    deliver = req.get("deliver")  # [] (a partitioned save): nothing, results stay put
+    if deliver is None:
+        deliver = [steps[-1].out]
     if not isinstance(deliver, list) or not all(d in outs for d in deliver):
         raise InvalidData("deliver must list outputs of the request's steps")
     objective, method = req.get("objective", "bytes"), req.get("method", "optimal")
@@ -243,34 +248,59 @@ def _made_by_other(node: NodeParts, item: tuple[str, str, int | None], wf: str) 
 
 
 def save(node: NodeParts, worker: Worker, wf: object, output: object, name: object,
-         overwrite: object = False, secret: object = None) -> dict[str, Any]:
-    """Store a flow's output here, durably, under a user's name (kept after the flow).
+         overwrite: object = False, secret: object = None, options: object = None
+         ) -> dict[str, Any]:
+    """Store a flow's output durably under a user's name (kept after the flow).
 
-    The output's parts are pulled here first (as volatile copies, removed
-    after); the saved dataset keeps the output's lineage (op, params, inputs,
-    workflow) but not its flow tag, so no clean-up ever removes it.  The reply
-    says which bytes moved from where.  Only flow ``wf``'s script (its secret) may
-    save, and only that flow's outputs.
+    ``options["partitioned"]``: True keeps every part where it was made, as the
+    parts of one saved dataset (nothing moves, :func:`.saving.save_in_place`);
+    False pulls the parts here first (as volatile copies, removed after) and
+    stores one whole dataset; None (the default) is True when the output is
+    split.  ``options["restore"]``: write only the parts of the saved dataset
+    ``name`` whose holders are gone, from this recomputed output
+    (:func:`.saving.restore`).  The saved dataset records the whole derivation
+    (:func:`.saving.derive`) but not the flow tag, so no clean-up ever removes
+    it.  The reply says which bytes moved from where.  Only flow ``wf``'s script
+    (its secret) may save, and only that flow's outputs.
     """
     FlowSecret.from_wire(secret, wf)
     wf, output, name = validate_name(wf), validate_name(output), validate_name(name)
     if not output.startswith(f"{wf}."):
         raise InvalidData(f"{output} is not an output of flow {wf}")
     overwrite = validate_flag(overwrite, "overwrite")
+    opts = options if options is not None else {}
+    if not isinstance(opts, dict):
+        raise InvalidData("save options must be a map")
+    partitioned = opts.get("partitioned")
+    if partitioned is not None:
+        partitioned = validate_flag(partitioned, "partitioned")
     book = worker.book
     xid = book.begin(wf)
     executor = Executor(node, worker.learned, wf, xid)
     try:
+        if validate_flag(opts.get("restore", False), "restore"):
+            return saving.restore(node, executor, output, name)
+        loc = node.catalog.wait_for(output, node.config.rpc_timeout_s)
+        lineage = saving.saved_lineage(saving.derive(node.catalog, wf, output), wf, output)
+        if partitioned is None:
+            partitioned = len(loc.parts) > 1
+        if partitioned:
+            recs = saving.save_in_place(node, executor, output, loc, name, overwrite, lineage)
+            saving.until_known(node.catalog, recs, node.config.rpc_timeout_s)
+            return {"record": recs[0].to_wire(), "records": [r.to_wire() for r in recs],
+                    "moved": executor.ex.to_wire()["moved"]}
         executor.pull(node.name, output, None)
         arr = worker.local_rows(output, None)  # piecewise, yielding to heartbeats
-        origin = node.catalog.locate(output).parts[0].holders[0].lineage
-        lineage = {k: v for k, v in origin.items() if k not in ("flow", "partial")}
-        lineage["saved_from"] = output
+        lineage = dict(lineage)
+        lineage.pop("axis", None)  # the whole output's time axis, if it has one
+        lineage.update(result_axis(node.catalog, [(output, None)], arr.shape[0] if arr.ndim
+                                   else None) or {})
         rec = worker.datasets.put_array(name, arr, overwrite=overwrite, lineage=lineage)
     finally:
         book.end(wf, xid, ok=True)
         executor.cleanup(executor.ex.created)
-    return {"record": rec.to_wire(), "moved": executor.ex.to_wire()["moved"]}
+    return {"record": rec.to_wire(), "records": [rec.to_wire()],
+            "moved": executor.ex.to_wire()["moved"]}
 
 
 def flow_status(node: NodeParts, worker: Worker, holder: object, items: object) -> list[bool]:

@@ -36,7 +36,7 @@ from ..errors import (
 from ..rpc import strict
 from ..rpc.messages import InputRef, RunRequest, Share
 from ..rpc.quota import ByteQuota
-from . import run
+from . import h5mdmeta, run, saving
 from .datasets import Datasets
 from .parts import ServedNode
 from .worker import Worker
@@ -50,7 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``, with the
 #: flow's secret).
 NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
-                       "delete_parts", "flow_status", "claim"})
+                       "delete_parts", "flow_status", "claim", "save_part", "aux"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
 MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 
@@ -173,6 +173,17 @@ class NodeService:
         if not parts:
             raise InvalidData(f"{name} has no part {part}")
         return {**loc.to_wire(), "records": [h.to_wire() for p in parts for h in p.holders]}
+
+    @exposed
+    def metadata(self, name: Any, rows: Any = None) -> dict[str, Any]:
+        """H5MD metadata of rows ``rows`` (default all) of ``name``: units, source, step
+        and time (gathered from the holders; see ``daemon/h5mdmeta.py``)."""
+        return h5mdmeta.metadata(self.node, validate_name(name), rows)
+
+    @exposed
+    def aux(self, key: Any, version: Any, lo: Any, hi: Any) -> dict[str, Any]:
+        """Rows of the per-frame arrays kept here beside a part (for ``metadata``)."""
+        return h5mdmeta.local_aux(self.node, key, version, lo, hi)
 
     @exposed
     def put(self, name: Any, data: Any, shape: Any, dtype: Any, part: Any = None,
@@ -323,10 +334,23 @@ class NodeService:
 
     @exposed
     def save(self, wf: Any, output: Any, name: Any, overwrite: Any = False,
-             secret: Any = None) -> dict[str, Any]:
-        """Keep a flow's output (wherever its parts are) here, durably, under a user's name
-        (``secret``: the flow's, see ``rpc.messages.FlowSecret``)."""
-        return run.save(self.node, self.worker, wf, output, name, overwrite, secret)
+             secret: Any = None, options: Any = None) -> dict[str, Any]:
+        """Keep a flow's output durably under a user's name: its parts where they are
+        (``options["partitioned"]``, the default for a split output) or gathered here
+        (``secret``: the flow's, see ``rpc.messages.FlowSecret``; see ``run.save``)."""
+        return run.save(self.node, self.worker, wf, output, name, overwrite, secret, options)
+
+    @exposed
+    def save_part(self, request: Any) -> dict[str, Any]:
+        """Store rows of a flow output held here as (part of) a saved dataset (an
+        initiator's partitioned save or restore, see ``daemon.saving``)."""
+        return saving.save_part(self.node, self.worker, self.datasets, request).to_wire()
+
+    @exposed
+    def lineage(self, name: Any) -> dict[str, Any]:
+        """A saved dataset's derivation and where its parts are, dead holders included
+        (``hpcflow lineage``, ``recompute``)."""
+        return saving.describe(self.node.catalog, validate_name(name))
 
     @exposed
     def cleanup(self, created: Any, wf: Any = None, secret: Any = None) -> int:

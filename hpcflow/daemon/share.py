@@ -4,7 +4,8 @@ Steps with tasks here start once the steps they depend on have finished
 here; a step runs its phases in order and the tasks of one phase at once.
 Pulls of data that exists before the execution (inputs, not outputs) start
 at once, whatever step they serve: transfers overlap with earlier steps'
-compute.
+compute, and a step's units start while its pulls still land (a rowwise op
+computes on row blocks as they arrive, :mod:`.stream`; other ops wait for them).
 An input made elsewhere in this execution is waited for through the catalog
 (its maker announces it), as long as it takes: the initiator cancels the
 share if another node fails.  On failure or cancellation the share removes
@@ -112,24 +113,32 @@ class _Runner:
             if j in done:
                 done[j].wait()
         self.reply.spent(k, "wait", time.monotonic() - t0)
-        first, *rest = self.by_step[k]
+        first, units, *rest = self.by_step[k]
         self._phase([t for t in first if t.made_here])
+        feeding = [g for g in early if not g.ready()]
+        try:  # the units start while the pulls still land (rowwise ones use the first rows)
+            self._phase(units, feeding)
+        except BaseException:
+            failed = [g.exception for g in early if g.ready() and g.exception is not None]
+            if failed:  # the pull's error is the cause, not the unit's missing rows
+                raise failed[0] from None
+            raise
         gevent.joinall(early, raise_error=True)
         for phase in rest:
             self._phase(phase)
         done[k].set()
 
-    def _phase(self, phase: list[Task]) -> None:
+    def _phase(self, phase: list[Task], feeding: list[gevent.Greenlet] | None = None) -> None:
         if len(phase) == 1:
-            self._task(phase[0])
+            self._task(phase[0], feeding or [])
         elif phase:
-            jobs = [gevent.spawn(self._task, t) for t in phase]
+            jobs = [gevent.spawn(self._task, t, feeding or []) for t in phase]
             try:
                 gevent.joinall(jobs, raise_error=True)
             finally:
                 gevent.killall(jobs)
 
-    def _task(self, t: Task) -> None:
+    def _task(self, t: Task, feeding: list[gevent.Greenlet] | None = None) -> None:
         wait = MADE_HERE_WAIT_S if t.made_here else None
         worker = self.worker
         t0 = time.monotonic()
@@ -146,7 +155,7 @@ class _Runner:
                 self.reply.moved[src] = self.reply.moved.get(src, 0) + n
         else:
             assert isinstance(t, RunTask)
-            out = worker.run(t.request, wait)
+            out = worker.run(t.request, wait, feeding or [])
             self.reply.spent(t.step, "compute", time.monotonic() - t0)
             rec = out.record
             self.reply.created.append((self.node.name, rec.name, rec.part))

@@ -27,37 +27,64 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import gevent
+import gevent.pool
 import numpy as np
 
 from ..catalog.base import Location, PartLocation
+from ..catalog.lineage import source_digest
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
-from ..ops import OpError, OpRegistry, apply, combine_partials, run_partial, run_rowwise_part
+from ..ops import (
+    OpError,
+    OpRegistry,
+    apply,
+    combine_partials,
+    row_roles,
+    run_partial,
+    run_rowwise_into,
+    run_rowwise_part,
+)
 from ..rpc.bulk import from_holders
 from ..rpc.messages import RunReply, RunRequest
 from .datasets import Datasets
 from .events import Events
+from .h5mdmeta import result_axis
 from .learned import Learned
 from .lifecycle import FlowBook, Janitor
 from .parts import NodeParts
 from .plancache import PlanCache
 from .pools import op_pool, run_in
 from .share import Shares
+from .stream import Arrivals, Block, Feed, row_blocks
 
 log = logging.getLogger("hpcflow.worker")
 
 
 #: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
 INLINE_COMPUTE_BYTES = 256 * 1024
+#: A rowwise unit on at least this many input bytes runs block by block (:mod:`.stream`).
+STREAM_MIN_BYTES = 1 << 20
 
 
 def _nbytes(partial: Any) -> int:
     items = partial if isinstance(partial, tuple) else (partial,)
     return sum(int(np.asarray(x).nbytes) for x in items)
+
+
+def _builtin(spec: Any) -> bool:
+    return bool(getattr(spec.fn, "__module__", "").startswith("hpcflow.ops."))
+
+
+#: A streamed unit's inputs: ``(name, lo, hi, is_row_input)`` each.
+Layout = list[tuple[str, int, int, bool]]
+
+
+def _always(x: np.ndarray[Any, Any]) -> Callable[[int, int], np.ndarray[Any, Any]]:
+    return lambda a, b: x
 
 
 def slice_name(name: str, lo: int, hi: int) -> str:
@@ -113,6 +140,8 @@ class Worker:
         self.learned = Learned()
         #: Ops run and failed, plans, step phases: read by the metrics endpoint.
         self.events = Events()
+        #: Pulls landing here, for units that start on their first row blocks.
+        self.arrivals = Arrivals()
         self.shares = Shares(node, self)
         #: Started by the node (it waits for the node to start).
         self.janitor = Janitor(node, self.book)
@@ -223,10 +252,16 @@ class Worker:
                 if any(plo <= a and b <= phi for plo, phi, _ in pieces):
                     continue  # already here
                 whole = (a, b) == (p.row_start, p.row_stop)
-                if whole and (src is None or src in p.nodes or not self._slices(name, a, b, src)):
-                    rec, used = self.datasets.replicate_part(p, prefer=src, lineage=tag)
-                else:
-                    rec, used = self._pull_slice(name, p, a, b, src, tag)
+                feed = self.arrivals.feed(name, a)
+                try:
+                    if whole and (src is None or src in p.nodes
+                                  or not self._slices(name, a, b, src)):
+                        rec, used = self.datasets.replicate_part(p, prefer=src, lineage=tag,
+                                                                 feed=feed)
+                    else:
+                        rec, used = self._pull_slice(name, p, a, b, src, tag, feed)
+                finally:
+                    feed.close()
                 created.append(rec)
                 if used is not None:
                     moved[used] = moved.get(used, 0) + rec.nbytes
@@ -245,7 +280,8 @@ class Worker:
         return out
 
     def _pull_slice(self, name: str, p: PartLocation, glo: int, ghi: int, prefer: str | None,
-                    tag: dict[str, Any] | None) -> tuple[DatasetRecord, str]:
+                    tag: dict[str, Any] | None, feed: Feed | None = None
+                    ) -> tuple[DatasetRecord, str]:
         """Rows ``[glo, ghi)`` of part ``p`` as a local slice: from ``prefer``'s copy or
         slice first, then the part's other holders."""
         sources = [(rec, p.row_start) for rec in p.holders]
@@ -261,13 +297,20 @@ class Worker:
             chunk_bytes=self.node.config.chunk_bytes, volatile=True)
         flat = np.empty(writer.chunking.nbytes, dtype=np.uint8)
         piece = max(row_bytes, self.node.config.chunk_bytes // max(row_bytes, 1) * row_bytes)
+        if feed is not None:
+            feed.open(flat, first.dtype, shape)
+
+        def landed(k: int, off: int, buf: Any, d: int) -> None:
+            buf.copy_into(flat, off)
+            if feed is not None:
+                feed.landed(off, buf.nbytes)
 
         def fetch(source: tuple[DatasetRecord, int], endpoint: str | None) -> None:
             rec, start = source
             assert endpoint is not None
             self.node.bulk_client.fetch_range(
                 endpoint, rec.owner, rec, (glo - start) * row_bytes, (ghi - glo) * row_bytes,
-                lambda k, off, buf, d: buf.copy_into(flat, off), piece)
+                landed, piece)
 
         try:
             (used, _), _ = from_holders(
@@ -283,12 +326,16 @@ class Worker:
             raise
 
     # -- ops -------------------------------------------------------------------
-    def run(self, req: RunRequest, wait_s: float | None = None) -> RunReply:
+    def run(self, req: RunRequest, wait_s: float | None = None,
+            feeding: Sequence[gevent.Greenlet] = ()) -> RunReply:
         """Run one unit of a plan on local rows; store and announce the checked output.
-        Counted by op in :attr:`events` (a cancellation is no failure)."""
+        Counted by op in :attr:`events` (a cancellation is no failure).
+
+        ``feeding``: pulls still bringing this unit's rows here.  A rowwise unit starts
+        on the rows that have landed (:mod:`.stream`); any other waits for them."""
         t0 = time.monotonic()
         try:
-            reply = self._run_unit(req, wait_s)
+            reply = self._run_unit(req, wait_s, feeding)
         except gevent.GreenletExit:
             raise
         except BaseException:
@@ -297,7 +344,8 @@ class Worker:
         self.events.op_ran(req.op, time.monotonic() - t0)
         return reply
 
-    def _run_unit(self, req: RunRequest, wait_s: float | None) -> RunReply:
+    def _run_unit(self, req: RunRequest, wait_s: float | None,
+                  feeding: Sequence[gevent.Greenlet] = ()) -> RunReply:
         with self.busy():
             t0 = time.monotonic()
             timing: dict[str, float] = {"compute_s": 0.0, "nbytes": 0}
@@ -306,12 +354,16 @@ class Worker:
                 raise OpError(f"op {req.op!r} on {self.node.name} has a different definition "
                               "than the initiator's")
             result = self._empty_part(req)
+            layout = self._streams(req, spec) if result is None else None
+            if layout is not None:
+                result = self._compute_streamed(req, spec, layout, wait_s, timing, feeding)
             if result is None:
+                self._settle(feeding)
                 result = self._compute(req, spec, wait_s, timing)
             lineage = {"op": req.op, "op_hash": spec.definition_hash, "params": req.params,
                        "mode": req.mode, "inputs": [
                            {"name": i.name, "rows": list(i.rows) if i.rows else None,
-                            "versions": self._versions(i.name)} for i in req.inputs],
+                            **self._versions(i.name)} for i in req.inputs],
                        **req.lineage}
             if req.mode == "partial":
                 result, how = pack_partial(result)
@@ -319,12 +371,19 @@ class Worker:
             else:
                 self._check(req, np.asarray(result))
             arr = np.asarray(result)
+            if spec.kind == "rowwise" and req.mode in ("part", "whole") and arr.ndim:
+                # one row per input frame: the frames' time axis (see h5mdmeta)
+                lineage.update(result_axis(self.node.catalog, [
+                    (i.name, i.rows) for i in req.inputs], arr.shape[0]) or {})
             # An intermediate (kept only in memory) unless the flow keeps its outputs.
             keep = isinstance(req.lineage.get("flow"), dict) and req.lineage["flow"].get("keep")
+            # A built-in op's output is a fresh array nobody else holds: the memory store
+            # keeps it as it is (a user op might return an array it keeps and changes).
             rec = self.node.store.put_array(req.out, arr, part=req.part, nparts=req.nparts,
                                             lineage=lineage, overwrite=True,
                                             chunk_bytes=self.node.config.chunk_bytes,
-                                            volatile=not keep)
+                                            volatile=not keep,
+                                            adopt=_builtin(spec) or bool(timing.get("ours")))
             times = (time.monotonic() - t0, timing["compute_s"], int(timing["nbytes"]))
             if req.mode == "partial" or arr.nbytes > req.inline:
                 return RunReply(rec, None, *times)
@@ -332,6 +391,157 @@ class Worker:
             if who is not None and who != self.node.name:
                 self.node.traffic.sent(who, arr.nbytes)
             return RunReply(rec, np.ascontiguousarray(arr).tobytes(), *times)
+
+    def _settle(self, feeding: Sequence[gevent.Greenlet]) -> None:
+        """Wait for the pulls bringing a unit's rows (their errors are the share's)."""
+        gevent.joinall(list(feeding))
+
+    def _streams(self, req: RunRequest, spec: Any) -> Layout | None:
+        """How a unit runs block by block, if it does: its op is rowwise, each row of its
+        (first) row input makes one output row, and that input is big enough to be worth
+        it.  ``[(name, lo, hi, is_row_input)]`` per input (broadcast operands go whole
+        to every block)."""
+        ex = req.expect
+        if spec.kind != "rowwise" or req.mode not in ("whole", "part"):
+            return None
+        if getattr(spec, "rows", None) is not None:  # selects rows by their global index
+            return None
+        if ex is None or not ex.shape:
+            return None
+        layout, shapes = [], []
+        for i in req.inputs:
+            try:
+                loc = self.node.catalog.locate(i.name)
+            except DatasetNotFound:
+                return None
+            if not loc.shape:
+                return None
+            lo, hi = i.rows if i.rows is not None else (0, loc.shape[0])
+            layout.append((i.name, lo, hi))
+            shapes.append((hi - lo, *loc.shape[1:]))
+        try:
+            roles = row_roles(spec, shapes)
+        except OpError:
+            return None  # the unit's own run says what is wrong
+        first = roles.index(True)
+        rows = shapes[first][0]
+        if len(shapes[first]) < 2 or ex.shape[0] != rows:
+            return None
+        loc = self.node.catalog.locate(layout[first][0])
+        if rows * np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:]) < STREAM_MIN_BYTES:
+            return None
+        return [(*x, r) for x, r in zip(layout, roles, strict=True)]
+
+    def _local_blocks(self, name: str, wait_s: float | None) -> list[Block]:
+        """Row ranges of ``name`` committed here, as read-only arrays (views where the
+        store can: memory, or a mapped HDF5 file)."""
+        loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
+        dt = np.dtype(loc.dtype)
+        out = []
+        for plo, phi, rec in pieces:
+            reader = self.node.store.reader(rec.key)
+            raw = reader.byte_range(0, rec.nbytes)
+            arr = np.frombuffer(memoryview(raw).cast("B"), dtype=np.uint8).view(dt)
+            arr = arr.reshape((phi - plo, *loc.shape[1:]))
+            arr.flags.writeable = False
+            out.append((plo, phi, arr))
+        return out
+
+    def _compute_streamed(self, req: RunRequest, spec: Any, layout: Layout,
+                          wait_s: float | None, timing: dict[str, float],
+                          feeding: Sequence[gevent.Greenlet]) -> np.ndarray[Any, Any] | None:
+        """A rowwise unit block by block, on the op pool, as the rows of its first row
+        input become local (:mod:`.stream`); its other inputs must be here (their rows
+        for each block, broadcast operands whole).  Each block writes its rows of a
+        preallocated output.  ``None`` when a block's output does not have the rows the
+        plan's model says (the unit then runs whole, and its output check explains)."""
+        ex = req.expect
+        assert ex is not None
+        first = next(k for k, x in enumerate(layout) if x[3])
+        name, lo, hi, _ = layout[first]
+        if len(layout) > 1:
+            self._settle(feeding)  # the other inputs whole first: then stream the first
+            feeding = ()
+        others: list[Callable[[int, int], np.ndarray[Any, Any]]] = []
+        for k, (other, olo, ohi, is_row) in enumerate(layout):
+            if k == first:
+                continue
+            if is_row:
+                others.append(self._rows_of(other, olo - lo, wait_s))
+            else:
+                others.append(_always(self.local_rows(other, (olo, ohi), wait_s)))
+        out = np.empty(ex.shape, dtype=np.dtype(ex.dtype))
+        trailing, dtype = tuple(ex.shape[1:]), np.dtype(ex.dtype)
+        copy_in = not _builtin(spec)  # a user op may change its input: give it its own rows
+
+        def one(a: int, b: int, x: np.ndarray[Any, Any]) -> tuple[bool, float]:
+            t = time.monotonic()
+            args = [x, *(get(a, b) for get in others)]
+            args.insert(first, args.pop(0))
+            if copy_in:
+                args = [np.array(y) for y in args]
+            if spec.into is not None:  # straight into the result
+                run_rowwise_into(spec, args, req.params, out[a - lo : b - lo])
+                return True, time.monotonic() - t
+            y = run_rowwise_part(spec, args, req.params)
+            if y.shape != (b - a, *trailing) or y.dtype != dtype:
+                return False, 0.0
+            out[a - lo : b - lo] = y
+            return True, time.monotonic() - t
+
+        for g in feeding:
+            g.link(lambda _g: self.arrivals.poke())
+        loc = self.node.catalog.wait_for(name, self._wait(wait_s))
+        row_bytes = np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:])
+        block_rows = max(1, self.node.config.chunk_bytes // max(row_bytes, 1))
+        blocks = row_blocks(name, lo, hi, local=lambda: self._local_blocks(name, wait_s),
+                            arrivals=self.arrivals, block_rows=block_rows,
+                            pending=lambda: any(not g.ready() for g in feeding))
+        pool = gevent.pool.Pool(op_pool().maxsize)
+        jobs: list[gevent.Greenlet] = []
+        try:
+            streamed = self.events.streamed
+            for a, b, x in blocks:
+                jobs.append(pool.spawn(run_in, op_pool(), one, a, b, x))
+                streamed["blocks"] += 1
+                if any(not g.ready() for g in feeding):
+                    streamed["early_blocks"] += 1
+                for g in jobs:
+                    if g.ready() and not g.successful():
+                        raise g.exception
+            gevent.joinall(jobs, raise_error=True)
+        except BaseException:
+            pool.kill()
+            raise
+        timing["compute_s"] = sum(g.value[1] for g in jobs)
+        timing["nbytes"] = (hi - lo) * row_bytes
+        if not all(g.value[0] for g in jobs):
+            return None
+        self.events.streamed["units"] += 1
+        timing["ours"] = 1.0  # our own array: the store keeps it without a copy
+        return out
+
+    def _rows_of(self, name: str, shift: int, wait_s: float | None
+                 ) -> Callable[[int, int], np.ndarray[Any, Any]]:
+        """Rows ``[a + shift, b + shift)`` of ``name`` from the pieces here now: a view of
+        one piece, or the pieces' rows joined."""
+        pieces = self._local_blocks(name, wait_s)
+
+        def get(a: int, b: int) -> np.ndarray[Any, Any]:
+            a, b = a + shift, b + shift
+            for plo, phi, arr in pieces:
+                if plo <= a and b <= phi:
+                    return arr[a - plo : b - plo]
+            parts, pos = [], a
+            for plo, phi, arr in pieces:
+                if plo <= pos < phi:
+                    take = min(phi, b)
+                    parts.append(arr[pos - plo : take - plo])
+                    pos = take
+            if pos < b:
+                raise DatasetNotFound(f"rows [{pos}, {b}) of {name} are not on {self.node.name}")
+            return np.concatenate(parts)
+        return get
 
     def _empty_part(self, req: RunRequest) -> np.ndarray[Any, Any] | None:
         """A row block with no rows whose planned output is empty needs no op run (nor the
@@ -351,8 +561,7 @@ class Worker:
         gets the seconds it took and the input bytes."""
         t0 = time.monotonic()
         try:
-            if nbytes <= INLINE_COMPUTE_BYTES and getattr(spec.fn, "__module__", "").startswith(
-                    "hpcflow.ops."):
+            if nbytes <= INLINE_COMPUTE_BYTES and _builtin(spec):
                 return fn(*args)
             return run_in(op_pool(), fn, *args)
         finally:
@@ -416,9 +625,12 @@ class Worker:
             raise DatasetNotFound(f"partial {name} is not on {self.node.name}")
         return recs[0].lineage
 
-    def _versions(self, name: str) -> list[int]:
+    def _versions(self, name: str) -> dict[str, Any]:
+        """The versions and whole-dataset checksum an input has as the op reads it (a saved
+        result's lineage records them, see :mod:`hpcflow.catalog.lineage`)."""
         try:
-            return sorted({h.version for p in self.node.catalog.locate(name).parts
-                           for h in p.holders})
+            parts = self.node.catalog.locate(name).parts
         except DatasetNotFound:
-            return []
+            return {"versions": []}
+        return {"versions": sorted({h.version for p in parts for h in p.holders}),
+                "checksum": source_digest((p.part, p.holders[0].checksum) for p in parts)}

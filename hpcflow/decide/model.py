@@ -119,15 +119,20 @@ class Workflow:
     """Ordered steps, the node that asked, and the results it must end up with.
 
     ``deliver`` defaults to the last step's output; sequences are stored as tuples.
+    ``stay``: nothing is delivered, the results stay where the steps make them (a
+    partitioned save of a result not fetched); ``deliver`` must then be empty.
     """
 
     steps: Sequence[Step]
     initiator: str
     deliver: Sequence[str] = ()
+    stay: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", tuple(self.steps))
         deliver = tuple(self.deliver)
-        if not deliver and self.steps:
+        if self.stay and deliver:
+            raise ValueError("a workflow whose results stay delivers nothing")
+        if not deliver and self.steps and not self.stay:
             deliver = (self.steps[-1].out,)
         object.__setattr__(self, "deliver", deliver)

@@ -83,6 +83,7 @@ def optimal_plan(
                 tuple(workflow.steps[i] for i in indices),
                 workflow.initiator,
                 tuple(name for name in workflow.deliver if name in _names(workflow, indices)),
+                stay=workflow.stay,
             ),
             placement,
             registry=registry,

@@ -21,6 +21,7 @@ from hpcflow.ops.exec import (
     row_roles,
     run_global,
     run_partial,
+    run_rowwise_into,
     run_rowwise_part,
 )
 from hpcflow.ops.infer import ModelCache, OutputModel, infer_output, output_model
@@ -56,5 +57,6 @@ __all__ = [
     "row_roles",
     "run_global",
     "run_partial",
+    "run_rowwise_into",
     "run_rowwise_part",
 ]

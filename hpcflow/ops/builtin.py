@@ -20,23 +20,29 @@ from hpcflow.ops.registry import op
 from hpcflow.ops.spec import Array, Params, Partial
 
 
-@op("scale", kind="rowwise")
-def scale(x: Array, *, factor: float) -> Array:
-    """``x * factor``."""
+def _check_factor(factor: Any) -> None:
     if not isinstance(factor, (Real, complex, np.number)):
         raise ParamError(f"scale: factor must be a number, got {factor!r}")
+
+
+def _scale_into(x: Array, *, out: Array, factor: float) -> None:
+    _check_factor(factor)
+    np.multiply(x, factor, out=out)
+
+
+@op("scale", kind="rowwise", into=_scale_into)
+def scale(x: Array, *, factor: float) -> Array:
+    """``x * factor``."""
+    _check_factor(factor)
     return x * factor
 
 
-@op("add", kind="rowwise")
-def add(a: Array, b: Array) -> Array:
-    """``a + b``: row blocks that line up, or one operand broadcast to every row.
+def _add_into(a: Array, b: Array, *, out: Array) -> None:
+    _check_add(a, b)
+    np.add(a, b, out=out)
 
-    Follows numpy: ``b`` may be a row-aligned array of the same shape as ``a``
-    or one numpy broadcasts against each row of ``a`` without changing its
-    shape, such as a column vector ``(cols,)`` or ``(1, cols)`` (e.g. the
-    ``colsum`` of another dataset), and the other way round.
-    """
+
+def _check_add(a: Array, b: Array) -> None:
     try:
         shape = np.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -45,6 +51,18 @@ def add(a: Array, b: Array) -> Array:
         raise InputError(f"add: shapes differ: {_describe(a, b)}; they need equal row counts "
                          "and row shapes, or one must broadcast against every row of the "
                          "other (numpy rules)")
+
+
+@op("add", kind="rowwise", into=_add_into)
+def add(a: Array, b: Array) -> Array:
+    """``a + b``: row blocks that line up, or one operand broadcast to every row.
+
+    Follows numpy: ``b`` may be a row-aligned array of the same shape as ``a``
+    or one numpy broadcasts against each row of ``a`` without changing its
+    shape, such as a column vector ``(cols,)`` or ``(1, cols)`` (e.g. the
+    ``colsum`` of another dataset), and the other way round.
+    """
+    _check_add(a, b)
     return np.add(a, b)
 
 
@@ -56,11 +74,20 @@ def _describe(a: Array, b: Array) -> str:
                        else f"an operand of shape {x.shape}" for x in (a, b))
 
 
-@op("fft", kind="rowwise")
-def fft(x: Array) -> Array:
-    """``np.fft.fft(x, axis=1)``: complex128, twice the bytes of float64 input."""
+def _check_fft(x: Array) -> None:
     if x.ndim < 2:
         raise InputError(f"fft: needs at least 2 dimensions (rows, samples), got shape {x.shape}")
+
+
+def _fft_into(x: Array, *, out: Array) -> None:
+    _check_fft(x)
+    np.fft.fft(x, axis=1, out=out)
+
+
+@op("fft", kind="rowwise", into=_fft_into)
+def fft(x: Array) -> Array:
+    """``np.fft.fft(x, axis=1)``: complex128, twice the bytes of float64 input."""
+    _check_fft(x)
     return np.fft.fft(x, axis=1)
 
 

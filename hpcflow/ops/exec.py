@@ -70,6 +70,17 @@ def run_selected(spec: OpSpec, inputs: Sequence[Array], params: Params) -> Array
     return _output(spec, _call(spec, spec.fn, *inputs, **params))
 
 
+def run_rowwise_into(spec: OpSpec, parts_of_inputs: Sequence[Array], params: Params,
+                     out: Array) -> Array:
+    """:func:`run_rowwise_part` writing into ``out`` through the op's ``into`` function."""
+    _require_kind(spec, "rowwise")
+    if spec.into is None:
+        raise OpError(f"op {spec.name!r} has no into function")
+    _check_call(spec, parts_of_inputs, params)
+    _call(spec, spec.into, *parts_of_inputs, out=out, **params)
+    return out
+
+
 def run_partial(spec: OpSpec, x: Array, params: Params) -> Partial:
     """Partial of a reduce op over the rows one holder has (possibly none)."""
     _require_kind(spec, "reduce")

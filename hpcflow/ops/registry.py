@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hpcflow.ops.errors import OpError, RegistrationError, UnknownOpError
-from hpcflow.ops.spec import CombineFn, Kind, OpSpec, RowSelect, ShapeFn, SplitPredicate
+from hpcflow.ops.spec import CombineFn, IntoFn, Kind, OpSpec, RowSelect, ShapeFn, SplitPredicate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,6 +82,7 @@ class OpRegistry:
         out_shape: ShapeFn | None = None,
         out_dtype: npt.DTypeLike | None = None,
         splittable: SplitPredicate | None = None,
+        into: IntoFn | None = None,
         rows: RowSelect | None = None,
         replace: bool = False,
     ) -> Callable[[F], F]:
@@ -103,6 +104,7 @@ class OpRegistry:
                 out_shape=out_shape,
                 out_dtype=None if out_dtype is None else np.dtype(out_dtype),
                 splittable=splittable,
+                into=into,
                 rows=rows,
             )
             self.register(spec, replace=replace)

@@ -52,6 +52,8 @@ ShapeFn = Callable[[Sequence[Shape], Params], Shape]
 #: Whether a reduce op can be split for the given params (e.g. histogram needs
 #: a fixed ``range``); ``None`` means always.
 SplitPredicate = Callable[[Params], bool]
+#: Writes a rowwise op's output for its inputs into ``out`` (see :attr:`OpSpec.into`).
+IntoFn = Callable[..., None]
 #: A row-selecting rowwise op's kept rows: ``(params, total_rows) -> slice`` (step >= 1).
 RowSelect = Callable[[Params, int], slice]
 
@@ -68,6 +70,10 @@ class OpSpec:
     out_shape: ShapeFn | None = None
     out_dtype: np.dtype[Any] | None = None
     splittable: SplitPredicate | None = None
+    #: A rowwise op may also say how to write its output into a given array:
+    #: ``into(*inputs, out=block, **params)`` fills ``block`` with what ``fn`` would
+    #: return, so a node computing row block by block writes straight into the result.
+    into: IntoFn | None = None
     rows: RowSelect | None = None
     definition_hash: str = field(init=False, compare=False)
     #: The op function's signature, taken once: checking a call's parameters against it
@@ -83,11 +89,14 @@ class OpSpec:
             raise RegistrationError(f"op {self.name!r}: arity must be >= 1, got {self.arity}")
         if self.kind == "reduce" and self.arity != 1:
             raise RegistrationError(f"op {self.name!r}: reduce ops take exactly one input")
+        if self.into is not None and self.kind != "rowwise":
+            raise RegistrationError(f"op {self.name!r}: only rowwise ops take an into function")
         if self.combine is not None and self.kind != "reduce":
             raise RegistrationError(f"op {self.name!r}: only reduce ops take a combine function")
-        if self.rows is not None and (self.kind != "rowwise" or self.arity != 1):
-            raise RegistrationError(f"op {self.name!r}: only rowwise ops of one input select "
-                                    "rows (rows=)")
+        if self.rows is not None and (self.kind != "rowwise" or self.arity != 1
+                                      or self.into is not None):
+            raise RegistrationError(f"op {self.name!r}: only rowwise ops of one input, "
+                                    "without into=, select rows (rows=)")
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", np.dtype(self.out_dtype))
         object.__setattr__(self, "definition_hash", definition_hash(self))
@@ -128,6 +137,8 @@ def definition_hash(spec: OpSpec) -> str:
         digest.update(f";{label}=".encode())
         if fn is not None:
             digest.update(_fingerprint(fn, set()))
+    if spec.into is not None:  # only then: ops without one keep the hashes they had
+        digest.update(b";into=" + _fingerprint(spec.into, set()))
     if spec.rows is not None:  # only then: the other ops keep the hashes they had
         digest.update(b";rows=" + _fingerprint(spec.rows, set()))
     return digest.hexdigest()

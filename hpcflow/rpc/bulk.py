@@ -17,7 +17,7 @@ client     header                            server replies
 ``RANGE``  r, key, v, o (offset), n, by      ``CHUNK`` r, i=o, d + payload frames
 ``PUT``    r, name, part, nparts, shape,     ``OK`` r, u
            dtype, chunk_bytes, overwrite,
-           lineage, by
+           lineage, by, (aux + payload)
 ``DATA``   r, u, i, d + payload              ``ACK`` r, u, i / ``NACK``
 ``END``    r, u, checksum                    ``DONE`` r, record
 ``ABORT``  r, u                              (none)
@@ -28,6 +28,10 @@ concatenated by position at the receiver: libzmq allocates each received frame
 afresh, and 4 MiB allocations come from new pages the receiving I/O thread must
 fault in, which cost half the throughput on loopback.  For the same reason both
 ends keep glibc from trimming the heap under the frames (:mod:`.heap`).
+
+A ``PUT`` may carry per-row arrays to keep beside the data (an H5MD element's step and
+time): ``aux`` lists ``[key, dtype, entries]`` and the payload holds their bytes in that
+order, one entry per row of the dataset.
 
 Any request can be answered with ``ERR`` r, type, msg: the client raises the
 same hpcflow error type.  A failed upload (bad header, disk full) always
@@ -168,6 +172,45 @@ def _str(hdr: dict[str, Any], k: str) -> str:
     return v
 
 
+#: Per-row arrays a PUT may carry (H5MD step and time), and their bytes at most.
+MAX_AUX = 4
+MAX_AUX_BYTES = 256 * 1024 * 1024
+
+
+def _aux(spec: Any, payload: Payload | None, shape: tuple[int, ...]
+         ) -> dict[str, np.ndarray[Any, Any]] | None:
+    """The per-row arrays of a PUT, checked against its header: at most ``MAX_AUX``,
+    each 1-D numeric with one entry per row, filling the payload exactly."""
+    if spec is None:
+        if payload is not None:
+            raise ProtocolError("PUT with a payload but no aux")
+        return None
+    if not isinstance(spec, list) or not 1 <= len(spec) <= MAX_AUX or payload is None:
+        raise ProtocolError(f"PUT aux must list 1..{MAX_AUX} arrays and come with a payload")
+    rows = shape[0] if shape else 1
+    if payload.nbytes > MAX_AUX_BYTES:
+        raise InvalidData(f"per-row arrays of {payload.nbytes} bytes: at most {MAX_AUX_BYTES}")
+    data = b"".join(bytes(f) for f in payload.frames)
+    out: dict[str, np.ndarray[Any, Any]] = {}
+    pos = 0
+    for item in spec:
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+                or not item[0].isidentifier() or len(item[0]) > 32 or item[0] in out):
+            raise ProtocolError("PUT aux entries are [key, dtype, entries]")
+        dt = validate_dtype(item[1])
+        if item[2] != rows:
+            raise InvalidData(f"per-row array {item[0]!r} has {item[2]!r} entries, the "
+                              f"dataset {rows} rows")
+        size = rows * dt.itemsize
+        if pos + size > len(data):
+            raise ProtocolError("PUT aux payload is shorter than its arrays")
+        out[item[0]] = np.frombuffer(data, dtype=dt, count=rows, offset=pos).copy()
+        pos += size
+    if pos != len(data):
+        raise ProtocolError("PUT aux payload is longer than its arrays")
+    return out
+
+
 @dataclass
 class BulkSettings:
     window: int = 8
@@ -283,7 +326,7 @@ class BulkServer:
         elif verb == b"RANGE":
             self._range(ident, hdr)
         elif verb == b"PUT":
-            self._put(ident, hdr)
+            self._put(ident, hdr, payload)
         elif verb == b"DATA":
             if payload is None:
                 raise ProtocolError("DATA without payload")
@@ -329,7 +372,7 @@ class BulkServer:
             copy=False)
         self.traffic.sent(by, n)
 
-    def _put(self, ident: bytes, hdr: dict[str, Any]) -> None:
+    def _put(self, ident: bytes, hdr: dict[str, Any], payload: Payload | None = None) -> None:
         r, by = _int(hdr, "r"), _str(hdr, "by")
         part = validate_part(hdr.get("part"))
         nparts = validate_nparts(hdr.get("nparts"), part)
@@ -340,13 +383,14 @@ class BulkServer:
             raise ProtocolError("lineage must be a map")
         overwrite = validate_flag(hdr.get("overwrite", False), "overwrite")
         nbytes = layout_nbytes(shape, dtype)
+        aux = _aux(hdr.get("aux"), payload, shape)
         self._admit_upload(ident, nbytes)
         self.admit_put({**hdr, "part": part, "shape": list(shape), "dtype": dtype.str,
                         "role": self.caller})
         writer = self.store.begin(
             _str(hdr, "name"), shape, dtype,
             part=part, nparts=nparts, lineage=lineage,
-            overwrite=overwrite, chunk_bytes=_int(hdr, "chunk_bytes"),
+            overwrite=overwrite, chunk_bytes=_int(hdr, "chunk_bytes"), aux=aux,
         )
         u = uuid.uuid4().hex
         self.uploads[u] = _Upload(writer, by, ident, time.monotonic(), nbytes)
@@ -621,9 +665,11 @@ class BulkClient:
         lineage: dict[str, Any] | None = None,
         chunk_bytes: int,
         progress: Callable[[int, int], None] | None = None,
+        aux: dict[str, np.ndarray[Any, Any]] | None = None,
     ) -> DatasetRecord:
         """Push a dataset chunk by chunk; ``read(slab)`` returns the array for one chunk.
-        ``progress(done_bytes, total_bytes)`` is called as chunks are acknowledged."""
+        ``progress(done_bytes, total_bytes)`` is called as chunks are acknowledged.
+        ``aux``: per-row arrays kept beside the data (sent with the ``PUT``)."""
         ch = Chunking(tuple(shape), dtype.itemsize, chunk_bytes)
         total, done = math.prod(shape) * dtype.itemsize, 0
         n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
@@ -631,10 +677,14 @@ class BulkClient:
         what = f"upload of {key_of(name, part)}"
         u = ""
         try:
-            s.send_multipart([b"PUT", pack({
-                "r": r, "name": name, "part": part, "nparts": nparts, "shape": list(shape),
-                "dtype": dtype.str, "chunk_bytes": chunk_bytes, "overwrite": overwrite,
-                "lineage": lineage or {}, "by": self.me})])
+            items = [(k, np.ascontiguousarray(a)) for k, a in (aux or {}).items()]
+            head = {"r": r, "name": name, "part": part, "nparts": nparts, "shape": list(shape),
+                    "dtype": dtype.str, "chunk_bytes": chunk_bytes, "overwrite": overwrite,
+                    "lineage": lineage or {}, "by": self.me}
+            if items:
+                head["aux"] = [[k, a.dtype.str, int(a.size)] for k, a in items]
+            blob = b"".join(a.tobytes() for _, a in items)
+            s.send_multipart([b"PUT", pack(head), *(_frames(blob) if blob else [])])
             _, hdr, _ = self._recv(s, peer, what)
             u = _str(hdr, "u")
             inflight: dict[int, tuple[Any, int, int]] = {}
