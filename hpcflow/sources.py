@@ -98,7 +98,8 @@ def row_range(src: Source, rows: Any) -> Source:
     def read(slab: tuple[int | slice, ...]) -> Any:
         first = slab[0]  # a chunk's slab: an int or a slice on the first axis, then the rest
         if isinstance(first, slice):
-            moved: int | slice = slice(first.start + lo, first.stop + lo)
+            start, stop = first.start or 0, hi - lo if first.stop is None else first.stop
+            moved: int | slice = slice(start + lo, stop + lo)
         else:
             moved = first + lo
         return inner((moved, *slab[1:]))
