@@ -304,3 +304,22 @@ def test_row_ranges_keep_their_own_source_rows_and_h5md_times(trio: Cluster,
         assert np.array_equal(c.fetch("ELS"), DATA.reshape(ROWS, 4, 2)[100:400])
         c.delete("EL")
         c.delete("ELS", all_parts=True)
+
+
+def test_rm_all_parts_leaves_a_running_flows_copies_to_it(trio: Cluster) -> None:
+    """A flow that gathered a split dataset holds copies of its parts (its intermediates,
+    which only its script may remove): rm --all-parts deletes every holder's own part,
+    skips those copies instead of failing half way, and they go when the flow closes."""
+    with trio["n1"].client() as c:
+        c.put_split("CPY", DATA, nodes=["n2", "n3"], nparts=2)
+        med = c.run("median", "CPY")  # a global op: the parts meet on one node, as copies
+        np.testing.assert_allclose(med.fetch(), np.median(DATA, axis=0))
+        copies = [r for r in c.catalog() if r.name == "CPY" and "flow" in r.lineage]
+        assert copies, "the flow made no copy: the test would show nothing"
+        gone = c.delete("CPY", all_parts=True)
+        assert sorted((r.part, r.owner) for r in gone) == [(0, "n2"), (1, "n3")]
+        left = {(r.part, r.owner) for r in c.catalog(include_dead=True) if r.name == "CPY"}
+        assert left <= {(r.part, r.owner) for r in copies}
+    for n in ("n1", "n2", "n3"):  # the flow closed with its client: its copies went too
+        wait_for(lambda n=n: not any(k.startswith("CPY") for k in names_on(trio[n], True)),
+                 10, f"no CPY on {n}")

@@ -42,6 +42,7 @@ from ..errors import (
     PeerUnavailable,
     ProtocolError,
     StoreError,
+    with_context,
 )
 from ..h5md import AXES, MAX_AXIS_ROWS, unpack_axis, write_element
 from ..rpc import auth
@@ -219,8 +220,9 @@ class Client:
                all_parts: bool = False) -> Any:
         """Delete ``name`` (or its part ``part``) from the connected node, which must hold
         it; returns its record.  ``all_parts=True`` deletes every part of a split dataset
-        (and every copy) from every holder, asking each one in turn, and returns their
-        records; refused before anything is deleted while a holder is down."""
+        (and every durable copy) from every holder, asking each one in turn, and returns
+        their records; refused before anything is deleted while a holder is down.  A
+        running flow's copies are left to it (they go when its script closes it)."""
         name = validate_name(name)
         if not validate_flag(all_parts, "all_parts"):
             return DatasetRecord.from_wire(self._call("delete", name, validate_part(part)))
@@ -229,24 +231,36 @@ class Client:
         return self._delete_everywhere(name)
 
     def _delete_everywhere(self, name: str) -> list[DatasetRecord]:
-        recs = [r for r in self.catalog(include_dead=True) if r.name == name]
+        # a running flow's copies are left to it: they go when its script closes it
+        def held() -> list[DatasetRecord]:
+            return [r for r in self.catalog(include_dead=True)
+                    if r.name == name and not _flow_copy(r)]
+        recs = held()
         if not recs:
-            raise DatasetNotFound(f"{name} is held by no node")
+            raise DatasetNotFound(f"{name} is held by no node (a running flow's copies of "
+                                  "it go when that flow is closed)")
         nparts = max((r.nparts or 0 for r in recs), default=0)
         if len({r.part for r in recs if r.part is not None}) < nparts:
             # parts just put elsewhere may not have reached our node's catalog yet
             self.wait_for(name, self.timeout_s)
-            recs = [r for r in self.catalog(include_dead=True) if r.name == name]
+            recs = held()
         members = {n["name"]: n for n in self.nodes()}
         down = sorted({r.owner for r in recs if not members.get(r.owner, {}).get("alive")})
         if down:
             raise PeerUnavailable(f"{name} has parts on {', '.join(down)}, which "
                                   f"{'is' if len(down) == 1 else 'are'} not alive now: nothing "
                                   "deleted; retry once back (or rm --part K on each live holder)")
-        out = []
+        out: list[DatasetRecord] = []
         for rec in recs:  # one RPC to each holder: it deletes its own copy, by the usual rules
-            out.append(DatasetRecord.from_wire(
-                self._call_on(rec.owner, members[rec.owner]["rpc"], "delete", name, rec.part)))
+            try:
+                out.append(DatasetRecord.from_wire(self._call_on(
+                    rec.owner, members[rec.owner]["rpc"], "delete", name, rec.part)))
+            except HpcflowError as exc:
+                if not out:
+                    raise
+                done = ", ".join(f"{r.key} on {r.owner}" for r in out)
+                raise with_context(exc, f"{exc} (deleted already: {done}; rm --all-parts "
+                                   "again deletes the rest)") from exc
         return out
 
     def _call_on(self, node: str, endpoint: str, method: str, *args: Any) -> Any:
@@ -628,6 +642,12 @@ def _check_progress(progress: object) -> None:
 def _check_chunk_bytes(chunk_bytes: object) -> None:
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
         raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
+
+
+def _flow_copy(rec: DatasetRecord) -> bool:
+    """A copy (or output) a flow made and does not keep: only its flow removes it."""
+    tag = rec.lineage.get("flow")
+    return isinstance(tag, dict) and not tag.get("keep")
 
 
 def _span(rows: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
