@@ -323,3 +323,19 @@ def test_rm_all_parts_leaves_a_running_flows_copies_to_it(trio: Cluster) -> None
     for n in ("n1", "n2", "n3"):  # the flow closed with its client: its copies went too
         wait_for(lambda n=n: not any(k.startswith("CPY") for k in names_on(trio[n], True)),
                  10, f"no CPY on {n}")
+
+
+def test_real_h5md_split_from_an_open_file(trio: Cluster, real_h5md: Path) -> None:
+    """ZnH5MD's cu.h5md (20 frames of 108 atoms, Angstrom, fs): frames 2..17 spread over
+    two nodes straight from the open file; values, units and times as h5py reads them."""
+    with h5py.File(real_h5md / "cu.h5md", "r") as f:
+        el = f["/particles/atoms/position"]
+        want, times = el["value"][2:17], el["time"][2:17]
+        with trio["n3"].client() as c:
+            recs = c.put_split("CU", el, rows=(2, 17), nodes=["n1", "n2"], nparts=2)
+            assert [r.shape[0] for r in recs] == [7, 8]
+            assert np.array_equal(c.fetch("CU"), want)
+            m = c.metadata("CU")
+            assert m["unit"] == "Angstrom" and m["time_unit"] == "fs"
+            np.testing.assert_array_equal(m["time"], times)
+            c.delete("CU", all_parts=True)
