@@ -286,7 +286,8 @@ def dask_step(sc: Scenario, step: Any, ins: list[Any]) -> Any:
     ``add`` (``a + b``, numpy broadcasting), ``fft`` (``da.fft.fft(x, axis=1)``),
     ``colsum``/``colmean`` (``sum``/``mean(axis=0)``), ``histogram`` with fixed
     edges (``da.histogram``), ``gram`` (``X.T @ X``), ``median``
-    (``da.median(x, axis=0)``, which puts each column's rows in one chunk).
+    (``da.median(x, axis=0)``, which puts each column's rows in one chunk),
+    ``frames`` (``x[start:stop:step]``).
     The rest (per-column ``quantiles``, lexicographic ``sort_rows``, a
     histogram whose edges need the global range, user ops) have none: they
     become tasks running hpcflow's own numpy code by the op's kind: per row
@@ -312,9 +313,14 @@ def dask_step(sc: Scenario, step: Any, ins: list[Any]) -> Any:
         return flat.T @ flat
     if step.op == "median":
         return da.median(x, axis=0)
+    if step.op == "frames":  # a row selection: dask slices across its chunks itself
+        return x[p.get("start", 0):p.get("stop"):p.get("step", 1)]
     spec = ops.get_op(step.op)
+    if spec.rows is not None:  # its blocks would need their place in the whole input
+        raise ValueError(f"{step.op}: row-selecting user ops have no dask counterpart here")
     if step.op == "histogram" and spec.can_split(p):
-        return da.histogram(x, bins=p.get("bins", 10), range=p.get("range"))[0]
+        counts, edges = da.histogram(x, bins=p.get("bins", 10), range=p.get("range"))
+        return da.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
     return _by_kind(sc, step, spec, ins)
 
 

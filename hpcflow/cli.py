@@ -83,14 +83,39 @@ def _client(a: argparse.Namespace) -> Any:
     return connect(a.node, timeout_s=a.timeout, keys=a.keys)
 
 
+def _source(source: str, dataset: str | None) -> tuple[str, str | None]:
+    """``FILE`` or ``FILE:/path/in/hdf5`` (a file that exists under the whole name wins)."""
+    path, sep, inner = source.partition(":/")
+    if not sep or os.path.exists(source):
+        return source, dataset
+    if dataset is not None:
+        raise InvalidData(f"{source} names a path inside the file and so does --dataset "
+                          f"{dataset}: give one")
+    return path, "/" + inner
+
+
 def cmd_put(a: argparse.Namespace) -> int:
+    source, dataset = _source(a.source, a.dataset)
+    show = _progress(f"put {a.name}", not a.json and sys.stderr.isatty())
+    if a.split is None and a.nodes is not None:
+        raise InvalidData("--nodes goes with --split N (the parts are spread over them)")
     with _client(a) as c:
-        rec = c.put(a.name, a.source, dataset=a.dataset, part=a.part, nparts=a.nparts,
-                    overwrite=a.overwrite,
-                    progress=_progress(f"put {a.name}", not a.json and sys.stderr.isatty()))
-    w = rec.to_wire()
-    print(json.dumps(w) if a.json else f"stored {rec.key} on {rec.owner}: "
-          f"{'x'.join(map(str, rec.shape))} {rec.dtype}, {_size(rec.nbytes)}, {rec.checksum}")
+        if a.split is not None:
+            if a.part is not None or a.nparts is not None:
+                raise InvalidData("--split N makes parts 0..N-1 itself: no --part/--nparts")
+            nodes = [n.strip() for n in (a.nodes or c.node).split(",") if n.strip()]
+            recs = c.put_split(a.name, source, dataset=dataset, rows=a.rows, nodes=nodes,
+                               nparts=a.split, overwrite=a.overwrite, progress=show)
+        else:
+            recs = [c.put(a.name, source, dataset=dataset, rows=a.rows, part=a.part,
+                          nparts=a.nparts, overwrite=a.overwrite, progress=show)]
+    if a.json:
+        print(json.dumps(recs[0].to_wire() if a.split is None else
+                         [r.to_wire() for r in recs]))
+        return 0
+    for rec in recs:
+        print(f"stored {rec.key} on {rec.owner}: {'x'.join(map(str, rec.shape))} "
+              f"{rec.dtype}, {_size(rec.nbytes)}, {rec.checksum}")
     return 0
 
 
@@ -254,6 +279,13 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_rm(a: argparse.Namespace) -> int:
     with _client(a) as c:
+        if a.all_parts:
+            recs = c.delete(a.name, a.part, all_parts=True)
+            if a.json:
+                print(json.dumps([r.to_wire() for r in recs]))
+            for rec in [] if a.json else recs:
+                print(f"deleted {rec.key} from {rec.owner}")
+            return 0
         rec = c.delete(a.name, a.part)
     print(json.dumps(rec.to_wire()) if a.json else f"deleted {rec.key} from {rec.owner}")
     return 0
@@ -295,7 +327,7 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
         result = {"op": a.op, "inputs": a.inputs, "shape": list(arr.shape), "dtype": arr.dtype.str,
                   "bytes_planned": report["bytes_planned"], "bytes_moved": report["bytes_moved"],
                   "moved": report["moved"], "saved_as": a.save, "output": a.output,
-                  "plan": h.plan.raw}
+                  "values": None if a.output else _json_values(arr), "plan": h.plan.raw}
         if a.json:
             print(json.dumps(result))
         else:
@@ -304,9 +336,19 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
                   f"{_size(report['bytes_moved'])} (planned {_size(report['bytes_planned'])})"
                   + (f"; saved as {a.save}" if a.save else "")
                   + (f"; written to {a.output}" if a.output else ""))
-            if not a.output and arr.size <= 20:
-                print(arr)
+            if not a.output:
+                print(arr)  # numpy's summary past 1000 values
+                if arr.size > np.get_printoptions()["threshold"]:
+                    print("(every value: --json, or --output FILE.npy)")
     return 0
+
+
+def _json_values(arr: np.ndarray[Any, Any]) -> Any:
+    """Every value of ``arr`` as nested JSON lists (``{"real": ..., "imag": ...}`` for a
+    complex array; NaN and infinities as Python's json writes them: NaN, Infinity)."""
+    if arr.dtype.kind == "c":
+        return {"real": arr.real.tolist(), "imag": arr.imag.tolist()}
+    return arr.tolist()
 
 
 def cmd_lineage(a: argparse.Namespace) -> int:
@@ -476,10 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("put", help="store an array from .npy or HDF5 on a node")
     client_opts(s)
     s.add_argument("name")
-    s.add_argument("source", help=".npy file or HDF5 file (H5MD included)")
+    s.add_argument("source", help=".npy file or HDF5 file (H5MD included), or "
+                   "FILE:/path/in/hdf5")
     s.add_argument("--dataset", help="path of the array inside the HDF5 file")
+    s.add_argument("--rows", metavar="LO:HI", help="store only rows [LO, HI) of the source "
+                   "(LO or HI may be left out); nothing else is read")
     s.add_argument("--part", type=int, help="row-part index of a partitioned dataset")
     s.add_argument("--nparts", type=int, help="total number of parts (optional)")
+    s.add_argument("--split", type=int, metavar="N", help="spread the rows over --nodes as "
+                   "N parts (part k on node k mod len(nodes))")
+    s.add_argument("--nodes", metavar="A,B,C", help="with --split: member names to put "
+                   "the parts on (default: the --node itself)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing version")
     s.set_defaults(fn=cmd_put)
 
@@ -520,10 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts(st)
     st.set_defaults(fn=cmd_status)
 
-    r = sub.add_parser("rm", help="delete a dataset held by this node")
+    r = sub.add_parser("rm", help="delete a dataset held by this node (--all-parts: from "
+                       "every holder)")
     client_opts(r)
     r.add_argument("name")
     r.add_argument("--part", type=int)
+    r.add_argument("--all-parts", action="store_true", help="delete every part (and copy) "
+                   "of the dataset from every node holding one")
     r.set_defaults(fn=cmd_rm)
 
     for verb, fn, text in (("run", cmd_run, "run one operation where the planner says"),
@@ -542,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--save", help="keep the result as a dataset with this name")
             sp.add_argument("--overwrite", action="store_true",
                             help="with --save: replace an existing dataset of that name")
-            sp.add_argument("--output", help="write the result to this .npy file")
+            sp.add_argument("--output", help="write the result to this .npy file (else "
+                            "--json prints every value)")
             how = sp.add_mutually_exclusive_group()
             how.add_argument("--partitioned", dest="partitioned", action="store_true",
                              default=None, help="with --save: keep each part on the node that "

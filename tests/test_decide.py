@@ -124,7 +124,7 @@ def random_problem(
     complex_: set[str] = set()  # histogram needs real input
     for i in range(steps):
         src = rng.choice(sorted(tables))
-        ops = ["scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "hist"]
+        ops = ["scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "hist", "frames"]
         op = rng.choice(ops + (["addv"] if vectors else []))
         out = f"S{i}"
         if op == "add":
@@ -135,6 +135,9 @@ def random_problem(
             flow.append(Step(out, "add", [vec, src] if rng.random() < 0.5 else [src, vec]))
         elif op == "scale":
             flow.append(Step(out, "scale", [src], {"factor": 2.0}))
+        elif op == "frames":  # fewer rows than its input: a part may keep none
+            flow.append(Step(out, "frames", [src], {"start": 1, "step": 3}))
+            tables[out] = len(range(1, tables[src], 3))
         elif op == "hist" and src not in complex_:
             flow.append(Step(out, "histogram", [src], {"bins": 4, "range": (0, 1)}))
         elif op == "hist":
@@ -146,7 +149,8 @@ def random_problem(
         elif flow[-1].op in ("colsum", "median"):
             vectors.append(out)
         if op == "fft" or (
-            op in ("add", "addv", "scale", "sort_rows") and complex_ & {*flow[-1].inputs}
+            op in ("add", "addv", "scale", "sort_rows", "frames")
+            and complex_ & {*flow[-1].inputs}
         ):
             complex_.add(out)
     read = {name for step in flow for name in step.inputs}
@@ -154,7 +158,7 @@ def random_problem(
     return Workflow(flow, "n1", deliver_), placement(*datasets)
 
 
-OPS = ("scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "histogram")
+OPS = ("scale", "fft", "add", "colsum", "median", "gram", "sort_rows", "histogram", "frames")
 
 
 def random_cost(rng: random.Random, nodes: int, objective: str) -> CostModel:

@@ -222,7 +222,7 @@ def test_histogram_bins_are_bounded(node: NodeProc, bins: int) -> None:
         with pytest.raises(ParamError, match="bins"):
             c.run("histogram", "H", bins=bins, range=[0, 1]).fetch()
         assert rss(node) - before < 50 * MiB
-        counts = c.run("histogram", "H", bins=1000, range=[0, 1]).fetch()
+        counts = c.run("histogram", "H", bins=1000, range=[0, 1]).fetch()[:, 2]
         assert counts.sum() == 400
     assert node.alive()
 
@@ -264,7 +264,7 @@ def test_histogram_bins_from_a_rule_are_bounded(node: NodeProc) -> None:
         c.put("SPIKY", x)
         with pytest.raises(ParamError, match="bins"):
             c.run("histogram", "SPIKY", bins="fd").fetch()
-        counts = c.run("histogram", "SPIKY", bins=10, range=[0, 1e6]).fetch()
+        counts = c.run("histogram", "SPIKY", bins=10, range=[0, 1e6]).fetch()[:, 2]
         assert counts.sum() == 1001 and counts[0] == 1000
     assert node.alive()
 

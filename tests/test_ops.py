@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import textwrap
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from hpcflow.ops import (
     run_partial,
     run_rowwise_part,
 )
+from hpcflow.ops.builtin import histogram_counts_edges
 
 Array = np.ndarray[Any, Any]
 
@@ -63,7 +65,7 @@ REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
     "colmean": ({}, lambda x: x.mean(axis=0), True),
     "histogram": (
         {"bins": 7, "range": (-2.0, 2.0)},
-        lambda x: np.histogram(x, bins=7, range=(-2.0, 2.0))[0],
+        lambda x: _table(*np.histogram(x, bins=7, range=(-2.0, 2.0))),
         False,
     ),
     "gram": ({}, _gram, False),
@@ -75,6 +77,7 @@ REFERENCE: dict[str, tuple[dict[str, Any], Callable[..., Array], bool]] = {
     "var": ({}, lambda x: x.var(axis=0), True),
     "std": ({}, lambda x: x.std(axis=0), True),
     "select": ({"index": [0, -1, 0]}, lambda x: x[:, [0, -1, 0]], False),
+    "frames": ({"start": 1, "stop": -1, "step": 3}, lambda x: x[1:-1:3], False),
 }
 
 part_sizes = st.lists(st.sampled_from([0, 0, 1, 1, 2, 3, 7]), min_size=1, max_size=5)
@@ -107,7 +110,7 @@ def test_builtins_are_registered() -> None:
     assert kinds["colsum"] == kinds["colmean"] == kinds["histogram"] == kinds["gram"] == "reduce"
     assert kinds["sort_rows"] == "reduce"  # sorted runs where the parts are, merged
     assert kinds["min"] == kinds["max"] == kinds["var"] == kinds["std"] == "reduce"
-    assert kinds["select"] == "rowwise"
+    assert kinds["select"] == kinds["frames"] == "rowwise"
     assert kinds["median"] == kinds["quantiles"] == "global"
 
 
@@ -126,7 +129,9 @@ def test_split_execution_equals_numpy(name: str, sizes: list[int], cols: int, se
     _assert_same(apply(spec, inputs, params), want)
     pieces = [_split(x, sizes) for x in inputs]
     if spec.kind == "rowwise":
-        outs = [run_rowwise_part(spec, list(block), params) for block in zip(*pieces, strict=True)]
+        ends = np.cumsum([0, *sizes]).tolist()  # each block where it lies (frames needs it)
+        outs = [run_rowwise_part(spec, list(block), params, (lo, hi, ends[-1]))
+                for block, lo, hi in zip(zip(*pieces, strict=True), ends, ends[1:], strict=False)]
         _assert_same(np.concatenate(outs), want)
     elif spec.kind == "reduce":
         partials = [run_partial(spec, block, params) for block in pieces[0]]
@@ -167,19 +172,48 @@ def test_empty_part_partials_are_zeros_of_the_right_shape() -> None:
     empty = np.empty((0, 3))
     np.testing.assert_array_equal(run_partial(get_op("colsum"), empty, {}), np.zeros(3))
     np.testing.assert_array_equal(run_partial(get_op("gram"), empty, {}), np.zeros((3, 3)))
-    counts = run_partial(get_op("histogram"), empty, {"bins": 4, "range": (0, 1)})
+    counts = run_partial(get_op("histogram"), empty, {"bins": 4, "range": (0, 1)})[0]
     np.testing.assert_array_equal(counts, np.zeros(4, dtype=np.int64))
 
 
-def test_histogram_without_range_is_not_split_but_still_exact() -> None:
+def _table(counts: Array, edges: Array) -> Array:
+    """histogram's result: bins x [left edge, right edge, count], float64."""
+    return np.column_stack([edges[:-1], edges[1:], counts]).astype(np.float64)
+
+
+def test_histogram_gives_numpys_edges_and_needs_a_range_for_equal_bins() -> None:
+    """Counts and edges equal np.histogram's (edges in the dtype numpy computes them in,
+    float32 input included) whether split or not; an integer bins without range is
+    refused, saying why, rather than gathering every value on one node; numpy's rules
+    still run on one node."""
     spec = get_op("histogram")
+    for dtype in (np.float32, np.float64, np.int16):
+        x = (np.random.default_rng(1).normal(size=(40, 2)) * 9).astype(dtype)
+        for params in ({"bins": 5, "range": (-7.3, 6.1)}, {"bins": [-20, -1.5, 0, 2, 30]},
+                       {"bins": 1, "range": (0, 1)}):
+            counts, edges = np.histogram(x, params["bins"], params.get("range"))
+            parts = [run_partial(spec, b, params) for b in _split(x, [13, 0, 27])]
+            got = combine_partials(spec, parts, params)
+            _assert_same(got, _table(counts, edges))
+            back = histogram_counts_edges(got)
+            np.testing.assert_array_equal(back[0], counts)
+            np.testing.assert_array_equal(back[1], edges.astype(np.float64))
+    assert spec.can_split({"bins": [0.0, 0.5, 1.0]}) and spec.can_split({"bins": 5})
+    assert not spec.can_split({"bins": "fd"})
     x = np.random.default_rng(1).normal(size=(20, 2))
-    assert not spec.can_split({"bins": 5})
-    assert spec.can_split({"bins": [0.0, 0.5, 1.0]})
-    assert spec.can_split({"bins": 5, "range": (0, 1)})
-    with pytest.raises(ParamError):
-        run_partial(spec, x, {"bins": 5})
-    np.testing.assert_array_equal(apply(spec, [x], {"bins": 5}), np.histogram(x, 5)[0])
+    with pytest.raises(ParamError, match=r"give range=\(lo, hi\) .* gather all of it"):
+        apply(spec, [x], {"bins": 5})
+    with pytest.raises(ParamError, match="give range"):
+        apply(spec, [x], {})
+    _assert_same(apply(spec, [x], {"bins": "auto"}), _table(*np.histogram(x, "auto")))
+    with pytest.raises(OpError, match="different bins"):
+        combine_partials(spec, [run_partial(spec, x, {"bins": 2, "range": (0, 1)}),
+                                run_partial(spec, x, {"bins": 2, "range": (0, 2)})], {})
+    for bad in ([0, "a"], [0, float("inf")], [1, 0], [0, 1, 2], "01", [True, 2]):
+        with pytest.raises(ParamError, match="range must be"):
+            apply(spec, [x], {"bins": 3, "range": bad})
+    with pytest.raises(OpError, match="not a histogram table"):
+        histogram_counts_edges(np.zeros((3, 2)))
 
 
 def test_fft_doubles_bytes_of_float64() -> None:
@@ -505,3 +539,32 @@ def test_select_picks_positions_of_the_second_axis() -> None:
     for bad in ([], [5], [1.5], "0"):
         with pytest.raises(OpError, match="index"):
             apply(spec, [frames], {"index": bad})
+
+
+def test_frames_keeps_the_stride_across_parts_and_its_model_counts_every_part() -> None:
+    """Every part keeps the rows of the global selection that lie in it, whatever the
+    cuts; the output model (what the planner uses) gives each part's rows exactly,
+    though ceil(rows / step) is not affine; bad params are ParamErrors."""
+    x = np.arange(2 * 97, dtype=np.float32).reshape(97, 2)
+    spec = get_op("frames")
+    cases = [{}, {"step": 4}, {"start": 5, "stop": 80, "step": 7}, {"start": -20, "step": 3},
+             {"stop": 3}, {"start": 200}, {"start": None, "stop": None, "step": 96}]
+    for params in cases:
+        want = x[params.get("start", 0):params.get("stop"):params.get("step", 1)]
+        _assert_same(apply(spec, [x], params), want)
+        model = output_model(spec, [(2,)], [x.dtype], params)
+        assert model.shape(97) == want.shape
+        for cuts in ([0, 97], [0, 1, 2, 50, 51, 97], [0, 30, 30, 64, 97], list(range(0, 98, 9))):
+            cuts = sorted({*cuts, 97})
+            outs = [run_rowwise_part(spec, [x[lo:hi]], params, (lo, hi, 97))
+                    for lo, hi in itertools.pairwise(cuts)]
+            _assert_same(np.concatenate(outs), want)
+            assert [model.part_shape(lo, hi, 97) for lo, hi in itertools.pairwise(cuts)
+                    ] == [o.shape for o in outs]
+    for bad in ({"step": 0}, {"step": -1}, {"step": 1.5}, {"start": "a"}, {"stop": True}):
+        with pytest.raises(ParamError):
+            apply(spec, [x], bad)
+        with pytest.raises(ParamError):
+            output_model(spec, [(2,)], [x.dtype], bad)
+    with pytest.raises(OpError, match="cannot be rows"):
+        run_rowwise_part(spec, [x[:10]], {}, (0, 11, 97))

@@ -115,10 +115,10 @@ def test_h5md_source_is_read_and_split(tmp_path: Path) -> None:
     assert np.array_equal(a, whole[:100]) and np.array_equal(b, whole[100:])
     centred = whole - whole.mean(axis=1, keepdims=True)
     rg = np.sqrt((centred**2).sum(axis=2).mean(axis=1))
-    expected = np.histogram(rg, bins=12, range=(0.0, 24.0))[0]
-    result = reference_result(sc, generate(sc))
-    np.testing.assert_array_equal(result, expected)
-    assert result.sum() == 160  # every frame falls inside the range
+    counts, edges = np.histogram(rg, bins=12, range=(0.0, 24.0))
+    result = reference_result(sc, generate(sc))  # bins x [left edge, right edge, count]
+    np.testing.assert_array_equal(result, np.column_stack([edges[:-1], edges[1:], counts]))
+    assert result[:, 2].sum() == 160  # every frame falls inside the range
 
 
 @pytest.mark.parametrize("name,path,frames", [

@@ -459,7 +459,8 @@ def test_cli_run_and_explain(thesis: tuple[Cluster, Any, Any], tmp_path: Path) -
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    want = np.histogram(d1, bins=4, range=(0, 1))[0]
+    counts, edges = np.histogram(d1, bins=4, range=(0, 1))
+    want = np.column_stack([edges[:-1], edges[1:], counts])  # bins x [left, right, count]
     assert doc["plan"]["method"] == "pull_all" and np.array_equal(np.load(hist), want)
     with cluster["n1"].client() as c:
         assert np.array_equal(c.fetch("HIST"), want)
@@ -481,6 +482,11 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> Any:
         cl.stop()
 
 
+def _table(counts: Any, edges: Any) -> Any:
+    """histogram's result: bins x [left edge, right edge, count], float64."""
+    return np.column_stack([edges[:-1], edges[1:], counts])
+
+
 OPS_UNDER_TEST = [  # every built-in op; add gets the dataset twice
     ("scale", {"factor": -1.5}, lambda x: -1.5 * x),
     ("add", {}, lambda x: x + x),
@@ -489,7 +495,7 @@ OPS_UNDER_TEST = [  # every built-in op; add gets the dataset twice
     ("colmean", {}, lambda x: x.mean(0)),
     ("gram", {}, lambda x: x.T @ x),
     ("histogram", {"bins": 5, "range": [0.0, 1.0]},
-     lambda x: np.histogram(x, bins=5, range=(0.0, 1.0))[0]),
+     lambda x: _table(*np.histogram(x, bins=5, range=(0.0, 1.0)))),
     ("median", {}, lambda x: np.median(x, axis=0)),
     ("quantiles", {"q": [0.1, 0.5, 0.9]}, lambda x: np.quantile(x, [0.1, 0.5, 0.9], axis=0)),
     ("sort_rows", {}, lambda x: x[np.lexsort(x.T[::-1])]),
@@ -498,6 +504,7 @@ OPS_UNDER_TEST = [  # every built-in op; add gets the dataset twice
     ("var", {}, lambda x: x.var(axis=0)),
     ("std", {}, lambda x: x.std(axis=0)),
     ("select", {"index": [2, 0]}, lambda x: x[:, [2, 0]]),
+    ("frames", {"start": 1, "step": 3}, lambda x: x[1::3]),
 ]
 
 

@@ -42,18 +42,20 @@ from ..errors import (
     PeerUnavailable,
     ProtocolError,
     StoreError,
+    with_context,
 )
 from ..h5md import AXES, MAX_AXIS_ROWS, unpack_axis, write_element
 from ..rpc import auth
 from ..rpc.bulk import BulkClient, BulkSettings, Deliver, from_holders
 from ..rpc.calls import new_client, refuses_connections
 from ..rpc.traffic import Traffic
-from ..sources import open_source, source_metadata
+from ..sources import open_source, parse_rows, row_range, source_metadata
 from ..wire import unencodable
 from . import lineage as lineage_calls
 from .flow import Flow, Handle
 from .lazy import LazyArray
 
+#: ``progress(done_bytes, total_bytes)``, for put, put_split, fetch and fetch_to alike.
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")
 
@@ -215,9 +217,63 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return dict(self._call("stats"))
 
-    def delete(self, name: str, part: int | None = None) -> DatasetRecord:
-        return DatasetRecord.from_wire(self._call("delete", validate_name(name),
-                                                  validate_part(part)))
+    def delete(self, name: str, part: int | None = None, *,
+               all_parts: bool = False) -> Any:
+        """Delete ``name`` (or its part ``part``) from the connected node, which must hold
+        it; returns its record.  ``all_parts=True`` deletes every part of a split dataset
+        (and every durable copy) from every holder, asking each one in turn, and returns
+        their records; refused before anything is deleted while a holder is down.  A
+        running flow's copies are left to it (they go when its script closes it)."""
+        name = validate_name(name)
+        if not validate_flag(all_parts, "all_parts"):
+            return DatasetRecord.from_wire(self._call("delete", name, validate_part(part)))
+        if part is not None:
+            raise InvalidData("give part or all_parts=True, not both")
+        return self._delete_everywhere(name)
+
+    def _delete_everywhere(self, name: str) -> list[DatasetRecord]:
+        # a running flow's copies are left to it: they go when its script closes it
+        def held() -> list[DatasetRecord]:
+            return [r for r in self.catalog(include_dead=True)
+                    if r.name == name and not _flow_copy(r)]
+        recs = held()
+        if not recs:
+            raise DatasetNotFound(f"{name} is held by no node (a running flow's copies of "
+                                  "it go when that flow is closed)")
+        nparts = max((r.nparts or 0 for r in recs), default=0)
+        if len({r.part for r in recs if r.part is not None}) < nparts:
+            # parts just put elsewhere may not have reached our node's catalog yet
+            self.wait_for(name, self.timeout_s)
+            recs = held()
+        members = {n["name"]: n for n in self.nodes()}
+        down = sorted({r.owner for r in recs if not members.get(r.owner, {}).get("alive")})
+        if down:
+            raise PeerUnavailable(f"{name} has parts on {', '.join(down)}, which "
+                                  f"{'is' if len(down) == 1 else 'are'} not alive now: nothing "
+                                  "deleted; retry once back (or rm --part K on each live holder)")
+        out: list[DatasetRecord] = []
+        for rec in recs:  # one RPC to each holder: it deletes its own copy, by the usual rules
+            try:
+                out.append(DatasetRecord.from_wire(self._call_on(
+                    rec.owner, members[rec.owner]["rpc"], "delete", name, rec.part)))
+            except HpcflowError as exc:
+                if not out:
+                    raise
+                done = ", ".join(f"{r.key} on {r.owner}" for r in out)
+                raise with_context(exc, f"{exc} (deleted already: {done}; rm --all-parts "
+                                   "again deletes the rest)") from exc
+        return out
+
+    def _call_on(self, node: str, endpoint: str, method: str, *args: Any) -> Any:
+        """``method`` on the member ``node`` (our own node through our connection)."""
+        if node == self.node:
+            return self._call(method, *args)
+        rpc = new_client(endpoint, self.timeout_s,
+                         context=self.ctx if self.keys is not None else None)
+        try:
+            return rpc.call(method, *args)
+        finally:
+            rpc.close()
 
     def replicate(self, name: str, part: int | None = None) -> list[DatasetRecord]:
         """Ask the connected node to keep its own copy of ``name``."""
@@ -226,16 +282,19 @@ class Client:
 
     # -- data -------------------------------------------------------------------------
     def put(self, name: str, data: Any, *, part: int | None = None, nparts: int | None = None,
-            dataset: str | None = None, overwrite: bool = False,
+            dataset: str | None = None, rows: Any = None, overwrite: bool = False,
             lineage: dict[str, Any] | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
             progress: Progress | None = None) -> DatasetRecord:
         """Store ``data`` on the connected node and announce it to the cluster.
 
-        ``data`` is a numpy array, a ``.npy`` path, or an HDF5 path with
-        ``dataset`` naming the array inside it.  ``part``/``nparts`` make it one
-        row-part of a dataset partitioned across nodes.  A file's path, HDF5 path and
-        rows are recorded in the lineage (``source``), and an H5MD element's units,
-        step and time are kept (:meth:`metadata`).
+        ``data`` is a numpy array, a ``.npy`` path, an HDF5 path with ``dataset``
+        naming the array inside it, or an open ``h5py.Dataset`` (or H5MD element
+        group).  ``rows=(lo, hi)`` (or ``slice(lo, hi)``; ``hi`` None for the end)
+        stores only rows ``[lo, hi)`` of it, reading nothing else.  ``part``/``nparts``
+        make it one row-part of a dataset partitioned across nodes.  A file's path,
+        HDF5 path and rows are recorded in the lineage (``source``), and an H5MD
+        element's units, step and time (of those rows) are kept (:meth:`metadata`).
+        ``progress(done_bytes, total_bytes)`` is called as the bytes are acknowledged.
         """
         validate_name(name)
         part = validate_part(part)
@@ -243,11 +302,11 @@ class Client:
         overwrite = validate_flag(overwrite, "overwrite")
         _check_lineage(lineage)
         _check_progress(progress)
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-            raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
-        src = open_source(data, dataset)
+        _check_chunk_bytes(chunk_bytes)
+        src = open_source(data, dataset, rows)
         try:
-            found, aux = source_metadata(data, dataset)  # a file's path, H5MD units and times
+            # a file's path and rows, H5MD units and times (of those rows)
+            found, aux = _metadata(data, dataset, _span(rows, src.shape))
             return self.bulk.upload(
                 self.node_bulk, self.node, name, src.shape, src.dtype, src.read,
                 part=part, nparts=nparts, overwrite=overwrite,
@@ -255,6 +314,90 @@ class Client:
                 chunk_bytes=chunk_bytes, progress=progress, aux=aux)
         finally:
             src.close()
+
+    def put_split(self, name: str, data: Any, *, nodes: list[str], nparts: int,
+                  dataset: str | None = None, rows: Any = None, overwrite: bool = False,
+                  lineage: dict[str, Any] | None = None,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  progress: Progress | None = None) -> list[DatasetRecord]:
+        """Spread ``data``'s rows (or ``rows=(lo, hi)`` of them) over ``nodes`` as ``nparts``
+        row-parts of ``name``: part ``k`` holds rows ``[k*R//nparts, (k+1)*R//nparts)`` of
+        the ``R`` rows and goes to ``nodes[k % len(nodes)]``, streamed from the source
+        straight to that node's bulk channel.  ``progress(done_bytes, total_bytes)``
+        counts all parts.  If a part fails, the parts already stored are deleted again
+        and the error is raised: nothing of the put remains.  Returns once the connected
+        node's catalog has every part (so the next call through it sees them all)."""
+        validate_name(name)
+        nparts_ = validate_nparts(nparts, 0)
+        if nparts_ is None:
+            raise InvalidData("nparts must be given: how many parts to split the rows into")
+        if (not isinstance(nodes, list | tuple) or not nodes
+                or not all(isinstance(n, str) for n in nodes)):
+            raise InvalidData(f"nodes must be a non-empty list of node names, got {nodes!r}")
+        if len(set(nodes)) != len(nodes):
+            raise InvalidData(f"nodes lists a node twice: {list(nodes)}")
+        overwrite = validate_flag(overwrite, "overwrite")
+        _check_lineage(lineage)
+        _check_progress(progress)
+        _check_chunk_bytes(chunk_bytes)
+        members = {n["name"]: n for n in self.nodes()}
+        for n in nodes:
+            if n not in members:
+                raise InvalidData(f"no member is named {n!r} (members: "
+                                  f"{', '.join(sorted(members))})")
+            if not members[n]["alive"]:
+                raise PeerUnavailable(f"{n} is not alive: cannot put a part there")
+        if overwrite:  # parts the new layout would not replace: refused, nothing lost
+            stale = sorted({"whole" if r.part is None else f"part {r.part}"
+                            for r in self.catalog(include_dead=True)
+                            if r.name == name and (r.part is None or r.part >= nparts_)})
+            if stale:
+                raise InvalidData(f"{name} has {', '.join(stale)} on the cluster, which "
+                                  f"{nparts_} parts would not replace: delete it first "
+                                  f"(rm {name} --all-parts)")
+        src = open_source(data, dataset, rows)
+        stored: list[DatasetRecord] = []
+        try:
+            if not src.shape:
+                raise InvalidData(f"{src.origin} is a scalar: it has no rows to split")
+            if src.shape[0] < nparts_:
+                raise InvalidData(f"{src.origin} has {src.shape[0]} rows: too few for "
+                                  f"nparts={nparts_} (every part needs a row)")
+        except BaseException:
+            src.close()
+            raise
+        total_rows = src.shape[0]
+        total = math.prod(src.shape) * src.dtype.itemsize
+        row_bytes = math.prod(src.shape[1:]) * src.dtype.itemsize
+        first = (_span(rows, src.shape) or (0, 0))[0]  # the source's rows start here
+        try:
+            for k in range(nparts_):
+                lo, hi = k * total_rows // nparts_, (k + 1) * total_rows // nparts_
+                node = nodes[k % len(nodes)]
+                sub = row_range(src, (lo, hi))
+                shown = None if progress is None else _offset(progress, lo * row_bytes, total)
+                # each part records its own rows of the file (and their H5MD step/time)
+                found, aux = _metadata(data, dataset, (first + lo, first + hi))
+                stored.append(self.bulk.upload(
+                    members[node]["bulk"], node, name, sub.shape, sub.dtype, sub.read,
+                    part=k, nparts=nparts_, overwrite=overwrite,
+                    lineage={**(lineage or {}), **found},
+                    chunk_bytes=chunk_bytes, progress=shown, aux=aux))
+        except BaseException:
+            for rec in stored:  # take back what was stored: no half-split dataset is left
+                try:
+                    self._call_on(rec.owner, members[rec.owner]["rpc"], "delete", name,
+                                  rec.part)
+                except HpcflowError as exc:
+                    log.warning("could not delete part %s of %s from %s after the split put "
+                                "failed: %s", rec.part, name, rec.owner, exc)
+            raise
+        finally:
+            src.close()
+        # the connected node's catalog hears of the other nodes' parts a moment later:
+        # return once it has them all, so the next call through it sees the whole dataset
+        self.wait_for(name, self.timeout_s)
+        return stored
 
     def fetch(self, name: str, part: int | None = None,
               progress: Progress | None = None, *, out: Any = None,
@@ -500,8 +643,44 @@ def _check_lineage(lineage: object) -> None:
 
 def _check_progress(progress: object) -> None:
     if progress is not None and not callable(progress):
-        raise InvalidData(f"progress must be a callable(done, total) or None, got "
+        raise InvalidData(f"progress must be a callable(done_bytes, total_bytes) or None, got "
                           f"{type(progress).__name__}")
+
+
+def _check_chunk_bytes(chunk_bytes: object) -> None:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise InvalidData(f"chunk_bytes must be an int, got {type(chunk_bytes).__name__}")
+
+
+def _flow_copy(rec: DatasetRecord) -> bool:
+    """A copy (or output) a flow made and does not keep: only its flow removes it."""
+    tag = rec.lineage.get("flow")
+    return isinstance(tag, dict) and not tag.get("keep")
+
+
+def _span(rows: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The row range ``rows`` (checked already) of a source that ``open_source`` cut to
+    ``shape``, as ``(lo, hi)`` of the whole source; None when no range was given."""
+    if rows is None:
+        return None
+    lo = parse_rows(rows)[0]
+    return lo, lo + (shape[0] if shape else 0)
+
+
+def _metadata(data: Any, dataset: str | None, rows: tuple[int, int] | None
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`source_metadata` of a put's source (an H5MD element group given as an open
+    h5py object: of its ``value`` dataset)."""
+    if isinstance(data, h5py.Group) and isinstance(data.get("value"), h5py.Dataset):
+        data = data["value"]
+    return source_metadata(data, dataset, rows)
+
+
+def _offset(progress: Progress, base: int, total: int) -> Progress:
+    """``progress`` of one part's bytes as bytes of the whole (the part starts at ``base``)."""
+    def shown(done: int, _part_total: int) -> None:
+        progress(base + done, total)
+    return shown
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14

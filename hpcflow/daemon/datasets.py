@@ -58,6 +58,13 @@ class Datasets:
         try:
             return node.store.delete(name, part)
         except DatasetNotFound:
+            recs = node.catalog.records_named(name, include_dead=True)
+            split = sorted({r.owner for r in recs if r.part is not None})
+            if part is None and split:
+                nparts = len({r.part for r in recs if r.part is not None})
+                raise NotOwner(f"{name} is split over {', '.join(split)} ({nparts} parts): "
+                               "use --all-parts (delete(name, all_parts=True)), or --part K "
+                               "on each holder") from None
             holders = sorted({r.owner for r in node.catalog.records_named(name)
                               if part is None or r.part == part})
             if holders:

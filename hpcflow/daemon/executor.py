@@ -198,11 +198,13 @@ class Executor:
             units = list(sp.work)
             parts = [w for w in units if w.mode == "part"]
             self._units[step.out] = len(parts) or 1
+            total = max((w.rows[0][1] for w in parts), default=0)  # the blocks cover the rows
             for k_part, w in enumerate(parts):
                 tasks[w.node].append(RunTask.of(k, 1, {
                     **base, "lineage": out_lineage, "mode": "part", "out": step.out,
                     "part": k_part, "nparts": len(parts), "expect": _expect(w, sp),
-                    "inputs": [{"name": n, "rows": None if n in sp.broadcast else list(w.rows[0])}
+                    "inputs": [{"name": n} if n in sp.broadcast else
+                               {"name": n, "rows": list(w.rows[0]), "total": total}
                                for n in step.inputs]}, uses_made))
             for w in units:
                 if w.mode == "whole":

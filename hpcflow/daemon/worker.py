@@ -586,6 +586,13 @@ class Worker:
                 first = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
                 return run_partial(spec, first, params)
             return self._off_loop(spec, nbytes, partial, (arrays, req.params), timing)
+        if req.mode == "part" and spec.rows is not None:  # frames: where the block lies
+            ref = req.inputs[0]
+            if ref.rows is None or ref.total is None:
+                raise OpError(f"op {req.op!r} selects rows: its row block needs its place "
+                              "in the input (rows and total)")
+            span = (ref.rows[0], ref.rows[1], ref.total)
+            return self._off_loop(spec, nbytes, fn, (spec, arrays, req.params, span), timing)
         return self._off_loop(spec, nbytes, fn, (spec, arrays, req.params), timing)
 
     def _check(self, req: RunRequest, out: np.ndarray[Any, Any]) -> None:

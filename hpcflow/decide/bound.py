@@ -482,8 +482,9 @@ _INF = float("inf")
 
 
 def _row_preserving(info: StepInfo) -> bool:
+    """Output row i is made from input row i (not so for a row-selecting op)."""
     dims = info.model.dims
-    return bool(dims) and tuple(dims[0]) == (1, 0)
+    return bool(dims) and tuple(dims[0]) == (1, 0) and info.model.keep is None
 
 
 def _row_bytes(info: StepInfo) -> int:

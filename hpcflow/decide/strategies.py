@@ -196,17 +196,13 @@ class _Run:
                     for name, aligned in zip(step.inputs, info.aligned, strict=True)
                 )
                 units[node] += 1
-            rows = info.model.out_rows(part.rows)
-            parts.append(PartGeom(lo_out, lo_out + rows, info.model.nbytes(part.rows), (node,)))
-            self.work.append(
-                Work(
-                    node,
-                    "part",
-                    ((part.lo, part.hi),),
-                    (lo_out, lo_out + rows),
-                    info.model.shape(part.rows),
-                )
-            )
+            # a row-selecting op (frames) keeps the rows of its selection in this part
+            shape = info.model.part_shape(part.lo, part.hi, first.obj.rows)
+            rows = shape[0] if shape else 1
+            nbytes = info.model.part_nbytes(part.lo, part.hi, first.obj.rows)
+            parts.append(PartGeom(lo_out, lo_out + rows, nbytes, (node,)))
+            self.work.append(Work(node, "part", ((part.lo, part.hi),), (lo_out, lo_out + rows),
+                                  shape))
             nodes.append(node)
             lo_out += rows
         # one call per node (its units start in parallel), each unit's fixed overhead

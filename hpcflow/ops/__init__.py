@@ -4,6 +4,7 @@ Importing this package registers the built-in ops in :data:`DEFAULT_REGISTRY`.
 """
 
 from hpcflow.ops import builtin as _builtin  # noqa: F401 - registers the built-ins
+from hpcflow.ops.builtin import histogram_counts_edges
 from hpcflow.ops.errors import (
     ArityError,
     InputError,
@@ -47,6 +48,7 @@ __all__ = [
     "check_params",
     "combine_partials",
     "get_op",
+    "histogram_counts_edges",
     "infer_output",
     "list_ops",
     "load_op_module",

@@ -226,12 +226,37 @@ def select(x: Array, *, index: Any) -> Array:
     return x[:, idx]
 
 
+def _frame_slice(params: Params, total: int) -> slice:
+    """``slice(start, stop, step)`` of ``frames``' params, checked (numpy's meaning:
+    negative ``start``/``stop`` count from the end, None is the end)."""
+    start, stop, step = params.get("start", 0), params.get("stop"), params.get("step", 1)
+    for what, v in (("start", start), ("stop", stop)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (Integral, np.integer))):
+            raise ParamError(f"frames: {what} must be an integer or None, got {v!r}")
+    if isinstance(step, bool) or not isinstance(step, (Integral, np.integer)) or step < 1:
+        raise ParamError(f"frames: step must be an integer >= 1, got {step!r}")
+    return slice(None if start is None else int(start), None if stop is None else int(stop),
+                 int(step))
+
+
+@op("frames", kind="rowwise", rows=_frame_slice)
+def frames(x: Array, *, start: int | None = 0, stop: int | None = None,
+           step: int = 1) -> Array:
+    """``x[start:stop:step]``: a range of frames (rows), every ``step``-th.
+
+    Split over row parts, each part keeps the rows of the global selection that
+    fall in it (the executors tell it where the part lies), so the stride runs on
+    across part boundaries and the parts of the output are exactly the rows numpy
+    selects; the planner counts every part's output rows from the same selection.
+    ``x`` here is already those rows.
+    """
+    return x
+
+
 def _histogram_splittable(params: Params) -> bool:
-    """Exact per-part counting needs data-independent bin edges."""
-    bins = params.get("bins", 10)
-    if isinstance(bins, (Integral, np.integer)):
-        return params.get("range") is not None
-    return not isinstance(bins, str)
+    """Exact per-part counting needs data-independent bin edges: equal bins over a given
+    range, or explicit edges (not one of numpy's rules)."""
+    return not isinstance(params.get("bins", 10), str)
 
 
 #: Most bins a histogram may count.  numpy takes about 24 bytes a bin (edges, counts and
@@ -283,20 +308,25 @@ def _rule_bins(x: Array, rule: str, range: Any) -> int | None:
     return math.ceil((hi - lo) / width) if width > 0 and math.isfinite(width) else 1
 
 
-@op("histogram", kind="reduce", splittable=_histogram_splittable)
-def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
-    """``np.histogram(x, bins, range)[0]``: counts over all values.
-
-    With an integer ``bins`` and no ``range`` the edges depend on the global
-    min/max, so the op is not split (the planner runs it on one node); give
-    ``range`` or explicit edges to let holders count independently.  At most
-    ``MAX_BINS`` bins, checked before numpy allocates them (for a rule such as
-    ``'fd'`` from the data's own spread): ``ParamError`` past it.
-    """
+def _histogram_partial(x: Array, *, bins: Any = 10, range: Any = None
+                       ) -> tuple[Array, Array, Array]:
+    """A holder's counts, with what the combine needs to make the edges: the outer
+    edges ``(lo, hi)`` for equal bins (numpy's ``linspace``, in the dtype numpy would
+    use, carried as an empty array of that dtype) or the edges themselves."""
     if isinstance(bins, (Integral, np.integer)) and bins < 1:
         raise ParamError(f"histogram: bins must be >= 1, got {bins}")
-    if range is not None and (len(range) != 2 or not range[0] < range[1]):
-        raise ParamError(f"histogram: range must be (lo, hi) with lo < hi, got {range!r}")
+    if isinstance(bins, (Integral, np.integer)) and range is None:
+        raise ParamError(
+            "histogram: give range=(lo, hi) with an integer bins: without it the edges "
+            "depend on every value of the input, so one node would have to gather all of "
+            "it (the min and max ops give the range in one split pass; or pass the edges "
+            "as bins=[...])")
+    if range is not None and not (
+            isinstance(range, (list, tuple)) and len(range) == 2
+            and all(isinstance(v, (Real, np.number)) and not isinstance(v, bool)
+                    and math.isfinite(v) for v in range) and range[0] < range[1]):
+        raise ParamError(f"histogram: range must be (lo, hi), finite numbers with lo < hi, "
+                         f"got {range!r}")
     if np.iscomplexobj(x):
         raise InputError("histogram: complex input is not supported")
     if isinstance(bins, (Integral, np.integer)):
@@ -312,7 +342,53 @@ def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> Array:
         rule = f" from the rule {bins!r}" if isinstance(bins, str) else ""
         raise ParamError(f"histogram: {count} bins{rule} are more than the {MAX_BINS} a "
                          "histogram may have: give fewer bins (or a narrower range)")
-    return np.histogram(x, bins=bins, range=range)[0]
+    outer = None if range is None else (range[0], range[1])
+    counts, edges = np.histogram(x, bins=bins, range=outer)
+    marker = np.empty(0, edges.dtype)
+    if isinstance(bins, (Integral, np.integer)):  # equal bins: the outer edges suffice
+        return counts.astype(np.int64), np.array(range, dtype=np.float64), marker
+    return counts.astype(np.int64), edges.astype(np.float64), marker
+
+
+def _histogram_table(parts: Sequence[Partial]) -> Array:
+    """Counts summed over the holders' partials, beside the bin edges."""
+    tables = [p for p in parts if isinstance(p, tuple) and len(p) == 3]
+    if len(tables) != len(parts) or not tables:
+        raise InputError("histogram: partials must be (counts, edges, edge dtype)")
+    counts, outer, marker = tables[0]
+    if any(not np.array_equal(t[1], outer) or len(t[0]) != len(counts) for t in tables[1:]):
+        raise InputError("histogram: the holders' partials have different bins")
+    total = np.sum([t[0] for t in tables], axis=0, dtype=np.int64)
+    if len(outer) == len(counts) + 1:
+        edges = np.asarray(outer, dtype=np.float64)
+    else:  # what np.histogram computes for equal bins over (lo, hi)
+        edges = np.linspace(float(outer[0]), float(outer[1]), len(counts) + 1, endpoint=True,
+                            dtype=marker.dtype).astype(np.float64)
+    return np.column_stack([edges[:-1], edges[1:], total.astype(np.float64)])
+
+
+@op("histogram", kind="reduce", combine=_histogram_table, splittable=_histogram_splittable)
+def histogram(x: Array, *, bins: Any = 10, range: Any = None) -> tuple[Array, Array, Array]:
+    """``np.histogram(x, bins, range)`` over all values, as one float64 table of
+    ``bins`` rows: left edge, right edge, count (``counts, edges =
+    hpcflow.ops.histogram_counts_edges(table)`` gives numpy's pair back).
+
+    An integer ``bins`` needs ``range``: the edges must not depend on the data, so
+    each holder counts its own values and only counts move (``ParamError``
+    otherwise, saying so). Explicit edges (``bins=[...]``) split too; numpy's rules
+    (``'fd'``, ``'auto'``, ...) need every value and run on one node.  At most
+    ``MAX_BINS`` bins, checked before numpy allocates them (for a rule from the
+    data's own spread): ``ParamError`` past it.
+    """
+    return _histogram_partial(x, bins=bins, range=range)
+
+
+def histogram_counts_edges(table: Any) -> tuple[Array, Array]:
+    """``(counts, edges)`` as ``np.histogram`` returns them, from ``histogram``'s table."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim != 2 or t.shape[1] != 3 or not len(t):
+        raise InputError(f"not a histogram table (bins x [left, right, count]): shape {t.shape}")
+    return t[:, 2].astype(np.int64), np.append(t[:, 0], t[-1, 1])
 
 
 def _flat_rows(x: Array) -> Array:

@@ -15,7 +15,7 @@ import numpy as np
 
 from hpcflow.errors import HpcflowError
 from hpcflow.ops.errors import ArityError, InputError, OpError, ParamError
-from hpcflow.ops.spec import Array, OpSpec, Params, Partial, Shape
+from hpcflow.ops.spec import Array, OpSpec, Params, Partial, Shape, kept_rows, rows_within
 
 _NUMERIC_KINDS = "biufc"
 
@@ -30,12 +30,44 @@ def apply(spec: OpSpec, inputs: Sequence[Array], params: Params) -> Array:
     return run_global(spec, inputs, params)
 
 
-def run_rowwise_part(spec: OpSpec, parts_of_inputs: Sequence[Array], params: Params) -> Array:
+def run_rowwise_part(spec: OpSpec, parts_of_inputs: Sequence[Array], params: Params,
+                     span: tuple[int, int, int] | None = None) -> Array:
     """Run a rowwise op on one row block of each row input (the blocks cover the same
-    rows) and the whole of each broadcast operand (see :func:`row_roles`)."""
+    rows) and the whole of each broadcast operand (see :func:`row_roles`).
+
+    ``span = (lo, hi, total)`` places the block at rows ``[lo, hi)`` of an input of
+    ``total`` rows (None: the block is the whole input); a row-selecting op
+    (``spec.rows``) needs it to keep the right rows of the block."""
     _require_kind(spec, "rowwise")
     _check_call(spec, parts_of_inputs, params)
-    return _output(spec, _call(spec, spec.fn, *parts_of_inputs, **params))
+    inputs = list(parts_of_inputs)
+    if spec.rows is not None:
+        inputs[0] = select_rows(spec, inputs[0], params, span)
+    return _output(spec, _call(spec, spec.fn, *inputs, **params))
+
+
+def select_rows(spec: OpSpec, x: Array, params: Params,
+                span: tuple[int, int, int] | None) -> Array:
+    """The rows of the block ``x`` (rows ``span[0]:span[1]`` of ``span[2]``) that the
+    row-selecting op ``spec`` keeps, by their global row numbers."""
+    lo, hi, total = (0, len(x), len(x)) if span is None else span
+    if hi - lo != len(x) or not 0 <= lo <= hi <= total:
+        raise InputError(f"op {spec.name!r}: a block of {len(x)} rows cannot be rows "
+                         f"{lo}:{hi} of {total}")
+    kept = kept_rows(spec, params, total)
+    assert kept is not None
+    mine = rows_within(kept, lo, hi)
+    if not mine:
+        return x[:0]
+    return x[mine.start - lo:mine[-1] - lo + 1:mine.step]
+
+
+def run_selected(spec: OpSpec, inputs: Sequence[Array], params: Params) -> Array:
+    """A rowwise op's function on rows it keeps already (output-model inference of a
+    row-selecting op models the function and the selection apart)."""
+    _require_kind(spec, "rowwise")
+    _check_call(spec, inputs, params)
+    return _output(spec, _call(spec, spec.fn, *inputs, **params))
 
 
 def run_rowwise_into(spec: OpSpec, parts_of_inputs: Sequence[Array], params: Params,

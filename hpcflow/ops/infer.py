@@ -23,6 +23,11 @@ this on the real output); a rowwise op's row inputs share a row count.  Ops
 breaking them must declare ``out_shape``/``out_dtype`` (and a filter must be
 ``global``).
 
+A row-selecting op (``OpSpec.rows``, e.g. ``frames``) is modelled in two
+pieces: its function is fitted on samples of rows it keeps, and the rows it
+keeps of an input (or of one part of it, at its global offset) come from its
+own selection, exactly: ``ceil(rows / step)`` is not affine.
+
 A planning run asks for the same model many times (sub-problems, baselines):
 :class:`ModelCache` runs the op code once per op, parameters and input
 shapes.
@@ -31,7 +36,7 @@ shapes.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +52,18 @@ from hpcflow.ops.exec import (
     combine_partials,
     row_roles,
     run_partial,
+    run_selected,
 )
-from hpcflow.ops.spec import Array, OpSpec, Params, Partial, Shape, constant_bytes
+from hpcflow.ops.spec import (
+    Array,
+    OpSpec,
+    Params,
+    Partial,
+    Shape,
+    constant_bytes,
+    kept_rows,
+    rows_within,
+)
 
 _FIT_ROWS = (2, 3)
 _CHECK_ROWS = 5
@@ -67,7 +82,9 @@ class OutputModel:
     when every row input has the same count; ``terms[d]``, when known (a
     global op over several inputs), splits ``slope`` into one coefficient
     per input, so that inputs of different row counts are modelled too.
-    Without ``terms`` a sequence is read at input ``basis``'s count.
+    Without ``terms`` a sequence is read at input ``basis``'s count.  ``keep``, for a
+    row-selecting op, maps an input's row count to the rows it keeps; ``dims`` then
+    model the function over the kept rows (see :meth:`part_shape`).
     """
 
     dims: tuple[_Affine, ...]
@@ -75,6 +92,7 @@ class OutputModel:
     partial: _Affine | None
     terms: tuple[tuple[int, ...], ...] | None = None
     basis: int = 0
+    keep: Callable[[int], range] | None = field(default=None, compare=False, hash=False)
     # rows -> (shape, nbytes): the planner asks about the same row counts over and over
     _sizes: dict[int | tuple[int, ...], tuple[Shape, int]] = field(
         default_factory=dict, init=False, repr=False, compare=False, hash=False
@@ -95,7 +113,22 @@ class OutputModel:
                 for coefs, (_, icpt) in zip(self.terms, self.dims, strict=True)
             )
         count = rows[self.basis] if isinstance(rows, tuple) else rows
+        if self.keep is not None:
+            count = len(self.keep(count))
+        return self._of(count)
+
+    def _of(self, count: int) -> Shape:
         return tuple(max(0, slope * count + icpt) for slope, icpt in self.dims)
+
+    def part_shape(self, lo: int, hi: int, total: int) -> Shape:
+        """Output shape of a rowwise op run on input rows ``[lo, hi)`` of ``total`` (a
+        row-selecting op keeps only the rows of its selection that lie there)."""
+        if self.keep is None:
+            return self.shape(hi - lo)
+        return self._of(len(rows_within(self.keep(total), lo, hi)))
+
+    def part_nbytes(self, lo: int, hi: int, total: int) -> int:
+        return math.prod(self.part_shape(lo, hi, total)) * self.dtype.itemsize
 
     def shape(self, rows: Rows) -> Shape:
         return self._size(rows)[0]
@@ -144,6 +177,7 @@ def output_model(
         for rows in (*_FIT_ROWS, _CHECK_ROWS)
     }
     split = spec.kind == "reduce" and spec.can_split(params)
+    kept_rows(spec, params, _CHECK_ROWS)  # a bad row selection: ParamError here
     shapes: dict[int, list[int]] = {}
     sizes: dict[int, list[int]] = {}
     dtype = spec.out_dtype
@@ -168,7 +202,19 @@ def output_model(
     assert dtype is not None
     basis = next((i for i, full in enumerate(whole) if full is None), 0)
     return OutputModel(dims=tuple(dims), dtype=np.dtype(dtype), partial=partial_fit,
-                       terms=terms, basis=basis)
+                       terms=terms, basis=basis, keep=_keeper(spec, params))
+
+
+def _keeper(spec: OpSpec, params: Params) -> Callable[[int], range] | None:
+    if spec.rows is None:
+        return None
+    frozen = dict(params)
+
+    def keep(total: int) -> range:
+        kept = kept_rows(spec, frozen, total)
+        assert kept is not None
+        return kept
+    return keep
 
 
 def infer_output(
@@ -260,7 +306,8 @@ def _probe(
         return declared or out.shape, out.dtype, size
     if declared is not None and not want_dtype:
         return declared, None, None
-    out = apply(spec, inputs, params)
+    out = run_selected(spec, inputs, params) if spec.rows is not None else apply(
+        spec, inputs, params)
     return declared or out.shape, out.dtype, None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hpcflow.ops.errors import OpError, RegistrationError, UnknownOpError
-from hpcflow.ops.spec import CombineFn, IntoFn, Kind, OpSpec, ShapeFn, SplitPredicate
+from hpcflow.ops.spec import CombineFn, IntoFn, Kind, OpSpec, RowSelect, ShapeFn, SplitPredicate
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,12 +83,15 @@ class OpRegistry:
         out_dtype: npt.DTypeLike | None = None,
         splittable: SplitPredicate | None = None,
         into: IntoFn | None = None,
+        rows: RowSelect | None = None,
         replace: bool = False,
     ) -> Callable[[F], F]:
         """Decorator registering a function as op ``name``.
 
         Without ``arity`` the inputs are the leading positional parameters that
         have no default; everything else is a parameter.
+        ``rows`` (rowwise ops of one input): ``(params, total_rows) -> slice`` of the
+        input rows the op keeps (see :mod:`hpcflow.ops.spec`).
         """
 
         def decorate(fn: F) -> F:
@@ -102,6 +105,7 @@ class OpRegistry:
                 out_dtype=None if out_dtype is None else np.dtype(out_dtype),
                 splittable=splittable,
                 into=into,
+                rows=rows,
             )
             self.register(spec, replace=replace)
             return fn

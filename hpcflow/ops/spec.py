@@ -11,6 +11,13 @@ An op's *kind* decides where it may run (see ``docs/cost-model.md``):
 ``global``
     needs all input rows on one node.
 
+A rowwise op of one input may declare ``rows``: which rows of the whole input
+it keeps, as a ``slice`` of the input's row count (``frames``: every k-th frame
+of a range).  The executors cut each part to the kept rows that fall in it,
+knowing the part's global row offset, so a stride stays consistent across part
+boundaries; ``fn`` then runs row-locally on those rows.  The planner predicts
+every part's output rows from the same function (:func:`kept_rows`).
+
 ``definition_hash`` lets nodes advertise ``name -> hash`` so that the planner
 never ships a step to a node whose code for the op differs from the initiator's.
 """
@@ -28,7 +35,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from hpcflow.ops.errors import RegistrationError
+from hpcflow.ops.errors import ParamError, RegistrationError
 
 Kind = Literal["rowwise", "reduce", "global"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
@@ -47,6 +54,8 @@ ShapeFn = Callable[[Sequence[Shape], Params], Shape]
 SplitPredicate = Callable[[Params], bool]
 #: Writes a rowwise op's output for its inputs into ``out`` (see :attr:`OpSpec.into`).
 IntoFn = Callable[..., None]
+#: A row-selecting rowwise op's kept rows: ``(params, total_rows) -> slice`` (step >= 1).
+RowSelect = Callable[[Params, int], slice]
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class OpSpec:
     #: ``into(*inputs, out=block, **params)`` fills ``block`` with what ``fn`` would
     #: return, so a node computing row block by block writes straight into the result.
     into: IntoFn | None = None
+    rows: RowSelect | None = None
     definition_hash: str = field(init=False, compare=False)
     #: The op function's signature, taken once: checking a call's parameters against it
     #: is done for every unit of work, and ``inspect.signature`` costs tens of µs.
@@ -83,6 +93,10 @@ class OpSpec:
             raise RegistrationError(f"op {self.name!r}: only rowwise ops take an into function")
         if self.combine is not None and self.kind != "reduce":
             raise RegistrationError(f"op {self.name!r}: only reduce ops take a combine function")
+        if self.rows is not None and (self.kind != "rowwise" or self.arity != 1
+                                      or self.into is not None):
+            raise RegistrationError(f"op {self.name!r}: only rowwise ops of one input, "
+                                    "without into=, select rows (rows=)")
         if self.out_dtype is not None:
             object.__setattr__(self, "out_dtype", np.dtype(self.out_dtype))
         object.__setattr__(self, "definition_hash", definition_hash(self))
@@ -125,7 +139,37 @@ def definition_hash(spec: OpSpec) -> str:
             digest.update(_fingerprint(fn, set()))
     if spec.into is not None:  # only then: ops without one keep the hashes they had
         digest.update(b";into=" + _fingerprint(spec.into, set()))
+    if spec.rows is not None:  # only then: the other ops keep the hashes they had
+        digest.update(b";rows=" + _fingerprint(spec.rows, set()))
     return digest.hexdigest()
+
+
+def kept_rows(spec: OpSpec, params: Params, total: int) -> range | None:
+    """The rows of an input of ``total`` rows that ``spec`` keeps (None: all, not a
+    row-selecting op).  A bad selection is a ParamError."""
+    if spec.rows is None:
+        return None
+    try:
+        sl = spec.rows(params, int(total))
+    except ParamError:
+        raise
+    except Exception as exc:
+        raise ParamError(f"op {spec.name!r}: cannot select rows with {dict(params)!r}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(sl, slice) or (sl.step is not None and (
+            not isinstance(sl.step, int) or sl.step < 1)):
+        raise ParamError(f"op {spec.name!r}: its rows function must give a slice with a "
+                         f"step >= 1, got {sl!r}")
+    return range(*sl.indices(int(total)))
+
+
+def rows_within(kept: range, lo: int, hi: int) -> range:
+    """The rows of ``kept`` (step >= 1) that fall in ``[lo, hi)``, as global indices."""
+    step = kept.step
+    first = max(0, -(-(lo - kept.start) // step))
+    last = max(0, -(-(hi - kept.start) // step))
+    n = len(kept)
+    return kept[min(first, n):min(last, n)]
 
 
 def _fingerprint(fn: Callable[..., Any], seen: set[int]) -> bytes:

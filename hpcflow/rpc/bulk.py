@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -741,8 +742,10 @@ class BulkClient:
         aux: dict[str, np.ndarray[Any, Any]] | None = None,
     ) -> DatasetRecord:
         """Push a dataset chunk by chunk; ``read(slab)`` returns the array for one chunk.
+        ``progress(done_bytes, total_bytes)`` is called as chunks are acknowledged.
         ``aux``: per-row arrays kept beside the data (sent with the ``PUT``)."""
         ch = Chunking(tuple(shape), dtype.itemsize, chunk_bytes)
+        total, done = math.prod(shape) * dtype.itemsize, 0
         n, window, r = len(ch), max(1, self.settings.window), random.getrandbits(62)
         s = self._socket(endpoint)
         what = f"upload of {key_of(name, part)}"
@@ -791,8 +794,9 @@ class BulkClient:
                     continue
                 del inflight[i]
                 acked += 1
+                done += ch.byte_range(i)[1]
                 if progress is not None:
-                    progress(acked, n)
+                    progress(done, total)
                 gevent.sleep(0)
             checksum = dataset_checksum(tuple(shape), dtype.str, chunk_bytes, digests)
             s.send_multipart([b"END", pack({"r": r, "u": u, "checksum": checksum})])

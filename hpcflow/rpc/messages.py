@@ -101,10 +101,13 @@ class FlowSecret:
 
 @dataclass(frozen=True)
 class InputRef:
-    """Rows ``[lo, hi)`` of a dataset (``rows=None``: all of it)."""
+    """Rows ``[lo, hi)`` of a dataset (``rows=None``: all of it) that has ``total`` rows
+    in all (sent with a rowwise op's row blocks: a row-selecting op needs the block's
+    place in the whole)."""
 
     name: str
     rows: tuple[int, int] | None = None
+    total: int | None = None
 
     @classmethod
     def from_wire(cls, d: object) -> InputRef:
@@ -116,7 +119,12 @@ class InputRef:
                     or not all(isinstance(x, int) and x >= 0 for x in rows) or rows[0] > rows[1]):
                 raise InvalidData(f"rows must be [lo, hi] with 0 <= lo <= hi, got {rows!r}")
             rows = (int(rows[0]), int(rows[1]))
-        return cls(validate_name(d.get("name")), rows)
+        total = d.get("total")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int)
+                                  or rows is None or total < rows[1]):
+            raise InvalidData(f"total must be the row count of the whole input (at least "
+                              f"the block's end), got {total!r}")
+        return cls(validate_name(d.get("name")), rows, total)
 
 
 @dataclass(frozen=True)
