@@ -399,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--advertise", help="host name/IP peers should use to reach this node")
     n.add_argument("--peer", action="append", default=[], help="RPC endpoint of a peer to "
                    "join through (repeatable; one is enough)")
-    n.add_argument("--catalog", choices=["replicated", "dht"])
+    n.add_argument("--catalog", choices=["replicated", "dht"], help="replicated (default): "
+                   "every node holds the whole catalog; dht: pointers in a Kademlia DHT on "
+                   "UDP, port = the --listen port (README, Architecture)")
     n.add_argument("--heartbeat", type=float, help="heartbeat interval in s (default 1)")
     n.add_argument("--ttl", type=float, help="silence after which a peer is dead (default 3.5)")
     n.add_argument("--ops", action="append", default=[], help="module with user operations")
