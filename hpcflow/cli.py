@@ -354,7 +354,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
     for sc in scenarios:
         try:
             sc, results = replay(sc, approaches, netns=a.netns, threshold=a.threshold,
-                                 progress=say or (lambda m: None))
+                                 progress=say or (lambda m: None), catalog=a.catalog)
         except HpcflowError as exc:  # e.g. no namespaces here: the other scenarios still run
             print(f"hpcflow: error: {sc.file}: {exc}", file=sys.stderr)
             failed = True
@@ -525,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="centralised: active operations per node before it is passed over "
                     "(>= 1, default 3)")
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.add_argument("--catalog", default="replicated", choices=["replicated", "dht"],
+                    help="the daemons' catalog mode (default replicated)")
     rp.set_defaults(fn=cmd_replay)
 
     d = sub.add_parser("demo", help="start a small local cluster, move data, tear it down")

@@ -21,9 +21,12 @@ empty; storing nodes drop entries not stored again for 30 min, so a holder
 that is gone for good disappears by itself, tombstones too.  kademlia's own
 hourly republishing by every replica is switched off (storage.py).
 
-Reads are **cached** per name for ``cache_ttl_s`` (default 1 s): our own
-announce/retract of a name invalidates it at once, other nodes' changes are
-seen within the TTL (``wait_for`` polls past the cache).  Our own records
+Reads are **cached** per name for ``cache_ttl_s`` (default 1 s) when another
+node holds something of it ("nobody else" is never cached: a put elsewhere is
+seen by the next lookup): our own announce/retract of a name invalidates it at
+once, other nodes' changes and deletes are seen within the TTL (``wait_for``
+polls past the cache), a dead holder at once (liveness is applied on every
+read, after the cache).  Our own records
 are always answered from our own table, never from the DHT.
 
 **Membership and liveness** come from the replicated mode's machinery: this
@@ -60,7 +63,7 @@ import msgpack
 
 from ...errors import DatasetNotFound, HpcflowError, ProtocolError
 from ...logutil import Throttled
-from ..base import Catalog, Location, NodeView
+from ..base import Catalog, Location, NodeView, locate
 from ..membership import PeerInfo
 from ..record import DatasetRecord, RecordTable
 from ..replicated import ReplicatedCatalog
@@ -350,7 +353,8 @@ class DhtCatalog(Catalog):
         self._inflight[name] = ar
         try:
             found = self._fetch(name)
-            self._cache[name] = (time.monotonic(), *found)
+            if found[0] or found[1]:  # "nobody else" is not cached: a put may come any time
+                self._cache[name] = (time.monotonic(), *found)
             ar.set(found)
             return found
         except BaseException as exc:
@@ -423,6 +427,19 @@ class DhtCatalog(Catalog):
             out += [r for r in self.records_named(s) if r.owner != self.self_name
                     and r.lineage.get("slice_of") == name]
         return out
+
+    def locate(self, name: str) -> Location:
+        """As :meth:`Catalog.locate`, naming dead holders from this name's pointers (not
+        from a full listing, which costs a lookup per member here)."""
+        try:
+            return locate(name, self.records_named(name),
+                          self.records_named(name, include_dead=True))
+        except DatasetNotFound:
+            dead = sorted({r.owner for r in self.records_named(name, include_dead=True)})
+            if dead:
+                raise DatasetNotFound(f"{name} is only on {', '.join(dead)}, which "
+                                      f"{'is' if len(dead) == 1 else 'are'} not alive") from None
+            raise
 
     def wait_for(self, name: str, timeout: float) -> Location:
         """Poll the DHT (past the cache) until all parts of ``name`` are on live nodes."""
