@@ -184,8 +184,7 @@ class Node:
                            call_timeout_s=self.config.rpc_timeout_s)
         return DhtCatalog(membership, facade, secret=storage.secret,
                           republish_s=self.config.dht_republish_s,
-                          cache_ttl_s=min(1.0, self.config.ttl_s),
-                          bootstrap_peers=lambda: list(self.config.peer_endpoints))
+                          cache_ttl_s=min(1.0, self.config.ttl_s))
 
     def _make_replicated(self) -> ReplicatedCatalog:
         return ReplicatedCatalog(

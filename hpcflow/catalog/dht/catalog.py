@@ -16,9 +16,12 @@ says "nothing"): the index entry without the part, and the part's pointer.
 Writes go through one publisher greenlet (``announce``/``retract`` only mark a
 name dirty and return); each writer **republishes** everything it wrote every
 ``republish_s`` (default 5 min), after a restart (the store announces every
-record it holds) and when its DHT routing table goes from empty to not
-empty; storing nodes drop entries not stored again for 30 min, so a holder
-that is gone for good disappears by itself, tombstones too.  kademlia's own
+record it holds) and when its DHT routing table reaches more contacts than
+before (a write made while it knew few nodes then reaches the k nearest);
+a node admitting a new contact hands it the values it should hold (Kademlia's
+join rule, which kademlia 2.2.3 gets wrong, see the facade).  Storing nodes
+drop entries not stored again for 30 min, so a holder that is gone for good
+disappears by itself, tombstones too.  kademlia's own
 hourly republishing by every replica is switched off (storage.py).
 
 Reads are **cached** per name for ``cache_ttl_s`` (default 1 s) when another
@@ -37,8 +40,12 @@ membership gossip and empty snapshots, and delegates ``nodes``, ``add_peer``,
 A pointer whose holder that membership does not list as alive is not
 offered (``include_dead`` offers it: a part whose only holder died is
 reported missing, as in replicated mode).  The DHT is bootstrapped from the
-members it lists (and from ``--peer``): a node's DHT UDP port is its RPC
-port number, so a member's RPC endpoint says where its DHT node is.
+members it lists (the membership joins through ``--peer``): a node's DHT UDP
+port is its RPC port number, so a member's RPC endpoint says where its DHT
+node is.  The routing table admits only live members' DHT addresses
+(:meth:`.facade.DhtFacade.set_allowed`): a dead member is dropped from it
+when the membership says so, and a datagram from a stranger does not make
+it a contact that lookups would wait on.
 
 **Listing** (``records()``, what ``hpcflow ls`` and ``c.catalog()`` show):
 our own records, plus those in the **inventories** (``inv/HOLDER/PAGE``: the
@@ -52,13 +59,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.queue
-import gevent.socket
 import msgpack
 
 from ...errors import DatasetNotFound, HpcflowError, ProtocolError
@@ -91,6 +96,8 @@ MAX_SLICES_LISTED = 64
 MAX_POINTERS = 4096
 #: Contacts the routing table should have before we stop bootstrapping from members.
 WANT_CONTACTS = 3
+#: Republishing because the routing table grew happens at most once per this many ticks.
+REGROW_TICKS = 5
 
 
 class DhtCatalog(Catalog):
@@ -98,15 +105,13 @@ class DhtCatalog(Catalog):
 
     def __init__(self, membership: ReplicatedCatalog, facade: DhtFacade, *,
                  secret: bytes | None = None, republish_s: float = 300.0,
-                 cache_ttl_s: float = 1.0, poll_s: float = 0.25,
-                 bootstrap_peers: Callable[[], list[str]] = list) -> None:
+                 cache_ttl_s: float = 1.0, poll_s: float = 0.25) -> None:
         self.membership = membership
         self.facade = facade
         self.secret = secret
         self.republish_s = republish_s
         self.cache_ttl_s = cache_ttl_s
         self.poll_s = poll_s
-        self.bootstrap_peers = bootstrap_peers
         self.own = RecordTable()
         self.seq = 0
         #: key -> the entry we last wrote there (republished until a tombstone expires)
@@ -119,9 +124,12 @@ class DhtCatalog(Catalog):
         self._inflight: dict[str, gevent.event.AsyncResult] = {}
         self._changed = gevent.event.Event()
         self._greenlets: list[gevent.Greenlet] = []
+        self._resolved: dict[str, tuple[str, int] | None] = {}
+        self._tried: dict[str, float] = {}
+        self._tick = max(0.05, membership.heartbeat_s)
         self._log = Throttled(log)
         self.stats = {"lookups": 0, "cache_hits": 0, "written": 0, "republished": 0,
-                      "bad_values": 0, "write_errors": 0, "bootstraps": 0}
+                      "bad_values": 0, "write_errors": 0, "bootstraps": 0, "contacts": 0}
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -163,7 +171,11 @@ class DhtCatalog(Catalog):
         return self.membership.nodes()
 
     def settling(self) -> bool:
-        return self.membership.settling()
+        """The membership is settling, or our DHT node has not joined the live members
+        yet (its lookups would miss what they hold)."""
+        alive = sum(1 for v in self.nodes() if v.alive) - 1
+        return (self.membership.settling()
+                or self.stats["contacts"] < min(WANT_CONTACTS, alive))
 
     def snapshot_wire(self) -> dict[str, Any]:
         return self.membership.snapshot_wire()
@@ -265,6 +277,10 @@ class DhtCatalog(Catalog):
             if self._inventory_dirty:
                 self._inventory_dirty = False
                 entries += self._inventory_entries()
+            try:
+                self._join()
+            except HpcflowError as exc:  # stored here anyway; republished once joined
+                self._log.warning("dht: joining before a write: %s", exc)
             self._store(entries)
             for name in names:
                 if name is not None:
@@ -293,43 +309,75 @@ class DhtCatalog(Catalog):
         return len(entries)
 
     # -- membership -> DHT routing ---------------------------------------------------
+    def _join(self) -> int:
+        """Admit only live members to the routing table and bootstrap from them while it
+        is thin; the number of contacts.  Run every tick, and by the publisher before it
+        writes (a put right after start must not be stored only here)."""
+        members = [v.info.rpc for v in self.nodes()
+                   if v.alive and v.info.name != self.self_name]
+        for ep in members:
+            if ep not in self._resolved:
+                self._resolved[ep] = self.dht_address(ep)
+        allowed = {a for ep in members if (a := self._resolved[ep]) is not None}
+        self.facade.set_allowed(allowed)
+        contacts = self.facade.contacts()
+        if contacts < min(WANT_CONTACTS, len(allowed)):
+            addrs = self._bootstrap_addresses(members, self._resolved, self._tried,
+                                              self._tick)
+            if addrs:
+                self.stats["bootstraps"] += 1
+                contacts = self.facade.bootstrap(addrs)
+        self.stats["contacts"] = contacts
+        return contacts
+
     def _maintain(self) -> None:
-        """Bootstrap from members while the routing table is thin; republish on schedule
-        and when the table stops being empty (what we wrote alone reaches the others)."""
+        """Join (:meth:`_join`) every tick; republish on schedule, and whenever the
+        routing table reaches more contacts than ever before (at most every
+        ``REGROW_TICKS`` ticks): what we wrote while we knew fewer nodes then reaches
+        the k nearest, not just the ones we knew."""
         next_republish = time.monotonic() + self.republish_s
-        tried: dict[str, float] = {}
-        had_contacts = False
-        tick = max(0.05, self.membership.heartbeat_s)
+        last_regrow = -1e9
+        most = 0
+        tick = self._tick
         while True:
             try:
-                contacts = self.facade.contacts()
-                if contacts < WANT_CONTACTS:
-                    addrs = self._bootstrap_addresses(tried, tick)
-                    if addrs:
-                        self.stats["bootstraps"] += 1
-                        contacts = self.facade.bootstrap(addrs)
-                if contacts and not had_contacts:
+                contacts = self._join()
+                now = time.monotonic()
+                if contacts > most and now - last_regrow >= REGROW_TICKS * tick:
+                    most, last_regrow = contacts, now
                     self.republish()
-                    next_republish = time.monotonic() + self.republish_s
-                had_contacts = contacts > 0
-                if time.monotonic() >= next_republish:
+                    next_republish = now + self.republish_s
+                if now >= next_republish:
                     self.republish()
-                    next_republish = time.monotonic() + self.republish_s
+                    next_republish = now + self.republish_s
             except HpcflowError as exc:
                 self._log.warning("dht: maintenance: %s", exc)
             gevent.sleep(tick)
 
-    def _bootstrap_addresses(self, tried: dict[str, float], tick: float
-                             ) -> list[tuple[str, int]]:
+    def dht_address(self, endpoint: str) -> tuple[str, int] | None:
+        """Where the DHT node of the member at RPC ``endpoint`` listens, as the (IP, port)
+        kademlia takes; a host name is resolved in the DHT's thread (gevent's resolver
+        is not used: its threadpool was seen to stall next to the DHT thread)."""
+        addr = dht_address_of(endpoint)
+        if addr is None:
+            return None
+        try:
+            return (self.facade.resolve(addr[0]), addr[1])
+        except (OSError, HpcflowError) as exc:
+            self._log.warning("dht: cannot resolve %s: %s", addr[0][:80], exc)
+            return None
+
+    @staticmethod
+    def _bootstrap_addresses(members: list[str], resolved: dict[str, tuple[str, int] | None],
+                             tried: dict[str, float], tick: float) -> list[tuple[str, int]]:
+        """The DHT addresses of up to 8 live members not tried in the last 10 ticks."""
         now = time.monotonic()
-        endpoints = [v.info.rpc for v in self.nodes()
-                     if v.alive and v.info.name != self.self_name] + self.bootstrap_peers()
         out = []
-        for ep in dict.fromkeys(endpoints):
+        for ep in members:
             if now - tried.get(ep, -1e9) < 10 * tick:
                 continue
             tried[ep] = now
-            addr = dht_address(ep)
+            addr = resolved.get(ep)
             if addr is not None:
                 out.append(addr)
             if len(out) >= 8:
@@ -518,19 +566,15 @@ def _value(entries: list[Entry]) -> bytes:
     return msgpack.packb([e.raw for e in entries], use_bin_type=True)
 
 
-def dht_address(endpoint: str) -> tuple[str, int] | None:
-    """Where the DHT node of the daemon at RPC ``endpoint`` listens: (its IP, the RPC
-    port number, over UDP); None for ipc:// or an unresolvable host."""
+def dht_address_of(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of the DHT node of the daemon at RPC ``endpoint``: its host and its
+    RPC port number (over UDP); None for ipc:// or no fixed port."""
     if not endpoint.startswith("tcp://"):
         return None
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    if not port.isdigit() or int(port) == 0:
+    if not port.isdigit() or int(port) == 0 or not host:
         return None
-    try:
-        ip = gevent.socket.gethostbyname(host.strip("[]"))
-    except OSError:
-        return None
-    return (ip, int(port))
+    return (host.strip("[]"), int(port))
 
 
 def dht_port_of(endpoint: str) -> int:

@@ -25,9 +25,13 @@ line, never out of the thread: the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import ipaddress
 import logging
+import socket
 import threading
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -37,6 +41,7 @@ import umsgpack
 from kademlia.crawling import NodeSpiderCrawl, RPCFindResponse
 from kademlia.network import Server
 from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
 from kademlia.utils import digest
 
 from ...errors import CatalogValueTooLarge, PeerUnavailable
@@ -65,6 +70,68 @@ def store_message_size(value: bytes) -> int:
     return len(umsgpack.packb(["store", [b"\0" * 20, b"\0" * 20, value]]))
 
 
+Addr = tuple[str, int]
+
+
+class _MemberProtocol(KademliaProtocol):
+    """kademlia's protocol, whose routing table admits only ``allowed`` addresses (the
+    DHT nodes of live cluster members, set from the gevent side, see
+    :meth:`DhtFacade.set_allowed`; None: anyone).  Stock kademlia adds whoever sends it
+    a request: one forged datagram from a closed port and every lookup that asks it
+    waits a whole RPC timeout, and a dead member stays until each node has timed out
+    on it itself."""
+
+    allowed: frozenset[Addr] | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.handing: set[asyncio.Future[Any]] = set()  # stores to a new contact
+
+    def admits(self, node: Node) -> bool:
+        return self.allowed is None or (node.ip, node.port) in self.allowed
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Add a new contact, first handing it the values it should hold (Kademlia 2.5:
+        the ones it is among the k nearest to, when we are the nearest we know of).
+        kademlia 2.2.3 measures those distances to ``digest(dkey)`` instead of ``dkey``,
+        so a node that joined after a value was stored mostly never got it."""
+        if not self.admits(node) or not self.router.is_new_node(node):
+            return
+        for dkey, value in self.storage:
+            keynode = Node(dkey)
+            near = self.router.find_neighbors(keynode)
+            new_is_near = (len(near) < self.router.ksize
+                           or node.distance_to(keynode) < near[-1].distance_to(keynode))
+            we_are_nearest = (not near or self.source_node.distance_to(keynode)
+                              < near[0].distance_to(keynode))
+            if new_is_near and we_are_nearest:
+                task = asyncio.ensure_future(self.call_store(node, dkey, value))
+                self.handing.add(task)
+                task.add_done_callback(self.handing.discard)
+        self.router.add_contact(node)
+
+
+def _admitted(protocol: _MemberProtocol, nodes: list[Node]) -> list[Node]:
+    return [n for n in nodes if protocol.admits(n)]
+
+
+class _NodeCrawl(NodeSpiderCrawl):
+    """kademlia's node lookup, following only admitted contacts."""
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+        toremove = []
+        for peerid, response in responses.items():
+            found = RPCFindResponse(response)
+            if not found.happened():
+                toremove.append(peerid)
+            else:
+                self.nearest.push(_admitted(self.protocol, found.get_node_list()))
+        self.nearest.remove(toremove)
+        if self.nearest.have_contacted_all():
+            return list(self.nearest)
+        return await self.find()
+
+
 class _CollectingCrawl(NodeSpiderCrawl):
     """A value lookup that asks every one of the k nodes nearest the key and returns
     every distinct value they hold (kademlia's own ``get`` stops at the first round
@@ -90,7 +157,7 @@ class _CollectingCrawl(NodeSpiderCrawl):
                 if isinstance(value, bytes) and value not in self.values:
                     self.values.append(value)
             else:
-                self.nearest.push(found.get_node_list())
+                self.nearest.push(_admitted(self.protocol, found.get_node_list()))
         self.nearest.remove(toremove)
         if self.nearest.have_contacted_all():
             return None
@@ -107,16 +174,21 @@ class DhtFacade:
         self.interface, self.requested_port = interface, port
         self.rpc_timeout_s, self.call_timeout_s = rpc_timeout_s, call_timeout_s
         self.server = Server(ksize=ksize, alpha=alpha, storage=storage)
+        self.server.protocol_class = _MemberProtocol
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)
         self._thread: threading.Thread | None = None
         self._errors = Throttled(log)
+        self._woken: collections.deque[gevent.event.Event] = collections.deque()
+        self._async: Any = None
         self.stats = {"loop_errors": 0, "sets": 0, "gets": 0, "timeouts": 0}
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         """Start the thread and bind the UDP port (``OSError`` when it is taken)."""
+        self._async = gevent.get_hub().loop.async_()
+        self._async.start(self._drain)
         self._thread = threading.Thread(target=self._run, name="hpcflow-dht", daemon=True)
         self._thread.start()
         self.port = self.call(self._listen(), self.call_timeout_s)
@@ -148,8 +220,11 @@ class DhtFacade:
 
         if self.loop.is_running() or thread.is_alive():
             self.loop.call_soon_threadsafe(shutdown)
-        # The thread ends within a loop iteration; join off the hub, bounded.
-        gevent.get_hub().threadpool.spawn(thread.join, 5.0).get()
+        # The thread ends within a loop iteration; wait for it without blocking the hub.
+        deadline = time.monotonic() + 5.0
+        while thread.is_alive() and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        self._async.close()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """A failed task in the loop (rpcudp handling a garbage datagram, a store to a
@@ -160,6 +235,19 @@ class DhtFacade:
                              f": {type(exc).__name__}: {exc}"[:300] if exc else "")
 
     # -- the bridge --------------------------------------------------------------
+    def _wake(self, done: gevent.event.Event) -> None:
+        """From the DHT thread: have the hub set ``done``.  The only gevent call made from
+        that thread is ``send()`` on one async watcher that lives as long as the facade
+        (libev's one thread-safe entry; gevent's ``run_callback_threadsafe`` starts a
+        timer from the calling thread, which lost other greenlets' timers here)."""
+        self._woken.append(done)
+        self._async.send()
+
+    def _drain(self) -> None:
+        """In the hub: set every event the DHT thread queued."""
+        while self._woken:
+            self._woken.popleft().set()
+
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
         """Run ``coro`` in the DHT thread; wait for it without blocking the gevent hub."""
         if self._thread is None:
@@ -169,28 +257,12 @@ class DhtFacade:
         return self._wait(cfut, self.call_timeout_s if timeout_s is None else timeout_s)
 
     def _wait(self, cfut: concurrent.futures.Future[T], timeout_s: float) -> T:
-        hub = gevent.get_hub()
         done = gevent.event.Event()
-        watcher = hub.loop.async_()
-        watcher.start(done.set)
-        lock = threading.Lock()
-        open_ = [True]
-
-        def wake(_f: object) -> None:  # in the DHT thread (or here, if already done)
-            with lock:
-                if open_[0]:
-                    watcher.send()
-
-        cfut.add_done_callback(wake)
-        try:
-            if not done.wait(timeout_s):
-                cfut.cancel()
-                self.stats["timeouts"] += 1
-                raise PeerUnavailable(f"the DHT did not answer within {timeout_s:g} s")
-        finally:
-            with lock:
-                open_[0] = False
-                watcher.close()
+        cfut.add_done_callback(lambda _f: self._wake(done))
+        if not done.wait(timeout_s):
+            cfut.cancel()
+            self.stats["timeouts"] += 1
+            raise PeerUnavailable(f"the DHT did not answer within {timeout_s:g} s")
         try:
             return cfut.result(timeout=0)
         except concurrent.futures.CancelledError:
@@ -237,7 +309,7 @@ class DhtFacade:
         nearest = protocol.router.find_neighbors(node)
         if not nearest:
             return False
-        spider = NodeSpiderCrawl(protocol, node, nearest, self.server.ksize, self.server.alpha)
+        spider = _NodeCrawl(protocol, node, nearest, self.server.ksize, self.server.alpha)
         nodes = await spider.find()
         results = await asyncio.gather(*(protocol.call_store(n, dkey, value) for n in nodes))
         return any(r[0] for r in results)
@@ -272,10 +344,48 @@ class DhtFacade:
         """Join through ``addrs`` ((IP, port): kademlia takes no host names); returns
         how many contacts the routing table has afterwards."""
         async def join() -> int:
-            await self.server.bootstrap(addrs)
+            server = self.server
+            found = await asyncio.gather(*(server.bootstrap_node(a) for a in addrs))
+            nodes = [n for n in found if n is not None]
+            for n in nodes:
+                server.protocol.welcome_if_new(n)
+            if nodes:  # find our neighbours (kademlia's join: a lookup of our own id)
+                await _NodeCrawl(server.protocol, server.node, nodes, server.ksize,
+                                 server.alpha).find()
             return self._contacts()
 
         return self.call(join(), timeout_s)
+
+    def set_allowed(self, addrs: Iterable[Addr] | None) -> None:
+        """Admit only these DHT addresses to the routing table (and drop the others)."""
+        allowed = None if addrs is None else frozenset(addrs)
+
+        def apply() -> None:
+            protocol = self.server.protocol
+            if protocol is None or protocol.allowed == allowed:
+                return
+            protocol.allowed = allowed
+            for bucket in protocol.router.buckets:
+                for node in bucket.get_nodes() + list(bucket.replacement_nodes.values()):
+                    if not protocol.admits(node):
+                        bucket.remove_node(node)
+
+        if self._thread is not None:
+            self.loop.call_soon_threadsafe(apply)
+
+    def resolve(self, host: str) -> str:
+        """The IPv4 address of ``host`` (an IP literal is returned as it is)."""
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
+
+        async def lookup() -> str:
+            infos = await self.loop.getaddrinfo(host, None, family=socket.AF_INET,
+                                                type=socket.SOCK_DGRAM)
+            return str(infos[0][4][0])
+
+        return self.call(lookup(), self.call_timeout_s)
 
     def contacts(self) -> int:
         """Nodes in the routing table."""
