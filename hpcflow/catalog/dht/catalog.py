@@ -356,8 +356,8 @@ class DhtCatalog(Catalog):
 
     def dht_address(self, endpoint: str) -> tuple[str, int] | None:
         """Where the DHT node of the member at RPC ``endpoint`` listens, as the (IP, port)
-        kademlia takes; a host name is resolved in the DHT's thread (gevent's resolver
-        is not used: its threadpool was seen to stall next to the DHT thread)."""
+        kademlia takes (it takes no host names); a host name is resolved by the DHT
+        thread's asyncio loop, off the hub."""
         addr = dht_address_of(endpoint)
         if addr is None:
             return None

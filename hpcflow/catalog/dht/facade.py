@@ -7,13 +7,14 @@ transport, its protocol and its storage) is touched only from that thread.
 
 A call from gevent (:meth:`DhtFacade.get_many`, :meth:`set`, ...) hands a
 coroutine to the loop with :func:`asyncio.run_coroutine_threadsafe` and
-waits *cooperatively*: the concurrent future's done-callback (run in the
-asyncio thread) fires a libev ``async`` watcher of the caller's hub, the
-one thread-safe way to wake a gevent hub, and the waiting greenlet gets on
-with the answer.  Nothing ever blocks the hub on ``future.result()``; the
-wait is bounded by :class:`gevent.Timeout` (and a timed-out coroutine is
-cancelled in its thread).  Several greenlets may wait at once, each on its own
-watcher.
+waits *cooperatively* on a :class:`gevent.event.Event`: the concurrent
+future's done-callback (run in the asyncio thread) queues that event and
+sends the facade's one libev ``async`` watcher, the thread-safe way to wake
+a gevent hub; the hub sets the queued events and the waiting greenlets get
+on with their answers.  Nothing ever blocks the hub on ``future.result()``;
+each wait is bounded by a gevent timeout (scaled by the caller: the node
+passes its ``rpc_timeout_s``), and a timed-out coroutine is cancelled in its
+thread.  Several greenlets may wait at once.
 
 Values are refused before anything is sent when their kademlia ``store``
 message would be over rpcudp's 8192-byte limit
@@ -238,8 +239,8 @@ class DhtFacade:
     def _wake(self, done: gevent.event.Event) -> None:
         """From the DHT thread: have the hub set ``done``.  The only gevent call made from
         that thread is ``send()`` on one async watcher that lives as long as the facade
-        (libev's one thread-safe entry; gevent's ``run_callback_threadsafe`` starts a
-        timer from the calling thread, which lost other greenlets' timers here)."""
+        (libev's thread-safe entry point), so no watcher is ever created, started or
+        closed while the other thread may be signalling it."""
         self._woken.append(done)
         self._async.send()
 
