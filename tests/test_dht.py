@@ -213,3 +213,36 @@ def test_status_shows_the_dht_mode(dht: Cluster) -> None:
     out = subprocess.run([sys.executable, "-m", "hpcflow", "status", "--node", dht["n1"].rpc],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "(catalog dht)" in out
+
+
+def test_with_keys_entries_need_the_cluster_mac(tmp_path: Path, keys: Path) -> None:
+    """With --keys, pointers carry an HMAC under a key derived from the node secret: the
+    cluster's own work end to end, and an unsigned or wrongly signed store is refused."""
+    c = Cluster(tmp_path, extra=[*catalog_args("dht"), "--keys", str(keys)])
+    try:
+        c.add("n1")
+        c.add("n2", via="n1")
+        with c["n2"].client(keys=str(keys)) as k:
+            wait_for(lambda: {n["name"] for n in k.nodes() if n["alive"]} == {"n1", "n2"},
+                     15, "the keyed nodes to see each other")
+            wait_for(lambda: k.stats()["catalog"]["dht"]["contacts"] >= 1, 10, "DHT joined")
+        with c["n1"].client(keys=str(keys)) as k:
+            k.put("SIGNED", np.arange(6.0))
+        port = udp_port(c["n2"])
+        forged = DatasetRecord("FORGED", None, "n1", (2,), "<f8", 16, "xxh3:00", 4096)
+        for secret in (None, b"not the cluster's key" * 2):
+            send_store(port, K.index_key("FORGED"), encode_value(
+                [make_entry(K.index_key("FORGED"), "n1", (EPOCH, 1), index_body([None]),
+                            secret)]))
+            send_store(port, K.pointer_key("FORGED", None, "n1"), encode_value(
+                [make_entry(K.pointer_key("FORGED", None, "n1"), "n1", (EPOCH, 1),
+                            pointer_body(forged), secret)]))
+        with c["n2"].client(keys=str(keys)) as k:
+            wait_for(lambda: k.stats()["catalog"]["dht"]["storage"]["refused"] >= 4, 10,
+                     "the four forged stores refused")
+            k.wait_for("SIGNED", 10)  # the cluster's own signed entries are accepted
+            assert np.array_equal(k.fetch("SIGNED"), np.arange(6.0))
+            with pytest.raises(hpcflow.DatasetNotFound, match="no live node holds"):
+                k.locate("FORGED")  # not even as a dead holder's: nothing was stored
+    finally:
+        c.stop()
