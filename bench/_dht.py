@@ -13,15 +13,21 @@ does, and times what a node's catalog does for a name it has not cached:
 All nodes share this process (and its GIL): on 2 cores at 64 nodes the figures
 include thread scheduling, so they are an upper bound for one lookup between
 separate daemons.  Run ``python3 bench/_dht.py`` for 16 and 64 nodes.
+
+:func:`daemon_idle_cost` starts real daemons in either catalog mode and
+measures each one's idle CPU and RSS (``--daemons N``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -113,13 +119,65 @@ def lookup_latency(n: int, names: int = 32, parts: int = 4, lookups: int = 200,
             f.stop()
 
 
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def daemon_idle_cost(n: int, mode: str, idle_s: float = 10.0,
+                     heartbeat_s: float = 1.0) -> dict[str, Any]:
+    """Start ``n`` real daemons in catalog ``mode`` (each joining through the previous),
+    wait until they see each other, put one dataset, then measure each daemon's CPU
+    over ``idle_s`` seconds of idleness and its RSS.  Per-daemon averages."""
+    import numpy as np
+
+    from hpcflow.client.client import connect
+    from hpcflow.harness.local import LocalCluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cl = LocalCluster(Path(tmp), extra=["--catalog", mode, "--log-level", "WARNING",
+                                            "--heartbeat", str(heartbeat_s)])
+        with cl:
+            t0 = time.monotonic()
+            for i in range(n):
+                cl.add(f"n{i}")
+            cl.wait_converged(120)
+            formed = time.monotonic() - t0
+            with connect(cl.nodes["n0"].rpc) as c:
+                c.put("IDLE", np.zeros((10, 3)))
+            with connect(cl.nodes[f"n{n - 1}"].rpc) as c:
+                c.wait_for("IDLE", 30)
+            time.sleep(2.0)  # settle after the put
+            pids = [p.proc.pid for p in cl.nodes.values() if p.proc is not None]
+            before = [_cpu_s(pid) for pid in pids]
+            time.sleep(idle_s)
+            cpu = [(_cpu_s(pid) - b) / idle_s for pid, b in zip(pids, before, strict=True)]
+            rss = [_rss_mb(pid) for pid in pids]
+        return {"mode": mode, "daemons": n, "formed_s": round(formed, 1),
+                "idle_cpu_pct_per_daemon": round(100 * statistics.mean(cpu), 2),
+                "idle_cpu_pct_all": round(100 * sum(cpu), 1),
+                "rss_mb_per_daemon": round(statistics.mean(rss), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nodes", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--nodes", type=int, nargs="*", default=[16, 64])
     ap.add_argument("--lookups", type=int, default=200)
+    ap.add_argument("--daemons", type=int, nargs="*", default=[],
+                    help="also measure idle CPU and RSS of this many real daemons per mode")
     a = ap.parse_args()
     for n in a.nodes:
         print(json.dumps(lookup_latency(n, lookups=a.lookups)), flush=True)
+    for n in a.daemons:
+        for mode in ("replicated", "dht"):
+            print(json.dumps(daemon_idle_cost(n, mode)), flush=True)
 
 
 if __name__ == "__main__":

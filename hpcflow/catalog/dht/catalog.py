@@ -66,7 +66,7 @@ import gevent.event
 import gevent.queue
 import msgpack
 
-from ...errors import DatasetNotFound, HpcflowError, ProtocolError
+from ...errors import ConfigError, DatasetNotFound, HpcflowError, ProtocolError
 from ...logutil import Throttled
 from ..base import Catalog, Location, NodeView, locate
 from ..membership import PeerInfo
@@ -124,6 +124,8 @@ class DhtCatalog(Catalog):
         self._inflight: dict[str, gevent.event.AsyncResult] = {}
         self._changed = gevent.event.Event()
         self._greenlets: list[gevent.Greenlet] = []
+        #: name -> part -> the pointer key we wrote for it (to tombstone it when dropped)
+        self._pointers_of: dict[str, dict[int | None, str]] = {}
         self._resolved: dict[str, tuple[str, int] | None] = {}
         self._tried: dict[str, float] = {}
         self._tick = max(0.05, membership.heartbeat_s)
@@ -149,7 +151,12 @@ class DhtCatalog(Catalog):
 
     def start(self) -> None:
         self.membership.start()
-        self.facade.start()
+        try:
+            self.facade.start()
+        except OSError as exc:
+            raise ConfigError(f"--catalog dht: cannot bind UDP port {self.facade.requested_port}"
+                              f" on {self.facade.interface} (the RPC port's number): {exc}"
+                              ) from exc
         self._greenlets = [gevent.spawn(self._publisher), gevent.spawn(self._maintain)]
 
     def stop(self) -> None:
@@ -225,12 +232,12 @@ class DhtCatalog(Catalog):
         parts = {r.part for r in held}
         for rec in held:
             out.append(self._entry(K.pointer_key(name, rec.part, me), pointer_body(rec)))
-        prefix = K.pointer_key(name, None, me).rsplit("/", 1)[0]
-        for key, (_, e) in list(self.written.items()):  # tombstones for parts we dropped
-            if (key.startswith(prefix) and K.kind_of(key) == K.PTR and not e.tombstone
-                    and key.rsplit("/", 1)[-1] == me and _part_of(key, name) not in parts
-                    and _part_of(key, name) != "?"):
+        wrote = self._pointers_of.setdefault(name, {})
+        for part, key in list(wrote.items()):  # tombstones for the parts we dropped
+            if part not in parts and not self.written[key][1].tombstone:
                 out.append(self._entry(key, {"deleted": True}))
+        for rec in held:
+            wrote[rec.part] = K.pointer_key(name, rec.part, me)
         slices = sorted(r.name for r in self.own.slices_of(name))[:MAX_SLICES_LISTED]
         body = index_body(sorted(parts, key=lambda p: -1 if p is None else p))
         if slices:
@@ -302,6 +309,11 @@ class DhtCatalog(Catalog):
         limit = time.monotonic() - self.facade.storage.expire_s
         for key in [k for k, (t, e) in self.written.items() if e.tombstone and t < limit]:
             del self.written[key]
+        for name, wrote in list(self._pointers_of.items()):
+            for part in [p for p, k in wrote.items() if k not in self.written]:
+                del wrote[part]
+            if not wrote:
+                del self._pointers_of[name]
         entries = [e for _, e in self.written.values()]
         for i in range(0, len(entries), 256):
             self._store(entries[i:i + 256])
@@ -534,17 +546,6 @@ class DhtCatalog(Catalog):
         if not best or best[0].tombstone or not isinstance(best[0].body, dict):
             return {}
         return best[0].body
-
-
-def _part_of(key: str, name: str) -> int | str | None:
-    """The part a pointer key of ``name`` names (None: the whole), "?" if another name's."""
-    middle = key[len(K.PREFIX) + len(K.PTR) + 1:].rsplit("/", 1)[0]
-    if middle == name:
-        return None
-    head, _, num = middle.rpartition("@")
-    if head == name and num.isdigit():
-        return int(num)
-    return "?"
 
 
 def _pointer_keys(body: dict[str, Any], holder: str) -> list[tuple[str, str]]:
