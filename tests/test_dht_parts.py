@@ -8,6 +8,7 @@ blocking the hub, across several real kademlia nodes on loopback.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import gevent
@@ -150,3 +151,40 @@ def test_garbage_datagrams_do_not_stop_the_dht(facades: list[DhtFacade]) -> None
                                                  None)]))
     assert target.get_many([key])[key]  # still answers and stores
     assert target.storage.stats["refused"] >= 20  # the forged store was dropped
+
+
+def test_an_entry_over_the_limit_is_refused_alone_and_the_rest_is_stored() -> None:
+    """A real DhtCatalog (its membership a real ReplicatedCatalog, unstarted peers): a
+    holder of 1500 scattered parts of one name has an index entry over one kademlia
+    message; it is refused and counted, every pointer and the other name's entries of
+    the same batch are stored, and nothing is left to republish for the refused one."""
+    import zmq.green as zmqg
+
+    from hpcflow.catalog.dht.catalog import DhtCatalog
+    from hpcflow.catalog.membership import PeerInfo
+    from hpcflow.catalog.replicated import ReplicatedCatalog
+
+    ctx = zmqg.Context()
+    me = PeerInfo("solo", EPOCH, "tcp://127.0.0.1:9", "", "")
+    membership = ReplicatedCatalog(me, ctx, lambda info: {}, pub_bind="tcp://127.0.0.1:0")
+    facade = DhtFacade(PointerStorage(), call_timeout_s=10 * SCALE)
+    cat = DhtCatalog(membership, facade)
+    cat.start()
+    try:
+        for p in range(0, 3000, 2):  # 1500 runs of one part each: ~10 KB of index entry
+            cat.announce(DatasetRecord("WIDE", p, "solo", (1, 3), "<f8", 24, "xxh3:00",
+                                       4096, nparts=3000))
+        cat.announce(rec("SMALL", owner="solo"))
+        deadline = time.monotonic() + 30 * SCALE
+        while cat.stats["too_large"] < 1 or K.index_key("SMALL") not in cat.written:
+            assert time.monotonic() < deadline, cat.stats
+            gevent.sleep(0.05)
+        gevent.sleep(0)
+        held = facade.get_many([K.index_key("SMALL"), K.pointer_key("WIDE", 2998, "solo"),
+                                K.index_key("WIDE")])
+        assert held[K.index_key("SMALL")] and held[K.pointer_key("WIDE", 2998, "solo")]
+        assert held[K.index_key("WIDE")] == []  # refused before anything was sent
+        assert K.index_key("WIDE") not in cat.written and cat.stats["too_large"] == 1
+    finally:
+        cat.stop()
+        ctx.destroy(linger=0)

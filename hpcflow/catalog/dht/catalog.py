@@ -66,7 +66,13 @@ import gevent.event
 import gevent.queue
 import msgpack
 
-from ...errors import ConfigError, DatasetNotFound, HpcflowError, ProtocolError
+from ...errors import (
+    CatalogValueTooLarge,
+    ConfigError,
+    DatasetNotFound,
+    HpcflowError,
+    ProtocolError,
+)
 from ...logutil import Throttled
 from ..base import Catalog, Location, NodeView, locate
 from ..membership import PeerInfo
@@ -131,7 +137,8 @@ class DhtCatalog(Catalog):
         self._tick = max(0.05, membership.heartbeat_s)
         self._log = Throttled(log)
         self.stats = {"lookups": 0, "cache_hits": 0, "written": 0, "republished": 0,
-                      "bad_values": 0, "write_errors": 0, "bootstraps": 0, "contacts": 0}
+                      "bad_values": 0, "write_errors": 0, "bootstraps": 0, "contacts": 0,
+                      "too_large": 0}
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -295,11 +302,22 @@ class DhtCatalog(Catalog):
             self._notify()
 
     def _store(self, entries: list[Entry]) -> None:
-        if not entries:
+        items = []
+        for e in entries:  # one entry over the value limit must not cost the batch
+            value = _value([e])
+            try:
+                self.facade.check_size(e.key, value)
+            except CatalogValueTooLarge as exc:
+                self.stats["too_large"] += 1
+                self.written.pop(e.key, None)
+                log.error("dht: not stored, other nodes will not find it: %s", exc)
+                continue
+            items.append((e.key, value))
+        if not items:
             return
         try:
-            self.facade.set_many([(e.key, _value([e])) for e in entries])
-            self.stats["written"] += len(entries)
+            self.facade.set_many(items)
+            self.stats["written"] += len(items)
         except HpcflowError as exc:  # peers unreachable: our copy stays; republished later
             self.stats["write_errors"] += 1
             self._log.warning("dht: storing %d entries failed: %s", len(entries), exc)

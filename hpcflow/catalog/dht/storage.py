@@ -65,7 +65,8 @@ class PointerStorage(IStorage):
             self.stats["refused"] += 1
             return
         if held is None:
-            self._cull()
+            if len(self.data) >= self.max_keys:
+                self._cull()  # only when full: a scan of every key per new key is quadratic
             if len(self.data) >= self.max_keys:
                 self.stats["full"] += 1
                 return
