@@ -102,6 +102,10 @@ MAX_SLICES_LISTED = 64
 MAX_POINTERS = 4096
 #: Contacts the routing table should have before we stop bootstrapping from members.
 WANT_CONTACTS = 3
+#: New members pinged into the routing table per tick at most.
+MAX_INTRODUCE = 16
+#: Endpoints remembered (resolved, tried) at most before those of non-members are dropped.
+MAX_REMEMBERED = 4096
 #: Republishing because the routing table grew happens at most once per this many ticks.
 REGROW_TICKS = 5
 
@@ -133,6 +137,8 @@ class DhtCatalog(Catalog):
         #: name -> part -> the pointer key we wrote for it (to tombstone it when dropped)
         self._pointers_of: dict[str, dict[int | None, str]] = {}
         self._resolved: dict[str, tuple[str, int] | None] = {}
+        self._introduced: set[tuple[str, int]] = set()
+        self._introduce_tried: dict[tuple[str, int], float] = {}
         self._tried: dict[str, float] = {}
         self._tick = max(0.05, membership.heartbeat_s)
         self._log = Throttled(log)
@@ -345,11 +351,25 @@ class DhtCatalog(Catalog):
         writes (a put right after start must not be stored only here)."""
         members = [v.info.rpc for v in self.nodes()
                    if v.alive and v.info.name != self.self_name]
+        if len(self._resolved) + len(self._tried) + len(self._introduce_tried) > MAX_REMEMBERED:
+            keep = set(members)  # restarts on new ports leave old endpoints behind
+            self._resolved = {e: a for e, a in self._resolved.items() if e in keep}
+            self._tried = {e: t for e, t in self._tried.items() if e in keep}
+            self._introduce_tried = {}
         for ep in members:
             if ep not in self._resolved:
                 self._resolved[ep] = self.dht_address(ep)
         allowed = {a for ep in members if (a := self._resolved[ep]) is not None}
         self.facade.set_allowed(allowed)
+        self._introduced &= allowed
+        now = time.monotonic()
+        new = [a for a in sorted(allowed - self._introduced)
+               if now - self._introduce_tried.get(a, -1e9) >= 10 * self._tick][:MAX_INTRODUCE]
+        if new:  # a member we have not met in the DHT: make it a contact now (and hand it
+            # its share of what we store), whether or not our table is thin; one that does
+            # not answer is tried again 10 ticks later, not before every write
+            self._introduce_tried.update((a, now) for a in new)
+            self._introduced.update(self.facade.introduce(new))
         contacts = self.facade.contacts()
         if contacts < min(WANT_CONTACTS, len(allowed)):
             addrs = self._bootstrap_addresses(members, self._resolved, self._tried,

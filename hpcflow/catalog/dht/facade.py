@@ -357,6 +357,19 @@ class DhtFacade:
 
         return self.call(join(), timeout_s)
 
+    def introduce(self, addrs: list[Addr], timeout_s: float | None = None) -> list[Addr]:
+        """Ping ``addrs`` and make those that answer contacts (handing each the values it
+        should hold); the addresses that answered."""
+        async def ping_all() -> list[Addr]:
+            server = self.server
+            found = await asyncio.gather(*(server.bootstrap_node(a) for a in addrs))
+            for n in found:
+                if n is not None:
+                    server.protocol.welcome_if_new(n)
+            return [a for a, n in zip(addrs, found, strict=True) if n is not None]
+
+        return self.call(ping_all(), timeout_s)
+
     def set_allowed(self, addrs: Iterable[Addr] | None) -> None:
         """Admit only these DHT addresses to the routing table (and drop the others)."""
         allowed = None if addrs is None else frozenset(addrs)
