@@ -246,3 +246,19 @@ def test_with_keys_entries_need_the_cluster_mac(tmp_path: Path, keys: Path) -> N
                 k.locate("FORGED")  # not even as a dead holder's: nothing was stored
     finally:
         c.stop()
+
+
+def test_dht_mode_start_up_errors_name_the_problem(tmp_path: Path) -> None:
+    def node(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hpcflow", "node", "--catalog", "dht",
+                               "--data-dir", str(tmp_path / "d"), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    r = node("--listen", f"ipc://{tmp_path}/n.sock")
+    assert r.returncode == 1 and "--catalog dht needs a TCP --listen" in r.stderr
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        r = node("--listen", f"127.0.0.1:{port}")
+    assert r.returncode == 1 and f"cannot bind UDP port {port}" in r.stderr
+    assert "Traceback" not in r.stderr
