@@ -31,7 +31,7 @@ from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
 from ..catalog.store import Store
-from ..config import NodeConfig, advertised
+from ..config import NodeConfig, advertised, timeout_scale
 from ..errors import ConfigError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
 from ..rpc import auth, strict
@@ -179,9 +179,10 @@ class Node:
                               "the RPC port's number)")
         host = rpc_ep[len("tcp://"):].rpartition(":")[0].strip("[]")
         storage = PointerStorage(mac_key(self.keys.secret if self.keys else None))
+        scale = timeout_scale()  # a loaded host answers UDP late: not a dead contact
         facade = DhtFacade(storage, interface=host, port=dht_port_of(rpc_ep),
-                           rpc_timeout_s=min(5.0, self.config.rpc_timeout_s / 4),
-                           call_timeout_s=self.config.rpc_timeout_s)
+                           rpc_timeout_s=min(5.0, self.config.rpc_timeout_s / 4) * scale,
+                           call_timeout_s=self.config.rpc_timeout_s * scale)
         return DhtCatalog(membership, facade, secret=storage.secret,
                           republish_s=self.config.dht_republish_s,
                           cache_ttl_s=min(1.0, self.config.ttl_s))
