@@ -439,7 +439,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
     for sc in scenarios:
         try:
             sc, results = replay(sc, approaches, netns=a.netns, threshold=a.threshold,
-                                 progress=say or (lambda m: None))
+                                 progress=say or (lambda m: None), catalog=a.catalog)
         except HpcflowError as exc:  # e.g. no namespaces here: the other scenarios still run
             print(f"hpcflow: error: {sc.file}: {exc}", file=sys.stderr)
             failed = True
@@ -484,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--advertise", help="host name/IP peers should use to reach this node")
     n.add_argument("--peer", action="append", default=[], help="RPC endpoint of a peer to "
                    "join through (repeatable; one is enough)")
-    n.add_argument("--catalog", choices=["replicated", "dht"])
+    n.add_argument("--catalog", choices=["replicated", "dht"], help="replicated (default): "
+                   "every node holds the whole catalog; dht: pointers in a Kademlia DHT on "
+                   "UDP, port = the --listen port (README, Architecture)")
     n.add_argument("--heartbeat", type=float, help="heartbeat interval in s (default 1)")
     n.add_argument("--ttl", type=float, help="silence after which a peer is dead (default 3.5)")
     n.add_argument("--ops", action="append", default=[], help="module with user operations")
@@ -640,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="centralised: active operations per node before it is passed over "
                     "(>= 1, default 3)")
     rp.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    rp.add_argument("--catalog", default="replicated", choices=["replicated", "dht"],
+                    help="the daemons' catalog mode (default replicated)")
     rp.set_defaults(fn=cmd_replay)
 
     d = sub.add_parser("demo", help="start a small local cluster, move data, tear it down")

@@ -152,6 +152,9 @@ class NodeConfig:
     #: ``HOST:PORT`` to serve Prometheus metrics on (HTTP ``/metrics``); None: no endpoint.
     metrics: str | None = None
     catalog: str = "replicated"
+    #: ``--catalog dht``: how often this node stores again every pointer it wrote (the
+    #: DHT's nodes drop what is not stored again within 30 minutes).
+    dht_republish_s: float = 300.0
     heartbeat_s: float = 1.0
     ttl_s: float = 3.5
     rpc_timeout_s: float = 10.0
@@ -220,6 +223,7 @@ class NodeConfig:
         _number("transfer_timeout_s", self.transfer_timeout_s, 0.1, 86400)
         _number("link_gbit", self.link_gbit, 0.001, 100_000)
         _number("forget_dead_s", self.forget_dead_s, 0.1, 1e7)
+        _number("dht_republish_s", self.dht_republish_s, 0.1, 1200)
         _number("fault_write_delay_s", self.fault_write_delay_s, 0, 10)
         if self.ttl_s <= self.heartbeat_s:
             raise ConfigError("need heartbeat_s > 0 and ttl_s > heartbeat_s")

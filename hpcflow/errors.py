@@ -14,6 +14,7 @@ Tree::
     ├── ConfigError              bad option, config file or scenario
     ├── InvalidName              dataset name that is path-like, empty, too long ...
     ├── InvalidData              wrong dtype/shape/parts, unreadable or truncated input
+    │   └── CatalogValueTooLarge a catalog entry over the DHT's value limit (--catalog dht)
     ├── DatasetNotFound          no live node holds it
     │   └── DatasetChanged       the version being read was replaced (overwritten, or
     │                            deleted and put again) while a lazy array read it
@@ -67,6 +68,13 @@ class InvalidName(HpcflowError, ValueError):
 
 class InvalidData(HpcflowError, ValueError):
     """Input data has the wrong dtype, shape, layout, or cannot be read."""
+
+
+class CatalogValueTooLarge(InvalidData):
+    """A value for the DHT catalog (``--catalog dht``) is over what one kademlia message
+    carries (8 KB msgpack): it is refused before anything is sent, and nothing stored
+    changes.  Records keep to the limit by leaving a large lineage out (see
+    ``catalog/dht/values.py``); this is what is left (a name with too many holders)."""
 
 
 class DatasetNotFound(HpcflowError, KeyError):

@@ -57,12 +57,13 @@ class NodeProc(NodeProcess):
 
 
 class Cluster(LocalCluster):
-    """A set of test nodes; ``add(name, via=...)`` joins through one named peer."""
+    """A set of test nodes; ``add(name, via=...)`` joins through one named peer.  Every
+    node gets the cluster's ``extra`` arguments (e.g. ``--catalog dht``) first."""
 
     def add(self, name: str, via: str | None = None, extra: list[str] | None = None,
             **kw: Any) -> NodeProc:
         peers = [self.nodes[via].rpc] if via else []
-        node = NodeProc(name, self.root / name, peers, extra or [])
+        node = NodeProc(name, self.root / name, peers, [*self.extra, *(extra or [])])
         self.nodes[name] = node
         node.start()
         return node
@@ -124,10 +125,29 @@ def names_on(node: NodeProc, include_dead: bool = False) -> set[str]:
         return {r.key for r in c.catalog(include_dead=include_dead)}
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test module that sets ``CATALOG_MODES = ("replicated", "dht")`` runs each of its
+    tests that starts a cluster through ``cluster``/``make_cluster`` (or asks for
+    ``catalog_mode``) once per catalog mode."""
+    modes = getattr(metafunc.module, "CATALOG_MODES", None)
+    if modes and "catalog_mode" in metafunc.fixturenames:
+        metafunc.parametrize("catalog_mode", list(modes), indirect=True)
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def catalog_mode(request: pytest.FixtureRequest) -> str:
+    """The nodes' ``--catalog`` mode: replicated unless the module asks for both."""
+    return str(getattr(request, "param", "replicated"))
+
+
+def catalog_args(mode: str) -> list[str]:
+    return [] if mode == "replicated" else ["--catalog", mode]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, catalog_mode: str) -> Iterator[Cluster]:
     """Three nodes in a chain: n2 joins through n1, n3 through n2."""
-    c = Cluster(tmp_path)
+    c = Cluster(tmp_path, extra=catalog_args(catalog_mode))
     try:
         c.add("n1")
         c.add("n2", via="n1")
@@ -139,11 +159,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def make_cluster(tmp_path: Path) -> Iterator[Callable[[], Cluster]]:
+def make_cluster(tmp_path: Path, catalog_mode: str) -> Iterator[Callable[[], Cluster]]:
     made: list[Cluster] = []
 
     def make() -> Cluster:
-        c = Cluster(tmp_path / f"c{len(made)}")
+        c = Cluster(tmp_path / f"c{len(made)}", extra=catalog_args(catalog_mode))
         made.append(c)
         return c
 

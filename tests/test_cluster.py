@@ -16,6 +16,9 @@ import pytest
 import hpcflow
 from tests.conftest import SCALE, TTL, Cluster, names_on, wait_for
 
+#: Every test here that starts a cluster runs in both catalog modes (conftest.py).
+CATALOG_MODES = ("replicated", "dht")
+
 
 def test_put_is_visible_on_every_node(cluster: Cluster) -> None:
     data = np.arange(60, dtype=np.float64).reshape(20, 3)

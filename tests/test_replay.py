@@ -167,6 +167,19 @@ def test_replay_on_loopback(path: Path, tmp_path: Path) -> None:
         assert dec.bytes_moved < nfs.bytes_moved
 
 
+@pytest.mark.parametrize("name", ["use-case-one", "h5md-trajectory"])
+def test_replay_with_the_dht_catalog(name: str, tmp_path: Path) -> None:
+    """``--catalog dht``: the same result as numpy and the same bytes moved as in the
+    replicated mode (the planner sees the same catalog, read from the DHT)."""
+    path = ROOT / "scenarios" / f"{name}.toml"
+    sc, results = replay(path, ["decentralised"], workdir=tmp_path, catalog="dht")
+    assert check(sc, results) == []
+    [dec] = results
+    assert dec.failed is None and dec.matches_reference, dec.max_abs_err
+    assert dec.extra["transport_bytes"] == dec.bytes_moved == dec.extra["bytes_planned"]
+    DECENTRALISED[sc.name](sc, dec.links)
+
+
 # -- the centralised baseline's load threshold ------------------------------------------------
 
 FANOUT = """\

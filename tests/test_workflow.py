@@ -15,6 +15,9 @@ import pytest
 import hpcflow
 from tests.conftest import SCALE, Cluster, names_on, wait_for
 
+#: Every test here that starts a cluster runs in both catalog modes (conftest.py).
+CATALOG_MODES = ("replicated", "dht")
+
 ROWS = 4000
 
 
@@ -408,7 +411,13 @@ def test_pack_partial_keeps_every_item_shape() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(back, partial, strict=True))
 
 
-def test_replan_when_a_holder_dies(make_cluster, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_replan_when_a_holder_dies(make_cluster, tmp_path: Path, catalog_mode: str) -> None:  # type: ignore[no-untyped-def]
+    if catalog_mode == "dht":
+        # This test needs the initiator to plan with the dead holder before its TTL runs
+        # out; in DHT mode the lookup of R asks the dead node's DHT node too and waits
+        # out an RPC timeout, by which time the membership has marked it dead: the plan
+        # uses n3 at once (no re-plan to count).  Re-planning itself is mode-independent.
+        pytest.skip("relies on planning inside the dead holder's TTL (replicated only)")
     cfg = tmp_path / "fast.toml"
     cfg.write_text("transfer_timeout_s = 2.0\nrpc_timeout_s = 5.0\n")
     cl = make_cluster()

@@ -23,11 +23,15 @@ import gevent
 import gevent.event
 import zmq
 
+from ..catalog.dht.catalog import DhtCatalog, dht_port_of
+from ..catalog.dht.facade import DhtFacade
+from ..catalog.dht.storage import PointerStorage
+from ..catalog.dht.values import mac_key
 from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
 from ..catalog.store import Store
-from ..config import NodeConfig, advertised
+from ..config import NodeConfig, advertised, timeout_scale
 from ..errors import ConfigError
 from ..ops import DEFAULT_REGISTRY, OpError, load_op_module
 from ..rpc import auth, strict
@@ -112,10 +116,10 @@ class Node:
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot bind {cfg.rpc_endpoint} / {cfg.bulk_endpoint}: {exc}"
                               ) from exc
-        self.catalog = self._make_catalog()
+        self.catalog = self._make_catalog(rpc_ep)
         try:
             self.catalog.start()
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:  # OSError: the DHT's UDP port (--catalog dht)
             raise ConfigError(f"cannot bind {cfg.pub_endpoint}: {exc}") from exc
         adv = cfg.advertise
         self.me = PeerInfo(self.name, self.epoch, advertised(rpc_ep, adv),
@@ -162,9 +166,28 @@ class Node:
                         "`hpcflow keygen KEYDIR` and start every node with --keys KEYDIR "
                         "(README, Security) !!!", ", ".join(exposed))
 
-    def _make_catalog(self) -> ReplicatedCatalog:
-        if self.config.catalog != "replicated":
-            raise ConfigError(f"catalog mode {self.config.catalog!r} is not available yet")
+    def _make_catalog(self, rpc_ep: str) -> ReplicatedCatalog | DhtCatalog:
+        membership = self._make_replicated()
+        if self.config.catalog == "replicated":
+            return membership
+        # --catalog dht: the replicated catalog only keeps the membership (it is never
+        # given a dataset record); the pointers go to the DHT, whose UDP port is the
+        # number of our bound RPC port (so every member's RPC endpoint says where its
+        # DHT node is).
+        if not rpc_ep.startswith("tcp://"):
+            raise ConfigError("--catalog dht needs a TCP --listen address (its UDP port is "
+                              "the RPC port's number)")
+        host = rpc_ep[len("tcp://"):].rpartition(":")[0].strip("[]")
+        storage = PointerStorage(mac_key(self.keys.secret if self.keys else None))
+        scale = timeout_scale()  # a loaded host answers UDP late: not a dead contact
+        facade = DhtFacade(storage, interface=host, port=dht_port_of(rpc_ep),
+                           rpc_timeout_s=min(5.0, self.config.rpc_timeout_s / 4) * scale,
+                           call_timeout_s=self.config.rpc_timeout_s * scale)
+        return DhtCatalog(membership, facade, secret=storage.secret,
+                          republish_s=self.config.dht_republish_s,
+                          cache_ttl_s=min(1.0, self.config.ttl_s))
+
+    def _make_replicated(self) -> ReplicatedCatalog:
         return ReplicatedCatalog(
             self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
@@ -255,7 +278,7 @@ class Node:
         return len(bulk.uploads) if bulk is not None else 0
 
     def catalog_snapshot_wire(self) -> dict[str, Any]:
-        assert isinstance(self.catalog, ReplicatedCatalog)
+        assert isinstance(self.catalog, ReplicatedCatalog | DhtCatalog)
         return self.catalog.snapshot_wire()
 
     def bulk_endpoints(self) -> dict[str, str]:
@@ -264,7 +287,7 @@ class Node:
     def stats(self) -> dict[str, Any]:
         cat = self.catalog
         return {"traffic": self.traffic.to_wire(),
-                "catalog": dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {},
+                "catalog": _catalog_stats(cat),
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
@@ -281,6 +304,13 @@ class Node:
             self.catalog.retract(key)
         else:
             self.catalog.announce(rec)
+
+
+def _catalog_stats(cat: object) -> dict[str, Any]:
+    if isinstance(cat, DhtCatalog):
+        return {**cat.membership.stats, "dht": {**cat.stats, **cat.facade.stats,
+                                                "storage": dict(cat.facade.storage.stats)}}
+    return dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {}
 
 
 def _loopback(endpoint: str) -> bool:

@@ -44,7 +44,7 @@ import numpy as np
 import nfs_baseline
 
 from ..catalog.store import Store
-from ..config import timeout_scale
+from ..config import CATALOG_MODES, timeout_scale
 from ..errors import ConfigError, HpcflowError
 from .agent import AGENT_PROGRESS
 from .centralised import DEFAULT_THRESHOLD, ORCH, check_threshold
@@ -123,10 +123,12 @@ def _run_agent(approach: str, scenario: Scenario, cluster: LocalCluster, work: P
 
 
 def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], reference: Any,
-                work: Path, topology: Any, threshold: int, progress: Progress) -> ApproachResult:
+                work: Path, topology: Any, threshold: int, progress: Progress,
+                catalog: str = "replicated") -> ApproachResult:
     root = work / approach
     place(scenario, data, root)
     extra_args = [arg for m in scenario.ops for arg in ("--ops", m)]
+    extra_args += ["--catalog", catalog]
     with LocalCluster(root, extra=["--log-level", "WARNING", *extra_args]) as cluster:
         for node in scenario.nodes:
             kw: dict[str, Any] = {}
@@ -151,8 +153,11 @@ def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], referen
 
 def replay(scenario: Scenario | str | Path, approaches: Sequence[str] = APPROACHES, *,
            netns: bool = False, threshold: int = DEFAULT_THRESHOLD, workdir: Path | None = None,
-           progress: Progress = _quiet) -> tuple[Scenario, list[ApproachResult]]:
+           progress: Progress = _quiet, catalog: str = "replicated"
+           ) -> tuple[Scenario, list[ApproachResult]]:
     """Replay one scenario under each approach; results in the order asked.
+
+    ``catalog``: the daemons' ``--catalog`` mode (``replicated`` or ``dht``).
 
     An approach that fails is returned as :meth:`ApproachResult.fail` with the
     error and the others still run; :func:`check` reports it.
@@ -160,6 +165,8 @@ def replay(scenario: Scenario | str | Path, approaches: Sequence[str] = APPROACH
     unknown = [a for a in approaches if a not in APPROACHES]
     if unknown:
         raise ConfigError(f"unknown approach(es) {unknown}; choose from {APPROACHES}")
+    if catalog not in CATALOG_MODES:
+        raise ConfigError(f"catalog must be one of {CATALOG_MODES}, not {catalog!r}")
     check_threshold(threshold)
     guard_process_exit()  # from here on SIGTERM unwinds (and cleans up) like Ctrl-C
     sc = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
@@ -187,7 +194,7 @@ def replay(scenario: Scenario | str | Path, approaches: Sequence[str] = APPROACH
                                   progress=lambda m: progress(f"  nfs: {m}"))
                 else:
                     res = run_daemons(approach, sc, data, reference, work, topology,
-                                      threshold, progress)
+                                      threshold, progress, catalog)
             except Exception as exc:  # one broken approach must not lose the others
                 detail = "" if isinstance(exc, HpcflowError) else (
                     "\n" + "".join(traceback.format_exception(exc)).rstrip())
