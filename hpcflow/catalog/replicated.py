@@ -144,6 +144,7 @@ class ReplicatedCatalog(Catalog):
         self.forget_after_s = forget_after_s
         self.duplicate = duplicate
         self._verifying: set[tuple[str, int]] = set()
+        self._verify_backlog: dict[tuple[str, int], PeerInfo] = {}
         self._refused: dict[tuple[str, int], float] = {}
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
@@ -301,9 +302,15 @@ class ReplicatedCatalog(Catalog):
     def _verify_later(self, info: PeerInfo) -> None:
         claim, now = (info.name, info.epoch), time.monotonic()
         until = self._refused.get(claim)
-        if (claim in self._verifying or len(self._verifying) >= MAX_VERIFYING
-                or (until is not None and now < until)):
-            return  # gossip repeats every heartbeat: a claim skipped now comes back
+        if claim in self._verifying or (until is not None and now < until):
+            return
+        if len(self._verifying) >= MAX_VERIFYING:
+            # Gossip carries each member once (deltas), and a hello reply lists them all
+            # at once: a claim is queued, not dropped (a bounded queue: claims come from
+            # peers), and checked when a check ends.
+            if len(self._verify_backlog) < MAX_MEMBERS:
+                self._verify_backlog[claim] = info
+            return
         if len(self._refused) > 1024:  # claims come from peers: keep the memory bounded
             self._refused = {k: t for k, t in self._refused.items() if now < t}
             if len(self._refused) > 1024:
@@ -338,6 +345,11 @@ class ReplicatedCatalog(Catalog):
                           "(duplicate --name?)", info.name, info.rpc, owner.name, owner.rpc)
             finally:
                 self._verifying.discard(claim)
+                while self._verify_backlog and len(self._verifying) < MAX_VERIFYING:
+                    queued = self._verify_backlog.pop(next(iter(self._verify_backlog)))
+                    known = self.peers.get(queued.name)
+                    if known is None or known.info.epoch != queued.epoch:
+                        self._verify_later(queued)
 
         gevent.spawn(verify)
 
@@ -557,6 +569,14 @@ class ReplicatedCatalog(Catalog):
                 self._check_digest(st, digest)
             else:  # a peer that sends its whole membership (as before digests)
                 self._check_known_by(st, msg.props.get("members"))
+        if not st.synced and msg.kind == HB and msg.seq == 0 and not self._pending.get(
+                msg.sender) and msg.sender not in self._syncing:
+            # It has published nothing in this run: its table is empty, and a snapshot
+            # would say just that (N of them per joiner were most of a cluster's start-up).
+            self.peer_records[msg.sender] = RecordTable()
+            st.seq, st.synced = 0, True
+            self._notify()
+            return
         if not st.synced:
             if msg.kind == KV:
                 pend = self._pending.setdefault(msg.sender, [])
