@@ -109,3 +109,4 @@ class PeerState:
     unknown_since: float | None = None  # first heartbeat of a run of them omitting us
     introduced_at: float = float("-inf")  # when we last said hello to it unasked
     interval: float = 0.0  # its heartbeat interval as it announced it (0: not yet)
+    announce: bool = False  # we heard of it first hand: announce it once it is alive

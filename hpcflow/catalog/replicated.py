@@ -166,12 +166,12 @@ class ReplicatedCatalog(Catalog):
         self._confirming: set[tuple[str, int]] = set()
         self._probe_order: list[str] = []
         self._last_pushpull = float("-inf")
+        self._fast_until = float("-inf")
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
                       "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
                       "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0,
                       "heartbeats_received": 0, "bytes_received": 0, "probes": 0,
-                      "probes_failed": 0,
-                      "dead_reports": 0}
+                      "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
@@ -233,12 +233,17 @@ class ReplicatedCatalog(Catalog):
         self.seq += 1
         self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
 
-    def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
+    def add_peer(self, info: PeerInfo, verified: bool = False, spread: bool = True) -> None:
         """Learn of a peer.  A descriptor that is new to us (another name, or another run
         of a name) is believed only once its own RPC endpoint answers with exactly it, and
         a newer run of a live member at another endpoint only once that member no longer
         answers as itself: both are checked in the background, unless ``verified`` (the
-        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`)."""
+        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`).
+
+        A verified newcomer is announced on our next heartbeats when we heard of it first
+        hand (``verified`` and ``spread``: it said hello to us); what we learned from gossip
+        is not announced again (every member hears the first announcement directly: a
+        repeat by every node made each heartbeat O(N) again while a cluster formed)."""
         if info.name == self.me.name:
             if info.epoch != self.me.epoch and info.rpc != self.me.rpc:
                 self._verify_later(info)  # a second daemon with our name, or our last run
@@ -267,15 +272,24 @@ class ReplicatedCatalog(Catalog):
             self.peers[info.name] = PeerState(info)
             self.peer_records[info.name] = RecordTable()
             self._follow(info.name, info.pub)
-            self._add_news(info)
-            self._outbox.put(None)
+            self._changed_membership(info, spread)
             return
         log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
         if info.pub != st.info.pub:
             self._follow(info.name, info.pub)
         st.info = info
         st.synced = False
-        self._add_news(info)
+        self._changed_membership(info, spread)
+
+    def _changed_membership(self, info: PeerInfo, spread: bool) -> None:
+        """Heartbeat now and every ``heartbeat_s`` for a few beats (a newcomer counts us
+        alive once it hears our stream); announce ``info`` if ``spread``, once it is alive
+        to us (as the full member lists did: a member not heard from is not vouched for)."""
+        st = self.peers.get(info.name)
+        if spread and st is not None:
+            st.announce = True
+        self._fast_until = time.monotonic() + NEWS_RETRANSMIT * self.heartbeat_s
+        self._outbox.put(None)
 
     def answers_as(self, info: PeerInfo) -> bool:
         return self.probe(info.rpc) == info
@@ -333,11 +347,11 @@ class ReplicatedCatalog(Catalog):
                 st = self.peers.get(info.name)
                 if st is not None and info.epoch < st.info.epoch:
                     if not st.alive:  # the earlier of two twins, after the later one left
-                        self.add_peer(info, verified=True)
+                        self.add_peer(info, verified=True, spread=False)
                     return
                 owner = self.claim_conflict(info)
                 if owner is None:
-                    self.add_peer(info, verified=True)
+                    self.add_peer(info, verified=True, spread=False)
                     return
                 self._refused[claim] = time.monotonic() + RECHECK_REFUSED_S
                 self.stats["refused_claims"] += 1
@@ -363,7 +377,7 @@ class ReplicatedCatalog(Catalog):
         """Our heartbeat interval now (see :func:`~.membership.heartbeat_interval`); every
         ``heartbeat_s`` while we have membership news to spread, so that a newcomer (which
         only counts us alive once our stream speaks) hears from us soon."""
-        if self._news or self._dead_news:
+        if self._news or self._dead_news or time.monotonic() < self._fast_until:
             return self.heartbeat_s
         return heartbeat_interval(self.heartbeat_s,
                                   sum(1 for st in self.peers.values() if st.alive))
@@ -433,7 +447,7 @@ class ReplicatedCatalog(Catalog):
                 msg = None
             if msg is None:
                 msg = self._heartbeat()
-                next_hb = time.monotonic() + self._interval()
+                next_hb = time.monotonic() + float(msg.props["i"])  # as it announces
             greenio.send_multipart(self._pub, msg.encode())
             self.stats["published"] += 1
 
@@ -456,9 +470,13 @@ class ReplicatedCatalog(Catalog):
                 del self._dead_news[dkey]
             else:
                 self._dead_news[dkey] = left - 1
+        # "i": the time until our next heartbeat (after the news above was counted down),
+        # which receivers' TTL for us is measured in
+        interval = self._interval()
+        self.stats["heartbeat_interval_ms"] = round(interval * 1000)
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
                      props={"load": self.load(), "members": members, "ops": self.ops(),
-                            "dead": dead, "d": self.digest(), "i": self._interval()})
+                            "dead": dead, "d": self.digest(), "i": interval})
 
     # -- subscribers ----------------------------------------------------------------
     def _follow(self, name: str, endpoint: str) -> None:
@@ -549,6 +567,9 @@ class ReplicatedCatalog(Catalog):
         st.last_seen = time.monotonic()
         if not st.alive:
             st.alive = True
+            if st.announce:
+                st.announce = False
+                self._add_news(st.info)
             log.info("peer %s is alive", msg.sender)
             st.dead_since = None
             self._notify()
