@@ -32,8 +32,18 @@ def _counters(nodes: list[NodeProc]) -> dict[str, tuple[float, int]]:
     return out
 
 
+def _settled(nodes: list[NodeProc]) -> bool:
+    """Every node heartbeats at its idle interval (no membership news left to spread)."""
+    for n in nodes:
+        with n.client() as c:
+            if c.stats()["catalog"]["heartbeat_interval_ms"] <= HB * 1000:
+                return False
+    return True
+
+
 def _rate(nodes: list[NodeProc], window_s: float) -> float:
-    """Mean heartbeats received per node per second over ``window_s``."""
+    """Mean heartbeats received per node per second over ``window_s``, once idle."""
+    wait_for(lambda: _settled(nodes), 30, "every node to heartbeat at its idle interval")
     before = _counters(nodes)
     time.sleep(window_s)  # a measurement window, not synchronisation
     after = _counters(nodes)
