@@ -93,7 +93,9 @@ class Bench:
     def members_alive(self, node: NodeProcess) -> int:
         return sum(1 for m in self.client(node).nodes() if m["alive"])
 
-    def form(self) -> float:
+    def form(self) -> tuple[float, float]:
+        """Seconds from launching the N-1 until formed, and from the last one ready (the
+        first includes starting N-1 Python processes on this machine's cores)."""
         seed = self.node("s000", None)
         seed.start(120)
         self.nodes.append(seed)
@@ -103,6 +105,7 @@ class Bench:
             p.launch()
         for p in rest:
             p.wait_ready(600)
+        ready = time.monotonic()
         self.nodes += rest
         pending = list(self.nodes)
         deadline = t0 + self.args.form_timeout
@@ -113,9 +116,17 @@ class Bench:
             pending = [p for p in pending if self.members_alive(p) < self.n]
             if pending:
                 gevent.sleep(0.2)
-        return time.monotonic() - t0
+        return time.monotonic() - t0, time.monotonic() - ready
+
+    def settled(self) -> bool:
+        """Every node heartbeats at its idle interval (no membership news to spread)."""
+        return all(self.client(p).stats()["catalog"].get("heartbeat_interval_ms", 1e9)
+                   > self.args.heartbeat * 1000 for p in self.nodes)
 
     def idle(self) -> dict[str, float]:
+        deadline = time.monotonic() + 60
+        while self.n > 9 and not self.settled() and time.monotonic() < deadline:
+            gevent.sleep(0.5)
         pids = [pid_of(p) for p in self.nodes]
         stats0 = [self.client(p).stats()["catalog"] for p in self.nodes]
         cpu0, t0 = [cpu_s(pid) for pid in pids], time.monotonic()
@@ -188,13 +199,14 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"catscale{n}-") as tmp:
         b = Bench(Path(tmp), n, args)
         try:
-            formed = b.form()
-            print(f"N={n}: formed in {formed:.1f} s", file=sys.stderr)
+            formed, converged = b.form()
+            print(f"N={n}: formed in {formed:.1f} s ({converged:.1f} s after the last was "
+                  "ready)", file=sys.stderr)
             idle = b.idle()
             vis = [b.visible(i) for i in range(args.puts)]
             look = b.lookups()
             joined = b.joiner()
-            return {"n": n, "form": formed, **idle,
+            return {"n": n, "form": formed, "conv": converged, **idle,
                     "vis50": percentile(vis, 50), "vis99": percentile(vis, 99),
                     "look50": percentile(look, 50), "look99": percentile(look, 99),
                     "join": joined}
@@ -216,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [run_size(int(s), args) for s in args.sizes.split(",") if s]
     print(f"\ncatalog={args.catalog}, heartbeat {args.heartbeat:g} s, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| daemons | form s | put->all p50 / p99 ms | locate p50 / p99 ms | idle CPU % "
-          "per daemon (all) | RSS MB (max) | fds | msgs/s | bytes/s | joiner synced s |")
+    print("| daemons | form s (after all ready) | put->all p50 / p99 ms | locate p50 / p99 ms "
+          "| idle CPU % per daemon (all) | RSS MB (max) | fds | msgs/s | bytes/s "
+          "| joiner synced s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['form']:.1f} | {r['vis50'] * 1e3:.0f} / {r['vis99'] * 1e3:.0f} "
-              f"| {r['look50'] * 1e3:.1f} / {r['look99'] * 1e3:.1f} | {r['cpu_pct']:.2f} "
+        print(f"| {r['n']} | {r['form']:.1f} ({r['conv']:.1f}) | {r['vis50'] * 1e3:.0f} / "
+              f"{r['vis99'] * 1e3:.0f} | {r['look50'] * 1e3:.1f} / {r['look99'] * 1e3:.1f} "
+              f"| {r['cpu_pct']:.2f} "
               f"({r['cpu_all']:.0f}) | {r['rss']:.0f} ({r['rss_max']:.0f}) | {r['fds']:.0f} "
               f"| {r['msgs']:.1f} | {r['bytes']:.0f} | {r['join']:.1f} |")
     if args.sim:
