@@ -287,7 +287,10 @@ class ReplicatedCatalog(Catalog):
         to us (as the full member lists did: a member not heard from is not vouched for)."""
         st = self.peers.get(info.name)
         if spread and st is not None:
-            st.announce = True
+            if st.alive:  # a restart of a live member: it answered as the new run
+                self._add_news(info)
+            else:
+                st.announce = True
         self._fast_until = time.monotonic() + NEWS_RETRANSMIT * self.heartbeat_s
         self._outbox.put(None)
 
