@@ -1,13 +1,27 @@
 """Who is in the cluster, how to reach them, and whether they are alive.
 
-Membership is gossiped: every heartbeat carries the descriptors of the
-members its sender believes alive, so a node that joined through one peer
-learns the rest within a heartbeat or two.  A descriptor with a larger
-``epoch`` (a restart) replaces the older one.
+Membership is gossiped as deltas (SWIM-style, after hashicorp/memberlist, but
+disseminated over each node's PUB socket rather than UDP): a heartbeat carries
+only the descriptors of members that joined or restarted recently (each
+retransmitted ``NEWS_RETRANSMIT`` times), the members found dead recently, and
+a digest of the sender's view of the live members.  A node whose digest keeps
+differing from ours gets a push/pull (a ``hello``: our descriptor for its full
+member list), at most one per ``heartbeat_s`` per node: the anti-entropy path.
+A descriptor with a larger ``epoch`` (a restart) replaces the older one.
+
+Idle cost per node stays bounded: a node heartbeats every
+:func:`heartbeat_interval` (``heartbeat_s`` up to ``HB_FANIN`` peers, then
+proportionally longer), so it receives at most about ``HB_FANIN`` heartbeats
+per ``heartbeat_s`` whatever the cluster size; liveness beyond that comes from
+probes: every ``PROBE_EVERY`` heartbeat periods a node pings one member (round
+robin over a shuffled list, as memberlist does), and a member that does not
+answer as itself is marked dead and announced; every receiver confirms with a
+probe of its own before it believes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,6 +32,31 @@ from ..errors import ProtocolError
 #: is refused: it would outrank every later real run of that name.  Generous, because
 #: hosts' clocks differ and a data dir's epochs only ever grow (``daemon/epoch.py``).
 MAX_EPOCH_AHEAD_S = 86_400.0
+
+
+#: Gossip tuning, in one place.  Heartbeats a node receives per heartbeat period at most
+#: (idle): beyond this many peers everyone's heartbeat interval grows.
+HB_FANIN = 8
+#: Heartbeats that carry one membership change (a join, a restart, a death).
+NEWS_RETRANSMIT = 3
+#: Most membership changes carried by one heartbeat.
+NEWS_PER_HEARTBEAT = 32
+#: Heartbeat periods between two liveness probes sent by one node.
+PROBE_EVERY = 1.0
+
+
+def heartbeat_interval(heartbeat_s: float, peers: int) -> float:
+    """How often a node with ``peers`` live peers heartbeats: every node then receives
+    about ``HB_FANIN`` heartbeats per ``heartbeat_s``, however large the cluster."""
+    return heartbeat_s * max(1.0, peers / HB_FANIN)
+
+
+def membership_digest(members: list[tuple[str, int]]) -> str:
+    """A short digest of a set of ``(name, epoch)`` pairs (order does not matter)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, epoch in sorted(members):
+        h.update(f"{name}\0{epoch}\n".encode())
+    return h.hexdigest()
 
 
 def epoch_ahead_s(epoch: int) -> float:
@@ -69,3 +108,5 @@ class PeerState:
     dead_since: float | None = None
     unknown_since: float | None = None  # first heartbeat of a run of them omitting us
     introduced_at: float = float("-inf")  # when we last said hello to it unasked
+    interval: float = 0.0  # its heartbeat interval as it announced it (0: not yet)
+    announce: bool = False  # we heard of it first hand: announce it once it is alive

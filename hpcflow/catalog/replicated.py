@@ -6,13 +6,17 @@
   publisher's state over RPC, then applies buffered and later updates whose
   sequence number is newer than the snapshot.  A gap, or a heartbeat that
   announces a higher sequence than we have, triggers a fresh snapshot.
-* Idle publishers send heartbeats (default every second) carrying load and
-  the gossiped membership.  A peer silent for longer than the TTL is marked
-  dead and its entries are no longer offered; they come back when it does.
+* Idle publishers send heartbeats (default every second; less often beyond
+  ``HB_FANIN`` peers, see :mod:`.membership`) carrying load and membership
+  deltas with a digest, never the whole membership.  A peer silent for longer
+  than the TTL (in units of its heartbeat interval), or that fails a probe
+  after ``ttl_s`` of silence, is marked dead and its entries are no longer
+  offered; they come back when it does.
   While a live peer is being resynced its last known entries stay offered
   (the Clone pattern serves its last state, never an empty one).
-* Membership: a live peer whose heartbeats keep omitting us (it restarted,
-  or was started without ``--peer``) gets a hello from us, rate-limited.  A
+* Membership: a live peer whose membership digest keeps differing from ours
+  (it restarted, was started without ``--peer``, or missed a delta) gets a
+  hello from us (push/pull), rate-limited.  A
   descriptor new to us (a name, or a run of a name: an epoch, from a hello, a
   gossip, a snapshot or a peer's own stream) is believed only once its own RPC
   endpoint answers ``ping`` with exactly that descriptor, and never when its
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +72,18 @@ from ..logutil import Throttled
 from ..rpc import greenio
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
-from .membership import MAX_EPOCH_AHEAD_S, PeerInfo, PeerState, epoch_ahead_s
+from .membership import (
+    HB_FANIN,
+    MAX_EPOCH_AHEAD_S,
+    NEWS_PER_HEARTBEAT,
+    NEWS_RETRANSMIT,
+    PROBE_EVERY,
+    PeerInfo,
+    PeerState,
+    epoch_ahead_s,
+    heartbeat_interval,
+    membership_digest,
+)
 from .record import DatasetRecord, RecordTable
 
 log = logging.getLogger("hpcflow.catalog")
@@ -128,6 +144,7 @@ class ReplicatedCatalog(Catalog):
         self.forget_after_s = forget_after_s
         self.duplicate = duplicate
         self._verifying: set[tuple[str, int]] = set()
+        self._verify_backlog: dict[tuple[str, int], PeerInfo] = {}
         self._refused: dict[tuple[str, int], float] = {}
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
@@ -142,9 +159,19 @@ class ReplicatedCatalog(Catalog):
         self._streams: dict[str, tuple[str, gevent.Greenlet]] = {}
         self._greenlets: list[gevent.Greenlet] = []
         self._garbage_log = Throttled(log)
+        #: membership news still to be piggybacked on our heartbeats: descriptors of members
+        #: that joined or restarted, and (name, epoch) of members found dead -> beats left
+        self._news: dict[tuple[str, int], tuple[dict[str, Any], int]] = {}
+        self._dead_news: dict[tuple[str, int], int] = {}
+        self._confirming: set[tuple[str, int]] = set()
+        self._probe_order: list[str] = []
+        self._last_pushpull = float("-inf")
+        self._fast_until = float("-inf")
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
                       "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
-                      "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0}
+                      "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0,
+                      "heartbeats_received": 0, "bytes_received": 0, "probes": 0,
+                      "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
@@ -169,6 +196,7 @@ class ReplicatedCatalog(Catalog):
         self._greenlets = [
             gevent.spawn(self._publisher),
             gevent.spawn(self._monitor),
+            gevent.spawn(self._prober),
         ]
 
     def wait_changed(self, timeout: float) -> None:
@@ -205,12 +233,17 @@ class ReplicatedCatalog(Catalog):
         self.seq += 1
         self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
 
-    def add_peer(self, info: PeerInfo, verified: bool = False) -> None:
+    def add_peer(self, info: PeerInfo, verified: bool = False, spread: bool = True) -> None:
         """Learn of a peer.  A descriptor that is new to us (another name, or another run
         of a name) is believed only once its own RPC endpoint answers with exactly it, and
         a newer run of a live member at another endpoint only once that member no longer
         answers as itself: both are checked in the background, unless ``verified`` (the
-        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`)."""
+        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`).
+
+        A verified newcomer is announced on our next heartbeats when we heard of it first
+        hand (``verified`` and ``spread``: it said hello to us); what we learned from gossip
+        is not announced again (every member hears the first announcement directly: a
+        repeat by every node made each heartbeat O(N) again while a cluster formed)."""
         if info.name == self.me.name:
             if info.epoch != self.me.epoch and info.rpc != self.me.rpc:
                 self._verify_later(info)  # a second daemon with our name, or our last run
@@ -239,13 +272,27 @@ class ReplicatedCatalog(Catalog):
             self.peers[info.name] = PeerState(info)
             self.peer_records[info.name] = RecordTable()
             self._follow(info.name, info.pub)
-            self._outbox.put(None)
+            self._changed_membership(info, spread)
             return
         log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
         if info.pub != st.info.pub:
             self._follow(info.name, info.pub)
         st.info = info
         st.synced = False
+        self._changed_membership(info, spread)
+
+    def _changed_membership(self, info: PeerInfo, spread: bool) -> None:
+        """Heartbeat now and every ``heartbeat_s`` for a few beats (a newcomer counts us
+        alive once it hears our stream); announce ``info`` if ``spread``, once it is alive
+        to us (as the full member lists did: a member not heard from is not vouched for)."""
+        st = self.peers.get(info.name)
+        if spread and st is not None:
+            if st.alive:  # a restart of a live member: it answered as the new run
+                self._add_news(info)
+            else:
+                st.announce = True
+        self._fast_until = time.monotonic() + NEWS_RETRANSMIT * self.heartbeat_s
+        self._outbox.put(None)
 
     def answers_as(self, info: PeerInfo) -> bool:
         return self.probe(info.rpc) == info
@@ -272,9 +319,15 @@ class ReplicatedCatalog(Catalog):
     def _verify_later(self, info: PeerInfo) -> None:
         claim, now = (info.name, info.epoch), time.monotonic()
         until = self._refused.get(claim)
-        if (claim in self._verifying or len(self._verifying) >= MAX_VERIFYING
-                or (until is not None and now < until)):
-            return  # gossip repeats every heartbeat: a claim skipped now comes back
+        if claim in self._verifying or (until is not None and now < until):
+            return
+        if len(self._verifying) >= MAX_VERIFYING:
+            # Gossip carries each member once (deltas), and a hello reply lists them all
+            # at once: a claim is queued, not dropped (a bounded queue: claims come from
+            # peers), and checked when a check ends.
+            if len(self._verify_backlog) < MAX_MEMBERS:
+                self._verify_backlog[claim] = info
+            return
         if len(self._refused) > 1024:  # claims come from peers: keep the memory bounded
             self._refused = {k: t for k, t in self._refused.items() if now < t}
             if len(self._refused) > 1024:
@@ -297,11 +350,11 @@ class ReplicatedCatalog(Catalog):
                 st = self.peers.get(info.name)
                 if st is not None and info.epoch < st.info.epoch:
                     if not st.alive:  # the earlier of two twins, after the later one left
-                        self.add_peer(info, verified=True)
+                        self.add_peer(info, verified=True, spread=False)
                     return
                 owner = self.claim_conflict(info)
                 if owner is None:
-                    self.add_peer(info, verified=True)
+                    self.add_peer(info, verified=True, spread=False)
                     return
                 self._refused[claim] = time.monotonic() + RECHECK_REFUSED_S
                 self.stats["refused_claims"] += 1
@@ -309,8 +362,33 @@ class ReplicatedCatalog(Catalog):
                           "(duplicate --name?)", info.name, info.rpc, owner.name, owner.rpc)
             finally:
                 self._verifying.discard(claim)
+                while self._verify_backlog and len(self._verifying) < MAX_VERIFYING:
+                    queued = self._verify_backlog.pop(next(iter(self._verify_backlog)))
+                    known = self.peers.get(queued.name)
+                    if known is None or known.info.epoch != queued.epoch:
+                        self._verify_later(queued)
 
         gevent.spawn(verify)
+
+    def _add_news(self, info: PeerInfo) -> None:
+        self._news.pop((info.name, info.epoch), None)
+        self._news[(info.name, info.epoch)] = (info.to_wire(), NEWS_RETRANSMIT)
+        while len(self._news) > 4 * NEWS_PER_HEARTBEAT:  # the oldest go first
+            self._news.pop(next(iter(self._news)))
+
+    def _interval(self) -> float:
+        """Our heartbeat interval now (see :func:`~.membership.heartbeat_interval`); every
+        ``heartbeat_s`` while we have membership news to spread, so that a newcomer (which
+        only counts us alive once our stream speaks) hears from us soon."""
+        if self._news or self._dead_news or time.monotonic() < self._fast_until:
+            return self.heartbeat_s
+        return heartbeat_interval(self.heartbeat_s,
+                                  sum(1 for st in self.peers.values() if st.alive))
+
+    def digest(self) -> str:
+        """Digest of the live members as we see them, ourselves included."""
+        return membership_digest([(self.me.name, self.me.epoch)] + [
+            (st.info.name, st.info.epoch) for st in self.peers.values() if st.alive])
 
     def _check_twin(self, info: PeerInfo) -> None:
         """``info`` has our name: if it answers as itself it is a second daemon, and the
@@ -372,16 +450,36 @@ class ReplicatedCatalog(Catalog):
                 msg = None
             if msg is None:
                 msg = self._heartbeat()
-                next_hb = time.monotonic() + self.heartbeat_s
+                next_hb = time.monotonic() + float(msg.props["i"])  # as it announces
             greenio.send_multipart(self._pub, msg.encode())
             self.stats["published"] += 1
 
     def _heartbeat(self) -> KVMsg:
-        members = [self.me.to_wire()] + [
-            st.info.to_wire() for st in self.peers.values() if st.alive
-        ]
+        """Our load, ops and seq, plus membership *deltas*: the members that joined or
+        restarted recently ("members", each sent ``NEWS_RETRANSMIT`` times), those found
+        dead recently ("dead"), and a digest of our live members ("d"), never the whole
+        membership (which made every heartbeat O(N) and every node's cost O(N^2))."""
+        members = [self.me.to_wire()]
+        for key, (wire, left) in list(self._news.items())[:NEWS_PER_HEARTBEAT]:
+            members.append(wire)
+            if left <= 1:
+                del self._news[key]
+            else:
+                self._news[key] = (wire, left - 1)
+        dead = []
+        for dkey, left in list(self._dead_news.items())[:NEWS_PER_HEARTBEAT]:
+            dead.append(list(dkey))
+            if left <= 1:
+                del self._dead_news[dkey]
+            else:
+                self._dead_news[dkey] = left - 1
+        # "i": the time until our next heartbeat (after the news above was counted down),
+        # which receivers' TTL for us is measured in
+        interval = self._interval()
+        self.stats["heartbeat_interval_ms"] = round(interval * 1000)
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
-                     props={"load": self.load(), "members": members, "ops": self.ops()})
+                     props={"load": self.load(), "members": members, "ops": self.ops(),
+                            "dead": dead, "d": self.digest(), "i": interval})
 
     # -- subscribers ----------------------------------------------------------------
     def _follow(self, name: str, endpoint: str) -> None:
@@ -425,6 +523,7 @@ class ReplicatedCatalog(Catalog):
                     gevent.sleep(0)
                 frames = [f.bytes for f in greenio.recv_multipart(sub)]
                 self.stats["received"] += 1
+                self.stats["bytes_received"] += sum(len(f) for f in frames)
                 try:
                     msg = KVMsg.decode(frames)
                 except ProtocolError as exc:
@@ -471,16 +570,37 @@ class ReplicatedCatalog(Catalog):
         st.last_seen = time.monotonic()
         if not st.alive:
             st.alive = True
+            if st.announce:
+                st.announce = False
+                self._add_news(st.info)
             log.info("peer %s is alive", msg.sender)
             st.dead_since = None
             self._notify()
             self._outbox.put(None)  # gossip the news now rather than at the next beat
         if msg.kind == HB:
+            self.stats["heartbeats_received"] += 1
             load, ops = msg.props.get("load"), msg.props.get("ops")
             st.load = load if isinstance(load, dict) else {}
             if isinstance(ops, dict):
                 st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
-            self._check_known_by(st, msg.props.get("members"))
+            interval = msg.props.get("i")
+            if isinstance(interval, int | float) and not isinstance(interval, bool):
+                # no longer than a full cluster's: probes find a dead node anyway
+                st.interval = min(max(float(interval), self.heartbeat_s),
+                                  heartbeat_interval(self.heartbeat_s, MAX_MEMBERS))
+            digest = msg.props.get("d")
+            if isinstance(digest, str):
+                self._check_digest(st, digest)
+            else:  # a peer that sends its whole membership (as before digests)
+                self._check_known_by(st, msg.props.get("members"))
+        if not st.synced and msg.kind == HB and msg.seq == 0 and not self._pending.get(
+                msg.sender) and msg.sender not in self._syncing:
+            # It has published nothing in this run: its table is empty, and a snapshot
+            # would say just that (N of them per joiner were most of a cluster's start-up).
+            self.peer_records[msg.sender] = RecordTable()
+            st.seq, st.synced = 0, True
+            self._notify()
+            return
         if not st.synced:
             if msg.kind == KV:
                 pend = self._pending.setdefault(msg.sender, [])
@@ -525,21 +645,38 @@ class ReplicatedCatalog(Catalog):
     def _check_known_by(self, st: PeerState, members: object) -> None:
         """Say hello to a live peer whose heartbeats keep leaving us out of its membership
         (it restarted without ``--peer``, or lost us): nobody else would tell it."""
-        now = time.monotonic()
         knows_us = isinstance(members, list) and any(
             isinstance(d, dict) and d.get("name") == self.me.name
             and d.get("epoch") == self.me.epoch for d in members[:4096])
-        if knows_us:
+        self._introduce_unless(st, knows_us)
+
+    def _check_digest(self, st: PeerState, digest: str) -> None:
+        """Push/pull with a live peer whose view of the live members keeps differing from
+        ours: the anti-entropy path of the delta gossip (it may have missed a piggybacked
+        change, or lost us), at most one per heartbeat period for the whole node."""
+        if digest == self.digest():
             st.unknown_since = None
             return
+        if st.unknown_since is not None and time.monotonic() - self._last_pushpull < \
+                self.heartbeat_s:
+            return
+        if self._introduce_unless(st, False):
+            self._last_pushpull = time.monotonic()
+
+    def _introduce_unless(self, st: PeerState, knows_us: bool) -> bool:
+        now = time.monotonic()
+        if knows_us:
+            st.unknown_since = None
+            return False
         if st.unknown_since is None:
             st.unknown_since = now
         if (now - st.unknown_since < INTRODUCE_AFTER * self.heartbeat_s
                 or now - st.introduced_at < INTRODUCE_EVERY * self.heartbeat_s):
-            return
+            return False
         st.introduced_at = now
         self.stats["introduced"] += 1
-        log.info("peer %s does not list us as a member: introducing ourselves", st.info.name)
+        log.info("peer %s does not know us, or sees other members: introducing ourselves "
+                 "(push/pull)", st.info.name)
         info = st.info
 
         def hello() -> None:
@@ -549,8 +686,17 @@ class ReplicatedCatalog(Catalog):
                 log.warning("could not introduce ourselves to %s: %s", info.name, exc)
 
         gevent.spawn(hello)
+        return True
 
     def _gossip(self, msg: KVMsg) -> None:
+        """Membership deltas on a heartbeat: members new to its sender, members it found
+        dead (each checked by a probe of our own before we believe it)."""
+        dead = msg.props.get("dead")
+        if isinstance(dead, list):
+            for d in dead[:NEWS_PER_HEARTBEAT]:
+                if (isinstance(d, list) and len(d) == 2 and isinstance(d[0], str)
+                        and isinstance(d[1], int) and not isinstance(d[1], bool)):
+                    self._confirm_dead(d[0], d[1])
         members = msg.props.get("members")
         if not isinstance(members, list):
             return
@@ -560,6 +706,80 @@ class ReplicatedCatalog(Catalog):
             except ProtocolError:
                 continue
             self.add_peer(info)
+
+    # -- liveness by probes ----------------------------------------------------------
+    def _prober(self) -> None:
+        """SWIM's failure detector, simplified: every ``PROBE_EVERY`` heartbeat periods
+        ping one live member (round robin over a shuffled list).  One that does not answer
+        as itself, and has been silent for ``ttl_s``, is marked dead and announced."""
+        while True:
+            gevent.sleep(self.heartbeat_s * PROBE_EVERY)
+            st = self._next_probe_target()
+            if st is not None:
+                try:
+                    self._probe_one(st)
+                except Exception:  # the detector must not die with one probe
+                    log.exception("catalog: probing %s failed", st.info.name)
+
+    def _next_probe_target(self) -> PeerState | None:
+        while True:
+            if not self._probe_order:
+                self._probe_order = [n for n, st in self.peers.items() if st.alive]
+                random.shuffle(self._probe_order)
+                if not self._probe_order:
+                    return None
+            st = self.peers.get(self._probe_order.pop())
+            if st is not None and st.alive:
+                return st
+
+    def _probe_one(self, st: PeerState) -> None:
+        info = st.info
+        self.stats["probes"] += 1
+        answer = self.probe(info.rpc)
+        if answer == info:
+            return  # alive (only its stream's messages keep it alive: see _monitor)
+        if answer is not None and answer.name == info.name and answer.epoch > info.epoch:
+            self.add_peer(answer)  # it restarted: believed once checked, as any descriptor
+        self.stats["probes_failed"] += 1
+        if self._silent(st, info):
+            self._mark_dead(st, "did not answer a probe")
+            self._dead_news[(info.name, info.epoch)] = NEWS_RETRANSMIT
+            self._outbox.put(None)  # tell the others now: they check for themselves
+
+    def _silent(self, st: PeerState, info: PeerInfo) -> bool:
+        """Still the member we probed, believed alive, and nothing from it for ``ttl_s``."""
+        return (self.peers.get(info.name) is st and st.info == info and st.alive
+                and time.monotonic() - st.last_seen > self.ttl_s)
+
+    def _confirm_dead(self, name: str, epoch: int) -> None:
+        """A member reports ``name`` dead: believe it only if it does not answer our own
+        probe either (one member's word must not take a node out of everyone's view)."""
+        st, key = self.peers.get(name), (name, epoch)
+        if (st is None or st.info.epoch != epoch or not st.alive or key in self._confirming
+                or len(self._confirming) >= MAX_VERIFYING):
+            return
+        self._confirming.add(key)
+        info = st.info
+        self.stats["dead_reports"] += 1
+
+        def confirm() -> None:
+            try:
+                if self.probe(info.rpc) != info and self._silent(st, info):
+                    self._mark_dead(st, "reported dead, and did not answer our probe")
+            finally:
+                self._confirming.discard(key)
+
+        gevent.spawn(confirm)
+
+    def _mark_dead(self, st: PeerState, why: str) -> None:
+        now = time.monotonic()
+        st.alive = False
+        st.dead_since = now
+        self.stats["marked_dead"] += 1
+        self._notify()
+        log.warning("peer %s %s (silent for %.1f s): marked dead, %d entries withdrawn",
+                    st.info.name, why, now - st.last_seen,
+                    len(self.peer_records.get(st.info.name, {})))
 
     # -- snapshots ------------------------------------------------------------------
     def _resync(self, st: PeerState) -> None:
@@ -604,17 +824,14 @@ class ReplicatedCatalog(Catalog):
     # -- liveness ------------------------------------------------------------------
     def _monitor(self) -> None:
         while True:
-            gevent.sleep(self.heartbeat_s / 4)
+            # a large cluster is looked over less often (its heartbeats are sparser too)
+            gevent.sleep(self.heartbeat_s / (4 if len(self.peers) <= HB_FANIN else 1))
             now = time.monotonic()
             for st in list(self.peers.values()):
-                if st.alive and now - st.last_seen > self.ttl_s:
-                    st.alive = False
-                    st.dead_since = now
-                    self.stats["marked_dead"] += 1
-                    self._notify()
-                    log.warning("peer %s silent for %.1f s: marked dead, %d entries withdrawn",
-                                st.info.name, now - st.last_seen,
-                                len(self.peer_records.get(st.info.name, {})))
+                # silent for ttl_s, in units of its own heartbeat interval
+                ttl = self.ttl_s * max(1.0, st.interval / self.heartbeat_s)
+                if st.alive and now - st.last_seen > ttl:
+                    self._mark_dead(st, "silent")
                 elif st.alive and not st.synced and st.info.name not in self._syncing:
                     self._resync(st)
                 elif (not st.alive and now - st.last_seen > self.forget_after_s

@@ -118,7 +118,11 @@ class Members:
 
     def hello(self, endpoint: str) -> None:
         """Introduce ourselves at ``endpoint`` and learn the members it knows."""
-        reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
+        try:
+            reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
+        except ConfigError:
+            self._learn_twins(endpoint)
+            raise
         try:
             descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
         except (KeyError, TypeError) as exc:
@@ -126,6 +130,21 @@ class Members:
         # It answered at that endpoint: its own descriptor is believed if it names it.
         self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
         for info in descriptors[1:]:
+            self.node.catalog.add_peer(info)
+
+    def _learn_twins(self, endpoint: str) -> None:
+        """The member at ``endpoint`` refused our hello (our name is taken): tell the
+        catalog of the live nodes it knows under our name, which checks each (the later
+        of two same-named daemons leaves).  Heartbeats carry membership deltas, not the
+        member list, so this refusal may be the only place we hear of the other."""
+        try:
+            nodes = self.node.peers.call(endpoint, "catalog")["nodes"]
+            twins = [PeerInfo.from_wire(d) for d in nodes[:4096]
+                     if isinstance(d, dict) and d.get("name") == self.node.name
+                     and d.get("alive") is True]
+        except (HpcflowError, KeyError, TypeError):
+            return
+        for info in twins[:4]:
             self.node.catalog.add_peer(info)
 
     def probe(self, endpoint: str) -> PeerInfo | None:

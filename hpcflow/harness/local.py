@@ -58,13 +58,24 @@ class NodeProcess:
         return args
 
     def start(self, timeout_s: float = 30.0) -> NodeProcess:
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (many nodes at once: launch each, then
+        ``wait_ready`` each; from the main thread, since a node dies with its parent
+        *thread*)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        ready = self.data_dir / "node.json"
-        ready.unlink(missing_ok=True)
+        (self.data_dir / "node.json").unlink(missing_ok=True)
         with open(self.log_path, "ab") as log, signals_deferred():
             # Nodes launched by a harness, benchmark or test must not outlive it.
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> NodeProcess:
+        """Wait until the launched node has bound its endpoints (``node.json``)."""
+        assert self.proc is not None, "launch() first"
+        ready = self.data_dir / "node.json"
         deadline = time.monotonic() + timeout_s * timeout_scale()
         while not ready.exists():
             if self.proc.poll() is not None:
