@@ -102,14 +102,7 @@ class Members:
         """Whether the member at ``endpoint`` knows a live node with our name that answers
         as itself (not as us): a remembered member's word alone is not enough to stop us,
         since any process that was once a member is remembered."""
-        try:
-            nodes = self.node.peers.call(endpoint, "catalog")["nodes"]
-            twins = [PeerInfo.from_wire(d) for d in nodes[:4096]
-                     if isinstance(d, dict) and d.get("name") == self.node.name
-                     and d.get("alive") is True]
-        except (HpcflowError, KeyError, TypeError):
-            return False
-        for info in twins[:4]:
+        for info in self._live_twins(endpoint)[:4]:
             answer = self.probe(info.rpc)
             if (answer is not None and answer.name == self.node.name
                     and answer.epoch != self.node.epoch):
@@ -137,15 +130,19 @@ class Members:
         catalog of the live nodes it knows under our name, which checks each (the later
         of two same-named daemons leaves).  Heartbeats carry membership deltas, not the
         member list, so this refusal may be the only place we hear of the other."""
+        for info in self._live_twins(endpoint)[:4]:
+            self.node.catalog.add_peer(info)
+
+    def _live_twins(self, endpoint: str) -> list[PeerInfo]:
+        """The live nodes with our name that the member at ``endpoint`` lists (none if
+        it does not answer, or answers garbage)."""
         try:
             nodes = self.node.peers.call(endpoint, "catalog")["nodes"]
-            twins = [PeerInfo.from_wire(d) for d in nodes[:4096]
-                     if isinstance(d, dict) and d.get("name") == self.node.name
-                     and d.get("alive") is True]
+            return [PeerInfo.from_wire(d) for d in nodes[:4096]
+                    if isinstance(d, dict) and d.get("name") == self.node.name
+                    and d.get("alive") is True]
         except (HpcflowError, KeyError, TypeError):
-            return
-        for info in twins[:4]:
-            self.node.catalog.add_peer(info)
+            return []
 
     def probe(self, endpoint: str) -> PeerInfo | None:
         """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
