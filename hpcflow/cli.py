@@ -317,26 +317,38 @@ def _run_or_explain(a: argparse.Namespace, execute: bool) -> int:
             view = c.flow.plan(h, a.method)
             print(json.dumps(view.raw) if a.json else view.explain())
             return 0
-        arr = h.fetch()
-        if a.save:
+        arr: Any = None
+        if a.save and not a.output:
+            # saved, not shown: planned to stay where it is made (a split result moves
+            # nothing), so it is not fetched either
             h.save(a.save, overwrite=a.overwrite, partitioned=a.partitioned)
+            saved = c.array(a.save)
+            shape, dtype = tuple(saved.shape), np.dtype(saved.dtype)
+        else:
+            arr = h.fetch()
+            shape, dtype = arr.shape, arr.dtype
+            if a.save:
+                h.save(a.save, overwrite=a.overwrite, partitioned=a.partitioned)
         if a.output:
             np.save(a.output, arr)
         report = c.report()
         assert h.plan is not None
-        result = {"op": a.op, "inputs": a.inputs, "shape": list(arr.shape), "dtype": arr.dtype.str,
+        result = {"op": a.op, "inputs": a.inputs, "shape": list(shape), "dtype": dtype.str,
                   "bytes_planned": report["bytes_planned"], "bytes_moved": report["bytes_moved"],
                   "moved": report["moved"], "saved_as": a.save, "output": a.output,
-                  "values": None if a.output else _json_values(arr), "plan": h.plan.raw}
+                  "values": None if arr is None or a.output else _json_values(arr),
+                  "plan": h.plan.raw}
         if a.json:
             print(json.dumps(result))
         else:
             print(h.plan.explain())
-            print(f"result: {'x'.join(map(str, arr.shape)) or 'scalar'} {arr.dtype}; moved "
+            print(f"result: {'x'.join(map(str, shape)) or 'scalar'} {dtype}; moved "
                   f"{_size(report['bytes_moved'])} (planned {_size(report['bytes_planned'])})"
                   + (f"; saved as {a.save}" if a.save else "")
                   + (f"; written to {a.output}" if a.output else ""))
-            if not a.output:
+            if arr is None:
+                print(f"(not fetched: hpcflow get {a.save} FILE, or --output FILE.npy)")
+            elif not a.output:
                 print(arr)  # numpy's summary past 1000 values
                 if arr.size > np.get_printoptions()["threshold"]:
                     print("(every value: --json, or --output FILE.npy)")

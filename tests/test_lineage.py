@@ -191,6 +191,10 @@ def test_partitioned_save_lineage_and_recompute(split: Cluster) -> None:
         run = _cli(split, "run", "select", "X", "--param", "index=[1]", "--save", name,
                    *how, "--json")
         assert run.returncode == 0, run.stderr
+        doc = json.loads(run.stdout)
+        assert doc["shape"] == [x.shape[0], 1] and doc["values"] is None
+        if not how:  # saved where it was made, never fetched: nothing moved
+            assert doc["bytes_moved"] == 0
         with split["n1"].client() as c:
             assert len(c.wait_for(name, 10)["parts"]) == nparts
             assert np.array_equal(c.fetch(name), x[:, [1]])
