@@ -451,7 +451,9 @@ class DhtCatalog(Catalog):
         self._inflight[name] = ar
         try:
             found = self._fetch(name)
-            if found[0] or found[1]:  # "nobody else" is not cached: a put may come any time
+            # "nobody else" is not cached (a put may come any time), nor a split dataset
+            # missing parts (their holders' pointers are being written right now)
+            if (found[0] or found[1]) and self._whole(name, found[0]):
                 self._cache[name] = (time.monotonic(), *found)
             ar.set(found)
             return found
@@ -460,6 +462,12 @@ class DhtCatalog(Catalog):
             raise
         finally:
             self._inflight.pop(name, None)
+
+    def _whole(self, name: str, others: list[tuple[str, DatasetRecord]]) -> bool:
+        """Whether every part the records of ``name`` announce is among them."""
+        recs = [r for _, r in others] + self.own.named(name)
+        nparts = max((r.nparts or 1 for r in recs if r.part is not None), default=0)
+        return len({r.part for r in recs if r.part is not None}) >= nparts
 
     def _fetch(self, name: str) -> tuple[list[tuple[str, DatasetRecord]], list[str]]:
         self.stats["lookups"] += 1
