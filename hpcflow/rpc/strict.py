@@ -570,6 +570,8 @@ class _Pending:
     method: str
     started: float
     last_heard: float
+    #: The greenlet sending the request while its send waits for the socket.
+    sender: Any = None
 
 
 class Client:
@@ -603,6 +605,8 @@ class Client:
         for p in self.pending.values():
             if not p.result.ready():
                 p.result.set((False, exc))
+            if p.sender is not None:  # its send waits for a peer that refused us
+                gevent.kill(p.sender, exc)
 
     def __getattr__(self, method: str) -> Callable[..., Any]:
         if method.startswith("__"):
@@ -625,7 +629,13 @@ class Client:
         self.pending[msgid] = p
         limit = self.timeout if timeout is None else timeout
         try:
-            self._io.send((), {"message_id": msgid, "v": PROTOCOL_VERSION}, method, list(args))
+            p.sender = gevent.getcurrent()
+            try:
+                with gevent.Timeout(limit):  # a socket with no peer to take it waits
+                    self._io.send((), {"message_id": msgid, "v": PROTOCOL_VERSION}, method,
+                                  list(args))
+            finally:
+                p.sender = None
             ok, value = p.result.get(timeout=limit)
         except gevent.Timeout:
             raise PeerUnavailable(f"no answer from {self.endpoint} to {method} within "
