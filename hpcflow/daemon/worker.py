@@ -404,11 +404,11 @@ class Worker:
         ex = req.expect
         if spec.kind != "rowwise" or req.mode not in ("whole", "part"):
             return None
-        if getattr(spec, "rows", None) is not None:  # selects rows by their global index
+        if spec.rows is not None:  # selects rows by their global index
             return None
         if ex is None or not ex.shape:
             return None
-        layout, shapes = [], []
+        layout, shapes, itemsizes = [], [], []
         for i in req.inputs:
             try:
                 loc = self.node.catalog.locate(i.name)
@@ -419,6 +419,7 @@ class Worker:
             lo, hi = i.rows if i.rows is not None else (0, loc.shape[0])
             layout.append((i.name, lo, hi))
             shapes.append((hi - lo, *loc.shape[1:]))
+            itemsizes.append(np.dtype(loc.dtype).itemsize)
         try:
             roles = row_roles(spec, shapes)
         except OpError:
@@ -427,8 +428,7 @@ class Worker:
         rows = shapes[first][0]
         if len(shapes[first]) < 2 or ex.shape[0] != rows:
             return None
-        loc = self.node.catalog.locate(layout[first][0])
-        if rows * np.dtype(loc.dtype).itemsize * math.prod(loc.shape[1:]) < STREAM_MIN_BYTES:
+        if itemsizes[first] * math.prod(shapes[first]) < STREAM_MIN_BYTES:
             return None
         return [(*x, r) for x, r in zip(layout, roles, strict=True)]
 
