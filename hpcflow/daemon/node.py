@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from typing import Any
 
 import gevent
@@ -105,6 +106,8 @@ class Node:
         self.store.before_commit = self.datasets.claims.gate
         self.service = NodeService(self, self.worker, self.datasets)
         self._secure()
+        if cfg.catalog == "dht":
+            self._check_dht_port(cfg.rpc_endpoint)
         try:
             self.rpc = strict.Server(self.service, heartbeat=5, context=self.ctx,
                                      name=self.name,
@@ -186,6 +189,24 @@ class Node:
         return DhtCatalog(membership, facade, secret=storage.secret,
                           republish_s=self.config.dht_republish_s,
                           cache_ttl_s=min(1.0, self.config.ttl_s))
+
+    @staticmethod
+    def _check_dht_port(rpc_endpoint: str) -> None:
+        """A fixed --listen port whose UDP twin is taken fails before any TCP bind, so
+        the error names the UDP port rather than whichever TCP port we reached next."""
+        if not rpc_endpoint.startswith("tcp://"):
+            return  # _make_catalog says why dht needs TCP
+        host, _, port = rpc_endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+        if port == "0":
+            return  # ephemeral: the DHT takes the number the RPC socket got
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("" if host in ("*", "0.0.0.0", "::") else host, int(port)))
+            except OSError as exc:
+                raise ConfigError(f"--catalog dht: cannot bind UDP port {port} on {host} "
+                                  f"(the RPC port's number): {exc}") from exc
 
     def _make_replicated(self) -> ReplicatedCatalog:
         return ReplicatedCatalog(
