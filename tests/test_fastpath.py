@@ -3,6 +3,7 @@ big results pulled from where they were made, cached plans, concurrent submissio
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,68 @@ def test_clients_cannot_forge_internal_lineage_or_take_slice_names(two: Cluster)
             c.put("ONES:rows0-1000", np.full((1000, 3), 1000.0))
         c.put("FINE", np.ones(3), lineage={"source": "my.h5", "note": "ok"})
         np.testing.assert_array_equal(c.run("colsum", "ONES").fetch(), np.full(3, 2000.0))
+
+
+def test_back_to_back_flows_never_plan_with_a_removed_copy(make_cluster: Any) -> None:
+    """A flow's clean-up removes the copy it pulled; the script's next flow, started at
+    once, must not plan with that copy (its initiator's catalog shows the removal before
+    the close returns), and a re-plan after a failure waits for the catalog to show what
+    changed (it used to re-plan from the same stale view and fail again)."""
+    c: Cluster = make_cluster()
+    c.add("a")
+    c.add("b", via="a")
+    c.add("c", via="a")
+    c.wait_members()
+    x = np.random.default_rng(5).random((5000, 8))
+    y = np.random.default_rng(6).random((5000, 8))
+    with c["b"].client() as cb:
+        cb.put("X", x)
+    with c["c"].client() as cc:
+        cc.put("Y", y)
+    wait_for(lambda: {"X", "Y"} <= names_on(c["a"]), 10, "X, Y on a")
+    want = ((x * 2.0 + y) * 0.5).mean(axis=0)
+    replans = moved = 0
+    for _ in range(200):
+        with c["a"].client() as flow:
+            h = flow.run("colmean", flow.run("scale", flow.run(
+                "add", flow.run("scale", "X", factor=2.0), "Y"), factor=0.5))
+            np.testing.assert_allclose(h.fetch(), want)
+            report = flow.report()
+            replans += report["replans"]
+            moved += report["bytes_moved"]
+    assert replans == 0
+    assert moved >= 200 * x.nbytes  # each flow pulled a copy of its own (of X or of Y)
+    # ... over a bulk socket the puller kept: one per (puller, holder), not one per flow
+    opened = 0
+    for node in ("a", "b", "c"):
+        with c[node].client() as k:
+            opened += k.stats()["traffic"]["bulk_sockets"]
+    assert 1 <= opened <= 2
+
+
+def test_pulls_reuse_a_socket_per_holder_and_survive_its_restart(make_cluster: Any,
+                                                                 tmp_path: Path) -> None:
+    """Consecutive fetches from one holder open one bulk socket, not one each; a kept
+    socket whose holder restarted at the same endpoint still works."""
+    import socket
+
+    with socket.socket() as s:  # a free port for b's fixed endpoints (RPC, +1, +2)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c: Cluster = make_cluster()
+    c.add("a")
+    b = c.add("b", via="a", extra=["--listen", f"127.0.0.1:{port}"])
+    c.wait_members()
+    ds = np.random.default_rng(7).random((3000, 16))
+    with b.client() as cb:
+        cb.put("DS", ds)
+    wait_for(lambda: "DS" in names_on(c["a"]), 10, "DS known on a")
+    with c["a"].client() as ca:
+        for _ in range(3):
+            np.testing.assert_array_equal(ca.fetch("DS"), ds)
+        assert ca.traffic.bulk_sockets == 1
+        b.kill(signal.SIGTERM)
+        b.start()
+        wait_for(lambda: "DS" in names_on(c["a"]), 20, "DS back on a after b restarted")
+        np.testing.assert_array_equal(ca.fetch("DS"), ds)
+        assert ca.traffic.bulk_sockets <= 2

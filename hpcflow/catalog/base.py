@@ -175,6 +175,10 @@ def check_parts_agree(name: str, parts: list[DatasetRecord]) -> None:
 class Catalog(abc.ABC):
     """Cluster-wide, locally answered view of which node holds which dataset part."""
 
+    #: Whether other nodes' changes are pushed here moments after they happen (so that
+    #: waiting for one to show is worth it), rather than found by a later lookup.
+    pushed = True
+
     @abc.abstractmethod
     def start(self) -> None: ...
 

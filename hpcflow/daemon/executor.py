@@ -48,6 +48,8 @@ from .share import ShareCancelled
 
 log = logging.getLogger("hpcflow.executor")
 
+#: How long a flow's clean-up waits for its removals on other nodes to show here.
+CLEANUP_SETTLE_S = 1.0
 LONG_CALL_S = 24 * 3600.0  # liveness comes from RPC heartbeats, not from this
 #: A delivered result whose planned size is at most this travels inline (see module doc).
 INLINE_TOTAL = 16 << 20
@@ -334,12 +336,36 @@ class Executor:
         for node, name, part in created:
             by_node[node].append([name, part])
         removed = 0
+        gone: list[tuple[str, str, int | None]] = []
         for node, items in by_node.items():
             try:
                 removed += int(self._call(node, "delete_parts", items))
+                gone += [(node, name, part) for name, part in items]
             except HpcflowError as exc:
                 log.warning("cleanup on %s failed: %s", node, exc)
+        self._await_removals(gone)
         return removed
+
+    def _await_removals(self, gone: list[tuple[str, str, int | None]]) -> None:
+        """Return once this node's catalog no longer shows what other nodes just removed
+        (at most ``CLEANUP_SETTLE_S``): the script's next flow plans from this catalog,
+        and a plan counting on a copy that is gone fails and has to be made again."""
+        cat = self.node.catalog
+        others = [g for g in gone if g[0] != self.node.name]
+        if not others or not cat.pushed:
+            return
+        deadline = time.monotonic() + CLEANUP_SETTLE_S
+
+        def shown() -> bool:
+            return any(rec.owner == holder and rec.part == part
+                       for holder, name, part in others
+                       for rec in cat.records_named(name))
+
+        while shown():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            cat.wait_changed(remaining)
 
 
 def depends_on(plan: Plan, steps: dict[str, Any], k: int) -> list[int]:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
 
 from ..catalog.record import validate_flag, validate_name
-from ..decide import Plan, Step, greedy_plan, optimal_plan, pull_all_plan
+from ..decide import Placement, Plan, Step, greedy_plan, optimal_plan, pull_all_plan
 from ..errors import (
     DatasetExists,
     DatasetNotFound,
@@ -86,8 +87,9 @@ def _parse(node: NodeParts, req: object) -> tuple[str, list[Step], list[str], st
 
 
 def make_plan(node: NodeParts, worker: Worker, req: object
-              ) -> tuple[Plan, str, list[Step], list[str]]:
-    """Plan from this node's catalog; the search runs off the event loop."""
+              ) -> tuple[Plan, str, list[Step], list[str], Placement]:
+    """Plan from this node's catalog (the search runs off the event loop); also returns
+    the placement planned with."""
     wf, steps, deliver, objective, method = _parse(node, req)
     sources = adapter.source_names(steps)
     snap = node.catalog.snapshot(sources)
@@ -128,13 +130,13 @@ def make_plan(node: NodeParts, worker: Worker, req: object
     t0 = time.monotonic()  # a cached plan is counted too: what a request waits for
     made = cache.get_or_make(key, steps, search)
     worker.events.planned(time.monotonic() - t0)
-    return made, wf, steps, deliver
+    return made, wf, steps, deliver, placement
 
 
 def plan(node: NodeParts, worker: Worker, req: object) -> dict[str, Any]:
     """The plan, with the live nodes each step may not go to and why (``excluded``, and
     a line per such step under the explain table)."""
-    the_plan, _, steps, _ = make_plan(node, worker, req)
+    the_plan, _, steps, _, _ = make_plan(node, worker, req)
     out = adapter.plan_to_wire(the_plan)
     ops = {v.info.name: v.ops for v in node.catalog.nodes() if v.alive}
     excluded = adapter.exclusions(steps, ops, node.registry)
@@ -160,7 +162,7 @@ def execute(node: NodeParts, worker: Worker, req: object,
     book = worker.book
     failed = Execution()
     for attempt in (1, 2):
-        the_plan, wf, steps, deliver = make_plan(node, worker, req)
+        the_plan, wf, steps, deliver, placed = make_plan(node, worker, req)
         log.info("workflow %s: %s", wf, the_plan.summary())
         by_out = {s.out: s for s in steps}
         xid = book.begin(wf, plan_uses(the_plan, by_out))
@@ -176,6 +178,10 @@ def execute(node: NodeParts, worker: Worker, req: object,
             if isinstance(exc, PeerUnavailable):
                 # Wait until the catalog has noticed (TTL), so the new plan avoids the node.
                 gevent.sleep(node.config.ttl_s + node.config.heartbeat_s)
+            else:  # a copy was removed (another flow's clean-up) after we planned with it
+                _await_catalog(node, partial(_placed_otherwise, node, steps, placed))
+            # The failed attempt's outputs are removed; the next one makes them again.
+            _await_catalog(node, partial(_outputs_gone, node, steps))
             continue
         except BaseException:
             book.end(wf, xid, ok=False)
@@ -186,6 +192,31 @@ def execute(node: NodeParts, worker: Worker, req: object,
                 "execution": ex.to_wire(),
                 "replanned": attempt > 1}
     raise AssertionError("unreachable")
+
+
+def _await_catalog(node: NodeParts, done: Callable[[], bool]) -> None:
+    """Wait (at most the TTL) until the catalog satisfies ``done``: before a re-plan,
+    until it shows what the failed attempt changed (its removals are announced by
+    other nodes a moment later, and re-planning from the stale view would make the
+    same plan, or refuse the step outputs as existing)."""
+    deadline = time.monotonic() + node.config.ttl_s
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        node.catalog.wait_changed(remaining)
+
+
+def _outputs_gone(node: NodeParts, steps: list[Step]) -> bool:
+    return not any(node.catalog.records_named(s.out) for s in steps)
+
+
+def _placed_otherwise(node: NodeParts, steps: list[Step], before: Placement) -> bool:
+    sources = adapter.source_names(steps)
+    try:
+        return adapter.placement(node.catalog.snapshot(sources), sources) != before
+    except DatasetNotFound:
+        return True  # now missing: the new attempt says so
 
 
 def _items(created: object) -> list[tuple[str, str, int | None]]:

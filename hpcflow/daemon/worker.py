@@ -36,6 +36,7 @@ import numpy as np
 
 from ..catalog.base import Location, PartLocation
 from ..catalog.lineage import source_digest
+from ..catalog.memory import MemoryReader
 from ..catalog.record import DatasetRecord, key_of
 from ..errors import DatasetNotFound, InvalidData, PeerUnavailable
 from ..ops import (
@@ -65,7 +66,7 @@ log = logging.getLogger("hpcflow.worker")
 
 
 #: Inputs up to this many bytes are computed on the event loop: a thread hop costs more.
-INLINE_COMPUTE_BYTES = 256 * 1024
+INLINE_COMPUTE_BYTES = 1024 * 1024
 #: A rowwise unit on at least this many input bytes runs block by block (:mod:`.stream`).
 STREAM_MIN_BYTES = 1 << 20
 
@@ -179,7 +180,7 @@ class Worker:
         return loc, pieces
 
     def local_rows(self, name: str, rows: tuple[int, int] | None,
-                   wait_s: float | None = None) -> np.ndarray[Any, Any]:
+                   wait_s: float | None = None, view: bool = False) -> np.ndarray[Any, Any]:
         """Rows ``[lo, hi)`` of ``name`` from local copies only (no network).
 
         Row offsets come from the catalog, so wait until it knows every part:
@@ -188,6 +189,8 @@ class Worker:
         removed, say) are a :class:`DatasetNotFound`: the initiator re-plans.
         Big reads are copied piecewise, yielding between pieces.  ``wait_s``: how long
         to wait for the catalog to know the whole dataset (default the RPC timeout).
+        ``view``: rows held by one in-memory part come back as a read-only view of it,
+        not a copy (for code that never writes its inputs: the built-in ops).
         """
         loc, pieces = self._pieces(name, wait_s=self._wait(wait_s))
         total = loc.shape[0] if loc.shape else 1
@@ -199,6 +202,13 @@ class Worker:
             if rec is None:
                 raise DatasetNotFound(f"{name} is not on {self.node.name}")
             return np.asarray(self.node.store.read_array(rec.name, rec.part, verify=False))
+        if view:
+            for plo, phi, rec in pieces:
+                if plo <= lo and hi <= phi:
+                    reader = self.node.store.reader(rec.key)
+                    if isinstance(reader, MemoryReader):
+                        return reader.array()[lo - plo : hi - plo]
+                    break
         out = np.empty((hi - lo, *loc.shape[1:]), dtype=np.dtype(loc.dtype))
         row_bytes = out.itemsize * math.prod(loc.shape[1:])
         flat = out.reshape(-1).view(np.uint8)
@@ -576,7 +586,8 @@ class Worker:
                         for i in req.inputs]
             return self._off_loop(spec, sum(_nbytes(p) for p in partials), combine_partials,
                                   (spec, partials, req.params), timing)
-        arrays = [self.local_rows(i.name, i.rows, wait_s) for i in req.inputs]
+        ours = _builtin(spec)
+        arrays = [self.local_rows(i.name, i.rows, wait_s, view=ours) for i in req.inputs]
         nbytes = sum(a.nbytes for a in arrays)
         runners: dict[str, Callable[..., Any]] = {
             "whole": apply, "part": run_rowwise_part, "partial": run_partial}

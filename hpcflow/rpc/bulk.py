@@ -546,11 +546,20 @@ class BulkServer:
                     up.writer.abort()
 
 
+#: Idle DEALER sockets a client keeps per bulk endpoint, and endpoints at most, for the
+#: next pull: a connect (and with keys a CURVE handshake) costs more than a small pull.
+IDLE_PER_ENDPOINT = 2
+IDLE_ENDPOINTS = 64
+
+
 class BulkClient:
     """Fetches and uploads datasets over a peer's bulk endpoint.
 
-    Each transfer opens its own DEALER socket, owned by the calling greenlet
-    for the transfer's lifetime.
+    Each transfer has its own DEALER socket, owned by the calling greenlet for the
+    transfer's lifetime.  A pull that ended with every request answered exactly once
+    (nothing re-sent, so no reply can still be on its way) hands its socket back for
+    a later pull from the same endpoint; any other ends by closing it.  Kept sockets
+    close with the context (their owners destroy it with ``linger=0``).
     """
 
     def __init__(self, ctx: zmq.Context, traffic: Traffic, me: str,
@@ -562,12 +571,32 @@ class BulkClient:
         #: Asked (only while a transfer hears nothing) whether the cluster still
         #: believes ``peer`` alive; False ends the transfer with PeerUnavailable.
         self.is_alive = is_alive
+        self._idle: OrderedDict[str, list[zmq.Socket]] = OrderedDict()
 
-    def _socket(self, endpoint: str) -> zmq.Socket:
+    def _socket(self, endpoint: str, reuse: bool = False) -> zmq.Socket:
+        idle = self._idle.get(endpoint) if reuse else None
+        if idle:
+            s = idle.pop()
+            if not idle:
+                del self._idle[endpoint]
+            return s
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(endpoint)
+        self.traffic.bulk_sockets += 1
         return s
+
+    def _keep(self, endpoint: str, s: zmq.Socket) -> None:
+        """Keep ``s`` (no reply outstanding on it) for the next pull from ``endpoint``."""
+        idle = self._idle.setdefault(endpoint, [])
+        self._idle.move_to_end(endpoint)
+        if len(idle) >= IDLE_PER_ENDPOINT:
+            s.close(linger=0)
+        else:
+            idle.append(s)
+        while len(self._idle) > IDLE_ENDPOINTS:
+            for old in self._idle.popitem(last=False)[1]:
+                old.close(linger=0)
 
     def _recv(self, s: zmq.Socket, peer: str, what: str,
               timeout: float | None = None) -> tuple[bytes, dict[str, Any], list[Any]]:
@@ -597,9 +626,12 @@ class BulkClient:
         attempts: dict[int, int] = {}
         next_k = done = 0
         heard = resent = time.monotonic()
-        s = self._socket(endpoint)
+        asked = 0
+        s = self._socket(endpoint, reuse=True)
         try:
             def ask(key: int) -> None:
+                nonlocal asked
+                asked += 1
                 verb, hdr = request(key)
                 s.send_multipart([verb, pack({"r": r, **hdr})])
 
@@ -650,7 +682,12 @@ class BulkClient:
                 del attempts[key]
                 done += 1
                 gevent.sleep(0)  # a queued reply is received without yielding
-        finally:
+        except BaseException:
+            s.close(linger=0)
+            raise
+        if asked == len(keys):  # each request answered once: nothing more can arrive
+            self._keep(endpoint, s)
+        else:
             s.close(linger=0)
 
     def fetch(self, endpoint: str, peer: str, rec: DatasetRecord, deliver: Deliver) -> int:

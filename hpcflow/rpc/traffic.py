@@ -28,6 +28,8 @@ class Traffic:
     messages_sent: int = 0
     messages_received: int = 0
     chunk_retries: int = 0
+    #: Bulk sockets opened (a pull reuses an idle one to the same endpoint).
+    bulk_sockets: int = 0
     #: Receive bandwidth (bytes/s) observed per peer, smoothed over transfers.
     bandwidth: dict[str, float] = field(default_factory=dict)
 
@@ -57,6 +59,7 @@ class Traffic:
         self.messages_sent += other.messages_sent
         self.messages_received += other.messages_received
         self.chunk_retries += other.chunk_retries
+        self.bulk_sockets += other.bulk_sockets
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -65,5 +68,6 @@ class Traffic:
             "messages_sent": self.messages_sent,
             "messages_received": self.messages_received,
             "chunk_retries": self.chunk_retries,
+            "bulk_sockets": self.bulk_sockets,
             "bandwidth": {k: round(v) for k, v in self.bandwidth.items()},
         }

@@ -113,6 +113,8 @@ REGROW_TICKS = 5
 class DhtCatalog(Catalog):
     """A :class:`Catalog` whose dataset pointers live in a Kademlia DHT (module docstring)."""
 
+    pushed = False  # another node's change is seen by a lookup after the cache's second
+
     def __init__(self, membership: ReplicatedCatalog, facade: DhtFacade, *,
                  secret: bytes | None = None, republish_s: float = 300.0,
                  cache_ttl_s: float = 1.0, poll_s: float = 0.25) -> None:
