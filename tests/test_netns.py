@@ -24,6 +24,10 @@ import pytest
 from hpcflow.harness.netns import MAX_GBIT, MIN_GBIT, Topology, available, remove_stale
 from hpcflow.harness.procs import claim, reap_stale
 
+# Real NFS servers, network namespaces and whole replays: one xdist worker runs
+# them one after another (tests/conftest.py), the rest of the suite beside them.
+pytestmark = pytest.mark.xdist_group("hosts")
+
 SCALE = float(os.environ.get("HPCFLOW_TIMEOUT_SCALE", "1"))
 REPO = str(Path(__file__).resolve().parents[1])
 PORT = 5000  # free in every fresh namespace

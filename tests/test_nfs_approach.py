@@ -25,6 +25,10 @@ from hpcflow.harness.nfs_approach import NfsApproachError, run_nfs
 from hpcflow.harness.report import array_checksum
 from hpcflow.harness.scenario import NFS_HOST, Scenario, generate, load_scenario, reference_result
 
+# Real NFS servers, network namespaces and whole replays: one xdist worker runs
+# them one after another (tests/conftest.py), the rest of the suite beside them.
+pytestmark = pytest.mark.xdist_group("hosts")
+
 SCALE = float(os.environ.get("HPCFLOW_TIMEOUT_SCALE", "1"))
 NFS_OK, NFS_REASON = nfs_baseline.available()
 needs_nfs = pytest.mark.skipif(not NFS_OK, reason=f"NFS baseline unavailable: {NFS_REASON}")

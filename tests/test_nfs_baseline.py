@@ -24,6 +24,10 @@ import pytest
 from nfs_baseline import GaneshaServer, NfsClient, NfsUnavailable, available
 from nfs_baseline.client import CHUNK_BYTES
 
+# Real NFS servers, network namespaces and whole replays: one xdist worker runs
+# them one after another (tests/conftest.py), the rest of the suite beside them.
+pytestmark = pytest.mark.xdist_group("hosts")
+
 SCALE = float(os.environ.get("HPCFLOW_TIMEOUT_SCALE", "1"))
 REPO = str(Path(__file__).resolve().parents[1])
 OK, REASON = available()

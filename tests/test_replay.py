@@ -33,6 +33,10 @@ from hpcflow.harness.report import ApproachResult
 from hpcflow.harness.scenario import Scenario, list_scenarios, load_scenario
 from tests.conftest import SCALE, wait_for
 
+# Real NFS servers, network namespaces and whole replays: one xdist worker runs
+# them one after another (tests/conftest.py), the rest of the suite beside them.
+pytestmark = pytest.mark.xdist_group("hosts")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = list_scenarios(ROOT / "scenarios")
 NFS_OK, NFS_WHY = nfs_baseline.available()

@@ -26,6 +26,10 @@ from hpcflow.harness.scenario import (
     reference_result,
 )
 
+# Real NFS servers, network namespaces and whole replays: one xdist worker runs
+# them one after another (tests/conftest.py), the rest of the suite beside them.
+pytestmark = pytest.mark.xdist_group("hosts")
+
 SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 SHIPPED = list_scenarios(SCENARIOS)
 H5MD = SCENARIOS / "data" / "chain.h5md"
