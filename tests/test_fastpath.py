@@ -205,21 +205,27 @@ def test_save_keeps_a_durable_copy_on_the_initiator(two: Cluster, tmp_path: Path
         assert "flow" not in rec.lineage
 
 
-def test_each_node_gets_its_share_once(make_cluster: Any) -> None:
-    """A 10-step chain over data on two nodes: one call per participating node, not one
-    per step; the steps find their inputs through the catalog."""
+def x_on_b_y_on_c(make_cluster: Any, shape: tuple[int, int]
+                  ) -> tuple[Cluster, np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Nodes a, b, c; random X put on b and Y on c, both known on a."""
     c: Cluster = make_cluster()
     c.add("a")
     c.add("b", via="a")
     c.add("c", via="a")
     c.wait_members()
-    x = np.random.default_rng(3).random((20_000, 4))
-    y = np.random.default_rng(4).random((20_000, 4))
+    x, y = np.random.default_rng(3).random(shape), np.random.default_rng(4).random(shape)
     with c["b"].client() as cb:
         cb.put("X", x)
     with c["c"].client() as cc:
         cc.put("Y", y)
     wait_for(lambda: {"X", "Y"} <= names_on(c["a"]), 10, "X, Y on a")
+    return c, x, y
+
+
+def test_each_node_gets_its_share_once(make_cluster: Any) -> None:
+    """A 10-step chain over data on two nodes: one call per participating node, not one
+    per step; the steps find their inputs through the catalog."""
+    c, x, y = x_on_b_y_on_c(make_cluster, (20_000, 4))
     with c["a"].client() as flow:
         hx, hy, want_x, want_y = flow.run("scale", "X", factor=1.0), flow.run(
             "scale", "Y", factor=1.0), x.copy(), y.copy()
@@ -314,18 +320,7 @@ def test_back_to_back_flows_never_plan_with_a_removed_copy(make_cluster: Any) ->
     once, must not plan with that copy (its initiator's catalog shows the removal before
     the close returns), and a re-plan after a failure waits for the catalog to show what
     changed (it used to re-plan from the same stale view and fail again)."""
-    c: Cluster = make_cluster()
-    c.add("a")
-    c.add("b", via="a")
-    c.add("c", via="a")
-    c.wait_members()
-    x = np.random.default_rng(5).random((5000, 8))
-    y = np.random.default_rng(6).random((5000, 8))
-    with c["b"].client() as cb:
-        cb.put("X", x)
-    with c["c"].client() as cc:
-        cc.put("Y", y)
-    wait_for(lambda: {"X", "Y"} <= names_on(c["a"]), 10, "X, Y on a")
+    c, x, y = x_on_b_y_on_c(make_cluster, (5000, 8))
     want = ((x * 2.0 + y) * 0.5).mean(axis=0)
     replans = moved = 0
     for _ in range(200):
