@@ -37,9 +37,9 @@ class Owner(Protocol):
 #: Chunks at least this big are copied and hashed on a pool thread, off the gevent loop.
 OFFLOAD_BYTES = 256 * 1024
 #: An adopted array at least this big is hashed on a pool thread (all its chunks in one
-#: hop).  Hashing alone runs at ~30 GB/s (xxh3): 64 MiB holds the loop ~2 ms, while a
-#: hop to a pool thread and back cost ~0.5 ms on a loaded 2-core host.
-OFFLOAD_DIGEST_BYTES = 64 * 1024 * 1024
+#: hop).  Hashing runs at 5-30 GB/s (xxh3; cold to cached memory): 16 MiB holds the
+#: loop 0.5-3 ms, while a hop to a pool thread and back cost ~0.5 ms on a loaded host.
+OFFLOAD_DIGEST_BYTES = 16 * 1024 * 1024
 
 
 def memory_budget_default() -> int:
