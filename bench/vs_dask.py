@@ -404,9 +404,9 @@ def run_hpcflow(sc: Scenario, data: dict[str, Any], topo: Topology, work: Path,
     place(sc, data, root)
     extra = ["--log-level", "WARNING", *[arg for m in sc.ops for arg in ("--ops", m)]]
     with LocalCluster(root, extra=extra) as cluster:
-        for node in sc.nodes:
-            cluster.add(node, listen=f"{topo.address(node)}:0",
-                        prefix=["ip", "netns", "exec", topo.netns(node)])
+        cluster.add_all(sc.nodes, {node: {"listen": f"{topo.address(node)}:0",
+                                          "prefix": ["ip", "netns", "exec", topo.netns(node)]}
+                                   for node in sc.nodes})
         progress(f"  hpcflow: {len(sc.nodes)} daemons up")
         job = {"nodes": {n: p.rpc for n, p in cluster.nodes.items()},
                "warmup": a.warmup, "repeats": a.repeats, "detail": a.detail}

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,30 @@ class LocalCluster:
                            extra=[*self.extra, *extra], **kw)
         self.nodes[name] = node
         return node.start()
+
+    def add_all(self, names: Sequence[str],
+                kw: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Start ``names`` at once rather than one after another: the first alone when
+        the cluster is empty, then the rest launched together, each joining through
+        the first node, and waited for together (``kw``: per node, as ``add`` takes)."""
+        kw = kw or {}
+        todo = list(names)
+        if not todo:
+            return
+        if not self.nodes:
+            self.add(todo[0], **kw.get(todo[0], {}))
+            todo = todo[1:]
+        seed = self.nodes[next(iter(self.nodes))]
+        launched = []
+        for name in todo:  # registered before launch: stop() ends whatever was launched
+            opts = dict(kw.get(name, {}))
+            node = NodeProcess(name, self.root / name, peers=[seed.rpc],
+                               extra=[*self.extra, *opts.pop("extra", ())], **opts)
+            self.nodes[name] = node
+            node.launch()
+            launched.append(node)
+        for node in launched:
+            node.wait_ready()
 
     def __getitem__(self, name: str) -> NodeProcess:
         return self.nodes[name]

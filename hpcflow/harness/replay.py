@@ -130,12 +130,10 @@ def run_daemons(approach: str, scenario: Scenario, data: dict[str, Any], referen
     extra_args = [arg for m in scenario.ops for arg in ("--ops", m)]
     extra_args += ["--catalog", catalog]
     with LocalCluster(root, extra=["--log-level", "WARNING", *extra_args]) as cluster:
-        for node in scenario.nodes:
-            kw: dict[str, Any] = {}
-            if topology is not None:
-                kw = {"listen": f"{topology.address(node)}:0",
-                      "prefix": ["ip", "netns", "exec", topology.netns(node)]}
-            cluster.add(node, **kw)
+        cluster.add_all(scenario.nodes, {} if topology is None else {
+            node: {"listen": f"{topology.address(node)}:0",
+                   "prefix": ["ip", "netns", "exec", topology.netns(node)]}
+            for node in scenario.nodes})
         if topology is None:  # under netns only the hosts can reach each other: the agent waits
             cluster.wait_converged(60)
         progress(f"  {approach}: {len(scenario.nodes)} daemons up, starting the script")
