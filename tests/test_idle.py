@@ -3,7 +3,8 @@
 256 daemons on one host must each stay small: these tests pin, on real daemons, what
 was cut without relying on timing: modules a daemon does not import unless its options
 need them (asked from the daemon itself: ``PYTHONPROFILEIMPORTTIME`` makes CPython log
-every import to stderr, which is the node's log), and its threads.
+every import to stderr, which is the node's log), its threads, and RPC clients that do
+not keep a heartbeat timer running while no call is in flight.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import gevent
 import numpy as np
 import pytest
+
+from hpcflow.errors import DatasetNotFound
+from hpcflow.rpc import strict
 
 from .conftest import SCALE, Cluster, NodeProc, wait_for
 
@@ -100,6 +105,35 @@ def test_an_idle_daemon_runs_few_threads(cluster3: Cluster) -> None:
         names = threads(cluster3[name])
         assert names.count("ZMQbg/IO/0") == 1, names
         assert len(names) <= allowed, f"{name}: {names}, at most {allowed} expected"
+
+
+def test_an_rpc_client_ticks_only_while_a_call_is_in_flight(tmp_path: Path) -> None:
+    """A node keeps one RPC client per member it called; the heartbeat ticker of each
+    used to wake every 5 s for good (at 256 members, 51 wake-ups a second)."""
+    node = NodeProc("n1", tmp_path / "n1", [], []).start()
+    try:
+        client = strict.Client(timeout=10 * SCALE, heartbeat=1.0)
+        client.connect(node.rpc)
+        try:
+            assert client._tick is None
+            assert client.call("ping")["self"]["name"] == "n1"
+            tick = client._tick
+            assert tick is not None
+            tick.join(timeout=5 * SCALE)  # ends once nothing is pending
+            assert tick.dead
+            # the next call starts it again (a long call must be heartbeated: the
+            # server ends one whose client went silent)
+            waiter = gevent.spawn(client.call, "wait", "nothing-here", 0.5)
+            gevent.sleep(0)  # let the call be sent
+            assert client._tick is not None and not client._tick.dead
+            with pytest.raises(DatasetNotFound):
+                waiter.get(timeout=10 * SCALE)
+            client._tick.join(timeout=5 * SCALE)
+            assert client._tick.dead
+        finally:
+            client.close()
+    finally:
+        node.kill()
 
 
 def test_import_log_helper_reads_cpython_format(tmp_path: Path) -> None:
