@@ -94,6 +94,17 @@ class PeerInfo:
         return info
 
 
+#: Counts every change of any PeerState's ``info`` or ``alive`` in this process: a
+#: membership digest computed at one count holds until the next (see
+#: ``ReplicatedCatalog.digest``, asked on every heartbeat received).
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """The current count of PeerState ``info``/``alive`` changes in this process."""
+    return _GENERATION[0]
+
+
 @dataclass
 class PeerState:
     """What this node knows about one peer, as the catalog subscriber sees it."""
@@ -110,3 +121,8 @@ class PeerState:
     introduced_at: float = float("-inf")  # when we last said hello to it unasked
     interval: float = 0.0  # its heartbeat interval as it announced it (0: not yet)
     announce: bool = False  # we heard of it first hand: announce it once it is alive
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("info", "alive"):
+            _GENERATION[0] += 1
+        object.__setattr__(self, name, value)
