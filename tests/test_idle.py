@@ -19,9 +19,10 @@ from pathlib import Path
 import gevent
 import numpy as np
 import pytest
+import zmq
 
 from hpcflow.errors import DatasetNotFound
-from hpcflow.rpc import strict
+from hpcflow.rpc import auth, strict
 
 from .conftest import SCALE, Cluster, NodeProc, wait_for
 
@@ -134,6 +135,22 @@ def test_an_rpc_client_ticks_only_while_a_call_is_in_flight(tmp_path: Path) -> N
             client.close()
     finally:
         node.kill()
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_node_context_holds_sockets_for_a_thousand_members(keyed: bool, keys: Path) -> None:
+    """About four ZeroMQ sockets per member (SUB, RPC DEALER, its monitor's two PAIRs):
+    libzmq's default of 1023 per context failed ``zmq_socket`` with EMFILE ("Too many
+    open files") at about 250 members."""
+    ctx = auth.context(auth.load(keys, auth.NODE) if keyed else None)
+    socks = []
+    try:
+        for _ in range(4 * 1024 + 16):
+            socks.append(ctx.socket(zmq.PAIR))
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
 
 
 def test_import_log_helper_reads_cpython_format(tmp_path: Path) -> None:

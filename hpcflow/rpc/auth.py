@@ -190,12 +190,19 @@ class SecureContext(zmqg.Context):
         return sock
 
 
+#: ZeroMQ sockets one context may hold (libzmq's default is 1023).  A node holds about
+#: four per member (its stream's SUB; an RPC client's DEALER, plus the PAIR its handshake
+#: watch reads and the PAIR libzmq monitors it with), so the default stopped a node at
+#: about 250 members: ``zmq_socket`` fails with EMFILE ("Too many open files").
+MAX_SOCKETS = 8192
+
+
 def context(keys: Keys | None) -> Any:
     """A new zmq.green context; with keys, one that secures its sockets."""
-    if keys is None:
-        return zmqg.Context()
-    ctx = SecureContext()
-    ctx.hpcflow_keys = keys
+    ctx = zmqg.Context() if keys is None else SecureContext()
+    ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+    if keys is not None:
+        ctx.hpcflow_keys = keys
     return ctx
 
 
@@ -302,5 +309,5 @@ class HandshakeWatch:
         self._mon.close(linger=0)
 
 
-__all__ = ["CLIENT", "KEYS_ENV", "NODE", "HandshakeWatch", "Keys", "SecureContext",
-           "ZapHandler", "context", "keygen", "load", "resolve", "role_of"]
+__all__ = ["CLIENT", "KEYS_ENV", "MAX_SOCKETS", "NODE", "HandshakeWatch", "Keys",
+           "SecureContext", "ZapHandler", "context", "keygen", "load", "resolve", "role_of"]
