@@ -8,7 +8,7 @@ already up (``--via random``).  Then measure
 
 * **form**: seconds from launching the first of the N-1 until every node answers and
   lists all N members alive (and from the moment the last daemon was ready);
-* **put -> visible everywhere**: ``--puts`` small puts, each on a random node, while
+* **put -> visible everywhere**: ``--puts`` small puts, each on one of 5 random nodes, while
   every node waits for the name (the ``wait`` RPC, which returns when that node's
   catalog has it): p50/p99 of the time until the *last* node has it;
 * **lookup**: ``locate`` round trips from the script to random nodes, p50/p99;
@@ -58,6 +58,7 @@ from _util import percentile
 
 import hpcflow
 from hpcflow.harness.local import NodeProcess
+from hpcflow.rpc.calls import new_client
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -117,6 +118,7 @@ class Bench:
                       "--log-level", "WARNING"]
         self.nodes: list[NodeProcess] = []
         self.clients: dict[str, Any] = {}
+        self.rpcs: dict[str, Any] = {}
 
     def node(self, name: str, via: NodeProcess | None) -> NodeProcess:
         peers = [via.rpc] if via is not None else []
@@ -127,13 +129,31 @@ class Bench:
         return self.nodes[0] if self.args.via == "seed" else random.choice(self.nodes)
 
     def client(self, node: NodeProcess) -> Any:
+        """A script's client (``hpcflow.connect``), for puts: connecting asks the node
+        for ``info``, which in DHT mode lists the catalog (a DHT lookup per member: 7 s
+        per node at 64 on a loaded machine), so only a few nodes get one."""
         c = self.clients.get(node.name)
         if c is None:
             c = self.clients[node.name] = hpcflow.connect(node.rpc, timeout_s=120)
         return c
 
+    def rpc(self, node: NodeProcess) -> Any:
+        """A bare RPC client of ``node`` (no ``info`` at connect), for polling."""
+        c = self.rpcs.get(node.name)
+        if c is None:
+            c = self.rpcs[node.name] = new_client(node.rpc, 120.0)
+        return c
+
+    def stats(self, node: NodeProcess) -> dict[str, Any]:
+        return dict(self.rpc(node).call("stats"))
+
     def members_alive(self, node: NodeProcess) -> int:
-        return sum(1 for m in self.client(node).nodes() if m["alive"])
+        cat = self.stats(node)["catalog"]
+        if "members_alive" in cat:
+            return int(cat["members_alive"])
+        # daemons from before that counter: the catalog listing (in DHT mode a lookup
+        # per member)
+        return sum(1 for m in self.rpc(node).call("catalog", False)["nodes"] if m["alive"])
 
     def form(self) -> tuple[float, float]:
         """Seconds from launching the N-1 until formed, and from the last one ready (the
@@ -154,6 +174,7 @@ class Bench:
                 p.wait_ready(600)
             self.nodes += group
         ready = time.monotonic()
+        self.putters = random.sample(self.nodes, min(5, self.n))  # puts start on these
         print(f"N={self.n}: all {self.n} daemons up in {ready - t0:.1f} s ({machine()})",
               file=sys.stderr)
         pending = list(self.nodes)
@@ -191,7 +212,7 @@ class Bench:
 
     def settled(self) -> bool:
         """Every node heartbeats at its idle interval (no membership news to spread)."""
-        return all(self.client(p).stats()["catalog"].get("heartbeat_interval_ms", 1e9)
+        return all(self.stats(p)["catalog"].get("heartbeat_interval_ms", 1e9)
                    > self.args.heartbeat * 1000 for p in self.nodes)
 
     def idle(self) -> dict[str, float]:
@@ -199,11 +220,11 @@ class Bench:
         while self.n > 9 and not self.settled() and time.monotonic() < deadline:
             gevent.sleep(0.5)
         pids = [pid_of(p) for p in self.nodes]
-        stats0 = [self.client(p).stats()["catalog"] for p in self.nodes]
+        stats0 = [self.stats(p)["catalog"] for p in self.nodes]
         cpu0, t0 = [cpu_s(pid) for pid in pids], time.monotonic()
         gevent.sleep(self.args.idle_s)  # the measurement window
         cpu1, t1 = [cpu_s(pid) for pid in pids], time.monotonic()
-        stats1 = [self.client(p).stats()["catalog"] for p in self.nodes]
+        stats1 = [self.stats(p)["catalog"] for p in self.nodes]
         dt = t1 - t0
         cpu = [(b - a) / dt * 100 for a, b in zip(cpu0, cpu1, strict=True)]
         msgs = [(b["received"] - a["received"]) / dt for a, b in zip(stats0, stats1, strict=True)]
@@ -223,12 +244,12 @@ class Bench:
         name = f"bench{i}"
 
         def wait(p: NodeProcess) -> float:
-            self.client(p).wait_for(name, 60)
+            self.rpc(p).call("wait", name, 60.0)
             return time.monotonic()
 
+        c = self.client(random.choice(self.putters))
         waits = [gevent.spawn(wait, p) for p in self.nodes]
         gevent.sleep(0.2)  # let the waits arrive before the put (they also work if not)
-        c = self.client(random.choice(self.nodes))
         t0 = time.monotonic()
         c.put(name, np.arange(16.0))
         gevent.joinall(waits, raise_error=True)
@@ -237,9 +258,9 @@ class Bench:
     def lookups(self) -> list[float]:
         out = []
         for _ in range(self.args.lookups):
-            c = self.client(random.choice(self.nodes))
+            c = self.rpc(random.choice(self.nodes))
             t0 = time.monotonic()
-            c.locate(f"bench{random.randrange(self.args.puts)}")
+            c.call("locate", f"bench{random.randrange(self.args.puts)}")
             out.append(time.monotonic() - t0)
         return out
 
@@ -249,18 +270,25 @@ class Bench:
         t0 = time.monotonic()
         p.start(120)
         self.nodes.append(p)
-        want = {f"bench{i}" for i in range(self.args.puts)}
+        want = [f"bench{i}" for i in range(self.args.puts)]
         while True:
-            c = self.client(p)
-            names = {r.name for r in c.catalog()}
-            if want <= names and self.members_alive(p) == self.n + 1:
+            # synced: it lists every member alive and finds every dataset (a lookup each:
+            # in DHT mode there is nothing to list but what the DHT holds)
+            if self.members_alive(p) == self.n + 1 and all(self.found(p, w) for w in want):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > 120:
                 return float("inf")
             gevent.sleep(0.05)
 
+    def found(self, node: NodeProcess, name: str) -> bool:
+        try:
+            self.rpc(node).call("locate", name)
+            return True
+        except hpcflow.DatasetNotFound:
+            return False
+
     def close(self) -> None:
-        for c in self.clients.values():
+        for c in [*self.clients.values(), *self.rpcs.values()]:
             c.close()
         for p in self.nodes:
             if p.proc is not None and p.proc.poll() is None:

@@ -314,8 +314,11 @@ class Node:
 
     def stats(self) -> dict[str, Any]:
         cat = self.catalog
+        members = cat.nodes()  # cheap in both modes (``info`` lists the catalog: in DHT
+        # mode a lookup per member), so monitoring polls the membership here
         return {"traffic": self.traffic.to_wire(),
-                "catalog": _catalog_stats(cat),
+                "catalog": {**_catalog_stats(cat), "members": len(members),
+                            "members_alive": sum(1 for v in members if v.alive)},
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
