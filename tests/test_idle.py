@@ -101,6 +101,10 @@ def test_an_idle_daemon_runs_few_threads(cluster3: Cluster) -> None:
     for name in ("n1", "n2", "n3"):
         with cluster3[name].client() as c:
             wait_for(lambda c=c: c.stats()["catalog"]["probes"] >= 4, 10, "probes")
+            # what monitoring polls instead of a catalog listing (in DHT mode a lookup
+            # per member)
+            cat = c.stats()["catalog"]
+            assert (cat["members"], cat["members_alive"]) == (3, 3)
     allowed = numpy_threads() + 2
     for name in ("n1", "n2", "n3"):
         names = threads(cluster3[name])
