@@ -115,7 +115,7 @@ class Bench:
     def __init__(self, root: Path, n: int, args: argparse.Namespace) -> None:
         self.root, self.n, self.args = root, n, args
         self.extra = ["--heartbeat", str(args.heartbeat), "--catalog", args.catalog,
-                      "--log-level", "WARNING"]
+                      "--log-level", "WARNING"] + (["--ttl", str(args.ttl)] if args.ttl else [])
         self.nodes: list[NodeProcess] = []
         self.clients: dict[str, Any] = {}
         self.rpcs: dict[str, Any] = {}
@@ -173,6 +173,11 @@ class Bench:
             for p in group:
                 p.wait_ready(600)
             self.nodes += group
+            if self.args.absorb:  # and the seed lists them alive before the next batch
+                deadline = time.monotonic() + self.args.absorb
+                while ((self.members_alive_or_none(seed) or 0) < len(self.nodes)
+                       and time.monotonic() < deadline):
+                    gevent.sleep(0.2)
         ready = time.monotonic()
         self.putters = random.sample(self.nodes, min(5, self.n))  # puts start on these
         print(f"N={self.n}: all {self.n} daemons up in {ready - t0:.1f} s ({machine()})",
@@ -337,12 +342,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="daemons launched together, each batch once the last is up (0: all)")
     ap.add_argument("--via", choices=["seed", "random"], default="seed",
                     help="join through the seed or a random daemon already up")
+    ap.add_argument("--absorb", type=float, default=0.0, metavar="S",
+                    help="after each batch, wait up to S s until the seed lists it alive")
+    ap.add_argument("--ttl", type=float, default=0.0,
+                    help="the daemons' --ttl (default theirs: 3.5 s); an overloaded host "
+                    "makes live members silent for longer")
     ap.add_argument("--sim", action="store_true", help="also the simulated 1,000 and 10,000")
     args = ap.parse_args(argv)
     print(f"start: {machine()}", file=sys.stderr)
     rows = [run_size(int(s), args) for s in args.sizes.split(",") if s]
-    print(f"\ncatalog={args.catalog}, heartbeat {args.heartbeat:g} s, batches of "
-          f"{args.batch or 'all'} through {args.via}, {os.cpu_count()} cores, "
+    print(f"\ncatalog={args.catalog}, heartbeat {args.heartbeat:g} s, ttl "
+          f"{args.ttl or 'default'}, batches of {args.batch or 'all'} through {args.via}"
+          f"{f' absorbed (<= {args.absorb:g} s)' if args.absorb else ''}, "
+          f"{os.cpu_count()} cores, "
           f"{machine()} at the end\n")
     print("| daemons | form s (after all ready) | put->all p50 / p99 ms | locate p50 / p99 ms "
           "| idle CPU % per daemon (all) | RSS MB (max) | PSS MB | threads | fds | msgs/s "
