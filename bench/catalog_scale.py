@@ -3,8 +3,10 @@
 For each N in ``--sizes`` (default 16, 64, 256): start one seed, then the N-1 others in
 batches of ``--batch`` (default 16; 0: all at once, a start-up storm on purpose), each
 batch launched together and waited for (every daemon has bound its ports: ``node.json``)
-before the next; each joins through the seed (``--via seed``) or through a random daemon
-already up (``--via random``).  Then measure
+before the next (with ``--absorb S``, also until the seed lists the batch alive, at
+most S s); each joins through the seed (``--via seed``) or through a random daemon
+already up (``--via random``); ``--ttl`` is passed to the daemons (an overloaded host
+keeps live members silent for longer than the default 3.5 s).  Then measure
 
 * **form**: seconds from launching the first of the N-1 until every node answers and
   lists all N members alive (and from the moment the last daemon was ready);
@@ -32,7 +34,7 @@ this machine: idle CPU figures include contention).  If a cluster does not form 
 one's log, how many members the slowest nodes list, file descriptors).
 
 Run: ``python bench/catalog_scale.py [--sizes 16,64] [--catalog dht] [--batch 16]
-[--heartbeat 1] [--idle-s 10]``
+[--absorb 120] [--ttl 30] [--heartbeat 1] [--idle-s 10]``
 """
 
 from __future__ import annotations
