@@ -18,16 +18,12 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 import zmq
 
-from ..catalog.dht.catalog import DhtCatalog, dht_port_of
-from ..catalog.dht.facade import DhtFacade
-from ..catalog.dht.storage import PointerStorage
-from ..catalog.dht.values import mac_key
 from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
@@ -43,9 +39,12 @@ from . import opcheck
 from .datasets import Datasets
 from .epoch import next_epoch
 from .members import REJOIN_FOR_S, Members
-from .metrics import MetricsServer, NodeCollector
 from .service import NODE_ONLY, NodeService
 from .worker import Worker
+
+if TYPE_CHECKING:  # imported where used: only --catalog dht and --metrics need them
+    from ..catalog.dht.catalog import DhtCatalog
+    from .metrics import MetricsServer
 
 log = logging.getLogger("hpcflow.node")
 
@@ -74,8 +73,9 @@ class Node:
                                      corrupt_chunks=config.fault_corrupt_chunks,
                                      max_uploads=config.max_uploads,
                                      max_uploads_per_connection=config.max_uploads_per_connection)
-        self.peers = PeerClients(config.rpc_timeout_s,
-                                 context=self.ctx if self.keys is not None else None)
+        # the node's one context, with or without keys: another one (pyzmq's shared
+        # instance) is two more threads (its I/O thread and reaper) in every daemon
+        self.peers = PeerClients(config.rpc_timeout_s, context=self.ctx)
         self.bulk_client = BulkClient(self.ctx, self.traffic, self.name, self.settings,
                                       is_alive=self._peer_alive)
         self.stopped = gevent.event.Event()
@@ -133,6 +133,8 @@ class Node:
             self.catalog.announce(rec)
         self.bulk.start()
         if cfg.metrics:
+            from .metrics import MetricsServer, NodeCollector  # prometheus_client: ~4 MB
+
             self.metrics = MetricsServer(cfg.metrics, NodeCollector(
                 self, self.worker.events, self.bulk_active))
             self.metrics.start()
@@ -180,6 +182,12 @@ class Node:
         if not rpc_ep.startswith("tcp://"):
             raise ConfigError("--catalog dht needs a TCP --listen address (its UDP port is "
                               "the RPC port's number)")
+        # kademlia, rpcudp and asyncio are imported only in this mode
+        from ..catalog.dht.catalog import DhtCatalog, dht_port_of
+        from ..catalog.dht.facade import DhtFacade
+        from ..catalog.dht.storage import PointerStorage
+        from ..catalog.dht.values import mac_key
+
         host = rpc_ep[len("tcp://"):].rpartition(":")[0].strip("[]")
         storage = PointerStorage(mac_key(self.keys.secret if self.keys else None))
         scale = timeout_scale()  # a loaded host answers UDP late: not a dead contact
@@ -299,7 +307,6 @@ class Node:
         return len(bulk.uploads) if bulk is not None else 0
 
     def catalog_snapshot_wire(self) -> dict[str, Any]:
-        assert isinstance(self.catalog, ReplicatedCatalog | DhtCatalog)
         return self.catalog.snapshot_wire()
 
     def bulk_endpoints(self) -> dict[str, str]:
@@ -307,8 +314,11 @@ class Node:
 
     def stats(self) -> dict[str, Any]:
         cat = self.catalog
+        members = cat.nodes()  # cheap in both modes (``info`` lists the catalog: in DHT
+        # mode a lookup per member), so monitoring polls the membership here
         return {"traffic": self.traffic.to_wire(),
-                "catalog": _catalog_stats(cat),
+                "catalog": {**_catalog_stats(cat), "members": len(members),
+                            "members_alive": sum(1 for v in members if v.alive)},
                 "bulk_malformed": self.bulk.malformed,
                 "rpc": self.rpc.stats(),
                 "uploads_in_progress": len(self.bulk.uploads),
@@ -328,10 +338,14 @@ class Node:
 
 
 def _catalog_stats(cat: object) -> dict[str, Any]:
+    if isinstance(cat, ReplicatedCatalog):
+        return dict(cat.stats)
+    from ..catalog.dht.catalog import DhtCatalog  # loaded already if this is one
+
     if isinstance(cat, DhtCatalog):
         return {**cat.membership.stats, "dht": {**cat.stats, **cat.facade.stats,
                                                 "storage": dict(cat.facade.storage.stats)}}
-    return dict(cat.stats) if isinstance(cat, ReplicatedCatalog) else {}
+    return {}
 
 
 def _loopback(endpoint: str) -> bool:

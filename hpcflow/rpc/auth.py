@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ import zmq
 import zmq.auth
 import zmq.green as zmqg
 from zmq.utils import z85
-from zmq.utils.monitor import parse_monitor_message
 
 from ..errors import AuthenticationError, ConfigError
 from ..logutil import Throttled
@@ -190,12 +190,19 @@ class SecureContext(zmqg.Context):
         return sock
 
 
+#: ZeroMQ sockets one context may hold (libzmq's default is 1023).  A node holds about
+#: four per member (its stream's SUB; an RPC client's DEALER, plus the PAIR its handshake
+#: watch reads and the PAIR libzmq monitors it with), so the default stopped a node at
+#: about 250 members: ``zmq_socket`` fails with EMFILE ("Too many open files").
+MAX_SOCKETS = 8192
+
+
 def context(keys: Keys | None) -> Any:
     """A new zmq.green context; with keys, one that secures its sockets."""
-    if keys is None:
-        return zmqg.Context()
-    ctx = SecureContext()
-    ctx.hpcflow_keys = keys
+    ctx = zmqg.Context() if keys is None else SecureContext()
+    ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
+    if keys is not None:
+        ctx.hpcflow_keys = keys
     return ctx
 
 
@@ -257,6 +264,15 @@ def role_of(frame: Any) -> str | None:
     return user if user in ROLES else None
 
 
+def monitor_event(frames: list[bytes]) -> int:
+    """The event number of a libzmq socket-monitor message (16-bit event, 32-bit value,
+    then the endpoint).  pyzmq's ``zmq.utils.monitor`` decodes the same, but importing it
+    imports ``zmq.asyncio`` and so asyncio: about 6 MB more in every daemon and script."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise ValueError(f"not a socket-monitor message: {len(frames)} frames")
+    return int(struct.unpack("=Hi", frames[0])[0])
+
+
 class HandshakeWatch:
     """Watches a connecting socket's handshakes: ``error`` is an
     :class:`AuthenticationError` while the last handshake failed (the peer refused
@@ -273,13 +289,13 @@ class HandshakeWatch:
     def _run(self) -> None:
         while True:
             try:
-                ev = parse_monitor_message(self._mon.recv_multipart())
+                event = monitor_event(self._mon.recv_multipart())
             except (zmq.ZMQError, ValueError):
                 return
-            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.error = None
-            elif ev["event"] & HANDSHAKE_FAILED:
-                why = ("it refused our key" if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            elif event & HANDSHAKE_FAILED:
+                why = ("it refused our key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                        else "the security handshake failed")
                 self.error = AuthenticationError(
                     f"{self.endpoint}: {why}: client and node must use the same cluster's "
@@ -293,5 +309,5 @@ class HandshakeWatch:
         self._mon.close(linger=0)
 
 
-__all__ = ["CLIENT", "KEYS_ENV", "NODE", "HandshakeWatch", "Keys", "SecureContext",
-           "ZapHandler", "context", "keygen", "load", "resolve", "role_of"]
+__all__ = ["CLIENT", "KEYS_ENV", "MAX_SOCKETS", "NODE", "HandshakeWatch", "Keys",
+           "SecureContext", "ZapHandler", "context", "keygen", "load", "resolve", "role_of"]

@@ -7,6 +7,7 @@ they raise hpcflow errors: the peer's own error class by name, or
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import gevent.socket
@@ -25,16 +26,14 @@ def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
     try:
         if endpoint.startswith("tcp://"):
             host, _, port = endpoint[len("tcp://"):].rpartition(":")
-            conn = gevent.socket.create_connection((host.strip("[]"), int(port)),
-                                                   timeout=timeout_s)
+            host = host.strip("[]")
+            family = _numeric_family(host)
+            if family is None:
+                conn = gevent.socket.create_connection((host, int(port)), timeout=timeout_s)
+            else:
+                conn = _connect(family, (host, int(port)), timeout_s)
         elif endpoint.startswith("ipc://"):
-            conn = gevent.socket.socket(gevent.socket.AF_UNIX, gevent.socket.SOCK_STREAM)
-            conn.settimeout(timeout_s)
-            try:
-                conn.connect(endpoint[len("ipc://"):])
-            except BaseException:
-                conn.close()
-                raise
+            conn = _connect(gevent.socket.AF_UNIX, endpoint[len("ipc://"):], timeout_s)
         else:
             return False
     except (ConnectionRefusedError, FileNotFoundError):
@@ -43,6 +42,31 @@ def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
         return False
     conn.close()
     return False
+
+
+def _numeric_family(host: str) -> int | None:
+    """The address family of a numeric IP address, None for a host name.  A name takes
+    gevent's resolver, which runs ``getaddrinfo`` on a thread of the hub's pool: for a
+    numeric address (every member's endpoint on loopback, and usually on a cluster) that
+    was a thread and a cross-thread wake-up for each liveness probe."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _connect(family: int, address: Any, timeout_s: float) -> gevent.socket.socket:
+    conn = gevent.socket.socket(family, gevent.socket.SOCK_STREAM)
+    conn.settimeout(timeout_s)
+    try:
+        conn.connect(address)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0,

@@ -595,6 +595,7 @@ class Client:
         self._started = False
         self._closed = False
         self._watch: auth.HandshakeWatch | None = None
+        self._tick: gevent.Greenlet | None = None  # runs while calls are pending
 
     def connect(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -621,12 +622,12 @@ class Client:
         if not self._started:
             self._started = True
             self._io.spawn(self._io.receive_loop, self._route)
-            if self._io.heartbeat:
-                self._io.spawn(self._ticker)
         msgid = self._io.ids.next()
         now = time.monotonic()
         p = _Pending(gevent.event.AsyncResult(), method, now, now)
         self.pending[msgid] = p
+        if self._io.heartbeat and (self._tick is None or self._tick.dead):
+            self._tick = gevent.spawn(self._ticker)
         limit = self.timeout if timeout is None else timeout
         try:
             p.sender = gevent.getcurrent()
@@ -666,8 +667,11 @@ class Client:
             p.result.set((False, ProtocolError(f"{p.method} answered with a stream")))
 
     def _ticker(self) -> None:
+        """Heartbeat the calls in flight; ends when none is (and ``call`` starts it
+        again): a node keeps a client per member, and tickers of idle clients waking
+        every interval were a wake-up per member every 5 s."""
         freq = float(self._io.heartbeat or 0)
-        while True:
+        while self.pending:
             gevent.sleep(freq)
             now = time.monotonic()
             for msgid, p in list(self.pending.items()):
@@ -695,6 +699,8 @@ class Client:
                 p.result.set((False, PeerUnavailable(f"client of {self.endpoint} closed")))
         if self._watch is not None:
             self._watch.close()
+        if self._tick is not None:
+            self._tick.kill(block=False)
         self._io.close()
 
     def __enter__(self) -> Client:

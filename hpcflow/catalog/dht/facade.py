@@ -184,6 +184,7 @@ class DhtFacade:
         self._woken: collections.deque[gevent.event.Event] = collections.deque()
         self._async: Any = None
         self.stats = {"loop_errors": 0, "sets": 0, "gets": 0, "timeouts": 0}
+        self._allowed_sent: tuple[frozenset[Addr] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -371,8 +372,13 @@ class DhtFacade:
         return self.call(ping_all(), timeout_s)
 
     def set_allowed(self, addrs: Iterable[Addr] | None) -> None:
-        """Admit only these DHT addresses to the routing table (and drop the others)."""
+        """Admit only these DHT addresses to the routing table (and drop the others).
+        The same set as last time is not sent again (the catalog sets it every tick:
+        a wake-up of the DHT thread and a comparison of N addresses there each time)."""
         allowed = None if addrs is None else frozenset(addrs)
+        if self._allowed_sent is not None and self._allowed_sent[0] == allowed:
+            return
+        self._allowed_sent = (allowed,)
 
         def apply() -> None:
             protocol = self.server.protocol

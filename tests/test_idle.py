@@ -1,0 +1,166 @@
+"""What an idle daemon carries (issue 12, many daemons on one machine).
+
+256 daemons on one host must each stay small: these tests pin, on real daemons, what
+was cut without relying on timing: modules a daemon does not import unless its options
+need them (asked from the daemon itself: ``PYTHONPROFILEIMPORTTIME`` makes CPython log
+every import to stderr, which is the node's log), its threads, and RPC clients that do
+not keep a heartbeat timer running while no call is in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import numpy as np
+import pytest
+import zmq
+
+from hpcflow.errors import DatasetNotFound
+from hpcflow.rpc import auth, strict
+
+from .conftest import SCALE, Cluster, NodeProc, wait_for
+
+#: Never needed by a node started without ``--metrics`` / ``--catalog dht``, or never
+#: at all (the client's optional integrations and the replay harness).
+NOT_IMPORTED = ("asyncio", "kademlia", "rpcudp", "prometheus_client", "dask", "xarray",
+                "MDAnalysis", "hpcflow.client.xarray_backend", "hpcflow.harness.local",
+                "hpcflow.catalog.dht")
+
+
+def imported(log: Path) -> set[str]:
+    """Every module the process logged importing (``-X importtime`` format)."""
+    out = set()
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", line)
+        if m:
+            out.add(m.group(1))
+    return out
+
+
+def threads(node: NodeProc) -> list[str]:
+    assert node.proc is not None
+    task = Path(f"/proc/{node.proc.pid}/task")
+    return [(t / "comm").read_text().strip() for t in task.iterdir()]
+
+
+def numpy_threads() -> int:
+    """Threads a bare Python that imported numpy has (OpenBLAS starts its own)."""
+    out = subprocess.run([sys.executable, "-c", "import os, numpy; "
+                          "print(len(os.listdir('/proc/self/task')))"],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout)
+
+
+@pytest.fixture
+def cluster3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # inherited by the daemons
+    c = Cluster(tmp_path)
+    try:
+        c.add("n1")
+        c.add("n2", via="n1")
+        c.add("n3", via="n1")
+        c.wait_members()
+        yield c
+    finally:
+        c.stop()
+
+
+def test_an_idle_daemon_imports_only_what_it_runs(cluster3: Cluster) -> None:
+    """A formed cluster that stored, announced, probed and served a fetch between nodes:
+    no daemon imported asyncio (pyzmq's monitor helper pulled it in: ~6 MB a process),
+    prometheus_client (only ``--metrics``), the DHT mode's modules, dask, xarray or
+    MDAnalysis."""
+    n1, n3 = cluster3["n1"], cluster3["n3"]
+    with n1.client() as c:
+        c.put("D", np.arange(4000.0).reshape(1000, 4))
+    with n3.client() as c:
+        c.wait_for("D", 10 * SCALE)
+        assert np.array_equal(c.fetch("D"), np.arange(4000.0).reshape(1000, 4))
+        assert c.stats()["catalog"]["probes"] >= 0
+    for name in ("n1", "n2", "n3"):  # every node has probed its members by now
+        with cluster3[name].client() as c:
+            wait_for(lambda c=c: c.stats()["catalog"]["probes"] >= 4, 10, "probes")
+    for name in ("n1", "n2", "n3"):
+        mods = imported(cluster3[name].log_path)
+        assert "hpcflow.daemon.node" in mods, "the import log is not the daemon's"
+        bad = sorted(m for m in mods if m.split(".")[0] in NOT_IMPORTED or any(
+            m == x or m.startswith(x + ".") for x in NOT_IMPORTED))
+        assert not bad, f"{name} imported {bad}"
+
+
+def test_an_idle_daemon_runs_few_threads(cluster3: Cluster) -> None:
+    """Main thread, one ZeroMQ context's I/O thread and reaper (the node's RPC clients
+    share the node's context: pyzmq's shared instance was two more), and whatever
+    numpy's BLAS starts; no resolver thread for liveness probes of numeric addresses."""
+    for name in ("n1", "n2", "n3"):
+        with cluster3[name].client() as c:
+            wait_for(lambda c=c: c.stats()["catalog"]["probes"] >= 4, 10, "probes")
+            # what monitoring polls instead of a catalog listing (in DHT mode a lookup
+            # per member)
+            cat = c.stats()["catalog"]
+            assert (cat["members"], cat["members_alive"]) == (3, 3)
+    allowed = numpy_threads() + 2
+    for name in ("n1", "n2", "n3"):
+        names = threads(cluster3[name])
+        assert names.count("ZMQbg/IO/0") == 1, names
+        assert len(names) <= allowed, f"{name}: {names}, at most {allowed} expected"
+
+
+def test_an_rpc_client_ticks_only_while_a_call_is_in_flight(tmp_path: Path) -> None:
+    """A node keeps one RPC client per member it called; the heartbeat ticker of each
+    used to wake every 5 s for good (at 256 members, 51 wake-ups a second)."""
+    node = NodeProc("n1", tmp_path / "n1", [], []).start()
+    try:
+        client = strict.Client(timeout=10 * SCALE, heartbeat=1.0)
+        client.connect(node.rpc)
+        try:
+            assert client._tick is None
+            assert client.call("ping")["self"]["name"] == "n1"
+            tick = client._tick
+            assert tick is not None
+            tick.join(timeout=5 * SCALE)  # ends once nothing is pending
+            assert tick.dead
+            # the next call starts it again (a long call must be heartbeated: the
+            # server ends one whose client went silent)
+            waiter = gevent.spawn(client.call, "wait", "nothing-here", 0.5)
+            gevent.sleep(0)  # let the call be sent
+            assert client._tick is not None and not client._tick.dead
+            with pytest.raises(DatasetNotFound):
+                waiter.get(timeout=10 * SCALE)
+            client._tick.join(timeout=5 * SCALE)
+            assert client._tick.dead
+        finally:
+            client.close()
+    finally:
+        node.kill()
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_a_node_context_holds_sockets_for_a_thousand_members(keyed: bool, keys: Path) -> None:
+    """About four ZeroMQ sockets per member (SUB, RPC DEALER, its monitor's two PAIRs):
+    libzmq's default of 1023 per context failed ``zmq_socket`` with EMFILE ("Too many
+    open files") at about 250 members."""
+    ctx = auth.context(auth.load(keys, auth.NODE) if keyed else None)
+    socks = []
+    try:
+        for _ in range(4 * 1024 + 16):
+            socks.append(ctx.socket(zmq.PAIR))
+    finally:
+        for s in socks:
+            s.close(linger=0)
+        ctx.term()
+
+
+def test_import_log_helper_reads_cpython_format(tmp_path: Path) -> None:
+    """The probe above reads what CPython writes (so a format change fails loudly)."""
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-X", "importtime", "-c", "import json"],
+                       stderr=f, check=True, env={**os.environ})
+    assert "json" in imported(log)
