@@ -2,17 +2,18 @@
 
 Membership is gossiped as deltas (SWIM-style, after hashicorp/memberlist, but
 disseminated over each node's PUB socket rather than UDP): a heartbeat carries
-only the descriptors of members that joined or restarted recently (each
-retransmitted ``NEWS_RETRANSMIT`` times), the members found dead recently, and
-a digest of the sender's view of the live members.  A node whose digest keeps
-differing from ours gets a push/pull (a ``hello``: our descriptor for its full
-member list), at most one per ``heartbeat_s`` per node: the anti-entropy path.
-A descriptor with a larger ``epoch`` (a restart) replaces the older one.
+only the descriptors of members that joined, restarted or came back recently
+(each retransmitted ``NEWS_RETRANSMIT`` times by every node that learns it first,
+as memberlist retransmits: a heartbeat reaches only the node's followers), the
+members found dead recently, and a digest of the sender's view of the live
+members.  A node whose digest keeps differing from ours gets a push/pull (a
+``hello``: our descriptor for its full member list), at most one per
+``heartbeat_s`` per node: the anti-entropy path.  A descriptor with a larger
+``epoch`` (a restart) replaces the older one.
 
-Idle cost per node stays bounded: a node heartbeats every
-:func:`heartbeat_interval` (``heartbeat_s`` up to ``HB_FANIN`` peers, then
-proportionally longer), so it receives at most about ``HB_FANIN`` heartbeats
-per ``heartbeat_s`` whatever the cluster size; liveness beyond that comes from
+Idle cost per node stays bounded: a node follows (reads the PUB stream of) at
+most :func:`fanin` members, so it receives at most that many heartbeats per
+``heartbeat_s`` whatever the cluster size; liveness beyond that comes from
 probes: every ``PROBE_EVERY`` heartbeat periods a node pings one member (round
 robin over a shuffled list, as memberlist does), and a member that does not
 answer as itself is marked dead and announced; every receiver confirms with a
@@ -22,6 +23,7 @@ probe of its own before it believes it.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,8 +36,13 @@ from ..errors import ProtocolError
 MAX_EPOCH_AHEAD_S = 86_400.0
 
 
-#: Gossip tuning, in one place.  Heartbeats a node receives per heartbeat period at most
-#: (idle): beyond this many peers everyone's heartbeat interval grows.
+#: Gossip tuning, in one place.  Members a node follows (one SUB socket each) and relays
+#: catalog updates from: updates reach every node in about log(N)/log(FANIN) hops.
+FANIN = 4
+#: Test-only override of FANIN (a cluster smaller than FANIN is a full mesh).
+FANIN_ENV = "HPCFLOW_CATALOG_FANIN"
+#: The most heartbeats a node receives per heartbeat period (idle), kept for callers of
+#: :func:`heartbeat_interval`; with bounded fan-in a node receives at most FANIN.
 HB_FANIN = 8
 #: Heartbeats that carry one membership change (a join, a restart, a death).
 NEWS_RETRANSMIT = 3
@@ -43,6 +50,14 @@ NEWS_RETRANSMIT = 3
 NEWS_PER_HEARTBEAT = 32
 #: Heartbeat periods between two liveness probes sent by one node.
 PROBE_EVERY = 1.0
+
+
+def fanin() -> int:
+    """Members a node follows: ``FANIN``, or ``$HPCFLOW_CATALOG_FANIN`` (tests only)."""
+    try:
+        return max(1, int(os.environ.get(FANIN_ENV, FANIN)))
+    except ValueError:
+        return FANIN
 
 
 def heartbeat_interval(heartbeat_s: float, peers: int) -> float:
@@ -59,6 +74,14 @@ def membership_digest(members: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
+def vector_digest(vector: dict[str, tuple[int, int]]) -> str:
+    """A short digest of a per-origin ``name -> (epoch, seq)`` vector."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, (epoch, seq) in sorted(vector.items()):
+        h.update(f"{name}\0{epoch}\0{seq}\n".encode())
+    return h.hexdigest()
+
+
 def epoch_ahead_s(epoch: int) -> float:
     """How many seconds ``epoch`` lies ahead of this host's clock (negative: behind)."""
     return (epoch - time.time_ns()) / 1e9
@@ -66,13 +89,15 @@ def epoch_ahead_s(epoch: int) -> float:
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """How to reach one daemon: its RPC, catalog-publisher and bulk endpoints."""
+    """How to reach one daemon: its RPC, catalog-publisher and bulk endpoints, and the
+    public key (hex Ed25519, made per run) its catalog updates are signed with."""
 
     name: str
     epoch: int
     rpc: str
     pub: str
     bulk: str
+    key: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +108,7 @@ class PeerInfo:
             raise ProtocolError("peer descriptor must be a map")
         try:
             info = cls(str(d["name"]), int(d["epoch"]), str(d["rpc"]), str(d["pub"]),
-                       str(d["bulk"]))
+                       str(d["bulk"]), str(d.get("key", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed peer descriptor: {exc}") from exc
         for ep in (info.rpc, info.pub, info.bulk):
@@ -91,6 +116,8 @@ class PeerInfo:
                 raise ProtocolError(f"peer endpoint {ep[:64]!r} is not tcp:// or ipc://")
         if not info.name or len(info.name) > 128 or info.epoch < 0:
             raise ProtocolError("peer descriptor has an invalid name or epoch")
+        if info.key and (len(info.key) != 64 or info.key.strip("0123456789abcdef")):
+            raise ProtocolError("peer descriptor's key is not 64 hex digits")
         return info
 
 
@@ -110,3 +137,5 @@ class PeerState:
     introduced_at: float = float("-inf")  # when we last said hello to it unasked
     interval: float = 0.0  # its heartbeat interval as it announced it (0: not yet)
     announce: bool = False  # we heard of it first hand: announce it once it is alive
+    gap_since: float | None = None  # updates after a missing one are buffered since then
+    vdigest: str = ""  # the digest of its per-origin vector on its last heartbeat
