@@ -224,6 +224,11 @@ class Catalog(abc.ABC):
         """Live slices (``NAME:rowsLO-HI`` copies) of dataset ``name``."""
         return [r for r in self.records() if r.lineage.get("slice_of") == name]
 
+    def bootstrap(self, source: PeerInfo) -> None:
+        """We joined through ``source``: take the catalog as it holds it (once per run;
+        an implementation that needs no initial state ignores this)."""
+        return None
+
     def settling(self) -> bool:
         """True while this replica may still be filling (the node has just started or is
         syncing a peer): a dataset missing now may be there a moment later."""

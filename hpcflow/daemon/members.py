@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,9 @@ log = logging.getLogger("hpcflow.node")
 MEMBERS_FILE = "members.json"
 #: How long a restarted node keeps trying the members it remembers (they may be gone).
 REJOIN_FOR_S = 60.0
+#: A node's first hello waits a random part of this many heartbeat periods: many nodes
+#: started at once (a batch job) must not all knock at one member in the same instant.
+JOIN_JITTER = 0.5
 
 
 class Members:
@@ -74,13 +78,17 @@ class Members:
         """
         delay, warned = 0.2, False
         deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        gevent.sleep(random.uniform(0, JOIN_JITTER * self.node.config.heartbeat_s))
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 log.info("remembered member %s did not answer; not trying it again", endpoint)
                 return
             try:
-                self.hello(endpoint)
+                member = self.hello(endpoint)
                 log.info("joined the cluster through %s", endpoint)
+                # the whole catalog from this one member (once per run, whichever member
+                # answers first; see catalog/replicated.py)
+                self.node.catalog.bootstrap(member)
                 return
             except ConfigError as exc:
                 if give_up_after is not None and not self.name_taken(endpoint):
@@ -109,8 +117,9 @@ class Members:
                 return True
         return False
 
-    def hello(self, endpoint: str) -> None:
-        """Introduce ourselves at ``endpoint`` and learn the members it knows."""
+    def hello(self, endpoint: str) -> PeerInfo:
+        """Introduce ourselves at ``endpoint`` and learn the members it knows; returns the
+        descriptor it gave of itself."""
         try:
             reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
         except ConfigError:
@@ -124,6 +133,7 @@ class Members:
         self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
         for info in descriptors[1:]:
             self.node.catalog.add_peer(info)
+        return descriptors[0]
 
     def _learn_twins(self, endpoint: str) -> None:
         """The member at ``endpoint`` refused our hello (our name is taken): tell the
