@@ -41,9 +41,6 @@ MAX_EPOCH_AHEAD_S = 86_400.0
 FANIN = 4
 #: Test-only override of FANIN (a cluster smaller than FANIN is a full mesh).
 FANIN_ENV = "HPCFLOW_CATALOG_FANIN"
-#: The most heartbeats a node receives per heartbeat period (idle), kept for callers of
-#: :func:`heartbeat_interval`; with bounded fan-in a node receives at most FANIN.
-HB_FANIN = 8
 #: Heartbeats that carry one membership change (a join, a restart, a death).
 NEWS_RETRANSMIT = 3
 #: Most membership changes carried by one heartbeat.
@@ -58,12 +55,6 @@ def fanin() -> int:
         return max(1, int(os.environ.get(FANIN_ENV, FANIN)))
     except ValueError:
         return FANIN
-
-
-def heartbeat_interval(heartbeat_s: float, peers: int) -> float:
-    """How often a node with ``peers`` live peers heartbeats: every node then receives
-    about ``HB_FANIN`` heartbeats per ``heartbeat_s``, however large the cluster."""
-    return heartbeat_s * max(1.0, peers / HB_FANIN)
 
 
 def membership_digest(members: list[tuple[str, int]]) -> str:
@@ -136,6 +127,5 @@ class PeerState:
     unknown_since: float | None = None  # first heartbeat of a run of them omitting us
     introduced_at: float = float("-inf")  # when we last said hello to it unasked
     interval: float = 0.0  # its heartbeat interval as it announced it (0: not yet)
-    announce: bool = False  # we heard of it first hand: announce it once it is alive
     gap_since: float | None = None  # updates after a missing one are buffered since then
     vdigest: str = ""  # the digest of its per-origin vector on its last heartbeat

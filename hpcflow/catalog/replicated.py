@@ -228,7 +228,6 @@ class ReplicatedCatalog(Catalog):
         #: dead reports we passed on -> until when we do not pass them on again
         self._seen_reports: dict[tuple[str, int], float] = {}
         self._last_pushpull = float("-inf")
-        self._fast_until = float("-inf")
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
                       "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
                       "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0,
@@ -402,16 +401,11 @@ class ReplicatedCatalog(Catalog):
         gevent.spawn(confirm)
 
     def _changed_membership(self, info: PeerInfo, spread: bool) -> None:
-        """Heartbeat now and every ``heartbeat_s`` for a few beats (a newcomer counts us
-        alive once it hears our stream); announce ``info`` if ``spread``, once it is alive
-        to us (as the full member lists did: a member not heard from is not vouched for)."""
+        """Heartbeat now; announce ``info`` on our next heartbeats if ``spread`` (it is
+        verified, so it has just answered us: alive)."""
         st = self.peers.get(info.name)
-        if spread and st is not None:
-            if st.alive:  # a restart of a live member: it answered as the new run
-                self._add_news(info)
-            else:
-                st.announce = True
-        self._fast_until = time.monotonic() + NEWS_RETRANSMIT * self.heartbeat_s
+        if spread and st is not None and st.alive:
+            self._add_news(info)
         self._outbox.put(None)
 
     def answers_as(self, info: PeerInfo) -> bool:
@@ -873,8 +867,6 @@ class ReplicatedCatalog(Catalog):
             return
         st.last_seen = time.monotonic()
         if not st.alive:
-            if st.announce:
-                st.announce = False
             self._revive(st)
         self.stats["heartbeats_received"] += 1
         load, ops = msg.props.get("load"), msg.props.get("ops")
