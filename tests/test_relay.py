@@ -53,6 +53,11 @@ def test_updates_reach_every_node_through_relays(tmp_path: Path, fanin2: None) -
         _start_all(c, [f"r{i}" for i in range(1, 7)], via="r0")
         c.wait_members(30)
         nodes = [c[n] for n in sorted(c.nodes)]
+        wait_for(lambda: not any(_cat(n)["unsynced"] for n in nodes), 15, "all synced")
+        for n in nodes:
+            # nobody pulled anyone's table while forming: a new member's own endpoint
+            # said it had published nothing when it was verified (or its heartbeat did)
+            assert _cat(n)["resyncs"] == 0, n.name
         with nodes[3].client() as cl:
             cl.put("EVERYWHERE", np.arange(5.0))
         for n in nodes:

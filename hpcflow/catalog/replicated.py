@@ -119,6 +119,8 @@ SnapshotFetcher = Callable[[PeerInfo, "list[str] | None"], dict[str, Any]]
 Signed = tuple[int, dict[str, Any], bytes]
 #: Who answers at an RPC endpoint right now: the descriptor it gives of itself, or None.
 Prober = Callable[[str], "PeerInfo | None"]
+#: The same, with the sequence number its catalog stream is at (-1: not said).
+HeadProber = Callable[[str], "tuple[PeerInfo, int] | None"]
 MAX_PENDING = 10_000
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
@@ -177,6 +179,7 @@ class ReplicatedCatalog(Catalog):
         duplicate: Callable[[PeerInfo], None] = lambda info: None,
         signer: Signer | None = None,
         fan_in: int | None = None,
+        probe_head: HeadProber | None = None,
     ) -> None:
         #: this run's key pair: ``me.key`` must be its public half (see :meth:`set_self`)
         self.signer = signer or Signer()
@@ -191,6 +194,9 @@ class ReplicatedCatalog(Catalog):
         self.load = load
         self.ops = ops
         self.probe = probe
+        self.probe_head = probe_head
+        #: runs that had published nothing when they answered our verifying probe
+        self._empty_runs: set[tuple[str, int]] = set()
         self.introduce = introduce
         self.forget_after_s = forget_after_s
         self.duplicate = duplicate
@@ -235,7 +241,8 @@ class ReplicatedCatalog(Catalog):
                       "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0,
                       "forged": 0, "relayed": 0, "duplicates": 0, "followed": 0,
                       "snapshots": 0, "snapshots_served": 0, "snapshots_refused": 0,
-                      "sections_pulled": 0, "anti_entropy": 0, "news_pending": 0}
+                      "sections_pulled": 0, "anti_entropy": 0, "news_pending": 0,
+                      "unsynced": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
@@ -364,6 +371,13 @@ class ReplicatedCatalog(Catalog):
             self._pending.pop(info.name, None)
             if info.name in self._streams:
                 self._follow(info.name, info.pub)  # its new PUB (a no-op if unchanged)
+        if (info.name, info.epoch) in self._empty_runs:
+            self._empty_runs.discard((info.name, info.epoch))
+            if not st.synced and not self._pending.get(info.name) and \
+                    info.name not in self._syncing:
+                # its own endpoint said it had published nothing: its table is empty
+                self.peer_records[info.name], self.signed[info.name] = RecordTable(), {}
+                st.seq, st.synced = 0, True
         self._notify()
         self._choose_follows()
         offered = self._offered.pop((info.name, info.epoch), None)
@@ -409,7 +423,21 @@ class ReplicatedCatalog(Catalog):
         self._outbox.put(None)
 
     def answers_as(self, info: PeerInfo) -> bool:
-        return self.probe(info.rpc) == info
+        """Whether ``info.rpc`` answers with exactly ``info``.  An answer that also says
+        the member has published nothing yet lets us take its (empty) table as synced
+        when we add it, rather than pull it: in a cluster forming, every node learns
+        every other long before it follows or hears from most of them."""
+        if self.probe_head is None:
+            return self.probe(info.rpc) == info
+        head = self.probe_head(info.rpc)
+        if head is None or head[0] != info:
+            return False
+        if head[1] == 0 and len(self._empty_runs) < MAX_MEMBERS:
+            self._empty_runs.add((info.name, info.epoch))
+        return True
+
+    def published(self) -> int:
+        return self.seq
 
     def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
         """The live member whose name ``info`` claims, if it still answers as itself.
@@ -702,6 +730,8 @@ class ReplicatedCatalog(Catalog):
         interval = self._interval()
         self.stats["heartbeat_interval_ms"] = round(interval * 1000)
         self.stats["followed"] = len(self._streams)
+        self.stats["unsynced"] = sum(1 for st in self.peers.values()
+                                     if st.alive and not st.synced)
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
                      props={"load": self.load(), "members": members, "ops": self.ops(),
                             "dead": dead, "d": self.digest(), "i": interval,

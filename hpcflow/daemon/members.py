@@ -156,15 +156,23 @@ class Members:
 
     def probe(self, endpoint: str) -> PeerInfo | None:
         """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
-        epoch, endpoints); None when nothing does within the TTL (a refused connection
-        answers at once) or the answer is malformed."""
+        epoch, endpoints, key); None when nothing does within the TTL (a refused
+        connection answers at once) or the answer is malformed."""
+        head = self.probe_head(endpoint)
+        return head[0] if head is not None else None
+
+    def probe_head(self, endpoint: str) -> tuple[PeerInfo, int] | None:
+        """:meth:`probe`, and the sequence number the node's catalog stream is at (-1
+        when it does not say)."""
         if refuses_connections(endpoint):
             return None
         try:
             r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
-            return PeerInfo.from_wire(r["self"])
+            info = PeerInfo.from_wire(r["self"])
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
+        seq = r.get("seq")
+        return info, seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
 
 
 __all__ = ["MEMBERS_FILE", "REJOIN_FOR_S", "Members"]

@@ -217,6 +217,7 @@ class Node:
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
             ops=self.registry.hashes,
             pub_bind=self.config.pub_endpoint, probe=self.members.probe,
+            probe_head=self.members.probe_head,
             introduce=lambda info: self.members.hello(info.rpc),
             forget_after_s=self.config.forget_dead_s, duplicate=lambda info: self._refused(),
             signer=self.signer)
