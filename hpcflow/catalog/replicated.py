@@ -21,18 +21,24 @@ disseminated through a bounded fan-in overlay.
   node compares its per-origin ``(epoch, seq)`` vector with one random member's
   (heartbeats carry its digest) and pulls the origins it is behind on: the
   safety net for what a dropped message or a dead relay left out.
-* A joiner (or a node that lost its state) takes the whole catalog (every live
-  origin's records with their signatures and sequence numbers) from ONE member,
-  after a jittered delay, asking another when that one fails or answers
+* A joiner takes the whole catalog (every live origin's records with their
+  signatures and sequence numbers) from ONE member, after a jittered delay,
+  asking another when that one fails or answers
   :class:`~hpcflow.errors.CatalogBusy` (a member serves ``SNAPSHOT_SLOTS`` full
-  snapshots per heartbeat period at most).
+  snapshots per heartbeat period at most).  A member learned later is synced
+  from its first update (seq 1), its heartbeat's seq 0 (if we follow it), or the
+  answer of the ``ping`` that verified it, which carries its stream's seq (0:
+  an empty table); only otherwise is its section pulled.
 * Idle publishers send heartbeats every ``heartbeat_s`` carrying load and
   membership deltas with a digest, never the whole membership.  A followed peer
   silent for longer than the TTL, or any member that fails a probe after ``ttl_s``
   of silence (a successful probe counts as hearing from a member we do not
   follow), is marked dead and its entries are no longer offered; they come back
-  when it does.  While a live peer is being resynced its last known entries stay
-  offered (the Clone pattern serves its last state, never an empty one).
+  when it does (every ``DEAD_PROBE_EVERY`` periods one member we think dead is
+  pinged).  A report of a death is passed on at once, the first time a node hears
+  it, and believed by each node only after its own probe.  While a live peer is
+  being resynced its last known entries stay offered (the Clone pattern serves
+  its last state, never an empty one).
 * Membership: a live peer whose membership digest keeps differing from ours
   (it restarted, was started without ``--peer``, or missed a delta) gets a
   hello from us (push/pull), rate-limited.  A
