@@ -58,6 +58,15 @@ def test_updates_reach_every_node_through_relays(tmp_path: Path, fanin2: None) -
             # nobody pulled anyone's table while forming: a new member's own endpoint
             # said it had published nothing when it was verified (or its heartbeat did)
             assert _cat(n)["resyncs"] == 0, n.name
+
+        def ops_known(n: NodeProc) -> bool:
+            # the planner delegates only to members whose ops it knows: each node hears
+            # the heartbeats of 2 of its 6 peers, the others' ops come with their pings
+            with n.client() as cl:
+                return all(m["ops"].get("fft") for m in cl.nodes())
+
+        for n in nodes:
+            wait_for(lambda n=n: ops_known(n), 10, f"{n.name} to know every member's ops")
         with nodes[3].client() as cl:
             cl.put("EVERYWHERE", np.arange(5.0))
         for n in nodes:

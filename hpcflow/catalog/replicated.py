@@ -125,8 +125,9 @@ SnapshotFetcher = Callable[[PeerInfo, "list[str] | None"], dict[str, Any]]
 Signed = tuple[int, dict[str, Any], bytes]
 #: Who answers at an RPC endpoint right now: the descriptor it gives of itself, or None.
 Prober = Callable[[str], "PeerInfo | None"]
-#: The same, with the sequence number its catalog stream is at (-1: not said).
-HeadProber = Callable[[str], "tuple[PeerInfo, int] | None"]
+#: The same, with the rest of its ``ping`` answer: the sequence number its catalog stream
+#: is at ("seq"), its ops ("ops") and load ("load"), unchecked (see :meth:`_take_head`).
+HeadProber = Callable[[str], "tuple[PeerInfo, dict[str, Any]] | None"]
 MAX_PENDING = 10_000
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
@@ -201,8 +202,8 @@ class ReplicatedCatalog(Catalog):
         self.ops = ops
         self.probe = probe
         self.probe_head = probe_head
-        #: runs that had published nothing when they answered our verifying probe
-        self._empty_runs: set[tuple[str, int]] = set()
+        #: what the verifying probe of a run said besides its descriptor (until added)
+        self._heads: dict[tuple[str, int], dict[str, Any]] = {}
         self.introduce = introduce
         self.forget_after_s = forget_after_s
         self.duplicate = duplicate
@@ -237,6 +238,7 @@ class ReplicatedCatalog(Catalog):
         self._confirming: set[tuple[str, int]] = set()
         self._probe_order: list[str] = []
         self._dead_order: list[str] = []
+        self._asked_ops: set[tuple[str, int]] = set()
         #: dead reports we passed on -> until when we do not pass them on again
         self._seen_reports: dict[tuple[str, int], float] = {}
         self._last_pushpull = float("-inf")
@@ -377,10 +379,11 @@ class ReplicatedCatalog(Catalog):
             self._pending.pop(info.name, None)
             if info.name in self._streams:
                 self._follow(info.name, info.pub)  # its new PUB (a no-op if unchanged)
-        if (info.name, info.epoch) in self._empty_runs:
-            self._empty_runs.discard((info.name, info.epoch))
-            if not st.synced and not self._pending.get(info.name) and \
-                    info.name not in self._syncing:
+        head = self._heads.pop((info.name, info.epoch), None)
+        if head is not None:
+            self._take_head(st, head)
+            if head.get("seq") == 0 and not st.synced and not self._pending.get(info.name) \
+                    and info.name not in self._syncing:
                 # its own endpoint said it had published nothing: its table is empty
                 self.peer_records[info.name], self.signed[info.name] = RecordTable(), {}
                 st.seq, st.synced = 0, True
@@ -438,9 +441,20 @@ class ReplicatedCatalog(Catalog):
         head = self.probe_head(info.rpc)
         if head is None or head[0] != info:
             return False
-        if head[1] == 0 and len(self._empty_runs) < MAX_MEMBERS:
-            self._empty_runs.add((info.name, info.epoch))
+        if len(self._heads) >= MAX_OFFERED:
+            self._heads.clear()  # answers come from peers: stay bounded
+        self._heads[(info.name, info.epoch)] = head[1]
         return True
+
+    def _take_head(self, st: PeerState, head: dict[str, Any]) -> None:
+        """A member's ops and load from its own ``ping`` answer: what its heartbeats say
+        to its followers, for the many members we do not follow (the planner needs
+        every member's ops to delegate to it)."""
+        load, ops = head.get("load"), head.get("ops")
+        if isinstance(load, dict):
+            st.load = load
+        if isinstance(ops, dict):
+            st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
 
     def published(self) -> int:
         return self.seq
@@ -1133,6 +1147,15 @@ class ReplicatedCatalog(Catalog):
             self.add_peer(answer)  # a new run: believed once checked, as any descriptor
 
     def _next_probe_target(self) -> PeerState | None:
+        if self.probe_head is not None:  # a member we know no ops of yet goes first, once
+            for name, new in self.peers.items():
+                key = (name, new.info.epoch)
+                if new.alive and not new.ops and name not in self._streams and \
+                        key not in self._asked_ops:
+                    if len(self._asked_ops) >= MAX_MEMBERS:
+                        self._asked_ops.clear()
+                    self._asked_ops.add(key)
+                    return new
         while True:
             if not self._probe_order:
                 self._probe_order = [n for n, st in self.peers.items() if st.alive]
@@ -1146,12 +1169,16 @@ class ReplicatedCatalog(Catalog):
     def _probe_one(self, st: PeerState) -> None:
         info = st.info
         self.stats["probes"] += 1
-        answer = self.probe(info.rpc)
+        head = self.probe_head(info.rpc) if self.probe_head is not None else None
+        answer = head[0] if head is not None else (
+            None if self.probe_head is not None else self.probe(info.rpc))
         if answer == info:
             if info.name not in self._streams and self.peers.get(info.name) is st:
                 # we do not read its stream: its answer is what we hear of it (the stream
                 # of a member we follow must speak for itself: see _monitor)
                 st.last_seen = time.monotonic()
+                if head is not None:
+                    self._take_head(st, head[1])
             return
         if answer is not None and answer.name == info.name and answer.epoch > info.epoch:
             self.add_peer(answer)  # it restarted: believed once checked, as any descriptor

@@ -14,6 +14,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 
@@ -129,8 +130,12 @@ class Members:
             descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
-        # It answered at that endpoint: its own descriptor is believed if it names it.
-        self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
+        # It answered at that endpoint: its own descriptor is believed if it names it
+        # (and answers a ping with it, which also brings its ops, load and seq: it is
+        # alive to us at once, and the planner must know what it can run).
+        first = descriptors[0]
+        self.node.catalog.add_peer(first, verified=first.rpc == endpoint
+                                   and self.node.catalog.answers_as(first))
         for info in descriptors[1:]:
             self.node.catalog.add_peer(info)
         return descriptors[0]
@@ -161,9 +166,9 @@ class Members:
         head = self.probe_head(endpoint)
         return head[0] if head is not None else None
 
-    def probe_head(self, endpoint: str) -> tuple[PeerInfo, int] | None:
-        """:meth:`probe`, and the sequence number the node's catalog stream is at (-1
-        when it does not say)."""
+    def probe_head(self, endpoint: str) -> tuple[PeerInfo, dict[str, Any]] | None:
+        """:meth:`probe`, and the rest of the answer: the sequence number the node's
+        catalog stream is at ("seq", -1 when it does not say), its ops and load."""
         if refuses_connections(endpoint):
             return None
         try:
@@ -172,7 +177,8 @@ class Members:
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
         seq = r.get("seq")
-        return info, seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+        return info, {"seq": seq, "ops": r.get("ops"), "load": r.get("load")}
 
 
 __all__ = ["MEMBERS_FILE", "REJOIN_FOR_S", "Members"]

@@ -95,7 +95,8 @@ class NodeService:
         """Who answers here; ``self`` (the whole descriptor) is what peers check a
         descriptor they were told of against before they believe it."""
         return {"name": self.node.name, "epoch": self.node.epoch,
-                "self": self.node.me.to_wire(), "seq": self.node.catalog.published()}
+                "self": self.node.me.to_wire(), "seq": self.node.catalog.published(),
+                "ops": self.node.registry.hashes(), "load": self.node.load()}
 
     @exposed
     def info(self) -> dict[str, Any]:
