@@ -218,9 +218,12 @@ class Bench:
         return "\n".join(lines)
 
     def settled(self) -> bool:
-        """Every node heartbeats at its idle interval (no membership news to spread)."""
-        return all(self.stats(p)["catalog"].get("heartbeat_interval_ms", 1e9)
-                   > self.args.heartbeat * 1000 for p in self.nodes)
+        """No node has membership news left to spread (every heartbeat an idle one)."""
+        def idle(cat: dict[str, Any]) -> bool:
+            if "news_pending" in cat:  # heartbeats every heartbeat_s, to FANIN followers
+                return not cat["news_pending"]
+            return bool(cat.get("heartbeat_interval_ms", 1e9) > self.args.heartbeat * 1000)
+        return all(idle(self.stats(p)["catalog"]) for p in self.nodes)
 
     def idle(self) -> dict[str, float]:
         deadline = time.monotonic() + 60

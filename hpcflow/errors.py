@@ -43,6 +43,7 @@ Tree::
         ├── ProtocolError        a malformed message
         ├── PeerUnavailable      dead, unreachable or timed-out peer
         ├── Overloaded           the peer is at a limit (requests in flight ...): retry later
+        │   └── CatalogBusy      a member serves enough snapshots at once: ask another
         ├── AuthenticationError  the CURVE handshake failed: wrong, missing or unexpected keys
         │   └── PermissionDenied a client's key asked for what only nodes may do
         │       └── NotFlowOwner run, save or close of a flow without its secret
@@ -180,6 +181,11 @@ class PeerUnavailable(TransportError):
 
 class Overloaded(TransportError):
     """A peer refused a request because it is at one of its limits; retrying later may work."""
+
+
+class CatalogBusy(Overloaded):
+    """A member refused a catalog snapshot: it is serving as many as it serves at once.
+    A joiner asks another member (every member holds the whole catalog)."""
 
 
 class AuthenticationError(TransportError):

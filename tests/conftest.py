@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import msgpack
 import numpy as np
 import pytest
 import zerorpc
@@ -92,11 +93,15 @@ class FakePeer:
         info = self.info
 
         class RPC:
-            def snapshot(self) -> dict[str, Any]:
-                return {"epoch": 1, "seq": 0, "records": [], "self": info}
+            def snapshot(self, origins: Any = None) -> dict[str, Any]:
+                return {"epoch": 1, "seq": 0, "records": [], "self": info, "origins": [],
+                        "vector": {}}
 
             def ping(self) -> dict[str, Any]:
                 return {"name": info["name"], "epoch": 1, "self": info}
+
+            def claim(self, request: Any) -> bool:
+                return True  # a member: it grants every other node's puts
 
         self.server = zerorpc.Server(RPC())
         self.server.bind("tcp://127.0.0.1:0")
@@ -108,6 +113,15 @@ class FakePeer:
 
     def send(self, frames: list[bytes]) -> None:
         self.pub.send_multipart(frames)
+
+    def heard_by(self, node: NodeProc) -> bool:
+        """Heartbeat with a marker in our load; True once ``node`` shows it (it reads our
+        stream: a hello makes us a live member at once, before its SUB is connected)."""
+        self.send([b"HB", msgpack.packb({"s": self.info["name"], "e": 1, "q": 0,
+                                         "p": {"load": {"heard": 1}}})])
+        with node.client() as c:
+            return any(n["name"] == self.info["name"] and n["alive"]
+                       and n["load"].get("heard") == 1 for n in c.nodes())
 
     def __enter__(self) -> FakePeer:
         return self

@@ -21,6 +21,16 @@ Run as ``python -m tests.rogue NODE-ARGS...``; ``HPCFLOW_ROGUE`` (JSON) says wha
   node whose name is taken (``ConfigError``), to make a node that says hello to it
   believe it is a duplicate and stop.
 
+* ``"forge_relay": NAME`` -- every heartbeat period it also publishes, as a relay
+  would pass them on, updates *from* member NAME (NAME's epoch, its next sequence
+  numbers, signed with the rogue's own key): a record ``FORGED`` owned by NAME, and
+  the deletion of every record of NAME's it knows (issue 12, item 2).
+
+* ``"forge_snapshot": NAME`` -- the catalog snapshots it serves carry, in NAME's
+  section, only a record ``FORGED`` owned by NAME (signed with the rogue's key) in
+  place of NAME's real records: a joiner that takes its catalog from the rogue must
+  refuse it and get NAME's records elsewhere.
+
 It talks the real protocols with the real code: what it sends is exactly what a
 patched daemon would send.
 """
@@ -37,7 +47,7 @@ from typing import Any
 import gevent
 
 from hpcflow.catalog import replicated
-from hpcflow.catalog.kvmsg import HB, KVMsg
+from hpcflow.catalog.kvmsg import HB, KV, KVMsg
 from hpcflow.daemon import claims, datasets, members
 from hpcflow.errors import ConfigError, HpcflowError
 from hpcflow.rpc import greenio
@@ -78,6 +88,51 @@ def _impersonate(victim: str, epoch: int) -> None:
 
     members.Members.__init__ = init  # type: ignore[method-assign]
     replicated.ReplicatedCatalog._heartbeat = heartbeat  # type: ignore[method-assign]
+
+
+def _forged_record(victim: str) -> dict[str, Any]:
+    return {"name": "FORGED", "part": None, "owner": victim, "shape": [1], "dtype": "<f8",
+            "nbytes": 8, "checksum": "xxh3:0", "chunk_bytes": 4096, "version": 1}
+
+
+def _forge_relay(victim: str) -> None:
+    orig_hb = replicated.ReplicatedCatalog._heartbeat
+
+    def heartbeat(self: replicated.ReplicatedCatalog) -> KVMsg:
+        msg = orig_hb(self)
+        st = self.peers.get(victim)
+        if st is None:
+            return msg
+        assert self._pub is not None
+        seq = st.seq
+        updates: list[tuple[str, dict[str, Any] | None]] = [("FORGED", _forged_record(victim))]
+        updates += [(key, None) for key in self.peer_records.get(victim, {})]
+        for key, value in updates:
+            seq += 1
+            sig = self.signer.sign(KV, victim, st.info.epoch, seq, key, value)
+            greenio.send_multipart(self._pub, KVMsg(KV, victim, st.info.epoch, seq, key,
+                                                    value, sig=sig).encode())
+        return msg
+
+    replicated.ReplicatedCatalog._heartbeat = heartbeat  # type: ignore[method-assign]
+
+
+def _forge_snapshot(victim: str) -> None:
+    orig = replicated.ReplicatedCatalog.snapshot_wire
+
+    def snapshot_wire(self: replicated.ReplicatedCatalog, origins: object = None
+                      ) -> dict[str, Any]:
+        snap = orig(self, origins)
+        for sec in snap.get("origins", []):
+            if sec["info"]["name"] == victim:
+                value = _forged_record(victim)
+                seq = max(1, int(sec["seq"]))
+                sig = self.signer.sign(KV, victim, int(sec["info"]["epoch"]), seq, "FORGED",
+                                       value)
+                sec["entries"] = [["FORGED", seq, value, sig]]
+        return snap
+
+    replicated.ReplicatedCatalog.snapshot_wire = snapshot_wire  # type: ignore[method-assign]
 
 
 def _hello(node: Any, endpoint: str, descriptor: dict[str, Any]) -> None:
@@ -126,6 +181,10 @@ def main() -> int:
         ahead = CONF.get("epoch_ahead_s")
         epoch = time.time_ns() + int(ahead * 1e9) if ahead is not None else 2**62
         _impersonate(str(CONF["impersonate"]), epoch)
+    if "forge_relay" in CONF:
+        _forge_relay(str(CONF["forge_relay"]))
+    if "forge_snapshot" in CONF:
+        _forge_snapshot(str(CONF["forge_snapshot"]))
     if CONF.get("refuse_hello"):
         _refuse_hello()
     if CONF.get("no_rules"):

@@ -313,12 +313,13 @@ def test_cli_with_and_without_keys(keyed: Cluster, keys: Path,
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "AuthenticationError"
 
 
-# -- catalog streams are bound to their peer (issue 11, item 3 b) -------------------------
+# -- catalog updates are signed by their origin (issue 11, item 3 b; issue 12) -------------
 
 def test_a_peer_cannot_publish_as_another_node(tmp_path: Path) -> None:
     """A process that joined as "evil" publishes n2's next update (n2's epoch, n2's next
-    sequence number).  Accepted, it would make n2's real update a duplicate, dropped
-    everywhere for good; on evil's own stream it is dropped instead."""
+    sequence number) on its own stream, as a relay would pass it on.  Accepted, it would
+    make n2's real update a duplicate, dropped everywhere for good; without n2's
+    signature it is dropped instead (``forged``)."""
     c = Cluster(tmp_path)
     try:
         n1 = c.add("n1")
@@ -330,12 +331,8 @@ def test_a_peer_cannot_publish_as_another_node(tmp_path: Path) -> None:
         snap.close()
         epoch, seq = state["epoch"], state["seq"]
         with FakePeer("evil", n1) as evil:
-            def evil_alive() -> bool:  # heartbeats until n1 has subscribed (slow joiner)
-                evil.send([b"HB", msgpack.packb({"s": "evil", "e": 1, "q": 0, "p": {}})])
-                with n1.client() as k:
-                    return any(n["name"] == "evil" and n["alive"] for n in k.nodes())
-
-            wait_for(evil_alive, 10, "evil's heartbeats to arrive")
+            # heartbeats until n1 has subscribed (slow joiner)
+            wait_for(lambda: evil.heard_by(n1), 10, "evil's heartbeats to arrive")
             forged = {"name": "FORGED", "part": None, "owner": "n2", "shape": [1],
                       "dtype": "<f8", "nbytes": 8, "checksum": "xxh3:0", "chunk_bytes": 4096,
                       "version": 1}
@@ -344,7 +341,7 @@ def test_a_peer_cannot_publish_as_another_node(tmp_path: Path) -> None:
                 evil.send([b"KV", msgpack.packb({"s": "n2", "e": epoch, "q": seq + 1,
                                                  "k": "FORGED", "v": forged})])
                 with n1.client() as k:
-                    return bool(k.stats()["catalog"]["foreign"] >= 1)
+                    return bool(k.stats()["catalog"]["forged"] >= 1)
 
             wait_for(forged_dropped, 10, "n1 to drop the forged update")
             with n2.client() as k:

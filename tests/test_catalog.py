@@ -18,6 +18,7 @@ from hpcflow.catalog.kvmsg import HB, KV, KVMsg
 from hpcflow.catalog.membership import PeerInfo
 from hpcflow.catalog.record import DatasetRecord
 from hpcflow.catalog.replicated import ReplicatedCatalog
+from hpcflow.catalog.signing import Signer
 from hpcflow.config import (
     advertised,
     interface_addresses,
@@ -47,30 +48,36 @@ def until(cond: Callable[[], Any], what: str, timeout: float = 5.0) -> None:
 
 
 class RawPeer:
-    """A publisher we drive by hand, with the snapshot a real peer would serve."""
+    """A publisher we drive by hand (signing its updates with its own key), with the
+    snapshot sections a real peer would serve."""
 
     def __init__(self, ctx: zmqg.Context, name: str, epoch: int = 7) -> None:
         self.name, self.epoch = name, epoch
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        self.signer = Signer()
         self.info = PeerInfo(name, epoch, "tcp://127.0.0.1:9", f"tcp://127.0.0.1:{port}",
-                             "tcp://127.0.0.1:9")
+                             "tcp://127.0.0.1:9", self.signer.public_hex)
         self.seq = 0
-        self.state: dict[str, DatasetRecord] = {}
+        self.state: dict[str, tuple[int, dict[str, Any], bytes]] = {}
         self.snapshots = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, origins: list[str] | None = None) -> dict[str, Any]:
         self.snapshots += 1
         gevent.sleep(0.2)  # a slow snapshot: the resync window is observable
+        entries = [[k, q, v, sig] for k, (q, v, sig) in self.state.items()]
         return {"epoch": self.epoch, "seq": self.seq, "self": self.info.to_wire(),
-                "records": [r.to_wire() for r in self.state.values()]}
+                "origins": [{"info": self.info.to_wire(), "seq": self.seq,
+                             "entries": entries}]}
 
     def put(self, rec: DatasetRecord, send: bool = True) -> None:
         self.seq += 1
-        self.state[rec.key] = rec
+        value = rec.to_wire()
+        sig = self.signer.sign(KV, self.name, self.epoch, self.seq, rec.key, value)
+        self.state[rec.key] = (self.seq, value, sig)
         if send:
-            self.send(KVMsg(KV, self.name, self.epoch, self.seq, rec.key, rec.to_wire()))
+            self.send(KVMsg(KV, self.name, self.epoch, self.seq, rec.key, value, sig=sig))
 
     def beat(self, members: list[dict[str, Any]] | None = None) -> None:
         self.send(KVMsg(HB, self.name, self.epoch, self.seq,
@@ -89,7 +96,7 @@ def ctx() -> Iterator[zmqg.Context]:
 
 def make_catalog(ctx: zmqg.Context, peers: dict[str, RawPeer], **kw: Any) -> ReplicatedCatalog:
     me = PeerInfo("me", 1, "tcp://127.0.0.1:9", "tcp://127.0.0.1:0", "tcp://127.0.0.1:9")
-    cat = ReplicatedCatalog(me, ctx, lambda info: peers[info.name].snapshot(),
+    cat = ReplicatedCatalog(me, ctx, lambda info, origins: peers[info.name].snapshot(origins),
                             heartbeat_s=0.1, **kw)
     cat.start()
     return cat

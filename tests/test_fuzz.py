@@ -150,12 +150,8 @@ def test_hostile_peer_publishing_garbage(seeded: Cluster) -> None:
     evil = FakePeer("evil", n1)
     pub = evil.pub
 
-    def evil_alive() -> bool:  # heartbeats until the subscription is up (slow joiner)
-        pub.send_multipart([b"HB", msgpack.packb({"s": "evil", "e": 1, "q": 0, "p": {}})])
-        with n1.client() as c:
-            return any(n["name"] == "evil" and n["alive"] for n in c.nodes())
-
-    wait_for(evil_alive, 10, "evil's heartbeats to arrive")
+    # heartbeats until the subscription is up (slow joiner)
+    wait_for(lambda: evil.heard_by(n1), 10, "evil's heartbeats to arrive")
     rng = random.Random(11)
     lie = {"name": "S0", "part": None, "owner": "n1", "shape": [1], "dtype": "<f8",
            "nbytes": 8, "checksum": "xxh3:0", "chunk_bytes": 4096}

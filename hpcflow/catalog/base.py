@@ -228,6 +228,16 @@ class Catalog(abc.ABC):
         """Live slices (``NAME:rowsLO-HI`` copies) of dataset ``name``."""
         return [r for r in self.records() if r.lineage.get("slice_of") == name]
 
+    def published(self) -> int:
+        """Updates this node has published in this run (the sequence number of its
+        catalog stream; 0: none, so a new member's table is known to be empty)."""
+        return 0
+
+    def bootstrap(self, source: PeerInfo) -> None:
+        """We joined through ``source``: take the catalog as it holds it (once per run;
+        an implementation that needs no initial state ignores this)."""
+        return None
+
     def settling(self) -> bool:
         """True while this replica may still be filling (the node has just started or is
         syncing a peer): a dataset missing now may be there a moment later."""

@@ -11,6 +11,9 @@ Three kinds on the wire, two frames each (``[kind, msgpack body]``):
   update notices the gap), node load, and the gossiped membership.
 * ``BYE`` — a clean shutdown: peers withdraw the sender's entries at once
   instead of waiting for the TTL.
+
+``KV`` and ``BYE`` carry the sender's signature (``sig``, see :mod:`.signing`): they
+are relayed by other nodes, and only the signature says who wrote them.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ class KVMsg:
     key: str = ""
     value: dict[str, Any] | None = None
     props: dict[str, Any] = field(default_factory=dict)
+    sig: bytes = b""
 
     def encode(self) -> list[bytes]:
         body = {"s": self.sender, "e": self.epoch, "q": self.seq, "k": self.key,
-                "v": self.value, "p": self.props}
+                "v": self.value, "p": self.props, "g": self.sig}
         return [self.kind, pack(body)]
 
     @classmethod
@@ -62,7 +66,10 @@ class KVMsg:
             raise ProtocolError("catalog message key/value has the wrong type")
         if not isinstance(props, dict):
             raise ProtocolError("catalog message props must be a map")
+        sig = b.get("g") or b""
+        if not isinstance(sig, bytes) or len(sig) > 64:
+            raise ProtocolError("catalog message signature must be at most 64 bytes")
         if kind == KV and not key:
             raise ProtocolError("KV message without a key")
         assert isinstance(epoch, int) and isinstance(seq, int)  # checked above
-        return cls(kind, sender, epoch, seq, key, value, props)
+        return cls(kind, sender, epoch, seq, key, value, props, sig)

@@ -1,19 +1,44 @@
-"""Full catalog replication over PUB/SUB, after the ZeroMQ Guide's Clone pattern.
+"""Full catalog replication over PUB/SUB, after the ZeroMQ Guide's Clone pattern,
+disseminated through a bounded fan-in overlay.
 
-* Each node publishes only its own inventory changes, numbered per publisher
-  (:class:`~hpcflow.catalog.kvmsg.KVMsg`), on its PUB socket.
-* A subscriber connects its SUB socket first, then takes a snapshot of the
-  publisher's state over RPC, then applies buffered and later updates whose
-  sequence number is newer than the snapshot.  A gap, or a heartbeat that
-  announces a higher sequence than we have, triggers a fresh snapshot.
-* Idle publishers send heartbeats (default every second; less often beyond
-  ``HB_FANIN`` peers, see :mod:`.membership`) carrying load and membership
-  deltas with a digest, never the whole membership.  A peer silent for longer
-  than the TTL (in units of its heartbeat interval), or that fails a probe
-  after ``ttl_s`` of silence, is marked dead and its entries are no longer
-  offered; they come back when it does.
-  While a live peer is being resynced its last known entries stay offered
-  (the Clone pattern serves its last state, never an empty one).
+* Each node publishes its own inventory changes, numbered per publisher
+  (:class:`~hpcflow.catalog.kvmsg.KVMsg`) and signed with the key of its run
+  (:mod:`.signing`), on its PUB socket.
+* A node follows (one SUB socket each) at most :func:`~.membership.fanin`
+  members: every member when the cluster is that small, else its ring successor
+  (the next live name after its own, so the "who follows whom" graph is always
+  connected) and random live members, re-chosen when one dies, leaves or
+  restarts.  It **relays** (re-publishes once, on its own PUB) every KV and BYE
+  it accepts as new from any origin, so an update reaches every node in about
+  log(N)/log(fan-in) hops; heartbeats are not relayed.
+* Per origin, updates are applied in ``(epoch, seq)`` order: duplicates (the
+  same update through several relays) are dropped before anything else, an
+  update after a missing one is buffered for up to ``GAP_WAIT`` heartbeat
+  periods, and a gap that stays open (or a followed node's heartbeat announcing
+  a higher sequence) is repaired by pulling that origin's section of the catalog
+  from the origin itself, or from one live member when the origin does not
+  answer, never from everyone.  Every ``ANTI_ENTROPY_EVERY`` heartbeat periods a
+  node compares its per-origin ``(epoch, seq)`` vector with one random member's
+  (heartbeats carry its digest) and pulls the origins it is behind on: the
+  safety net for what a dropped message or a dead relay left out.
+* A joiner takes the whole catalog (every live origin's records with their
+  signatures and sequence numbers) from ONE member, after a jittered delay,
+  asking another when that one fails or answers
+  :class:`~hpcflow.errors.CatalogBusy` (a member serves ``SNAPSHOT_SLOTS`` full
+  snapshots per heartbeat period at most).  A member learned later is synced
+  from its first update (seq 1), its heartbeat's seq 0 (if we follow it), or the
+  answer of the ``ping`` that verified it, which carries its stream's seq (0:
+  an empty table); only otherwise is its section pulled.
+* Idle publishers send heartbeats every ``heartbeat_s`` carrying load and
+  membership deltas with a digest, never the whole membership.  A followed peer
+  silent for longer than the TTL, or any member that fails a probe after ``ttl_s``
+  of silence (a successful probe counts as hearing from a member we do not
+  follow), is marked dead and its entries are no longer offered; they come back
+  when it does (every ``DEAD_PROBE_EVERY`` periods one member we think dead is
+  pinged).  A report of a death is passed on at once, the first time a node hears
+  it, and believed by each node only after its own probe.  While a live peer is
+  being resynced its last known entries stay offered (the Clone pattern serves
+  its last state, never an empty one).
 * Membership: a live peer whose membership digest keeps differing from ours
   (it restarted, was started without ``--peer``, or missed a delta) gets a
   hello from us (push/pull), rate-limited.  A
@@ -21,8 +46,8 @@
   gossip, a snapshot or a peer's own stream) is believed only once its own RPC
   endpoint answers ``ping`` with exactly that descriptor, and never when its
   epoch is more than a day ahead of our clock: otherwise any process could
-  gossip a member's name with a huge epoch and its own PUB, and every node would
-  follow it and ignore the real member, even after a restart.  A
+  gossip a member's name with a huge epoch and its own PUB and key, and every node
+  would follow it and ignore the real member, even after a restart.  A
   descriptor that claims the name of a live member at another endpoint is
   only accepted once that member no longer answers there as itself: two
   daemons with one name would otherwise take over each other's identity.
@@ -35,27 +60,31 @@
   let each in (two members can each accept one before they hear of the other).
   Members dead for ``forget_after_s`` that hold no entries are forgotten.
 
-Each peer's stream is bound to that peer: it is read on a SUB socket of its
-own, connected only to the PUB endpoint the peer gave in its descriptor
-(from its hello, its snapshot or a member's gossip), and a message on it
-whose sender is another node is dropped (``stats["foreign"]``).  So a
-process can only ever speak for the name it joined under: it cannot publish
-as another node, with that node's epoch and next sequence number, and make
-the real updates look like duplicates.  With keys (``rpc/auth.py``) only a
-holder of the node key can be a PUB a node's SUB accepts, and only a node
-key can say hello.
+Authenticity: relays and snapshot servers pass on other nodes' updates, so an
+update is believed only when it carries its origin's signature over ``(kind,
+sender, epoch, seq, key, value)``, checked against the public key in the
+origin's verified descriptor (which its own RPC endpoint confirmed); anything
+else is dropped and counted (``stats["forged"]``), including a record inside a
+snapshot served by a third node (a section with one forged record is refused
+whole, and asked of another member).  So a process can only ever speak for the
+name it joined under: it cannot publish, relay or serve an update as another
+node, or delete another node's record.  Heartbeats are not relayed: one is
+taken only on the stream of the node that sent it (anything else is
+``stats["foreign"]``).  With keys (``rpc/auth.py``) only a holder of the node
+key can be a PUB a node's SUB accepts, and only a node key can say hello.
 
 Sockets and greenlets: the PUB socket is owned by the publisher greenlet
-(others hand it messages through a queue); each peer's SUB socket by that
-peer's stream greenlet, which makes, reads and closes it (following another
-endpoint, or forgetting the peer, ends the greenlet).  Snapshot fetches run
-in short-lived greenlets that only touch plain Python state, so no socket is
-shared.
+(others hand it messages through a queue); each followed peer's SUB socket by
+that peer's stream greenlet, which makes, reads and closes it (no longer
+following it, or following another endpoint, ends the greenlet).  Snapshot
+fetches run in short-lived greenlets that only touch plain Python state, so
+no socket is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -67,13 +96,12 @@ import gevent.event
 import gevent.queue
 import zmq.green as zmq
 
-from ..errors import HpcflowError, ProtocolError
+from ..errors import CatalogBusy, HpcflowError, ProtocolError
 from ..logutil import Throttled
 from ..rpc import greenio
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
 from .membership import (
-    HB_FANIN,
     MAX_EPOCH_AHEAD_S,
     NEWS_PER_HEARTBEAT,
     NEWS_RETRANSMIT,
@@ -81,17 +109,25 @@ from .membership import (
     PeerInfo,
     PeerState,
     epoch_ahead_s,
-    generation,
-    heartbeat_interval,
+    fanin,
     membership_digest,
+    vector_digest,
 )
 from .record import DatasetRecord, RecordTable
+from .signing import Signer, Verifier
 
 log = logging.getLogger("hpcflow.catalog")
 
-SnapshotFetcher = Callable[[PeerInfo], dict[str, Any]]
+#: Asks a member (by its descriptor) for sections of its catalog: those of the named
+#: origins, or (None) the whole catalog; ``[]`` asks for its per-origin vector only.
+SnapshotFetcher = Callable[[PeerInfo, "list[str] | None"], dict[str, Any]]
+#: One record as its origin signed it: (seq it was set at, its wire map, signature).
+Signed = tuple[int, dict[str, Any], bytes]
 #: Who answers at an RPC endpoint right now: the descriptor it gives of itself, or None.
 Prober = Callable[[str], "PeerInfo | None"]
+#: The same, with the rest of its ``ping`` answer: the sequence number its catalog stream
+#: is at ("seq"), its ops ("ops") and load ("load"), unchecked (see :meth:`_take_head`).
+HeadProber = Callable[[str], "tuple[PeerInfo, dict[str, Any]] | None"]
 MAX_PENDING = 10_000
 #: Heartbeats from a peer that omit us, in heartbeat periods, before we say hello to it,
 #: and the shortest interval between two such hellos.
@@ -109,8 +145,25 @@ STREAM_BATCH = 64
 MAX_VERIFYING = 16
 #: The largest catalog message a SUB socket takes at all (see ``_stream``).
 MAX_SUB_MESSAGE = 4 * MAX_BODY + 1024
-#: Members at most (each costs a SUB socket, a file descriptor and a greenlet here).
-MAX_MEMBERS = 1024
+#: Members at most (a descriptor, a record table and a vector entry each; only
+#: ``fanin()`` of them cost a SUB socket).
+MAX_MEMBERS = 16_384
+#: Heartbeat periods an update after a missing one waits for the missing one (it may
+#: come through another relay) before the origin's section is pulled.
+GAP_WAIT = 1.0
+#: Heartbeat periods between two probes of members we think dead (one each time).
+DEAD_PROBE_EVERY = 2
+#: Heartbeat periods between two anti-entropy rounds (one random member's vector).
+ANTI_ENTROPY_EVERY = 10
+#: Full snapshots a node serves per heartbeat period; more are refused (CatalogBusy).
+SNAPSHOT_SLOTS = 4
+#: A joiner's first snapshot waits a random part of this many heartbeat periods (many
+#: nodes started at once must not all ask at the same moment).
+JOIN_JITTER = 1.0
+#: Members a joiner asks for the whole catalog before it falls back to per-origin pulls.
+SNAPSHOT_TRIES = 8
+#: Sections of origins not verified yet that a joiner keeps from its snapshot.
+MAX_OFFERED = 4096
 
 
 class ReplicatedCatalog(Catalog):
@@ -128,10 +181,17 @@ class ReplicatedCatalog(Catalog):
         ops: Callable[[], dict[str, str]] = dict,
         pub_bind: str | None = None,
         probe: Prober = lambda endpoint: None,
-        introduce: Callable[[PeerInfo], None] = lambda info: None,
+        introduce: Callable[[PeerInfo], object] = lambda info: None,
         forget_after_s: float = 600.0,
         duplicate: Callable[[PeerInfo], None] = lambda info: None,
+        signer: Signer | None = None,
+        fan_in: int | None = None,
+        probe_head: HeadProber | None = None,
     ) -> None:
+        #: this run's key pair: ``me.key`` must be its public half (see :meth:`set_self`)
+        self.signer = signer or Signer()
+        self._verifier = Verifier()
+        self.fan_in = fan_in if fan_in is not None else fanin()
         self.me = me
         self.ctx = ctx
         self.fetch_snapshot = fetch_snapshot
@@ -141,6 +201,9 @@ class ReplicatedCatalog(Catalog):
         self.load = load
         self.ops = ops
         self.probe = probe
+        self.probe_head = probe_head
+        #: what the verifying probe of a run said besides its descriptor (until added)
+        self._heads: dict[tuple[str, int], dict[str, Any]] = {}
         self.introduce = introduce
         self.forget_after_s = forget_after_s
         self.duplicate = duplicate
@@ -150,8 +213,16 @@ class ReplicatedCatalog(Catalog):
         self._pub_bind = pub_bind or me.pub
         self.seq = 0
         self.own: RecordTable = RecordTable()
+        self._own_signed: dict[str, Signed] = {}
         self.peers: dict[str, PeerState] = {}
         self.peer_records: dict[str, RecordTable] = {}
+        #: per origin, its records as it signed them (what we serve in snapshots)
+        self.signed: dict[str, dict[str, Signed]] = {}
+        #: sections of a joiner's snapshot whose origins are not verified yet
+        self._offered: dict[tuple[str, int], dict[str, Any]] = {}
+        self._bootstrapping = False
+        self._bootstrapped = False
+        self._served: list[float] = []  # when we served the last full snapshots
         self._pending: dict[str, list[KVMsg]] = {}
         self._syncing: set[str] = set()
         # None in the outbox asks the publisher for a heartbeat now (membership news).
@@ -166,17 +237,23 @@ class ReplicatedCatalog(Catalog):
         self._dead_news: dict[tuple[str, int], int] = {}
         self._confirming: set[tuple[str, int]] = set()
         self._probe_order: list[str] = []
+        self._dead_order: list[str] = []
+        self._asked_ops: set[tuple[str, int]] = set()
+        #: dead reports we passed on -> until when we do not pass them on again
+        self._seen_reports: dict[tuple[str, int], float] = {}
         self._last_pushpull = float("-inf")
-        self._fast_until = float("-inf")
         self.stats = {"received": 0, "malformed": 0, "resyncs": 0, "published": 0,
                       "marked_dead": 0, "introduced": 0, "refused_claims": 0, "forgotten": 0,
                       "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0,
                       "heartbeats_received": 0, "bytes_received": 0, "probes": 0,
-                      "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0}
+                      "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0,
+                      "forged": 0, "relayed": 0, "duplicates": 0, "followed": 0,
+                      "snapshots": 0, "snapshots_served": 0, "snapshots_refused": 0,
+                      "sections_pulled": 0, "anti_entropy": 0, "news_pending": 0,
+                      "unsynced": 0}
         self.pub_endpoint = ""
         self._changed = gevent.event.Event()
         self._pub: zmq.Socket | None = None
-        self._digest: tuple[object, str] = (None, "")
 
     # -- Catalog interface -----------------------------------------------------
     @property
@@ -209,8 +286,9 @@ class ReplicatedCatalog(Catalog):
         event.set()
 
     def set_self(self, me: PeerInfo) -> None:
-        """Update our own descriptor once all endpoints are bound."""
-        self.me = me
+        """Update our own descriptor once all endpoints are bound (its ``key`` is always
+        our signer's public key)."""
+        self.me = dataclasses.replace(me, key=self.signer.public_hex)
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
@@ -218,8 +296,7 @@ class ReplicatedCatalog(Catalog):
         self._streams.clear()
         if self._pub is not None:  # its owner greenlet is gone: say goodbye ourselves
             with contextlib.suppress(zmq.ZMQError):
-                self._pub.send_multipart(KVMsg(BYE, self.me.name, self.me.epoch,
-                                               self.seq).encode())
+                self._pub.send_multipart(self._signed(BYE, "", None).encode())
             self._pub.close(linger=200)
 
     def announce(self, rec: DatasetRecord) -> None:
@@ -233,19 +310,31 @@ class ReplicatedCatalog(Catalog):
     def _emit(self, key: str, value: dict[str, Any] | None) -> None:
         self._notify()
         self.seq += 1
-        self._outbox.put(KVMsg(KV, self.me.name, self.me.epoch, self.seq, key, value))
+        msg = self._signed(KV, key, value)
+        if value is None:
+            self._own_signed.pop(key, None)
+        else:
+            self._own_signed[key] = (msg.seq, value, msg.sig)
+        self._outbox.put(msg)
+
+    def _signed(self, kind: bytes, key: str, value: dict[str, Any] | None) -> KVMsg:
+        """A KV or BYE of ours at our current seq, signed with this run's key."""
+        me = self.me
+        sig = self.signer.sign(kind, me.name, me.epoch, self.seq, key, value)
+        return KVMsg(kind, me.name, me.epoch, self.seq, key, value, sig=sig)
 
     def add_peer(self, info: PeerInfo, verified: bool = False, spread: bool = True) -> None:
         """Learn of a peer.  A descriptor that is new to us (another name, or another run
         of a name) is believed only once its own RPC endpoint answers with exactly it, and
         a newer run of a live member at another endpoint only once that member no longer
         answers as itself: both are checked in the background, unless ``verified`` (the
-        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`).
+        caller checked, see :meth:`answers_as` and :meth:`claim_conflict`).  A verified
+        member just answered us: it is alive.
 
-        A verified newcomer is announced on our next heartbeats when we heard of it first
-        hand (``verified`` and ``spread``: it said hello to us); what we learned from gossip
-        is not announced again (every member hears the first announcement directly: a
-        repeat by every node made each heartbeat O(N) again while a cluster formed)."""
+        A verified newcomer (or a member back from the dead) is announced on our next
+        ``NEWS_RETRANSMIT`` heartbeats when ``spread``, whether we heard of it first hand
+        or from gossip: our heartbeats reach only our followers, so news travels as
+        memberlist's does, each node retransmitting what is new to it a few times."""
         if info.name == self.me.name:
             if info.epoch != self.me.epoch and info.rpc != self.me.rpc:
                 self._verify_later(info)  # a second daemon with our name, or our last run
@@ -258,12 +347,20 @@ class ReplicatedCatalog(Catalog):
             return
         st = self.peers.get(info.name)
         if st is not None and info.epoch == st.info.epoch:
-            return  # a run's endpoints never change: another descriptor of it is false
+            # a run's endpoints never change: another descriptor of it is false; the same
+            # one of a member we think dead says it is back (checked by a probe of ours)
+            if info == st.info and not st.alive:
+                if verified:
+                    self._revive(st)
+                else:
+                    self._confirm_alive(st)
+            return
         if st is not None and info.epoch < st.info.epoch and st.alive and not verified:
             return  # an older run while the newer lives: a late gossip, or a twin
         if not verified:
             self._verify_later(info)
             return
+        now = time.monotonic()
         if st is None:
             if len(self.peers) >= MAX_MEMBERS:
                 self.stats["too_many_members"] += 1
@@ -271,33 +368,96 @@ class ReplicatedCatalog(Catalog):
                                           info.name[:64], len(self.peers))
                 return
             log.info("learned of peer %s at %s", info.name, info.rpc)
-            self.peers[info.name] = PeerState(info)
+            st = self.peers[info.name] = PeerState(info, alive=True, last_seen=now)
             self.peer_records[info.name] = RecordTable()
-            self._follow(info.name, info.pub)
-            self._changed_membership(info, spread)
-            return
-        log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch, info.epoch)
-        if info.pub != st.info.pub:
-            self._follow(info.name, info.pub)
-        st.info = info
-        st.synced = False
+            self.signed[info.name] = {}
+        else:
+            log.info("peer %s restarted (epoch %d -> %d)", info.name, st.info.epoch,
+                     info.epoch)
+            st.info, st.synced, st.seq, st.gap_since = info, False, 0, None
+            st.alive, st.last_seen, st.dead_since = True, now, None
+            self._pending.pop(info.name, None)
+            if info.name in self._streams:
+                self._follow(info.name, info.pub)  # its new PUB (a no-op if unchanged)
+        head = self._heads.pop((info.name, info.epoch), None)
+        if head is not None:
+            self._take_head(st, head)
+            if head.get("seq") == 0 and not st.synced and not self._pending.get(info.name) \
+                    and info.name not in self._syncing:
+                # its own endpoint said it had published nothing: its table is empty
+                self.peer_records[info.name], self.signed[info.name] = RecordTable(), {}
+                st.seq, st.synced = 0, True
+        self._notify()
+        self._choose_follows()
+        offered = self._offered.pop((info.name, info.epoch), None)
+        if offered is not None:
+            self._take_section(offered, None)
         self._changed_membership(info, spread)
 
+    def _revive(self, st: PeerState) -> None:
+        """A member we had found dead answers (or speaks) again as the same run."""
+        if st.alive:
+            return
+        st.alive, st.last_seen, st.dead_since = True, time.monotonic(), None
+        log.info("peer %s is alive", st.info.name)
+        self._add_news(st.info)
+        self._notify()
+        self._choose_follows()
+        self._outbox.put(None)  # gossip the news now rather than at the next beat
+
+    def _confirm_alive(self, st: PeerState) -> None:
+        """Gossip says a member we think dead is back: believe our own probe of it."""
+        key = (st.info.name, st.info.epoch)
+        if key in self._confirming or len(self._confirming) >= MAX_VERIFYING:
+            return
+        self._confirming.add(key)
+        info = st.info
+
+        def confirm() -> None:
+            try:
+                if self.peers.get(info.name) is st and st.info == info and \
+                        self.probe(info.rpc) == info:
+                    self._revive(st)
+            finally:
+                self._confirming.discard(key)
+
+        gevent.spawn(confirm)
+
     def _changed_membership(self, info: PeerInfo, spread: bool) -> None:
-        """Heartbeat now and every ``heartbeat_s`` for a few beats (a newcomer counts us
-        alive once it hears our stream); announce ``info`` if ``spread``, once it is alive
-        to us (as the full member lists did: a member not heard from is not vouched for)."""
+        """Heartbeat now; announce ``info`` on our next heartbeats if ``spread`` (it is
+        verified, so it has just answered us: alive)."""
         st = self.peers.get(info.name)
-        if spread and st is not None:
-            if st.alive:  # a restart of a live member: it answered as the new run
-                self._add_news(info)
-            else:
-                st.announce = True
-        self._fast_until = time.monotonic() + NEWS_RETRANSMIT * self.heartbeat_s
+        if spread and st is not None and st.alive:
+            self._add_news(info)
         self._outbox.put(None)
 
     def answers_as(self, info: PeerInfo) -> bool:
-        return self.probe(info.rpc) == info
+        """Whether ``info.rpc`` answers with exactly ``info``.  An answer that also says
+        the member has published nothing yet lets us take its (empty) table as synced
+        when we add it, rather than pull it: in a cluster forming, every node learns
+        every other long before it follows or hears from most of them."""
+        if self.probe_head is None:
+            return self.probe(info.rpc) == info
+        head = self.probe_head(info.rpc)
+        if head is None or head[0] != info:
+            return False
+        if len(self._heads) >= MAX_OFFERED:
+            self._heads.clear()  # answers come from peers: stay bounded
+        self._heads[(info.name, info.epoch)] = head[1]
+        return True
+
+    def _take_head(self, st: PeerState, head: dict[str, Any]) -> None:
+        """A member's ops and load from its own ``ping`` answer: what its heartbeats say
+        to its followers, for the many members we do not follow (the planner needs
+        every member's ops to delegate to it)."""
+        load, ops = head.get("load"), head.get("ops")
+        if isinstance(load, dict):
+            st.load = load
+        if isinstance(ops, dict):
+            st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
+
+    def published(self) -> int:
+        return self.seq
 
     def claim_conflict(self, info: PeerInfo) -> PeerInfo | None:
         """The live member whose name ``info`` claims, if it still answers as itself.
@@ -352,11 +512,11 @@ class ReplicatedCatalog(Catalog):
                 st = self.peers.get(info.name)
                 if st is not None and info.epoch < st.info.epoch:
                     if not st.alive:  # the earlier of two twins, after the later one left
-                        self.add_peer(info, verified=True, spread=False)
+                        self.add_peer(info, verified=True)
                     return
                 owner = self.claim_conflict(info)
                 if owner is None:
-                    self.add_peer(info, verified=True, spread=False)
+                    self.add_peer(info, verified=True)
                     return
                 self._refused[claim] = time.monotonic() + RECHECK_REFUSED_S
                 self.stats["refused_claims"] += 1
@@ -379,23 +539,15 @@ class ReplicatedCatalog(Catalog):
             self._news.pop(next(iter(self._news)))
 
     def _interval(self) -> float:
-        """Our heartbeat interval now (see :func:`~.membership.heartbeat_interval`); every
-        ``heartbeat_s`` while we have membership news to spread, so that a newcomer (which
-        only counts us alive once our stream speaks) hears from us soon."""
-        if self._news or self._dead_news or time.monotonic() < self._fast_until:
-            return self.heartbeat_s
-        return heartbeat_interval(self.heartbeat_s,
-                                  sum(1 for st in self.peers.values() if st.alive))
+        """Our heartbeat interval: ``heartbeat_s``.  Only our followers (about ``fan_in``
+        of them) hear it, and each node follows at most ``fan_in`` members, so the
+        heartbeats a node receives do not grow with the cluster."""
+        return self.heartbeat_s
 
     def digest(self) -> str:
-        """Digest of the live members as we see them, ourselves included; computed again
-        only after a member changed (every heartbeat received asks for it: at 256 members
-        recomputing it was about 0.2 ms a heartbeat)."""
-        key = (generation(), len(self.peers), self.me.name, self.me.epoch)
-        if self._digest[0] != key:
-            self._digest = (key, membership_digest([(self.me.name, self.me.epoch)] + [
-                (st.info.name, st.info.epoch) for st in self.peers.values() if st.alive]))
-        return self._digest[1]
+        """Digest of the live members as we see them, ourselves included."""
+        return membership_digest([(self.me.name, self.me.epoch)] + [
+            (st.info.name, st.info.epoch) for st in self.peers.values() if st.alive])
 
     def _check_twin(self, info: PeerInfo) -> None:
         """``info`` has our name: if it answers as itself it is a second daemon, and the
@@ -440,10 +592,121 @@ class ReplicatedCatalog(Catalog):
                 out.extend(recs.values())
         return out
 
-    def snapshot_wire(self) -> dict[str, Any]:
-        """Our own state for a subscriber's snapshot request (Clone: ICANHAZ -> KTHXBAI)."""
-        return {"epoch": self.me.epoch, "seq": self.seq, "self": self.me.to_wire(),
-                "records": [r.to_wire() for r in self.own.values()]}
+    def vector(self) -> dict[str, tuple[int, int]]:
+        """Per origin (ourselves and every live member we are synced with): its
+        ``(epoch, seq)`` as far as our replica goes."""
+        out = {self.me.name: (self.me.epoch, self.seq)}
+        for name, st in self.peers.items():
+            if st.alive and st.synced:
+                out[name] = (st.info.epoch, st.seq)
+        return out
+
+    def snapshot_wire(self, origins: object = None) -> dict[str, Any]:
+        """A snapshot request's answer (Clone: ICANHAZ -> KTHXBAI): with ``origins``
+        None, the whole catalog (every live origin we are synced with, ourselves
+        included: its descriptor, seq and records with their signatures); with a list
+        of names, those origins' sections only; ``[]``: just our per-origin vector.
+        Full snapshots are rationed (``SNAPSHOT_SLOTS`` per heartbeat period): past
+        that, :class:`~hpcflow.errors.CatalogBusy` (the joiner asks another member).
+        ``records`` (our own, unsigned) is kept for callers of the previous format."""
+        vec = {name: list(v) for name, v in self.vector().items()}
+        base: dict[str, Any] = {"epoch": self.me.epoch, "seq": self.seq,
+                                "self": self.me.to_wire(), "vector": vec}
+        if origins is None:
+            now = time.monotonic()
+            self._served = [t for t in self._served if now - t < self.heartbeat_s]
+            if len(self._served) >= SNAPSHOT_SLOTS:
+                self.stats["snapshots_refused"] += 1
+                raise CatalogBusy(f"{self.me.name} is serving {len(self._served)} catalog "
+                                  "snapshots already: ask another member")
+            self._served.append(now)
+            self.stats["snapshots_served"] += 1
+            names = list(vec)
+            base["records"] = [r.to_wire() for r in self.own.values()]
+        elif isinstance(origins, list) and len(origins) <= MAX_MEMBERS and all(
+                isinstance(n, str) for n in origins):
+            names = [n for n in dict.fromkeys(origins) if n in vec]
+        else:
+            raise ProtocolError("snapshot: origins must be a list of node names, or nil")
+        base["origins"] = [self._section(n) for n in names]
+        return base
+
+    def _section(self, name: str) -> dict[str, Any]:
+        if name == self.me.name:
+            info, seq, signed = self.me, self.seq, self._own_signed
+        else:
+            st = self.peers[name]
+            info, seq, signed = st.info, st.seq, self.signed.get(name, {})
+        return {"info": info.to_wire(), "seq": seq,
+                "entries": [[k, q, v, sig] for k, (q, v, sig) in signed.items()]}
+
+    def _take_section(self, sec: object, via: str | None) -> bool:
+        """Apply one origin's section of a snapshot (from the origin or a third node):
+        every record must carry the origin's signature, checked against the key of its
+        verified descriptor, or the whole section is refused (``stats["forged"]``).  A
+        section of an origin we have not verified yet is kept until we have (bounded).
+        True when we are synced with that origin afterwards."""
+        try:
+            if not isinstance(sec, dict):
+                raise ProtocolError("a snapshot section must be a map")
+            info = PeerInfo.from_wire(sec.get("info"))
+            seq, entries = sec.get("seq"), sec.get("entries")
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0 or \
+                    not isinstance(entries, list):
+                raise ProtocolError("a snapshot section needs a seq and entries")
+        except ProtocolError as exc:
+            self.stats["malformed"] += 1
+            self._garbage_log.warning("catalog: bad snapshot section from %s: %s", via, exc)
+            return False
+        name = info.name
+        if name == self.me.name:
+            return False
+        st = self.peers.get(name)
+        if st is None or st.info.epoch != info.epoch:
+            if st is None or info.epoch > st.info.epoch:  # believed once it answers as it
+                if len(self._offered) < MAX_OFFERED:
+                    self._offered[(name, info.epoch)] = sec
+                self.add_peer(info)
+            return False
+        if st.info != info:
+            self.stats["forged"] += 1  # the run we verified, with other endpoints or key
+            self._garbage_log.warning("catalog: %s served a section of %s with a descriptor "
+                                      "that is not the one %s answers with", via, name, name)
+            return False
+        if st.synced and seq <= st.seq:
+            return True  # nothing newer than what we have
+        recs, signed = RecordTable(), {}
+        for entry in entries[:1_000_000]:
+            if not self._verify_entry(st, entry, seq):
+                self.stats["forged"] += 1
+                self._garbage_log.warning("catalog: refused %s's section of %s: a record "
+                                          "without %s's signature", via, name, name)
+                return False
+            key, q, value, sig = entry
+            try:
+                rec = DatasetRecord.from_wire(value)
+            except HpcflowError:
+                continue  # signed by its origin, but not a record we can read
+            if rec.owner == name and rec.key == key:
+                recs[key] = rec
+                signed[key] = (q, value, sig)
+        self.peer_records[name], self.signed[name] = recs, signed
+        st.seq, st.synced, st.gap_since = seq, True, None
+        self._drain(st)
+        self._notify()
+        log.info("catalog: synced %s at seq %d (%d entries) from %s", name, st.seq, len(recs),
+                 via or "a snapshot")
+        return st.synced
+
+    def _verify_entry(self, st: PeerState, entry: object, seq: int) -> bool:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            return False
+        key, q, value, sig = entry
+        if not (isinstance(key, str) and isinstance(q, int) and not isinstance(q, bool)
+                and 0 < q <= seq and isinstance(value, dict) and isinstance(sig, bytes)):
+            return False
+        return self._verifier.verify(st.info.key, sig, KV, st.info.name, st.info.epoch, q,
+                                     key, value)
 
     # -- publisher ----------------------------------------------------------------
     def _publisher(self) -> None:
@@ -462,10 +725,11 @@ class ReplicatedCatalog(Catalog):
             self.stats["published"] += 1
 
     def _heartbeat(self) -> KVMsg:
-        """Our load, ops and seq, plus membership *deltas*: the members that joined or
-        restarted recently ("members", each sent ``NEWS_RETRANSMIT`` times), those found
-        dead recently ("dead"), and a digest of our live members ("d"), never the whole
-        membership (which made every heartbeat O(N) and every node's cost O(N^2))."""
+        """Our load, ops and seq, plus membership *deltas*: the members that joined,
+        restarted or came back recently ("members", each sent ``NEWS_RETRANSMIT`` times),
+        those found dead recently ("dead"), a digest of our live members ("d") and one of
+        our per-origin vector ("v"), never the whole membership (which made every
+        heartbeat O(N) and every node's cost O(N^2))."""
         members = [self.me.to_wire()]
         for key, (wire, left) in list(self._news.items())[:NEWS_PER_HEARTBEAT]:
             members.append(wire)
@@ -480,15 +744,50 @@ class ReplicatedCatalog(Catalog):
                 del self._dead_news[dkey]
             else:
                 self._dead_news[dkey] = left - 1
-        # "i": the time until our next heartbeat (after the news above was counted down),
-        # which receivers' TTL for us is measured in
+        self.stats["news_pending"] = len(self._news) + len(self._dead_news)
+        # "i": the time until our next heartbeat, which receivers' TTL for us is
+        # measured in
         interval = self._interval()
         self.stats["heartbeat_interval_ms"] = round(interval * 1000)
+        self.stats["followed"] = len(self._streams)
+        self.stats["unsynced"] = sum(1 for st in self.peers.values()
+                                     if st.alive and not st.synced)
         return KVMsg(HB, self.me.name, self.me.epoch, self.seq,
                      props={"load": self.load(), "members": members, "ops": self.ops(),
-                            "dead": dead, "d": self.digest(), "i": interval})
+                            "dead": dead, "d": self.digest(), "i": interval,
+                            "v": vector_digest(self.vector())})
 
-    # -- subscribers ----------------------------------------------------------------
+    # -- the overlay: whom we follow -------------------------------------------------
+    def _choose_follows(self) -> None:
+        """Follow at most ``fan_in`` live members: all of them in a small cluster; else
+        our ring successor (the next live name after ours: every node following its
+        successor makes one cycle through all, so the overlay stays connected whatever
+        the random choices) and, for short paths, the members we already follow, topped
+        up at random.  Called on every membership change: stable while nothing changes."""
+        live = [n for n, st in self.peers.items() if st.alive]
+        if len(live) <= self.fan_in:
+            want = set(live)
+        else:
+            ring = sorted([*live, self.me.name])
+            succ = ring[(ring.index(self.me.name) + 1) % len(ring)]
+            keep = [n for n in self._streams if n != succ and n in self.peers
+                    and self.peers[n].alive]
+            random.shuffle(keep)
+            want = {succ, *keep[:self.fan_in - 1]}
+            if len(want) < self.fan_in:
+                others = [n for n in live if n not in want]
+                want.update(random.sample(others, min(len(others), self.fan_in - len(want))))
+        for name in list(self._streams):
+            if name not in want:
+                self._unfollow(name)
+        now = time.monotonic()
+        for name in want:
+            st = self.peers[name]
+            if name not in self._streams:
+                st.last_seen = max(st.last_seen, now)  # its silence counts from now
+            self._follow(name, st.info.pub)
+        self.stats["followed"] = len(self._streams)
+
     def _follow(self, name: str, endpoint: str) -> None:
         """Read ``name``'s stream at ``endpoint`` (instead of any earlier endpoint)."""
         old = self._streams.get(name)
@@ -503,8 +802,8 @@ class ReplicatedCatalog(Catalog):
             old[1].kill(block=False)  # may be the current greenlet: it ends at its next switch
 
     def _stream(self, name: str, endpoint: str) -> None:
-        """The one owner of the SUB socket for ``name``'s stream: everything on it must
-        come from ``name``."""
+        """The one owner of the SUB socket for ``name``'s stream: its own heartbeats,
+        and the updates it relays (its own and other origins', each signed)."""
         sub = self.ctx.socket(zmq.SUB)
         try:
             sub.setsockopt(zmq.LINGER, 0)
@@ -538,14 +837,14 @@ class ReplicatedCatalog(Catalog):
                     self._garbage_log.warning("catalog: dropped malformed message from %s: %s",
                                               name, exc)
                     continue
-                if msg.sender != name:
+                if msg.kind == HB and msg.sender != name:
                     self.stats["foreign"] += 1
-                    self._garbage_log.warning("catalog: dropped a message from %s's stream "
+                    self._garbage_log.warning("catalog: dropped a heartbeat on %s's stream "
                                               "that claims to come from %s", name,
                                               msg.sender[:64])
                     continue
                 try:
-                    self._handle(msg)
+                    self._handle(msg, name)
                 except Exception:  # a bug must not end the stream: log it, read on
                     log.exception("catalog: error handling a message from %s", name)
         except zmq.ZMQError as exc:  # the context is going away
@@ -553,101 +852,190 @@ class ReplicatedCatalog(Catalog):
         finally:
             sub.close(linger=0)
 
-    def _handle(self, msg: KVMsg) -> None:
+    def _handle(self, msg: KVMsg, via: str = "") -> None:
+        """One message from the stream of ``via``: a heartbeat of ``via`` itself, or an
+        update (KV or BYE) of any origin, believed only with the origin's signature."""
         if msg.sender == self.me.name:
+            return  # our own update, relayed back to us
+        if msg.kind == HB:
+            self._heartbeat_from(msg)
             return
         st = self.peers.get(msg.sender)
-        if msg.kind == HB:
-            self._gossip(msg)
-            st = self.peers.get(msg.sender)
         if st is None:
             return  # not a member we know of; its hello or a gossip will introduce it
+        if msg.epoch != st.info.epoch:
+            if msg.epoch > st.info.epoch:
+                self._learn_restart(st)  # a new run: believed once its RPC says so
+            return  # a late message from a previous run, or one not yet verified
         if msg.kind == BYE:
-            if msg.epoch == st.info.epoch and st.alive:
-                st.alive, st.dead_since = False, time.monotonic()
-                log.info("peer %s left the cluster: %d entries withdrawn", msg.sender,
-                         len(self.peer_records.get(msg.sender, {})))
-                self._notify()
+            if not st.alive or not self._authentic(st, msg):
+                return
+            st.alive, st.dead_since = False, time.monotonic()
+            log.info("peer %s left the cluster: %d entries withdrawn", msg.sender,
+                     len(self.peer_records.get(msg.sender, {})))
+            self._relay(msg)
+            self._notify()
+            self._choose_follows()
+            return
+        if st.synced and msg.seq <= st.seq:
+            self.stats["duplicates"] += 1  # already applied (through another relay)
+            return
+        if any(m.seq == msg.seq for m in self._pending.get(msg.sender, ())):
+            self.stats["duplicates"] += 1
+            return
+        if not self._authentic(st, msg):
+            return
+        if not st.alive:
+            self._revive(st)  # it published something new: it lives
+        if not st.synced:
+            if msg.seq == 1 and not self._pending.get(msg.sender) and \
+                    msg.sender not in self._syncing:
+                # its first update in this run: nothing came before it
+                self.peer_records[msg.sender], self.signed[msg.sender] = RecordTable(), {}
+                st.seq, st.synced = 0, True
+            else:
+                self._buffer(st, msg)
+                return
+        if msg.seq != st.seq + 1:
+            self._buffer(st, msg)  # a gap: the missing one may still come another way
+            if st.gap_since is None:
+                st.gap_since = time.monotonic()
+            return
+        self._apply(st, msg)
+        self._drain(st)
+
+    def _heartbeat_from(self, msg: KVMsg) -> None:
+        """A followed member's own heartbeat: membership deltas, liveness, load, and the
+        sequence it is at (higher than ours: we missed its last updates)."""
+        self._gossip(msg)
+        st = self.peers.get(msg.sender)
+        if st is None:
             return
         if msg.epoch != st.info.epoch:
-            if msg.epoch > st.info.epoch:  # a new run here: believed once its RPC says so
-                self.add_peer(PeerInfo(st.info.name, msg.epoch, st.info.rpc, st.info.pub,
-                                       st.info.bulk))
-            return  # a late message from a previous run, or one not yet verified
+            if msg.epoch > st.info.epoch:
+                self._learn_restart(st)
+            return
         st.last_seen = time.monotonic()
         if not st.alive:
-            st.alive = True
-            if st.announce:
-                st.announce = False
-                self._add_news(st.info)
-            log.info("peer %s is alive", msg.sender)
-            st.dead_since = None
-            self._notify()
-            self._outbox.put(None)  # gossip the news now rather than at the next beat
-        if msg.kind == HB:
-            self.stats["heartbeats_received"] += 1
-            load, ops = msg.props.get("load"), msg.props.get("ops")
-            st.load = load if isinstance(load, dict) else {}
-            if isinstance(ops, dict):
-                st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
-            interval = msg.props.get("i")
-            if isinstance(interval, int | float) and not isinstance(interval, bool):
-                # no longer than a full cluster's: probes find a dead node anyway
-                st.interval = min(max(float(interval), self.heartbeat_s),
-                                  heartbeat_interval(self.heartbeat_s, MAX_MEMBERS))
-            digest = msg.props.get("d")
-            if isinstance(digest, str):
-                self._check_digest(st, digest)
-            else:  # a peer that sends its whole membership (as before digests)
-                self._check_known_by(st, msg.props.get("members"))
-        if not st.synced and msg.kind == HB and msg.seq == 0 and not self._pending.get(
+            self._revive(st)
+        self.stats["heartbeats_received"] += 1
+        load, ops = msg.props.get("load"), msg.props.get("ops")
+        st.load = load if isinstance(load, dict) else {}
+        if isinstance(ops, dict):
+            st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
+        interval = msg.props.get("i")
+        if isinstance(interval, int | float) and not isinstance(interval, bool):
+            # no longer than ten of ours: probes find a dead node anyway
+            st.interval = min(max(float(interval), self.heartbeat_s), 10 * self.heartbeat_s)
+        vdigest = msg.props.get("v")
+        st.vdigest = vdigest if isinstance(vdigest, str) else ""
+        digest = msg.props.get("d")
+        if isinstance(digest, str):
+            self._check_digest(st, digest)
+        else:  # a peer that sends its whole membership (as before digests)
+            self._check_known_by(st, msg.props.get("members"))
+        if not st.synced and msg.seq == 0 and not self._pending.get(
                 msg.sender) and msg.sender not in self._syncing:
             # It has published nothing in this run: its table is empty, and a snapshot
             # would say just that (N of them per joiner were most of a cluster's start-up).
             self.peer_records[msg.sender] = RecordTable()
+            self.signed[msg.sender] = {}
             st.seq, st.synced = 0, True
             self._notify()
             return
-        if not st.synced:
-            if msg.kind == KV:
-                pend = self._pending.setdefault(msg.sender, [])
-                if len(pend) < MAX_PENDING:
-                    pend.append(msg)
-            self._resync(st)
-            return
-        if msg.kind == KV:
-            if msg.seq <= st.seq:
-                return  # duplicate
-            if msg.seq != st.seq + 1:
-                log.warning("catalog: gap from %s (have %d, got %d): resync",
-                            msg.sender, st.seq, msg.seq)
-                st.synced = False
-                self._pending[msg.sender] = [msg]
-                self._resync(st)
-                return
-            self._apply(st, msg)
-        elif msg.seq > st.seq:
-            log.warning("catalog: %s is at seq %d, we have %d: resync", msg.sender, msg.seq, st.seq)
-            st.synced = False
+        if st.synced and msg.seq > st.seq and st.gap_since is None:
+            log.warning("catalog: %s is at seq %d, we have %d: resync", msg.sender, msg.seq,
+                        st.seq)
             self._resync(st)
 
+    def _authentic(self, st: PeerState, msg: KVMsg) -> bool:
+        """Whether ``msg`` carries its origin's signature (made with the key of the run
+        we verified); anything else is dropped and counted."""
+        if self._verifier.verify(st.info.key, msg.sig, msg.kind, msg.sender, msg.epoch,
+                                 msg.seq, msg.key, msg.value):
+            return True
+        self.stats["forged"] += 1
+        self._garbage_log.warning("catalog: dropped a %s of %s (seq %d) without its "
+                                  "signature", msg.kind.decode(), msg.sender[:64], msg.seq)
+        return False
+
+    def _learn_restart(self, st: PeerState) -> None:
+        """A message of a later run of a member: ask its RPC endpoint who runs there now
+        (its descriptor, with the new run's key, is then checked as any other)."""
+        key = (st.info.name, -1)
+        if key in self._confirming or len(self._confirming) >= MAX_VERIFYING:
+            return
+        self._confirming.add(key)
+        rpc, name = st.info.rpc, st.info.name
+
+        def learn() -> None:
+            try:
+                answer = self.probe(rpc)
+                if answer is not None and answer.name == name:
+                    self.add_peer(answer)
+            finally:
+                self._confirming.discard(key)
+
+        gevent.spawn(learn)
+
+    def _buffer(self, st: PeerState, msg: KVMsg) -> None:
+        pend = self._pending.setdefault(st.info.name, [])
+        if len(pend) < MAX_PENDING:
+            pend.append(msg)
+        if not st.synced:
+            self._resync(st)
+
+    def _drain(self, st: PeerState) -> None:
+        """Apply buffered updates that now follow on; the gap closes when none is left
+        missing before them."""
+        pend = self._pending.get(st.info.name)
+        if not pend:
+            st.gap_since = None
+            return
+        pend.sort(key=lambda m: m.seq)
+        rest = []
+        for msg in pend:
+            if msg.epoch != st.info.epoch or msg.seq <= st.seq:
+                continue
+            if msg.seq == st.seq + 1 and st.synced:
+                self._apply(st, msg)
+            else:
+                rest.append(msg)
+        if rest:
+            self._pending[st.info.name] = rest
+            if st.synced and st.gap_since is None:
+                st.gap_since = time.monotonic()
+        else:
+            self._pending.pop(st.info.name, None)
+            st.gap_since = None
+
     def _apply(self, st: PeerState, msg: KVMsg) -> None:
-        recs = self.peer_records[st.info.name]
+        """Apply an authentic update that follows on from what we have, and relay it."""
+        name = st.info.name
+        recs, signed = self.peer_records[name], self.signed.setdefault(name, {})
         st.seq = msg.seq
+        self._relay(msg)
         self._notify()
         if msg.value is None:
             recs.pop(msg.key, None)
+            signed.pop(msg.key, None)
             return
         try:
             rec = DatasetRecord.from_wire(msg.value)
         except HpcflowError as exc:
-            self._garbage_log.warning("catalog: bad record from %s: %s", st.info.name, exc)
+            self._garbage_log.warning("catalog: bad record from %s: %s", name, exc)
             return
-        if rec.owner != st.info.name or rec.key != msg.key:
+        if rec.owner != name or rec.key != msg.key:
             self._garbage_log.warning("catalog: %s announced a record it does not own: %s",
-                                      st.info.name, msg.key)
+                                      name, msg.key)
             return
         recs[rec.key] = rec
+        signed[rec.key] = (msg.seq, msg.value, msg.sig)
+
+    def _relay(self, msg: KVMsg) -> None:
+        """Re-publish an update we accepted as new, once, for our followers."""
+        self.stats["relayed"] += 1
+        self._outbox.put(msg)
 
     def _check_known_by(self, st: PeerState, members: object) -> None:
         """Say hello to a live peer whose heartbeats keep leaving us out of its membership
@@ -718,17 +1106,56 @@ class ReplicatedCatalog(Catalog):
     def _prober(self) -> None:
         """SWIM's failure detector, simplified: every ``PROBE_EVERY`` heartbeat periods
         ping one live member (round robin over a shuffled list).  One that does not answer
-        as itself, and has been silent for ``ttl_s``, is marked dead and announced."""
+        as itself, and has been silent for ``ttl_s``, is marked dead and announced.
+        Every ``DEAD_PROBE_EVERY`` periods, one member we think dead is pinged too (round
+        robin): we no longer read its stream, so its answer is how we find it back, or a
+        new run of it (as Serf reconnects to failed members)."""
+        ticks, dead_probe = 0, None
         while True:
             gevent.sleep(self.heartbeat_s * PROBE_EVERY)
+            ticks += 1
             st = self._next_probe_target()
             if st is not None:
                 try:
                     self._probe_one(st)
                 except Exception:  # the detector must not die with one probe
                     log.exception("catalog: probing %s failed", st.info.name)
+            if ticks % DEAD_PROBE_EVERY == 0 and (dead_probe is None or dead_probe.dead):
+                dead = self._next_dead_target()
+                if dead is not None:  # in a greenlet: a hung one takes ttl_s to time out
+                    dead_probe = gevent.spawn(self._probe_dead, dead)
+
+    def _next_dead_target(self) -> PeerState | None:
+        while True:
+            if not self._dead_order:
+                self._dead_order = [n for n, st in self.peers.items() if not st.alive]
+                random.shuffle(self._dead_order)
+                if not self._dead_order:
+                    return None
+            st = self.peers.get(self._dead_order.pop())
+            if st is not None and not st.alive:
+                return st
+
+    def _probe_dead(self, st: PeerState) -> None:
+        info = st.info
+        answer = self.probe(info.rpc)
+        if answer is None or answer.name != info.name or self.peers.get(info.name) is not st:
+            return
+        if answer == info:
+            self._revive(st)  # it was hung, or cut off, and answers again
+        elif answer.epoch > info.epoch:
+            self.add_peer(answer)  # a new run: believed once checked, as any descriptor
 
     def _next_probe_target(self) -> PeerState | None:
+        if self.probe_head is not None:  # a member we know no ops of yet goes first, once
+            for name, new in self.peers.items():
+                key = (name, new.info.epoch)
+                if new.alive and not new.ops and name not in self._streams and \
+                        key not in self._asked_ops:
+                    if len(self._asked_ops) >= MAX_MEMBERS:
+                        self._asked_ops.clear()
+                    self._asked_ops.add(key)
+                    return new
         while True:
             if not self._probe_order:
                 self._probe_order = [n for n, st in self.peers.items() if st.alive]
@@ -742,9 +1169,17 @@ class ReplicatedCatalog(Catalog):
     def _probe_one(self, st: PeerState) -> None:
         info = st.info
         self.stats["probes"] += 1
-        answer = self.probe(info.rpc)
+        head = self.probe_head(info.rpc) if self.probe_head is not None else None
+        answer = head[0] if head is not None else (
+            None if self.probe_head is not None else self.probe(info.rpc))
         if answer == info:
-            return  # alive (only its stream's messages keep it alive: see _monitor)
+            if info.name not in self._streams and self.peers.get(info.name) is st:
+                # we do not read its stream: its answer is what we hear of it (the stream
+                # of a member we follow must speak for itself: see _monitor)
+                st.last_seen = time.monotonic()
+                if head is not None:
+                    self._take_head(st, head[1])
+            return
         if answer is not None and answer.name == info.name and answer.epoch > info.epoch:
             self.add_peer(answer)  # it restarted: believed once checked, as any descriptor
         self.stats["probes_failed"] += 1
@@ -753,17 +1188,32 @@ class ReplicatedCatalog(Catalog):
             self._dead_news[(info.name, info.epoch)] = NEWS_RETRANSMIT
             self._outbox.put(None)  # tell the others now: they check for themselves
 
-    def _silent(self, st: PeerState, info: PeerInfo) -> bool:
-        """Still the member we probed, believed alive, and nothing from it for ``ttl_s``."""
+    def _silent(self, st: PeerState, info: PeerInfo, window: float | None = None) -> bool:
+        """Still the member we probed, believed alive, and nothing from it for ``window``
+        (default ``ttl_s``)."""
         return (self.peers.get(info.name) is st and st.info == info and st.alive
-                and time.monotonic() - st.last_seen > self.ttl_s)
+                and time.monotonic() - st.last_seen > (window or self.ttl_s))
 
     def _confirm_dead(self, name: str, epoch: int) -> None:
         """A member reports ``name`` dead: believe it only if it does not answer our own
-        probe either (one member's word must not take a node out of everyone's view)."""
+        probe either (one member's word must not take a node out of everyone's view).
+        The report is passed on at once, the first time we hear it (our followers may
+        not hear the first report, and waiting for our probe at every hop made a hung
+        node's death travel one probe timeout per hop); each receiver checks for itself,
+        and a report is passed on once per ``forget_after_s``, so a false one costs each
+        node one probe of the member, not a storm."""
         st, key = self.peers.get(name), (name, epoch)
-        if (st is None or st.info.epoch != epoch or not st.alive or key in self._confirming
-                or len(self._confirming) >= MAX_VERIFYING):
+        if st is None or st.info.epoch != epoch or not st.alive:
+            return
+        now = time.monotonic()
+        if self._seen_reports.get(key, 0.0) < now:
+            if len(self._seen_reports) > 4096:
+                self._seen_reports = {k: t for k, t in self._seen_reports.items() if t > now}
+            if len(self._seen_reports) <= 4096:
+                self._seen_reports[key] = now + self.forget_after_s
+                self._dead_news[key] = NEWS_RETRANSMIT
+                self._outbox.put(None)
+        if key in self._confirming or len(self._confirming) >= MAX_VERIFYING:
             return
         self._confirming.add(key)
         info = st.info
@@ -771,7 +1221,16 @@ class ReplicatedCatalog(Catalog):
 
         def confirm() -> None:
             try:
-                if self.probe(info.rpc) != info and self._silent(st, info):
+                if self.probe(info.rpc) == info:
+                    return
+                # reported dead and not answering: silent for two of its heartbeat
+                # intervals is enough (for a member we do not follow, that is since it
+                # last answered a probe of ours)
+                window = 2 * max(st.interval, self.heartbeat_s)
+                wait = window - (time.monotonic() - st.last_seen)
+                if 0 < wait <= window:
+                    gevent.sleep(wait + 0.01)
+                if self._silent(st, info, window):
                     self._mark_dead(st, "reported dead, and did not answer our probe")
             finally:
                 self._confirming.discard(key)
@@ -787,63 +1246,159 @@ class ReplicatedCatalog(Catalog):
         log.warning("peer %s %s (silent for %.1f s): marked dead, %d entries withdrawn",
                     st.info.name, why, now - st.last_seen,
                     len(self.peer_records.get(st.info.name, {})))
+        self._choose_follows()  # follow another live member instead
 
     # -- snapshots ------------------------------------------------------------------
+    def bootstrap(self, source: PeerInfo) -> None:
+        """Take the whole catalog from one member (``source``, the member that let us
+        in; another if it fails or is busy), once per run, after a jittered delay."""
+        if self._bootstrapped or self._bootstrapping:
+            return
+        self._bootstrapping = True
+        gevent.spawn(self._bootstrap, source)
+
+    def _bootstrap(self, source: PeerInfo) -> None:
+        """Ask ``source``, then random live members (we learn more of them meanwhile),
+        ``SNAPSHOT_TRIES`` in all, a jittered pause before each: many nodes started at
+        once through one seed find it busy and spread over the members they learn."""
+        try:
+            tried: set[str] = set()
+            src: PeerInfo | None = source
+            for _ in range(SNAPSHOT_TRIES):
+                gevent.sleep(random.uniform(0, JOIN_JITTER * self.heartbeat_s))
+                if src is None:
+                    others = [st.info for st in self.peers.values()
+                              if st.alive and st.info.name not in tried]
+                    if not others:
+                        others = [st.info for st in self.peers.values() if st.alive]
+                    if not others:
+                        continue
+                    src = random.choice(others)
+                tried.add(src.name)
+                try:
+                    snap = self.fetch_snapshot(src, None)
+                    sections = snap["origins"]
+                    if not isinstance(sections, list):
+                        raise ProtocolError("a snapshot without sections")
+                except CatalogBusy as exc:
+                    log.info("catalog: %s is busy (%s): asking another member", src.name, exc)
+                    src = None
+                    continue
+                except (HpcflowError, KeyError, TypeError) as exc:
+                    log.warning("catalog: snapshot from %s failed: %s", src.name, exc)
+                    src = None
+                    continue
+                self.stats["snapshots"] += 1
+                for sec in sections[:MAX_MEMBERS]:
+                    self._take_section(sec, src.name)
+                self._bootstrapped = True
+                log.info("catalog: took the catalog from %s (%d origins)", src.name,
+                         len(sections))
+                return
+            log.warning("catalog: no member gave us its catalog: pulling origin by origin")
+        finally:
+            self._bootstrapping = False
+
     def _resync(self, st: PeerState) -> None:
         name = st.info.name
-        if name in self._syncing:
-            return
+        if name in self._syncing or self._bootstrapping:
+            return  # (the whole catalog is on its way)
         self._syncing.add(name)
         self.stats["resyncs"] += 1
         gevent.spawn(self._sync, name)
 
     def _sync(self, name: str) -> None:
+        """Pull ``name``'s section from ``name`` itself, else from one live member."""
         try:
             st = self.peers[name]
-            snap = self.fetch_snapshot(st.info)
-            epoch, seq = int(snap["epoch"]), int(snap["seq"])
-            recs = RecordTable()
-            for d in snap["records"]:
-                rec = DatasetRecord.from_wire(d)
-                if rec.owner == name:
-                    recs[rec.key] = rec
-            if epoch > st.info.epoch and isinstance(snap.get("self"), dict):
-                self.add_peer(PeerInfo.from_wire(snap["self"]))
-            if epoch != st.info.epoch:
-                raise ProtocolError(f"snapshot epoch {epoch} != expected {st.info.epoch}")
-            self.peer_records[name] = recs
-            st.seq = seq
-            st.synced = True
-            for msg in sorted(self._pending.pop(name, []), key=lambda m: m.seq):
-                if msg.epoch != epoch or msg.seq <= st.seq:
-                    continue
-                if msg.seq != st.seq + 1:
-                    st.synced = False
-                    break
-                self._apply(st, msg)
-            self._notify()
-            log.info("catalog: synced %s at seq %d (%d entries)", name, st.seq, len(recs))
-        except (HpcflowError, KeyError, TypeError, ValueError) as exc:
-            log.warning("catalog: snapshot from %s failed: %s", name, exc)
+            sources = [st.info] if st.alive else []
+            others = [p.info for p in self.peers.values() if p.alive and p is not st]
+            if others:
+                sources.append(random.choice(others))
+            for src in sources:
+                if self._pull(src, [name]) and self.peers.get(name) is st and st.synced \
+                        and st.gap_since is None:
+                    return
         finally:
             self._syncing.discard(name)
 
+    def _pull(self, src: PeerInfo, origins: list[str]) -> bool:
+        """Take the sections of ``origins`` from ``src``; False if it did not answer."""
+        try:
+            snap = self.fetch_snapshot(src, origins)
+            sections = snap["origins"]
+            if not isinstance(sections, list):
+                raise ProtocolError("a snapshot without sections")
+        except (HpcflowError, KeyError, TypeError) as exc:
+            log.warning("catalog: sections of %s from %s failed: %s",
+                        ", ".join(origins[:4]), src.name, exc)
+            return False
+        self.stats["sections_pulled"] += len(sections)
+        for sec in sections[:len(origins)]:
+            self._take_section(sec, src.name)
+        return True
+
+    def _anti_entropy(self) -> None:
+        """Compare our per-origin vector with one random live member's (the digest on
+        its heartbeats, when we follow it, saves the round trip when they agree) and
+        pull the origins it has further than we do, from it."""
+        live = [st for st in self.peers.values() if st.alive]
+        if not live or self._bootstrapping:
+            return
+        st = random.choice(live)
+        mine = self.vector()
+        if st.info.name in self._streams and st.vdigest == vector_digest(mine):
+            return
+        self.stats["anti_entropy"] += 1
+        try:
+            theirs = self.fetch_snapshot(st.info, [])["vector"]
+            if not isinstance(theirs, dict):
+                raise ProtocolError("a vector must be a map")
+        except (HpcflowError, KeyError, TypeError) as exc:
+            log.debug("catalog: anti-entropy with %s failed: %s", st.info.name, exc)
+            return
+        behind = []
+        for name, v in list(theirs.items())[:MAX_MEMBERS]:
+            peer = self.peers.get(name) if isinstance(name, str) else None
+            if peer is None or not peer.alive or not isinstance(v, list) or len(v) != 2:
+                continue
+            if v[0] == peer.info.epoch and isinstance(v[1], int) and (
+                    not peer.synced or v[1] > peer.seq) and name not in self._syncing:
+                behind.append(name)
+        if behind:
+            log.info("catalog: anti-entropy: %s has more of %d origin(s) than we do",
+                     st.info.name, len(behind))
+            self._pull(st.info, behind[:256])
+
     # -- liveness ------------------------------------------------------------------
     def _monitor(self) -> None:
+        ticks = 0
+        every = max(1, round(ANTI_ENTROPY_EVERY * 4))
         while True:
-            # a large cluster is looked over less often (its heartbeats are sparser too)
-            gevent.sleep(self.heartbeat_s / (4 if len(self.peers) <= HB_FANIN else 1))
+            gevent.sleep(self.heartbeat_s / 4)
+            ticks += 1
             now = time.monotonic()
             for st in list(self.peers.values()):
-                # silent for ttl_s, in units of its own heartbeat interval
+                # a member we follow: silent for ttl_s, in units of its own heartbeat
+                # interval (the others are found dead by probes)
                 ttl = self.ttl_s * max(1.0, st.interval / self.heartbeat_s)
-                if st.alive and now - st.last_seen > ttl:
+                followed = st.info.name in self._streams
+                if st.alive and followed and now - st.last_seen > ttl:
                     self._mark_dead(st, "silent")
                 elif st.alive and not st.synced and st.info.name not in self._syncing:
+                    self._resync(st)
+                elif (st.alive and st.gap_since is not None
+                      and now - st.gap_since > GAP_WAIT * self.heartbeat_s
+                      and st.info.name not in self._syncing):
+                    log.warning("catalog: gap from %s after seq %d: pulling its updates",
+                                st.info.name, st.seq)
                     self._resync(st)
                 elif (not st.alive and now - st.last_seen > self.forget_after_s
                       and not self.peer_records.get(st.info.name)):
                     self._forget(st)
+            self._choose_follows()
+            if ticks % every == 0:
+                gevent.spawn(self._anti_entropy)
 
     def _forget(self, st: PeerState) -> None:
         """Drop a member silent for a long time that holds nothing (it may come back: a
@@ -853,6 +1408,7 @@ class ReplicatedCatalog(Catalog):
                  self.forget_after_s)
         del self.peers[name]
         self.peer_records.pop(name, None)
+        self.signed.pop(name, None)
         self._pending.pop(name, None)
         self._unfollow(name)
         self.stats["forgotten"] += 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 
@@ -26,6 +28,9 @@ log = logging.getLogger("hpcflow.node")
 MEMBERS_FILE = "members.json"
 #: How long a restarted node keeps trying the members it remembers (they may be gone).
 REJOIN_FOR_S = 60.0
+#: A node's first hello waits a random part of this many heartbeat periods: many nodes
+#: started at once (a batch job) must not all knock at one member in the same instant.
+JOIN_JITTER = 0.5
 
 
 class Members:
@@ -74,13 +79,17 @@ class Members:
         """
         delay, warned = 0.2, False
         deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        gevent.sleep(random.uniform(0, JOIN_JITTER * self.node.config.heartbeat_s))
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 log.info("remembered member %s did not answer; not trying it again", endpoint)
                 return
             try:
-                self.hello(endpoint)
+                member = self.hello(endpoint)
                 log.info("joined the cluster through %s", endpoint)
+                # the whole catalog from this one member (once per run, whichever member
+                # answers first; see catalog/replicated.py)
+                self.node.catalog.bootstrap(member)
                 return
             except ConfigError as exc:
                 if give_up_after is not None and not self.name_taken(endpoint):
@@ -109,8 +118,9 @@ class Members:
                 return True
         return False
 
-    def hello(self, endpoint: str) -> None:
-        """Introduce ourselves at ``endpoint`` and learn the members it knows."""
+    def hello(self, endpoint: str) -> PeerInfo:
+        """Introduce ourselves at ``endpoint`` and learn the members it knows; returns the
+        descriptor it gave of itself."""
         try:
             reply = self.node.peers.call(endpoint, "hello", self.node.me.to_wire())
         except ConfigError:
@@ -120,10 +130,15 @@ class Members:
             descriptors = [PeerInfo.from_wire(d) for d in [reply["self"], *reply["members"]]]
         except (KeyError, TypeError) as exc:
             raise ProtocolError(f"malformed hello reply from {endpoint}: {exc}") from None
-        # It answered at that endpoint: its own descriptor is believed if it names it.
-        self.node.catalog.add_peer(descriptors[0], verified=descriptors[0].rpc == endpoint)
+        # It answered at that endpoint: its own descriptor is believed if it names it
+        # (and answers a ping with it, which also brings its ops, load and seq: it is
+        # alive to us at once, and the planner must know what it can run).
+        first = descriptors[0]
+        self.node.catalog.add_peer(first, verified=first.rpc == endpoint
+                                   and self.node.catalog.answers_as(first))
         for info in descriptors[1:]:
             self.node.catalog.add_peer(info)
+        return descriptors[0]
 
     def _learn_twins(self, endpoint: str) -> None:
         """The member at ``endpoint`` refused our hello (our name is taken): tell the
@@ -146,15 +161,24 @@ class Members:
 
     def probe(self, endpoint: str) -> PeerInfo | None:
         """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
-        epoch, endpoints); None when nothing does within the TTL (a refused connection
-        answers at once) or the answer is malformed."""
+        epoch, endpoints, key); None when nothing does within the TTL (a refused
+        connection answers at once) or the answer is malformed."""
+        head = self.probe_head(endpoint)
+        return head[0] if head is not None else None
+
+    def probe_head(self, endpoint: str) -> tuple[PeerInfo, dict[str, Any]] | None:
+        """:meth:`probe`, and the rest of the answer: the sequence number the node's
+        catalog stream is at ("seq", -1 when it does not say), its ops and load."""
         if refuses_connections(endpoint):
             return None
         try:
             r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
-            return PeerInfo.from_wire(r["self"])
+            info = PeerInfo.from_wire(r["self"])
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
+        seq = r.get("seq")
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else -1
+        return info, {"seq": seq, "ops": r.get("ops"), "load": r.get("load")}
 
 
 __all__ = ["MEMBERS_FILE", "REJOIN_FOR_S", "Members"]

@@ -27,6 +27,7 @@ import zmq
 from ..catalog.membership import PeerInfo
 from ..catalog.record import DatasetRecord
 from ..catalog.replicated import ReplicatedCatalog
+from ..catalog.signing import Signer
 from ..catalog.store import Store
 from ..config import NodeConfig, advertised, timeout_scale
 from ..errors import ConfigError
@@ -82,7 +83,8 @@ class Node:
         self.exit_code = 0
         self._lock_fd = -1
         self._greenlets: list[gevent.Greenlet] = []
-        self.me = PeerInfo(self.name, self.epoch, "", "", "")
+        self.signer = Signer()  # this run's catalog key (see catalog/signing.py)
+        self.me = PeerInfo(self.name, self.epoch, "", "", "", self.signer.public_hex)
         self.registry = DEFAULT_REGISTRY
         self.datasets = Datasets(self)
         self.members = Members(self, self._refused)
@@ -127,7 +129,7 @@ class Node:
         adv = cfg.advertise
         self.me = PeerInfo(self.name, self.epoch, advertised(rpc_ep, adv),
                            advertised(self.catalog.pub_endpoint, adv),
-                           advertised(self.bulk.endpoint, adv))
+                           advertised(self.bulk.endpoint, adv), self.signer.public_hex)
         self.catalog.set_self(self.me)
         for rec in records:
             self.catalog.announce(rec)
@@ -218,12 +220,15 @@ class Node:
 
     def _make_replicated(self) -> ReplicatedCatalog:
         return ReplicatedCatalog(
-            self.me, self.ctx, lambda info: self.peers.call(info.rpc, "snapshot"),
+            self.me, self.ctx,
+            lambda info, origins: self.peers.call(info.rpc, "snapshot", origins),
             heartbeat_s=self.config.heartbeat_s, ttl_s=self.config.ttl_s, load=self.load,
             ops=self.registry.hashes,
             pub_bind=self.config.pub_endpoint, probe=self.members.probe,
+            probe_head=self.members.probe_head,
             introduce=lambda info: self.members.hello(info.rpc),
-            forget_after_s=self.config.forget_dead_s, duplicate=lambda info: self._refused())
+            forget_after_s=self.config.forget_dead_s, duplicate=lambda info: self._refused(),
+            signer=self.signer)
 
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM."""
@@ -306,8 +311,8 @@ class Node:
         bulk = getattr(self, "bulk", None)
         return len(bulk.uploads) if bulk is not None else 0
 
-    def catalog_snapshot_wire(self) -> dict[str, Any]:
-        return self.catalog.snapshot_wire()
+    def catalog_snapshot_wire(self, origins: object = None) -> dict[str, Any]:
+        return self.catalog.snapshot_wire(origins)
 
     def bulk_endpoints(self) -> dict[str, str]:
         return {v.info.name: v.info.bulk for v in self.catalog.nodes() if v.alive}

@@ -95,7 +95,8 @@ class NodeService:
         """Who answers here; ``self`` (the whole descriptor) is what peers check a
         descriptor they were told of against before they believe it."""
         return {"name": self.node.name, "epoch": self.node.epoch,
-                "self": self.node.me.to_wire()}
+                "self": self.node.me.to_wire(), "seq": self.node.catalog.published(),
+                "ops": self.node.registry.hashes(), "load": self.node.load()}
 
     @exposed
     def info(self) -> dict[str, Any]:
@@ -140,8 +141,11 @@ class NodeService:
                 "members": [v.info.to_wire() for v in self.node.catalog.nodes() if v.alive]}
 
     @exposed
-    def snapshot(self) -> dict[str, Any]:
-        return self.node.catalog_snapshot_wire()
+    def snapshot(self, origins: Any = None) -> dict[str, Any]:
+        """The catalog as this node holds it: all of it (``origins`` nil; refused with
+        ``CatalogBusy`` past a few at once), the sections of the named origins, or
+        (``[]``) just its per-origin vector (see ``catalog/replicated.py``)."""
+        return self.node.catalog_snapshot_wire(origins)
 
     @exposed
     def catalog(self, include_dead: bool = False) -> dict[str, Any]:

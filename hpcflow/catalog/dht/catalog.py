@@ -199,8 +199,11 @@ class DhtCatalog(Catalog):
         return (self.membership.settling()
                 or self.stats["contacts"] < min(WANT_CONTACTS, alive))
 
-    def snapshot_wire(self) -> dict[str, Any]:
-        return self.membership.snapshot_wire()
+    def snapshot_wire(self, origins: object = None) -> dict[str, Any]:
+        return self.membership.snapshot_wire(origins)
+
+    def bootstrap(self, source: PeerInfo) -> None:
+        self.membership.bootstrap(source)
 
     def wait_changed(self, timeout: float) -> None:
         """Our own changes wake us; other nodes' are polled for (``poll_s``)."""
