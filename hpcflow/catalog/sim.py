@@ -213,8 +213,8 @@ def report(sizes: list[int], heartbeat_s: float = 1.0) -> str:
                     f"{u['t'] * 1e3:.1f}, {u['hops']:.0f} | {u['bytes_sent'] / 1024:.1f} | "
                     f"{crashed['first']:.1f} / {crashed['all']:.1f} | "
                     f"{hung['first']:.1f} / {hung['all']:.1f} |")
-    rows.append(f"\nModel of this implementation (FANIN={FANIN}: each node follows 4 "
-                f"members and relays each update once; probe every "
+    rows.append(f"\nModel of this implementation (FANIN={FANIN}: each node follows "
+                f"{FANIN} members and relays each update once; probe every "
                 f"{PROBE_EVERY * heartbeat_s:g} s; 10 Gbit/s, 0.1 ms one way, "
                 f"{PROCESS_S * 1e3:g} ms to check an update). Serf "
                 "(SWIM gossip, fanout 3 every 200 ms): 99.99% in ~2.2 s at 1,000 and "
