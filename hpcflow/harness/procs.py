@@ -137,13 +137,38 @@ def run_job(argv: list[str], job: dict[str, Any], name: str, work: Path, *, what
 def signals_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back during the block (a teardown must not be cut short).
 
-    They are delivered when it ends.  Nested use is fine.
+    They are delivered when it ends.  Nested use is fine.  Masking alone is not
+    enough once other threads exist (a job's stderr reader, ZeroMQ's): the kernel may
+    hand the signal to one of them, and Python then runs its handler in the main
+    thread anyway -- at worst inside a fork hook, which swallows the exception it
+    raises, and a SIGTERM was lost.  So in the main thread the block also holds the
+    Python handlers back: a signal arriving meanwhile is noted and raised again at
+    the end.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED)
+    outer = not _held and threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.signal(sig, _hold) for sig in _DEFERRED} if outer else {}
+    _held.append(None)
     try:
         yield
     finally:
+        _held.pop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if outer and _caught:
+            caught = _caught.pop()
+            _caught.clear()
+            signal.raise_signal(caught)
+
+
+#: Open ``signals_deferred`` blocks, and the signals held back by the outermost.
+_held: list[None] = []
+_caught: list[int] = []
+
+
+def _hold(signum: int, _frame: FrameType | None) -> None:
+    _caught.append(signum)
 
 
 def stop_at_exit(owner: object, stop: Callable[[], None]) -> None:
