@@ -568,3 +568,17 @@ def test_frames_keeps_the_stride_across_parts_and_its_model_counts_every_part() 
             output_model(spec, [(2,)], [x.dtype], bad)
     with pytest.raises(OpError, match="cannot be rows"):
         run_rowwise_part(spec, [x[:10]], {}, (0, 11, 97))
+
+
+def test_sort_rows_without_ties_in_the_first_column_equals_lexsort() -> None:
+    """Continuous data (the fast path: one sort of the first column) and the values
+    numpy's sort treats as ties (-0.0 and 0.0, NaNs), split and merged as across nodes."""
+    spec = get_op("sort_rows")
+    x = np.random.default_rng(9).random((5000, 4))
+    x[:3, 0] = [0.0, np.nan, -np.inf]
+    special = np.array([[-0.0, 2.0, 0, 0], [np.nan, -1.0, 0, 0], [7.0, 1.0, 0, 0]])
+    for data in (x, np.concatenate([x, special])):
+        want = data[np.lexsort(data.T[::-1])]
+        np.testing.assert_array_equal(apply(spec, [data], {}), want)
+        parts = [run_partial(spec, p, {}) for p in np.array_split(data, 3)]
+        np.testing.assert_array_equal(combine_partials(spec, parts, {}), want)

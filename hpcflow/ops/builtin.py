@@ -432,11 +432,27 @@ def quantiles(x: Array, *, q: Any) -> Array:
     return np.quantile(x, qs, axis=0)
 
 
+def _by_first_column(flat: Array) -> Array | None:
+    """The stable order of ``flat``'s rows by their first column, or None when two rows
+    tie on it (then the later columns decide).  Ties as numpy's sort sees them:
+    ``-0.0 == 0.0``, and NaNs equal each other (sorted last).  Without ties this is
+    the lexicographic order, at the cost of one sort of one column (``np.lexsort``
+    sorts once per column: 4 columns took 4x as long)."""
+    order = np.argsort(flat[:, 0], kind="stable")
+    key = flat[order, 0]
+    tie = key[1:] == key[:-1]
+    if key.dtype.kind in "fc":
+        nan = np.isnan(key)
+        tie |= nan[1:] & nan[:-1]
+    return None if tie.any() else order
+
+
 def _lexsorted(x: Array) -> Array:
     flat = _flat_rows(x)
     if flat.shape[1] == 0:
         return x.copy()
-    return x[np.lexsort(flat.T[::-1])]
+    order = _by_first_column(flat) if len(flat) > 1 else None
+    return x[order if order is not None else np.lexsort(flat.T[::-1])]
 
 
 def _merge_sorted(parts: Sequence[Partial]) -> Array:
@@ -458,15 +474,8 @@ def _merge_sorted(parts: Sequence[Partial]) -> Array:
     flat = _flat_rows(x)
     if flat.shape[1] == 0:
         return x
-    order = np.argsort(flat[:, 0], kind="stable")
-    key = flat[order, 0]
-    tie = key[1:] == key[:-1]
-    if key.dtype.kind in "fc":
-        nan = np.isnan(key)
-        tie |= nan[1:] & nan[:-1]
-    if tie.any():
-        return _lexsorted(x)
-    return x[order]
+    order = _by_first_column(flat)  # a merge of the runs: timsort finds them
+    return x[order] if order is not None else x[np.lexsort(flat.T[::-1])]
 
 
 @op("sort_rows", kind="reduce", combine=_merge_sorted)
