@@ -7,6 +7,7 @@ than sleeping.  Every wait is bounded by ``HPCFLOW_TIMEOUT_SCALE`` x a base.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -158,18 +159,26 @@ def catalog_args(mode: str) -> list[str]:
     return [] if mode == "replicated" else ["--catalog", mode]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, catalog_mode: str) -> Iterator[Cluster]:
-    """Three nodes in a chain: n2 joins through n1, n3 through n2."""
-    c = Cluster(tmp_path, extra=catalog_args(catalog_mode))
+@contextlib.contextmanager
+def three_nodes(root: Path, n3_via: str = "n2", extra: list[str] | None = None
+                ) -> Iterator[Cluster]:
+    """n1, n2 joined through n1, n3 through ``n3_via``; formed; stopped at the end."""
+    c = Cluster(root, extra=extra or [])
     try:
         c.add("n1")
         c.add("n2", via="n1")
-        c.add("n3", via="n2")
+        c.add("n3", via=n3_via)
         c.wait_members()
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, catalog_mode: str) -> Iterator[Cluster]:
+    """Three nodes in a chain: n2 joins through n1, n3 through n2."""
+    with three_nodes(tmp_path, extra=catalog_args(catalog_mode)) as c:
+        yield c
 
 
 @pytest.fixture

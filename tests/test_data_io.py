@@ -22,7 +22,7 @@ import pytest
 import hpcflow
 from hpcflow.errors import InvalidData, NotOwner
 
-from .conftest import SCALE, Cluster, names_on, wait_for
+from .conftest import SCALE, Cluster, names_on, three_nodes, wait_for
 
 ROWS, COLS, CHUNK = 400, 8, 10
 DATA = np.random.default_rng(14).random((ROWS, COLS))
@@ -54,15 +54,8 @@ def _file_with_bad_chunks(path: Path, good: tuple[int, int]) -> Path:
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("io"))
-    try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via="n1")
-        c.wait_members()
+    with three_nodes(tmp_path_factory.mktemp("io"), n3_via="n1") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def _cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

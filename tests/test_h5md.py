@@ -22,7 +22,7 @@ import zmq
 import hpcflow
 from hpcflow.errors import DatasetNotFound, InvalidData, PermissionDenied
 
-from .conftest import SCALE, Cluster, wait_for
+from .conftest import SCALE, Cluster, three_nodes, wait_for
 
 POS = "/particles/trajectory/position"
 
@@ -31,15 +31,8 @@ POS = "/particles/trajectory/position"
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three nodes for the whole module (n2 joins through n1, n3 through n2): every
     test uses its own dataset names.  A test that kills a node makes its own."""
-    c = Cluster(tmp_path_factory.mktemp("h5md"))
-    try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via="n2")
-        c.wait_members()
+    with three_nodes(tmp_path_factory.mktemp("h5md")) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_put_keeps_units_time_step_and_source(shared: Cluster, real_h5md: Path) -> None:

@@ -24,7 +24,7 @@ import zmq
 from hpcflow.errors import DatasetNotFound
 from hpcflow.rpc import auth, strict
 
-from .conftest import SCALE, Cluster, NodeProc, wait_for
+from .conftest import SCALE, Cluster, NodeProc, three_nodes, wait_for
 
 #: Never needed by a node started without ``--metrics`` / ``--catalog dht``, or never
 #: at all (the client's optional integrations and the replay harness).
@@ -60,15 +60,8 @@ def numpy_threads() -> int:
 @pytest.fixture
 def cluster3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")  # inherited by the daemons
-    c = Cluster(tmp_path)
-    try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via="n1")
-        c.wait_members()
+    with three_nodes(tmp_path, n3_via="n1") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def test_an_idle_daemon_imports_only_what_it_runs(cluster3: Cluster) -> None:
