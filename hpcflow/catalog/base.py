@@ -248,7 +248,7 @@ class Catalog(abc.ABC):
             return locate(name, self.records_named(name),
                           self.records_named(name, include_dead=True))
         except DatasetNotFound:
-            dead = sorted({r.owner for r in self.records(include_dead=True) if r.name == name})
+            dead = sorted({r.owner for r in self.records_named(name, include_dead=True)})
             if dead:
                 raise DatasetNotFound(f"{name} is only on {', '.join(dead)}, which "
                                       f"{'is' if len(dead) == 1 else 'are'} not alive") from None
@@ -257,7 +257,9 @@ class Catalog(abc.ABC):
     def wait_for(self, name: str, timeout: float) -> Location:
         """Return the location of ``name`` once all its parts are on live nodes."""
         deadline = time.monotonic() + timeout
+        attempt = 0
         while True:
+            self.forget(name)
             try:
                 loc = self.locate(name)
                 if loc.complete:
@@ -267,7 +269,18 @@ class Catalog(abc.ABC):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DatasetNotFound(f"{name} did not appear on a live node within {timeout:g} s")
-            self.wait_changed(remaining)
+            self.wait_again(remaining, attempt)
+            attempt += 1
+
+    def forget(self, name: str) -> None:
+        """Drop what is cached of ``name``, so the next lookup asks afresh (``wait_for``
+        polls past any cache); nothing to drop in a catalog that caches nothing."""
+        return None
+
+    def wait_again(self, remaining: float, attempt: int) -> None:
+        """Between two looks of ``wait_for``: until the catalog changes (a catalog whose
+        changes are pushed here), at most ``remaining`` seconds."""
+        self.wait_changed(remaining)
 
     def snapshot(self, names: Iterable[str] | None = None) -> CatalogSnapshot:
         """An immutable picture; with ``names``, of those datasets' records only (what a

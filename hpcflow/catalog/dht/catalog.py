@@ -69,12 +69,11 @@ import msgpack
 from ...errors import (
     CatalogValueTooLarge,
     ConfigError,
-    DatasetNotFound,
     HpcflowError,
     ProtocolError,
 )
 from ...logutil import Throttled
-from ..base import Catalog, Location, NodeView, locate
+from ..base import Catalog, NodeView
 from ..membership import PeerInfo
 from ..record import DatasetRecord, RecordTable
 from ..replicated import ReplicatedCatalog
@@ -539,36 +538,13 @@ class DhtCatalog(Catalog):
                     and r.lineage.get("slice_of") == name]
         return out
 
-    def locate(self, name: str) -> Location:
-        """As :meth:`Catalog.locate`, naming dead holders from this name's pointers (not
-        from a full listing, which costs a lookup per member here)."""
-        try:
-            return locate(name, self.records_named(name),
-                          self.records_named(name, include_dead=True))
-        except DatasetNotFound:
-            dead = sorted({r.owner for r in self.records_named(name, include_dead=True)})
-            if dead:
-                raise DatasetNotFound(f"{name} is only on {', '.join(dead)}, which "
-                                      f"{'is' if len(dead) == 1 else 'are'} not alive") from None
-            raise
+    def forget(self, name: str) -> None:
+        self._cache.pop(name, None)
 
-    def wait_for(self, name: str, timeout: float) -> Location:
-        """Poll the DHT (past the cache) until all parts of ``name`` are on live nodes."""
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while True:
-            self._cache.pop(name, None)
-            try:
-                loc = self.locate(name)
-                if loc.complete:
-                    return loc
-            except DatasetNotFound:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DatasetNotFound(f"{name} did not appear on a live node within {timeout:g} s")
-            self._changed.wait(min(remaining, delay))
-            delay = min(self.poll_s, delay * 2)
+    def wait_again(self, remaining: float, attempt: int) -> None:
+        """Other nodes' changes are found by polling the DHT: soon at first, then every
+        ``poll_s`` (our own changes wake us at once)."""
+        self._changed.wait(min(remaining, self.poll_s, 0.02 * 2 ** attempt))
 
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:
         """Our records and those in the inventories of members alive (or all known)."""

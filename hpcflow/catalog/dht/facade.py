@@ -119,21 +119,31 @@ def _admitted(protocol: _MemberProtocol, nodes: list[Node]) -> list[Node]:
 class _NodeCrawl(NodeSpiderCrawl):
     """kademlia's node lookup, following only admitted contacts."""
 
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+    def _absorb(self, responses: dict[bytes, Any]) -> None:
+        """Take one round's answers: silent nodes are dropped, values go to ``_value``,
+        and the admitted contacts of the others join the nearest."""
         toremove = []
         for peerid, response in responses.items():
             found = RPCFindResponse(response)
             if not found.happened():
                 toremove.append(peerid)
+            elif found.has_value():
+                self._value(found.get_value())
             else:
                 self.nearest.push(_admitted(self.protocol, found.get_node_list()))
         self.nearest.remove(toremove)
+
+    def _value(self, value: Any) -> None:
+        """A value in an answer (a node lookup asks for none)."""
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+        self._absorb(responses)
         if self.nearest.have_contacted_all():
             return list(self.nearest)
         return await self.find()
 
 
-class _CollectingCrawl(NodeSpiderCrawl):
+class _CollectingCrawl(_NodeCrawl):
     """A value lookup that asks every one of the k nodes nearest the key and returns
     every distinct value they hold (kademlia's own ``get`` stops at the first round
     with a value and keeps the most common one: a replica that missed an update, or a
@@ -147,19 +157,12 @@ class _CollectingCrawl(NodeSpiderCrawl):
         await self._find(self.protocol.call_find_value)
         return self.values
 
+    def _value(self, value: Any) -> None:
+        if isinstance(value, bytes) and value not in self.values:
+            self.values.append(value)
+
     async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
-        toremove = []
-        for peerid, response in responses.items():
-            found = RPCFindResponse(response)
-            if not found.happened():
-                toremove.append(peerid)
-            elif found.has_value():
-                value = found.get_value()
-                if isinstance(value, bytes) and value not in self.values:
-                    self.values.append(value)
-            else:
-                self.nearest.push(_admitted(self.protocol, found.get_node_list()))
-        self.nearest.remove(toremove)
+        self._absorb(responses)
         if self.nearest.have_contacted_all():
             return None
         return await self._find(self.protocol.call_find_value)
