@@ -159,17 +159,24 @@ def catalog_args(mode: str) -> list[str]:
     return [] if mode == "replicated" else ["--catalog", mode]
 
 
+def add_three(c: Cluster, n3_via: str = "n2", extra: list[str] | None = None) -> Cluster:
+    """Add n1, n2 joined through n1 and n3 through ``n3_via`` (each with ``extra``) to
+    ``c``, and wait until they form."""
+    c.add("n1", extra=extra)
+    c.add("n2", via="n1", extra=extra)
+    c.add("n3", via=n3_via, extra=extra)
+    c.wait_members()
+    return c
+
+
 @contextlib.contextmanager
 def three_nodes(root: Path, n3_via: str = "n2", extra: list[str] | None = None
                 ) -> Iterator[Cluster]:
-    """n1, n2 joined through n1, n3 through ``n3_via``; formed; stopped at the end."""
+    """:func:`add_three` in a cluster of its own at ``root`` (``extra`` for all its
+    nodes), stopped at the end."""
     c = Cluster(root, extra=extra or [])
     try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via=n3_via)
-        c.wait_members()
-        yield c
+        yield add_three(c, n3_via)
     finally:
         c.stop()
 

@@ -21,7 +21,7 @@ import pytest
 from hpcflow.errors import ParamError
 from hpcflow.ops import histogram_counts_edges
 
-from .conftest import SCALE, Cluster, names_on
+from .conftest import SCALE, Cluster, names_on, three_nodes
 
 CUTS = (0, 33, 67, 100)  # parts of 33, 34 and 33 frames on n1, n2, n3
 TRJ = np.random.default_rng(5).random((100, 4, 3)).astype(np.float32)
@@ -29,20 +29,13 @@ TRJ = np.random.default_rng(5).random((100, 4, 3)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("frames"))
-    try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via="n1")
-        c.wait_members()
+    with three_nodes(tmp_path_factory.mktemp("frames"), n3_via="n1") as c:
         for k, node in enumerate(("n1", "n2", "n3")):
             with c[node].client() as cl:
                 cl.put("TRJ", TRJ[CUTS[k]:CUTS[k + 1]], part=k, nparts=3)
         with c["n1"].client() as cl:
             cl.wait_for("TRJ", 10)
         yield c
-    finally:
-        c.stop()
 
 
 def _kept_per_part(sl: slice) -> list[int]:

@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 import hpcflow
 from hpcflow.client.lazy import LazyArray
 
-from .conftest import SCALE, Cluster, wait_for
+from .conftest import SCALE, Cluster, three_nodes, wait_for
 
 ROWS = 1_000_000
 BOUNDS = [0, 333_333, 666_666, ROWS]
@@ -40,12 +40,7 @@ ROW = BIG.itemsize * 3  # bytes of one row of BIG
 
 @pytest.fixture(scope="module")
 def lazy_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("lazy"))
-    try:
-        c.add("n1")
-        c.add("n2", via="n1")
-        c.add("n3", via="n2")
-        c.wait_members()
+    with three_nodes(tmp_path_factory.mktemp("lazy")) as c:
         for k, n in enumerate(NODES):
             with c[n].client() as k_c:
                 k_c.put("BIG", BIG[BOUNDS[k]:BOUNDS[k + 1]], part=k, nparts=3)
@@ -57,8 +52,6 @@ def lazy_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             for name in ("BIG", "T", "ONE", "SCALAR"):
                 k_c.wait_for(name, 15 * SCALE)
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")

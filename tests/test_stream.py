@@ -11,7 +11,7 @@ import pytest
 
 from hpcflow.daemon.stream import Arrivals, _subtract, row_blocks
 from hpcflow.errors import DatasetNotFound
-from tests.conftest import Cluster, names_on, wait_for
+from tests.conftest import Cluster, add_three, names_on, wait_for
 
 # -- the pure bookkeeping --------------------------------------------------------------
 
@@ -94,10 +94,7 @@ def split(make_cluster: Any, tmp_path: Path) -> tuple[Cluster, np.ndarray]:
     loads an op that doubles its input in place."""
     mod = tmp_path / "in_place.py"
     mod.write_text(IN_PLACE_OPS)
-    cl: Cluster = make_cluster()
-    for i in range(3):
-        cl.add(f"n{i + 1}", via=f"n{i}" if i else None, extra=["--ops", str(mod)])
-    cl.wait_members()
+    cl = add_three(make_cluster(), extra=["--ops", str(mod)])
     x = np.random.default_rng(7).random((80000, 16))
     for k, n in enumerate(("n2", "n3")):
         with cl[n].client() as c:

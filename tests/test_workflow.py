@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import hpcflow
-from tests.conftest import SCALE, Cluster, names_on, wait_for
+from tests.conftest import SCALE, Cluster, add_three, names_on, wait_for
 
 #: Every test here that starts a cluster runs in both catalog modes (conftest.py).
 CATALOG_MODES = ("replicated", "dht")
@@ -345,10 +345,7 @@ def shape_ops(make_cluster, tmp_path: Path) -> Cluster:  # type: ignore[no-untyp
     """Three nodes that all load SHAPE_OPS."""
     mod = tmp_path / "shape_ops.py"
     mod.write_text(SHAPE_OPS)
-    cl: Cluster = make_cluster()
-    for i in range(3):
-        cl.add(f"n{i + 1}", via=f"n{i}" if i else None, extra=["--ops", str(mod)])
-    cl.wait_members()
+    cl = add_three(make_cluster(), extra=["--ops", str(mod)])
     return cl
 
 
