@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,6 +271,17 @@ class Catalog(abc.ABC):
                 raise DatasetNotFound(f"{name} did not appear on a live node within {timeout:g} s")
             self.wait_again(remaining, attempt)
             attempt += 1
+
+    def wait_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Block (cooperatively) until ``done()`` holds, checked again whenever the
+        catalog changes, for at most ``timeout`` seconds; returns whether it holds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.wait_changed(remaining)
+        return True
 
     def forget(self, name: str) -> None:
         """Drop what is cached of ``name``, so the next lookup asks afresh (``wait_for``

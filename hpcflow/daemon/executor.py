@@ -354,18 +354,13 @@ class Executor:
         others = [g for g in gone if g[0] != self.node.name]
         if not others or not cat.pushed:
             return
-        deadline = time.monotonic() + CLEANUP_SETTLE_S
 
-        def shown() -> bool:
-            return any(rec.owner == holder and rec.part == part
-                       for holder, name, part in others
-                       for rec in cat.records_named(name))
+        def shown_removed() -> bool:
+            return not any(rec.owner == holder and rec.part == part
+                           for holder, name, part in others
+                           for rec in cat.records_named(name))
 
-        while shown():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            cat.wait_changed(remaining)
+        cat.wait_until(shown_removed, CLEANUP_SETTLE_S)
 
 
 def depends_on(plan: Plan, steps: dict[str, Any], k: int) -> list[int]:

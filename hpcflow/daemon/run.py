@@ -179,9 +179,13 @@ def execute(node: NodeParts, worker: Worker, req: object,
                 # Wait until the catalog has noticed (TTL), so the new plan avoids the node.
                 gevent.sleep(node.config.ttl_s + node.config.heartbeat_s)
             else:  # a copy was removed (another flow's clean-up) after we planned with it
-                _await_catalog(node, partial(_placed_otherwise, node, steps, placed))
-            # The failed attempt's outputs are removed; the next one makes them again.
-            _await_catalog(node, partial(_outputs_gone, node, steps))
+                # Re-planning from the stale view (the removal not yet announced here)
+                # would make the same plan: wait (at most the TTL) for the catalog to move.
+                node.catalog.wait_until(partial(_placed_otherwise, node, steps, placed),
+                                        node.config.ttl_s)
+            # The failed attempt's outputs are removed (announced by their holders a
+            # moment later); the next attempt makes them again under the same names.
+            node.catalog.wait_until(partial(_outputs_gone, node, steps), node.config.ttl_s)
             continue
         except BaseException:
             book.end(wf, xid, ok=False)
@@ -192,19 +196,6 @@ def execute(node: NodeParts, worker: Worker, req: object,
                 "execution": ex.to_wire(),
                 "replanned": attempt > 1}
     raise AssertionError("unreachable")
-
-
-def _await_catalog(node: NodeParts, done: Callable[[], bool]) -> None:
-    """Wait (at most the TTL) until the catalog satisfies ``done``: before a re-plan,
-    until it shows what the failed attempt changed (its removals are announced by
-    other nodes a moment later, and re-planning from the stale view would make the
-    same plan, or refuse the step outputs as existing)."""
-    deadline = time.monotonic() + node.config.ttl_s
-    while not done():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        node.catalog.wait_changed(remaining)
 
 
 def _outputs_gone(node: NodeParts, steps: list[Step]) -> bool:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import gevent
@@ -164,15 +163,14 @@ def until_known(catalog: Catalog, recs: list[DatasetRecord], timeout: float) -> 
     """Wait until this node's catalog shows every record of ``recs`` (their holders
     announce them): a script may locate or fetch a saved dataset through its node as
     soon as the save returns.  Best effort: after ``timeout`` the reply goes anyway."""
-    deadline = time.monotonic() + timeout
     want = {(r.owner, r.key, r.version) for r in recs}
-    while True:
-        names = {r.name for r in recs}
-        have = {(r.owner, r.key, r.version) for n in names for r in catalog.records_named(n)}
-        left = deadline - time.monotonic()
-        if want <= have or left <= 0:
-            return
-        catalog.wait_changed(left)
+    names = {r.name for r in recs}
+
+    def known() -> bool:
+        return want <= {(r.owner, r.key, r.version)
+                        for n in names for r in catalog.records_named(n)}
+
+    catalog.wait_until(known, timeout)
 
 
 def restore(node: NodeParts, executor: Executor, output: str, name: str) -> dict[str, Any]:

@@ -166,12 +166,10 @@ class _Runner:
         wait until the catalog shows ``src`` holding those rows (else the pull would take
         another holder's bytes, and the link the plan counted would not be the one used)."""
         cat = self.node.catalog
-        deadline = time.monotonic() + MADE_HERE_WAIT_S
-        while not _holds([*cat.records_named(t.obj), *cat.slices_of(t.obj)], t):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DatasetNotFound(f"{t.src} never held {t.obj}")
-            cat.wait_changed(remaining)
+        if not cat.wait_until(
+                lambda: _holds([*cat.records_named(t.obj), *cat.slices_of(t.obj)], t),
+                MADE_HERE_WAIT_S):
+            raise DatasetNotFound(f"{t.src} never held {t.obj}")
 
     def _remove_created(self) -> None:
         store = self.node.store

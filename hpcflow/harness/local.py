@@ -123,11 +123,15 @@ class LocalCluster:
             **kw: Any) -> NodeProcess:
         if via is None and self.nodes:
             via = list(self.nodes)[-1]
-        peers = [self.nodes[via].rpc] if via else []
+        return self._node(name, [self.nodes[via].rpc] if via else [], extra, kw).start()
+
+    def _node(self, name: str, peers: list[str], extra: Sequence[str],
+              kw: Mapping[str, Any]) -> NodeProcess:
+        """A node of this cluster (registered, so ``stop()`` ends it once launched)."""
         node = NodeProcess(name, self.root / name, peers=peers,
                            extra=[*self.extra, *extra], **kw)
         self.nodes[name] = node
-        return node.start()
+        return node
 
     def add_all(self, names: Sequence[str],
                 kw: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -143,11 +147,9 @@ class LocalCluster:
             todo = todo[1:]
         seed = self.nodes[next(iter(self.nodes))]
         launched = []
-        for name in todo:  # registered before launch: stop() ends whatever was launched
+        for name in todo:
             opts = dict(kw.get(name, {}))
-            node = NodeProcess(name, self.root / name, peers=[seed.rpc],
-                               extra=[*self.extra, *opts.pop("extra", ())], **opts)
-            self.nodes[name] = node
+            node = self._node(name, [seed.rpc], opts.pop("extra", ()), opts)
             node.launch()
             launched.append(node)
         for node in launched:
