@@ -119,11 +119,25 @@ def cmd_put(a: argparse.Namespace) -> int:
     return 0
 
 
-def _signal_unwinds(signum: int, frame: object) -> None:
+def _unwind_on_signals() -> None:
     """SIGINT and SIGTERM end the command through the ``finally`` clauses that remove a
-    half-written output (SIGTERM's default action would leave it behind); as SystemExit,
-    which gevent's hub passes on to the main greenlet without printing it."""
-    raise SystemExit(128 + signum)
+    half-written output (SIGTERM's default action would leave it behind): as SystemExit
+    thrown into the main greenlet where it next waits for I/O, which gevent's hub does
+    without printing it.  Not raised by the handler itself: that lands in whatever code
+    runs at the moment, and inside h5py the exception was swallowed (the get then waited
+    on for its stopped holder) or came out as a TypeError with a traceback."""
+    import gevent
+
+    hub, main = gevent.get_hub(), gevent.getcurrent()
+    caught: list[int] = []
+
+    def unwind(signum: int, frame: object) -> None:
+        if not caught:  # a second Ctrl-C must not cut the clean-up short
+            caught.append(signum)
+            hub.loop.run_callback(main.throw, SystemExit(128 + signum))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, unwind)
 
 
 def _save_npy(out: Path, arr: Any) -> None:
@@ -152,8 +166,7 @@ def cmd_get(a: argparse.Namespace) -> int:
         raise InvalidData(f"{out} is a .npy file: --h5md writes HDF5 (name it .h5md)")
     show = _progress(f"get {a.name}", not a.json and sys.stderr.isatty())
     t0 = time.monotonic()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _signal_unwinds)
+    _unwind_on_signals()
     with _client(a) as c:
         if out.suffix == ".npy":
             arr = c.fetch(a.name, part=a.part, progress=show)

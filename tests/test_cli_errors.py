@@ -158,6 +158,36 @@ def test_a_killed_get_leaves_no_partial_file(stoppable: Cluster, tmp_path: Path,
         holder.proc.send_signal(signal.SIGCONT)
 
 
+_SIGNAL_MID_CODE = """
+import os, signal, gevent
+from hpcflow.cli import _unwind_on_signals
+_unwind_on_signals()
+try:
+    try:
+        os.kill(os.getpid(), signal.SIG%s)  # the handler runs at the next bytecode
+        total = sum(range(10000))  # running code (h5py, say) is not interrupted
+        print("ran on", flush=True)
+    except SystemExit:
+        print("raised in running code", flush=True)
+    gevent.sleep(5)
+    print("the wait was not interrupted", flush=True)
+except SystemExit as exc:
+    print("exit", exc.code, flush=True)
+    raise
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_unwinds_the_get_where_it_next_waits(sig: signal.Signals) -> None:
+    """A signal is not raised inside whatever code runs when it arrives (inside h5py it
+    was swallowed and the get hung on its stopped holder, or became a TypeError) but
+    where the command next waits, which is where its clean-up is written for."""
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_MID_CODE % sig.name[3:]],
+                       capture_output=True, text=True, timeout=20 * SCALE)
+    assert r.stdout.splitlines() == ["ran on", f"exit {128 + sig}"], r.stdout + r.stderr
+    assert r.returncode == 128 + sig and r.stderr == "", r.stderr
+
+
 def _connected_to(pid: int, holder: NodeProc) -> bool:
     """Whether process ``pid`` has a TCP connection to the holder's bulk port."""
     bulk = holder.info["bulk"]

@@ -58,6 +58,8 @@ from .lazy import LazyArray
 #: ``progress(done_bytes, total_bytes)``, for put, put_split, fetch and fetch_to alike.
 Progress = Callable[[int, int], None]
 log = logging.getLogger("hpcflow.client")
+#: How long ``delete(all_parts=True)`` waits for the connected node's catalog to show it.
+DELETE_SETTLE_S = 2.0
 
 
 class Client:
@@ -222,7 +224,8 @@ class Client:
         """Delete ``name`` (or its part ``part``) from the connected node, which must hold
         it; returns its record.  ``all_parts=True`` deletes every part of a split dataset
         (and every durable copy) from every holder, asking each one in turn, and returns
-        their records; refused before anything is deleted while a holder is down.  A
+        their records, once the connected node's catalog no longer lists them (at most
+        ``DELETE_SETTLE_S``); refused before anything is deleted while a holder is down.  A
         running flow's copies are left to it (they go when its script closes it)."""
         name = validate_name(name)
         if not validate_flag(all_parts, "all_parts"):
@@ -262,7 +265,24 @@ class Client:
                 done = ", ".join(f"{r.key} on {r.owner}" for r in out)
                 raise with_context(exc, f"{exc} (deleted already: {done}; rm --all-parts "
                                    "again deletes the rest)") from exc
+        self._until_unlisted(name, {(r.owner, r.part) for r in out})
         return out
+
+    def _until_unlisted(self, name: str, gone: set[tuple[str, int | None]]) -> None:
+        """Return once the connected node's catalog no longer lists the copies of ``name``
+        that other holders just deleted (at most ``DELETE_SETTLE_S``), so an ``ls`` right
+        after ``rm --all-parts`` does not show them; the deletion itself is done."""
+        import gevent
+
+        gone = {g for g in gone if g[0] != self.node}
+        deadline, pause = time.monotonic() + DELETE_SETTLE_S * timeout_scale(), 0.005
+        while gone and time.monotonic() < deadline:
+            listed = {(r.owner, r.part) for r in self.catalog(include_dead=True)
+                      if r.name == name}
+            if not gone & listed:
+                return
+            gevent.sleep(pause)  # the catalog's news has no event a client can wait on
+            pause = min(2 * pause, 0.1)
 
     def _call_on(self, node: str, endpoint: str, method: str, *args: Any) -> Any:
         """``method`` on the member ``node`` (our own node through our connection)."""
