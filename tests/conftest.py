@@ -40,7 +40,7 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condit
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout * SCALE:.1f} s waiting for {what}")
-        time.sleep(0.02)
+        gevent.sleep(0.02)  # (greenlets of the test process, e.g. socket monitors, run)
 
 
 class NodeProc(NodeProcess):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import zmq
 
 from hpcflow.errors import DatasetNotFound
 from hpcflow.rpc import auth, strict
+from hpcflow.rpc.calls import PeerClients
 
 from .conftest import SCALE, Cluster, NodeProc, three_nodes, wait_for
 
@@ -75,10 +77,9 @@ def test_an_idle_daemon_imports_only_what_it_runs(cluster3: Cluster) -> None:
     with n3.client() as c:
         c.wait_for("D", 10 * SCALE)
         assert np.array_equal(c.fetch("D"), np.arange(4000.0).reshape(1000, 4))
-        assert c.stats()["catalog"]["probes"] >= 0
-    for name in ("n1", "n2", "n3"):  # every node has probed its members by now
+    for name in ("n1", "n2", "n3"):  # every node has pinged (verified) its members
         with cluster3[name].client() as c:
-            wait_for(lambda c=c: c.stats()["catalog"]["probes"] >= 4, 10, "probes")
+            wait_for(lambda c=c: c.stats()["catalog"]["members_alive"] == 3, 10, "members")
     for name in ("n1", "n2", "n3"):
         mods = imported(cluster3[name].log_path)
         assert "hpcflow.daemon.node" in mods, "the import log is not the daemon's"
@@ -93,11 +94,10 @@ def test_an_idle_daemon_runs_few_threads(cluster3: Cluster) -> None:
     numpy's BLAS starts; no resolver thread for liveness probes of numeric addresses."""
     for name in ("n1", "n2", "n3"):
         with cluster3[name].client() as c:
-            wait_for(lambda c=c: c.stats()["catalog"]["probes"] >= 4, 10, "probes")
-            # what monitoring polls instead of a catalog listing (in DHT mode a lookup
-            # per member)
-            cat = c.stats()["catalog"]
-            assert (cat["members"], cat["members_alive"]) == (3, 3)
+            # each member verified by a ping; and what monitoring polls instead of a
+            # catalog listing (in DHT mode a lookup per member)
+            wait_for(lambda c=c: c.stats()["catalog"]["members_alive"] == 3, 10, "members")
+            assert c.stats()["catalog"]["members"] == 3
     allowed = numpy_threads() + 2
     for name in ("n1", "n2", "n3"):
         names = threads(cluster3[name])
@@ -157,3 +157,24 @@ def test_import_log_helper_reads_cpython_format(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-X", "importtime", "-c", "import json"],
                        stderr=f, check=True, env={**os.environ})
     assert "json" in imported(log)
+
+
+def test_peer_clients_keep_few_connections_and_know_when_one_drops(tmp_path: Path) -> None:
+    """A node keeps at most ``max_idle`` RPC clients between calls (one per member ever
+    pinged cost ~0.4 MB per member in a large cluster), least recently used closed
+    first; a kept client knows when its peer's connection dropped (a probe through a
+    connection that is up skips the raw TCP connect that checks for a listener)."""
+    with three_nodes(tmp_path, n3_via="n1") as c:
+        peers = PeerClients(10 * SCALE, max_idle=2)
+        try:
+            eps = {n: c[n].rpc for n in ("n1", "n2", "n3")}
+            for name in ("n1", "n2", "n3"):
+                assert peers.call(eps[name], "ping")["self"]["name"] == name
+            assert list(peers._clients) == [eps["n2"], eps["n3"]]  # n1's went first
+            wait_for(lambda: peers.connected(eps["n3"]), 10, "n3's connection up")
+            assert not peers.connected(eps["n1"])
+            c["n3"].kill(signal.SIGKILL)
+            wait_for(lambda: not peers.connected(eps["n3"]), 10, "n3's connection to drop")
+            assert peers.connected(eps["n2"])
+        finally:
+            peers.close()

@@ -48,8 +48,19 @@ FANIN_ENV = "HPCFLOW_CATALOG_FANIN"
 NEWS_RETRANSMIT = 3
 #: Most membership changes carried by one heartbeat.
 NEWS_PER_HEARTBEAT = 32
-#: Heartbeat periods between two liveness probes sent by one node.
+#: Of the members a node follows, how many it hears the heartbeats of when the cluster
+#: is larger than a full mesh (their ring successor among them, so each node is watched
+#: by its ring predecessor and about as many others): the rest of its streams bring
+#: only updates (the publisher filters, ZeroMQ's PUB sends a subscriber only the kinds
+#: it subscribed to).  Each heartbeat received costs an idle node ~0.3 ms of CPU.
+HB_FANIN = 3
+#: Heartbeat periods between two looks for a member to probe: one whose ops we do not
+#: know yet (to plan with it) is probed at once.
 PROBE_EVERY = 1.0
+#: Heartbeat periods between two probes of a random member we do not hear heartbeats
+#: from (a backstop, and a refresh of its load and ops): its death is found by the
+#: members that hear it, and each receiver of that news checks with a probe of its own.
+PROBE_IDLE_EVERY = 10
 
 
 def fanin() -> int:

@@ -102,10 +102,12 @@ from ..rpc import greenio
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
 from .membership import (
+    HB_FANIN,
     MAX_EPOCH_AHEAD_S,
     NEWS_PER_HEARTBEAT,
     NEWS_RETRANSMIT,
     PROBE_EVERY,
+    PROBE_IDLE_EVERY,
     PeerInfo,
     PeerState,
     epoch_ahead_s,
@@ -227,8 +229,11 @@ class ReplicatedCatalog(Catalog):
         self._syncing: set[str] = set()
         # None in the outbox asks the publisher for a heartbeat now (membership news).
         self._outbox: gevent.queue.Queue[KVMsg | None] = gevent.queue.Queue()
-        #: peer name -> (PUB endpoint, the greenlet reading it on its own SUB socket)
-        self._streams: dict[str, tuple[str, gevent.Greenlet]] = {}
+        #: peer name -> (PUB endpoint, whether we take its heartbeats too, the greenlet
+        #: reading it on its own SUB socket)
+        self._streams: dict[str, tuple[str, bool, gevent.Greenlet]] = {}
+        self._digest: str | None = None  # of the live members: see digest()
+        self._me_wire: dict[str, Any] = me.to_wire()
         self._greenlets: list[gevent.Greenlet] = []
         self._garbage_log = Throttled(log)
         #: membership news still to be piggybacked on our heartbeats: descriptors of members
@@ -247,7 +252,7 @@ class ReplicatedCatalog(Catalog):
                       "foreign": 0, "unverified": 0, "future_epochs": 0, "too_many_members": 0,
                       "heartbeats_received": 0, "bytes_received": 0, "probes": 0,
                       "probes_failed": 0, "dead_reports": 0, "heartbeat_interval_ms": 0,
-                      "forged": 0, "relayed": 0, "duplicates": 0, "followed": 0,
+                      "forged": 0, "relayed": 0, "duplicates": 0, "followed": 0, "heard": 0,
                       "snapshots": 0, "snapshots_served": 0, "snapshots_refused": 0,
                       "sections_pulled": 0, "anti_entropy": 0, "news_pending": 0,
                       "unsynced": 0}
@@ -282,6 +287,9 @@ class ReplicatedCatalog(Catalog):
         self._changed.wait(timeout)
 
     def _notify(self) -> None:
+        """Wake the waiters on a change of the catalog; every change of the membership
+        comes through here too (so it also drops the cached digest of it)."""
+        self._digest = None
         event, self._changed = self._changed, gevent.event.Event()
         event.set()
 
@@ -289,10 +297,12 @@ class ReplicatedCatalog(Catalog):
         """Update our own descriptor once all endpoints are bound (its ``key`` is always
         our signer's public key)."""
         self.me = dataclasses.replace(me, key=self.signer.public_hex)
+        self._me_wire = self.me.to_wire()
+        self._digest = None
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
-        gevent.killall([g for _, g in self._streams.values()])  # each closes its socket
+        gevent.killall([g for _, _, g in self._streams.values()])  # each closes its socket
         self._streams.clear()
         if self._pub is not None:  # its owner greenlet is gone: say goodbye ourselves
             with contextlib.suppress(zmq.ZMQError):
@@ -377,8 +387,8 @@ class ReplicatedCatalog(Catalog):
             st.info, st.synced, st.seq, st.gap_since = info, False, 0, None
             st.alive, st.last_seen, st.dead_since = True, now, None
             self._pending.pop(info.name, None)
-            if info.name in self._streams:
-                self._follow(info.name, info.pub)  # its new PUB (a no-op if unchanged)
+            if info.name in self._streams:  # its new PUB (a no-op if unchanged)
+                self._follow(info.name, info.pub, self._hears(info.name))
         head = self._heads.pop((info.name, info.epoch), None)
         if head is not None:
             self._take_head(st, head)
@@ -545,9 +555,12 @@ class ReplicatedCatalog(Catalog):
         return self.heartbeat_s
 
     def digest(self) -> str:
-        """Digest of the live members as we see them, ourselves included."""
-        return membership_digest([(self.me.name, self.me.epoch)] + [
-            (st.info.name, st.info.epoch) for st in self.peers.values() if st.alive])
+        """Digest of the live members as we see them, ourselves included; compared on
+        every heartbeat received, so kept until the next change (:meth:`_notify`)."""
+        if self._digest is None:
+            self._digest = membership_digest([(self.me.name, self.me.epoch)] + [
+                (st.info.name, st.info.epoch) for st in self.peers.values() if st.alive])
+        return self._digest
 
     def _check_twin(self, info: PeerInfo) -> None:
         """``info`` has our name: if it answers as itself it is a second daemon, and the
@@ -730,7 +743,7 @@ class ReplicatedCatalog(Catalog):
         those found dead recently ("dead"), a digest of our live members ("d") and one of
         our per-origin vector ("v"), never the whole membership (which made every
         heartbeat O(N) and every node's cost O(N^2))."""
-        members = [self.me.to_wire()]
+        members = [self._me_wire]
         for key, (wire, left) in list(self._news.items())[:NEWS_PER_HEARTBEAT]:
             members.append(wire)
             if left <= 1:
@@ -763,10 +776,14 @@ class ReplicatedCatalog(Catalog):
         our ring successor (the next live name after ours: every node following its
         successor makes one cycle through all, so the overlay stays connected whatever
         the random choices) and, for short paths, the members we already follow, topped
-        up at random.  Called on every membership change: stable while nothing changes."""
+        up at random.  Of those we take the heartbeats of all in a full mesh, else of
+        ``HB_FANIN``: the successor and the ones we took before, topped up at random
+        (a node is watched by its ring predecessor and a few others; see
+        :data:`~.membership.HB_FANIN`).  Called on every membership change: stable
+        while nothing changes."""
         live = [n for n, st in self.peers.items() if st.alive]
         if len(live) <= self.fan_in:
-            want = set(live)
+            want, beats = set(live), set(live)
         else:
             ring = sorted([*live, self.me.name])
             succ = ring[(ring.index(self.me.name) + 1) % len(ring)]
@@ -777,33 +794,45 @@ class ReplicatedCatalog(Catalog):
             if len(want) < self.fan_in:
                 others = [n for n in live if n not in want]
                 want.update(random.sample(others, min(len(others), self.fan_in - len(want))))
+            heard = [n for n in want if n != succ and self._hears(n)]
+            rest = [n for n in want if n != succ and not self._hears(n)]
+            random.shuffle(rest)
+            beats = {succ, *(heard + rest)[:max(0, HB_FANIN - 1)]}
         for name in list(self._streams):
             if name not in want:
                 self._unfollow(name)
         now = time.monotonic()
         for name in want:
             st = self.peers[name]
-            if name not in self._streams:
+            if not self._hears(name) and name in beats:
                 st.last_seen = max(st.last_seen, now)  # its silence counts from now
-            self._follow(name, st.info.pub)
+            self._follow(name, st.info.pub, name in beats)
         self.stats["followed"] = len(self._streams)
+        self.stats["heard"] = sum(1 for _, beats, _ in self._streams.values() if beats)
 
-    def _follow(self, name: str, endpoint: str) -> None:
-        """Read ``name``'s stream at ``endpoint`` (instead of any earlier endpoint)."""
+    def _hears(self, name: str) -> bool:
+        """Whether we take ``name``'s heartbeats (on its stream, which we follow)."""
+        stream = self._streams.get(name)
+        return stream is not None and stream[1]
+
+    def _follow(self, name: str, endpoint: str, beats: bool) -> None:
+        """Read ``name``'s stream at ``endpoint`` (instead of any earlier endpoint), with
+        its heartbeats when ``beats``."""
         old = self._streams.get(name)
-        if old is not None and old[0] == endpoint:
+        if old is not None and old[:2] == (endpoint, beats):
             return
         self._unfollow(name)
-        self._streams[name] = (endpoint, gevent.spawn(self._stream, name, endpoint))
+        self._streams[name] = (endpoint, beats,
+                               gevent.spawn(self._stream, name, endpoint, beats))
 
     def _unfollow(self, name: str) -> None:
         old = self._streams.pop(name, None)
         if old is not None:
-            old[1].kill(block=False)  # may be the current greenlet: it ends at its next switch
+            old[2].kill(block=False)  # may be the current greenlet: it ends at its next switch
 
-    def _stream(self, name: str, endpoint: str) -> None:
-        """The one owner of the SUB socket for ``name``'s stream: its own heartbeats,
-        and the updates it relays (its own and other origins', each signed)."""
+    def _stream(self, name: str, endpoint: str, beats: bool) -> None:
+        """The one owner of the SUB socket for ``name``'s stream: the updates it relays
+        (its own and other origins', each signed), and its own heartbeats if ``beats``."""
         sub = self.ctx.socket(zmq.SUB)
         try:
             sub.setsockopt(zmq.LINGER, 0)
@@ -815,7 +844,8 @@ class ReplicatedCatalog(Catalog):
             # node's own updates can be that large (a record's lineage holds the op's
             # parameters, which one RPC message of at most 16 MiB brought).
             sub.setsockopt(zmq.MAXMSGSIZE, MAX_SUB_MESSAGE)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            for kind in (KV, BYE, HB) if beats else (KV, BYE):
+                sub.setsockopt(zmq.SUBSCRIBE, kind)
             sub.connect(endpoint)
         except zmq.ZMQError as exc:
             log.warning("catalog: cannot follow %s at %s: %s", name, endpoint, exc)
@@ -921,7 +951,7 @@ class ReplicatedCatalog(Catalog):
         self.stats["heartbeats_received"] += 1
         load, ops = msg.props.get("load"), msg.props.get("ops")
         st.load = load if isinstance(load, dict) else {}
-        if isinstance(ops, dict):
+        if isinstance(ops, dict) and ops != st.ops:  # (the same on almost every beat)
             st.ops = {str(k): str(v) for k, v in list(ops.items())[:10_000]}
         interval = msg.props.get("i")
         if isinstance(interval, int | float) and not isinstance(interval, bool):
@@ -1119,17 +1149,20 @@ class ReplicatedCatalog(Catalog):
 
     # -- liveness by probes ----------------------------------------------------------
     def _prober(self) -> None:
-        """SWIM's failure detector, simplified: every ``PROBE_EVERY`` heartbeat periods
-        ping one live member (round robin over a shuffled list).  One that does not answer
-        as itself, and has been silent for ``ttl_s``, is marked dead and announced.
-        Every ``DEAD_PROBE_EVERY`` periods, one member we think dead is pinged too (round
-        robin): we no longer read its stream, so its answer is how we find it back, or a
-        new run of it (as Serf reconnects to failed members)."""
+        """SWIM's failure detector, simplified, beside the heartbeats: every
+        ``PROBE_EVERY`` heartbeat periods ping a live member whose ops we do not know
+        yet, and every ``PROBE_IDLE_EVERY`` periods one whose heartbeats we do not take
+        (round robin over a shuffled list; none in a full mesh, where we hear every
+        member: those probes were a third of an idle node's CPU).  One that does not
+        answer as itself, and has been silent for ``ttl_s``, is marked dead and
+        announced.  Every ``DEAD_PROBE_EVERY`` periods, one member we think dead is
+        pinged too (round robin): we no longer read its stream, so its answer is how we
+        find it back, or a new run of it (as Serf reconnects to failed members)."""
         ticks, dead_probe = 0, None
         while True:
             gevent.sleep(self.heartbeat_s * PROBE_EVERY)
             ticks += 1
-            st = self._next_probe_target()
+            st = self._next_probe_target(ticks % PROBE_IDLE_EVERY == 0)
             if st is not None:
                 try:
                     self._probe_one(st)
@@ -1161,25 +1194,27 @@ class ReplicatedCatalog(Catalog):
         elif answer.epoch > info.epoch:
             self.add_peer(answer)  # a new run: believed once checked, as any descriptor
 
-    def _next_probe_target(self) -> PeerState | None:
+    def _next_probe_target(self, any_unheard: bool) -> PeerState | None:
         if self.probe_head is not None:  # a member we know no ops of yet goes first, once
             for name, new in self.peers.items():
                 key = (name, new.info.epoch)
-                if new.alive and not new.ops and name not in self._streams and \
+                if new.alive and not new.ops and not self._hears(name) and \
                         key not in self._asked_ops:
                     if len(self._asked_ops) >= MAX_MEMBERS:
                         self._asked_ops.clear()
                     self._asked_ops.add(key)
                     return new
-        while True:
+        while any_unheard:
             if not self._probe_order:
-                self._probe_order = [n for n, st in self.peers.items() if st.alive]
+                self._probe_order = [n for n, st in self.peers.items()
+                                     if st.alive and not self._hears(n)]
                 random.shuffle(self._probe_order)
                 if not self._probe_order:
                     return None
             st = self.peers.get(self._probe_order.pop())
-            if st is not None and st.alive:
+            if st is not None and st.alive and not self._hears(st.info.name):
                 return st
+        return None
 
     def _probe_one(self, st: PeerState) -> None:
         info = st.info
@@ -1188,7 +1223,7 @@ class ReplicatedCatalog(Catalog):
         answer = head[0] if head is not None else (
             None if self.probe_head is not None else self.probe(info.rpc))
         if answer == info:
-            if info.name not in self._streams and self.peers.get(info.name) is st:
+            if not self._hears(info.name) and self.peers.get(info.name) is st:
                 # we do not read its stream: its answer is what we hear of it (the stream
                 # of a member we follow must speak for itself: see _monitor)
                 st.last_seen = time.monotonic()
@@ -1362,7 +1397,7 @@ class ReplicatedCatalog(Catalog):
             return
         st = random.choice(live)
         mine = self.vector()
-        if st.info.name in self._streams and st.vdigest == vector_digest(mine):
+        if self._hears(st.info.name) and st.vdigest == vector_digest(mine):
             return
         self.stats["anti_entropy"] += 1
         try:
@@ -1394,10 +1429,11 @@ class ReplicatedCatalog(Catalog):
             ticks += 1
             now = time.monotonic()
             for st in list(self.peers.values()):
-                # a member we follow: silent for ttl_s, in units of its own heartbeat
-                # interval (the others are found dead by probes)
+                # a member whose heartbeats we take: silent for ttl_s, in units of its
+                # own heartbeat interval (the others' death is news from those who
+                # hear them, or a probe's finding)
                 ttl = self.ttl_s * max(1.0, st.interval / self.heartbeat_s)
-                followed = st.info.name in self._streams
+                followed = self._hears(st.info.name)
                 if st.alive and followed and now - st.last_seen > ttl:
                     self._mark_dead(st, "silent")
                 elif st.alive and not st.synced and st.info.name not in self._syncing:
@@ -1411,7 +1447,8 @@ class ReplicatedCatalog(Catalog):
                 elif (not st.alive and now - st.last_seen > self.forget_after_s
                       and not self.peer_records.get(st.info.name)):
                     self._forget(st)
-            self._choose_follows()
+            if ticks % 4 == 0:  # (membership changes choose at once: this is a backstop)
+                self._choose_follows()
             if ticks % every == 0:
                 gevent.spawn(self._anti_entropy)
 

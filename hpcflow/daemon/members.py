@@ -169,8 +169,8 @@ class Members:
     def probe_head(self, endpoint: str) -> tuple[PeerInfo, dict[str, Any]] | None:
         """:meth:`probe`, and the rest of the answer: the sequence number the node's
         catalog stream is at ("seq", -1 when it does not say), its ops and load."""
-        if refuses_connections(endpoint):
-            return None
+        if not self.node.peers.connected(endpoint) and refuses_connections(endpoint):
+            return None  # a connection that is up needs no such check
         try:
             r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
             info = PeerInfo.from_wire(r["self"])

@@ -277,13 +277,18 @@ class HandshakeWatch:
     """Watches a connecting socket's handshakes: ``error`` is an
     :class:`AuthenticationError` while the last handshake failed (the peer refused
     our keys or we refused its), None once one succeeds.  ``on_fail`` is called with
-    the error, so waiting calls fail at once instead of timing out."""
+    the error, so waiting calls fail at once instead of timing out.  ``connected``: a
+    handshake succeeded and the connection has not dropped since (a peer that exits
+    drops it at once, so a call through a connected socket needs no check that
+    something still listens there)."""
 
     def __init__(self, sock: Any, endpoint: str,
                  on_fail: Callable[[AuthenticationError], None]) -> None:
         self.sock, self.endpoint, self.on_fail = sock, endpoint, on_fail
         self.error: AuthenticationError | None = None
-        self._mon = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.connected = False
+        self._mon = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                            | zmq.EVENT_DISCONNECTED)
         self._greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
@@ -292,9 +297,12 @@ class HandshakeWatch:
                 event = monitor_event(self._mon.recv_multipart())
             except (zmq.ZMQError, ValueError):
                 return
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.error = None
+            if event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.error, self.connected = None, True
             elif event & HANDSHAKE_FAILED:
+                self.connected = False
                 why = ("it refused our key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                        else "the security handshake failed")
                 self.error = AuthenticationError(

@@ -15,6 +15,9 @@ import gevent.socket
 from ..errors import AuthenticationError, PeerUnavailable
 from . import strict
 
+#: Peer clients kept between calls (see :class:`PeerClients`).
+MAX_IDLE_CLIENTS = 32
+
 
 def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
     """True when nothing listens at ``endpoint`` (connection refused, no such socket).
@@ -78,26 +81,55 @@ def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0,
 
 
 class PeerClients:
-    """One client per peer endpoint, reused; dropped after a failure."""
+    """Clients of peer endpoints, reused; dropped after a failure.  At most
+    ``max_idle`` are kept between calls (least recently used go first): a node of a
+    large cluster probes and verifies every member now and then, and a client kept per
+    member (its socket, connection, monitor and greenlets on both sides) cost about
+    0.4 MB per member."""
 
-    def __init__(self, timeout_s: float, heartbeat_s: float = 5.0, context: Any = None) -> None:
+    def __init__(self, timeout_s: float, heartbeat_s: float = 5.0, context: Any = None,
+                 max_idle: int = MAX_IDLE_CLIENTS) -> None:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self.context = context
-        self._clients: dict[str, strict.Client] = {}
+        self.max_idle = max_idle
+        self._clients: dict[str, strict.Client] = {}  # least recently used first
+        self._busy: dict[str, int] = {}
+
+    def connected(self, endpoint: str) -> bool:
+        """Whether a kept client of ``endpoint`` has its connection up."""
+        client = self._clients.get(endpoint)
+        return client is not None and client.connected
 
     def call(self, endpoint: str, method: str, *args: Any,
              timeout_s: float | None = None) -> Any:
-        client = self._clients.get(endpoint)
+        client = self._clients.pop(endpoint, None)
         if client is None:
-            client = self._clients[endpoint] = new_client(endpoint, self.timeout_s,
-                                                          self.heartbeat_s, self.context)
+            client = new_client(endpoint, self.timeout_s, self.heartbeat_s, self.context)
+        self._clients[endpoint] = client  # now the most recently used
+        self._busy[endpoint] = self._busy.get(endpoint, 0) + 1
         try:
             return client.call(method, *args, timeout=timeout_s)
         except (PeerUnavailable, AuthenticationError):
-            self._clients.pop(endpoint, None)
+            if self._clients.get(endpoint) is client:
+                del self._clients[endpoint]
             client.close()
             raise
+        finally:
+            left = self._busy.pop(endpoint) - 1
+            if left:
+                self._busy[endpoint] = left
+            self._trim()
+
+    def _trim(self) -> None:
+        """Close the least recently used clients beyond ``max_idle`` (none in a call)."""
+        extra = len(self._clients) - self.max_idle
+        for endpoint in list(self._clients):
+            if extra <= 0:
+                return
+            if endpoint not in self._busy:
+                self._clients.pop(endpoint).close()
+                extra -= 1
 
     def close(self) -> None:
         for c in self._clients.values():

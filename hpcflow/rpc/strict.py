@@ -602,6 +602,11 @@ class Client:
         self._watch = auth.HandshakeWatch(self._io.sock, endpoint, self._refused)
         self._io.sock.connect(endpoint)
 
+    @property
+    def connected(self) -> bool:
+        """The connection is up (handshaken, not dropped since): see HandshakeWatch."""
+        return self._watch is not None and self._watch.connected and not self._closed
+
     def _refused(self, exc: AuthenticationError) -> None:
         for p in self.pending.values():
             if not p.result.ready():
