@@ -105,6 +105,32 @@ def test_big_transfers_do_not_starve_heartbeats(make_cluster, tmp_path: Path) ->
     assert _alive(n2)["n1"] and _alive(n1)["n2"]
 
 
+def _catalog_stats(node: NodeProc) -> dict[str, int]:
+    with node.client() as c:
+        return dict(c.stats()["catalog"])
+
+
+def test_a_node_that_was_starved_does_not_find_its_peers_dead(cluster: Cluster) -> None:
+    """A node whose own event loop ran late (here stopped for three TTLs, as a process
+    starved on an overloaded host) does not take its members' heartbeats, unread in its
+    own sockets, for silence: it feels the strain and stretches its timeouts
+    (Lifeguard's local health awareness) instead of declaring every member dead."""
+    n3 = cluster["n3"]
+    assert n3.proc is not None
+    before = _catalog_stats(n3)["marked_dead"]
+    n3.proc.send_signal(signal.SIGSTOP)
+    try:  # the others find n3 silent meanwhile: rightly, it did not answer
+        wait_for(lambda: not _alive(cluster["n1"]).get("n3", True), 3 * TTL + 10,
+                 "n1 to find the stopped n3 dead")
+        time.sleep(3 * TTL * SCALE)  # n3 must stay stopped for a while: not a wait
+    finally:
+        n3.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: _catalog_stats(n3)["strain"] >= 1, 10, "n3 to feel its strain")
+    wait_for(lambda: all(_alive(cluster[n]).values() for n in ("n1", "n2", "n3")), 20,
+             "every member alive to every node again")
+    assert _catalog_stats(n3)["marked_dead"] == before
+
+
 def test_duplicate_name_joining_through_a_third_node_is_refused(cluster: Cluster,
                                                                tmp_path: Path) -> None:
     real = _epochs(cluster["n1"])["n2"]

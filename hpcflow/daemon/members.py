@@ -159,20 +159,22 @@ class Members:
         except (HpcflowError, KeyError, TypeError):
             return []
 
-    def probe(self, endpoint: str) -> PeerInfo | None:
+    def probe(self, endpoint: str, timeout_s: float | None = None) -> PeerInfo | None:
         """Who answers at an RPC endpoint now: the descriptor it gives of itself (name,
-        epoch, endpoints, key); None when nothing does within the TTL (a refused
-        connection answers at once) or the answer is malformed."""
-        head = self.probe_head(endpoint)
+        epoch, endpoints, key); None when nothing does within ``timeout_s`` (default
+        the TTL; a refused connection answers at once) or the answer is malformed."""
+        head = self.probe_head(endpoint, timeout_s)
         return head[0] if head is not None else None
 
-    def probe_head(self, endpoint: str) -> tuple[PeerInfo, dict[str, Any]] | None:
+    def probe_head(self, endpoint: str, timeout_s: float | None = None
+                   ) -> tuple[PeerInfo, dict[str, Any]] | None:
         """:meth:`probe`, and the rest of the answer: the sequence number the node's
         catalog stream is at ("seq", -1 when it does not say), its ops and load."""
         if not self.node.peers.connected(endpoint) and refuses_connections(endpoint):
             return None  # a connection that is up needs no such check
         try:
-            r = self.node.peers.call(endpoint, "ping", timeout_s=self.node.config.ttl_s)
+            r = self.node.peers.call(endpoint, "ping",
+                                     timeout_s=timeout_s or self.node.config.ttl_s)
             info = PeerInfo.from_wire(r["self"])
         except (HpcflowError, KeyError, TypeError, ValueError):
             return None
