@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import zmq.green as zmqg
 
-from hpcflow.catalog.membership import FANIN_ENV, PeerInfo
+from hpcflow.catalog.membership import FANIN_ENV, HB_FANIN, PeerInfo, heard_members
 from hpcflow.catalog.replicated import SNAPSHOT_SLOTS, ReplicatedCatalog
 from hpcflow.errors import CatalogBusy, PeerUnavailable
 from hpcflow.rpc import strict
@@ -256,3 +256,21 @@ def test_a_snapshot_served_by_a_third_node_cannot_forge_records(tmp_path: Path) 
             assert cl.fetch("REAL").tolist() == [0.0, 1.0, 2.0]
     finally:
         c.stop()
+
+
+def test_heard_members_are_the_successor_and_stable_rendezvous_picks() -> None:
+    """Whose heartbeats a node takes beyond a full mesh (pure logic): its ring successor
+    and HB_FANIN - 1 rendezvous-hash picks; every node is heard by its predecessor, and
+    a join moves few nodes' choices (an offset in name order moved a third of them, each
+    a SUB socket re-made while a cluster forms)."""
+    names = [f"s{i:03d}" for i in range(256)]
+    chosen = {n: heard_members(n, names) for n in names}
+    for i, n in enumerate(names):
+        assert names[(i + 1) % len(names)] in chosen[n] and n not in chosen[n]
+        assert 1 <= len(chosen[n]) <= HB_FANIN
+    assert heard_members("s000", names, 1) == {"s001"}
+    grown = [*names, "s128b"]  # a newcomer in the middle of the name order
+    moved = [n for n in names if n != "s128" and heard_members(n, grown) != chosen[n]]
+    assert len(moved) <= 12, moved  # the expected number is about 2
+    heard_by = {n: sum(n in c for c in chosen.values()) for n in names}
+    assert sum(heard_by.values()) / len(names) > 2.5  # about HB_FANIN watchers each

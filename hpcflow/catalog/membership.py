@@ -12,12 +12,15 @@ members.  A node whose digest keeps differing from ours gets a push/pull (a
 ``epoch`` (a restart) replaces the older one.
 
 Idle cost per node stays bounded: a node follows (reads the PUB stream of) at
-most :func:`fanin` members, so it receives at most that many heartbeats per
-``heartbeat_s`` whatever the cluster size; liveness beyond that comes from
-probes: every ``PROBE_EVERY`` heartbeat periods a node pings one member (round
-robin over a shuffled list, as memberlist does), and a member that does not
-answer as itself is marked dead and announced; every receiver confirms with a
-probe of its own before it believes it.
+most :func:`fanin` members, and beyond a full mesh takes the heartbeats of
+``HB_FANIN`` of them (its ring successor among them), so it receives at most
+that many heartbeats per ``heartbeat_s`` whatever the cluster size.  A member
+found silent by those who hear it is marked dead and announced; every receiver
+confirms with a probe of its own before it believes it.  Beside that, a node
+pings a member it does not hear every ``PROBE_IDLE_EVERY`` periods (round robin
+over a shuffled list, as memberlist does), and one whose ops it does not know at
+once.  An overloaded node stretches these timeouts (local health awareness, see
+``ReplicatedCatalog.patience``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,30 @@ def fanin() -> int:
         return max(1, int(os.environ.get(FANIN_ENV, FANIN)))
     except ValueError:
         return FANIN
+
+
+def _score(me: str, slot: int, name: str) -> bytes:
+    return hashlib.blake2b(f"{me}\0{slot}\0{name}".encode(), digest_size=8).digest()
+
+
+def heard_members(me: str, live: list[str], count: int = HB_FANIN) -> set[str]:
+    """The ``count`` members (of ``live``, others than ``me``) whose heartbeats ``me``
+    takes beyond a full mesh: its successor in name order (every node is then watched
+    by its predecessor, and the "who follows whom" graph is one cycle) and, for each of
+    ``count - 1`` slots, the member ranked first by a hash of (``me``, slot,
+    member) -- rendezvous hashing: a join or a death moves a node's choice only when
+    the newcomer ranks first or the chosen one died (about 2 nodes of 256 change on a
+    join; an offset in the name order moved a third of them), and the choices scatter
+    away from ``me``'s neighbours in a sorted host list, which often share a switch.
+    A node is so watched by its predecessor and, on average, ``count - 1`` others."""
+    others = [n for n in live if n != me]
+    if not others:
+        return set()
+    ring = sorted([*others, me])
+    heard = {ring[(ring.index(me) + 1) % len(ring)]}
+    for slot in range(1, count):
+        heard.add(max(others, key=lambda n: _score(me, slot, n)))
+    return heard
 
 
 def membership_digest(members: list[tuple[str, int]]) -> str:

@@ -295,7 +295,10 @@ class HandshakeWatch:
         while True:
             try:
                 event = monitor_event(self._mon.recv_multipart())
-            except (zmq.ZMQError, ValueError):
+            except ValueError:
+                continue  # (libzmq's own frames: not expected)
+            except zmq.ZMQError:
+                self.connected = False
                 return
             if event == zmq.EVENT_DISCONNECTED:
                 self.connected = False
