@@ -169,8 +169,10 @@ def test_hostile_peer_publishing_garbage(seeded: Cluster) -> None:
             pub.send_multipart(m)
 
     def flood_processed() -> bool:
+        # one undecodable KV a round; the XX messages never arrive (n1 subscribes only
+        # to the kinds it reads: the publisher's ZeroMQ filters the rest)
         with n1.client() as c:
-            return bool(c.stats()["catalog"]["malformed"] >= 200)
+            return bool(c.stats()["catalog"]["malformed"] >= 100)
 
     wait_for(flood_processed, 20, "the flood to be processed")
     evil.__exit__()
