@@ -799,8 +799,9 @@ class ReplicatedCatalog(Catalog):
         if len(live) <= self.fan_in:
             want, beats = set(live), set(live)
         else:
-            if self._heard[0] != self.digest():  # (0.35 ms at 256 members: kept)
-                self._heard = (self.digest(), heard_members(
+            digest = self.digest()
+            if self._heard[0] != digest:  # (0.35 ms at 256 members: kept)
+                self._heard = (digest, heard_members(
                     self.me.name, live, min(HB_FANIN, self.fan_in)))
             beats = set(self._heard[1])
             keep = [n for n in self._streams if n not in beats and n in self.peers
@@ -1166,7 +1167,7 @@ class ReplicatedCatalog(Catalog):
         yet, and every ``PROBE_IDLE_EVERY`` periods one whose heartbeats we do not take
         (round robin over a shuffled list; none in a full mesh, where we hear every
         member: those probes were a third of an idle node's CPU).  One that does not
-        answer as itself, and has been silent for ``ttl_s``, is marked dead and
+        answer as itself, and has been silent for :meth:`patience`, is marked dead and
         announced.  Every ``DEAD_PROBE_EVERY`` periods, one member we think dead is
         pinged too (round robin): we no longer read its stream, so its answer is how we
         find it back, or a new run of it (as Serf reconnects to failed members)."""
@@ -1453,7 +1454,8 @@ class ReplicatedCatalog(Catalog):
         CPU) would find members silent whose heartbeats wait unread in its own sockets,
         and probes time out at a node that cannot answer in time either.  Each monitor
         tick that comes a quarter of the TTL late or more raises the strain by one (at most
-        ``MAX_STRAIN``), each heartbeat period on time lowers it by one; timeouts are
+        ``MAX_STRAIN``), each heartbeat period whose last tick is on time lowers it by
+        one; timeouts are
         ``ttl_s * (1 + strain)``.  256 daemons starting on two cores made 30,000 false
         deaths without it, each announced, checked by every node and repaired."""
         return self.ttl_s * (1 + self._strain)
