@@ -6,6 +6,10 @@ restarted with an edited op module is silently left out of every plan its peers 
 (and it leaves them out of its own).  This greenlet compares, every few heartbeats,
 this node's hashes with each live peer's and logs a warning once per (peer, op,
 pair of hashes) -- again if they change -- naming the op and the nodes on each side.
+It compares only the peers whose advertised table is new since its last look (the
+catalog replaces a member's table when it changes), or all of them when ours
+changed: at 256 members, comparing every table every time was 2.4 ms each round,
+a third of an idle node's CPU.
 """
 
 from __future__ import annotations
@@ -33,13 +37,21 @@ def differences(mine: dict[str, str], peers: dict[str, dict[str, str]]
 def watch(node: NodeParts, every_s: float) -> None:
     """Run until killed: compare and warn (see the module docstring)."""
     warned: set[tuple[str, str, str, str]] = set()
+    checked: dict[str, dict[str, str]] = {}  # peer -> the table we compared last
+    mine_checked: dict[str, str] | None = None
     while True:
         gevent.sleep(every_s)
         if not node.ready:
             continue
+        ours = node.registry.hashes()
+        if ours != mine_checked:
+            checked = {}
+            mine_checked = ours
         peers = {v.info.name: v.ops for v in node.catalog.nodes()
                  if v.alive and v.info.name != node.name and v.ops}
-        for diff in differences(node.registry.hashes(), peers):
+        new = {name: ops for name, ops in peers.items() if checked.get(name) is not ops}
+        checked = peers
+        for diff in differences(ours, new):
             if diff in warned:
                 continue
             if len(warned) >= MAX_REMEMBERED:
