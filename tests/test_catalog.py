@@ -15,7 +15,7 @@ import zmq.green as zmqg
 
 from hpcflow.catalog.base import locate
 from hpcflow.catalog.kvmsg import HB, KV, KVMsg
-from hpcflow.catalog.membership import PeerInfo
+from hpcflow.catalog.membership import PeerInfo, vector_digest
 from hpcflow.catalog.record import DatasetRecord
 from hpcflow.catalog.replicated import ReplicatedCatalog
 from hpcflow.catalog.signing import Signer
@@ -140,6 +140,32 @@ def test_gap_and_heartbeat_resyncs_keep_offering_the_last_known_state(ctx: zmqg.
         assert cat.stats["resyncs"] == resyncs + 2 and p.snapshots == snapshots + 2
         watch.kill()
         assert len(seen) > 20 and min(seen) >= 2, "entries vanished while resyncing"
+    finally:
+        cat.stop()
+        p.pub.close()
+
+
+def test_the_vector_digest_on_heartbeats_follows_every_change(ctx: zmqg.Context) -> None:
+    """The digest of our per-origin vector is cached between changes (it is on every
+    heartbeat); it must still change with our own updates and with a member's."""
+    p = RawPeer(ctx, "p")
+    cat = make_catalog(ctx, {"p": p}, ttl_s=5.0)
+    try:
+        def fresh() -> str:
+            d = cat.vdigest()
+            assert d == vector_digest(cat.vector())
+            return d
+
+        before = fresh()
+        join(cat, p)
+        joined = fresh()
+        p.put(record("A"))
+        until(lambda: "A" in {r.key for r in cat.records()}, "A")
+        theirs = fresh()
+        cat.announce(record("M", owner="me"))
+        ours = fresh()
+        assert len({before, joined, theirs, ours}) == 4
+        assert cat.vdigest() == ours  # no change since: the same (cached) digest
     finally:
         cat.stop()
         p.pub.close()
