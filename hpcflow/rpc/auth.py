@@ -176,7 +176,25 @@ def keygen(directory: str | os.PathLike[str]) -> list[Path]:
     return written
 
 
-class SecureContext(zmqg.Context):
+#: Seconds a zmq.green socket waits for its descriptor before it checks its events
+#: anyway.  zmq.green's own 11.6 s is a guard against a missed edge of libzmq's
+#: edge-triggered descriptor; our sends and receives check the events after every
+#: operation (:mod:`.greenio`), as zmq.green's do.  With ~80 sockets in a node of a
+#: large cluster (streams, RPC clients and their monitors) the guard's timeouts were
+#: several wake-ups a second of an idle node.
+IDLE_POLL_S = 120.0
+
+
+class GreenContext(zmqg.Context):
+    """A zmq.green context whose sockets wait ``IDLE_POLL_S`` before polling."""
+
+    def socket(self, socket_type: int, *args: Any, **kwargs: Any) -> Any:
+        sock = super().socket(socket_type, *args, **kwargs)
+        sock._gevent_bug_timeout = IDLE_POLL_S  # zmq.green's attribute (see above)
+        return sock
+
+
+class SecureContext(GreenContext):
     """A zmq.green context whose sockets are secured with ``keys`` as they are made
     (servers for the types hpcflow binds, clients for those it connects), so every
     part of a node (RPC, catalog, bulk) is covered without knowing about keys."""
@@ -199,7 +217,7 @@ MAX_SOCKETS = 8192
 
 def context(keys: Keys | None) -> Any:
     """A new zmq.green context; with keys, one that secures its sockets."""
-    ctx = zmqg.Context() if keys is None else SecureContext()
+    ctx = GreenContext() if keys is None else SecureContext()
     ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
     if keys is not None:
         ctx.hpcflow_keys = keys
