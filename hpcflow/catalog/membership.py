@@ -57,6 +57,9 @@ NEWS_PER_HEARTBEAT = 32
 #: only updates (the publisher filters, ZeroMQ's PUB sends a subscriber only the kinds
 #: it subscribed to).  Each heartbeat received costs an idle node ~0.3 ms of CPU.
 HB_FANIN = 3
+#: Test-only override of HB_FANIN (a small cluster beyond a full mesh can then show who
+#: hears whom, e.g. one heartbeat-taker per node).
+HB_FANIN_ENV = "HPCFLOW_CATALOG_HB_FANIN"
 #: Heartbeat periods between two looks for a member to probe: one whose ops we do not
 #: know yet (to plan with it) is probed at once.
 PROBE_EVERY = 1.0
@@ -72,6 +75,16 @@ def fanin() -> int:
         return max(1, int(os.environ.get(FANIN_ENV, FANIN)))
     except ValueError:
         return FANIN
+
+
+def hb_fanin() -> int:
+    """Of the members a node follows, how many it takes the heartbeats of beyond a full
+    mesh: ``HB_FANIN``, or ``$HPCFLOW_CATALOG_HB_FANIN`` (tests only).  At least one: the
+    ring successor, which keeps every node watched."""
+    try:
+        return max(1, int(os.environ.get(HB_FANIN_ENV, HB_FANIN)))
+    except ValueError:
+        return HB_FANIN
 
 
 def _score(me: str, slot: int, name: str) -> bytes:

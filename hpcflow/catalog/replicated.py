@@ -106,7 +106,6 @@ from ..rpc import greenio
 from .base import Catalog, NodeView
 from .kvmsg import BYE, HB, KV, MAX_BODY, KVMsg
 from .membership import (
-    HB_FANIN,
     MAX_EPOCH_AHEAD_S,
     NEWS_PER_HEARTBEAT,
     NEWS_RETRANSMIT,
@@ -116,6 +115,7 @@ from .membership import (
     PeerState,
     epoch_ahead_s,
     fanin,
+    hb_fanin,
     heard_members,
     membership_digest,
     vector_digest,
@@ -203,6 +203,8 @@ class ReplicatedCatalog(Catalog):
         self.signer = signer or Signer()
         self._verifier = Verifier()
         self.fan_in = fan_in if fan_in is not None else fanin()
+        #: of those, how many we take the heartbeats of beyond a full mesh (``HB_FANIN``)
+        self.hb_fan_in = hb_fanin()
         self.me = me
         self.ctx = ctx
         self.fetch_snapshot = fetch_snapshot
@@ -814,7 +816,7 @@ class ReplicatedCatalog(Catalog):
             digest = self.digest()
             if self._heard[0] != digest:  # (0.35 ms at 256 members: kept)
                 self._heard = (digest, heard_members(
-                    self.me.name, live, min(HB_FANIN, self.fan_in)))
+                    self.me.name, live, min(self.hb_fan_in, self.fan_in)))
             beats = set(self._heard[1])
             keep = [n for n in self._streams if n not in beats and n in self.peers
                     and self.peers[n].alive]
