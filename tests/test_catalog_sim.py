@@ -12,7 +12,6 @@ import pytest
 
 from hpcflow.catalog import sim
 from hpcflow.catalog.membership import FANIN, HB_FANIN, PROBE_IDLE_EVERY, heard_members
-from hpcflow.catalog.replicated import ANTI_ENTROPY_EVERY
 
 MESH = FANIN + 1  # the largest full mesh
 
@@ -22,10 +21,9 @@ def test_idle_heartbeats_are_hb_fanin_whatever_the_size(n: int) -> None:
     i = sim.idle(n)
     assert i["heartbeats"] == HB_FANIN  # per second, at a 1 s heartbeat
     assert i["probes"] == pytest.approx(1 / PROBE_IDLE_EVERY)
-    assert 0 < i["anti_entropy"] <= 1 / ANTI_ENTROPY_EVERY
-    # received: heartbeats, a probe's answer and another node's probe, a vector round
-    assert i["msgs"] == pytest.approx(HB_FANIN + 2 / PROBE_IDLE_EVERY
-                                      + 2 * i["anti_entropy"])
+    assert i["anti_entropy"] == 0  # the heard members' vector digests agree with ours
+    # received: heartbeats, a probe's answer and another node's probe
+    assert i["msgs"] == pytest.approx(HB_FANIN + 2 / PROBE_IDLE_EVERY)
     assert i["msgs"] < FANIN  # not the FANIN + 1 of the model before HB_FANIN
     assert i["bytes_heartbeats"] == HB_FANIN * sim.heartbeat_bytes()
 
@@ -34,8 +32,10 @@ def test_idle_messages_do_not_grow_with_the_cluster() -> None:
     small, large = sim.idle(100), sim.idle(10_000)
     assert large["msgs"] == pytest.approx(small["msgs"], rel=0.02)
     assert large["heartbeats"] == small["heartbeats"]
-    # what does grow: the anti-entropy answer lists every origin
-    assert large["bytes_anti_entropy"] > 50 * small["bytes_anti_entropy"]
+    assert large["bytes"] == pytest.approx(small["bytes"], rel=0.02)
+    # what does grow: one anti-entropy round (made only when digests differ) lists
+    # every origin
+    assert large["vector_round_bytes"] > 50 * small["vector_round_bytes"]
 
 
 def test_a_full_mesh_hears_everyone_and_probes_no_one() -> None:

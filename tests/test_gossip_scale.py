@@ -86,15 +86,26 @@ def test_idle_messages_per_node_do_not_grow_and_the_cluster_converges(tmp_path: 
         t0 = time.monotonic()
         wait_for(lambda: _all_alive(nodes, set(cluster.nodes)), 60, f"{LARGE} nodes to form")
         formed = time.monotonic() - t0
+        wait_for(lambda: _settled(nodes), 30, "every node to heartbeat at its idle interval")
+        ae_before = {}
+        for n in nodes:
+            with n.client() as c:
+                ae_before[n.name] = int(c.stats()["catalog"]["anti_entropy"])
         large = _rate(nodes, 8 * HB)
         # Each node now receives HB_FANIN heartbeats per period at both sizes; a full
         # mesh would receive (LARGE-1)/(SMALL-1) = 2.6 times as many at 24.
         assert large < 1.4 * small, (small, large)
         assert large < 1.5 * HB_FANIN / HB, (large, HB_FANIN / HB)
+        rounds = 0  # anti-entropy vector requests since the window began
         for n in nodes:
             with n.client() as c:
                 cat = c.stats()["catalog"]
                 assert cat["followed"] <= FANIN and cat["heard"] <= HB_FANIN, cat
+                rounds += cat["anti_entropy"] - ae_before.get(n.name, 0)
+        # Idle and in agreement, the digests on the heartbeats a node takes match its
+        # own: no vector round trips (asking a random member made one per node every
+        # ANTI_ENTROPY_EVERY periods, ~LARGE * 0.8 in this window).
+        assert rounds <= LARGE // 4, rounds
         print(f"formed {LARGE} in {formed:.1f} s; heartbeats received per node per s: "
               f"{small:.1f} at {SMALL}, {large:.1f} at {LARGE}")
 

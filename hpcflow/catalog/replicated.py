@@ -18,9 +18,10 @@ disseminated through a bounded fan-in overlay.
   a higher sequence) is repaired by pulling that origin's section of the catalog
   from the origin itself, or from one live member when the origin does not
   answer, never from everyone.  Every ``ANTI_ENTROPY_EVERY`` heartbeat periods a
-  node compares its per-origin ``(epoch, seq)`` vector with one random member's
-  (heartbeats carry its digest) and pulls the origins it is behind on: the
-  safety net for what a dropped message or a dead relay left out.
+  node compares its per-origin ``(epoch, seq)`` vector with the digests on the
+  heartbeats it takes, asks a member whose digest differs for its vector, and
+  pulls the origins it is behind on: the safety net for what a dropped message or
+  a dead relay left out.
 * A joiner takes the whole catalog (every live origin's records with their
   signatures and sequence numbers) from ONE member, after a jittered delay,
   asking another when that one fails or answers
@@ -1427,15 +1428,23 @@ class ReplicatedCatalog(Catalog):
         return True
 
     def _anti_entropy(self) -> None:
-        """Compare our per-origin vector with one random live member's (the digest on
-        its heartbeats, when we follow it, saves the round trip when they agree) and
-        pull the origins it has further than we do, from it."""
-        live = [st for st in self.peers.values() if st.alive]
-        if not live or self._bootstrapping:
+        """Compare our per-origin vector with a member's and pull the origins it has
+        further than we do, from it.  The members whose heartbeats we take carry their
+        vector's digest: one whose digest differs from ours is asked; when all agree, no
+        round trip (the answer lists every origin: asking a random member, almost never
+        one we hear beyond a full mesh, made idle traffic grow with N).  A node that
+        hears no one asks a random live member."""
+        if self._bootstrapping:
+            return
+        mine = self.vdigest()
+        heard = [st for st in self.peers.values() if st.alive and self._hears(st.info.name)]
+        differ = [st for st in heard if st.vdigest != mine]
+        if heard and not differ:
+            return
+        live = differ or [st for st in self.peers.values() if st.alive]
+        if not live:
             return
         st = random.choice(live)
-        if self._hears(st.info.name) and st.vdigest == self.vdigest():
-            return
         self.stats["anti_entropy"] += 1
         try:
             theirs = self.fetch_snapshot(st.info, [])["vector"]
