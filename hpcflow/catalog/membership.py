@@ -43,7 +43,8 @@ MAX_EPOCH_AHEAD_S = 86_400.0
 #: catalog updates from: updates reach every node in about log(N)/log(FANIN) hops.
 #: 8, not 4: a cluster of up to 9 nodes (most workflows) is then a full mesh, where
 #: nothing is relayed; with relays a 6-node flow took 44 ms instead of 25 (every
-#: update decoded ~5 times a node).  The price: 8 heartbeats a second per node idle.
+#: update decoded ~5 times a node).  Beyond a full mesh a node takes the heartbeats of
+#: only ``HB_FANIN`` of the members it follows (the others bring only updates).
 FANIN = 8
 #: Test-only override of FANIN (a cluster smaller than FANIN is a full mesh).
 FANIN_ENV = "HPCFLOW_CATALOG_FANIN"
