@@ -26,6 +26,8 @@ from .parts import NodeParts
 log = logging.getLogger("hpcflow.node")
 
 MEMBERS_FILE = "members.json"
+#: Heartbeat periods between two looks at whether members.json needs rewriting.
+REMEMBER_EVERY = 5
 #: How long a restarted node keeps trying the members it remembers (they may be gone).
 REJOIN_FOR_S = 60.0
 #: A node's first hello waits a random part of this many heartbeat periods: many nodes
@@ -53,11 +55,12 @@ class Members:
                 and ep.startswith(("tcp://", "ipc://")) and ep != self.node.me.rpc]
 
     def remember(self) -> None:
-        """Keep ``members.json`` up to date with the live members' RPC endpoints."""
+        """Keep ``members.json`` up to date with the live members' RPC endpoints (looked
+        at every ``REMEMBER_EVERY`` heartbeat periods: one of an idle node's wake-ups)."""
         path = self.node.config.data_dir / MEMBERS_FILE
         last: list[str] | None = None
         while True:
-            gevent.sleep(2 * self.node.config.heartbeat_s)
+            gevent.sleep(REMEMBER_EVERY * self.node.config.heartbeat_s)
             eps = sorted(v.info.rpc for v in self.node.catalog.nodes()
                          if v.alive and v.info.name != self.node.name)
             if eps == last or not eps:

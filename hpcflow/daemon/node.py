@@ -147,7 +147,7 @@ class Node:
         for ep in remembered:  # a restarted node finds its cluster even without --peer
             self._greenlets.append(gevent.spawn(self.members.join, ep, REJOIN_FOR_S))
         self._greenlets.append(gevent.spawn(self.members.remember))
-        self._greenlets.append(gevent.spawn(opcheck.watch, self, 2 * cfg.heartbeat_s))
+        self._greenlets.append(gevent.spawn(opcheck.watch, self, opcheck.EVERY * cfg.heartbeat_s))
         self._write_node_json()
         if remembered:
             log.info("rejoining through %d remembered member(s)", len(remembered))

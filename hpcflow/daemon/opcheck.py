@@ -24,6 +24,8 @@ log = logging.getLogger("hpcflow.node")
 
 #: Distinct differences remembered (each warned once); past it the memory is reset.
 MAX_REMEMBERED = 10_000
+#: Heartbeat periods between two comparisons.
+EVERY = 5
 
 
 def differences(mine: dict[str, str], peers: dict[str, dict[str, str]]

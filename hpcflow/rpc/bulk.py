@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import gevent
+import gevent.event
 import gevent.lock
 import numpy as np
 import zmq.green as zmq
@@ -265,6 +266,7 @@ class BulkServer:
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.uploads: dict[str, _Upload] = {}
+        self._uploading = gevent.event.Event()  # set when an upload begins: see _reaper
         self.active = 0
         self.malformed = 0
         #: Uploads refused over a limit (count or disk space).
@@ -444,6 +446,7 @@ class BulkServer:
         )
         u = uuid.uuid4().hex
         self.uploads[u] = _Upload(writer, by, ident, time.monotonic(), nbytes)
+        self._uploading.set()
         self._send([ident, b"OK", pack({"r": r, "u": u})])
 
     def _admit_upload(self, ident: bytes, nbytes: int) -> None:
@@ -534,8 +537,13 @@ class BulkServer:
         self._send([ident, b"DONE", pack({"r": r, "record": rec.to_wire()})])
 
     def _reaper(self) -> None:
-        """Abandoned uploads (dead or silent client) are dropped, temp file and all."""
+        """Abandoned uploads (dead or silent client) are dropped, temp file and all.
+        Asleep while there are none (its wake-up every second was one of an idle
+        node's few)."""
         while True:
+            if not self.uploads:
+                self._uploading.clear()
+                self._uploading.wait()
             gevent.sleep(min(1.0, self.settings.timeout_s / 4))
             now = time.monotonic()
             for u, up in list(self.uploads.items()):
