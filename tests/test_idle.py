@@ -26,7 +26,7 @@ from hpcflow.errors import DatasetNotFound
 from hpcflow.rpc import auth, strict
 from hpcflow.rpc.calls import PeerClients
 
-from .conftest import SCALE, Cluster, NodeProc, three_nodes, wait_for
+from .conftest import HEARTBEAT, SCALE, Cluster, NodeProc, three_nodes, wait_for
 
 #: Never needed by a node started without ``--metrics`` / ``--catalog dht``, or never
 #: at all (the client's optional integrations and the replay harness).
@@ -103,6 +103,37 @@ def test_an_idle_daemon_runs_few_threads(cluster3: Cluster) -> None:
         names = threads(cluster3[name])
         assert names.count("ZMQbg/IO/0") == 1, names
         assert len(names) <= allowed, f"{name}: {names}, at most {allowed} expected"
+
+
+def wakeups(pid: int) -> int:
+    """Times the process' main thread has blocked (each time the event loop slept)."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def test_a_lone_idle_daemon_wakes_about_once_a_heartbeat_period(tmp_path: Path) -> None:
+    """Each wake-up of a Python daemon costs ~0.1 ms of a core, and 256 of them share
+    two cores: the timers of an idle node (heartbeat, membership monitor, prober,
+    members file, op check, janitor, upload reaper) fire about once a period in all,
+    nothing polls faster than the heartbeat, nothing wakes for work it does not have
+    (the monitor ticked four times a period and the reaper every second: 6.6 wake-ups
+    a period).  The window is a measurement, not synchronisation."""
+    c = Cluster(tmp_path)
+    try:
+        node = c.add("n1")
+        assert node.proc is not None
+        with node.client() as cl:
+            wait_for(lambda: cl.stats()["catalog"]["heartbeat_interval_ms"] > 0, 10,
+                     "the first heartbeat")
+        period = HEARTBEAT
+        gevent.sleep(2 * period)
+        before = wakeups(node.proc.pid)
+        window = 25 * period
+        gevent.sleep(window)
+        per_period = (wakeups(node.proc.pid) - before) / (window / period)
+        assert per_period < 3, f"{per_period:.1f} wake-ups per heartbeat period"
+    finally:
+        c.stop()
 
 
 def test_an_rpc_client_ticks_only_while_a_call_is_in_flight(tmp_path: Path) -> None:
