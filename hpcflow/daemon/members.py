@@ -26,8 +26,9 @@ from .parts import NodeParts
 log = logging.getLogger("hpcflow.node")
 
 MEMBERS_FILE = "members.json"
-#: Heartbeat periods between two looks at whether members.json needs rewriting.
-REMEMBER_EVERY = 5
+#: Heartbeat periods between two looks at whether members.json needs rewriting (a
+#: node killed soon after it joined must still find its members again on restart).
+REMEMBER_EVERY = 2
 #: How long a restarted node keeps trying the members it remembers (they may be gone).
 REJOIN_FOR_S = 60.0
 #: A node's first hello waits a random part of this many heartbeat periods: many nodes
