@@ -318,6 +318,7 @@ class ReplicatedCatalog(Catalog):
         self.me = dataclasses.replace(me, key=self.signer.public_hex)
         self._me_wire = self.me.to_wire()
         self._digest = None
+        self._changes += 1  # (vdigest's cache)
 
     def stop(self) -> None:
         gevent.killall(self._greenlets)
