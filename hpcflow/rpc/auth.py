@@ -181,8 +181,10 @@ def keygen(directory: str | os.PathLike[str]) -> list[Path]:
 #: edge-triggered descriptor; our sends and receives check the events after every
 #: operation (:mod:`.greenio`), as zmq.green's do.  With ~80 sockets in a node of a
 #: large cluster (streams, RPC clients and their monitors) the guard's timeouts were
-#: several wake-ups a second of an idle node.
-IDLE_POLL_S = 120.0
+#: several wake-ups a second of an idle node.  Still a guard: a missed edge costs at
+#: most this long (30 s, not 120: checking the events after an EAGAIN as well, to
+#: miss fewer, consumed the edge its own wait then needed and stalled a server).
+IDLE_POLL_S = 30.0
 
 
 class GreenContext(zmqg.Context):

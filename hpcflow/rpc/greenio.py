@@ -38,15 +38,11 @@ def _state_changed(sock: Any) -> None:
 
 def _first(sock: Any, wait: Callable[[], None], op: Callable[[], Any]) -> Any:
     """``op`` (a non-blocking send or receive of a message's first frame), retried after
-    the green socket's own ``wait`` until it is not ``EAGAIN``.  An ``EAGAIN`` too may
-    have consumed the edge of the socket's descriptor that a greenlet waiting the
-    other way needs (libzmq processed its commands): its events are checked before
-    we wait, as after every completed operation."""
+    the green socket's own ``wait`` until it is not ``EAGAIN``."""
     while True:
         try:
             return op()
         except zmq.Again:
-            _state_changed(sock)
             wait()
         except BaseException:
             _state_changed(sock)
