@@ -70,22 +70,24 @@ PROBE_EVERY = 1.0
 PROBE_IDLE_EVERY = 10
 
 
+def _count_from_env(env: str, default: int) -> int:
+    """``$env`` as a count of at least one (a test-only override), else ``default``."""
+    try:
+        return max(1, int(os.environ.get(env, default)))
+    except ValueError:
+        return default
+
+
 def fanin() -> int:
     """Members a node follows: ``FANIN``, or ``$HPCFLOW_CATALOG_FANIN`` (tests only)."""
-    try:
-        return max(1, int(os.environ.get(FANIN_ENV, FANIN)))
-    except ValueError:
-        return FANIN
+    return _count_from_env(FANIN_ENV, FANIN)
 
 
 def hb_fanin() -> int:
     """Of the members a node follows, how many it takes the heartbeats of beyond a full
     mesh: ``HB_FANIN``, or ``$HPCFLOW_CATALOG_HB_FANIN`` (tests only).  At least one: the
     ring successor, which keeps every node watched."""
-    try:
-        return max(1, int(os.environ.get(HB_FANIN_ENV, HB_FANIN)))
-    except ValueError:
-        return HB_FANIN
+    return _count_from_env(HB_FANIN_ENV, HB_FANIN)
 
 
 def _score(me: str, slot: int, name: str) -> bytes:
