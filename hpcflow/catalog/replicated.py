@@ -844,6 +844,16 @@ class ReplicatedCatalog(Catalog):
         stream = self._streams.get(name)
         return stream is not None and stream[1]
 
+    def _heard_alive(self) -> list[PeerState]:
+        """The live members whose heartbeats we take (at most ``hb_fan_in`` beyond a
+        full mesh): read from our streams, not by a scan of every member."""
+        out = []
+        for name, (_, beats, _) in list(self._streams.items()):
+            st = self.peers.get(name)
+            if beats and st is not None and st.alive:
+                out.append(st)
+        return out
+
     def _follow(self, name: str, endpoint: str, beats: bool) -> None:
         """Read ``name``'s stream at ``endpoint`` (instead of any earlier endpoint), with
         its heartbeats when ``beats``."""
@@ -1438,7 +1448,7 @@ class ReplicatedCatalog(Catalog):
         if self._bootstrapping:
             return
         mine = self.vdigest()
-        heard = [st for st in self.peers.values() if st.alive and self._hears(st.info.name)]
+        heard = self._heard_alive()
         differ = [st for st in heard if st.vdigest != mine]
         if heard and not differ:
             return
@@ -1512,13 +1522,10 @@ class ReplicatedCatalog(Catalog):
             now = time.monotonic()
             ticks += 1
             if self._feel(now - t0 - tick):
-                for name, (_, beats, _) in list(self._streams.items()):
-                    # a member whose heartbeats we take: silent for patience(), in units
-                    # of its own heartbeat interval (the others' death is news from
-                    # those who hear them, or a probe's finding)
-                    st = self.peers.get(name)
-                    if st is None or not beats or not st.alive:
-                        continue
+                for st in self._heard_alive():
+                    # silent for patience(), in units of its own heartbeat interval (the
+                    # others' death is news from those who hear them, or a probe's
+                    # finding)
                     if now - st.last_seen > self.patience() * max(
                             1.0, st.interval / self.heartbeat_s):
                         self._mark_dead(st, "silent")
