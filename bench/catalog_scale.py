@@ -252,7 +252,7 @@ class Bench:
     def visible(self, i: int) -> float:
         """One put; seconds until the last node's ``wait`` for it returned (the clients
         are gevent-based: one greenlet per node, all in this thread).  The put's own
-        time (until acknowledged: its claim round with every live member included) goes
+        time (until acknowledged: its claim round with the name's arbiters included) goes
         to :attr:`put_s`."""
         name = f"bench{i}"
 

@@ -17,6 +17,10 @@ Run as ``python -m tests.rogue NODE-ARGS...``; ``HPCFLOW_ROGUE`` (JSON) says wha
   heartbeats, while the node goes on heartbeating as a healthy member), to hold
   every other node's puts at their commit.
 
+* ``"drop_releases": true`` -- answers every ``release_claim`` as done but keeps the
+  grant, as an arbiter that never got the release would: a grant standing in the way
+  of a later claim must then be checked with its claimant.
+
 * ``"refuse_hello": true`` -- answers every ``hello`` with the error a member gives a
   node whose name is taken (``ConfigError``), to make a node that says hello to it
   believe it is a duplicate and stop.
@@ -176,6 +180,15 @@ def _silent_claims() -> None:
     service.NodeService.claim = claim  # type: ignore[method-assign]
 
 
+def _drop_releases() -> None:
+    from hpcflow.daemon import service
+
+    def release_claim(self: Any, name: Any, part: Any, by: Any, token: Any) -> bool:
+        return True  # "released", but the grant is kept
+
+    service.NodeService.release_claim = release_claim  # type: ignore[method-assign]
+
+
 def main() -> int:
     if "impersonate" in CONF:
         ahead = CONF.get("epoch_ahead_s")
@@ -191,6 +204,8 @@ def main() -> int:
         _no_rules()
     if CONF.get("silent_claims"):
         _silent_claims()
+    if CONF.get("drop_releases"):
+        _drop_releases()
     from hpcflow.cli import main as cli
 
     return cli(["node", *sys.argv[1:]])

@@ -176,6 +176,7 @@ def node_only_args(name: str) -> list[Any]:
             "snapshot": [], "pull": ["D"], "run_share": [{}], "cancel_share": ["x-1"],
             "run_op": [{}], "delete_parts": [[["D", 0]]],
             "flow_status": ["n2", [["wf", "x", "D", False]]], "claim": [{}],
+            "release_claim": ["D", None, "n2", 1], "claim_stands": ["D", None, 1],
             "save_part": [{}], "aux": ["D@0", 1, 0, 1]}[name]
 
 

@@ -206,7 +206,8 @@ def test_rpc_methods_with_wrong_argument_types(seeded: Cluster) -> None:
               "../../etc/passwd", "S0", {"name": "S0"}]
     with seeded["n1"].client() as c:
         for method in ("locate", "describe", "put", "fetch", "delete", "replicate", "hello",
-                       "catalog", "claim", "metadata", "aux"):
+                       "catalog", "claim", "release_claim", "claim_stands", "metadata",
+                       "aux"):
             for _ in range(12):
                 args = [rng.choice(values) for _ in range(rng.randint(0, 4))]
                 with contextlib.suppress(hpcflow.HpcflowError):

@@ -5,33 +5,44 @@ catalog, which learns of another node's put only once that put is stored and
 announced: two nodes taking one new name (or one part) at the same instant
 both passed them, and both clients were told their data was stored.
 
-Now a put also *claims* the name with every live member before it becomes
-visible.  The claim is opened where the put is admitted (an upload's header,
-an inline put, a save) and asked of all live members at once, while the bytes
-are still arriving; the part is committed only once every member has granted
+Now a put also *claims* the name before it becomes visible, from the name's
+**arbiters**: the :data:`ARBITERS` live members (this node among them, if it
+ranks) that rank first for the name by rendezvous hashing, so every node that
+sees the same members picks the same arbiters, whatever N is.  The claim is
+opened where the put is admitted (an upload's header, an inline put, a save)
+and asked of the arbiters *one after another in rank order*, while the bytes
+are still arriving; the part is committed only once every arbiter has granted
 it (:meth:`Claims.gate`, called by the store just before the rename), else the
-writer is aborted and the client gets the member's typed refusal
+writer is aborted and the client gets the arbiter's typed refusal
 (``DatasetExists``, or ``InvalidData`` for a sibling part that disagrees).
 
-A member grants a claim unless its catalog already shows the name taken (the
-put rules, evaluated for the claimant) or it has an open claim of its own on
-the same name and part: then the older claim (smaller ``(time_ns, node)``
-token) wins, and a member whose own claim is younger grants the older one and
-gives its own up.  A claim that has collected every grant and not given up is
-*won*, and a won claim refuses every later one until its record is announced
-(from then on the catalog refuses them).  Only claimants keep claims, so
-nothing is leased or left behind by a node that dies: a claim is open while
-its round runs or its part is being written here.  Because the two claimants
-ask each other, it is enough that one of them knows the other is alive.
+An arbiter grants a claim unless its catalog already shows the name taken (the
+put rules, evaluated for the claimant) or it holds a grant of an overlapping
+claim by another node (same name and part, or a sibling part that disagrees):
+first come, first served.  Because two racing claimants ask the arbiters in
+the same global order, the first arbiter they share decides, and exactly one
+of them wins; one that is refused releases what it was granted.  Two nodes
+whose views differ by a member or two still share an arbiter: only members
+that do not see ARBITERS of the same members at all (a partition) can both
+take a name (see below).
 
-Uncontended, a put costs one round trip to every live member, concurrent with
-the upload (nothing at all on a node alone).  A member that does not answer
-is skipped once the catalog declares it dead or its RPC port refuses
-connections (it crashed), otherwise the put fails with ``PeerUnavailable``
-(after ``rpc_timeout_s`` and a second for a member that heartbeats but leaves
-the claim unanswered).  The wait is the committing upload's alone: the bulk
-channel commits each upload in a greenlet of its own and serves every other
-transfer meanwhile.
+A grant is held until the arbiter's catalog shows the claimant's record (from
+then on the put rules refuse the name), the claimant releases it (its put
+failed), or the claimant is declared dead.  A grant in another claim's way is
+first checked with its claimant (``claim_stands``): its put may be over with
+nothing stored (a lost release) or its record deleted since, and then it is
+dropped; grants older than :data:`RECHECK_S` are checked that way too, every
+:data:`SWEEP_EVERY` grants, so they do not pile up.
+
+Uncontended, a put costs at most ARBITERS round trips, one after another and
+concurrent with the upload, whatever the cluster's size (nothing on a node
+alone).  An arbiter that does not answer is skipped, and the next member in
+rank takes its place, once the catalog declares it dead or its RPC port
+refuses connections (it crashed); otherwise the put fails with
+``PeerUnavailable`` (after ``rpc_timeout_s`` and a second for an arbiter that
+heartbeats but leaves the claim unanswered).  The wait is the committing
+upload's alone: the bulk channel commits each upload in a greenlet of its own
+and serves every other transfer meanwhile.
 Members that do not see each other at all (a partition) can each grant a
 name: once they meet, both copies are reported on read as a
 ``DatasetConflict`` until one is deleted (see :func:`hpcflow.catalog.base.locate`).
@@ -39,7 +50,9 @@ name: once they meet, both copies are reported on read as a
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,29 +82,62 @@ from .puts import check_put
 
 log = logging.getLogger("hpcflow.node")
 
+#: How many members arbitrate each name (``HPCFLOW_CLAIM_ARBITERS`` overrides it,
+#: for tests).  Three keep a name's arbiters shared by two nodes whose views of the
+#: membership differ by a member or two (a join or a death not yet heard everywhere).
+ARBITERS = 3
+#: Every this many grants, all are swept (not only those on the name claimed) ...
+SWEEP_EVERY = 64
+#: ... and those older than this are checked with their claimants.
+RECHECK_S = 60.0
+
+
+def arbiters_of() -> int:
+    raw = os.environ.get("HPCFLOW_CLAIM_ARBITERS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else ARBITERS
+
+
+def rank(name: str, members: list[str]) -> list[str]:
+    """``members`` in the order in which they arbitrate ``name`` (rendezvous hashing:
+    the same order on every node, and a member's joining or leaving moves no other)."""
+    pre = name.encode() + b"\0"
+    return sorted(members, key=lambda m: hashlib.blake2b(pre + m.encode(),
+                                                          digest_size=8).digest())
+
 
 @dataclass(eq=False)
 class Claim:
-    """This node's claim on a name (or part) it is about to create."""
+    """A claim on a name (or part): this node's own, or one it granted as an arbiter."""
 
     name: str
     part: int | None
     shape: tuple[int, ...]
     dtype: str
-    token: tuple[int, str]  # (time_ns, node): the smaller is older and wins
+    token: tuple[int, str]  # (time_ns, node): which claim of which claimant
     done: gevent.event.Event = field(default_factory=gevent.event.Event)
     error: HpcflowError | None = None
     won: bool = False
-    #: Set when an older claim of another node won over ours: what our put gets.
-    yielded: HpcflowError | None = None
+    #: Arbiters that granted it (this node's name for a grant of its own).
+    granted: list[PeerInfo | str] = field(default_factory=list)
+    since: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> str:
         return key_of(self.name, self.part)
 
+    @property
+    def by(self) -> str:
+        return self.token[1]
+
     def overlaps(self, name: str, part: int | None) -> bool:
         """The same name, and the same part or a whole dataset on either side."""
         return self.name == name and (self.part is None or part is None or self.part == part)
+
+
+def _token(ns: Any) -> int:
+    if isinstance(ns, bool) or not isinstance(ns, int) or ns < 0:
+        raise InvalidData("a claim's token is a non-negative int")
+    return ns
 
 
 def _sibling_mismatch(c: Claim, name: str, part: int | None, shape: tuple[int, ...],
@@ -106,13 +152,19 @@ def _sibling_mismatch(c: Claim, name: str, part: int | None, shape: tuple[int, .
 
 
 class Claims:
-    """This node's open claims, and its answers to other nodes' claims."""
+    """This node's open claims, and the grants it holds as an arbiter."""
 
     def __init__(self, node: NodeParts) -> None:
         self.node = node
         self._mine: dict[str, Claim] = {}
-        #: ``waiting``: puts whose bytes are all here, waiting for their claim's round.
-        self.stats = {"rounds": 0, "granted": 0, "refused": 0, "lost": 0, "waiting": 0}
+        #: Grants this node holds as an arbiter, by name (its own claims' included).
+        self._grants: dict[str, list[Claim]] = {}
+        self._added = 0
+        self._rechecking: gevent.Greenlet[Any] | None = None
+        #: ``waiting``: puts whose bytes are all here, waiting for their claim's round;
+        #: ``asked``: claims sent to other arbiters; ``released``: grants given back.
+        self.stats = {"rounds": 0, "granted": 0, "refused": 0, "lost": 0, "waiting": 0,
+                      "asked": 0, "released": 0, "stale": 0}
 
     # -- our own puts --------------------------------------------------------------
     def open(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str) -> Claim:
@@ -128,10 +180,12 @@ class Claims:
                 raise bad
         claim = Claim(name, part, tuple(shape), dtype, (time.time_ns(), me))
         self._mine[claim.key] = claim
-        peers = [v.info for v in self.node.catalog.nodes() if v.alive and v.info.name != me]
-        if peers:
+        live = {v.info.name: v.info for v in self.node.catalog.nodes()
+                if v.alive and v.info.name != me}
+        if live:
             self.stats["rounds"] += 1
-            gevent.spawn(self._round, claim, peers)
+            order = rank(name, [*live, me])
+            gevent.spawn(self._round, claim, [live.get(m, m) for m in order])
         else:
             self._settle(claim, None)
         return claim
@@ -144,7 +198,9 @@ class Claims:
             return  # not a put (a copy, a flow's intermediate): nothing was claimed
         self.stats["waiting"] += 1
         try:
-            settled = claim.done.wait(self.node.config.rpc_timeout_s + 5.0)  # the round's bound
+            # The round's bound: each arbiter's answer, one after another.
+            settled = claim.done.wait((self.node.config.rpc_timeout_s + 1.0)
+                                      * arbiters_of() + 5.0)
         finally:
             self.stats["waiting"] -= 1
         if not settled:
@@ -165,66 +221,112 @@ class Claims:
         for key in [k for k in self._mine if not self.node.store.busy(k)]:
             del self._mine[key]
 
-    def _round(self, claim: Claim, peers: list[PeerInfo]) -> None:
+    def _round(self, claim: Claim, order: list[PeerInfo | str]) -> None:
         error: HpcflowError | None = PeerUnavailable(f"cannot put {claim.key}: its claim "
                                                      "was interrupted; try again")
         try:
-            error = self._ask(claim, peers)
+            error = self._ask(claim, order)
         finally:  # whatever happens, the put waiting at the gate gets an answer
             self._settle(claim, error)
+            if error is not None:
+                self._release(claim)
+        # Won: once the put is over, give the grants back unless it was stored (then
+        # the arbiters' catalogs refuse the name from the record on).
+        self.node.store.wait_idle(claim.key)
+        if not self._stored(claim):
+            self._release(claim)
 
-    def _ask(self, claim: Claim, peers: list[PeerInfo]) -> HpcflowError | None:
-        """Ask every peer for ``claim`` at once; the first refusal, or None.
+    def _ask(self, claim: Claim, order: list[PeerInfo | str]) -> HpcflowError | None:
+        """Ask the arbiters in rank order until :func:`arbiters_of` have granted;
+        the first refusal, or None.
 
-        A peer is skipped once the catalog declares it dead, or as soon as its RPC
-        endpoint refuses connections (it crashed: its claims died with it), checked
-        for peers that have not answered within half a heartbeat.
+        An arbiter is skipped, and the next member in rank asked instead, once the
+        catalog declares it dead, or as soon as its RPC endpoint refuses connections
+        (it crashed: its grants died with it), checked for an arbiter that has not
+        answered within half a heartbeat.
         """
         request = {"name": claim.name, "part": claim.part, "shape": list(claim.shape),
-                   "dtype": claim.dtype, "by": claim.token[1], "token": claim.token[0]}
+                   "dtype": claim.dtype, "by": claim.by, "token": claim.token[0]}
+        need = arbiters_of()
+        for arbiter in order:
+            if len(claim.granted) >= need:
+                break
+            if isinstance(arbiter, str):  # this node
+                try:
+                    self._grant(claim.name, claim.part, claim.shape, claim.dtype, claim.token)
+                except (DatasetExists, InvalidData) as exc:
+                    return exc
+                claim.granted.append(arbiter)
+                continue
+            answered, error = self._ask_one(claim, arbiter, request)
+            if error is not None:
+                return error
+            if answered:
+                claim.granted.append(arbiter)
+        return None
+
+    def _ask_one(self, claim: Claim, peer: PeerInfo, request: dict[str, Any]
+                 ) -> tuple[bool, HpcflowError | None]:
+        """One arbiter's answer: (granted, None), (False, None) when it is gone, or
+        (False, the refusal or why it could not answer)."""
         timeout = self.node.config.rpc_timeout_s
-        rpc_of = {p.name: p.rpc for p in peers}
-        calls = {p.name: gevent.spawn(self.node.peers.call, p.rpc, "claim", request,
-                                      timeout_s=timeout) for p in peers}
-        probes: dict[str, gevent.Greenlet[Any]] = {}
+        self.stats["asked"] += 1
+        call = gevent.spawn(self.node.peers.call, peer.rpc, "claim", request, timeout_s=timeout)
+        probe: gevent.Greenlet[Any] | None = None
 
-        def gone(peer: str) -> bool:
-            probe = probes.get(peer)
+        def gone() -> bool:
             return (probe is not None and probe.ready() and probe.value is True) \
-                or self._gone(peer)
+                or self._gone(peer.name)
 
-        error: HpcflowError | None = None
         deadline = time.monotonic() + timeout + 1.0
-        while calls and error is None:
-            gevent.joinall(list(calls.values()), timeout=self.node.config.heartbeat_s / 2,
-                           count=1)
-            for peer, g in list(calls.items()):
-                if g.ready():
-                    del calls[peer]
-                    exc = g.exception
-                    if exc is None or gone(peer):
-                        continue
-                    if isinstance(exc, HpcflowError) and not isinstance(exc, TransportError):
-                        error = exc  # a refusal: DatasetExists, InvalidData ...
-                    else:
-                        why = exc if isinstance(exc, HpcflowError) else repr(exc)
-                        error = PeerUnavailable(f"cannot put {claim.key}: {peer} did not "
-                                                f"confirm the name is free ({why}); try again")
-                elif peer not in probes:
-                    probes[peer] = gevent.spawn(refuses_connections, rpc_of[peer], 1.0)
-                elif gone(peer) or time.monotonic() > deadline:
-                    g.kill(block=False)
-                    del calls[peer]
-                    if not gone(peer):
-                        error = PeerUnavailable(f"cannot put {claim.key}: {peer} did not "
-                                                "answer its claim; try again")
-        gevent.killall([*calls.values(), *probes.values()], block=False)
-        return error
+        try:
+            while not call.ready():
+                call.join(timeout=self.node.config.heartbeat_s / 2)
+                if call.ready():
+                    break
+                if probe is None:
+                    probe = gevent.spawn(refuses_connections, peer.rpc, 1.0)
+                elif gone():
+                    return False, None
+                elif time.monotonic() > deadline:
+                    return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did "
+                                                  "not answer its claim; try again")
+        finally:
+            gevent.killall([g for g in (call, probe) if g is not None], block=False)
+        exc = call.exception
+        if exc is None:
+            return True, None
+        if gone():
+            return False, None
+        if isinstance(exc, HpcflowError) and not isinstance(exc, TransportError):
+            return False, exc  # a refusal: DatasetExists, InvalidData ...
+        why = exc if isinstance(exc, HpcflowError) else repr(exc)
+        return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did not confirm "
+                                      f"the name is free ({why}); try again")
 
     def drop(self, claim: Claim) -> None:
-        """The put failed before it was written: forget its claim now."""
+        """The put is over (stored, or failed before it was written): forget its claim."""
         if self._mine.get(claim.key) is claim:
             del self._mine[claim.key]
+
+    def _stored(self, claim: Claim) -> bool:
+        return any(r.key == claim.key for r in self.node.store.named(claim.name))
+
+    def _release(self, claim: Claim) -> None:
+        """Give back the grants of a claim that lost, or whose put failed."""
+        granted, claim.granted = claim.granted, []
+        for arbiter in granted:
+            if isinstance(arbiter, str):
+                self._ungrant(claim.name, claim.key, claim.token)
+            else:
+                gevent.spawn(self._release_at, arbiter, claim)
+
+    def _release_at(self, peer: PeerInfo, claim: Claim) -> None:
+        try:
+            self.node.peers.call(peer.rpc, "release_claim", claim.name, claim.part,
+                                 claim.by, claim.token[0], timeout_s=self.node.config.rpc_timeout_s)
+        except HpcflowError as exc:  # it is checked with us when it stands in a claim's way
+            log.info("could not release %s's claim at %s: %s", claim.key, peer.name, exc)
 
     def _gone(self, peer: str) -> bool:
         """The catalog has declared ``peer`` dead (or forgotten it)."""
@@ -233,15 +335,13 @@ class Claims:
     def _settle(self, claim: Claim, error: HpcflowError | None) -> None:
         if claim.done.is_set():
             return  # settled already (the gate gave up waiting)
-        if error is None:
-            error = claim.yielded
         claim.error, claim.won = error, error is None
         if error is not None:
             self.stats["lost"] += 1
             log.info("put of %s refused: %s", claim.key, error)
         claim.done.set()
 
-    # -- other nodes' puts -----------------------------------------------------------
+    # -- as an arbiter -----------------------------------------------------------------
     def answer(self, request: Any) -> bool:
         """Grant another node's claim (True) or refuse it with a typed error."""
         if not isinstance(request, dict):
@@ -249,33 +349,139 @@ class Claims:
         name, part = validate_name(request.get("name")), validate_part(request.get("part"))
         shape = validate_shape(request.get("shape"))
         dtype = validate_dtype(request.get("dtype")).str
-        by, ns = request.get("by"), request.get("token")
-        if not isinstance(by, str) or not by or len(by) > 128 or by == self.node.name:
-            raise InvalidData("a claim names the claiming node")
-        if isinstance(ns, bool) or not isinstance(ns, int) or ns < 0:
-            raise InvalidData("a claim's token is a non-negative int")
+        by, ns = self._claimant(request.get("by"), request.get("token"))
         try:
             check_put(self.node.catalog, by, name, part, shape, dtype)
-            self._purge()
-            for c in self._mine.values():
-                if c.done.is_set() and not c.won:
-                    continue  # lost: its writer is being aborted
-                bad = _sibling_mismatch(c, name, part, shape, dtype)
-                if bad is None and not c.overlaps(name, part):
-                    continue
-                if c.won or c.token < (ns, by):  # ours came first
-                    raise bad or DatasetExists(f"{key_of(name, part)} is being put on "
-                                               f"{self.node.name}, which came first")
-                if c.yielded is None:  # theirs is older: ours gives up, with the reason
-                    theirs = Claim(name, part, shape, dtype, (ns, by))
-                    c.yielded = _sibling_mismatch(theirs, c.name, c.part, c.shape, c.dtype) \
-                        or DatasetExists(f"{c.key} is being put on {by} at the same moment, "
-                                         "and that put came first")
+            self._grant(name, part, shape, dtype, (ns, by))
         except (DatasetExists, InvalidData):
             self.stats["refused"] += 1
             raise
-        self.stats["granted"] += 1
+        return True
+
+    def release(self, name: Any, part: Any, by: Any, token: Any) -> bool:
+        """The claimant ``by`` gives back its grant (its put lost or failed)."""
+        name, part = validate_name(name), validate_part(part)
+        by, ns = self._claimant(by, token)
+        return self._ungrant(name, key_of(name, part), (ns, by))
+
+    def stands(self, name: Any, part: Any, token: Any) -> str:
+        """Does our claim ``token`` on ``name`` (``part``) still stand: ``"open"`` (its
+        put is under way), ``"stored"`` (the part is here), or ``""`` (it is over and
+        nothing was stored)?  Asked by an arbiter whose grant of it is in another claim's
+        way (its release may have been lost, or the record deleted since)."""
+        key = key_of(validate_name(name), validate_part(part))
+        ns = _token(token)
+        self._purge()
+        c = self._mine.get(key)
+        if c is not None and c.token[0] == ns and not (c.done.is_set() and not c.won):
+            return "open"
+        return "stored" if any(r.key == key for r in self.node.store.named(name)) else ""
+
+    def _claimant(self, by: Any, ns: Any) -> tuple[str, int]:
+        if not isinstance(by, str) or not by or len(by) > 128 or by == self.node.name:
+            raise InvalidData("a claim names the claiming node")
+        return by, _token(ns)
+
+    def _grant(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str,
+               token: tuple[int, str]) -> None:
+        """Grant the claim or raise the refusal.  A grant in its way is checked with its
+        claimant first (which yields; then everything is checked again), so a grant
+        whose release was lost, or whose record was deleted since, is not in the way
+        for good.  Called for our own claims too, when this node is an arbiter."""
+        for _ in range(8):
+            g = self._conflict(name, part, shape, dtype, token)
+            if g is None:
+                break
+            state = self._stands(g)
+            if state:
+                raise _sibling_mismatch(g, name, part, shape, dtype) or DatasetExists(
+                    f"{key_of(name, part)} is being put on {g.by}, which asked first"
+                    if state == "open" else f"{key_of(name, part)} already exists on {g.by}")
+            self._ungrant(g.name, g.key, g.token)
+            self.stats["stale"] += 1
+        else:
+            raise DatasetExists(f"{key_of(name, part)} is being put on other nodes; try again")
+        grants = self._grants.setdefault(name, [])
+        grants[:] = [g for g in grants if not (g.by == token[1] and g.overlaps(name, part))]
+        grants.append(Claim(name, part, shape, dtype, token))
+        if token[1] != self.node.name:
+            self.stats["granted"] += 1
+        self._added += 1
+        if self._added % SWEEP_EVERY == 0:
+            self._sweep_all()
+
+    def _conflict(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str,
+                  token: tuple[int, str]) -> Claim | None:
+        """The first grant we hold that is in the claim's way, or None."""
+        self._sweep(name)
+        for g in self._grants.get(name, []):
+            if g.by == token[1]:
+                continue  # its own earlier claim (a sibling part, or a put since over)
+            if g.overlaps(name, part) or _sibling_mismatch(g, name, part, shape, dtype):
+                return g
+        return None
+
+    def _stands(self, g: Claim) -> str:
+        """Ask ``g``'s claimant whether its claim stands (see :meth:`stands`)."""
+        if g.by == self.node.name:
+            return self.stands(g.name, g.part, g.token[0])
+        info = next((v.info for v in self.node.catalog.nodes()
+                     if v.alive and v.info.name == g.by), None)
+        if info is None:
+            return ""
+        try:
+            state = self.node.peers.call(info.rpc, "claim_stands", g.name, g.part, g.token[0],
+                                         timeout_s=self.node.config.rpc_timeout_s)
+        except HpcflowError:
+            return "open"  # cannot tell: keep it
+        g.since = time.monotonic()
+        return state if state in ("open", "stored") else ""
+
+    def _sweep(self, name: str) -> None:
+        """Drop the grants on ``name`` whose claimant's record the catalog now shows, or
+        whose claimant is dead; and forget names with no grants left."""
+        grants = self._grants.get(name)
+        if not grants:
+            self._grants.pop(name, None)
+            return
+        alive = {v.info.name for v in self.node.catalog.nodes() if v.alive} | {self.node.name}
+        held = {(r.owner, r.key) for r in self.node.catalog.records_named(name)}
+        me = self.node.name
+        keep = [g for g in grants if g.by in alive and (g.by, g.key) not in held
+                and (g.by != me or self.stands(g.name, g.part, g.token[0]) == "open")]
+        if keep:
+            self._grants[name] = keep
+        else:
+            del self._grants[name]
+
+    def _sweep_all(self) -> None:
+        """Every :data:`SWEEP_EVERY` grants: sweep every name, and check grants older
+        than :data:`RECHECK_S` with their claimants (in the background), so grants of
+        puts whose records were deleted before we saw them do not pile up."""
+        for name in list(self._grants):
+            self._sweep(name)
+        old = [g for gs in self._grants.values() for g in gs
+               if time.monotonic() - g.since > RECHECK_S]
+        if old and (self._rechecking is None or self._rechecking.ready()):
+            self._rechecking = gevent.spawn(self._recheck, old)
+
+    def _recheck(self, grants: list[Claim]) -> None:
+        for g in grants:
+            if not self._stands(g):
+                self._ungrant(g.name, g.key, g.token)
+                self.stats["stale"] += 1
+
+    def _ungrant(self, name: str, key: str, token: tuple[int, str]) -> bool:
+        grants = self._grants.get(name, [])
+        keep = [g for g in grants if not (g.key == key and g.token == token)]
+        if len(keep) == len(grants):
+            return False
+        self.stats["released"] += 1
+        if keep:
+            self._grants[name] = keep
+        else:
+            self._grants.pop(name, None)
         return True
 
 
-__all__ = ["Claim", "Claims"]
+__all__ = ["ARBITERS", "Claim", "Claims", "rank"]

@@ -34,7 +34,7 @@ class Datasets:
 
     def admit_put(self, hdr: dict[str, Any]) -> None:
         """Cluster-wide rules a new dataset (part) must follow, checked against the catalog;
-        then the name is claimed with every live member while the bytes arrive."""
+        then the name is claimed from its arbiters while the bytes arrive."""
         name, part, shape, dtype = admit_put(self.node.catalog, self.node.name, hdr)
         self.claims.open(name, part, shape, dtype)
 

@@ -50,7 +50,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: a client's ``cleanup`` only removes what its own flow made (``run.cleanup``, with the
 #: flow's secret).
 NODE_ONLY = frozenset({"hello", "snapshot", "pull", "run_share", "cancel_share", "run_op",
-                       "delete_parts", "flow_status", "claim", "save_part", "aux"})
+                       "delete_parts", "flow_status", "claim", "release_claim", "claim_stands",
+                       "save_part", "aux"})
 #: Inline put/fetch bytes at most (the RPC server takes messages of at most 16 MiB).
 MAX_RPC_PAYLOAD = 15 * 1024 * 1024
 
@@ -216,6 +217,18 @@ class NodeService:
         """Another node is about to create a name (or part): grant it, or refuse with
         ``DatasetExists``/``InvalidData`` (see ``daemon/claims.py``)."""
         return self.datasets.claims.answer(request)
+
+    @exposed
+    def release_claim(self, name: Any, part: Any, by: Any, token: Any) -> bool:
+        """The node ``by`` gives back the grant of its claim ``token`` (its put lost or
+        failed); False when no such grant is held here."""
+        return self.datasets.claims.release(name, part, by, token)
+
+    @exposed
+    def claim_stands(self, name: Any, part: Any, token: Any) -> str:
+        """Does this node's claim ``token`` on ``name`` (``part``) still stand: "open",
+        "stored" or ""?  Asked by an arbiter whose grant of it is in another claim's way."""
+        return self.datasets.claims.stands(name, part, token)
 
     @exposed
     def fetch(self, name: Any, part: Any = None) -> dict[str, Any]:
