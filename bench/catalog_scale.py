@@ -6,7 +6,9 @@ batch launched together and waited for (every daemon has bound its ports: ``node
 before the next (with ``--absorb S``, also until the seed lists the batch alive, at
 most S s); each joins through the seed (``--via seed``) or through a random daemon
 already up (``--via random``); ``--ttl`` is passed to the daemons (an overloaded host
-keeps live members silent for longer than the default 3.5 s).  Then measure
+keeps live members silent for longer than the default 3.5 s).  Then, ``--settle S``
+seconds later (0 by default; forming 256 daemons on 2 cores leaves a 1-min load
+average near 300, which takes minutes to decay), measure
 
 * **form**: seconds from launching the first of the N-1 until every node answers and
   lists all N members alive (and from the moment the last daemon was ready);
@@ -34,7 +36,7 @@ this machine: idle CPU figures include contention).  If a cluster does not form 
 one's log, how many members the slowest nodes list, file descriptors).
 
 Run: ``python bench/catalog_scale.py [--sizes 16,64] [--catalog dht] [--batch 16]
-[--absorb 120] [--ttl 30] [--heartbeat 1] [--idle-s 10]``
+[--absorb 120] [--ttl 30] [--heartbeat 1] [--idle-s 10] [--settle 120]``
 """
 
 from __future__ import annotations
@@ -336,6 +338,10 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 return {"n": n, "failed": str(exc).splitlines()[0]}
             print(f"N={n}: formed in {formed:.1f} s ({converged:.1f} s after the last was "
                   "ready)", file=sys.stderr)
+            if args.settle:  # forming's own load (its 1-min average) dies down first
+                gevent.sleep(args.settle)
+                print(f"N={n}: measuring after {args.settle:g} s more ({machine()})",
+                      file=sys.stderr)
             idle = b.idle()
             vis = [b.visible(i) for i in range(args.puts)]
             look = b.lookups()
@@ -358,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--puts", type=int, default=20)
     ap.add_argument("--lookups", type=int, default=200)
     ap.add_argument("--form-timeout", type=float, default=600.0)
+    ap.add_argument("--settle", type=float, default=0.0, metavar="S",
+                    help="wait S s once formed before measuring (the 1-min load average "
+                    "of forming 256 decays meanwhile)")
     ap.add_argument("--batch", type=int, default=16,
                     help="daemons launched together, each batch once the last is up (0: all)")
     ap.add_argument("--via", choices=["seed", "random"], default="seed",
@@ -374,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ncatalog={args.catalog}, heartbeat {args.heartbeat:g} s, ttl "
           f"{args.ttl or 'default'}, batches of {args.batch or 'all'} through {args.via}"
           f"{f' absorbed (<= {args.absorb:g} s)' if args.absorb else ''}, "
+          f"{f'measured {args.settle:g} s after forming, ' if args.settle else ''}"
           f"{os.cpu_count()} cores, "
           f"{machine()} at the end\n")
     print("| daemons | form s (after all ready) | put->all p50 / p99 ms (the put p50) "
