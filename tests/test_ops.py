@@ -577,7 +577,11 @@ def test_sort_rows_without_ties_in_the_first_column_equals_lexsort() -> None:
     x = np.random.default_rng(9).random((5000, 4))
     x[:3, 0] = [0.0, np.nan, -np.inf]
     special = np.array([[-0.0, 2.0, 0, 0], [np.nan, -1.0, 0, 0], [7.0, 1.0, 0, 0]])
-    for data in (x, np.concatenate([x, special])):
+    rng = np.random.default_rng(10)
+    ints = np.column_stack([rng.permutation(20_000), rng.integers(0, 3, 20_000)])
+    tied = ints.copy()
+    tied[:, 0] //= 2  # every first column twice: the second column decides
+    for data in (x, np.concatenate([x, special]), ints, ints.astype(np.float32), tied):
         want = data[np.lexsort(data.T[::-1])]
         np.testing.assert_array_equal(apply(spec, [data], {}), want)
         parts = [run_partial(spec, p, {}) for p in np.array_split(data, 3)]

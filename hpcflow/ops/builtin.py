@@ -432,14 +432,17 @@ def quantiles(x: Array, *, q: Any) -> Array:
     return np.quantile(x, qs, axis=0)
 
 
-def _by_first_column(flat: Array) -> Array | None:
-    """The stable order of ``flat``'s rows by their first column, or None when two rows
-    tie on it (then the later columns decide).  Ties as numpy's sort sees them:
-    ``-0.0 == 0.0``, and NaNs equal each other (sorted last).  Without ties this is
-    the lexicographic order, at the cost of one sort of one column (``np.lexsort``
-    sorts once per column: 4 columns took 4x as long)."""
+def _by_first_column(flat: Array, runs: bool = False) -> Array | None:
+    """The order of ``flat``'s rows by their first column, or None when two rows tie on
+    it (then the later columns decide).  Ties as numpy's sort sees them: ``-0.0 ==
+    0.0``, and NaNs equal each other (sorted last).  Without ties this is the
+    lexicographic order, at the cost of one sort of one column (``np.lexsort`` sorts
+    once per column: 4 columns took 4x as long), and the only order: so any sort
+    will do, and numpy's default one (vectorised, on CPUs with AVX-512) took a fifth
+    of the stable one's time on 300k float64 rows.  ``runs``: ``flat`` is a few
+    sorted runs one after another, which the stable sort (timsort) merges instead."""
     first = flat[:, 0]
-    order = np.argsort(first, kind="stable")
+    order = np.argsort(first, kind="stable" if runs else None)
     key = np.take(first, order)
     tie = key[1:] == key[:-1]
     if key.dtype.kind in "fc":
@@ -476,7 +479,7 @@ def _merge_sorted(parts: Sequence[Partial]) -> Array:
     flat = _flat_rows(x)
     if flat.shape[1] == 0:
         return x
-    order = _by_first_column(flat)  # a merge of the runs: timsort finds them
+    order = _by_first_column(flat, runs=True)  # a merge of the runs: timsort finds them
     return np.take(x, order if order is not None else np.lexsort(flat.T[::-1]), axis=0)
 
 
