@@ -14,7 +14,8 @@ average near 300, which takes minutes to decay), measure
   lists all N members alive (and from the moment the last daemon was ready);
 * **put -> visible everywhere**: ``--puts`` small puts, each on one of 5 random nodes, while
   every node waits for the name (the ``wait`` RPC, which returns when that node's
-  catalog has it): p50/p99 of the time until the *last* node has it;
+  catalog has it): p50/p99 of the time until the *last* node has it (``--wait-sample K``:
+  of K random nodes only);
 * **lookup**: ``locate`` round trips from the script to random nodes, p50/p99;
 * **idle, per daemon**: CPU (utime+stime from /proc, over ``--idle-s`` seconds of an
   idle cluster, as % of one core), memory (RSS, and PSS: RSS with each shared page
@@ -255,7 +256,8 @@ class Bench:
         """One put; seconds until the last node's ``wait`` for it returned (the clients
         are gevent-based: one greenlet per node, all in this thread).  The put's own
         time (until acknowledged: its claim round with the name's arbiters included) goes
-        to :attr:`put_s`."""
+        to :attr:`put_s`.  With ``--wait-sample K``, only K random nodes wait (in DHT
+        mode each waiting node polls the DHT: 256 of them at once swamped it)."""
         name = f"bench{i}"
 
         def wait(p: NodeProcess) -> float:
@@ -263,7 +265,9 @@ class Bench:
             return time.monotonic()
 
         c = self.client(random.choice(self.putters))
-        waits = [gevent.spawn(wait, p) for p in self.nodes]
+        k = self.args.wait_sample
+        waiters = random.sample(self.nodes, k) if 0 < k < len(self.nodes) else self.nodes
+        waits = [gevent.spawn(wait, p) for p in waiters]
         gevent.sleep(0.2)  # let the waits arrive before the put (they also work if not)
         t0 = time.monotonic()
         for attempt in range(3):  # an overloaded member may miss the name's claim round
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--puts", type=int, default=20)
     ap.add_argument("--lookups", type=int, default=200)
     ap.add_argument("--form-timeout", type=float, default=600.0)
+    ap.add_argument("--wait-sample", type=int, default=0, metavar="K",
+                    help="put->all: only K random nodes wait for each put (0: all)")
     ap.add_argument("--settle", type=float, default=0.0, metavar="S",
                     help="wait S s once formed before measuring (the 1-min load average "
                     "of forming 256 decays meanwhile)")
@@ -384,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.ttl or 'default'}, batches of {args.batch or 'all'} through {args.via}"
           f"{f' absorbed (<= {args.absorb:g} s)' if args.absorb else ''}, "
           f"{f'measured {args.settle:g} s after forming, ' if args.settle else ''}"
+          f"{f'put->all over {args.wait_sample} random nodes, ' if args.wait_sample else ''}"
           f"{os.cpu_count()} cores, "
           f"{machine()} at the end\n")
     print("| daemons | form s (after all ready) | put->all p50 / p99 ms (the put p50) "
