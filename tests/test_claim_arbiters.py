@@ -15,6 +15,7 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import gevent
 import msgpack
 import numpy as np
 import zmq
@@ -176,3 +177,33 @@ def test_rank_is_the_same_everywhere_and_a_join_moves_no_other_member() -> None:
     firsts = [rank(f"D{i}", members)[:ARBITERS] for i in range(200)]
     counts = {m: sum(m in f for f in firsts) for m in members}
     assert min(counts.values()) >= 1 and max(counts.values()) <= 40, counts
+
+
+def test_an_overwrite_that_changes_dtype_races_a_new_sibling_part(tmp_path: Path) -> None:
+    """n4 holds X@0 (float64) and overwrites it as int32 while n5 puts X@1 as float64;
+    neither arbitrates X.  The arbiters see n4's *old* record of X@0: it must not count
+    as the overwrite's record (that grant would be dropped and both puts stored, with
+    parts that disagree).  Exactly one is stored, the other is InvalidData."""
+    c = _five(tmp_path)
+    try:
+        for r in range(4):
+            name = _name_not_arbitrated_by({"n4", "n5"}, f"OVER{r}-")
+            with c["n4"].client() as cl:
+                cl.put(name, np.zeros((20, 2)), part=0, nparts=2)
+            for n in ("n1", "n2", "n3", "n5"):
+                wait_for(lambda n=n, name=name: f"{name}@0" in names_on(c[n]), 10, "X@0")
+            clients = [c["n4"].client(), c["n5"].client()]
+            try:
+                gs = [gevent.spawn(clients[0].put, name, np.ones((20, 2), dtype=np.int32),
+                                   part=0, nparts=2, overwrite=True),
+                      gevent.spawn(clients[1].put, name, np.ones((20, 2)), part=1, nparts=2)]
+                gevent.joinall(gs)
+            finally:
+                for cl in clients:
+                    cl.close()
+            oks = [g for g in gs if g.successful()]
+            assert len(oks) == 1, [g.exception for g in gs]
+            bad = next(g for g in gs if not g.successful()).exception
+            assert isinstance(bad, hpcflow.InvalidData), bad
+    finally:
+        c.stop()

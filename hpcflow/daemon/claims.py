@@ -11,8 +11,9 @@ ranks) that rank first for the name by rendezvous hashing, so every node that
 sees the same members picks the same arbiters, whatever N is.  The claim is
 opened where the put is admitted (an upload's header, an inline put, a save)
 and asked of the arbiters *one after another in rank order*, while the bytes
-are still arriving; the part is committed only once every arbiter has granted
-it (:meth:`Claims.gate`, called by the store just before the rename), else the
+are still arriving; the part is committed only once every arbiter it could ask
+has granted it (all members, in a cluster of at most ARBITERS;
+:meth:`Claims.gate`, called by the store just before the rename), else the
 writer is aborted and the client gets the arbiter's typed refusal
 (``DatasetExists``, or ``InvalidData`` for a sibling part that disagrees).
 
@@ -26,15 +27,19 @@ whose views differ by a member or two still share an arbiter: only members
 that do not see ARBITERS of the same members at all (a partition) can both
 take a name (see below).
 
-A grant is held until the arbiter's catalog shows the claimant's record (from
-then on the put rules refuse the name), the claimant releases it (its put
-failed), or the claimant is declared dead.  A grant in another claim's way is
-first checked with its claimant (``claim_stands``): its put may be over with
-nothing stored (a lost release) or its record deleted since, and then it is
-dropped; grants older than :data:`RECHECK_S` are checked that way too, every
-:data:`SWEEP_EVERY` grants, so they do not pile up.
+A grant in another claim's way refuses it while its put stands: if the
+arbiter's catalog shows the record that put made (made after the claim: an
+older record of the key, an overwrite's or one deleted since, does not count),
+at once; otherwise the arbiter asks the claimant (``claim_stands``), whose put
+may be over with nothing stored (a lost release, a record deleted since): then
+the grant is dropped.  Grants are also dropped when their claimant releases
+them (its put lost or failed) or is declared dead, and, every
+:data:`SWEEP_EVERY` grants, in the background, once their record has been seen
+for a while or, after :data:`RECHECK_S`, their claimant says the put is over.
+An arbiter holds at most :data:`MAX_GRANTS` (beyond, claims are ``Overloaded``).
 
-Uncontended, a put costs at most ARBITERS round trips, one after another and
+Uncontended, a put costs ARBITERS round trips at most (more only when an
+arbiter is skipped or a grant in the way is checked), one after another and
 concurrent with the upload, whatever the cluster's size (nothing on a node
 alone).  An arbiter that does not answer is skipped, and the next member in
 rank takes its place, once the catalog declares it dead or its RPC port
@@ -73,6 +78,7 @@ from ..errors import (
     DatasetExists,
     HpcflowError,
     InvalidData,
+    Overloaded,
     PeerUnavailable,
     TransportError,
 )
@@ -90,6 +96,8 @@ ARBITERS = 3
 SWEEP_EVERY = 64
 #: ... and those older than this are checked with their claimants.
 RECHECK_S = 60.0
+#: Grants held at most (a claim beyond is ``Overloaded``): each is about 0.5 KB.
+MAX_GRANTS = 20_000
 
 
 def arbiters_of() -> int:
@@ -120,6 +128,8 @@ class Claim:
     #: Arbiters that granted it (this node's name for a grant of its own).
     granted: list[PeerInfo | str] = field(default_factory=list)
     since: float = field(default_factory=time.monotonic)
+    #: (A grant) when our catalog was first seen to show its put's record.
+    recorded_at: float | None = None
 
     @property
     def key(self) -> str:
@@ -160,6 +170,7 @@ class Claims:
         #: Grants this node holds as an arbiter, by name (its own claims' included).
         self._grants: dict[str, list[Claim]] = {}
         self._added = 0
+        self._count = 0  # grants held, over all names
         self._rechecking: gevent.Greenlet[Any] | None = None
         #: ``waiting``: puts whose bytes are all here, waiting for their claim's round;
         #: ``asked``: claims sent to other arbiters; ``released``: grants given back.
@@ -269,40 +280,54 @@ class Claims:
                  ) -> tuple[bool, HpcflowError | None]:
         """One arbiter's answer: (granted, None), (False, None) when it is gone, or
         (False, the refusal or why it could not answer)."""
-        timeout = self.node.config.rpc_timeout_s
         self.stats["asked"] += 1
-        call = gevent.spawn(self.node.peers.call, peer.rpc, "claim", request, timeout_s=timeout)
+        state, value = self._watched(peer, self.node.config.rpc_timeout_s + 1.0, "claim",
+                                     request)
+        if state == "ok":
+            return True, None
+        if state == "gone":
+            return False, None
+        if state == "late":
+            return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did not "
+                                          "answer its claim; try again")
+        if isinstance(value, HpcflowError) and not isinstance(value, TransportError):
+            return False, value  # a refusal: DatasetExists, InvalidData ...
+        why = value if isinstance(value, HpcflowError) else repr(value)
+        return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did not confirm "
+                                      f"the name is free ({why}); try again")
+
+    def _watched(self, peer: PeerInfo, budget: float, method: str, *args: Any
+                 ) -> tuple[str, Any]:
+        """Call ``method`` on ``peer`` for at most ``budget`` seconds, watching it:
+        ``("ok", value)``, ``("error", exception)``, ``("gone", None)`` as soon as the
+        catalog declares it dead or its RPC endpoint refuses connections (checked once
+        it has not answered within half a heartbeat), or ``("late", None)``."""
+        call = gevent.spawn(self.node.peers.call, peer.rpc, method, *args,
+                            timeout_s=max(0.1, budget))
         probe: gevent.Greenlet[Any] | None = None
 
         def gone() -> bool:
             return (probe is not None and probe.ready() and probe.value is True) \
                 or self._gone(peer.name)
 
-        deadline = time.monotonic() + timeout + 1.0
+        deadline = time.monotonic() + budget
         try:
             while not call.ready():
-                call.join(timeout=self.node.config.heartbeat_s / 2)
+                call.join(timeout=min(self.node.config.heartbeat_s / 2,
+                                      max(0.0, deadline - time.monotonic())))
                 if call.ready():
                     break
+                if gone():
+                    return "gone", None
+                if time.monotonic() >= deadline:
+                    return "late", None
                 if probe is None:
                     probe = gevent.spawn(refuses_connections, peer.rpc, 1.0)
-                elif gone():
-                    return False, None
-                elif time.monotonic() > deadline:
-                    return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did "
-                                                  "not answer its claim; try again")
         finally:
             gevent.killall([g for g in (call, probe) if g is not None], block=False)
-        exc = call.exception
-        if exc is None:
-            return True, None
-        if gone():
-            return False, None
-        if isinstance(exc, HpcflowError) and not isinstance(exc, TransportError):
-            return False, exc  # a refusal: DatasetExists, InvalidData ...
-        why = exc if isinstance(exc, HpcflowError) else repr(exc)
-        return False, PeerUnavailable(f"cannot put {claim.key}: {peer.name} did not confirm "
-                                      f"the name is free ({why}); try again")
+        if call.exception is None:
+            return "ok", call.value
+        return ("gone", None) if gone() else ("error", call.exception)
 
     def drop(self, claim: Claim) -> None:
         """The put is over (stored, or failed before it was written): forget its claim."""
@@ -351,7 +376,6 @@ class Claims:
         dtype = validate_dtype(request.get("dtype")).str
         by, ns = self._claimant(request.get("by"), request.get("token"))
         try:
-            check_put(self.node.catalog, by, name, part, shape, dtype)
             self._grant(name, part, shape, dtype, (ns, by))
         except (DatasetExists, InvalidData):
             self.stats["refused"] += 1
@@ -384,27 +408,41 @@ class Claims:
 
     def _grant(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str,
                token: tuple[int, str]) -> None:
-        """Grant the claim or raise the refusal.  A grant in its way is checked with its
-        claimant first (which yields; then everything is checked again), so a grant
-        whose release was lost, or whose record was deleted since, is not in the way
-        for good.  Called for our own claims too, when this node is an arbiter."""
-        for _ in range(8):
+        """Grant the claim or raise the refusal: the put rules against our catalog, then
+        the grants we hold.  A grant in the way whose record we have not seen is checked
+        with its claimant first (its put may be over with nothing stored: a lost
+        release, a record deleted since); checks that yield are followed by all of them
+        again, and the last check and the grant itself do not yield.  The whole answer
+        takes at most ``rpc_timeout_s`` (the asker waits that and a second).  Called for
+        our own claims too, when this node is an arbiter."""
+        me, by = self.node.name, token[1]
+        deadline = time.monotonic() + max(0.5, self.node.config.rpc_timeout_s - 1.0)
+        while True:
+            check_put(self.node.catalog, by, name, part, shape, dtype)  # may yield (DHT)
             g = self._conflict(name, part, shape, dtype, token)
             if g is None:
-                break
-            state = self._stands(g)
+                break  # no yield from here to the grant
+            state = "stored" if self._recorded(g) else self._stands(
+                g, deadline - time.monotonic())
             if state:
                 raise _sibling_mismatch(g, name, part, shape, dtype) or DatasetExists(
                     f"{key_of(name, part)} is being put on {g.by}, which asked first"
                     if state == "open" else f"{key_of(name, part)} already exists on {g.by}")
             self._ungrant(g.name, g.key, g.token)
             self.stats["stale"] += 1
-        else:
-            raise DatasetExists(f"{key_of(name, part)} is being put on other nodes; try again")
         grants = self._grants.setdefault(name, [])
-        grants[:] = [g for g in grants if not (g.by == token[1] and g.overlaps(name, part))]
+        mine = [g for g in grants if g.by == by and g.overlaps(name, part)]
+        if any(g.token > token for g in mine):  # a late round of a put since given up
+            raise DatasetExists(f"{key_of(name, part)}: a newer claim of {by}'s holds it")
+        if mine:
+            grants[:] = [g for g in grants if g not in mine]
+        elif self._count >= MAX_GRANTS:
+            self._sweep_all()
+            if self._count >= MAX_GRANTS:
+                raise Overloaded(f"{self._count} claims are open here; try again")
         grants.append(Claim(name, part, shape, dtype, token))
-        if token[1] != self.node.name:
+        self._count += 1 - len(mine)
+        if by != me:
             self.stats["granted"] += 1
         self._added += 1
         if self._added % SWEEP_EVERY == 0:
@@ -412,8 +450,14 @@ class Claims:
 
     def _conflict(self, name: str, part: int | None, shape: tuple[int, ...], dtype: str,
                   token: tuple[int, str]) -> Claim | None:
-        """The first grant we hold that is in the claim's way, or None."""
-        self._sweep(name)
+        """The first grant we hold that is in the claim's way (another claimant's, on the
+        same part or a disagreeing sibling), or None; grants of the dead are dropped."""
+        grants = self._grants.get(name)
+        if not grants:
+            return None
+        alive = self._alive()
+        for g in [g for g in grants if g.by not in alive]:
+            self._ungrant(g.name, g.key, g.token)
         for g in self._grants.get(name, []):
             if g.by == token[1]:
                 continue  # its own earlier claim (a sibling part, or a put since over)
@@ -421,53 +465,65 @@ class Claims:
                 return g
         return None
 
-    def _stands(self, g: Claim) -> str:
-        """Ask ``g``'s claimant whether its claim stands (see :meth:`stands`)."""
+    def _alive(self) -> set[str]:
+        return {v.info.name for v in self.node.catalog.nodes() if v.alive} | {self.node.name}
+
+    def _recorded(self, g: Claim) -> bool:
+        """Our catalog shows the record ``g``'s put made (not an older one of its key:
+        an overwrite's, or one deleted since): made after the claim, on its maker's
+        clock, as the token."""
+        if g.by == self.node.name:
+            return self.stands(g.name, g.part, g.token[0]) == "stored"
+        return any(r.owner == g.by and r.key == g.key and r.created * 1e9 >= g.token[0]
+                   for r in self.node.catalog.records_named(g.name))
+
+    def _stands(self, g: Claim, budget: float) -> str:
+        """Ask ``g``'s claimant whether its claim stands (see :meth:`stands`), for at
+        most ``budget`` seconds; "" once the claimant is dead, "open" if it cannot
+        tell (the grant stays)."""
         if g.by == self.node.name:
             return self.stands(g.name, g.part, g.token[0])
         info = next((v.info for v in self.node.catalog.nodes()
                      if v.alive and v.info.name == g.by), None)
         if info is None:
             return ""
-        try:
-            state = self.node.peers.call(info.rpc, "claim_stands", g.name, g.part, g.token[0],
-                                         timeout_s=self.node.config.rpc_timeout_s)
-        except HpcflowError:
-            return "open"  # cannot tell: keep it
+        if budget <= 0:
+            return "open"
+        state, value = self._watched(info, budget, "claim_stands", g.name, g.part, g.token[0])
+        if state == "gone":
+            return ""
+        if state != "ok":
+            return "open"
         g.since = time.monotonic()
-        return state if state in ("open", "stored") else ""
-
-    def _sweep(self, name: str) -> None:
-        """Drop the grants on ``name`` whose claimant's record the catalog now shows, or
-        whose claimant is dead; and forget names with no grants left."""
-        grants = self._grants.get(name)
-        if not grants:
-            self._grants.pop(name, None)
-            return
-        alive = {v.info.name for v in self.node.catalog.nodes() if v.alive} | {self.node.name}
-        held = {(r.owner, r.key) for r in self.node.catalog.records_named(name)}
-        me = self.node.name
-        keep = [g for g in grants if g.by in alive and (g.by, g.key) not in held
-                and (g.by != me or self.stands(g.name, g.part, g.token[0]) == "open")]
-        if keep:
-            self._grants[name] = keep
-        else:
-            del self._grants[name]
+        return value if value in ("open", "stored") else ""
 
     def _sweep_all(self) -> None:
-        """Every :data:`SWEEP_EVERY` grants: sweep every name, and check grants older
-        than :data:`RECHECK_S` with their claimants (in the background), so grants of
-        puts whose records were deleted before we saw them do not pile up."""
+        """Every :data:`SWEEP_EVERY` grants (and when they reach :data:`MAX_GRANTS`):
+        drop the grants of dead claimants now, and in the background those whose put is
+        over (:meth:`_recheck`), so grants do not pile up."""
+        alive = self._alive()
         for name in list(self._grants):
-            self._sweep(name)
-        old = [g for gs in self._grants.values() for g in gs
-               if time.monotonic() - g.since > RECHECK_S]
-        if old and (self._rechecking is None or self._rechecking.ready()):
-            self._rechecking = gevent.spawn(self._recheck, old)
+            for g in [g for g in self._grants.get(name, []) if g.by not in alive]:
+                self._ungrant(g.name, g.key, g.token)
+        if self._count and (self._rechecking is None or self._rechecking.ready()):
+            self._rechecking = gevent.spawn(self._recheck)
 
-    def _recheck(self, grants: list[Claim]) -> None:
-        for g in grants:
-            if not self._stands(g):
+    def _recheck(self) -> None:
+        """Drop grants whose record our catalog has shown for ``rpc_timeout_s`` and 5 s
+        (a claim whose check began before the record arrived has been answered by
+        then), and grants older than :data:`RECHECK_S` whose claimant says its put is
+        over (stored long ago, or nothing stored: a release or a record we missed)."""
+        settled = self.node.config.rpc_timeout_s + 5.0
+        for g in [g for gs in self._grants.values() for g in gs]:
+            now = time.monotonic()
+            if g not in self._grants.get(g.name, []) or now - g.since < settled:
+                continue
+            if g.recorded_at is None and self._recorded(g):  # may yield (a DHT lookup)
+                g.recorded_at = time.monotonic()
+            elif g.recorded_at is not None and now - g.recorded_at > settled:
+                self._ungrant(g.name, g.key, g.token)
+            elif g.recorded_at is None and now - g.since > RECHECK_S and self._stands(
+                    g, self.node.config.rpc_timeout_s) != "open":
                 self._ungrant(g.name, g.key, g.token)
                 self.stats["stale"] += 1
 
@@ -477,6 +533,7 @@ class Claims:
         if len(keep) == len(grants):
             return False
         self.stats["released"] += 1
+        self._count -= len(grants) - len(keep)
         if keep:
             self._grants[name] = keep
         else:

@@ -502,7 +502,7 @@ class BulkServer:
 
     def _end(self, ident: bytes, hdr: dict[str, Any]) -> None:
         """Commit in a greenlet of its own: the store waits there for the put's claim (a
-        round trip to every live member; for one that does not answer, up to
+        round trip to each of the name's arbiters; for one that does not answer, up to
         ``rpc_timeout_s``) and for fsync, and the channel serves everyone else meanwhile."""
         r = _int(hdr, "r")
         u, up = self._upload(ident, hdr)
