@@ -50,6 +50,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -331,6 +332,21 @@ class NotFormed(Exception):
     """The cluster did not form in time; the message says what was missing."""
 
 
+def _phase(n: int, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, printed to stderr as it comes; None (and why, on stderr) if it failed."""
+    try:
+        value = fn()
+    except (hpcflow.HpcflowError, gevent.Timeout) as exc:
+        print(f"N={n}: {what} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    print(f"N={n}: {what}: {value}", file=sys.stderr)
+    return value
+
+
+def _f(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, fmt)
+
+
 def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"catscale{n}-") as tmp:
         b = Bench(Path(tmp), n, args)
@@ -346,14 +362,18 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 gevent.sleep(args.settle)
                 print(f"N={n}: measuring after {args.settle:g} s more ({machine()})",
                       file=sys.stderr)
-            idle = b.idle()
-            vis = [b.visible(i) for i in range(args.puts)]
-            look = b.lookups()
-            joined = b.joiner()
+            # Each phase on its own: one that fails (a starved daemon stops answering)
+            # leaves a "-" in its cells, and the others are still printed.
+            idle = _phase(n, "idle", b.idle) or {}
+            vis = _phase(n, "put->all", lambda: [b.visible(i) for i in range(args.puts)])
+            look = _phase(n, "locate", b.lookups)
+            joined = _phase(n, "joiner", b.joiner)
             return {"n": n, "form": formed, "conv": converged, **idle,
-                    "vis50": percentile(vis, 50), "vis99": percentile(vis, 99),
-                    "put50": percentile(b.put_s, 50),
-                    "look50": percentile(look, 50), "look99": percentile(look, 99),
+                    "vis50": percentile(vis, 50) if vis else None,
+                    "vis99": percentile(vis, 99) if vis else None,
+                    "put50": percentile(b.put_s, 50) if b.put_s else None,
+                    "look50": percentile(look, 50) if look else None,
+                    "look99": percentile(look, 99) if look else None,
                     "join": joined, "load": os.getloadavg()[0]}
         finally:
             b.close()
@@ -402,13 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         if "failed" in r:
             print(f"| {r['n']} | not formed: {r['failed']} |" + " - |" * 11)
             continue
-        print(f"| {r['n']} | {r['form']:.1f} ({r['conv']:.1f}) | {r['vis50'] * 1e3:.0f} / "
-              f"{r['vis99'] * 1e3:.0f} ({r['put50'] * 1e3:.0f}) "
-              f"| {r['look50'] * 1e3:.1f} / {r['look99'] * 1e3:.1f} "
-              f"| {r['cpu_pct']:.2f} "
-              f"({r['cpu_all']:.0f}) | {r['rss']:.0f} ({r['rss_max']:.0f}) | {r['pss']:.0f} "
-              f"| {r['threads']:.0f} | {r['fds']:.0f} "
-              f"| {r['msgs']:.1f} | {r['bytes']:.0f} | {r['join']:.1f} | {r['load']:.1f} |")
+        g = r.get
+        print(f"| {r['n']} | {r['form']:.1f} ({r['conv']:.1f}) | {_f(g('vis50'), '.0f', 1e3)} / "
+              f"{_f(g('vis99'), '.0f', 1e3)} ({_f(g('put50'), '.0f', 1e3)}) "
+              f"| {_f(g('look50'), '.1f', 1e3)} / {_f(g('look99'), '.1f', 1e3)} "
+              f"| {_f(g('cpu_pct'), '.2f')} ({_f(g('cpu_all'), '.0f')}) "
+              f"| {_f(g('rss'), '.0f')} ({_f(g('rss_max'), '.0f')}) | {_f(g('pss'), '.0f')} "
+              f"| {_f(g('threads'), '.0f')} | {_f(g('fds'), '.0f')} "
+              f"| {_f(g('msgs'), '.1f')} | {_f(g('bytes'), '.0f')} | {_f(g('join'), '.1f')} "
+              f"| {r['load']:.1f} |")
     if args.sim:
         if importlib.util.find_spec("hpcflow.catalog.sim") is None:
             print("\n(no simulator in this tree)")
