@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -133,6 +135,32 @@ class FakePeer:
         self.runner.kill()
         self.server.close()
         self.ctx.term()
+
+
+def free_port_triple(taken: frozenset[int] | set[int] = frozenset()) -> int:
+    """A port P with P, P+1 and P+2 free (a node's RPC, PUB and bulk with ``--listen
+    HOST:P``), none in ``taken``.  Drawn below the kernel's ephemeral range, where the
+    ports other tests' daemons bind (``:0``) never land: a port the kernel handed out
+    and took back could be handed to one of them before our node binds it."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(1024, lo - 12000), lo - 3)
+        if taken & {port, port + 1, port + 2}:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for q in (port, port + 1, port + 2):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", q))
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+        return port
+    raise AssertionError("no three free ports in a row")
 
 
 def names_on(node: NodeProc, include_dead: bool = False) -> set[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hpcflow
-from tests.conftest import Cluster, names_on, wait_for
+from tests.conftest import Cluster, free_port_triple, names_on, wait_for
 
 
 def data_files(cluster: Cluster, node: str) -> list[str]:
@@ -345,11 +345,7 @@ def test_pulls_reuse_a_socket_per_holder_and_survive_its_restart(make_cluster: A
                                                                  tmp_path: Path) -> None:
     """Consecutive fetches from one holder open one bulk socket, not one each; a kept
     socket whose holder restarted at the same endpoint still works."""
-    import socket
-
-    with socket.socket() as s:  # a free port for b's fixed endpoints (RPC, +1, +2)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_triple()  # b's fixed endpoints (RPC, +1, +2)
     c: Cluster = make_cluster()
     c.add("a")
     b = c.add("b", via="a", extra=["--listen", f"127.0.0.1:{port}"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from tests.conftest import (
     Cluster,
     FakePeer,
     NodeProc,
+    free_port_triple,
     names_on,
     wait_for,
 )
@@ -180,27 +180,6 @@ def test_gossiped_impostor_does_not_replace_a_live_member(cluster: Cluster) -> N
         assert _marked_dead(n1) == 0
 
 
-def _free_port_triple() -> int:
-    """A port P with P, P+1 and P+2 free a moment ago (RPC, PUB, bulk)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port > 65000:
-            continue
-        try:
-            probes = []
-            for p in (port + 1, port + 2):
-                t = socket.socket()
-                probes.append(t)
-                t.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-        finally:
-            for t in probes:
-                t.close()
-    raise AssertionError("no three consecutive free ports")
 
 
 def _restart_and_read(node: NodeProc, sig: int, name: str, want: list[int],
@@ -223,7 +202,7 @@ def test_restarted_seed_node_finds_its_peers_again(make_cluster) -> None:  # typ
     # n1 is the seed (no --peer) on fixed ports; after a restart nobody but the others
     # can tell it about the cluster: they must say hello when its heartbeats omit them.
     c = make_cluster()
-    n1 = c.add("n1", extra=["--listen", f"127.0.0.1:{_free_port_triple()}"])
+    n1 = c.add("n1", extra=["--listen", f"127.0.0.1:{free_port_triple()}"])
     c.add("n2", via="n1")
     c.add("n3", via="n2")
     c.wait_members()

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .conftest import SCALE
+from .conftest import SCALE, free_port_triple
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*$")
@@ -44,28 +43,6 @@ def runnable_blocks(text: str) -> list[tuple[str, str, int]]:
             out.append((lang, "\n".join(lines[start + 1:j]), start + 1))
         i = j + 1
     return out
-
-
-def free_port_triple(taken: set[int]) -> int:
-    for _ in range(500):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 2 > 65535 or taken & {port, port + 1, port + 2}:
-            continue
-        try:
-            socks = []
-            for p in (port, port + 1, port + 2):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
-    raise AssertionError("no three free ports in a row")
 
 
 def stop_group(pgid: int) -> None:
