@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 import gevent
 import msgpack
@@ -22,16 +21,13 @@ import zmq
 
 import hpcflow
 from hpcflow.daemon.claims import ARBITERS, rank
-from tests.conftest import SCALE, Cluster, NodeProc, names_on, wait_for
+from tests.conftest import Cluster, NodeProc, names_on, wait_for
+from tests.test_exhaustion import put_header, replies, stats
 from tests.test_put_race import _race
 from tests.test_rogue_peer import Rogue
+from tests.test_silent_claims import _claims
 
 NAMES = ["n1", "n2", "n3", "n4", "n5"]
-
-
-def _claims(node: NodeProc) -> dict[str, int]:
-    with node.client() as c:
-        return dict(c.stats()["claims"])
 
 
 def _five(tmp_path: Path) -> Cluster:
@@ -88,32 +84,25 @@ def test_a_put_asks_its_names_arbiters_only_and_racing_non_arbiters_get_one_winn
         c.stop()
 
 
-def _upload_then_abort(node: NodeProc, name: str) -> None:
-    """Start a bulk upload of ``name`` through ``node``, let its claim be granted, abort."""
+def _upload_then_abort(node: NodeProc, name: str, arbiters: list[NodeProc]) -> None:
+    """Start a bulk upload of ``name`` through ``node``, wait until each of the other
+    ``arbiters`` has granted its claim, then abort the upload."""
+    granted = {a.name: _claims(a)["granted"] for a in arbiters}
     ctx = zmq.Context()
     try:
         s = ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.connect(node.info["bulk"])
-        s.send_multipart([b"PUT", msgpack.packb({"r": 1, "name": name, "shape": [1 << 17],
-                                                 "dtype": "<f8", "chunk_bytes": 1 << 20,
-                                                 "by": "test"})])
-        assert s.poll(int(10_000 * SCALE)), "no reply to the PUT header"
-        verb, hdr = s.recv_multipart()[:2]
-        assert verb == b"OK", msgpack.unpackb(hdr)
-        u = msgpack.unpackb(hdr)["u"]
-        before = _claims(node)["asked"]
-        wait_for(lambda: _claims(node)["rounds"] >= 1 and _claims(node)["asked"] >= before,
-                 10, "the claim's round")
-        s.send_multipart([b"ABORT", msgpack.packb({"r": 2, "u": u})])
-        wait_for(lambda: stats_of(node)["uploads_in_progress"] == 0, 10, "the abort")
+        s.send_multipart(put_header(1, name, 1 << 20))
+        [(verb, hdr)] = replies(s, 1)
+        assert verb == b"OK", hdr
+        for a in arbiters:
+            wait_for(lambda a=a: _claims(a)["granted"] > granted[a.name], 10,
+                     f"{a.name} to grant the claim")
+        s.send_multipart([b"ABORT", msgpack.packb({"r": 2, "u": hdr["u"]})])
+        wait_for(lambda: stats(node)["uploads_in_progress"] == 0, 10, "the abort")
     finally:
         ctx.destroy(linger=0)
-
-
-def stats_of(node: NodeProc) -> dict[str, Any]:
-    with node.client() as c:
-        return c.stats()
 
 
 def test_a_failed_put_releases_its_grants(tmp_path: Path) -> None:
@@ -122,7 +111,7 @@ def test_a_failed_put_releases_its_grants(tmp_path: Path) -> None:
         n1, n2 = c.add("n1"), c.add("n2", via="n1")
         c.wait_members()
         released = _claims(n2)["released"]
-        _upload_then_abort(n1, "FREED")
+        _upload_then_abort(n1, "FREED", [n2])
         wait_for(lambda: _claims(n2)["released"] > released, 10, "n1 to give n2's grant back")
         with n2.client() as cl:  # the name is free at once, through another node
             assert cl.put("FREED", np.arange(3.0)).owner == "n2"
@@ -138,7 +127,8 @@ def test_a_grant_whose_release_was_lost_is_checked_with_its_claimant(tmp_path: P
         c.nodes["keeper"] = keeper
         keeper.start()
         c.wait_members()
-        _upload_then_abort(n1, "LOST")  # keeper answers n1's release but keeps the grant
+        # keeper answers n1's release but keeps the grant
+        _upload_then_abort(n1, "LOST", [n2, keeper])
         wait_for(lambda: _claims(n1)["released"] >= 1, 10, "n1's own grant given back")
         with n2.client() as cl:  # keeper asks n1 whether its claim stands: it does not
             assert cl.put("LOST", np.arange(3.0)).owner == "n2"
