@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +87,9 @@ from .puts import check_put
 
 log = logging.getLogger("hpcflow.node")
 
-#: How many members arbitrate each name (``HPCFLOW_CLAIM_ARBITERS`` overrides it,
-#: for tests).  Three keep a name's arbiters shared by two nodes whose views of the
-#: membership differ by a member or two (a join or a death not yet heard everywhere).
+#: How many members arbitrate each name (the same on every node).  Three keep a
+#: name's arbiters shared by two nodes whose views of the membership differ by a
+#: member or two (a join or a death not yet heard everywhere).
 ARBITERS = 3
 #: Every this many grants, all are swept (not only those on the name claimed) ...
 SWEEP_EVERY = 64
@@ -98,11 +97,6 @@ SWEEP_EVERY = 64
 RECHECK_S = 60.0
 #: Grants held at most (a claim beyond is ``Overloaded``): each is about 0.5 KB.
 MAX_GRANTS = 20_000
-
-
-def arbiters_of() -> int:
-    raw = os.environ.get("HPCFLOW_CLAIM_ARBITERS", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else ARBITERS
 
 
 def rank(name: str, members: list[str]) -> list[str]:
@@ -211,7 +205,7 @@ class Claims:
         try:
             # The round's bound: each arbiter's answer, one after another.
             settled = claim.done.wait((self.node.config.rpc_timeout_s + 1.0)
-                                      * arbiters_of() + 5.0)
+                                      * ARBITERS + 5.0)
         finally:
             self.stats["waiting"] -= 1
         if not settled:
@@ -244,11 +238,11 @@ class Claims:
         # Won: once the put is over, give the grants back unless it was stored (then
         # the arbiters' catalogs refuse the name from the record on).
         self.node.store.wait_idle(claim.key)
-        if not self._stored(claim):
+        if not self._holds(claim.name, claim.key):
             self._release(claim)
 
     def _ask(self, claim: Claim, order: list[PeerInfo | str]) -> HpcflowError | None:
-        """Ask the arbiters in rank order until :func:`arbiters_of` have granted;
+        """Ask the arbiters in rank order until :data:`ARBITERS` have granted;
         the first refusal, or None.
 
         An arbiter is skipped, and the next member in rank asked instead, once the
@@ -258,9 +252,8 @@ class Claims:
         """
         request = {"name": claim.name, "part": claim.part, "shape": list(claim.shape),
                    "dtype": claim.dtype, "by": claim.by, "token": claim.token[0]}
-        need = arbiters_of()
         for arbiter in order:
-            if len(claim.granted) >= need:
+            if len(claim.granted) >= ARBITERS:
                 break
             if isinstance(arbiter, str):  # this node
                 try:
@@ -334,8 +327,9 @@ class Claims:
         if self._mine.get(claim.key) is claim:
             del self._mine[claim.key]
 
-    def _stored(self, claim: Claim) -> bool:
-        return any(r.key == claim.key for r in self.node.store.named(claim.name))
+    def _holds(self, name: str, key: str) -> bool:
+        """Our store holds ``key`` (of dataset ``name``)."""
+        return any(r.key == key for r in self.node.store.named(name))
 
     def _release(self, claim: Claim) -> None:
         """Give back the grants of a claim that lost, or whose put failed."""
@@ -399,7 +393,7 @@ class Claims:
         c = self._mine.get(key)
         if c is not None and c.token[0] == ns and not (c.done.is_set() and not c.won):
             return "open"
-        return "stored" if any(r.key == key for r in self.node.store.named(name)) else ""
+        return "stored" if self._holds(name, key) else ""
 
     def _claimant(self, by: Any, ns: Any) -> tuple[str, int]:
         if not isinstance(by, str) or not by or len(by) > 128 or by == self.node.name:
@@ -452,18 +446,19 @@ class Claims:
                   token: tuple[int, str]) -> Claim | None:
         """The first grant we hold that is in the claim's way (another claimant's, on the
         same part or a disagreeing sibling), or None; grants of the dead are dropped."""
-        grants = self._grants.get(name)
-        if not grants:
+        if name not in self._grants:
             return None
-        alive = self._alive()
-        for g in [g for g in grants if g.by not in alive]:
-            self._ungrant(g.name, g.key, g.token)
+        self._drop_dead(name, self._alive())
         for g in self._grants.get(name, []):
             if g.by == token[1]:
                 continue  # its own earlier claim (a sibling part, or a put since over)
             if g.overlaps(name, part) or _sibling_mismatch(g, name, part, shape, dtype):
                 return g
         return None
+
+    def _drop_dead(self, name: str, alive: set[str]) -> None:
+        for g in [g for g in self._grants.get(name, []) if g.by not in alive]:
+            self._ungrant(g.name, g.key, g.token)
 
     def _alive(self) -> set[str]:
         return {v.info.name for v in self.node.catalog.nodes() if v.alive} | {self.node.name}
@@ -503,8 +498,7 @@ class Claims:
         over (:meth:`_recheck`), so grants do not pile up."""
         alive = self._alive()
         for name in list(self._grants):
-            for g in [g for g in self._grants.get(name, []) if g.by not in alive]:
-                self._ungrant(g.name, g.key, g.token)
+            self._drop_dead(name, alive)
         if self._count and (self._rechecking is None or self._rechecking.ready()):
             self._rechecking = gevent.spawn(self._recheck)
 
