@@ -451,11 +451,12 @@ def _by_first_column(flat: Array, runs: bool = False) -> Array | None:
     return None if tie.any() else order
 
 
-def _lexsorted(x: Array) -> Array:
+def _lexsorted(x: Array, runs: bool = False) -> Array:
+    """``x``'s rows in lexicographic order (``runs``: see :func:`_by_first_column`)."""
     flat = _flat_rows(x)
     if flat.shape[1] == 0:
         return x.copy()
-    order = _by_first_column(flat) if len(flat) > 1 else None
+    order = _by_first_column(flat, runs) if len(flat) > 1 else None
     # np.take: a row gather 3-4x as fast as x[order] (600k rows x 4: 7.2 -> 2.0 ms)
     return np.take(x, order if order is not None else np.lexsort(flat.T[::-1]), axis=0)
 
@@ -475,12 +476,7 @@ def _merge_sorted(parts: Sequence[Partial]) -> Array:
     nonempty = [r for r in runs if len(r)]
     if len(nonempty) <= 1:
         return (nonempty or runs)[0].copy()
-    x = np.concatenate(nonempty)
-    flat = _flat_rows(x)
-    if flat.shape[1] == 0:
-        return x
-    order = _by_first_column(flat, runs=True)  # a merge of the runs: timsort finds them
-    return np.take(x, order if order is not None else np.lexsort(flat.T[::-1]), axis=0)
+    return _lexsorted(np.concatenate(nonempty), runs=True)  # timsort finds the runs
 
 
 @op("sort_rows", kind="reduce", combine=_merge_sorted)
