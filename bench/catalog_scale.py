@@ -343,6 +343,10 @@ def _phase(n: int, what: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
+def _pct(values: list[float] | None, q: float) -> float | None:
+    return percentile(values, q) if values else None
+
+
 def _f(value: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, fmt)
 
@@ -369,11 +373,9 @@ def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
             look = _phase(n, "locate", b.lookups)
             joined = _phase(n, "joiner", b.joiner)
             return {"n": n, "form": formed, "conv": converged, **idle,
-                    "vis50": percentile(vis, 50) if vis else None,
-                    "vis99": percentile(vis, 99) if vis else None,
-                    "put50": percentile(b.put_s, 50) if b.put_s else None,
-                    "look50": percentile(look, 50) if look else None,
-                    "look99": percentile(look, 99) if look else None,
+                    "vis50": _pct(vis, 50), "vis99": _pct(vis, 99),
+                    "put50": _pct(b.put_s, 50),
+                    "look50": _pct(look, 50), "look99": _pct(look, 99),
                     "join": joined, "load": os.getloadavg()[0]}
         finally:
             b.close()
