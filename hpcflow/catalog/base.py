@@ -53,6 +53,11 @@ class Location:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    @property
+    def owners(self) -> set[str]:
+        """The nodes holding any part."""
+        return {r.owner for p in self.parts for r in p.holders}
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "name": self.name, "shape": list(self.shape), "dtype": self.dtype,
@@ -211,6 +216,11 @@ class Catalog(abc.ABC):
     @abc.abstractmethod
     def nodes(self) -> list[NodeView]:
         """Every known member, self included, with liveness and load."""
+
+    def member(self, name: str) -> NodeView | None:
+        """The member called ``name`` (ourselves included), or None (implementations
+        look it up without listing every member)."""
+        return next((v for v in self.nodes() if v.info.name == name), None)
 
     @abc.abstractmethod
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:

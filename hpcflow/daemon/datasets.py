@@ -92,7 +92,7 @@ class Datasets:
         first, then our own copy, then the others in catalog order."""
         node = self.node
         used, _ = from_holders(holders, lambda rec, ep: self.pull(rec, ep, deliver),
-                               lambda owner: node.bulk_endpoints().get(owner),
+                               lambda owner: node.bulk_endpoints([owner]).get(owner),
                                what=holders[0].key if holders else "the dataset",
                                prefer=prefer, here=node.name, local=True)
         return used

@@ -317,7 +317,7 @@ class Executor:
         execution made, else the catalog's), with the holders' bulk endpoints."""
         made = self._made.get(name)
         loc = locate(name, made) if made else self.node.catalog.locate(name)
-        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints()}
+        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints(loc.owners)}
 
     def _assemble(self, name: str) -> np.ndarray[Any, Any]:
         """A result from the parts that came back inline, in part order."""

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -314,8 +315,9 @@ class Node:
     def catalog_snapshot_wire(self, origins: object = None) -> dict[str, Any]:
         return self.catalog.snapshot_wire(origins)
 
-    def bulk_endpoints(self) -> dict[str, str]:
-        return {v.info.name: v.info.bulk for v in self.catalog.nodes() if v.alive}
+    def bulk_endpoints(self, owners: Iterable[str]) -> dict[str, str]:
+        members = (self.catalog.member(o) for o in owners)
+        return {v.info.name: v.info.bulk for v in members if v is not None and v.alive}
 
     def stats(self) -> dict[str, Any]:
         cat = self.catalog

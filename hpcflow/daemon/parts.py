@@ -9,7 +9,7 @@ the Node imports ``node.py``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..catalog.base import Catalog
@@ -72,8 +72,10 @@ class NodeParts(Protocol):
         """Started: the catalog and the RPC service exist."""
         ...
 
-    def bulk_endpoints(self) -> dict[str, str]:
-        """Live members' bulk endpoints, by node name."""
+    def bulk_endpoints(self, owners: Iterable[str]) -> dict[str, str]:
+        """The bulk endpoints of those of ``owners`` that are live members, by node name
+        (a reply names the holders it locates, not every member: that was O(N) per
+        lookup, each end)."""
         ...
 
     def call_local(self, method: str, *args: Any) -> Any:

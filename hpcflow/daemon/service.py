@@ -158,7 +158,7 @@ class NodeService:
     def locate(self, name: Any) -> dict[str, Any]:
         loc = self.node.catalog.locate(validate_name(name))
         out = loc.to_wire()
-        out["bulk"] = self.node.bulk_endpoints()
+        out["bulk"] = self.node.bulk_endpoints(loc.owners)
         return out
 
     @exposed
@@ -168,7 +168,7 @@ class NodeService:
                 or not math.isfinite(timeout_s) or timeout_s < 0):
             raise InvalidData(f"timeout_s must be a number of seconds >= 0, got {timeout_s!r}")
         loc = self.node.catalog.wait_for(validate_name(name), min(float(timeout_s), 3600.0))
-        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints()}
+        return {**loc.to_wire(), "bulk": self.node.bulk_endpoints(loc.owners)}
 
     @exposed
     def describe(self, name: Any, part: Any = None) -> dict[str, Any]:

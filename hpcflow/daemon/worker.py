@@ -324,7 +324,7 @@ class Worker:
 
         try:
             (used, _), _ = from_holders(
-                sources, fetch, lambda owner: self.node.bulk_endpoints().get(owner),
+                sources, fetch, lambda owner: self.node.bulk_endpoints([owner]).get(owner),
                 what=f"{name} rows [{glo}, {ghi})", prefer=prefer, here=self.node.name,
                 retry_on=(PeerUnavailable, DatasetNotFound), owner=lambda s: s[0].owner)
             for i in range(len(writer.chunking)):

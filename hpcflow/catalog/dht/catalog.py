@@ -191,6 +191,9 @@ class DhtCatalog(Catalog):
     def nodes(self) -> list[NodeView]:
         return self.membership.nodes()
 
+    def member(self, name: str) -> NodeView | None:
+        return self.membership.member(name)
+
     def settling(self) -> bool:
         """The membership is settling, or our DHT node has not joined the live members
         yet (its lookups would miss what they hold)."""
