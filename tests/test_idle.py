@@ -209,3 +209,23 @@ def test_peer_clients_keep_few_connections_and_know_when_one_drops(tmp_path: Pat
             assert peers.connected(eps["n2"])
         finally:
             peers.close()
+
+
+def test_peer_clients_close_clients_left_unused(tmp_path: Path) -> None:
+    """A client unused for ``idle_s`` is closed at the next call (each kept client has
+    two sockets whose guard polls wake an idle node), the one in use is kept."""
+    with three_nodes(tmp_path, n3_via="n1") as c:
+        peers = PeerClients(10 * SCALE, idle_s=0.5)
+        try:
+            eps = {n: c[n].rpc for n in ("n1", "n2", "n3")}
+            peers.call(eps["n1"], "ping")
+            first = peers._clients[eps["n1"]]
+            peers.call(eps["n2"], "ping")
+            assert list(peers._clients) == [eps["n1"], eps["n2"]]  # both kept, fresh
+            peers._used[eps["n1"]] -= 1.0  # as if unused for a second
+            peers.call(eps["n3"], "ping")
+            assert list(peers._clients) == [eps["n2"], eps["n3"]]
+            assert first._closed
+            assert peers.call(eps["n1"], "ping")["self"]["name"] == "n1"  # made anew
+        finally:
+            peers.close()

@@ -284,3 +284,43 @@ def test_record_table_indexes_match_a_scan(ops: list[tuple[str, str, int | None,
                 r.key for r in table.values() if r.lineage.get("slice_of") == n)
     with pytest.raises(TypeError):
         table.update({})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "swap", "drop"]),
+                          st.sampled_from(["o1", "o2", "o3"]), st.sampled_from("AB"),
+                          st.sampled_from([None, 0, 1]), st.booleans()), max_size=40))
+def test_record_tables_index_matches_a_scan(
+        ops: list[tuple[str, str, str, int | None, bool]]) -> None:
+    """Across origins' tables, which origins hold (a slice of) a name is always what
+    scanning every table would say: records set and deleted in a table that is in the
+    set, tables replaced (a resync) and dropped (a forgotten member)."""
+    from hpcflow.catalog.record import RecordTable, RecordTables
+
+    tables = RecordTables()
+    for what, origin, name, part, is_slice in ops:
+        rec = DatasetRecord(f"{name}:rows0-1" if is_slice else name, None if is_slice else part,
+                            origin, (1,), "<f8", 8, "x", 4096,
+                            lineage={"slice_of": name, "rows": [0, 1]} if is_slice else {})
+        if what == "swap":  # a resync: a new table, with this record, replaces the old
+            tables[origin] = RecordTable([rec])
+        elif what == "drop":
+            tables.pop(origin, None)
+        elif origin not in tables:
+            tables[origin] = RecordTable()
+        elif what == "set":
+            tables[origin][rec.key] = rec
+        elif rec.key in tables[origin]:
+            del tables[origin][rec.key]
+        for n in "AB":
+            assert sorted(tables.holding(n)) == sorted(
+                o for o, t in tables.items() if any(r.name == n for r in t.values()))
+            assert sorted(tables.slicing(n)) == sorted(
+                o for o, t in tables.items()
+                if any(r.lineage.get("slice_of") == n for r in t.values()))
+    held = RecordTable()
+    tables["o1"] = held
+    with pytest.raises(ValueError):
+        tables["o2"] = held  # one set at a time: the index would go stale
+    with pytest.raises(TypeError):
+        tables.update({})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -206,6 +207,8 @@ class RecordTable(dict[str, DatasetRecord]):
         super().__init__()
         self._by_name: dict[str, dict[str, DatasetRecord]] = {}
         self._slices: dict[str, dict[str, DatasetRecord]] = {}
+        #: The :class:`RecordTables` this table is in, and under which origin.
+        self.owner: tuple[RecordTables, str] | None = None
         for rec in records:
             self[rec.key] = rec
 
@@ -213,10 +216,11 @@ class RecordTable(dict[str, DatasetRecord]):
         if key in self:
             self._unindex(key, dict.__getitem__(self, key))
         super().__setitem__(key, rec)
-        self._by_name.setdefault(rec.name, {})[key] = rec
-        of = rec.lineage.get("slice_of")
-        if isinstance(of, str):
-            self._slices.setdefault(of, {})[key] = rec
+        for index, by in ((self._by_name, rec.name), (self._slices, rec.lineage.get("slice_of"))):
+            if isinstance(by, str):
+                if by not in index and self.owner is not None:
+                    self.owner[0].index_of(index is self._slices)[by][self.owner[1]] = None
+                index.setdefault(by, {})[key] = rec
 
     def __delitem__(self, key: str) -> None:
         self._unindex(key, dict.__getitem__(self, key))
@@ -237,6 +241,8 @@ class RecordTable(dict[str, DatasetRecord]):
                 index[by].pop(key, None)
                 if not index[by]:
                     del index[by]
+                    if self.owner is not None:
+                        self.owner[0].unlist(index is self._slices, by, self.owner[1])
 
     def named(self, name: str) -> list[DatasetRecord]:
         """The records (parts) of dataset ``name``."""
@@ -248,5 +254,77 @@ class RecordTable(dict[str, DatasetRecord]):
 
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("RecordTable changes only by [key] = rec, del and pop")
+
+    update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]
+
+
+class RecordTables(dict[str, RecordTable]):
+    """Record tables by origin, with an index across them: the origins holding a record
+    of each name, and a slice of each name.  Finding one name's records then costs the
+    number of its holders, not of the origins (at 256 members every ``wait`` and
+    ``locate`` scanned 256 tables, several times per update).  Only ``[origin] =
+    table``, ``del [origin]`` and ``pop`` change it; a table belongs to one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._holding: defaultdict[str, dict[str, None]] = defaultdict(dict)
+        self._slicing: defaultdict[str, dict[str, None]] = defaultdict(dict)
+
+    def index_of(self, slices: bool) -> defaultdict[str, dict[str, None]]:
+        return self._slicing if slices else self._holding
+
+    def unlist(self, slices: bool, name: str, origin: str) -> None:
+        index = self.index_of(slices)
+        origins = index.get(name)
+        if origins is not None:
+            origins.pop(origin, None)
+            if not origins:
+                del index[name]
+
+    def __setitem__(self, origin: str, table: RecordTable) -> None:
+        if origin in self:
+            self._detach(origin)
+        if table.owner is not None:
+            raise ValueError("a record table belongs to one RecordTables at a time")
+        super().__setitem__(origin, table)
+        table.owner = (self, origin)
+        for name in table._by_name:
+            self._holding[name][origin] = None
+        for name in table._slices:
+            self._slicing[name][origin] = None
+
+    def __delitem__(self, origin: str) -> None:
+        self._detach(origin)
+        super().__delitem__(origin)
+
+    def pop(self, origin: str, *default: Any) -> Any:
+        if origin in self:
+            table = dict.__getitem__(self, origin)
+            del self[origin]
+            return table
+        if default:
+            return default[0]
+        raise KeyError(origin)
+
+    def _detach(self, origin: str) -> None:
+        table = dict.__getitem__(self, origin)
+        for name in table._by_name:
+            self.unlist(False, name, origin)
+        for name in table._slices:
+            self.unlist(True, name, origin)
+        table.owner = None
+
+    def holding(self, name: str) -> list[str]:
+        """The origins with a record of ``name``."""
+        origins = self._holding.get(name)
+        return list(origins) if origins else []
+
+    def slicing(self, name: str) -> list[str]:
+        """The origins with a slice of ``name``."""
+        origins = self._slicing.get(name)
+        return list(origins) if origins else []
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("RecordTables changes only by [origin] = table, del and pop")
 
     update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]

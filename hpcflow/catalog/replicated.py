@@ -121,7 +121,7 @@ from .membership import (
     membership_digest,
     vector_digest,
 )
-from .record import DatasetRecord, RecordTable
+from .record import DatasetRecord, RecordTable, RecordTables
 from .signing import Signer, Verifier
 
 log = logging.getLogger("hpcflow.catalog")
@@ -229,7 +229,7 @@ class ReplicatedCatalog(Catalog):
         self.own: RecordTable = RecordTable()
         self._own_signed: dict[str, Signed] = {}
         self.peers: dict[str, PeerState] = {}
-        self.peer_records: dict[str, RecordTable] = {}
+        self.peer_records = RecordTables()
         #: per origin, its records as it signed them (what we serve in snapshots)
         self.signed: dict[str, dict[str, Signed]] = {}
         #: sections of a joiner's snapshot whose origins are not verified yet
@@ -604,18 +604,24 @@ class ReplicatedCatalog(Catalog):
         views += [NodeView(st.info, st.alive, st.load, st.ops) for st in self.peers.values()]
         return views
 
+    def member(self, name: str) -> NodeView | None:
+        if name == self.me.name:
+            return NodeView(self.me, True, self.load(), self.ops())
+        st = self.peers.get(name)
+        return None if st is None else NodeView(st.info, st.alive, st.load, st.ops)
+
     def records_named(self, name: str, include_dead: bool = False) -> list[DatasetRecord]:
         out = self.own.named(name)
-        for peer, recs in self.peer_records.items():
+        for peer in self.peer_records.holding(name):
             if include_dead or self.peers[peer].alive:
-                out.extend(recs.named(name))
+                out.extend(self.peer_records[peer].named(name))
         return out
 
     def slices_of(self, name: str) -> list[DatasetRecord]:
         out = self.own.slices_of(name)
-        for peer, recs in self.peer_records.items():
+        for peer in self.peer_records.slicing(name):
             if self.peers[peer].alive:
-                out.extend(recs.slices_of(name))
+                out.extend(self.peer_records[peer].slices_of(name))
         return out
 
     def records(self, include_dead: bool = False) -> list[DatasetRecord]:

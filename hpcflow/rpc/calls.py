@@ -8,6 +8,7 @@ they raise hpcflow errors: the peer's own error class by name, or
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import gevent.socket
@@ -15,8 +16,9 @@ import gevent.socket
 from ..errors import AuthenticationError, PeerUnavailable
 from . import strict
 
-#: Peer clients kept between calls (see :class:`PeerClients`).
+#: Peer clients kept between calls (see :class:`PeerClients`), and for how long unused.
 MAX_IDLE_CLIENTS = 32
+IDLE_CLIENT_S = 60.0
 
 
 def refuses_connections(endpoint: str, timeout_s: float = 2.0) -> bool:
@@ -82,18 +84,21 @@ def new_client(endpoint: str, timeout_s: float, heartbeat_s: float | None = 5.0,
 
 class PeerClients:
     """Clients of peer endpoints, reused; dropped after a failure.  At most
-    ``max_idle`` are kept between calls (least recently used go first): a node of a
-    large cluster probes and verifies every member now and then, and a client kept per
-    member (its socket, connection, monitor and greenlets on both sides) cost about
-    0.4 MB per member."""
+    ``max_idle`` are kept between calls (least recently used go first), and none unused
+    for ``idle_s`` (closed at the next call): a node of a large cluster probes and
+    verifies every member now and then, and a client kept per member (its socket,
+    connection, monitor and greenlets on both sides) cost about 0.4 MB per member.
+    Each kept client also has two sockets waiting, each woken by zmq.green's guard
+    poll (``auth.IDLE_POLL_S``): 32 of them were a third of an idle node's wake-ups."""
 
     def __init__(self, timeout_s: float, heartbeat_s: float = 5.0, context: Any = None,
-                 max_idle: int = MAX_IDLE_CLIENTS) -> None:
+                 max_idle: int = MAX_IDLE_CLIENTS, idle_s: float = IDLE_CLIENT_S) -> None:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self.context = context
-        self.max_idle = max_idle
+        self.max_idle, self.idle_s = max_idle, idle_s
         self._clients: dict[str, strict.Client] = {}  # least recently used first
+        self._used: dict[str, float] = {}  # when each last ended a call
         self._busy: dict[str, int] = {}
 
     def connected(self, endpoint: str) -> bool:
@@ -119,19 +124,29 @@ class PeerClients:
             left = self._busy.pop(endpoint) - 1
             if left:
                 self._busy[endpoint] = left
+            if endpoint in self._clients:
+                self._used[endpoint] = time.monotonic()
+            else:
+                self._used.pop(endpoint, None)
             self._trim()
 
     def _trim(self) -> None:
-        """Close the least recently used clients beyond ``max_idle`` (none in a call)."""
+        """Close the least recently used clients beyond ``max_idle``, and those unused
+        for ``idle_s`` (none in a call)."""
         extra = len(self._clients) - self.max_idle
+        stale = time.monotonic() - self.idle_s
         for endpoint in list(self._clients):
-            if extra <= 0:
-                return
-            if endpoint not in self._busy:
+            if endpoint in self._busy:
+                continue
+            if extra > 0 or self._used.get(endpoint, 0.0) < stale:
                 self._clients.pop(endpoint).close()
+                self._used.pop(endpoint, None)
                 extra -= 1
+            else:
+                return  # the rest were used later
 
     def close(self) -> None:
         for c in self._clients.values():
             c.close()
         self._clients.clear()
+        self._used.clear()
