@@ -349,7 +349,12 @@ class Claims:
 
     def _gone(self, peer: str) -> bool:
         """The catalog has declared ``peer`` dead (or forgotten it)."""
-        return not any(v.alive for v in self.node.catalog.nodes() if v.info.name == peer)
+        return not self._lives(peer)
+
+    def _lives(self, name: str) -> bool:
+        """``name`` is us or a live member (one lookup, not a scan of the members)."""
+        view = self.node.catalog.member(name)
+        return view is not None and view.alive
 
     def _settle(self, claim: Claim, error: HpcflowError | None) -> None:
         if claim.done.is_set():
@@ -448,7 +453,7 @@ class Claims:
         same part or a disagreeing sibling), or None; grants of the dead are dropped."""
         if name not in self._grants:
             return None
-        self._drop_dead(name, self._alive())
+        self._drop_dead(name)
         for g in self._grants.get(name, []):
             if g.by == token[1]:
                 continue  # its own earlier claim (a sibling part, or a put since over)
@@ -456,12 +461,9 @@ class Claims:
                 return g
         return None
 
-    def _drop_dead(self, name: str, alive: set[str]) -> None:
-        for g in [g for g in self._grants.get(name, []) if g.by not in alive]:
+    def _drop_dead(self, name: str) -> None:
+        for g in [g for g in self._grants.get(name, []) if not self._lives(g.by)]:
             self._ungrant(g.name, g.key, g.token)
-
-    def _alive(self) -> set[str]:
-        return {v.info.name for v in self.node.catalog.nodes() if v.alive} | {self.node.name}
 
     def _recorded(self, g: Claim) -> bool:
         """Our catalog shows the record ``g``'s put made (not an older one of its key:
@@ -478,10 +480,10 @@ class Claims:
         tell (the grant stays)."""
         if g.by == self.node.name:
             return self.stands(g.name, g.part, g.token[0])
-        info = next((v.info for v in self.node.catalog.nodes()
-                     if v.alive and v.info.name == g.by), None)
-        if info is None:
+        view = self.node.catalog.member(g.by)
+        if view is None or not view.alive:
             return ""
+        info = view.info
         if budget <= 0:
             return "open"
         state, value = self._watched(info, budget, "claim_stands", g.name, g.part, g.token[0])
@@ -496,9 +498,8 @@ class Claims:
         """Every :data:`SWEEP_EVERY` grants (and when they reach :data:`MAX_GRANTS`):
         drop the grants of dead claimants now, and in the background those whose put is
         over (:meth:`_recheck`), so grants do not pile up."""
-        alive = self._alive()
         for name in list(self._grants):
-            self._drop_dead(name, alive)
+            self._drop_dead(name)
         if self._count and (self._rechecking is None or self._rechecking.ready()):
             self._rechecking = gevent.spawn(self._recheck)
 
