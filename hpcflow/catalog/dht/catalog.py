@@ -107,6 +107,11 @@ MAX_INTRODUCE = 16
 MAX_REMEMBERED = 4096
 #: Republishing because the routing table grew happens at most once per this many ticks.
 REGROW_TICKS = 5
+#: While the membership does not change and the routing table is not thin, the live
+#: members are matched with the routing table once per this many ticks (a pass costs
+#: O(members) and a call into the DHT thread: every tick, it was a third of an idle
+#: node's CPU at 256).
+REJOIN_TICKS = 10
 
 
 class DhtCatalog(Catalog):
@@ -142,6 +147,7 @@ class DhtCatalog(Catalog):
         self._introduce_tried: dict[tuple[str, int], float] = {}
         self._tried: dict[str, float] = {}
         self._tick = max(0.05, membership.heartbeat_s)
+        self._joined: tuple[str, float] = ("", 0.0)  # membership digest, next pass due
         self._log = Throttled(log)
         self.stats = {"lookups": 0, "cache_hits": 0, "written": 0, "republished": 0,
                       "bad_values": 0, "write_errors": 0, "bootstraps": 0, "contacts": 0,
@@ -354,8 +360,13 @@ class DhtCatalog(Catalog):
     # -- membership -> DHT routing ---------------------------------------------------
     def _join(self) -> int:
         """Admit only live members to the routing table and bootstrap from them while it
-        is thin; the number of contacts.  Run every tick, and by the publisher before it
-        writes (a put right after start must not be stored only here)."""
+        is thin; the number of contacts.  Called every tick, and by the publisher before
+        it writes (a put right after start must not be stored only here); it does the
+        work when the membership changed, the table is thin, or ``REJOIN_TICKS`` ticks
+        passed (a member that did not answer its introduction is tried again then)."""
+        digest, now = self.membership.digest(), time.monotonic()
+        if digest == self._joined[0] and now < self._joined[1]:
+            return self.stats["contacts"]
         members = [v.info.rpc for v in self.nodes()
                    if v.alive and v.info.name != self.self_name]
         if len(self._resolved) + len(self._tried) + len(self._introduce_tried) > MAX_REMEMBERED:
@@ -378,13 +389,15 @@ class DhtCatalog(Catalog):
             self._introduce_tried.update((a, now) for a in new)
             self._introduced.update(self.facade.introduce(new))
         contacts = self.facade.contacts()
-        if contacts < min(WANT_CONTACTS, len(allowed)):
+        thin = contacts < min(WANT_CONTACTS, len(allowed))
+        if thin:
             addrs = self._bootstrap_addresses(members, self._resolved, self._tried,
                                               self._tick)
             if addrs:
                 self.stats["bootstraps"] += 1
                 contacts = self.facade.bootstrap(addrs)
         self.stats["contacts"] = contacts
+        self._joined = (digest, now + self._tick * (1 if thin else REJOIN_TICKS))
         return contacts
 
     def _maintain(self) -> None:
