@@ -31,6 +31,8 @@ def test_put_is_visible_on_every_node(cluster: Cluster) -> None:
         with cluster[n].client() as c:
             loc = c.locate("DS1")
             assert loc["parts"][0]["holders"][0]["owner"] == "n2"
+            # the holders' bulk endpoints, not every member's (O(N) per reply)
+            assert loc["bulk"] == {"n2": cluster["n2"].info["bulk"]}
             assert np.array_equal(c.fetch("DS1"), data)
 
 
