@@ -262,3 +262,44 @@ def test_dht_mode_start_up_errors_name_the_problem(tmp_path: Path) -> None:
         r = node("--listen", f"127.0.0.1:{port}")
     assert r.returncode == 1 and f"cannot bind UDP port {port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_one_hop_writes_and_reads_go_to_the_k_members_nearest_the_key() -> None:
+    """With every member's id known (the membership), a write is stored on exactly the
+    k members nearest the key by XOR distance and a read asks them in one round: the
+    set a Kademlia lookup converges to, without its rounds.  Ten real DHT nodes on
+    loopback UDP, k = 3 (a crawl-free write that picked other nodes, or a read that
+    asked others, would miss)."""
+    from hpcflow.catalog.dht.facade import member_id
+
+    ids = [member_id(f"tcp://n{i}:1") for i in range(10)]
+    nodes = [DhtFacade(PointerStorage(), rpc_timeout_s=1.0, call_timeout_s=10 * SCALE,
+                       ksize=3, node_id=i) for i in ids]
+    try:
+        for f in nodes:
+            f.start()
+        addrs = [("127.0.0.1", f.port) for f in nodes]
+        for k, f in enumerate(nodes):
+            f.set_allowed({a: i for j, (a, i) in enumerate(zip(addrs, ids, strict=True))
+                           if j != k})
+        crawled = []  # find_node requests: a crawl's rounds (one-hop makes none)
+        for f in nodes:
+            proto = f.server.protocol
+            proto.rpc_find_node = (lambda *a, _p=proto: crawled.append(a)
+                                   or type(_p).rpc_find_node(_p, *a))
+        key = K.index_key("ONEHOP")
+        dkey = digest(key)
+        value = encode_value([make_entry(key, "n0", (EPOCH, 1), index_body([None]), None)])
+        nearest = sorted(range(1, 10), key=lambda j: int.from_bytes(ids[j], "big")
+                         ^ int.from_bytes(dkey, "big"))[:3]
+        assert nodes[0].set(key, value)
+        holders = {j for j, f in enumerate(nodes) if f.storage.get(dkey) is not None}
+        assert holders == {0, *nearest}  # the writer keeps its own copy
+        reader = next(j for j in range(1, 10) if j not in nearest)
+        assert nodes[reader].get_many([key])[key] == [nodes[nearest[0]].storage.get(dkey)]
+        nodes[0].stop()  # found on the nearest alone, not through the writer
+        assert len(nodes[reader].get_many([key])[key]) == 1
+        assert not crawled
+    finally:
+        for f in nodes:
+            f.stop()

@@ -187,16 +187,19 @@ class Node:
                               "the RPC port's number)")
         # kademlia, rpcudp and asyncio are imported only in this mode
         from ..catalog.dht.catalog import DhtCatalog, dht_port_of
-        from ..catalog.dht.facade import DhtFacade
+        from ..catalog.dht.facade import DhtFacade, member_id
         from ..catalog.dht.storage import PointerStorage
         from ..catalog.dht.values import mac_key
 
         host = rpc_ep[len("tcp://"):].rpartition(":")[0].strip("[]")
         storage = PointerStorage(mac_key(self.keys.secret if self.keys else None))
         scale = timeout_scale()  # a loaded host answers UDP late: not a dead contact
+        # our DHT id is the digest of the RPC endpoint members know us by (as they
+        # compute it: see member_id)
         facade = DhtFacade(storage, interface=host, port=dht_port_of(rpc_ep),
                            rpc_timeout_s=min(5.0, self.config.rpc_timeout_s / 4) * scale,
-                           call_timeout_s=self.config.rpc_timeout_s * scale)
+                           call_timeout_s=self.config.rpc_timeout_s * scale,
+                           node_id=member_id(advertised(rpc_ep, self.config.advertise)))
         return DhtCatalog(membership, facade, secret=storage.secret,
                           republish_s=self.config.dht_republish_s,
                           cache_ttl_s=min(1.0, self.config.ttl_s))

@@ -78,7 +78,7 @@ from ..membership import PeerInfo
 from ..record import DatasetRecord, RecordTable
 from ..replicated import ReplicatedCatalog
 from . import keys as K
-from .facade import DhtFacade
+from .facade import DhtFacade, member_id
 from .values import (
     Entry,
     decode_value,
@@ -377,8 +377,10 @@ class DhtCatalog(Catalog):
         for ep in members:
             if ep not in self._resolved:
                 self._resolved[ep] = self.dht_address(ep)
-        allowed = {a for ep in members if (a := self._resolved[ep]) is not None}
-        self.facade.set_allowed(allowed)
+        ids: dict[tuple[str, int], bytes | None] = {
+            a: member_id(ep) for ep in members if (a := self._resolved[ep]) is not None}
+        self.facade.set_allowed(ids)
+        allowed = set(ids)
         self._introduced &= allowed
         now = time.monotonic()
         new = [a for a in sorted(allowed - self._introduced)
@@ -536,14 +538,14 @@ class DhtCatalog(Catalog):
         self.stats["bad_values"] += 1
         self._log.warning("dht: ignoring a bad value under %s: %s", key[:120], exc)
 
-    def _alive(self) -> set[str]:
-        return {v.info.name for v in self.nodes() if v.alive}
+    def _lives(self, name: str) -> bool:
+        view = self.membership.member(name)
+        return view is not None and view.alive
 
     def records_named(self, name: str, include_dead: bool = False) -> list[DatasetRecord]:
         out = self.own.named(name)
         others, _ = self._lookup(name)
-        alive = None if include_dead else self._alive()
-        out += [r for holder, r in others if alive is None or holder in alive]
+        out += [r for holder, r in others if include_dead or self._lives(holder)]
         return out
 
     def slices_of(self, name: str) -> list[DatasetRecord]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import ipaddress
 import logging
 import socket
@@ -66,6 +67,13 @@ KSIZE = 8
 ALPHA = 3
 
 
+def member_id(rpc_endpoint: str) -> bytes:
+    """The DHT node id of the member whose (advertised) RPC endpoint this is: every node
+    computes every member's id from the membership, so it knows which k members are
+    nearest a key without asking (:meth:`DhtFacade._targets`)."""
+    return digest(f"hpcflow-dht\0{rpc_endpoint}")
+
+
 def store_message_size(value: bytes) -> int:
     """Bytes of the kademlia ``store`` request that would carry ``value``."""
     return len(umsgpack.packb(["store", [b"\0" * 20, b"\0" * 20, value]]))
@@ -80,9 +88,11 @@ class _MemberProtocol(KademliaProtocol):
     :meth:`DhtFacade.set_allowed`; None: anyone).  Stock kademlia adds whoever sends it
     a request: one forged datagram from a closed port and every lookup that asks it
     waits a whole RPC timeout, and a dead member stays until each node has timed out
-    on it itself."""
+    on it itself.  ``members``: those nodes with their ids, when the ids are known (the
+    one-hop lookups of :meth:`DhtFacade._targets`)."""
 
     allowed: frozenset[Addr] | None = None
+    members: tuple[Node, ...] = ()
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -173,11 +183,13 @@ class DhtFacade:
 
     def __init__(self, storage: PointerStorage, *, interface: str = "127.0.0.1",
                  port: int = 0, rpc_timeout_s: float = 1.0, call_timeout_s: float = 10.0,
-                 ksize: int = KSIZE, alpha: int = ALPHA) -> None:
+                 ksize: int = KSIZE, alpha: int = ALPHA, node_id: bytes | None = None
+                 ) -> None:
         self.storage = storage
         self.interface, self.requested_port = interface, port
         self.rpc_timeout_s, self.call_timeout_s = rpc_timeout_s, call_timeout_s
-        self.server = Server(ksize=ksize, alpha=alpha, storage=storage)
+        # node_id: see member_id (None: kademlia's random id, and lookups that crawl)
+        self.server = Server(ksize=ksize, alpha=alpha, storage=storage, node_id=node_id)
         self.server.protocol_class = _MemberProtocol
         self.port = 0
         self.loop = asyncio.new_event_loop()
@@ -187,7 +199,7 @@ class DhtFacade:
         self._woken: collections.deque[gevent.event.Event] = collections.deque()
         self._async: Any = None
         self.stats = {"loop_errors": 0, "sets": 0, "gets": 0, "timeouts": 0}
-        self._allowed_sent: tuple[frozenset[Addr] | None] | None = None
+        self._allowed_sent: tuple[dict[Addr, bytes | None] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -305,17 +317,33 @@ class DhtFacade:
                 f"DHT value for {key[:80]!r} is {size} bytes as a kademlia message; one "
                 f"message carries at most {MAX_MESSAGE} (store pointers, not data)")
 
+    def _targets(self, dkey: bytes) -> list[Node] | None:
+        """The k live members nearest ``dkey``, computed here (one hop) when their ids are
+        known (:meth:`set_allowed`), else None (crawl).  Every member's id is the digest
+        of its RPC endpoint (:func:`member_id`) and every node knows every live member
+        (the replicated membership), so this is the very set a Kademlia lookup converges
+        to, found without its rounds: a crawl of a table of ~50 contacts took 3-5
+        sequential rounds of round trips per key, each waiting for other processes to
+        be scheduled (172 ms p50 per ``locate`` with 256 daemons on 2 cores)."""
+        members = self.server.protocol.members
+        if not members:
+            return None
+        key = int.from_bytes(dkey, "big")
+        return heapq.nsmallest(self.server.ksize, members, key=lambda n: n.long_id ^ key)
+
     async def _set(self, dkey: bytes, value: bytes) -> bool:
         """Store here (readable even alone; we republish our own values) and on the k
         nodes nearest ``dkey``; True when another node took it too."""
         protocol = self.server.protocol
         self.storage[dkey] = value
         node = Node(dkey)
-        nearest = protocol.router.find_neighbors(node)
-        if not nearest:
-            return False
-        spider = _NodeCrawl(protocol, node, nearest, self.server.ksize, self.server.alpha)
-        nodes = await spider.find()
+        nodes = self._targets(dkey)
+        if nodes is None:
+            nearest = protocol.router.find_neighbors(node)
+            if not nearest:
+                return False
+            nodes = await _NodeCrawl(protocol, node, nearest, self.server.ksize,
+                                     self.server.alpha).find()
         results = await asyncio.gather(*(protocol.call_store(n, dkey, value) for n in nodes))
         return any(r[0] for r in results)
 
@@ -338,6 +366,15 @@ class DhtFacade:
         local = self.storage.get(dkey)
         values = [local] if isinstance(local, bytes) else []
         node = Node(dkey)
+        targets = self._targets(dkey)
+        if targets is not None:  # one round: ask the k nearest at once
+            answers = await asyncio.gather(*(protocol.call_find_value(n, node)
+                                             for n in targets))
+            for ok, answer in answers:
+                value = answer.get("value") if ok and isinstance(answer, dict) else None
+                if isinstance(value, bytes) and value not in values:
+                    values.append(value)
+            return values
         nearest = protocol.router.find_neighbors(node)
         if nearest:
             spider = _CollectingCrawl(protocol, node, nearest, self.server.ksize,
@@ -374,18 +411,25 @@ class DhtFacade:
 
         return self.call(ping_all(), timeout_s)
 
-    def set_allowed(self, addrs: Iterable[Addr] | None) -> None:
-        """Admit only these DHT addresses to the routing table (and drop the others).
-        The same set as last time is not sent again (the catalog sets it every tick:
-        a wake-up of the DHT thread and a comparison of N addresses there each time)."""
-        allowed = None if addrs is None else frozenset(addrs)
-        if self._allowed_sent is not None and self._allowed_sent[0] == allowed:
+    def set_allowed(self, addrs: dict[Addr, bytes | None] | None) -> None:
+        """Admit only these DHT addresses to the routing table (and drop the others);
+        with their node ids (:func:`member_id`; all known), lookups and writes go
+        straight to the k nearest of them (:meth:`_targets`).  The same map as last time
+        is not sent again (a wake-up of the DHT thread and a pass over N addresses)."""
+        if self._allowed_sent is not None and self._allowed_sent[0] == addrs:
             return
-        self._allowed_sent = (allowed,)
+        self._allowed_sent = (None if addrs is None else dict(addrs),)
+        allowed = None if addrs is None else frozenset(addrs)
+        members: tuple[Node, ...] = ()
+        if addrs and all(i is not None for i in addrs.values()):
+            members = tuple(Node(i, a[0], a[1]) for a, i in addrs.items())
 
         def apply() -> None:
             protocol = self.server.protocol
-            if protocol is None or protocol.allowed == allowed:
+            if protocol is None:
+                return
+            protocol.members = members
+            if protocol.allowed == allowed:
                 return
             protocol.allowed = allowed
             for bucket in protocol.router.buckets:
