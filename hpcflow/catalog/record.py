@@ -282,10 +282,10 @@ class RecordTables(dict[str, RecordTable]):
                 del index[name]
 
     def __setitem__(self, origin: str, table: RecordTable) -> None:
-        if origin in self:
-            self._detach(origin)
         if table.owner is not None:
             raise ValueError("a record table belongs to one RecordTables at a time")
+        if origin in self:
+            self._detach(origin)
         super().__setitem__(origin, table)
         table.owner = (self, origin)
         for name in table._by_name:

@@ -353,6 +353,8 @@ class Claims:
 
     def _lives(self, name: str) -> bool:
         """``name`` is us or a live member (one lookup, not a scan of the members)."""
+        if name == self.node.name:
+            return True
         view = self.node.catalog.member(name)
         return view is not None and view.alive
 
