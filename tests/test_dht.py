@@ -300,6 +300,14 @@ def test_one_hop_writes_and_reads_go_to_the_k_members_nearest_the_key() -> None:
         nodes[0].stop()  # found on the nearest alone, not through the writer
         assert len(nodes[reader].get_many([key])[key]) == 1
         assert not crawled
+        # a nearest member that stops answering (the membership still lists it) is
+        # passed over after one timeout: the next nearest is asked instead
+        gone = nearest[0]
+        nodes[gone].stop()
+        assert len(nodes[reader].get_many([key])[key]) == 1  # waited for it once
+        targets = nodes[reader]._targets(dkey)
+        assert targets is not None and addrs[gone] not in {(n.ip, n.port) for n in targets}
+        assert len(targets) == 3
     finally:
         for f in nodes:
             f.stop()

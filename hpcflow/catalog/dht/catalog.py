@@ -10,7 +10,9 @@ several holders of one name never overwrite each other, and every entry
 carries its writer's stamp (epoch, counter), so an older value never replaces
 a newer one.  A lookup of NAME is one DHT lookup of its index, then one
 concurrent batch of lookups of the pointers it lists (fan-out bounded by the
-holders x parts found).  A delete writes **tombstones** (a newer entry that
+holders x parts found); each is one hop: the k members nearest the key are
+computed from the membership (ids are digests of RPC endpoints, see
+:func:`.facade.member_id`) and asked at once.  A delete writes **tombstones** (a newer entry that
 says "nothing"): the index entry without the part, and the part's pointer.
 
 Writes go through one publisher greenlet (``announce``/``retract`` only mark a
@@ -148,6 +150,7 @@ class DhtCatalog(Catalog):
         self._tried: dict[str, float] = {}
         self._tick = max(0.05, membership.heartbeat_s)
         self._joined: tuple[str, float] = ("", 0.0)  # membership digest, next pass due
+        self._runs: dict[str, int] = {}  # live members' epochs by RPC endpoint, last pass
         self._log = Throttled(log)
         self.stats = {"lookups": 0, "cache_hits": 0, "written": 0, "republished": 0,
                       "bad_values": 0, "write_errors": 0, "bootstraps": 0, "contacts": 0,
@@ -367,8 +370,9 @@ class DhtCatalog(Catalog):
         digest, now = self.membership.digest(), time.monotonic()
         if digest == self._joined[0] and now < self._joined[1]:
             return self.stats["contacts"]
-        members = [v.info.rpc for v in self.nodes()
-                   if v.alive and v.info.name != self.self_name]
+        runs = {v.info.rpc: v.info.epoch for v in self.nodes()
+                if v.alive and v.info.name != self.self_name}
+        members = list(runs)
         if len(self._resolved) + len(self._tried) + len(self._introduce_tried) > MAX_REMEMBERED:
             keep = set(members)  # restarts on new ports leave old endpoints behind
             self._resolved = {e: a for e, a in self._resolved.items() if e in keep}
@@ -381,6 +385,15 @@ class DhtCatalog(Catalog):
             a: member_id(ep) for ep in members if (a := self._resolved[ep]) is not None}
         self.facade.set_allowed(ids)
         allowed = set(ids)
+        restarted = {a: member_id(ep) for ep, epoch in runs.items()
+                     if self._runs.get(ep, epoch) != epoch
+                     and (a := self._resolved[ep]) is not None}
+        if restarted:  # a new run at the same endpoint: introduced afresh (facade.forget)
+            self.facade.forget(restarted)
+            self._introduced -= set(restarted)
+            for a in restarted:
+                self._introduce_tried.pop(a, None)
+        self._runs = runs
         self._introduced &= allowed
         now = time.monotonic()
         new = [a for a in sorted(allowed - self._introduced)

@@ -65,6 +65,11 @@ MAX_MESSAGE = 8192
 #: that collects every replica's value (see :meth:`DhtFacade.get_many`) asks k nodes.
 KSIZE = 8
 ALPHA = 3
+#: A member that did not answer is passed over by one-hop lookups for this long (it is
+#: asked again after; one that sends us a request is believed at once), and at most
+#: this many are remembered.
+SUSPECT_S = 10.0
+MAX_SUSPECTS = 1024
 
 
 def member_id(rpc_endpoint: str) -> bytes:
@@ -97,6 +102,19 @@ class _MemberProtocol(KademliaProtocol):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.handing: set[asyncio.Future[Any]] = set()  # stores to a new contact
+        #: Members that did not answer a request, until when one-hop lookups pass them
+        #: over (the membership may list a member alive for seconds after it died, or
+        #: for good if only its UDP is blocked; each lookup asking it would wait out an
+        #: RPC timeout).
+        self.suspects: dict[Addr, float] = {}
+
+    def handle_call_response(self, result: Any, node: Node) -> Any:
+        addr = (node.ip, node.port)
+        if result[0]:
+            self.suspects.pop(addr, None)
+        elif len(self.suspects) < MAX_SUSPECTS:
+            self.suspects[addr] = time.monotonic() + SUSPECT_S
+        return super().handle_call_response(result, node)
 
     def admits(self, node: Node) -> bool:
         return self.allowed is None or (node.ip, node.port) in self.allowed
@@ -106,6 +124,7 @@ class _MemberProtocol(KademliaProtocol):
         the ones it is among the k nearest to, when we are the nearest we know of).
         kademlia 2.2.3 measures those distances to ``digest(dkey)`` instead of ``dkey``,
         so a node that joined after a value was stored mostly never got it."""
+        self.suspects.pop((node.ip, node.port), None)  # it speaks: not (or no longer) dead
         if not self.admits(node) or not self.router.is_new_node(node):
             return
         for dkey, value in self.storage:
@@ -325,9 +344,17 @@ class DhtFacade:
         to, found without its rounds: a crawl of a table of ~50 contacts took 3-5
         sequential rounds of round trips per key, each waiting for other processes to
         be scheduled (172 ms p50 per ``locate`` with 256 daemons on 2 cores)."""
-        members = self.server.protocol.members
+        protocol = self.server.protocol
+        members = protocol.members
         if not members:
             return None
+        if protocol.suspects:  # pass over members that did not answer lately
+            now = time.monotonic()
+            for addr in [a for a, t in protocol.suspects.items() if t <= now]:
+                del protocol.suspects[addr]
+            if protocol.suspects:
+                members = tuple(n for n in members
+                                if (n.ip, n.port) not in protocol.suspects)
         key = int.from_bytes(dkey, "big")
         return heapq.nsmallest(self.server.ksize, members, key=lambda n: n.long_id ^ key)
 
@@ -438,6 +465,19 @@ class DhtFacade:
                         bucket.remove_node(node)
 
         if self._thread is not None:
+            self.loop.call_soon_threadsafe(apply)
+
+    def forget(self, nodes: dict[Addr, bytes]) -> None:
+        """Drop these members from the routing table: restarted runs, empty, at the same
+        endpoint (so the same id).  The next contact with each then hands it the values
+        it should hold, as to any new node (while it stayed a contact, it never did)."""
+        def apply() -> None:
+            protocol = self.server.protocol
+            if protocol is not None:
+                for (ip, port), node_id in nodes.items():
+                    protocol.router.remove_contact(Node(node_id, ip, port))
+
+        if self._thread is not None and nodes:
             self.loop.call_soon_threadsafe(apply)
 
     def resolve(self, host: str) -> str:
