@@ -12,7 +12,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -194,7 +194,31 @@ def _nonneg(v: object, what: str) -> int:
     return v
 
 
-class RecordTable(dict[str, DatasetRecord]):
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _Guarded(dict[_K, _V]):
+    """A dict that changes only by ``[key] = value``, ``del [key]`` and ``pop`` (through
+    ``del``): the other mutators are refused, so a subclass that keeps indexes in
+    ``__setitem__`` and ``__delitem__`` cannot let them go stale."""
+
+    def pop(self, key: _K, *default: Any) -> Any:
+        if key in self:
+            value = dict.__getitem__(self, key)
+            del self[key]
+            return value
+        if default:
+            return default[0]
+        raise KeyError(key)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} changes only by [key] = value, del and pop")
+
+    update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]
+
+
+class RecordTable(_Guarded[str, DatasetRecord]):
     """Records by key, also indexed by dataset name and by the dataset a slice is of.
 
     A flow's intermediates stay catalogued until it closes: with thousands of
@@ -226,15 +250,6 @@ class RecordTable(dict[str, DatasetRecord]):
         self._unindex(key, dict.__getitem__(self, key))
         super().__delitem__(key)
 
-    def pop(self, key: str, *default: Any) -> Any:
-        if key in self:
-            rec = dict.__getitem__(self, key)
-            del self[key]
-            return rec
-        if default:
-            return default[0]
-        raise KeyError(key)
-
     def _unindex(self, key: str, rec: DatasetRecord) -> None:
         for index, by in ((self._by_name, rec.name), (self._slices, rec.lineage.get("slice_of"))):
             if isinstance(by, str) and by in index:
@@ -252,13 +267,9 @@ class RecordTable(dict[str, DatasetRecord]):
         """The slices (``NAME:rowsLO-HI``) held of dataset ``name``."""
         return list(self._slices.get(name, {}).values())
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("RecordTable changes only by [key] = rec, del and pop")
-
-    update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]
 
 
-class RecordTables(dict[str, RecordTable]):
+class RecordTables(_Guarded[str, RecordTable]):
     """Record tables by origin, with an index across them: the origins holding a record
     of each name, and a slice of each name.  Finding one name's records then costs the
     number of its holders, not of the origins (at 256 members every ``wait`` and
@@ -297,15 +308,6 @@ class RecordTables(dict[str, RecordTable]):
         self._detach(origin)
         super().__delitem__(origin)
 
-    def pop(self, origin: str, *default: Any) -> Any:
-        if origin in self:
-            table = dict.__getitem__(self, origin)
-            del self[origin]
-            return table
-        if default:
-            return default[0]
-        raise KeyError(origin)
-
     def _detach(self, origin: str) -> None:
         table = dict.__getitem__(self, origin)
         for name in table._by_name:
@@ -324,7 +326,3 @@ class RecordTables(dict[str, RecordTable]):
         origins = self._slicing.get(name)
         return list(origins) if origins else []
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("RecordTables changes only by [origin] = table, del and pop")
-
-    update = setdefault = popitem = clear = __ior__ = _refuse  # type: ignore[assignment]
