@@ -124,7 +124,8 @@ class PeerClients:
             left = self._busy.pop(endpoint) - 1
             if left:
                 self._busy[endpoint] = left
-            if endpoint in self._clients:
+            if endpoint in self._clients:  # most recently used is last, by when calls end
+                self._clients[endpoint] = self._clients.pop(endpoint)
                 self._used[endpoint] = time.monotonic()
             else:
                 self._used.pop(endpoint, None)
