@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -243,7 +243,7 @@ class RecordTable(_Guarded[str, DatasetRecord]):
         for index, by in ((self._by_name, rec.name), (self._slices, rec.lineage.get("slice_of"))):
             if isinstance(by, str):
                 if by not in index and self.owner is not None:
-                    self.owner[0].index_of(index is self._slices)[by][self.owner[1]] = None
+                    self.owner[0].enlist(index is self._slices, by, self.owner[1])
                 index.setdefault(by, {})[key] = rec
 
     def __delitem__(self, key: str) -> None:
@@ -281,11 +281,13 @@ class RecordTables(_Guarded[str, RecordTable]):
         self._holding: defaultdict[str, dict[str, None]] = defaultdict(dict)
         self._slicing: defaultdict[str, dict[str, None]] = defaultdict(dict)
 
-    def index_of(self, slices: bool) -> defaultdict[str, dict[str, None]]:
-        return self._slicing if slices else self._holding
+    def enlist(self, slices: bool, name: str, origin: str) -> None:
+        """``origin``'s table now holds (a slice of) ``name``."""
+        (self._slicing if slices else self._holding)[name][origin] = None
 
     def unlist(self, slices: bool, name: str, origin: str) -> None:
-        index = self.index_of(slices)
+        """``origin``'s table no longer holds (a slice of) ``name``."""
+        index = self._slicing if slices else self._holding
         origins = index.get(name)
         if origins is not None:
             origins.pop(origin, None)
@@ -299,10 +301,7 @@ class RecordTables(_Guarded[str, RecordTable]):
             self._detach(origin)
         super().__setitem__(origin, table)
         table.owner = (self, origin)
-        for name in table._by_name:
-            self._holding[name][origin] = None
-        for name in table._slices:
-            self._slicing[name][origin] = None
+        self._list(origin, table, self.enlist)
 
     def __delitem__(self, origin: str) -> None:
         self._detach(origin)
@@ -310,11 +309,15 @@ class RecordTables(_Guarded[str, RecordTable]):
 
     def _detach(self, origin: str) -> None:
         table = dict.__getitem__(self, origin)
-        for name in table._by_name:
-            self.unlist(False, name, origin)
-        for name in table._slices:
-            self.unlist(True, name, origin)
+        self._list(origin, table, self.unlist)
         table.owner = None
+
+    @staticmethod
+    def _list(origin: str, table: RecordTable,
+              how: Callable[[bool, str, str], None]) -> None:
+        for slices, index in ((False, table._by_name), (True, table._slices)):
+            for name in index:
+                how(slices, name, origin)
 
     def holding(self, name: str) -> list[str]:
         """The origins with a record of ``name``."""
