@@ -381,11 +381,10 @@ class DhtCatalog(Catalog):
         for ep in members:
             if ep not in self._resolved:
                 self._resolved[ep] = self.dht_address(ep)
-        ids: dict[tuple[str, int], bytes | None] = {
-            a: member_id(ep) for ep in members if (a := self._resolved[ep]) is not None}
+        ids = {a: member_id(ep) for ep in members if (a := self._resolved[ep]) is not None}
         self.facade.set_allowed(ids)
         allowed = set(ids)
-        restarted = {a: member_id(ep) for ep, epoch in runs.items()
+        restarted = {a: ids[a] for ep, epoch in runs.items()
                      if self._runs.get(ep, epoch) != epoch
                      and (a := self._resolved[ep]) is not None}
         if restarted:  # a new run at the same endpoint: introduced afresh (facade.forget)

@@ -218,7 +218,7 @@ class DhtFacade:
         self._woken: collections.deque[gevent.event.Event] = collections.deque()
         self._async: Any = None
         self.stats = {"loop_errors": 0, "sets": 0, "gets": 0, "timeouts": 0}
-        self._allowed_sent: tuple[dict[Addr, bytes | None] | None] | None = None
+        self._allowed_sent: tuple[dict[Addr, bytes] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -438,18 +438,17 @@ class DhtFacade:
 
         return self.call(ping_all(), timeout_s)
 
-    def set_allowed(self, addrs: dict[Addr, bytes | None] | None) -> None:
+    def set_allowed(self, addrs: dict[Addr, bytes] | None) -> None:
         """Admit only these DHT addresses to the routing table (and drop the others);
-        with their node ids (:func:`member_id`; all known), lookups and writes go
-        straight to the k nearest of them (:meth:`_targets`).  The same map as last time
-        is not sent again (a wake-up of the DHT thread and a pass over N addresses)."""
+        they are given with their node ids (:func:`member_id`), so lookups and writes go
+        straight to the k nearest of them (:meth:`_targets`; None or none: crawl).  The
+        same map as last time is not sent again (a wake-up of the DHT thread and a pass
+        over N addresses)."""
         if self._allowed_sent is not None and self._allowed_sent[0] == addrs:
             return
         self._allowed_sent = (None if addrs is None else dict(addrs),)
         allowed = None if addrs is None else frozenset(addrs)
-        members: tuple[Node, ...] = ()
-        if addrs and all(i is not None for i in addrs.values()):
-            members = tuple(Node(i, a[0], a[1]) for a, i in addrs.items())
+        members = tuple(Node(i, a[0], a[1]) for a, i in (addrs or {}).items())
 
         def apply() -> None:
             protocol = self.server.protocol
